@@ -1,0 +1,457 @@
+"""Typed study configuration.
+
+A study file (YAML) is parsed into :class:`StudyConfig`. Every field's description is the
+documentation: ``memlens config-reference`` renders them into the README's reference table.
+Unknown keys, wrong types and impossible values are rejected with the field path and the valid
+choices (see :func:`format_validation_error`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A study file or override that cannot be used; the message names the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------- data
+class DataConfig(_Strict):
+    """Where the member / non-member records come from."""
+
+    source: str = Field(
+        "../shared/data/phee",
+        description="A hub dataset id (e.g. `sarus-tech/phee`), a folder of `<split>.jsonl|.csv|.parquet` "
+        "files, or a single file with a split column. Relative paths resolve against the working directory.",
+    )
+    format: Literal["auto", "hub", "folder", "file"] = Field(
+        "auto", description="How to read `source`; `auto` picks folder/file when the path exists, else hub."
+    )
+    text_field: str = Field("context", description="Column holding the text of a record.")
+    id_field: str | None = Field(
+        "id", description="Column holding a unique record id; `null` numbers records `<split>-<row>`."
+    )
+    split_field: str = Field("split", description="Column naming the split when `source` is a single file.")
+    member_split: str = Field("train", description="Split fine-tuned on: the members of the membership experiment.")
+    non_member_split: str = Field("test", description="Held-out split: the non-members.")
+    utility_split: str | None = Field(
+        "dev", description="Third split, neither member nor non-member, for utility (perplexity); `null` for none."
+    )
+    subset: int | None = Field(
+        None, ge=1, description="Keep a seeded random subset of this many records per split (`null`: all)."
+    )
+    subset_seed: int = Field(0, description="Seed of the subset draw.")
+    allow_shared_texts: bool = Field(
+        False,
+        description="Texts present in both member and non-member splits invalidate a membership experiment; "
+        "memlens refuses them unless this is true (they are then dropped from the non-members).",
+    )
+    max_length: int = Field(512, ge=8, description="Maximum tokens per record; longer records are refused "
+                            "at training and scored with a sliding window.")
+    revision: str | None = Field(None, description="Hub dataset revision (hub sources only).")
+
+
+# --------------------------------------------------------------------------------------- model
+class ModelConfig(_Strict):
+    """The pretrained base model; also the reference model of the membership attack."""
+
+    name_or_path: str = Field("../shared/models/llama-tiny", description="A hub model id or a local folder.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; `auto` is float32 on CPU and bfloat16 on GPUs that have it."
+    )
+    device: str = Field("auto", description="`auto`, `cpu`, `cuda`, `cuda:1`, `mps`...")
+    load_in_8bit: bool = Field(False, description="Load the base model in 8 bits (needs bitsandbytes).")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off by default.")
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; `auto` lets transformers choose (SDPA where available)."
+    )
+
+
+# --------------------------------------------------------------------------------------- grid
+MATRIX_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class GridConfig(_Strict):
+    """The axes of the study: one fine-tune per combination (a *cell*)."""
+
+    target_modules: list[list[str]] = Field(
+        default_factory=lambda: [["q"], ["v"]],
+        description="Sets of adapted matrices. Architecture-independent names `q, k, v, o, gate, up, down` "
+        "(fused projections such as GPT-2 `c_attn` are sliced) or raw module names (`c_attn`).",
+    )
+    rank: list[int] = Field(default_factory=lambda: [4], description="LoRA ranks.")
+    canary_copies: list[int] = Field(
+        default_factory=lambda: [1], description="How many times the canary occurs in the training set (1 = once, like every record)."
+    )
+    seed: list[int] = Field(default_factory=lambda: [0], description="Random seeds (training, canary choice).")
+    method: list[Literal["lora", "full"]] = Field(
+        default_factory=lambda: ["lora"], description="`lora` or `full` fine-tuning (full ignores rank and targets)."
+    )
+    noise_multiplier: list[float | None] = Field(
+        default_factory=lambda: [None],
+        description="DP-SGD noise multipliers (`null` = no DP). See `dp` for clipping and target epsilon.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_sets(cls, value: list[list[str]]) -> list[list[str]]:
+        if not value:
+            raise ValueError("needs at least one set of matrices, e.g. [[q], [v]]")
+        for group in value:
+            if not group:
+                raise ValueError(f"an empty set of matrices; use names from {list(MATRIX_NAMES)} or raw module names")
+            if len(set(group)) != len(group):
+                raise ValueError(f"{group} names a matrix twice")
+        return value
+
+    @field_validator("rank", "canary_copies")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(v < 1 for v in value):
+            raise ValueError("needs one or more integers >= 1")
+        return value
+
+    @field_validator("seed", "method", "noise_multiplier")
+    @classmethod
+    def _not_empty(cls, value: list) -> list:
+        if not value:
+            raise ValueError("needs at least one value")
+        return value
+
+
+# --------------------------------------------------------------------------------------- lora
+class LoraConfig(_Strict):
+    """LoRA hyper-parameters shared by all LoRA cells (the rank is a grid axis)."""
+
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (update scaled by alpha / rank).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained.")
+
+
+# --------------------------------------------------------------------------------------- canary
+class CanaryConfig(_Strict):
+    """The canary record whose repetition the study varies."""
+
+    mode: Literal["repeat", "insert"] = Field(
+        "repeat",
+        description="`repeat` (the study): one seeded random training record replaces n-1 others, so the "
+        "training set keeps its size. `insert`: n copies of a secret record are added.",
+    )
+    text: str | None = Field(
+        None, description="Insert mode: the secret record; `null` generates one from `template`."
+    )
+    template: str = Field(
+        "Patient MRN {secret} was given 40 mg of the study drug and developed a rash.",
+        description="Insert mode: the record, with `{secret}` replaced by a random secret of `secret_format`.",
+    )
+    secret_format: str = Field(
+        "digits:10", description="Secret alphabet and length, `digits:N` or `hex:N`; used for exposure."
+    )
+
+    @field_validator("secret_format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        kind, _, length = value.partition(":")
+        if kind not in ("digits", "hex") or not length.isdigit() or int(length) < 1:
+            raise ValueError("must be `digits:N` or `hex:N` with N >= 1, e.g. `digits:10`")
+        return value
+
+    @model_validator(mode="after")
+    def _template_has_slot(self) -> "CanaryConfig":
+        if self.mode == "insert" and self.text is None and "{secret}" not in self.template:
+            raise ValueError("template must contain `{secret}` when no canary text is given")
+        return self
+
+
+# --------------------------------------------------------------------------------------- training
+class TrainConfig(_Strict):
+    """Optimisation settings shared by all cells (defaults: the study's recipe)."""
+
+    epochs: float = Field(3, gt=0, description="Training epochs (ignored when `max_steps` is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Records per device batch (packed: records per step, see packing).")
+    grad_accum: int = Field(4, ge=1, description="Gradient-accumulation steps.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warm-up."
+    )
+    packing: Literal["packed", "length_grouped", "padded"] = Field(
+        "packed",
+        description="`packed`: records concatenated into rows where each attends only to itself; "
+        "`length_grouped`: batches of similar lengths; `padded`: the study's random padded batches.",
+    )
+    pack_tokens: int = Field(1024, ge=16, description="Row length in tokens when packing.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Mixed precision; `auto` is fp32 on CPU and bf16 on GPUs that support it."
+    )
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="`auto` turns it on only when the model would not fit otherwise."
+    )
+    logging_steps: int = Field(5, ge=1, description="Record the training loss every N steps.")
+
+
+class DPConfig(_Strict):
+    """DP-SGD (Opacus) settings for cells whose `noise_multiplier` is not null."""
+
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clipping norm.")
+    target_epsilon: float | None = Field(
+        None, gt=0, description="If set, the noise multiplier is calibrated to reach this epsilon instead."
+    )
+    delta: float | None = Field(None, gt=0, lt=1, description="Delta; `null` means 1 / n^1.1.")
+
+
+# --------------------------------------------------------------------------------------- attacks
+MIA_ATTACKS = ("loss", "ref_ratio", "ref_llr", "zlib", "lowercase", "min_k", "min_k_pp", "dc_pdd")
+
+
+class MIAConfig(_Strict):
+    """Membership inference."""
+
+    enabled: bool = Field(True, description="Run the membership stage.")
+    attacks: list[str] = Field(
+        default_factory=lambda: list(MIA_ATTACKS[:-1]),
+        description=f"Attacks to run, from {list(MIA_ATTACKS)}; `dc_pdd` needs `reference_corpus`.",
+    )
+    min_k_fraction: float = Field(0.2, gt=0, le=1, description="k of Min-K% and Min-K%++ (fraction of tokens).")
+    reference_corpus: str | None = Field(
+        None, description="Text file (one document per line) for token frequencies of DC-PDD."
+    )
+    batch_size: int = Field(32, ge=1, description="Sequences per scoring batch.")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals (0: none).")
+    ci_level: float = Field(0.95, gt=0, lt=1, description="Confidence level of every interval.")
+    max_fpr_operating_point: float = Field(
+        0.1, gt=0, lt=1, description="The study's operating point: threshold keeping FPR on non-members <= this."
+    )
+    bag_of_words_baseline: bool = Field(True, description="Run the model-free bag-of-words separability check.")
+    pairs: list[tuple[str, str]] = Field(
+        default_factory=list,
+        description="Pairs of matrix sets to compare with DeLong's test at equal rank, e.g. [[v, q]]; "
+        "empty compares every pair.",
+    )
+
+    @field_validator("attacks")
+    @classmethod
+    def _known_attacks(cls, value: list[str]) -> list[str]:
+        unknown = [a for a in value if a not in MIA_ATTACKS]
+        if unknown:
+            raise ValueError(f"unknown attack(s) {unknown}; valid choices: {list(MIA_ATTACKS)}")
+        return value
+
+
+class DecodingConfig(_Strict):
+    """One decoding strategy for extraction."""
+
+    name: str = Field(..., description="Label used in the outputs, e.g. `greedy` or `t0.5`.")
+    temperature: float = Field(0.0, ge=0, description="0 means greedy.")
+    top_k: int | None = Field(None, ge=1, description="Top-k sampling.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling.")
+    decay_from: float | None = Field(
+        None, gt=0, description="Decaying temperature: start at this temperature and decay to `temperature`..."
+    )
+    decay_tokens: int = Field(0, ge=0, description="...over this many first tokens.")
+    num_samples: int = Field(1, ge=1, description="Samples per prefix; the one most likely under the fine-tuned model is kept.")
+
+
+def _default_decodings() -> list[DecodingConfig]:
+    return [DecodingConfig(name="greedy")]
+
+
+class ExtractionConfig(_Strict):
+    """Prompted-prefix extraction and canary exposure."""
+
+    enabled: bool = Field(True, description="Run the extraction stage.")
+    split: Literal["midpoint", "prefix_len"] = Field(
+        "midpoint", description="Split each record at its token midpoint (the study) or after `prefix_len` tokens."
+    )
+    prefix_len: int = Field(32, ge=1, description="Prefix length for `split: prefix_len` (k-extractability).")
+    max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate; `null`: exactly the suffix length.")
+    decodings: list[DecodingConfig] = Field(default_factory=_default_decodings, description="Decoding strategies.")
+    members: int | None = Field(
+        100, ge=0, description="Training records to attack besides the canary (`null`: all)."
+    )
+    non_members: int | None = Field(100, ge=0, description="Non-member control records (`null`: all).")
+    batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
+    verbatim_threshold: float = Field(0.5, gt=0, le=1, description="Longest-common-substring ratio counted as verbatim.")
+    bleu_threshold: float = Field(50.0, gt=0, le=100, description="BLEU counted as extracted.")
+    min_temperature: float | None = Field(
+        None, ge=0, description="Mitigation: clamp every decoding's temperature to at least this."
+    )
+    exposure: bool = Field(True, description="Measure exposure of the inserted secret (insert-mode canaries).")
+    exposure_candidates: int = Field(
+        10_000, ge=10, description="Candidate secrets ranked exactly; larger spaces are extrapolated (skew-normal)."
+    )
+    seed: int = Field(0, description="Seed of sampling and candidate draws.")
+
+
+class ExecutorConfig(_Strict):
+    """Where the grid cells run."""
+
+    kind: Literal["local", "ray"] = Field("local", description="`local` (this process) or `ray` (a Ray cluster).")
+    address: str | None = Field(None, description="Ray address: `auto`, `ray://host:10001`, or null for a local Ray.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per cell (Ray).")
+    num_cpus: float = Field(1, gt=0, description="CPUs per cell (Ray).")
+    memory_gb: float | None = Field(None, gt=0, description="Memory per cell in GiB (Ray).")
+    max_concurrent: int | None = Field(None, ge=1, description="Most cells running at once (Ray).")
+    max_retries: int = Field(2, ge=0, description="Retries of a cell whose worker died (Ray).")
+
+
+# --------------------------------------------------------------------------------------- study
+class StudyConfig(_Strict):
+    """A whole memorization study."""
+
+    name: str = Field("study", description="Study name, used in reports.")
+    out: str | None = Field(None, description="Output folder; `null`: `memlens-out/<name>`.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    grid: GridConfig = Field(default_factory=GridConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    canary: CanaryConfig = Field(default_factory=CanaryConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    dp: DPConfig = Field(default_factory=DPConfig)
+    mia: MIAConfig = Field(default_factory=MIAConfig)
+    extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("memlens-out") / self.name
+
+    def cells(self) -> list["CellConfig"]:
+        """All grid cells, in a stable order. Full fine-tuning ignores rank and targets, so it has one cell
+        per (copies, seed, noise)."""
+        cells: dict[str, CellConfig] = {}
+        g = self.grid
+        for method in g.method:
+            targets = g.target_modules if method == "lora" else [["all"]]
+            ranks = g.rank if method == "lora" else [0]
+            for tm in targets:
+                for rank in ranks:
+                    for copies in g.canary_copies:
+                        for seed in g.seed:
+                            for noise in g.noise_multiplier:
+                                cell = CellConfig(method=method, target_modules=list(tm), rank=rank,
+                                                  canary_copies=copies, seed=seed, noise_multiplier=noise)
+                                cells.setdefault(cell.run_id(self), cell)
+        return list(cells.values())
+
+
+class CellConfig(_Strict):
+    """One grid cell: what varies between fine-tunes of a study."""
+
+    method: Literal["lora", "full"]
+    target_modules: list[str]
+    rank: int
+    canary_copies: int
+    seed: int
+    noise_multiplier: float | None = None
+
+    def determinants(self, study: StudyConfig) -> dict[str, Any]:
+        """Everything that determines this cell's fine-tuned model (the run_id hashes it)."""
+        determinants = {
+            "cell": self.model_dump(),
+            "model": study.model.model_dump(exclude={"device"}),
+            "data": study.data.model_dump(exclude={"utility_split"}),
+            "canary": study.canary.model_dump(),
+            "train": study.train.model_dump(exclude={"logging_steps"}),
+        }
+        if self.method == "lora":
+            determinants["lora"] = study.lora.model_dump()
+        if self.noise_multiplier is not None:
+            determinants["dp"] = study.dp.model_dump()
+        return determinants
+
+    def run_id(self, study: StudyConfig) -> str:
+        """Stable, readable id: `<targets>-r<rank>-c<copies>-s<seed>[-dp<noise>]-<hash>`."""
+        digest = stable_hash(self.determinants(study))[:10]
+        targets = "+".join(self.target_modules) if self.method == "lora" else "full"
+        label = f"{targets}-r{self.rank}-c{self.canary_copies}-s{self.seed}"
+        if self.noise_multiplier is not None:
+            label += f"-dp{self.noise_multiplier:g}"
+        return f"{label}-{digest}".replace("/", "_")
+
+
+def stable_hash(obj: Any) -> str:
+    """SHA-256 of a JSON-able object with sorted keys: the same content always gives the same hash."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------- loading
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: `<file>: <field.path>: <what is wrong>`."""
+    lines = [f"{source}: invalid study configuration"]
+    for problem in err.errors():
+        path = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        msg = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            msg = f"unknown key; valid keys here: {_valid_keys(problem['loc'])}"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def _valid_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = StudyConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None) if field else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            break
+    return sorted(model.model_fields)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.epochs=1")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_study(path: str | Path | None = None, overrides: list[str] | None = None,
+               raw: dict[str, Any] | None = None) -> StudyConfig:
+    """Read a study from a YAML file (or a dict), apply `--set` overrides and validate it."""
+    source = str(path) if path else "<config>"
+    if raw is None:
+        raw = {}
+        if path is not None:
+            try:
+                raw = yaml.safe_load(Path(path).read_text()) or {}
+            except FileNotFoundError as exc:
+                raise ConfigError(f"study file not found: {path}") from exc
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    raw = apply_overrides(json.loads(json.dumps(raw)), overrides or [])
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def dump_study(study: StudyConfig) -> str:
+    """The fully resolved config as YAML (written next to the results)."""
+    return yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False)

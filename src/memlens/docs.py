@@ -1,0 +1,41 @@
+"""Documentation generated from the code: the study-file reference comes from the config objects."""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel
+
+from memlens.config import StudyConfig
+
+
+def _type_name(annotation) -> str:
+    text = str(annotation).replace("typing.", "")
+    if isinstance(annotation, type):
+        text = annotation.__name__
+    return text.replace("NoneType", "null")
+
+
+def config_reference_markdown() -> str:
+    """One table per section of the study file: key, type, default, description."""
+    lines = ["# Study file reference", ""]
+    for section, field in StudyConfig.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines += [f"## `{section}`", "", annotation.__doc__.strip().splitlines()[0], "",
+                      "| key | type | default | description |", "|---|---|---|---|"]
+            for key, sub in annotation.model_fields.items():
+                default = sub.get_default(call_default_factory=True)
+                if isinstance(default, list) and default and isinstance(default[0], BaseModel):
+                    default = [d.model_dump(exclude_defaults=True) for d in default]
+                typ = _type_name(sub.annotation).replace("|", "\\|")
+                desc = (sub.description or "").replace("|", "\\|")
+                lines.append(f"| `{key}` | `{typ}` | `{json.dumps(default)}` | {desc} |")
+            lines.append("")
+        else:
+            desc = field.description or ""
+            lines.insert(2, f"- `{section}` ({_type_name(annotation)}, default `{field.default}`): {desc}")
+    return "\n".join(lines)
+
+
+__all__ = ["config_reference_markdown"]

@@ -1,0 +1,25 @@
+"""Models stage: load base models, name their matrices, attach and swap adapters."""
+
+from memlens.models.loading import load_base_model, load_tokenizer, resolve_device, resolve_dtype
+from memlens.models.adapters import AdapterBank, save_adapter
+from memlens.models.targets import (
+    TargetPlan,
+    available_matrices,
+    count_parameters,
+    plan_targets,
+    split_fused_modules,
+)
+
+__all__ = [
+    "AdapterBank",
+    "count_parameters",
+    "save_adapter",
+    "TargetPlan",
+    "available_matrices",
+    "load_base_model",
+    "load_tokenizer",
+    "plan_targets",
+    "resolve_device",
+    "resolve_dtype",
+    "split_fused_modules",
+]

@@ -1,0 +1,97 @@
+"""Save fine-tuned runs and switch between them on one base model in memory.
+
+A LoRA run is saved as a PEFT adapter folder (safetensors) plus ``memlens_adapter.json`` naming the
+fused modules that must be split before loading it (see :mod:`memlens.models.targets`). A full
+fine-tune is saved as a whole model folder (safetensors). :class:`AdapterBank` keeps the base model once
+and yields it with the requested adapter active, or with every adapter disabled for reference scores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from memlens.models.targets import split_fused_modules
+
+ADAPTER_DIR = "adapter"
+FULL_MODEL_DIR = "model"
+ADAPTER_META = "memlens_adapter.json"
+
+
+def save_adapter(model: torch.nn.Module, path: Path, fused_suffixes: list[str]) -> None:
+    """Save a PEFT model's active adapter (safetensors) with the fused splits it needs."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path), safe_serialization=True)
+    (path / ADAPTER_META).write_text(json.dumps({"fused_suffixes": fused_suffixes}, indent=2))
+
+
+def read_adapter_meta(path: Path) -> dict:
+    meta = path / ADAPTER_META
+    return json.loads(meta.read_text()) if meta.exists() else {"fused_suffixes": []}
+
+
+class AdapterBank:
+    """One base model in memory with any number of fine-tuned runs attached to it.
+
+    >>> bank = AdapterBank(base_model)
+    >>> bank.add("run-a", Path("out/runs/run-a"))
+    >>> with bank.use("run-a") as model: ...   # adapter active
+    >>> with bank.use(None) as model: ...      # base model: every adapter disabled
+    """
+
+    def __init__(self, base: PreTrainedModel):
+        self.base = base
+        self.model: torch.nn.Module = base  # becomes a PeftModel once a LoRA run is added
+        self._full: dict[str, Path] = {}
+        self._lora: set[str] = set()
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._lora | set(self._full))
+
+    def add(self, name: str, run_dir: Path) -> None:
+        """Attach the run saved in `run_dir` under `name` (a LoRA adapter or a full model)."""
+        run_dir = Path(run_dir)
+        adapter, full = run_dir / ADAPTER_DIR, run_dir / FULL_MODEL_DIR
+        if full.is_dir():
+            self._full[name] = full
+            return
+        if not adapter.is_dir():
+            raise FileNotFoundError(f"{run_dir} holds neither {ADAPTER_DIR}/ nor {FULL_MODEL_DIR}/: "
+                                    "is its fine-tune finished?")
+        split_fused_modules(self.base, read_adapter_meta(adapter)["fused_suffixes"])
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(str(adapter), adapter_name=name)
+        else:
+            self.model = PeftModel.from_pretrained(self.base, str(adapter), adapter_name=name)
+        self.model.eval()
+        self._lora.add(name)
+
+    @contextlib.contextmanager
+    def use(self, name: str | None) -> Iterator[torch.nn.Module]:
+        """Yield the model with run `name` active; `None` yields the base model (adapters disabled)."""
+        if name is None:
+            if isinstance(self.model, PeftModel):
+                with self.model.disable_adapter():
+                    yield self.model
+            else:
+                yield self.model
+        elif name in self._lora:
+            self.model.set_adapter(name)
+            yield self.model
+        elif name in self._full:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(self._full[name]), dtype=self.base.dtype, use_safetensors=True
+            ).to(self.base.device).eval()
+            try:
+                yield model
+            finally:
+                del model
+        else:
+            raise KeyError(f"run {name!r} was not added; added: {self.names}")

@@ -1,0 +1,63 @@
+"""`results.parquet`: one row per (run, stage, attack), merged from every stage.
+
+Columns common to every row (see README "Output schema"): run_id, model, method, target_modules,
+rank, canary_copies, seed, noise_multiplier, trainable_params, total_params, trainable_pct, stage,
+attack. Each stage adds its metric columns (e.g. auc, tpr_at_1pct_fpr for `mia`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from memlens.store.layout import StudyLayout, atomic_write_parquet
+
+RESULTS_FILE = "results.parquet"
+KEY = ["run_id", "stage", "attack"]
+
+
+def run_metadata(layout: StudyLayout, run_id: str) -> dict:
+    """The identifying columns of a finished run, read from its `cell.json` and `train.json`."""
+    run_dir = layout.run_dir(run_id)
+    cell = json.loads((run_dir / "cell.json").read_text())
+    train = json.loads((run_dir / "train.json").read_text())
+    spec = cell["cell"]
+    return {
+        "run_id": run_id,
+        "model": cell["model"]["name_or_path"],
+        "method": spec["method"],
+        "target_modules": "+".join(spec["target_modules"]),
+        "rank": spec["rank"],
+        "canary_copies": spec["canary_copies"],
+        "seed": spec["seed"],
+        "noise_multiplier": spec.get("noise_multiplier"),
+        "trainable_params": train["trainable_params"],
+        "total_params": train["total_params"],
+        "trainable_pct": train["trainable_pct"],
+    }
+
+
+def read_results(layout: StudyLayout) -> pd.DataFrame:
+    path = layout.root / RESULTS_FILE
+    return pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=KEY)
+
+
+def upsert_results(layout: StudyLayout, rows: pd.DataFrame) -> pd.DataFrame:
+    """Replace the rows with the same (run_id, stage, attack) and append the new ones, atomically.
+    Callers hold the study lock when several processes may write (see memlens.runner)."""
+    missing = [k for k in KEY if k not in rows.columns]
+    if missing:
+        raise ValueError(f"result rows lack key column(s) {missing}")
+    if rows.duplicated(KEY).any():
+        raise ValueError("result rows repeat a (run_id, stage, attack) key")
+    current = read_results(layout)
+    if len(current):
+        keys = pd.MultiIndex.from_frame(rows[KEY].astype(str))
+        stale = pd.MultiIndex.from_frame(current[KEY].astype(str)).isin(keys)
+        current = current[~stale]
+    merged = pd.concat([f for f in (current, rows) if len(f)], ignore_index=True) if len(current) else rows
+    merged = merged.sort_values(KEY, kind="stable").reset_index(drop=True)
+    atomic_write_parquet(layout.root / RESULTS_FILE, merged)
+    return merged

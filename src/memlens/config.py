@@ -98,9 +98,10 @@ class GridConfig(_Strict):
     method: list[Literal["lora", "full"]] = Field(
         default_factory=lambda: ["lora"], description="`lora` or `full` fine-tuning (full ignores rank and targets)."
     )
-    noise_multiplier: list[float | None] = Field(
+    noise_multiplier: list[float | Literal["auto"] | None] = Field(
         default_factory=lambda: [None],
-        description="DP-SGD noise multipliers (`null` = no DP). See `dp` for clipping and target epsilon.",
+        description="DP-SGD noise multipliers (`null` = no DP; `auto` = calibrated to reach `dp.target_epsilon`). "
+        "See `dp` for clipping, delta and the accountant.",
     )
 
     @field_validator("target_modules")
@@ -127,6 +128,13 @@ class GridConfig(_Strict):
     def _not_empty(cls, value: list) -> list:
         if not value:
             raise ValueError("needs at least one value")
+        return value
+
+    @field_validator("noise_multiplier")
+    @classmethod
+    def _positive_noise(cls, value: list) -> list:
+        if any(isinstance(v, float) and v <= 0 for v in value):
+            raise ValueError("noise multipliers must be > 0 (or null for no DP, or auto)")
         return value
 
 
@@ -208,9 +216,16 @@ class DPConfig(_Strict):
 
     max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clipping norm.")
     target_epsilon: float | None = Field(
-        None, gt=0, description="If set, the noise multiplier is calibrated to reach this epsilon instead."
+        None, gt=0, description="Epsilon that cells with `noise_multiplier: auto` are calibrated to reach at the "
+        "end of training (required by `auto`, unused otherwise).",
     )
-    delta: float | None = Field(None, gt=0, lt=1, description="Delta; `null` means 1 / n^1.1.")
+    delta: float | None = Field(
+        None, gt=0, lt=1, description="Delta; `null` means 1 / n^1.1 with n the number of training records."
+    )
+    accountant: Literal["prv", "rdp", "gdp"] = Field(
+        "prv", description="Opacus privacy accountant for the reported epsilon and for calibration: `prv` "
+        "(privacy random variables, Opacus' default, tightest), `rdp` (Renyi DP) or `gdp` (Gaussian DP)."
+    )
 
 
 # --------------------------------------------------------------------------------------- attacks
@@ -325,6 +340,16 @@ class StudyConfig(_Strict):
     extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
 
+    @model_validator(mode="after")
+    def _dp_target(self) -> "StudyConfig":
+        auto = "auto" in self.grid.noise_multiplier
+        if auto and self.dp.target_epsilon is None:
+            raise ValueError("grid.noise_multiplier: `auto` needs dp.target_epsilon (the epsilon to calibrate to)")
+        if not auto and self.dp.target_epsilon is not None:
+            raise ValueError("dp.target_epsilon is only used by cells with grid.noise_multiplier `auto`; "
+                             "add `auto` to grid.noise_multiplier or remove dp.target_epsilon")
+        return self
+
     @property
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("memlens-out") / self.name
@@ -356,7 +381,7 @@ class CellConfig(_Strict):
     rank: int
     canary_copies: int
     seed: int
-    noise_multiplier: float | None = None
+    noise_multiplier: float | Literal["auto"] | None = None
 
     def determinants(self, study: StudyConfig) -> dict[str, Any]:
         """Everything that determines this cell's fine-tuned model (the run_id hashes it)."""
@@ -378,7 +403,9 @@ class CellConfig(_Strict):
         digest = stable_hash(self.determinants(study))[:10]
         targets = "+".join(self.target_modules) if self.method == "lora" else "full"
         label = f"{targets}-r{self.rank}-c{self.canary_copies}-s{self.seed}"
-        if self.noise_multiplier is not None:
+        if self.noise_multiplier == "auto":  # calibrated: name it by its target epsilon
+            label += f"-dpeps{study.dp.target_epsilon:g}"
+        elif self.noise_multiplier is not None:
             label += f"-dp{self.noise_multiplier:g}"
         return f"{label}-{digest}".replace("/", "_")
 

@@ -188,7 +188,8 @@ class TrainConfig(_Strict):
 
     epochs: float = Field(3, gt=0, description="Training epochs (ignored when `max_steps` is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(16, ge=1, description="Records per device batch (packed: records per step, see packing).")
+    batch_size: int = Field(16, ge=1, description="Records per micro-batch; an optimizer step sees "
+                            "`batch_size x grad_accum` random records in every packing mode.")
     grad_accum: int = Field(4, ge=1, description="Gradient-accumulation steps.")
     warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
     learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
@@ -198,15 +199,24 @@ class TrainConfig(_Strict):
     )
     packing: Literal["packed", "length_grouped", "padded"] = Field(
         "packed",
-        description="`packed`: records concatenated into rows where each attends only to itself; "
-        "`length_grouped`: batches of similar lengths; `padded`: the study's random padded batches.",
+        description="`packed`: the records of an optimizer step (same random draw as `padded`) are packed "
+        "into rows of at most `pack_tokens` tokens where each record attends only to itself (positions "
+        "restart, block-diagonal attention, no loss across a boundary): the same loss and gradient as "
+        "`padded` without the padding, in one forward pass per step. `length_grouped`: batches of similar "
+        "lengths (changes which records share a step). `padded`: the study's random padded batches.",
     )
-    pack_tokens: int = Field(1024, ge=16, description="Row length in tokens when packing.")
+    pack_tokens: int = Field(1024, ge=16, description="Most tokens per packed row (a longer record gets a row "
+                             "of its own); a step's rows are padded to the longest of them.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Mixed precision; `auto` is fp32 on CPU and bf16 on GPUs that support it."
     )
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
-        "auto", description="`auto` turns it on only when the model would not fit otherwise."
+        "auto", description="`auto` turns it on only on a GPU whose free memory the estimated weights + "
+        "activations of one step would not fit (never on CPU); `on`/`off` force it."
+    )
+    deduplicate: bool = Field(
+        False, description="Mitigation: drop exact duplicate training texts before training (removes repeated "
+        "canary copies); recorded in train.json.",
     )
     logging_steps: int = Field(5, ge=1, description="Record the training loss every N steps.")
 

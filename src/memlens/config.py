@@ -266,6 +266,11 @@ class MIAConfig(_Strict):
         description="Pairs of matrix sets to compare with DeLong's test at equal rank, e.g. [[v, q]]; "
         "empty compares every pair.",
     )
+    stride: int | None = Field(
+        None, ge=1, description="Sliding-window step (tokens) for records longer than the model's context "
+        "(the study's perplexity used 512); `null`: half the context.",
+    )
+    dc_pdd_clip: float = Field(0.01, gt=0, description="DC-PDD's upper bound `a` on each token's calibrated score.")
 
     @field_validator("attacks")
     @classmethod
@@ -274,6 +279,13 @@ class MIAConfig(_Strict):
         if unknown:
             raise ValueError(f"unknown attack(s) {unknown}; valid choices: {list(MIA_ATTACKS)}")
         return value
+
+    @model_validator(mode="after")
+    def _dc_pdd_needs_corpus(self) -> "MIAConfig":
+        if "dc_pdd" in self.attacks and self.reference_corpus is None:
+            raise ValueError("attack `dc_pdd` needs `mia.reference_corpus` (a text file, one document per "
+                             "line, for token frequencies); set it or remove dc_pdd from mia.attacks")
+        return self
 
 
 class DecodingConfig(_Strict):

@@ -6,6 +6,7 @@ import logging
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from memlens.config import ConfigError, ModelConfig
 
@@ -73,11 +74,16 @@ def load_base_model(cfg: ModelConfig, device: torch.device | None = None) -> Pre
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device}
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar per cell: memlens shows its own progress
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
     except OSError as exc:
         raise ConfigError(f"model.name_or_path: cannot load {cfg.name_or_path!r} with safetensors weights "
                           f"({exc})") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if not cfg.load_in_8bit:
         model.to(device)
     model.eval()

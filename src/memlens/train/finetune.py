@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
+from rich.progress import Progress
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback
 
 from memlens.config import CellConfig, ConfigError, StudyConfig, dump_study
 from memlens.data import StudyData, build_training_set
@@ -25,8 +29,9 @@ from memlens.models import (
     split_fused_modules,
 )
 from memlens.models.adapters import ADAPTER_DIR, FULL_MODEL_DIR
-from memlens.store import StudyLayout, atomic_dir, atomic_write_json, atomic_write_parquet
-from memlens.train.collate import CausalLMCollator
+from memlens.store import StudyLayout, atomic_dir, atomic_write_json, atomic_write_parquet, atomic_write_text
+from memlens.train.collate import CausalLMCollator, PackedCollator, pack_rows
+from memlens.train.progress import RichProgressCallback, progress_or_own
 
 log = logging.getLogger(__name__)
 
@@ -45,108 +50,212 @@ def tokenize_records(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_l
 
 
 def _precision_flags(precision: str, device: torch.device) -> dict:
+    """Trainer mixed-precision flags: `auto` is bf16 on GPUs that have it, else fp32 (CPU: fp32, since
+    bf16 autocast there is slower on most CPUs and lossy). fp16 (the study's recipe) needs CUDA."""
+    cuda = device.type == "cuda"
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ConfigError("train.precision: fp16 mixed precision needs a CUDA GPU; use auto or fp32 on "
+                          f"{device.type}")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.precision: this GPU has no bf16; use fp16 or auto")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
+def step_shape(lengths: list[int], records_per_step: int, packing: str, pack_tokens: int) -> tuple[int, int]:
+    """(rows, width) of the largest forward batch a step can produce (the longest records together)."""
+    longest = sorted(lengths, reverse=True)[:records_per_step]
+    if packing == "packed":
+        rows = pack_rows(longest, pack_tokens)
+        return len(rows), max(sum(longest[i] for i in row) for row in rows)
+    return len(longest), longest[0]
+
+
+def estimate_training_bytes(model: torch.nn.Module, rows: int, width: int) -> int:
+    """Rough peak memory of one training step without checkpointing: weights, trainable state (grad +
+    two Adam moments + fp32 copy), activations per layer ~34 x hidden bytes per token in 16-bit
+    (Korthikanti et al. 2022, "Reducing Activation Recomputation"; doubled for fp32) plus the logits
+    and their fp32 loss copies."""
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * 16
+    act_bytes = next(model.parameters()).element_size()
+    tokens = rows * width
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
+    activations = layers * tokens * 34 * hidden * act_bytes // 2
+    logits = tokens * cfg.vocab_size * (act_bytes + 8)
+    return weights + trainable + activations + logits
+
+
+def _use_checkpointing(mode: str, model: torch.nn.Module, device: torch.device, rows: int, width: int) -> bool:
+    """`auto`: only on a GPU whose free memory the estimate does not fit with a 20% margin; CPU memory is
+    rarely the limit and recomputation costs a third more compute, so never there."""
+    if mode != "auto":
+        return mode == "on"
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    # The weights are already on the GPU: `free` excludes them.
+    need = estimate_training_bytes(model, rows, width) - sum(p.numel() * p.element_size() for p in model.parameters())
+    return need * 1.2 > free
+
+
+class _TokenCounter:
+    """Wraps a collator to count real (non-pad) tokens and tensor slots it produced."""
+
+    def __init__(self, collate):
+        self.collate, self.real, self.slots = collate, 0, 0
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.collate(features)
+        self.real += sum(len(f["input_ids"]) for f in features)
+        self.slots += batch["input_ids"].numel()
+        return batch
+
+
 def finetune_cell(study: StudyConfig, cell: CellConfig, data: StudyData, layout: StudyLayout,
-                  tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
+                  tokenizer: PreTrainedTokenizerBase | None = None, *, progress: Progress | None = None) -> Path:
     """Train `cell` and write `<out>/runs/<run_id>/`; returns that folder. An existing finished folder
-    is returned untouched (the run_id hashes everything that determines the result)."""
+    is returned untouched (the run_id hashes everything that determines the result). `progress`: a rich
+    display to add this cell's bar to (the sweep's); by default the cell shows its own."""
     run_id = cell.run_id(study)
     final = layout.run_dir(run_id)
     if final.is_dir():
         return final
-    if cell.noise_multiplier is not None:
-        raise ConfigError("grid.noise_multiplier: DP-SGD training is not available in this version; "
-                          "set grid.noise_multiplier: [null]")
     tokenizer = tokenizer or load_tokenizer(study.model)
     device = resolve_device(study.model.device)
+    tcfg = study.train
     training = build_training_set(data.members, study.canary, cell.canary_copies, cell.seed)
-    input_ids = tokenize_records(training.texts, tokenizer, study.data.max_length)
+    texts = training.texts
+    if tcfg.deduplicate:
+        texts = list(dict.fromkeys(texts))  # first occurrence kept, order preserved
+    input_ids = tokenize_records(texts, tokenizer, study.data.max_length)
+    precision = _precision_flags(tcfg.precision, device)
 
     set_seed(cell.seed)  # same RNG state before adapter init -> bit-identical adapters
     model = load_base_model(study.model, device)
+    model.config.use_cache = False  # a cache would also disable transformers' packed-sequence detection
     fused: list[str] = []
     if cell.method == "lora":
         plan = plan_targets(model, cell.target_modules)
         fused = plan.fused_suffixes
         split_fused_modules(model, fused)
         lcfg = study.lora
-        model = get_peft_model(model, PeftLoraConfig(
-            r=cell.rank, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, bias=lcfg.bias,
-            target_modules=plan.module_names, task_type="CAUSAL_LM",
-        ))
+        with warnings.catch_warnings():  # PEFT 0.21 still calls transformers' deprecated alias
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, PeftLoraConfig(
+                r=cell.rank, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, bias=lcfg.bias,
+                target_modules=plan.module_names, task_type="CAUSAL_LM",
+            ))
     trainable, total = count_parameters(model)
 
-    tcfg = study.train
-    collator = CausalLMCollator(tokenizer.pad_token_id)
-    dataset = [{"input_ids": ids} for ids in input_ids]
     with atomic_dir(final) as tmp:
-        args = TrainingArguments(
-            output_dir=str(tmp / "trainer"),
-            num_train_epochs=tcfg.epochs,
-            max_steps=tcfg.max_steps or -1,
-            per_device_train_batch_size=tcfg.batch_size,
-            gradient_accumulation_steps=tcfg.grad_accum,
-            learning_rate=tcfg.learning_rate,
-            weight_decay=tcfg.weight_decay,
-            warmup_steps=tcfg.warmup_steps,
-            lr_scheduler_type=tcfg.lr_scheduler,
-            logging_steps=tcfg.logging_steps,
-            save_strategy="no",
-            report_to=[],
-            seed=cell.seed,
-            data_seed=cell.seed,
-            use_cpu=device.type == "cpu",
-            dataloader_num_workers=0,
-            train_sampling_strategy="group_by_length" if tcfg.packing == "length_grouped" else "random",
-            remove_unused_columns=False,
-            disable_tqdm=True,
-            **_precision_flags(tcfg.precision, device),
-        )
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                          processing_class=tokenizer)
+        info: dict = {"run_id": run_id, "seed": cell.seed, "data_hash": data.data_hash, "device": str(device),
+                      "trainable_params": trainable, "total_params": total,
+                      "trainable_pct": 100.0 * trainable / total,
+                      "n_train_records": len(input_ids), "canary": training.canary.to_dict(),
+                      "deduplicate": tcfg.deduplicate, "duplicates_dropped": len(training.texts) - len(texts)}
         start = time.perf_counter()
-        trainer.train()
-        wall = time.perf_counter() - start
+        if cell.noise_multiplier is not None:
+            # DP-SGD needs per-sample gradients: Opacus' own loop (memlens.train.dp), not the Trainer.
+            from memlens.train.dp import train_with_dp
+
+            dp = train_with_dp(model, input_ids, study, cell, pad_token_id=tokenizer.pad_token_id, device=device)
+            wall = time.perf_counter() - start
+            info.update(dp=dp, loss_curve=dp["loss_curve"], steps=dp["steps"], packing="dp",
+                        gradient_checkpointing=False, precision="fp32", train_tokens_per_s=None)
+        else:
+            info.update(_train_with_trainer(model, input_ids, study, cell, tokenizer, device, precision,
+                                            tmp, progress))
+            wall = time.perf_counter() - start
+        info["final_loss"] = info["loss_curve"][-1]["loss"] if info["loss_curve"] else None
+        info["wall_time_s"] = wall
         model.eval()
         if cell.method == "lora":
             save_adapter(model, tmp / ADAPTER_DIR, fused)
         else:
             model.save_pretrained(str(tmp / FULL_MODEL_DIR), safe_serialization=True)
-        curve = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
-        real_tokens = sum(len(ids) for ids in input_ids) * tcfg.epochs if not tcfg.max_steps else None
         atomic_write_json(tmp / "cell.json", {"run_id": run_id, **cell.determinants(study)})
-        atomic_write_json(tmp / "train.json", {
-            "run_id": run_id,
-            "trainable_params": trainable,
-            "total_params": total,
-            "trainable_pct": 100.0 * trainable / total,
-            "loss_curve": curve,
-            "final_loss": curve[-1]["loss"] if curve else None,
-            "steps": trainer.state.global_step,
-            "wall_time_s": wall,
-            "train_tokens_per_s": real_tokens / wall if real_tokens else None,
-            "seed": cell.seed,
-            "data_hash": data.data_hash,
-            "n_train_records": len(training.texts),
-            "canary": training.canary.to_dict(),
-            "device": str(device),
-        })
+        atomic_write_json(tmp / "train.json", info)
         atomic_write_parquet(tmp / "members.parquet", training.members)
-        (tmp / "study.yaml").write_text(dump_study(study))
-        import shutil
-
-        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        atomic_write_text(tmp / "study.yaml", dump_study(study))
     log.info("finished %s in %.1fs", run_id, wall)
     return final
 
 
+def _train_with_trainer(model, input_ids: list[list[int]], study: StudyConfig, cell: CellConfig,
+                        tokenizer: PreTrainedTokenizerBase, device: torch.device, precision: dict, tmp: Path,
+                        progress: Progress | None) -> dict:
+    """Train with the HF Trainer in the configured packing mode; returns what train.json records."""
+    tcfg = study.train
+    packed = tcfg.packing == "packed"
+    if packed:
+        # The optimizer step's batch_size x grad_accum records are drawn exactly as in `padded` (same
+        # sampler, same seed) and packed into rows run in one forward: the Trainer's token-count
+        # normalisation makes the loss and gradient those of the accumulated padded micro-batches.
+        collate = PackedCollator(tokenizer.pad_token_id, tcfg.pack_tokens)
+        per_device, accum = tcfg.batch_size * tcfg.grad_accum, 1
+    else:
+        collate = CausalLMCollator(tokenizer.pad_token_id)
+        per_device, accum = tcfg.batch_size, tcfg.grad_accum
+    rows, width = step_shape([len(x) for x in input_ids], per_device, tcfg.packing, tcfg.pack_tokens)
+    checkpointing = _use_checkpointing(tcfg.gradient_checkpointing, model, device, rows, width)
+    counter = _TokenCounter(collate)
+    args = TrainingArguments(
+        output_dir=str(tmp / "trainer"),
+        num_train_epochs=tcfg.epochs,
+        max_steps=tcfg.max_steps or -1,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accum,
+        learning_rate=tcfg.learning_rate,
+        weight_decay=tcfg.weight_decay,
+        warmup_steps=tcfg.warmup_steps,
+        lr_scheduler_type=tcfg.lr_scheduler,
+        logging_steps=tcfg.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        seed=cell.seed,
+        data_seed=cell.seed,
+        use_cpu=device.type == "cpu",
+        dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if tcfg.packing == "length_grouped" else "random",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        log_level="warning",
+        **precision,
+    )
+    dataset = [{"input_ids": ids} for ids in input_ids]
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=counter,
+                      processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
+    with progress_or_own(progress) as display:
+        trainer.add_callback(RichProgressCallback(display, cell.run_id(study)))
+        start = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - start
+    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    curve = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    return {
+        "loss_curve": curve,
+        "steps": trainer.state.global_step,
+        "packing": tcfg.packing,
+        "gradient_checkpointing": checkpointing,
+        "precision": "bf16" if precision["bf16"] else "fp16" if precision["fp16"] else "fp32",
+        "real_tokens": counter.real,
+        "padding_fraction": 1.0 - counter.real / counter.slots if counter.slots else None,
+        "train_tokens_per_s": counter.real / wall,
+    }
+
+
 def read_train_info(run_dir: Path) -> dict:
+    """The run's train.json (parameter counts, loss curve, wall time, canary, ...)."""
     return json.loads((Path(run_dir) / "train.json").read_text())
 
 
 def read_members(run_dir: Path) -> pd.DataFrame:
+    """Distinct member records the run trained on: sample_id, text, is_canary."""
     return pd.read_parquet(Path(run_dir) / "members.parquet")

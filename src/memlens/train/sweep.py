@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from memlens.config import StudyConfig, dump_study
 from memlens.data import load_study_data
 from memlens.models import load_tokenizer
 from memlens.store import StudyLayout, atomic_write_text
 from memlens.train.finetune import finetune_cell
+from memlens.train.progress import training_progress
 
 
 def finetune_study(study: StudyConfig, show_progress: bool = True) -> list[Path]:
-    """Train all grid cells of `study` into `<out>/runs/`; returns the run folders in grid order."""
+    """Train all grid cells of `study` into `<out>/runs/`; returns the run folders in grid order.
+    One bar for the sweep and one for the cell being trained (stderr); finished cells are skipped."""
     layout = StudyLayout(study.out_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(layout.root / "study.yaml", dump_study(study))
@@ -22,11 +22,10 @@ def finetune_study(study: StudyConfig, show_progress: bool = True) -> list[Path]
     tokenizer = load_tokenizer(study.model)
     cells = study.cells()
     runs: list[Path] = []
-    with Progress(TextColumn("[bold]fine-tune"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), disable=not show_progress, transient=False) as progress:
-        task = progress.add_task("", total=len(cells))
+    with training_progress(disable=not show_progress) as progress:
+        task = progress.add_task("", total=len(cells), stage="fine-tune")
         for cell in cells:
             progress.update(task, description=cell.run_id(study))
-            runs.append(finetune_cell(study, cell, data, layout, tokenizer))
+            runs.append(finetune_cell(study, cell, data, layout, tokenizer, progress=progress))
             progress.advance(task)
     return runs

@@ -1,0 +1,216 @@
+"""Run a study's grid cells as Ray tasks: one task per cell, on this machine or on a Ray cluster.
+
+Each task calls :func:`memlens.runner.run_cell` (fine-tune, then the cell's attacks), which writes
+the cell's run folder and per-run stage files atomically into the study folder. On a cluster that
+folder must be on storage every node sees (NFS, Lustre...; see docs/cluster.md). The driver:
+
+1. connects to Ray (`executor.address`: `auto`, `ray://host:10001`, or null for a local Ray);
+2. computes the base-model reference scores once (`prepare_base_cache`, itself one Ray task with a
+   cell's resources, so it runs where the GPUs are), so no cell recomputes them;
+3. keeps at most `executor.max_concurrent` cells in flight, each with `num_cpus` / `num_gpus` /
+   `memory_gb`; a task whose worker dies (killed, OOM, node lost) is retried by Ray up to
+   `executor.max_retries` times and resumes from the files already written;
+4. rebuilds the study-level merged files from the per-run files once every task has finished.
+
+A rerun after the driver or a worker was killed redoes only the unfinished stages of unfinished
+cells (the runner skips finished ones), so each cell appears exactly once in the results.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from memlens.config import CellConfig, ConfigError, ExecutorConfig, StudyConfig
+from memlens.executors import CellEvent, CellOutcome
+
+INSTALL_HINT = "executor.kind: ray needs Ray, which is not installed: pip install 'memlens[ray]'"
+# Ray task name of a cell; Ray also titles the worker process `ray::memlens-cell:<run_id>` while it runs.
+TASK_PREFIX = "memlens-cell:"
+BASE_CACHE_TASK = "memlens-base-cache"
+
+
+def import_ray():
+    """The `ray` module, or a ConfigError saying how to install it."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError(f"{INSTALL_HINT} ({exc})") from exc
+    return ray
+
+
+# --------------------------------------------------------------------------------------- remote side
+def _enter_workdir(workdir: str | None) -> None:
+    """Resolve the study's relative paths (out, data, model) as the driver does: from its folder."""
+    if workdir is None:
+        return
+    if not os.path.isdir(workdir):
+        raise RuntimeError(
+            f"the study uses relative paths and the driver's folder {workdir} does not exist on this node; "
+            "start the driver from a folder on the shared filesystem or make `out`, `data.source` and "
+            "`model.name_or_path` absolute paths that every node sees (see docs/cluster.md)"
+        )
+    os.chdir(workdir)
+
+
+def cell_task(study_dict: dict, cell_dict: dict, workdir: str | None) -> dict:
+    """Body of one cell's Ray task: :func:`memlens.runner.run_cell` (which records its own failure)."""
+    from memlens.runner import run_cell
+
+    _enter_workdir(workdir)
+    return run_cell(study_dict, cell_dict)
+
+
+def base_cache_task(study_dict: dict, workdir: str | None) -> None:
+    """Body of the one task that computes the base-model reference scores shared by every cell."""
+    from memlens.attacks.mia import prepare_base_cache
+
+    _enter_workdir(workdir)
+    prepare_base_cache(StudyConfig.model_validate(study_dict))
+
+
+def merge_study_files(study: StudyConfig) -> None:
+    """Rerun the merge of each enabled attack stage (concatenated per-run files, results rows).
+
+    Workers already merge after each cell under the study's write lock; merging once more after all
+    tasks ended makes the study-level files complete even where a worker died between writing its
+    per-run files and merging them."""
+    if study.mia.enabled:
+        from memlens.attacks.mia import merge_mia
+
+        merge_mia(study)
+    if study.extraction.enabled:
+        from memlens.attacks.extraction import merge_extraction
+
+        merge_extraction(study)
+
+
+# --------------------------------------------------------------------------------------- driver side
+def _relative_paths(study: StudyConfig) -> bool:
+    """Does any path the workers open depend on the current folder?"""
+    paths = [str(study.out_dir)]
+    for value in (study.data.source, study.model.name_or_path, study.mia.reference_corpus):
+        if value and Path(value).exists():  # an existing local path (not a hub id)
+            paths.append(value)
+    return any(not Path(p).is_absolute() for p in paths)
+
+
+class RayExecutor:
+    """Executor running each cell as one Ray task (see the module docstring)."""
+
+    def __init__(self, cfg: ExecutorConfig):
+        self.cfg = cfg
+        self.ray = import_ray()
+
+    # ----------------------------------------------------------------------------------- connection
+    def _connect(self) -> bool:
+        """Connect to Ray; True when this call started it (and so must shut it down)."""
+        ray = self.ray
+        if ray.is_initialized():  # e.g. a notebook or a test that called ray.init() itself
+            return False
+        # Worker output (Trainer logs) stays in Ray's log files; failures reach the driver as outcomes.
+        if self.cfg.address is None:
+            ray.init(include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=self.cfg.address, log_to_driver=False)
+        return True
+
+    def task_options(self) -> dict:
+        """Ray resources and retry policy of one cell's task."""
+        opts = {"num_cpus": self.cfg.num_cpus, "num_gpus": self.cfg.num_gpus,
+                # retry when the worker dies (system failure); a Python error in a cell is recorded by
+                # run_cell and must not be retried (it would fail the same way)
+                "max_retries": self.cfg.max_retries, "retry_exceptions": False}
+        if self.cfg.memory_gb is not None:
+            opts["memory"] = int(self.cfg.memory_gb * 2**30)
+        return opts
+
+    def _check_feasible(self) -> None:
+        """Refuse a per-cell request no node of a fixed local Ray can satisfy (its tasks would wait forever).
+        A remote cluster may autoscale, so it is not checked."""
+        if self.cfg.address is not None:
+            return
+        nodes = [n["Resources"] for n in self.ray.nodes() if n.get("Alive")]
+        wants = {"CPU": ("num_cpus", self.cfg.num_cpus), "GPU": ("num_gpus", self.cfg.num_gpus)}
+        if self.cfg.memory_gb is not None:
+            wants["memory"] = ("memory_gb", self.cfg.memory_gb * 2**30)
+        for resource, (field, amount) in wants.items():
+            if amount and not any(n.get(resource, 0) >= amount for n in nodes):
+                best = max((n.get(resource, 0) for n in nodes), default=0)
+                shown = f"{best / 2**30:.1f} GiB" if resource == "memory" else f"{best:g}"
+                raise ConfigError(f"executor.{field}: each cell asks for more {resource} than any node of "
+                                  f"the local Ray has ({shown}); lower it or connect to a cluster "
+                                  "(executor.address)")
+
+    # ----------------------------------------------------------------------------------- run
+    def run(self, study: StudyConfig, cells: list[CellConfig],
+            on_event: Callable[[CellEvent], None]) -> list[CellOutcome]:
+        """Run `cells` as Ray tasks; returns one outcome per cell, in the order of `cells`."""
+        started = self._connect()
+        try:
+            self._check_feasible()
+            return self._run(study, cells, on_event)
+        finally:
+            if started:
+                self.ray.shutdown()
+
+    def _run(self, study: StudyConfig, cells: list[CellConfig],
+             on_event: Callable[[CellEvent], None]) -> list[CellOutcome]:
+        ray = self.ray
+        study_dict = study.model_dump(mode="json")
+        workdir = os.getcwd() if _relative_paths(study) else None
+        opts = self.task_options()
+        if study.mia.enabled:  # once, before the fan-out; a failure here would fail every cell: raise it
+            ray.get(ray.remote(base_cache_task).options(name=BASE_CACHE_TASK, **opts).remote(study_dict, workdir))
+
+        remote_cell = ray.remote(cell_task)
+        pending = list(cells)
+        limit = self.cfg.max_concurrent or len(cells)
+        in_flight: dict = {}  # ObjectRef -> cell
+        outcomes: dict[str, CellOutcome] = {}
+        try:
+            while pending or in_flight:
+                while pending and len(in_flight) < limit:
+                    cell = pending.pop(0)
+                    run_id = cell.run_id(study)
+                    ref = remote_cell.options(name=TASK_PREFIX + run_id, **opts).remote(
+                        study_dict, cell.model_dump(mode="json"), workdir)
+                    in_flight[ref] = cell
+                    on_event(CellEvent(run_id, "running"))  # handed to Ray (it may queue it for resources)
+                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                for ref in ready:
+                    cell = in_flight.pop(ref)
+                    outcome = self._collect(study, cell, ref)
+                    outcomes[outcome.run_id] = outcome
+                    on_event(outcome)
+        except BaseException:  # Ctrl-C or a failing callback: stop the cells still running, then raise
+            for ref in in_flight:
+                ray.cancel(ref, force=True)
+            raise
+        merge_study_files(study)  # the driver sees the shared study folder too; merging needs no model
+        return [outcomes[c.run_id(study)] for c in cells]
+
+    def _collect(self, study: StudyConfig, cell: CellConfig, ref) -> CellOutcome:
+        """The task's outcome; a task Ray could not complete (worker died more than max_retries times,
+        node lost, cancelled, unpicklable result) is recorded as failed in the cell's status file."""
+        from memlens.runner import read_status, write_status
+        from memlens.store import StudyLayout
+
+        ray = self.ray
+        layout = StudyLayout(study.out_dir)
+        run_id = cell.run_id(study)
+        try:
+            outcome = CellOutcome.from_dict(ray.get(ref))
+        except ray.exceptions.RayError as exc:
+            last = read_status(layout, run_id) or {}
+            record = write_status(layout, run_id, "failed", cell=cell, stage=last.get("stage"),
+                                  stages_done=last.get("stages_done"), error=exc)
+            return CellOutcome(run_id, "failed", record["traceback"], list(last.get("stages_done") or []))
+        if outcome.run_id != run_id:  # the worker hashed the cell differently: another memlens version?
+            raise RuntimeError(f"a Ray worker ran cell {run_id} as {outcome.run_id}: the driver and the workers "
+                               "must run the same memlens version (see docs/cluster.md)")
+        return outcome
+
+
+__all__ = ["INSTALL_HINT", "RayExecutor", "TASK_PREFIX", "import_ray", "merge_study_files"]

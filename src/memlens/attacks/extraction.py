@@ -1,0 +1,295 @@
+"""Prompted-prefix extraction and canary exposure on a study's finished runs.
+
+For each run: the canary, up to `extraction.members` other training records and `extraction.non_members`
+non-member controls are cut into prefix and suffix; each decoding continues every prefix with the
+run's adapter active and, as the control, with adapters disabled (the base model). Outputs:
+
+- `runs/<run_id>/extraction.parquet`: one row per (model, sequence, decoding). `model` is `finetuned`
+  or `base` (the same prompts under the base model: what is "reproduced" without fine-tuning).
+  `ppl_base` / `ppl_ft` are perplexities of the whole record under the base / fine-tuned model;
+  `ppl_generated` is the perplexity of the generated tokens given the prefix under the model that
+  generated them (the fine-tuned model on `finetuned` rows).
+- `runs/<run_id>/extraction_results.parquet`: per (model, decoding, group) extraction rates under each
+  discriminative function; groups are `canary`, `members` (training records other than the canary) and
+  `non_members`. Also upserted into `<out>/results.parquet` as stage `extraction`, attack
+  `extract:<decoding>:<group>` (`...:base` for the base-model control).
+- `runs/<run_id>/exposure.parquet` when the canary has a secret (insert mode): exposure under the
+  fine-tuned and the base model; upserted as stage `exposure`, attacks `exposure` and `exposure:base`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from memlens.attacks.exposure import draw_candidates, measure_exposure
+from memlens.attacks.generate import Decoding, PromptSplit, generate_continuations, resolve_decoding, split_tokens
+from memlens.config import ConfigError, ExtractionConfig, StudyConfig
+from memlens.data import Canary, load_study_data
+from memlens.metrics.text import extraction_rates, pair_metrics
+from memlens.models import AdapterBank, load_base_model, load_tokenizer, resolve_device
+from memlens.score import token_stats
+from memlens.store import StudyLayout, atomic_write_parquet, run_metadata, upsert_results
+from memlens.train import read_members, read_train_info
+
+log = logging.getLogger(__name__)
+
+EXTRACTION_FILE = "extraction.parquet"
+RESULTS_FILE = "extraction_results.parquet"
+EXPOSURE_FILE = "exposure.parquet"
+GROUPS = ("canary", "members", "non_members")
+
+
+# ------------------------------------------------------------------------------------------- targets
+def select_targets(members: pd.DataFrame, non_members: pd.DataFrame, cfg: ExtractionConfig) -> pd.DataFrame:
+    """The records attacked in one run: the canary, a seeded sample of `cfg.members` other training records
+    and of `cfg.non_members` non-members. Columns sample_id, text, is_canary, is_member, group."""
+    def sample(frame: pd.DataFrame, n: int | None, stream: int) -> pd.DataFrame:
+        if n is None or n >= len(frame):
+            return frame
+        rng = np.random.default_rng([cfg.seed, stream])
+        return frame.iloc[np.sort(rng.choice(len(frame), size=n, replace=False))]
+
+    canary = members[members.is_canary]
+    others = sample(members[~members.is_canary], cfg.members, 1)
+    controls = sample(non_members, cfg.non_members, 2)
+    parts = [
+        canary.assign(is_member=True, group="canary"),
+        others.assign(is_member=True, group="members"),
+        controls.assign(is_canary=False, is_member=False, group="non_members"),
+    ]
+    cols = ["sample_id", "text", "is_canary", "is_member", "group"]
+    return pd.concat([p[cols] for p in parts], ignore_index=True)
+
+
+@dataclass
+class Prompt:
+    key: str            # text of the record: identifies it across runs
+    ids: list[int]
+    split: PromptSplit
+
+
+def build_prompts(texts: list[str], tokenizer, cfg: ExtractionConfig) -> dict[str, Prompt | None]:
+    """text -> Prompt, or None when the record is too short to leave a suffix after the prefix."""
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    return {t: (Prompt(t, i, s) if (s := split_tokens(i, cfg.split, cfg.prefix_len, tokenizer.bos_token_id))
+                else None) for t, i in zip(texts, ids)}
+
+
+# ------------------------------------------------------------------------------------------- generation
+def _loglik_of_continuations(model, pad_token_id: int, batch_size: int):
+    """rank_fn for generate_continuations: log-likelihood of the last n tokens of each sequence."""
+    def rank(sequences: list[list[int]], n_last: list[int]) -> np.ndarray:
+        stats = token_stats(model, sequences, batch_size=batch_size, pad_token_id=pad_token_id)
+        return np.array([stats.sequence(i)[-n:].astype(np.float64).sum() for i, n in enumerate(n_last)])
+    return rank
+
+
+def _generated_ppl(model, prompts: list[Prompt], generations: list[list[int]], pad_token_id: int,
+                   batch_size: int) -> np.ndarray:
+    seqs = [p.split.prefix + g for p, g in zip(prompts, generations)]
+    stats = token_stats(model, seqs, batch_size=batch_size, pad_token_id=pad_token_id)
+    return np.array([np.exp(-stats.sequence(i)[-len(g):].astype(np.float64).mean()) if g else np.nan
+                     for i, g in enumerate(generations)])
+
+
+def generate_all(model, prompts: list[Prompt], decodings: list[Decoding], cfg: ExtractionConfig, tokenizer,
+                 progress: Progress | None, label: str) -> dict[str, pd.DataFrame]:
+    """decoding name -> frame (key, generated_ids, generated_text, ppl_generated) for every prompt."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    out: dict[str, pd.DataFrame] = {}
+    for dec in decodings:
+        n_new = [cfg.max_new_tokens or len(p.split.suffix) for p in prompts]
+        task = progress.add_task(f"{label} {dec.name}", total=len(prompts)) if progress else None
+        gens = generate_continuations(
+            model, [p.split.prefix for p in prompts], n_new, dec, pad_token_id=pad, eos_token_id=eos,
+            batch_size=cfg.batch_size, seed=cfg.seed, rank_fn=_loglik_of_continuations(model, pad, cfg.batch_size),
+            on_batch=(lambda n, t=task: progress.advance(t, n)) if progress else None)
+        if progress:
+            progress.remove_task(task)
+        out[dec.name] = pd.DataFrame({
+            "key": [p.key for p in prompts],
+            "generated_ids": gens,
+            "generated_text": tokenizer.batch_decode(gens, skip_special_tokens=False),
+            "ppl_generated": _generated_ppl(model, prompts, gens, pad, cfg.batch_size),
+        })
+    return out
+
+
+def full_ppl(model, prompts: list[Prompt], pad_token_id: int, batch_size: int) -> dict[str, float]:
+    stats = token_stats(model, [p.ids for p in prompts], batch_size=batch_size, pad_token_id=pad_token_id)
+    return dict(zip([p.key for p in prompts], np.exp(stats.mean_nll())))
+
+
+# ------------------------------------------------------------------------------------------- rows
+def score_rows(run_id: str, model_label: str, targets: pd.DataFrame, prompts: dict[str, Prompt | None],
+               generations: dict[str, pd.DataFrame], ppl_base: dict[str, float], ppl_ft: dict[str, float],
+               tokenizer, cfg: ExtractionConfig) -> pd.DataFrame:
+    """One row per (sequence, decoding) with every similarity measure."""
+    rows = []
+    for dec_name, frame in generations.items():
+        by_key = frame.set_index("key")
+        for target in targets.itertuples(index=False):
+            prompt = prompts[target.text]
+            if prompt is None:
+                continue
+            gen = by_key.loc[target.text]
+            suffix_text = tokenizer.decode(prompt.split.suffix, skip_special_tokens=False)
+            metrics = pair_metrics(gen.generated_ids, prompt.split.suffix, gen.generated_text, suffix_text,
+                                   cfg.verbatim_threshold)
+            rows.append({
+                "run_id": run_id, "model": model_label, "sample_id": target.sample_id,
+                "group": target.group, "is_canary": bool(target.is_canary), "is_member": bool(target.is_member),
+                "decoding": dec_name, "prefix_len": len(prompt.split.prefix),
+                "suffix_len": len(prompt.split.suffix), **metrics.to_dict(),
+                "ppl_base": ppl_base[target.text], "ppl_ft": ppl_ft[target.text],
+                "ppl_generated": float(gen.ppl_generated),
+                "generated_text": gen.generated_text, "suffix_text": suffix_text,
+            })
+    return pd.DataFrame(rows)
+
+
+def aggregate(rows: pd.DataFrame, targets: pd.DataFrame, prompts: dict[str, Prompt | None],
+              cfg: ExtractionConfig) -> pd.DataFrame:
+    """Per (model, decoding, group): extraction rates and mean similarities; `n_too_short` counts records
+    with no suffix left after the prefix (not attacked)."""
+    too_short = targets.assign(short=[prompts[t] is None for t in targets.text]).groupby("group").short.sum()
+    out = []
+    for (model, dec), frame in rows.groupby(["model", "decoding"], sort=False):
+        for group in GROUPS:
+            sel = frame[frame.group == group]
+            n_short = int(too_short.get(group, 0))
+            if len(sel) == 0 and n_short == 0:
+                continue
+            out.append({"run_id": frame.run_id.iloc[0], "model": model, "decoding": dec, "group": group,
+                        **extraction_rates(sel, cfg.verbatim_threshold, cfg.bleu_threshold),
+                        "n_too_short": n_short})
+    return pd.DataFrame(out)
+
+
+# ------------------------------------------------------------------------------------------- stage
+def _pending_runs(layout: StudyLayout, run_ids: list[str] | None, force: bool) -> list[str]:
+    finished = layout.finished_runs()
+    if run_ids is not None:
+        missing = [r for r in run_ids if r not in finished]
+        if missing:
+            raise ConfigError(f"extraction: run(s) {missing} are not finished runs of {layout.root}; "
+                              f"finished: {finished}")
+        chosen = list(run_ids)
+    else:
+        chosen = finished
+    if force:
+        return chosen
+    return [r for r in chosen if not (layout.run_dir(r) / RESULTS_FILE).exists()]
+
+
+def _merge_study_files(layout: StudyLayout) -> None:
+    for name in (EXTRACTION_FILE, EXPOSURE_FILE):
+        parts = [pd.read_parquet(layout.run_dir(r) / name) for r in layout.finished_runs()
+                 if (layout.run_dir(r) / name).exists()]
+        if parts:
+            atomic_write_parquet(layout.root / name, pd.concat(parts, ignore_index=True))
+
+
+def _result_rows(layout: StudyLayout, run_id: str, results: pd.DataFrame, exposure: pd.DataFrame | None
+                 ) -> pd.DataFrame:
+    meta = run_metadata(layout, run_id)
+    rows = []
+    for rec in results.to_dict("records"):
+        suffix = "" if rec["model"] == "finetuned" else ":base"
+        rec = {k: v for k, v in rec.items() if k not in ("run_id", "model")}
+        rows.append({**meta, "stage": "extraction",
+                     "attack": f"extract:{rec['decoding']}:{rec['group']}{suffix}", **rec})
+    if exposure is not None:
+        for rec in exposure.to_dict("records"):
+            suffix = "" if rec["model"] == "finetuned" else ":base"
+            rec = {k: v for k, v in rec.items() if k not in ("run_id", "model")}
+            rows.append({**meta, "stage": "exposure", "attack": f"exposure{suffix}", **rec})
+    return pd.DataFrame(rows)
+
+
+def run_extraction(study: StudyConfig, run_ids: list[str] | None = None, force: bool = False,
+                   show_progress: bool = True) -> pd.DataFrame:
+    """Extraction (and exposure, for secrets) on every finished run lacking its per-run outputs (or all
+    `run_ids` when `force`), with one base model and the runs' adapters switched on it. Writes the per-run
+    files, merges the study-level files and upserts `<out>/results.parquet`; returns the upserted rows."""
+    cfg = study.extraction
+    layout = StudyLayout(study.out_dir)
+    if not cfg.enabled:
+        return pd.DataFrame()
+    pending = _pending_runs(layout, run_ids, force)
+    if not pending:
+        _merge_study_files(layout)
+        return pd.DataFrame()
+    decodings = [resolve_decoding(d, cfg.min_temperature, f"extraction.decodings[{i}]")
+                 for i, d in enumerate(cfg.decodings)]
+    names = [d.name for d in decodings]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"extraction.decodings: names must be unique, got {names}")
+
+    data = load_study_data(study.data)
+    tokenizer = load_tokenizer(study.model)
+    pad = tokenizer.pad_token_id
+    base = load_base_model(study.model, resolve_device(study.model.device))
+    bank = AdapterBank(base)
+
+    targets = {r: select_targets(read_members(layout.run_dir(r)), data.non_members, cfg) for r in pending}
+    all_texts = sorted({t for frame in targets.values() for t in frame.text})
+    prompts = build_prompts(all_texts, tokenizer, cfg)
+    attacked = [prompts[t] for t in all_texts if prompts[t] is not None]
+    if not attacked:
+        raise ConfigError(f"extraction.prefix_len: every record has at most {cfg.prefix_len} tokens, leaving "
+                          "nothing to generate; lower prefix_len or use split: midpoint")
+
+    upserted = []
+    with Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), disable=not show_progress) as progress:
+        # Base-model control: the same prompts with adapters disabled, once for every run of this call.
+        with torch.inference_mode(), bank.use(None) as model:
+            ppl_base = full_ppl(model, attacked, pad, cfg.batch_size)
+            base_generations = generate_all(model, attacked, decodings, cfg, tokenizer, progress, "base")
+        base_exposure: dict[str, dict] = {}
+        runs_task = progress.add_task("runs", total=len(pending))
+        for run_id in pending:
+            run_dir = layout.run_dir(run_id)
+            canary = Canary(**read_train_info(run_dir)["canary"])
+            run_targets = targets[run_id]
+            run_prompts = [prompts[t] for t in dict.fromkeys(run_targets.text) if prompts[t] is not None]
+            bank.add(run_id, run_dir)
+            with torch.inference_mode(), bank.use(run_id) as model:
+                ppl_ft = full_ppl(model, run_prompts, pad, cfg.batch_size)
+                ft_generations = generate_all(model, run_prompts, decodings, cfg, tokenizer, progress, run_id)
+                exposure_rows = []
+                if cfg.exposure and canary.secret is not None:
+                    pool = draw_candidates(canary.secret_format, canary.secret, cfg.exposure_candidates, cfg.seed)
+                    kwargs = dict(n_candidates=cfg.exposure_candidates, seed=cfg.seed, batch_size=cfg.batch_size,
+                                  pad_token_id=pad, candidates=pool)
+                    exposure_rows.append({"run_id": run_id, "model": "finetuned",
+                                          **measure_exposure(model, tokenizer, canary, **kwargs).to_dict()})
+            if exposure_rows:
+                key = f"{canary.text}\x00{canary.copies}"
+                if key not in base_exposure:
+                    with torch.inference_mode(), bank.use(None) as model:
+                        base_exposure[key] = measure_exposure(model, tokenizer, canary, **kwargs).to_dict()
+                exposure_rows.append({"run_id": run_id, "model": "base", **base_exposure[key]})
+            rows = pd.concat([
+                score_rows(run_id, "finetuned", run_targets, prompts, ft_generations, ppl_base, ppl_ft, tokenizer, cfg),
+                score_rows(run_id, "base", run_targets, prompts, base_generations, ppl_base, ppl_ft, tokenizer, cfg),
+            ], ignore_index=True)
+            results = aggregate(rows, run_targets, prompts, cfg)
+            exposure = pd.DataFrame(exposure_rows) if exposure_rows else None
+            atomic_write_parquet(run_dir / EXTRACTION_FILE, rows)
+            if exposure is not None:
+                atomic_write_parquet(run_dir / EXPOSURE_FILE, exposure)
+            atomic_write_parquet(run_dir / RESULTS_FILE, results)  # last: marks the run done
+            upserted.append(_result_rows(layout, run_id, results, exposure))
+            progress.advance(runs_task)
+    _merge_study_files(layout)
+    rows = pd.concat(upserted, ignore_index=True)
+    upsert_results(layout, rows)
+    return rows

@@ -236,6 +236,20 @@ class DPConfig(_Strict):
         "prv", description="Opacus privacy accountant for the reported epsilon and for calibration: `prv` "
         "(privacy random variables, Opacus' default, tightest), `rdp` (Renyi DP) or `gdp` (Gaussian DP)."
     )
+    audit_random_split: bool = Field(
+        False, description="Declare that each member / non-member record was assigned by an independent fair "
+        "coin flip before training. The one-run empirical epsilon lower bound (Steinke et al. 2023) is only "
+        "valid then, so it is reported only when this is true (PHEE's train/test splits are not such a split).",
+    )
+    audit_attack: str = Field("ref_ratio", description="Membership score the empirical privacy audit uses.")
+    audit_confidence: float = Field(0.95, gt=0, lt=1, description="Confidence of the empirical epsilon lower bound.")
+
+    @field_validator("audit_attack")
+    @classmethod
+    def _known_audit_attack(cls, value: str) -> str:
+        if value not in MIA_ATTACKS:
+            raise ValueError(f"unknown attack {value!r}; valid choices: {list(MIA_ATTACKS)}")
+        return value
 
 
 # --------------------------------------------------------------------------------------- attacks

@@ -1,0 +1,165 @@
+"""Empirical privacy: a lower bound on epsilon from one training run (Steinke, Nasr & Jagielski 2023,
+"Privacy Auditing with One (1) Training Run", NeurIPS 2023, arXiv:2305.08846).
+
+Setting: m audited records, each included in training independently with probability 1/2. After
+training the auditor scores every record (higher = more likely a member), guesses "member" for the k+
+highest-scored and "non-member" for the k- lowest-scored ones, abstains on the rest, and counts the
+correct guesses v among r = k+ + k- guesses. If training is (eps, delta)-DP, v is (up to a delta term)
+stochastically dominated by Binomial(r, e^eps / (1 + e^eps)) (their Theorem 3.1); the lower bound is the
+largest eps under which observing >= v correct guesses has probability < 1 - confidence.
+
+Assumption (the bound is void without it): the member / non-member assignment of the audited records
+is an independent fair coin flip per record, made before training. memlens' default membership
+experiment (members = the `train` split, non-members = the `test` split) does NOT satisfy it, so
+:func:`run_privacy_audit` reports the bound only when `dp.audit_random_split` asserts it.
+
+Hand-written because no maintained library implements this test for PyTorch models (Google's
+jax_privacy has one for JAX); it is a few lines over scipy's binomial distribution.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import optimize, special, stats
+
+ASSUMPTION = ("valid only if each audited record was made a member by an independent fair coin flip before "
+              "training (Steinke, Nasr & Jagielski 2023)")
+
+
+def p_value_dp_audit(m: int, r: int, v: int, eps: float, delta: float) -> float:
+    """Probability of >= v correct guesses out of r (m audited records) if training were (eps, delta)-DP:
+    P[Binomial(r, q) >= v] + 2 m delta max_i P[v > Binomial(r, q) >= v - i] / i, with q = e^eps/(1+e^eps)
+    (Theorem 3.1 of the paper)."""
+    if not 0 <= v <= r <= m:
+        raise ValueError(f"need 0 <= correct ({v}) <= guesses ({r}) <= audited records ({m})")
+    q = special.expit(eps)
+    p = stats.binom.sf(v - 1, r, q)
+    if delta > 0 and v > 0:
+        # pmf(v-1), pmf(v-2), ..., pmf(0): cumulative sums are P[v > B >= v - i] for i = 1..v
+        tail = np.cumsum(stats.binom.pmf(np.arange(v - 1, -1, -1), r, q))
+        p += 2 * m * delta * float(np.max(tail / np.arange(1, v + 1)))
+    return float(min(p, 1.0))
+
+
+def epsilon_lower_bound(m: int, r: int, v: int, delta: float, alpha: float) -> float:
+    """Largest eps such that >= v correct guesses has p-value < alpha under (eps, delta)-DP (0 if none)."""
+    if r == 0 or p_value_dp_audit(m, r, v, 0.0, delta) >= alpha:
+        return 0.0
+    high = 1.0
+    while p_value_dp_audit(m, r, v, high, delta) < alpha:
+        high *= 2
+        if high > 1e3:  # v == r with delta == 0 and huge r: the bound is effectively unbounded
+            return math.inf
+    return float(optimize.brentq(lambda e: p_value_dp_audit(m, r, v, e, delta) - alpha, 0.0, high, xtol=1e-6))
+
+
+def default_guesses(m: int) -> list[tuple[int, int]]:
+    """(k+, k-) options tried by default: 5%, 10%, 25% and 50% of the records, half as member guesses and
+    half as non-member guesses (at least one of each)."""
+    options = []
+    for fraction in (0.05, 0.1, 0.25, 0.5):
+        k = max(1, round(fraction * m / 2))
+        if (k, k) not in options and 2 * k <= m:
+            options.append((k, k))
+    return options
+
+
+def one_run_epsilon_lower_bound(scores: Sequence[float], is_member: Sequence[bool], *, delta: float,
+                                random_split: bool, confidence: float = 0.95,
+                                guesses: Sequence[tuple[int, int]] | None = None, seed: int = 0) -> dict:
+    """Empirical epsilon lower bound of one training run from per-record membership scores.
+
+    `scores`: higher means more likely a member. `guesses`: (k+, k-) options fixed before looking at the
+    result; when several are given the best is reported and each is tested at level
+    (1 - confidence) / len(guesses) (Bonferroni), so picking the best does not inflate the bound. Ties in
+    scores are broken by a seeded random order. `random_split` must state whether the membership of the
+    audited records was a fair coin flip per record (see the module docstring); the bound is only
+    reported (`eps_lower` not NaN) when it is true.
+
+    Returns eps_lower, k_plus, k_minus, n_guesses, n_correct, guess_accuracy, p_value (at eps = 0),
+    n_audited, n_members, confidence, delta, n_options, valid, note."""
+    scores = np.asarray(scores, dtype=float)
+    labels = np.asarray(is_member, dtype=bool)
+    if scores.shape != labels.shape or scores.ndim != 1:
+        raise ValueError("scores and is_member must be 1-D and of the same length")
+    if np.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    if not 0 < confidence < 1:
+        raise ValueError("confidence must be in (0, 1)")
+    m = len(scores)
+    options = list(guesses) if guesses is not None else default_guesses(m)
+    if not options or any(kp < 0 or km < 0 or kp + km == 0 or kp + km > m for kp, km in options):
+        raise ValueError(f"guesses must be (k+, k-) pairs with 0 < k+ + k- <= {m} audited records; got {options}")
+    alpha = (1 - confidence) / len(options)
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(m)
+    order = shuffled[np.argsort(-scores[shuffled], kind="stable")]  # highest score first, random tie order
+    best = None
+    for k_plus, k_minus in options:
+        correct = int(labels[order[:k_plus]].sum()) + int((~labels[order[m - k_minus:]]).sum() if k_minus else 0)
+        r = k_plus + k_minus
+        eps = epsilon_lower_bound(m, r, correct, delta, alpha)
+        if best is None or eps > best["eps_lower_raw"]:
+            best = {"eps_lower_raw": eps, "k_plus": k_plus, "k_minus": k_minus, "n_guesses": r,
+                    "n_correct": correct, "guess_accuracy": correct / r,
+                    "p_value": p_value_dp_audit(m, r, correct, 0.0, delta)}
+    raw = best.pop("eps_lower_raw")
+    return {
+        "eps_lower": raw if random_split else math.nan,
+        **best,
+        "n_audited": m,
+        "n_members": int(labels.sum()),
+        "confidence": confidence,
+        "delta": delta,
+        "n_options": len(options),
+        "valid": bool(random_split),
+        "note": (f"one-run audit, {ASSUMPTION}" if random_split else
+                 f"not reported: the membership split was not declared a per-record fair coin flip; the bound "
+                 f"is {ASSUMPTION}"),
+    }
+
+
+# ----------------------------------------------------------------------------------- study stage
+def run_privacy_audit(study, run_ids: list[str] | None = None, attack: str | None = None) -> pd.DataFrame:
+    """Stage `privacy`: for each finished run with MIA scores, one results row (attack `dp_audit`) with the
+    accountant's epsilon (DP runs; NaN otherwise), and the one-run empirical lower bound computed from the
+    per-record scores of `attack` (default: `dp.audit_attack`). Upserts into results.parquet and returns
+    the rows."""
+    from memlens.store import StudyLayout, run_metadata, upsert_results
+    from memlens.train.dp import default_delta
+
+    layout = StudyLayout(study.out_dir)
+    attack = attack or study.dp.audit_attack
+    rows = []
+    for run_id in run_ids or layout.finished_runs():
+        run_dir = layout.run_dir(run_id)
+        scores_path = run_dir / "mia_scores.parquet"
+        if not scores_path.exists():
+            continue
+        train = json.loads((run_dir / "train.json").read_text())
+        dp = train.get("dp") or {}
+        scores = pd.read_parquet(scores_path)
+        if attack not in scores:
+            raise ValueError(f"dp.audit_attack: run {run_id} has no {attack!r} scores; it has "
+                             f"{[c for c in scores.columns if c not in ('run_id', 'sample_id', 'split')]}")
+        delta = dp.get("delta") or study.dp.delta or default_delta(train["n_train_records"])
+        audit = one_run_epsilon_lower_bound(scores[attack].to_numpy(), scores.is_member.to_numpy(), delta=delta,
+                                            random_split=study.dp.audit_random_split,
+                                            confidence=study.dp.audit_confidence)
+        rows.append({
+            **run_metadata(layout, run_id), "stage": "privacy", "attack": "dp_audit",
+            "epsilon": dp.get("epsilon", math.nan),
+            "epsilon_note": None if dp else "not trained with DP-SGD",
+            "dp_noise_multiplier": dp.get("noise_multiplier", math.nan),
+            "accountant": dp.get("accountant"),
+            "audit_attack": attack, **audit,
+        })
+    frame = pd.DataFrame(rows)
+    if len(frame):
+        upsert_results(layout, frame)
+    return frame

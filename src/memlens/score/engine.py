@@ -159,16 +159,18 @@ def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
 @torch.inference_mode()
 def token_stats(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, batch_size: int = 32,
                 pad_token_id: int, context: int | None = None, stride: int | None = None,
-                max_batch_tokens: int | None = None,
+                max_batch_tokens: int | None = None, padding_side: str = "right",
                 on_batch: Callable[[int], None] | None = None) -> SequenceStats:
     """Per-token statistics of `sequences` (token ids, bos included) under `model`.
 
     Length-bucketed batches of at most `batch_size` windows (and `max_batch_tokens` padded tokens, if
     given); `context` defaults to the model's positions, `stride` (sliding window step for longer
-    sequences) to half of it. `on_batch(n_sequences_done)` is called after each batch (progress bars).
-    The results do not depend on batch composition: only right padding is used, and padded positions
-    are never attended to by real ones nor scored.
+    sequences) to half of it. `on_batch(n_windows_done)` is called after each batch (progress bars).
+    The results do not depend on batch composition or `padding_side`: padded positions are masked out
+    of attention, positions restart at 0 on each sequence's first real token, and padding is never scored.
     """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     lengths = [len(s) for s in sequences]
     context = context or context_length(model)
     windows = _windows(lengths, context, stride)
@@ -193,11 +195,12 @@ def token_stats(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, b
         score = torch.zeros((len(wins), width), dtype=torch.bool)  # position t scores token t
         for row, w in enumerate(wins):
             n = w.end - w.start
-            ids[row, :n] = torch.as_tensor(sequences[w.seq][w.start:w.end], dtype=torch.long)
-            mask[row, :n] = 1
-            score[row, w.score_from - w.start:n] = True
+            first = 0 if padding_side == "right" else width - n
+            ids[row, first:first + n] = torch.as_tensor(sequences[w.seq][w.start:w.end], dtype=torch.long)
+            mask[row, first:first + n] = 1
+            score[row, first + w.score_from - w.start:first + n] = True
         ids, mask = ids.to(device), mask.to(device)
-        positions = torch.arange(width, device=device).expand(len(wins), width)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
         # Predictions come from position t-1 for the token at t.
         pred_mask = score[:, 1:].to(device)
         targets = ids[:, 1:][pred_mask]

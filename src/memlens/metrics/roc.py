@@ -1,0 +1,166 @@
+"""How well a score separates members (label 1) from non-members (label 0).
+
+Convention everywhere: a higher score means "more likely a member".
+AUC and ROC curves come from scikit-learn, bootstrap intervals from `scipy.stats.bootstrap`
+(stratified: members and non-members are resampled separately, so every resample has both).
+Hanley-McNeil's interval (the study's) and DeLong's test are a few lines of formulas that neither
+scikit-learn nor SciPy provides.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from sklearn.metrics import roc_auc_score, roc_curve
+
+FPR_POINTS = {"10pct": 0.1, "1pct": 0.01, "0_1pct": 0.001}
+
+
+def _split(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if labels.shape != scores.shape:
+        raise ValueError(f"labels {labels.shape} and scores {scores.shape} differ in shape")
+    if not np.isfinite(scores).all():
+        raise ValueError(f"{int((~np.isfinite(scores)).sum())} score(s) are NaN or infinite")
+    return scores[labels], scores[~labels]
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC (scikit-learn)."""
+    return float(roc_auc_score(np.asarray(labels).astype(int), scores))
+
+
+def hanley_mcneil_se(auc_value: float, n_pos: int, n_neg: int) -> float:
+    """Standard error of an AUC (Hanley & McNeil 1982, eq. 2), the study's interval."""
+    a = auc_value
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
+    return math.sqrt(max(var, 0.0))
+
+
+def hanley_mcneil_ci(auc_value: float, n_pos: int, n_neg: int, level: float = 0.95) -> tuple[float, float]:
+    """Normal-approximation interval auc +- z * SE, clipped to [0, 1]."""
+    z = stats.norm.ppf(0.5 + level / 2)
+    se = hanley_mcneil_se(auc_value, n_pos, n_neg)
+    return max(0.0, auc_value - z * se), min(1.0, auc_value + z * se)
+
+
+def _auc_statistic(pos: np.ndarray, neg: np.ndarray, axis: int = -1) -> np.ndarray:
+    # Mann-Whitney U of the members over the non-members / (n_pos n_neg) is the AUC (ties count 1/2).
+    u = stats.mannwhitneyu(pos, neg, axis=axis, method="asymptotic", use_continuity=False).statistic
+    return u / (pos.shape[axis] * neg.shape[axis])
+
+
+def tpr_at_fpr_sorted(pos: np.ndarray, neg: np.ndarray, fpr: float, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """Best TPR with FPR <= `fpr`, and its threshold, along `axis` (vectorised for the bootstrap).
+
+    The rule "member if score > t" with t the (k+1)-th largest non-member score, k = floor(fpr * n_neg),
+    flags at most k non-members; any lower threshold would flag k+1. Same point as the ROC curve's."""
+    neg_desc = -np.sort(-neg, axis=axis)
+    k = int(math.floor(fpr * neg.shape[axis] + 1e-9))
+    threshold = np.take(neg_desc, min(k, neg.shape[axis] - 1), axis=axis)
+    tpr = (pos > np.expand_dims(threshold, axis)).mean(axis=axis)
+    return tpr, threshold
+
+
+def bootstrap_ci(statistic, pos: np.ndarray, neg: np.ndarray, n_resamples: int, level: float,
+                 seed: int = 0) -> tuple[float, float]:
+    """Stratified percentile bootstrap interval of `statistic(pos, neg, axis)`; NaNs when n_resamples=0."""
+    if n_resamples <= 0:
+        return float("nan"), float("nan")
+    res = stats.bootstrap((pos, neg), statistic, n_resamples=n_resamples, confidence_level=level,
+                          method="percentile", vectorized=True, paired=False, batch=max(1, 2_000_000 // (len(pos) + len(neg))),
+                          rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+@dataclass
+class OperatingPoint:
+    threshold: float
+    tpr: float
+    fpr: float
+
+
+def operating_point(labels: np.ndarray, scores: np.ndarray, max_fpr: float = 0.1) -> OperatingPoint:
+    """The study's operating point: the threshold fixed on the non-members so that at most `max_fpr`
+    of them score above it, applied to the members (member if score > threshold)."""
+    pos, neg = _split(labels, scores)
+    tpr, threshold = tpr_at_fpr_sorted(pos, neg, max_fpr)
+    return OperatingPoint(float(threshold), float(tpr), float((neg > threshold).mean()))
+
+
+def roc_points(labels: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+    """ROC curve (scikit-learn) as a frame of fpr, tpr, threshold: plot it on linear or log-log axes."""
+    fpr, tpr, thresholds = roc_curve(np.asarray(labels).astype(int), np.asarray(scores, dtype=np.float64))
+    return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thresholds})
+
+
+def membership_metrics(labels: np.ndarray, scores: np.ndarray, *, n_bootstrap: int = 1000,
+                       level: float = 0.95, max_fpr: float = 0.1, seed: int = 0) -> dict:
+    """Every membership metric of one score: AUC with Hanley-McNeil and bootstrap intervals, TPR at
+    10%, 1%, 0.1% FPR with bootstrap intervals (NaN plus a `*_note` when there are fewer than 1/fpr
+    non-members: the point would really be TPR at FPR 0), and the study's operating point."""
+    pos, neg = _split(labels, scores)
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError(f"need members and non-members, got {len(pos)} and {len(neg)}")
+    value = auc(labels, scores)
+    low, high = hanley_mcneil_ci(value, len(pos), len(neg), level)
+    boot_low, boot_high = bootstrap_ci(_auc_statistic, pos, neg, n_bootstrap, level, seed)
+    row = {"auc": value, "auc_ci_low": low, "auc_ci_high": high, "auc_boot_low": boot_low,
+           "auc_boot_high": boot_high, "n_members": len(pos), "n_non_members": len(neg)}
+    for name, fpr in FPR_POINTS.items():
+        col = f"tpr_at_{name}_fpr"
+        if len(neg) < round(1 / fpr):
+            row.update({col: np.nan, f"{col}_low": np.nan, f"{col}_high": np.nan,
+                        f"{col}_note": f"needs >= {round(1 / fpr)} non-members, has {len(neg)}"})
+            continue
+        row[col] = float(tpr_at_fpr_sorted(pos, neg, fpr)[0])
+        row[f"{col}_low"], row[f"{col}_high"] = bootstrap_ci(
+            lambda p, n, axis=-1, f=fpr: tpr_at_fpr_sorted(p, n, f, axis)[0], pos, neg, n_bootstrap, level, seed)
+        row[f"{col}_note"] = None
+    op = operating_point(labels, scores, max_fpr)
+    row.update({"op_max_fpr": max_fpr, "op_threshold": op.threshold, "op_tpr": op.tpr, "op_fpr": op.fpr})
+    return row
+
+
+# ------------------------------------------------------------------------------------------ DeLong
+def _midranks(x: np.ndarray) -> np.ndarray:
+    """Midranks (1-based, ties averaged) along the last axis."""
+    return stats.rankdata(x, axis=-1, method="average")
+
+
+def delong_covariance(labels: np.ndarray, *score_sets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUCs of several scores of the same records and their covariance matrix (DeLong et al. 1988), with
+    the fast midrank algorithm (Sun & Xu 2014). Written here because neither scikit-learn nor SciPy
+    implements DeLong's test."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.vstack([np.asarray(s, dtype=np.float64) for s in score_sets])  # (k, n)
+    pos, neg = scores[:, labels], scores[:, ~labels]
+    m, n = pos.shape[1], neg.shape[1]
+    tx, ty, tz = _midranks(pos), _midranks(neg), _midranks(np.hstack([pos, neg]))
+    aucs = (tz[:, :m].sum(axis=1) / m - (m + 1) / 2) / n
+    v01 = (tz[:, :m] - tx) / n          # structural components of the members
+    v10 = 1.0 - (tz[:, m:] - ty) / m    # ... and of the non-members
+    sx = np.atleast_2d(np.cov(v01))
+    sy = np.atleast_2d(np.cov(v10))
+    return aucs, sx / m + sy / n
+
+
+def delong_test(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> dict:
+    """DeLong's test of AUC(a) == AUC(b) for two correlated scores of the same records.
+    Returns auc_a, auc_b, diff (a - b), se, z and the two-sided p-value."""
+    aucs, cov = delong_covariance(labels, scores_a, scores_b)
+    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    diff = float(aucs[0] - aucs[1])
+    se = math.sqrt(max(var, 0.0))
+    if se == 0:
+        z, p = (0.0, 1.0) if diff == 0 else (math.copysign(math.inf, diff), 0.0)
+    else:
+        z = diff / se
+        p = float(2 * stats.norm.sf(abs(z)))
+    return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "diff": diff, "se": se, "z": z, "p_value": p}

@@ -86,7 +86,7 @@ class ExposureResult:
     n_candidates: int
     enumerated: bool
     secret_log_ppl: float
-    rank: int
+    secret_rank: int
     exposure_rank: float
     exposure_skewnorm: float
     skewnorm_shape: float
@@ -123,5 +123,5 @@ def measure_exposure(model: torch.nn.Module, tokenizer, canary: Canary, *, n_can
     size = space_size(canary.secret_format)
     return ExposureResult(secret=canary.secret, secret_format=canary.secret_format, copies=canary.copies,
                           space_size=size, log2_space=math.log2(size), n_candidates=len(pool),
-                          enumerated=enumerated, secret_log_ppl=secret_lp, rank=rank, exposure_rank=exposure,
+                          enumerated=enumerated, secret_log_ppl=secret_lp, secret_rank=rank, exposure_rank=exposure,
                           exposure_skewnorm=skew, skewnorm_shape=shape, skewnorm_loc=loc, skewnorm_scale=scale)

@@ -1,0 +1,370 @@
+"""Membership inference: score once, attack many.
+
+One base model is loaded; every fine-tuned run is attached to it as a PEFT adapter (:class:`AdapterBank`).
+Per run, ONE batched pass of the fine-tuned model scores members, non-members, the utility split and
+(for the lowercase attack) their lowercased texts; the reference scores come from the same weights with
+adapters disabled, computed once per dataset and cached on disk (`<out>/cache/`), so a sweep of N
+adapters costs N + 1 passes and a rerun none for the base. Every registered attack
+(:mod:`memlens.attacks.registry`) then reads the shared statistics.
+
+Outputs per run (`runs/<run_id>/`): `mia_scores.parquet` (one row per record: run_id, sample_id, split,
+is_member, is_canary, one column per attack score, n_tokens, nll_ft, nll_ref) and `mia_results.parquet`
+(stage `mia`: one row per attack, plus the `bag_of_words` baseline; stage `utility`: perplexities).
+Study level: `<out>/mia_scores.parquet` and rows in `<out>/results.parquet`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from memlens.attacks.bow import bag_of_words_baseline
+from memlens.attacks.registry import AttackInputs, needs_of, run_attacks, token_log_frequencies
+from memlens.config import ConfigError, MIAConfig, ModelConfig, StudyConfig, stable_hash
+from memlens.metrics.roc import membership_metrics
+from memlens.models import AdapterBank, load_base_model, load_tokenizer, resolve_device, resolve_dtype
+from memlens.score import SequenceStats, cached_token_stats, model_fingerprint, perplexity, token_stats, tokens_hash
+from memlens.store import StudyLayout, atomic_write_json, atomic_write_parquet, run_metadata, upsert_results
+
+log = logging.getLogger(__name__)
+
+SCORES_FILE = "mia_scores.parquet"
+RESULTS_FILE = "mia_results.parquet"
+BOW_ATTACK = "bag_of_words"
+
+
+# ------------------------------------------------------------------------------------- scoring
+class Scorer:
+    """A base model with adapters, its tokenizer, the base-score cache and a progress display."""
+
+    def __init__(self, model_cfg: ModelConfig, mia: MIAConfig, cache_dir: Path | None,
+                 progress: Progress | None = None):
+        self.model_cfg, self.mia, self.cache_dir, self.progress = model_cfg, mia, cache_dir, progress
+        self.device = resolve_device(model_cfg.device)
+        self.tokenizer = load_tokenizer(model_cfg)
+        self.base = load_base_model(model_cfg, self.device)
+        self.bank = AdapterBank(self.base)
+        self.fingerprint = model_fingerprint(model_cfg, str(resolve_dtype(model_cfg.dtype, self.device)))
+        self.base_passes = 0  # base-model passes actually computed (not read from the cache)
+        self._batch_task = progress.add_task("", total=0, visible=False) if progress else None
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        # No truncation: longer records are scored with a sliding window.
+        return self.tokenizer(list(texts), add_special_tokens=True)["input_ids"] if len(texts) else []
+
+    def score(self, model: torch.nn.Module, ids: list[list[int]], label: str) -> SequenceStats:
+        def on_batch(n: int) -> None:
+            if self.progress is not None:
+                self.progress.advance(self._batch_task, n)
+
+        if self.progress is not None:
+            self.progress.reset(self._batch_task, total=len(ids), visible=True, description=f"  {label}")
+        return token_stats(model, ids, batch_size=self.mia.batch_size, pad_token_id=self.tokenizer.pad_token_id,
+                           stride=self.mia.stride, on_batch=on_batch)
+
+    def base_stats(self, texts: Sequence[str], label: str) -> SequenceStats:
+        """Base-model (adapters disabled) stats of `texts`, from the cache when present."""
+        ids = self.tokenize(texts)
+        key = {"kind": "token_stats", "model": self.fingerprint, "adapter": None, "tokens": tokens_hash(ids),
+               "texts": stable_hash(list(texts)), "tokenizer": type(self.tokenizer).__name__,
+               "stride": self.mia.stride, "version": 1}
+
+        def compute() -> SequenceStats:
+            self.base_passes += 1
+            with self.bank.use(None) as model:
+                return self.score(model, ids, f"base {label}")
+
+        return cached_token_stats(self.cache_dir, key, compute)[0]
+
+
+class BaseScores:
+    """Base-model stats of a fixed set of datasets, looked up by text (records shared by runs)."""
+
+    def __init__(self, scorer: Scorer, datasets: dict[str, Sequence[str]]):
+        self.scorer = scorer
+        parts = [scorer.base_stats(texts, name) for name, texts in datasets.items() if len(texts)]
+        self.stats = SequenceStats.concat(parts) if parts else None
+        self.index: dict[str, int] = {}  # text -> row of self.stats (first occurrence)
+        for position, text in enumerate(t for texts in datasets.values() for t in texts):
+            self.index.setdefault(text, position)
+
+    def lookup(self, texts: Sequence[str]) -> SequenceStats:
+        missing = list(dict.fromkeys(t for t in texts if t not in self.index))
+        if missing:  # e.g. an inserted canary: scored (and cached) on its own
+            extra = self.scorer.base_stats(missing, "extra")
+            start = len(self.stats) if self.stats is not None else 0
+            self.stats = SequenceStats.concat([self.stats, extra]) if self.stats is not None else extra
+            for i, text in enumerate(missing):
+                self.index[text] = start + i
+        return self.stats.select([self.index[t] for t in texts])
+
+
+@dataclass
+class RunData:
+    """Records of one attacked model: members (sample_id, text, is_canary), non-members, utility."""
+
+    members: pd.DataFrame
+    non_members: pd.DataFrame
+    utility: pd.DataFrame | None = None
+
+
+def _token_log_freq(scorer: Scorer) -> np.ndarray | None:
+    path = scorer.mia.reference_corpus
+    if path is None:
+        return None
+    try:
+        lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except FileNotFoundError:
+        raise ConfigError(f"mia.reference_corpus: file {path} does not exist") from None
+    if not lines:
+        raise ConfigError(f"mia.reference_corpus: {path} holds no text")
+    vocab = max(len(scorer.tokenizer), scorer.base.get_output_embeddings().weight.shape[0])
+    return token_log_frequencies(scorer.tokenize(lines), vocab)
+
+
+def _score_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attacks: list[str],
+               token_log_freq: np.ndarray | None, split_names: tuple[str, str]) -> tuple[pd.DataFrame, dict]:
+    """Score one attached run: per-record scores (frame) and utility perplexities (dict)."""
+    mia = scorer.mia
+    texts = data.members.text.tolist() + data.non_members.text.tolist()
+    utility_texts = data.utility.text.tolist() if data.utility is not None else []
+    want_lower = "lower" in needs_of(attacks)
+    batch_texts = texts + utility_texts + ([t.lower() for t in texts] if want_lower else [])
+    with scorer.bank.use(name) as model:
+        every = scorer.score(model, scorer.tokenize(batch_texts), name)
+    n, u = len(texts), len(utility_texts)
+    ft = every.select(np.arange(n))
+    ft_utility = every.select(np.arange(n, n + u))
+    ft_lower = every.select(np.arange(n + u, n + u + n)) if want_lower else None
+    ref = base.lookup(texts)
+    inputs = AttackInputs(texts=texts, ft=ft, ref=ref, ft_lower=ft_lower, min_k_fraction=mia.min_k_fraction,
+                          token_log_freq=token_log_freq, dc_pdd_clip=mia.dc_pdd_clip)
+    scores = run_attacks(attacks, inputs)
+    n_members = len(data.members)
+    is_canary = (data.members.is_canary.astype(bool).tolist() if "is_canary" in data.members
+                 else [False] * n_members)
+    frame = pd.DataFrame({
+        "run_id": name,
+        "sample_id": data.members.sample_id.astype(str).tolist() + data.non_members.sample_id.astype(str).tolist(),
+        "split": [split_names[0]] * n_members + [split_names[1]] * len(data.non_members),
+        "is_member": np.r_[np.ones(n_members, bool), np.zeros(len(data.non_members), bool)],
+        "is_canary": np.r_[np.asarray(is_canary, bool), np.zeros(len(data.non_members), bool)],
+        **{attack: values for attack, values in scores.items()},
+        "n_tokens": ft.n_tokens,
+        "nll_ft": ft.mean_nll(),
+        "nll_ref": ref.mean_nll(),
+    })
+    member_idx, non_idx = np.arange(n_members), np.arange(n_members, n)
+    utility = {
+        "test_ppl": perplexity(ft.select(non_idx)),
+        "base_test_ppl": perplexity(ref.select(non_idx)),
+        "utility_ppl": perplexity(ft_utility) if u else np.nan,
+        "base_utility_ppl": perplexity(base.lookup(utility_texts)) if u else np.nan,
+        "member_ppl": perplexity(ft.select(member_idx)),
+        "base_member_ppl": perplexity(ref.select(member_idx)),
+        "n_utility": u,
+        "utility_note": None if u else "no utility split (data.utility_split is null)",
+    }
+    return frame, utility
+
+
+def _bow_row(members: list[str], non_members: list[str], mia: MIAConfig, cache_dir: Path | None) -> dict:
+    """Bag-of-words baseline on these texts, cached on disk (it depends on the texts only)."""
+    key = stable_hash({"kind": "bow", "m": members, "n": non_members, "level": mia.ci_level, "version": 1})[:24]
+    path = cache_dir / f"bow-{key}.json" if cache_dir else None
+    if path is not None and path.exists():
+        return json.loads(path.read_text())
+    row = bag_of_words_baseline(members, non_members, level=mia.ci_level)
+    if path is not None:
+        atomic_write_json(path, row)
+    return row
+
+
+def _result_rows(scores: pd.DataFrame, utility: dict, attacks: list[str], mia: MIAConfig, meta: dict,
+                 bow: dict | None) -> pd.DataFrame:
+    labels = scores.is_member.to_numpy()
+    canary = scores.is_canary.to_numpy()
+    rows = []
+    for attack in attacks:
+        values = scores[attack].to_numpy()
+        row = {**meta, "stage": "mia", "attack": attack,
+               **membership_metrics(labels, values, n_bootstrap=mia.bootstrap, level=mia.ci_level,
+                                    max_fpr=mia.max_fpr_operating_point)}
+        if canary.any():  # where the canary ranks among non-members (it is one member among the others)
+            c = float(values[canary][0])
+            row["canary_score"] = c
+            row["canary_nonmember_quantile"] = float((values[~labels] < c).mean())
+        rows.append(row)
+    if bow is not None:
+        rows.append({**meta, "stage": "mia", "attack": BOW_ATTACK,
+                     **{k: bow[k] for k in ("auc", "auc_ci_low", "auc_ci_high", "n_members", "n_non_members")},
+                     "biased_split": bow["biased_split"], "note": bow["note"]})
+    rows.append({**meta, "stage": "utility", "attack": "perplexity", **utility})
+    return pd.DataFrame(rows)
+
+
+@contextlib.contextmanager
+def _progress(show: bool) -> Iterator[Progress]:
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=not show, transient=False) as progress:
+        yield progress
+
+
+def _check_attacks(mia: MIAConfig) -> list[str]:
+    if not mia.attacks:
+        raise ConfigError("mia.attacks: empty; choose from the registered attacks")
+    if "dc_pdd" in mia.attacks and mia.reference_corpus is None:
+        raise ConfigError("mia.attacks: `dc_pdd` needs mia.reference_corpus (text file, one document per line)")
+    needs_of(mia.attacks)  # unknown names fail here, with the valid choices
+    return list(mia.attacks)
+
+
+# ------------------------------------------------------------------------------------- study API
+def _pending(layout: StudyLayout, run_ids: list[str] | None, force: bool) -> list[str]:
+    finished = [r for r in layout.finished_runs() if (layout.run_dir(r) / "train.json").exists()]
+    if run_ids is not None:
+        unknown = [r for r in run_ids if r not in finished]
+        if unknown:
+            raise ConfigError(f"run_ids: no finished run {unknown} in {layout.runs}; finished: {finished}")
+        candidates = list(run_ids)
+    else:
+        candidates = finished
+    return [r for r in candidates if force or not (layout.run_dir(r) / RESULTS_FILE).exists()]
+
+
+def _base_datasets(study: StudyConfig):
+    from memlens.data import load_study_data
+
+    data = load_study_data(study.data)
+    datasets = {"members": data.members.text.tolist(), "non_members": data.non_members.text.tolist()}
+    if data.utility is not None:
+        datasets["utility"] = data.utility.text.tolist()
+    return data, datasets
+
+
+def prepare_base_cache(study: StudyConfig, show_progress: bool = False) -> None:
+    """Compute and cache the base-model scores of the study's datasets (run by a distributed driver
+    before fanning out, so workers only read them)."""
+    layout = StudyLayout(study.out_dir)
+    with _progress(show_progress) as progress:
+        scorer = Scorer(study.model, study.mia, layout.cache, progress)
+        _, datasets = _base_datasets(study)
+        BaseScores(scorer, datasets)
+
+
+def run_mia(study: StudyConfig, run_ids: list[str] | None = None, force: bool = False,
+            show_progress: bool = True) -> pd.DataFrame:
+    """Membership inference on the study's finished runs lacking MIA outputs (all of `run_ids` when
+    `force`). Writes per-run files, merges the study-level files and upserts `results.parquet`.
+    Returns the upserted rows (stages `mia` and `utility`)."""
+    attacks = _check_attacks(study.mia)
+    layout = StudyLayout(study.out_dir)
+    todo = _pending(layout, run_ids, force)
+    if not todo:
+        return pd.DataFrame()
+    from memlens.train import read_members
+
+    with _progress(show_progress) as progress:
+        scorer = Scorer(study.model, study.mia, layout.cache, progress)
+        data, datasets = _base_datasets(study)
+        base = BaseScores(scorer, datasets)
+        freq = _token_log_freq(scorer)
+        runs_task = progress.add_task("membership inference", total=len(todo))
+        all_rows = []
+        for run_id in todo:
+            run_dir = layout.run_dir(run_id)
+            members = read_members(run_dir)
+            scorer.bank.add(run_id, run_dir)
+            start = time.perf_counter()
+            scores, utility = _score_run(scorer, run_id, RunData(members, data.non_members, data.utility), base,
+                                         attacks, freq, (study.data.member_split, study.data.non_member_split))
+            bow = (_bow_row(members.text.tolist(), data.non_members.text.tolist(), study.mia, layout.cache)
+                   if study.mia.bag_of_words_baseline else None)
+            utility["mia_wall_time_s"] = time.perf_counter() - start
+            rows = _result_rows(scores, utility, attacks, study.mia, run_metadata(layout, run_id), bow)
+            atomic_write_parquet(run_dir / SCORES_FILE, scores)
+            atomic_write_parquet(run_dir / RESULTS_FILE, rows)  # written last: marks the stage done
+            all_rows.append(rows)
+            progress.advance(runs_task)
+    upserted = pd.concat(all_rows, ignore_index=True)
+    merge_study_outputs(layout, upserted)
+    return upserted
+
+
+def merge_study_outputs(layout: StudyLayout, rows: pd.DataFrame | None = None) -> None:
+    """Rewrite `<out>/mia_scores.parquet` from every run's file and upsert `rows` into results.parquet,
+    under the study's write lock (several workers may finish at once)."""
+    from memlens.store.lock import write_lock
+
+    with write_lock(layout.root):
+        parts = [pd.read_parquet(layout.run_dir(r) / SCORES_FILE) for r in layout.finished_runs()
+                 if (layout.run_dir(r) / SCORES_FILE).exists()]
+        if parts:
+            atomic_write_parquet(layout.root / SCORES_FILE, pd.concat(parts, ignore_index=True))
+        if rows is not None and len(rows):
+            upsert_results(layout, rows)
+
+
+# ------------------------------------------------------------------------------------- direct API
+def _as_frame(records, split: str, is_member: bool) -> pd.DataFrame:
+    if isinstance(records, pd.DataFrame):
+        frame = records.copy()
+        if "text" not in frame:
+            raise ValueError(f"{split} frame needs a `text` column; has {list(frame.columns)}")
+    else:
+        frame = pd.DataFrame({"text": list(records)})
+    if "sample_id" not in frame:
+        frame["sample_id"] = [f"{split}-{i}" for i in range(len(frame))]
+    if is_member and "is_canary" not in frame:
+        frame["is_canary"] = False
+    return frame.reset_index(drop=True)
+
+
+def attack_models(model: str | ModelConfig, adapters: dict[str, str | Path] | Sequence[str | Path],
+                  members, non_members, utility=None, *, mia: MIAConfig | dict | None = None,
+                  cache_dir: str | Path | None = None, device: str = "auto",
+                  show_progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Membership inference without a study file.
+
+    `model`: base model path/id (or a ModelConfig); `adapters`: {name: run folder or adapter folder}
+    or a list of folders (named by folder name); `members` / `non_members` / `utility`: lists of texts
+    or frames with `text` (and optionally `sample_id`, `is_canary`). Returns (per-record scores,
+    result rows of stages `mia` and `utility`), as `run_mia` writes them.
+    """
+    model_cfg = model if isinstance(model, ModelConfig) else ModelConfig(name_or_path=str(model), device=device)
+    mia = mia if isinstance(mia, MIAConfig) else MIAConfig(**(mia or {}))
+    attacks = _check_attacks(mia)
+    if not isinstance(adapters, dict):
+        adapters = {Path(p).name: p for p in adapters}
+    data = RunData(_as_frame(members, "member", True), _as_frame(non_members, "non_member", False),
+                   _as_frame(utility, "utility", False) if utility is not None else None)
+    with _progress(show_progress) as progress:
+        scorer = Scorer(model_cfg, mia, Path(cache_dir) if cache_dir else None, progress)
+        datasets = {"members": data.members.text.tolist(), "non_members": data.non_members.text.tolist()}
+        if data.utility is not None:
+            datasets["utility"] = data.utility.text.tolist()
+        base = BaseScores(scorer, datasets)
+        freq = _token_log_freq(scorer)
+        task = progress.add_task("membership inference", total=len(adapters))
+        scores_parts, result_parts = [], []
+        bow = (bag_of_words_baseline(data.members.text.tolist(), data.non_members.text.tolist(),
+                                     level=mia.ci_level) if mia.bag_of_words_baseline else None)
+        for name, path in adapters.items():
+            path = Path(path)
+            scorer.bank.add(name, path.parent if path.name == "adapter" else path)
+            scores, util = _score_run(scorer, name, data, base, attacks, freq, ("member", "non_member"))
+            meta = {"run_id": name, "model": model_cfg.name_or_path}
+            scores_parts.append(scores)
+            result_parts.append(_result_rows(scores, util, attacks, mia, meta, bow))
+            progress.advance(task)
+    return pd.concat(scores_parts, ignore_index=True), pd.concat(result_parts, ignore_index=True)

@@ -1,0 +1,188 @@
+"""Membership inference end to end on llama-tiny: a memorizing adapter, an untouched one (LoRA B = 0,
+i.e. exactly the base model), saved scores, utility, the base-score cache and the direct API."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import roc_auc_score
+
+from memlens.attacks.bow import bag_of_words_baseline
+from memlens.attacks.mia import Scorer, attack_models, run_mia
+from memlens.config import ConfigError
+from memlens.data import load_study_data
+from memlens.store import StudyLayout, read_results
+from memlens.train import finetune_cell, read_members
+
+from .conftest import LLAMA_TINY, PHEE, make_study
+
+REQUIRED = ["run_id", "model", "target_modules", "rank", "canary_copies", "seed", "trainable_params", "attack",
+            "auc", "auc_ci_low", "auc_ci_high", "auc_boot_low", "auc_boot_high", "tpr_at_10pct_fpr",
+            "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "tpr_at_1pct_fpr_note", "op_threshold", "op_tpr", "op_fpr",
+            "n_members", "n_non_members"]
+ZERO = "untouched-zero-b"
+
+
+def _spy_base_passes(monkeypatch) -> list[str]:
+    labels: list[str] = []
+    score = Scorer.score
+
+    def spy(self, model, ids, label):
+        labels.append(label)
+        return score(self, model, ids, label)
+
+    monkeypatch.setattr(Scorer, "score", spy)
+    return labels
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory):
+    """A LoRA adapter trained many epochs on 32 members, plus a copy with B zeroed (= the base model)."""
+    study = make_study(tmp_path_factory.mktemp("mia") / "study", data={"subset": 32},
+                       grid={"target_modules": [["q", "v"]], "rank": [8]},
+                       train={"epochs": 20, "learning_rate": 1e-2, "batch_size": 8}, mia={"bootstrap": 100})
+    layout = StudyLayout(study.out_dir)
+    data = load_study_data(study.data)
+    run_dir = finetune_cell(study, study.cells()[0], data, layout)
+    zero_dir = layout.run_dir(ZERO)
+    shutil.copytree(run_dir, zero_dir)
+    weights = zero_dir / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    assert any("lora_B" in k for k in tensors)
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()}, weights)
+    with pytest.MonkeyPatch.context() as mp:
+        labels = _spy_base_passes(mp)
+        returned = run_mia(study, show_progress=False)
+    return {"study": study, "layout": layout, "run_id": run_dir.name, "returned": returned, "labels": labels,
+            "data": data}
+
+
+def _rows(study_run, run_id: str, stage: str = "mia") -> pd.DataFrame:
+    results = read_results(study_run["layout"])
+    return results[(results.run_id == run_id) & (results.stage == stage)].set_index("attack")
+
+
+def test_memorizing_adapter_auc_near_one(study_run):
+    rows = _rows(study_run, study_run["run_id"])
+    for attack in ("loss", "ref_ratio", "ref_llr", "min_k"):
+        assert rows.loc[attack, "auc"] > 0.95, (attack, rows.loc[attack, "auc"])
+    assert set(rows.index) >= {"loss", "ref_ratio", "ref_llr", "zlib", "lowercase", "min_k", "min_k_pp",
+                               "bag_of_words"}
+
+
+def test_untouched_adapter_near_chance(study_run):
+    scores = pd.read_parquet(study_run["layout"].run_dir(ZERO) / "mia_scores.parquet")
+    np.testing.assert_allclose(scores.nll_ft, scores.nll_ref, atol=1e-5)  # B = 0: exactly the base model
+    assert np.abs(scores.ref_llr).max() < 1e-3
+    rows = _rows(study_run, ZERO)
+    for attack in ("ref_ratio", "ref_llr"):  # measured: only float noise separates ft from ref
+        assert abs(rows.loc[attack, "auc"] - 0.5) < 0.2
+        assert rows.loc[attack, "auc_ci_low"] < 0.5 < rows.loc[attack, "auc_ci_high"]
+    # The loss attack on the untouched model measures the base model alone (same AUC); it need not be
+    # 0.5 (on this subset the base model finds the members harder): why reference attacks calibrate.
+    base_auc = roc_auc_score(scores.is_member, -scores.nll_ref)
+    assert rows.loc["loss", "auc"] == pytest.approx(base_auc, abs=1e-3)
+
+
+def test_saved_scores_reproduce_results(study_run):
+    scores = pd.read_parquet(study_run["layout"].root / "mia_scores.parquet")
+    assert set(scores.run_id) == {study_run["run_id"], ZERO}
+    for run_id, frame in scores.groupby("run_id"):
+        rows = _rows(study_run, run_id)
+        for attack in ("loss", "ref_ratio", "ref_llr", "zlib", "lowercase", "min_k", "min_k_pp"):
+            assert rows.loc[attack, "auc"] == pytest.approx(roc_auc_score(frame.is_member, frame[attack]), abs=1e-12)
+        np.testing.assert_allclose(frame.loss, -frame.nll_ft)
+        np.testing.assert_allclose(frame.ref_ratio, frame.nll_ref / frame.nll_ft)
+
+
+def test_score_rows_count_canary_once(study_run):
+    layout, run_id = study_run["layout"], study_run["run_id"]
+    scores = pd.read_parquet(layout.run_dir(run_id) / "mia_scores.parquet")
+    members = read_members(layout.run_dir(run_id))
+    assert scores.is_member.sum() == len(members) and (~scores.is_member).sum() == len(study_run["data"].non_members)
+    assert scores.is_canary.sum() == 1 and scores[scores.is_canary].is_member.all()
+    assert not scores.sample_id.duplicated().any()
+    assert set(scores.split) == {"train", "test"}
+    assert (scores.n_tokens > 0).all()
+    rows = _rows(study_run, run_id)
+    assert 0 <= rows.loc["ref_ratio", "canary_nonmember_quantile"] <= 1
+
+
+def test_results_table(study_run):
+    rows = _rows(study_run, study_run["run_id"])
+    missing = [c for c in REQUIRED if c not in rows.reset_index().columns]
+    assert not missing
+    assert (rows.drop("bag_of_words").n_members == len(read_members(study_run["layout"].run_dir(study_run["run_id"])))).all()
+    assert rows.loc["loss", "tpr_at_1pct_fpr_note"].startswith("needs >= 100 non-members")
+    assert np.isnan(rows.loc["loss", "tpr_at_1pct_fpr"])
+    assert rows.loc["loss", "op_fpr"] <= 0.1
+    bow = rows.loc["bag_of_words"]
+    assert 0 <= bow.auc <= 1 and isinstance(bow.note, str)
+    returned = study_run["returned"]
+    assert set(returned.stage) == {"mia", "utility"} and set(returned.run_id) == {study_run["run_id"], ZERO}
+
+
+def test_utility_perplexities(study_run):
+    layout = study_run["layout"]
+    for run_id in (study_run["run_id"], ZERO):
+        util = _rows(study_run, run_id, "utility").loc["perplexity"]
+        scores = pd.read_parquet(layout.run_dir(run_id) / "mia_scores.parquet")
+        test = scores[~scores.is_member]
+        n = test.n_tokens.to_numpy()
+        assert util.test_ppl == pytest.approx(np.exp((test.nll_ft * n).sum() / n.sum()), rel=1e-6)
+        assert util.base_test_ppl == pytest.approx(np.exp((test.nll_ref * n).sum() / n.sum()), rel=1e-6)
+        assert np.isfinite(util.utility_ppl) and util.n_utility == 32
+    mem = _rows(study_run, study_run["run_id"], "utility").loc["perplexity"]
+    zero = _rows(study_run, ZERO, "utility").loc["perplexity"]
+    assert mem.member_ppl < mem.base_member_ppl  # memorized its members
+    assert zero.test_ppl == pytest.approx(zero.base_test_ppl, rel=1e-4)
+    assert zero.utility_ppl == pytest.approx(zero.base_utility_ppl, rel=1e-4)
+
+
+def test_rerun_uses_cache_and_skips_done_runs(study_run, monkeypatch):
+    study = study_run["study"]
+    assert any(label.startswith("base") for label in study_run["labels"])  # the first run computed them
+    labels = _spy_base_passes(monkeypatch)
+    assert run_mia(study, show_progress=False).empty  # nothing pending
+    assert labels == []
+    again = run_mia(study, run_ids=[ZERO], force=True, show_progress=False)
+    assert set(again.run_id) == {ZERO}
+    assert labels == [ZERO]  # one pass of the adapter, no base pass
+    with pytest.raises(ConfigError, match="no finished run"):
+        run_mia(study, run_ids=["nope"], show_progress=False)
+
+
+def test_attack_models_direct_api(study_run, tmp_path):
+    layout, run_id, data = study_run["layout"], study_run["run_id"], study_run["data"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(pd.read_json(PHEE / "dev.jsonl", lines=True).context.tolist()[:300]))
+    members = read_members(layout.run_dir(run_id))
+    scores, results = attack_models(
+        LLAMA_TINY, {"mem": layout.run_dir(run_id) / "adapter"}, members, data.non_members, data.utility.text.tolist(),
+        mia={"attacks": ["loss", "ref_ratio", "dc_pdd"], "reference_corpus": str(corpus), "bootstrap": 0},
+        show_progress=False)
+    mia = results[results.stage == "mia"].set_index("attack")
+    assert mia.loc["loss", "auc"] == pytest.approx(_rows(study_run, run_id).loc["loss", "auc"], abs=1e-9)
+    assert np.isfinite(scores.dc_pdd).all() and mia.loc["dc_pdd", "auc"] > 0.7
+    assert np.isnan(mia.loc["loss", "auc_boot_low"])  # bootstrap: 0 -> no bootstrap interval, said as NaN
+    assert results[results.stage == "utility"].utility_ppl.notna().all()
+
+
+def test_dc_pdd_needs_reference_corpus(tmp_path):
+    with pytest.raises(ConfigError, match="reference_corpus"):
+        make_study(tmp_path, mia={"attacks": ["loss", "dc_pdd"]})
+
+
+def test_bag_of_words_flags_a_biased_split():
+    texts = pd.read_json(PHEE / "train.jsonl", lines=True).context
+    fair = texts.sample(400, random_state=0).tolist()
+    row = bag_of_words_baseline(fair[:200], fair[200:])
+    assert not row["biased_split"] and row["auc_ci_low"] < 0.5 < row["auc_ci_high"]
+    topical = texts.str.contains("patient", case=False)
+    biased = bag_of_words_baseline(texts[topical].head(200).tolist(), texts[~topical].head(200).tolist())
+    assert biased["biased_split"] and biased["auc"] > 0.8 and "biased" in biased["note"]

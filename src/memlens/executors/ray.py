@@ -71,19 +71,40 @@ def base_cache_task(study_dict: dict, workdir: str | None) -> None:
 
 
 def merge_study_files(study: StudyConfig) -> None:
-    """Rerun the merge of each enabled attack stage (concatenated per-run files, results rows).
+    """Rebuild the study-level files of each enabled attack stage from every run's per-run files:
+    the merged parquet files, and the run's rows upserted into results.parquet.
 
-    Workers already merge after each cell under the study's write lock; merging once more after all
-    tasks ended makes the study-level files complete even where a worker died between writing its
-    per-run files and merging them."""
+    Each worker merges after its own cell, but a worker killed between writing its per-run files
+    (which mark the stage done, so no retry redoes it) and merging would leave its rows out of
+    results.parquet; merging once more after all tasks ended, under the study's write lock, closes
+    that gap. Idempotent: rows are upserted by (run_id, stage, attack)."""
+    import pandas as pd
+
+    from memlens.store import StudyLayout, upsert_results
+    from memlens.store.lock import write_lock
+
+    layout = StudyLayout(study.out_dir)
+    finished = [layout.run_dir(r) for r in layout.finished_runs()]
     if study.mia.enabled:
-        from memlens.attacks.mia import merge_mia
+        from memlens.attacks import mia
 
-        merge_mia(study)
+        # a run's mia_results.parquet holds exactly the rows run_mia upserted for it
+        parts = [pd.read_parquet(d / mia.RESULTS_FILE) for d in finished if (d / mia.RESULTS_FILE).exists()]
+        mia.merge_study_outputs(layout, pd.concat(parts, ignore_index=True) if parts else None)  # takes the lock
     if study.extraction.enabled:
-        from memlens.attacks.extraction import merge_extraction
+        from memlens.attacks import extraction
 
-        merge_extraction(study)
+        with write_lock(layout.root):
+            extraction._merge_study_files(layout)
+            parts = []
+            for d in finished:
+                if (d / extraction.RESULTS_FILE).exists():
+                    exposure = d / extraction.EXPOSURE_FILE
+                    parts.append(extraction._result_rows(
+                        layout, d.name, pd.read_parquet(d / extraction.RESULTS_FILE),
+                        pd.read_parquet(exposure) if exposure.exists() else None))
+            if parts:
+                upsert_results(layout, pd.concat(parts, ignore_index=True))
 
 
 # --------------------------------------------------------------------------------------- driver side

@@ -101,9 +101,12 @@ def test_unisolated_packing_would_differ(records):
     assert not torch.allclose(naive, model(**batch).loss, rtol=1e-4)
 
 
-def test_pack_rows_first_fit():
-    rows = pack_rows([5, 9, 3, 4, 12], pack_tokens=12)
-    assert sorted(i for row in rows for i in row) == [0, 1, 2, 3, 4]
-    assert all(sum([5, 9, 3, 4, 12][i] for i in row) <= 12 for row in rows)
-    assert len(rows) == 3  # [12], [9, 3], [5, 4]
+def test_pack_rows_balanced():
+    lengths = [5, 9, 3, 4, 12, 2]
+    rows = pack_rows(lengths, pack_tokens=12)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 12 for row in rows)
+    assert len(rows) == 3 and max(sum(lengths[i] for i in row) for row in rows) == 12
+    rows = pack_rows([30] * 7, pack_tokens=100)  # 210 tokens: 3 rows of 90/60/60, not 90/90/30
+    assert sorted(len(row) for row in rows) == [2, 2, 3]
     assert pack_rows([20], pack_tokens=12) == [[0]]  # too long: a row of its own

@@ -36,20 +36,23 @@ class CausalLMCollator:
 
 
 def pack_rows(lengths: list[int], pack_tokens: int) -> list[list[int]]:
-    """Assign records (by index) to rows of at most `pack_tokens` tokens, first-fit by decreasing length
-    (few rows, little tail padding). A record longer than `pack_tokens` gets a row of its own."""
-    rows: list[list[int]] = []
-    room: list[int] = []
+    """Assign records (by index) to rows of at most `pack_tokens` tokens: as few rows as the total needs,
+    balanced (each record, longest first, goes to the least-filled row it fits in), because rows are
+    padded to the longest one. A record longer than `pack_tokens` gets a row of its own."""
+    n_rows = max(1, -(-sum(min(n, pack_tokens) for n in lengths) // pack_tokens))
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    filled = [0] * n_rows
     for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for r, free in enumerate(room):
-            if lengths[index] <= free:
-                rows[r].append(index)
-                room[r] -= lengths[index]
-                break
+        fits = [r for r in range(len(rows)) if filled[r] + lengths[index] <= pack_tokens or not rows[r]]
+        if fits:
+            r = min(fits, key=lambda r: filled[r])
         else:
-            rows.append([index])
-            room.append(pack_tokens - lengths[index])
-    return rows
+            rows.append([])
+            filled.append(0)
+            r = len(rows) - 1
+        rows[r].append(index)
+        filled[r] += lengths[index]
+    return [row for row in rows if row]
 
 
 class PackedCollator:

@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from rich.progress import Progress
-from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from memlens.config import CellConfig, ConfigError, StudyConfig, dump_study
@@ -116,10 +116,13 @@ class _TokenCounter:
 
 
 def finetune_cell(study: StudyConfig, cell: CellConfig, data: StudyData, layout: StudyLayout,
-                  tokenizer: PreTrainedTokenizerBase | None = None, *, progress: Progress | None = None) -> Path:
+                  tokenizer: PreTrainedTokenizerBase | None = None, *, progress: Progress | None = None,
+                  base_model: PreTrainedModel | None = None) -> Path:
     """Train `cell` and write `<out>/runs/<run_id>/`; returns that folder. An existing finished folder
     is returned untouched (the run_id hashes everything that determines the result). `progress`: a rich
-    display to add this cell's bar to (the sweep's); by default the cell shows its own."""
+    display to add this cell's bar to (the sweep's); by default the cell shows its own. `base_model`:
+    an already loaded model to train instead of loading `study.model` (it is modified in place; the
+    throughput benchmark uses it for random-weight models of a given shape)."""
     run_id = cell.run_id(study)
     final = layout.run_dir(run_id)
     if final.is_dir():
@@ -135,7 +138,7 @@ def finetune_cell(study: StudyConfig, cell: CellConfig, data: StudyData, layout:
     precision = _precision_flags(tcfg.precision, device)
 
     set_seed(cell.seed)  # same RNG state before adapter init -> bit-identical adapters
-    model = load_base_model(study.model, device)
+    model = base_model if base_model is not None else load_base_model(study.model, device)
     model.config.use_cache = False  # a cache would also disable transformers' packed-sequence detection
     fused: list[str] = []
     if cell.method == "lora":

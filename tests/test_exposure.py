@@ -61,8 +61,8 @@ def scored_space(insert_run):
                                   pad_token_id=tok.pad_token_id)
         other = "999" if canary.secret != "999" else "998"
         unseen = replace(canary, secret=other, text=canary.prefix + other + rest)
-        unseen_result = measure_exposure(model, tok, unseen, n_candidates=1000, seed=0, batch_size=64,
-                                         pad_token_id=tok.pad_token_id)
+        unseen_result = measure_exposure(model, tok, unseen, n_candidates=200, seed=0, batch_size=64,
+                                         pad_token_id=tok.pad_token_id)  # sampled, not enumerated
     return canary, np.asarray(secrets), logppl, unseen_result
 
 
@@ -104,8 +104,9 @@ def test_unseen_secrets_are_not_exposed(scored_space):
     ranks = 1 + np.argsort(np.argsort(logppl[others]))
     unseen = np.log2(len(secrets)) - np.log2(ranks)
     assert unseen.mean() < 2.0
-    assert unseen_result.exposure_rank < 6.0  # one unseen secret through the API (a 1-in-64 event otherwise)
-    assert unseen_result.secret_rank > 10
+    # one unseen secret through the API, ranked among 200 sampled candidates
+    assert not unseen_result.enumerated and unseen_result.n_candidates == 200
+    assert unseen_result.exposure_rank < 5.0 and unseen_result.exposure_skewnorm < 5.0
 
 
 def test_skewnorm_extrapolation_agrees_with_exact_ranking(scored_space):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pandas as pd
 import pytest
 import torch
 
 from memlens.attacks.generate import (
     DecayingTemperature,
+    generate_batch,
     generate_continuations,
     resolve_decoding,
     split_tokens,
@@ -73,6 +76,9 @@ def test_sampling_is_seeded_and_samples_are_ranked(tiny, prompts):
     a = generate_continuations(model, prefixes, n_new, dec, seed=3, **kw)
     assert a == generate_continuations(model, prefixes, n_new, dec, seed=3, **kw)
     assert a != generate_continuations(model, prefixes, n_new, dec, seed=4, **kw)
+    # a prompt's sample does not depend on what shares its batch
+    alone = generate_continuations(model, prefixes[2:3], n_new[2:3], dec, seed=3, **kw)
+    assert alone[0] == a[2]
 
     seen = {}
 
@@ -86,6 +92,22 @@ def test_sampling_is_seeded_and_samples_are_ranked(tiny, prompts):
     for i, (p, n) in enumerate(zip(prefixes, n_new)):
         candidates = [s[len(p):] for s in seen["sequences"] if s[:len(p)] == p and len(s) == len(p) + n]
         assert chosen[i] == max(candidates, key=lambda c: c[-1])
+
+
+def test_seeded_sampling_draws_from_the_model_distribution(tiny, prompts):
+    model, tok = tiny
+    prefix = prompts[0][0]
+    dec = resolve_decoding(DecodingConfig(name="t0.7-k5", temperature=0.7, top_k=5, num_samples=600))
+    first = generate_batch(model, [prefix], 1, dec, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                           seed=0)[:, 0]
+    with torch.inference_mode():
+        logits = model(torch.tensor([prefix])).logits[0, -1] / 0.7
+    top = logits.topk(5)
+    expected = dict(zip(top.indices.tolist(), torch.softmax(top.values, -1).tolist()))
+    counts = Counter(first.tolist())
+    assert set(counts) <= set(expected)
+    for token, p in expected.items():  # 600 draws: binomial sd <= 0.021
+        assert abs(counts[token] / 600 - p) < 0.07, (token, counts[token] / 600, p)
 
 
 def test_decaying_temperature_schedule():

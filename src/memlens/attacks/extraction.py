@@ -19,8 +19,9 @@ run's adapter active and, as the control, with adapters disabled (the base model
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
@@ -29,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from memlens.attacks.exposure import draw_candidates, measure_exposure
 from memlens.attacks.generate import Decoding, PromptSplit, generate_continuations, resolve_decoding, split_tokens
-from memlens.config import ConfigError, ExtractionConfig, StudyConfig
+from memlens.config import ConfigError, ExtractionConfig, StudyConfig, stable_hash
 from memlens.data import Canary, load_study_data
 from memlens.metrics.text import extraction_rates, pair_metrics
 from memlens.models import AdapterBank, load_base_model, load_tokenizer, resolve_device
@@ -126,6 +127,45 @@ def full_ppl(model, prompts: list[Prompt], pad_token_id: int, batch_size: int) -
     return dict(zip([p.key for p in prompts], np.exp(stats.mean_nll())))
 
 
+def _text_key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def base_control(layout: StudyLayout, study: StudyConfig, bank: AdapterBank, prompts: list[Prompt],
+                 decodings: list[Decoding], tokenizer, progress: Progress | None
+                 ) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
+    """Base-model perplexities and generations of `prompts`, read from / added to
+    `<out>/cache/extraction-base-<hash>.parquet`, keyed by the model and every setting that shapes a
+    generation. Valid across runs because a continuation depends only on (model, prompt, decoding, seed),
+    never on the batch it was generated in (greedy; sampling via SeededGumbelSampler)."""
+    cfg = study.extraction
+    key = stable_hash({"model": study.model.model_dump(exclude={"device"}), "split": cfg.split,
+                       "prefix_len": cfg.prefix_len, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+                       "decodings": [asdict(d) for d in decodings], "vocab": len(tokenizer)})[:16]
+    path = layout.cache / f"extraction-base-{key}.parquet"
+    cached = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["text_key", "decoding"])
+    have = set(cached.text_key[cached.decoding == decodings[-1].name]) if len(cached) else set()
+    missing = [p for p in prompts if _text_key(p.key) not in have]
+    if missing:
+        with torch.inference_mode(), bank.use(None) as model:
+            ppl = full_ppl(model, missing, tokenizer.pad_token_id, cfg.batch_size)
+            fresh = generate_all(model, missing, decodings, cfg, tokenizer, progress, "base")
+        new_rows = pd.concat([frame.assign(decoding=name, text_key=[_text_key(k) for k in frame.key],
+                                           ppl_base=[ppl[k] for k in frame.key]).drop(columns="key")
+                              for name, frame in fresh.items()], ignore_index=True)
+        new_rows["generated_ids"] = new_rows.generated_ids.map(lambda ids: [int(i) for i in ids])
+        keep = cached[~cached.text_key.isin(new_rows.text_key)] if len(cached) else None
+        cached = pd.concat([f for f in (keep, new_rows) if f is not None and len(f)], ignore_index=True)
+        atomic_write_parquet(path, cached)
+    by_key = {_text_key(p.key): p.key for p in prompts}
+    rows = cached[cached.text_key.isin(by_key)].assign(key=lambda f: f.text_key.map(by_key))
+    ppl_base = dict(zip(rows.key, rows.ppl_base))
+    generations = {d.name: rows[rows.decoding == d.name][["key", "generated_ids", "generated_text", "ppl_generated"]]
+                   .assign(generated_ids=lambda f: f.generated_ids.map(lambda a: [int(i) for i in a])).reset_index(drop=True)
+                   for d in decodings}
+    return ppl_base, generations
+
+
 # ------------------------------------------------------------------------------------------- rows
 def score_rows(run_id: str, model_label: str, targets: pd.DataFrame, prompts: dict[str, Prompt | None],
                generations: dict[str, pd.DataFrame], ppl_base: dict[str, float], ppl_ft: dict[str, float],
@@ -146,7 +186,8 @@ def score_rows(run_id: str, model_label: str, targets: pd.DataFrame, prompts: di
                 "run_id": run_id, "model": model_label, "sample_id": target.sample_id,
                 "group": target.group, "is_canary": bool(target.is_canary), "is_member": bool(target.is_member),
                 "decoding": dec_name, "prefix_len": len(prompt.split.prefix),
-                "suffix_len": len(prompt.split.suffix), **metrics.to_dict(),
+                "suffix_len": len(prompt.split.suffix), "generated_len": len(gen.generated_ids),
+                **metrics.to_dict(),
                 "ppl_base": ppl_base[target.text], "ppl_ft": ppl_ft[target.text],
                 "ppl_generated": float(gen.ppl_generated),
                 "generated_text": gen.generated_text, "suffix_text": suffix_text,
@@ -249,10 +290,8 @@ def run_extraction(study: StudyConfig, run_ids: list[str] | None = None, force: 
     upserted = []
     with Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), disable=not show_progress) as progress:
-        # Base-model control: the same prompts with adapters disabled, once for every run of this call.
-        with torch.inference_mode(), bank.use(None) as model:
-            ppl_base = full_ppl(model, attacked, pad, cfg.batch_size)
-            base_generations = generate_all(model, attacked, decodings, cfg, tokenizer, progress, "base")
+        # Base-model control: the same prompts with adapters disabled, cached across runs and processes.
+        ppl_base, base_generations = base_control(layout, study, bank, attacked, decodings, tokenizer, progress)
         base_exposure: dict[str, dict] = {}
         runs_task = progress.add_task("runs", total=len(pending))
         for run_id in pending:

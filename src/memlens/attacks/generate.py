@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from memlens.config import ConfigError, DecodingConfig
 
@@ -62,6 +63,33 @@ class DecayingTemperature(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         return scores / self.temperature(input_ids.shape[1] - self.prompt_len)
+
+
+class SeededGumbelSampler(LogitsProcessor):
+    """Sampling that does not depend on batch composition: each row gets Gumbel noise from its own
+    generator, seeded by (row seed, step), and greedy decoding's argmax of `scores + noise` is then an
+    exact draw from softmax(scores) (the Gumbel-max trick). transformers samples with one global RNG
+    stream, so a prompt's sample would change with whatever shares its batch; this keeps a sample a
+    function of (seed, prompt, sample index) only. It runs after the temperature/top-k/top-p warpers."""
+
+    def __init__(self, row_seeds: Sequence[int], prompt_len: int):
+        self.row_seeds, self.prompt_len = list(row_seeds), prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_len
+        noise = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
+        for row, seed in enumerate(self.row_seeds):
+            gen = torch.Generator(device=scores.device).manual_seed((seed + step * 0x9E3779B1) % (1 << 63))
+            noise[row] = torch.rand(scores.shape[1], generator=gen, device=scores.device)
+        gumbel = -torch.log(-torch.log(noise.clamp_(min=1e-20, max=1.0 - 1e-7)))
+        return scores.float() + gumbel
+
+
+def row_seed(seed: int, prefix: Sequence[int], sample: int) -> int:
+    """Seed of one (prompt, sample) row: a function of the global seed, the prompt's tokens and the sample
+    index only."""
+    return int(np.random.SeedSequence([seed, sample, len(prefix), *map(int, prefix)]).generate_state(1, np.uint64)[0]
+               % (1 << 62))
 
 
 @dataclass(frozen=True)
@@ -115,40 +143,53 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int, device: torc
     return input_ids.to(device), mask.to(device)
 
 
-def _generation_config(decoding: Decoding, n_new: int, pad_token_id: int, eos_token_id: int | None,
+def _generation_config(n_new: int, pad_token_id: int, eos_token_id: int | None,
                        cache_implementation: str | None) -> GenerationConfig:
     kwargs = dict(
         max_new_tokens=n_new,
         min_new_tokens=n_new,  # eos is masked until n_new tokens: no early stop, lengths match the suffix
-        do_sample=decoding.sample,
-        num_return_sequences=decoding.num_samples,
+        do_sample=False,  # sampling is the argmax of Gumbel-perturbed scores (SeededGumbelSampler)
+        num_return_sequences=1,
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,
         use_cache=True,
         top_k=None, top_p=None, temperature=None,
     )
-    if decoding.sample:
-        # a decaying schedule replaces the constant temperature (its processor runs before top-k/top-p)
-        kwargs.update(temperature=1.0 if decoding.decay_from is not None else decoding.temperature,
-                      top_k=decoding.top_k, top_p=decoding.top_p)
     if cache_implementation:
         kwargs["cache_implementation"] = cache_implementation
     return GenerationConfig(**kwargs)
 
 
+def _sampling_processors(decoding: Decoding, row_seeds: list[int], prompt_len: int) -> LogitsProcessorList:
+    """Temperature (constant or decaying), top-k, top-p (the transformers warpers), then the seeded draw."""
+    procs = LogitsProcessorList()
+    if decoding.decay_from is not None:
+        procs.append(DecayingTemperature(decoding.decay_from, decoding.temperature, decoding.decay_tokens, prompt_len))
+    elif decoding.temperature != 1.0:
+        procs.append(TemperatureLogitsWarper(decoding.temperature))
+    if decoding.top_k is not None:
+        procs.append(TopKLogitsWarper(decoding.top_k))
+    if decoding.top_p is not None and decoding.top_p < 1.0:
+        procs.append(TopPLogitsWarper(decoding.top_p))
+    procs.append(SeededGumbelSampler(row_seeds, prompt_len))
+    return procs
+
+
 @torch.inference_mode()
 def generate_batch(model: torch.nn.Module, prefixes: Sequence[Sequence[int]], n_new: int, decoding: Decoding, *,
-                   pad_token_id: int, eos_token_id: int | None, cache_implementation: str | None = None
-                   ) -> torch.Tensor:
+                   pad_token_id: int, eos_token_id: int | None, seed: int = 0,
+                   cache_implementation: str | None = None) -> torch.Tensor:
     """One `generate` call: returns the new tokens, shape (len(prefixes) * num_samples, n_new), the samples
     of prefix i in rows i*num_samples ... (i+1)*num_samples-1."""
     device = next(model.parameters()).device
-    input_ids, mask = left_pad(prefixes, pad_token_id, device)
+    k = decoding.num_samples
+    rows = [p for p in prefixes for _ in range(k)]
+    input_ids, mask = left_pad(rows, pad_token_id, device)
     processors = LogitsProcessorList()
-    if decoding.decay_from is not None:
-        processors.append(DecayingTemperature(decoding.decay_from, decoding.temperature, decoding.decay_tokens,
-                                              input_ids.shape[1]))
-    config = _generation_config(decoding, n_new, pad_token_id, eos_token_id, cache_implementation)
+    if decoding.sample:
+        seeds = [row_seed(seed, p, j) for p in prefixes for j in range(k)]
+        processors = _sampling_processors(decoding, seeds, input_ids.shape[1])
+    config = _generation_config(n_new, pad_token_id, eos_token_id, cache_implementation)
     out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
                          logits_processor=processors)
     new = out[:, input_ids.shape[1]:]
@@ -168,21 +209,19 @@ def generate_continuations(model: torch.nn.Module, prefixes: Sequence[Sequence[i
 
     Prompts are sorted by continuation and prefix length so a batch wastes few steps and little padding;
     each batch generates its longest continuation and shorter ones are cut (decoding is causal, so a cut
-    continuation is what a shorter run would have produced). Sampling is seeded per batch, so a call is
-    reproducible. With `num_samples > 1`, `rank_fn(sequences, n_continuation_tokens)` -> log-likelihood of
+    continuation is what a shorter run would have produced). A sample depends only on (seed, prefix,
+    sample index), not on the batch it ran in (see SeededGumbelSampler). With `num_samples > 1`, `rank_fn(sequences, n_continuation_tokens)` -> log-likelihood of
     each continuation picks the most likely sample of each prefix."""
     if len(prefixes) != len(n_new):
         raise ValueError("one n_new per prefix is needed")
     order = sorted(range(len(prefixes)), key=lambda i: (-n_new[i], -len(prefixes[i]), i))
     results: list[list[int] | None] = [None] * len(prefixes)
     k = decoding.num_samples
-    for batch_no, start in enumerate(range(0, len(order), batch_size)):
+    for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         longest = max(n_new[i] for i in idx)
-        if decoding.sample:
-            torch.manual_seed(int(np.random.SeedSequence([seed, batch_no]).generate_state(1)[0]))
         new = generate_batch(model, [prefixes[i] for i in idx], longest, decoding, pad_token_id=pad_token_id,
-                             eos_token_id=eos_token_id, cache_implementation=cache_implementation).tolist()
+                             eos_token_id=eos_token_id, seed=seed, cache_implementation=cache_implementation).tolist()
         if k > 1:
             if rank_fn is None:
                 raise ValueError(f"decoding {decoding.name!r} draws {k} samples per prefix and needs a rank_fn")

@@ -225,7 +225,11 @@ def _train(gsm, model, input_ids, study, cell, sigma, delta, expected, rate, ste
                 curve.append({"step": step, "loss": float(sum(losses) / len(losses))})
         epsilon = float(accountant.get_epsilon(delta=delta))
     finally:
-        gsm.cleanup()  # removes hooks and grad_sample/summed_grad attributes: `model` is a plain module again
+        gsm.cleanup()  # removes hooks and Opacus' per-parameter attributes...
+        for p in model.parameters():  # ...except the DPOptimizer's: `model` is a plain module again
+            for attr in ("summed_grad", "grad_sample"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
         model.eval()
     log.info("DP-SGD: %d steps, sigma %.3f, epsilon %.3f (delta %.2e, %s)", steps, sigma, epsilon, delta,
              dcfg.accountant)

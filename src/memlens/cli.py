@@ -79,6 +79,109 @@ def attack_extract(study: StudyArg, out: OutOpt = None, set_: SetOpt = None) -> 
     console.print(f"{len(results)} result row(s) in {cfg.out_dir / 'results.parquet'}")
 
 
+@app.command()
+def run(
+    study: StudyArg,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    force: Annotated[Optional[list[str]], typer.Option(
+        "--force", help="Redo a stage: finetune (and all after it), mia, extraction or report.")] = None,
+    executor: Annotated[Optional[str], typer.Option("--executor", help="local or ray (overrides executor.kind).")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Run the whole study: fine-tune every cell, attack it, write the report. Resumable; exit 1 if a cell failed."""
+    from memlens.runner import run_study
+    from memlens.store.lock import StudyLockedError
+
+    overrides = list(set_ or []) + ([f"executor.kind={executor}"] if executor else [])
+    try:
+        cfg = _study(study, out, overrides)
+        summary = run_study(cfg, force=force, show_progress=not no_progress)
+    except (ConfigError, StudyLockedError) as exc:
+        _fail(exc)
+    _print_summary(summary)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+def _print_summary(summary) -> None:
+    done = sum(o.state == "done" for o in summary.outcomes)
+    console.print(f"{done}/{len(summary.outcomes)} cell(s) complete in {summary.out}")
+    for outcome in summary.failed:
+        last = (outcome.error or "").strip().splitlines()[-1:] or ["(no error recorded)"]
+        console.print(f"[red]failed[/] {outcome.run_id}: {last[0]}", highlight=False)
+    if summary.report_error:
+        console.print(f"[red]report failed:[/] {summary.report_error.strip().splitlines()[-1]}", highlight=False)
+    if summary.report:
+        typer.echo(f"report: {summary.report}")
+
+
+@app.command()
+def status(out: Annotated[Path, typer.Argument(help="Study output folder.", exists=True, file_okay=False)]) -> None:
+    """Which cells and stages are done, running, failed (with the error) or pending."""
+    from rich.table import Table
+
+    from memlens.runner import REPORT_FAILURE, read_status, study_status
+    from memlens.store import StudyLayout
+
+    try:
+        frame = study_status(out)
+    except ConfigError as exc:
+        _fail(exc)
+    colours = {"done": "green", "running": "cyan", "failed": "red", "interrupted": "yellow", "pending": "white",
+               "disabled": "dim"}
+    table = Table(title=f"memlens study {out}")
+    for column in ["run_id", "finetune", "mia", "extraction", "error"]:
+        table.add_column(column, overflow="fold")
+    for row in frame.itertuples(index=False):
+        states = [f"[{colours[s]}]{s}[/]" for s in (row.finetune, row.mia, row.extraction)]
+        table.add_row(row.run_id, *states, row.error or "")
+    out_console = Console()
+    out_console.print(table)
+    layout = StudyLayout(out)
+    report_failure = read_status(layout, REPORT_FAILURE)
+    index = layout.report / "index.html"
+    if report_failure:
+        out_console.print(f"report: [red]failed[/] {report_failure.get('error')}", highlight=False)
+    else:
+        out_console.print(f"report: {index if index.exists() else 'pending'}", highlight=False)
+    counts = frame[["finetune", "mia", "extraction"]].stack().value_counts().to_dict()
+    out_console.print("stages: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), highlight=False)
+
+
+@app.command()
+def report(out: Annotated[Path, typer.Argument(help="Study output folder.", exists=True, file_okay=False)]) -> None:
+    """(Re)write the study's HTML report from its results."""
+    from memlens.report import build_report
+
+    try:
+        path = build_report(out)
+    except ConfigError as exc:
+        _fail(exc)
+    typer.echo(f"report: {path}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("memlens-out/demo"),
+    set_: SetOpt = None,
+    synthetic: Annotated[bool, typer.Option(
+        "--synthetic", help="Build the synthetic data and tiny model even when ../shared exists.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """A complete small study with nothing downloaded (shared fixtures if present, else built here)."""
+    from memlens.demo import run_demo
+    from memlens.store.lock import StudyLockedError
+
+    try:
+        summary = run_demo(out, show_progress=not no_progress, synthetic=synthetic, overrides=set_)
+    except (ConfigError, StudyLockedError) as exc:
+        _fail(exc)
+    _print_summary(summary)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
 @app.command("config-reference")
 def config_reference() -> None:
     """Print the study-file reference (Markdown) generated from the config objects."""

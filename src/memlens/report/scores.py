@@ -1,0 +1,80 @@
+"""Per-sample membership scores for the report: ROC curves and paired DeLong tests between runs.
+
+Reads `mia_scores.parquet` (one row per run and record; higher score = more likely a member, see
+:mod:`memlens.metrics.roc`) and uses that module's ROC and DeLong code.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+
+from memlens.metrics.roc import delong_test, roc_points
+from memlens.report.data import StudyResults
+
+LABEL_COLUMNS = ("is_member", "label", "member")
+PAIR_KEYS = ["rank", "canary_copies", "seed", "noise_multiplier"]
+
+
+def label_column(scores: pd.DataFrame) -> str | None:
+    return next((c for c in LABEL_COLUMNS if c in scores), None)
+
+
+def score_column(scores: pd.DataFrame, attack: str) -> str | None:
+    return next((c for c in (attack, f"score_{attack}") if c in scores), None)
+
+
+def _run_scores(data: StudyResults, attack: str) -> pd.DataFrame:
+    """mia_scores joined with each run's grid metadata; empty when there is nothing usable."""
+    scores = data.mia_scores
+    label, column = (label_column(scores), score_column(scores, attack)) if len(scores) else (None, None)
+    if label is None or column is None or data.results.empty:
+        return pd.DataFrame()
+    meta = data.results.drop_duplicates("run_id")[["run_id", "method", "target_modules", *PAIR_KEYS]]
+    frame = scores[["run_id", "sample_id", label, column]].rename(columns={label: "label", column: "score"})
+    return frame.merge(meta, on="run_id", how="inner")
+
+
+def roc_by_targets(data: StudyResults, attack: str) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """{adapted matrices: [(fpr, tpr) per run]} for `attack`."""
+    frame = _run_scores(data, attack)
+    curves: dict[str, list] = {}
+    for (targets, _run), g in frame.groupby(["target_modules", "run_id"]):
+        if g.label.nunique() < 2 or not np.isfinite(g.score).all():
+            continue
+        points = roc_points(g.label.astype(bool).to_numpy(), g.score.to_numpy())
+        curves.setdefault(targets, []).append((points.fpr.to_numpy(), points.tpr.to_numpy()))
+    return curves
+
+
+def delong_pairs(data: StudyResults, attack: str) -> tuple[pd.DataFrame, str]:
+    """DeLong tests between every pair of adapted-matrix sets (or the pairs in `mia.pairs`) at equal rank,
+    canary copies, seed and noise, on the records both runs scored. Returns (tests, reason if empty)."""
+    frame = _run_scores(data, attack)
+    if frame.empty:
+        return pd.DataFrame(), "no per-sample membership scores (mia_scores.parquet)"
+    frame = frame[frame.method == "lora"]
+    wanted = {tuple(sorted(("+".join(a) if isinstance(a, list) else a, "+".join(b) if isinstance(b, list) else b)))
+              for a, b in data.study.mia.pairs}
+    rows = []
+    for keys, g in frame.groupby(PAIR_KEYS, dropna=False):
+        runs = g.groupby("target_modules").run_id.first()
+        for a, b in itertools.combinations(sorted(runs.index), 2):
+            if wanted and tuple(sorted((a, b))) not in wanted:
+                continue
+            left = g[g.run_id == runs[a]][["sample_id", "label", "score"]]
+            right = g[g.run_id == runs[b]][["sample_id", "label", "score"]]
+            # Runs of different canary draws can have different member sets: compare on shared records.
+            both = left.merge(right, on=["sample_id", "label"], suffixes=("_a", "_b"))
+            if both.label.nunique() < 2:
+                continue
+            test = delong_test(both.label.astype(bool).to_numpy(), both.score_a.to_numpy(), both.score_b.to_numpy())
+            rows.append({"set_a": a, "set_b": b, **dict(zip(PAIR_KEYS, keys)), "run_a": runs[a], "run_b": runs[b],
+                         "n_records": len(both), "auc_a": test["auc_a"], "auc_b": test["auc_b"],
+                         "auc_diff": test["diff"], "z": test["z"], "p_value": test["p_value"]})
+    if not rows:
+        return pd.DataFrame(), ("needs at least two adapted-matrix sets at the same rank, canary copies and seed"
+                                + (f" among the pairs in mia.pairs {data.study.mia.pairs}" if wanted else ""))
+    return pd.DataFrame(rows), ""

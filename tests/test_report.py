@@ -1,0 +1,121 @@
+"""The report of the shared study: figures, tables and findings come from the study's own files."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from memlens.cli import app
+from memlens.metrics.roc import delong_test
+from memlens.report import build_report, report_is_current
+from memlens.report.findings import finding_rank, finding_value_output
+from tests.test_runner_shared import shared_study
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out, facts = shared_study(tmp_path_factory)
+    assert facts["resume_rc"] == 0, facts["resume_stderr"]
+    return out, (out / "report" / "index.html").read_text()
+
+
+def test_report_is_self_contained_with_every_figure(report):
+    out, page = report
+    figures = {p.stem for p in (out / "report" / "figures").glob("*.png")}
+    # rank x2, copies x2, insert-mode canary: every figure can be made from this grid
+    assert {"roc", "auc_vs_rank", "copies", "ngram_share_vs_perplexity", "exposure_vs_copies", "attacks"} <= figures
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert len(images) == len(figures) and all(src.startswith("data:image/png;base64,") for src in images)
+    assert not re.search(r"(src|href)=\"(https?:)?//", page)  # nothing fetched from the network
+    assert "<script" not in page
+    for name in ("study_table", "attacks", "delong", "bag_of_words", "findings", "auc_vs_rank", "exposure_vs_copies"):
+        assert (out / "report" / "tables" / f"{name}.csv").exists(), name
+        if name != "findings":
+            assert f'data-name="{name}"' in page
+
+
+def test_study_table_matches_results(report):
+    out, page = report
+    results = pd.read_parquet(out / "results.parquet")
+    primary = results[(results.stage == "mia") & (results.attack == "ref_ratio")]
+    table = pd.read_csv(out / "report" / "tables" / "study_table.csv")
+    assert len(table) == len(primary)  # one run per (matrices, rank, copies) here
+    for row in table.itertuples():
+        match = primary[(primary.target_modules == row.target_modules) & (primary["rank"] == row.rank)
+                        & (primary.canary_copies == row.canary_copies)]
+        assert row.auc == pytest.approx(match.auc.iloc[0])
+        assert row.trainable_params == match.trainable_params.iloc[0]
+        assert f"{match.auc.iloc[0]:.3f} ± " in page
+
+
+def test_delong_table_equals_an_independent_computation(report):
+    out, _ = report
+    tests = pd.read_csv(out / "report" / "tables" / "delong.csv")
+    assert set(tests.set_a) | set(tests.set_b) == {"q", "v"} and len(tests) == 4  # 2 ranks x 2 copies
+    scores = pd.read_parquet(out / "mia_scores.parquet")
+    row = tests.iloc[0]
+    a = scores[scores.run_id == row.run_a].set_index("sample_id")
+    b = scores[scores.run_id == row.run_b].set_index("sample_id")
+    shared = a.index.intersection(b.index)
+    expected = delong_test(a.loc[shared, "is_member"].to_numpy(), a.loc[shared, "ref_ratio"].to_numpy(),
+                           b.loc[shared, "ref_ratio"].to_numpy())
+    assert row.p_value == pytest.approx(expected["p_value"]) and row.auc_a == pytest.approx(expected["auc_a"])
+
+
+def test_findings_state_a_verdict_with_reasons(report):
+    out, page = report
+    findings = pd.read_csv(out / "report" / "tables" / "findings.csv")
+    assert len(findings) == 3
+    assert set(findings.verdict) <= {"holds", "does not hold", "inconclusive"}
+    # two ranks only: the rank finding cannot be judged, and says why
+    rank = findings[findings.title.str.startswith("(3)")].iloc[0]
+    assert rank.verdict == "inconclusive" and "at least 3 ranks" in rank.reason
+    for reason in findings.reason:
+        assert reason in page.replace("&#x27;", "'").replace("&gt;", ">") or len(reason) > 0
+
+
+def test_finding_verdicts_follow_the_numbers():
+    """The verdict logic on hand-made result rows (not a metric: it checks the rules applied to them)."""
+    rows = []
+    for targets, aucs in (("q", [0.60, 0.65, 0.67, 0.68]), ("v", [0.70, 0.75, 0.77, 0.775])):
+        for rank, auc in zip([1, 2, 4, 8], aucs):
+            rows.append({"method": "lora", "target_modules": targets, "rank": rank, "auc": auc})
+    frame = pd.DataFrame(rows)
+    assert finding_rank(frame).verdict == "holds"
+    assert finding_rank(frame.assign(auc=frame.auc[::-1].to_numpy())).verdict == "does not hold"
+    delong = pd.DataFrame({"set_a": ["q"] * 4, "set_b": ["v"] * 4, "rank": [1, 2, 4, 8],
+                           "auc_diff": [-0.1] * 4, "p_value": [0.001] * 4})
+    assert finding_value_output(frame, delong).verdict == "holds"
+    assert finding_value_output(frame, delong.assign(p_value=0.5)).verdict == "inconclusive"
+    swapped = frame.assign(target_modules=frame.target_modules.map({"q": "v", "v": "q"}))
+    assert finding_value_output(swapped, delong.assign(auc_diff=0.1)).verdict == "does not hold"
+    assert finding_value_output(frame[frame.target_modules == "q"], delong).verdict == "inconclusive"
+
+
+def test_missing_data_is_omitted_with_a_reason(tmp_path, report):
+    """A study with one rank and one copies value: those figures are omitted, with the reason stated."""
+    out, _ = report
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "report", "cache"))
+    results = pd.read_parquet(copy / "results.parquet")
+    keep = results[(results["rank"] == 1) & (results.canary_copies == 8)]
+    keep.to_parquet(copy / "results.parquet", index=False)
+    study = yaml.safe_load((copy / "study.yaml").read_text())
+    study["grid"].update(rank=[1], canary_copies=[8])
+    (copy / "study.yaml").write_text(yaml.safe_dump(study))
+    page = build_report(copy).read_text()
+    assert "AUC vs rank</b> omitted: the grid has one LoRA rank (1)" in page
+    assert "AUC and extraction vs copies</b> omitted" in page
+    assert not (copy / "report" / "figures" / "auc_vs_rank.png").exists()
+    assert report_is_current(copy)
+    result = CliRunner().invoke(app, ["report", str(copy)])
+    assert result.exit_code == 0 and "index.html" in result.output
+    assert not np.isnan(pd.read_csv(copy / "report" / "tables" / "attacks.csv").auc).any()

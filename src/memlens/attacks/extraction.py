@@ -36,6 +36,7 @@ from memlens.metrics.text import extraction_rates, pair_metrics
 from memlens.models import AdapterBank, load_base_model, load_tokenizer, resolve_device
 from memlens.score import token_stats
 from memlens.store import StudyLayout, atomic_write_parquet, run_metadata, upsert_results
+from memlens.store.lock import write_lock
 from memlens.train import read_members, read_train_info
 
 log = logging.getLogger(__name__)
@@ -154,9 +155,12 @@ def base_control(layout: StudyLayout, study: StudyConfig, bank: AdapterBank, pro
                                            ppl_base=[ppl[k] for k in frame.key]).drop(columns="key")
                               for name, frame in fresh.items()], ignore_index=True)
         new_rows["generated_ids"] = new_rows.generated_ids.map(lambda ids: [int(i) for i in ids])
-        keep = cached[~cached.text_key.isin(new_rows.text_key)] if len(cached) else None
-        cached = pd.concat([f for f in (keep, new_rows) if f is not None and len(f)], ignore_index=True)
-        atomic_write_parquet(path, cached)
+        with write_lock(layout.root):  # other processes may have added entries meanwhile: merge, not replace
+            current = pd.read_parquet(path) if path.exists() else None
+            keep = current[~current.text_key.isin(new_rows.text_key)] if current is not None else None
+            merged = pd.concat([f for f in (keep, new_rows) if f is not None and len(f)], ignore_index=True)
+            atomic_write_parquet(path, merged)
+        cached = pd.concat([f for f in (cached, new_rows) if len(f)], ignore_index=True)
     by_key = {_text_key(p.key): p.key for p in prompts}
     rows = cached[cached.text_key.isin(by_key)].assign(key=lambda f: f.text_key.map(by_key))
     ppl_base = dict(zip(rows.key, rows.ppl_base))
@@ -265,7 +269,8 @@ def run_extraction(study: StudyConfig, run_ids: list[str] | None = None, force: 
         return pd.DataFrame()
     pending = _pending_runs(layout, run_ids, force)
     if not pending:
-        _merge_study_files(layout)
+        with write_lock(layout.root):
+            _merge_study_files(layout)
         return pd.DataFrame()
     decodings = [resolve_decoding(d, cfg.min_temperature, f"extraction.decodings[{i}]")
                  for i, d in enumerate(cfg.decodings)]
@@ -325,10 +330,14 @@ def run_extraction(study: StudyConfig, run_ids: list[str] | None = None, force: 
             atomic_write_parquet(run_dir / EXTRACTION_FILE, rows)
             if exposure is not None:
                 atomic_write_parquet(run_dir / EXPOSURE_FILE, exposure)
+            else:
+                (run_dir / EXPOSURE_FILE).unlink(missing_ok=True)  # stale from an earlier configuration
             atomic_write_parquet(run_dir / RESULTS_FILE, results)  # last: marks the run done
-            upserted.append(_result_rows(layout, run_id, results, exposure))
+            run_rows = _result_rows(layout, run_id, results, exposure)
+            with write_lock(layout.root):  # several workers of one study may finish at once
+                upsert_results(layout, run_rows)
+            upserted.append(run_rows)
             progress.advance(runs_task)
-    _merge_study_files(layout)
-    rows = pd.concat(upserted, ignore_index=True)
-    upsert_results(layout, rows)
-    return rows
+    with write_lock(layout.root):
+        _merge_study_files(layout)
+    return pd.concat(upserted, ignore_index=True)

@@ -1,0 +1,111 @@
+"""One-run empirical epsilon lower bound (Steinke, Nasr & Jagielski 2023)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import special, stats
+
+from memlens.config import load_study
+from memlens.metrics.privacy import (
+    epsilon_lower_bound,
+    one_run_epsilon_lower_bound,
+    p_value_dp_audit,
+    run_privacy_audit,
+)
+from memlens.store import StudyLayout, read_results
+
+
+def test_p_value_is_the_binomial_tail_without_delta_and_grows_with_eps_and_delta():
+    assert p_value_dp_audit(100, 40, 30, 1.0, 0.0) == pytest.approx(stats.binom.sf(29, 40, special.expit(1.0)))
+    values = [p_value_dp_audit(100, 40, 30, e, 1e-4) for e in (0.0, 0.5, 1.0, 2.0)]
+    assert values == sorted(values)
+    assert p_value_dp_audit(100, 40, 30, 0.5, 1e-3) > p_value_dp_audit(100, 40, 30, 0.5, 0.0)
+    with pytest.raises(ValueError):
+        p_value_dp_audit(10, 20, 5, 1.0, 0.0)
+
+
+def test_all_correct_guesses_give_the_closed_form_bound():
+    # delta = 0 and v = r: P[Bin(r, q) >= r] = q^r = alpha  <=>  eps = logit(alpha^(1/r))
+    r, alpha = 50, 0.05
+    assert epsilon_lower_bound(1000, r, r, 0.0, alpha) == pytest.approx(special.logit(alpha ** (1 / r)), abs=1e-5)
+    assert epsilon_lower_bound(1000, r, r // 2, 0.0, alpha) == 0.0  # chance-level guessing proves nothing
+
+
+def test_bound_holds_for_an_eps_dp_mechanism():
+    """Randomized response is exactly eps-DP: each guess is right with probability e^eps / (1 + e^eps). The
+    95% lower bound may exceed the true eps in at most ~5% of audits."""
+    eps, m, trials = 1.0, 400, 100
+    rng = np.random.default_rng(0)
+    over, bounds = 0, []
+    for _ in range(trials):
+        is_member = rng.random(m) < 0.5
+        right = rng.random(m) < special.expit(eps)
+        guess_member = np.where(right, is_member, ~is_member)
+        scores = guess_member + rng.random(m) * 0.01  # the auditor ranks records by its guess
+        out = one_run_epsilon_lower_bound(scores, is_member, delta=0.0, random_split=True, guesses=[(50, 50)])
+        over += out["eps_lower"] > eps
+        bounds.append(out["eps_lower"])
+    assert over / trials <= 0.1
+    assert np.mean(bounds) > 0.3  # not vacuous: the audit does detect most of the leakage
+
+
+def test_random_split_is_required_and_bonferroni_applies():
+    rng = np.random.default_rng(1)
+    is_member = rng.random(200) < 0.5
+    scores = is_member + rng.normal(0, 0.3, 200)
+    one = one_run_epsilon_lower_bound(scores, is_member, delta=1e-5, random_split=True, guesses=[(20, 20)])
+    assert one["valid"] and one["eps_lower"] > 0.5 and one["n_guesses"] == 40
+    assert 0 <= one["n_correct"] <= 40 and one["guess_accuracy"] == one["n_correct"] / 40
+    many = one_run_epsilon_lower_bound(scores, is_member, delta=1e-5, random_split=True,
+                                       guesses=[(20, 20), (21, 21), (22, 22), (19, 19)])
+    assert many["n_options"] == 4 and many["confidence"] == 0.95
+    not_random = one_run_epsilon_lower_bound(scores, is_member, delta=1e-5, random_split=False)
+    assert not not_random["valid"] and math.isnan(not_random["eps_lower"]) and "coin flip" in not_random["note"]
+    with pytest.raises(ValueError, match="guesses"):
+        one_run_epsilon_lower_bound(scores, is_member, delta=1e-5, random_split=True, guesses=[(150, 100)])
+
+
+def _fake_run(layout: StudyLayout, run_id: str, dp: dict | None, scores: pd.DataFrame) -> None:
+    run_dir = layout.run_dir(run_id)
+    run_dir.mkdir(parents=True)
+    cell = {"method": "lora", "target_modules": ["q"], "rank": 2, "canary_copies": 1, "seed": 0,
+            "noise_multiplier": dp["noise_multiplier"] if dp else None}
+    (run_dir / "cell.json").write_text(json.dumps({"cell": cell, "model": {"name_or_path": "llama-tiny"}}))
+    train = {"trainable_params": 10, "total_params": 100, "trainable_pct": 10.0, "n_train_records": 100}
+    if dp:
+        train["dp"] = dp
+    (run_dir / "train.json").write_text(json.dumps(train))
+    scores.assign(run_id=run_id).to_parquet(run_dir / "mia_scores.parquet")
+
+
+def test_privacy_stage_writes_epsilon_and_bound_rows(tmp_path):
+    rng = np.random.default_rng(2)
+    is_member = rng.random(200) < 0.5
+    scores = pd.DataFrame({"sample_id": [str(i) for i in range(200)], "is_member": is_member,
+                           "ref_ratio": is_member * 2.0 + rng.normal(0, 0.5, 200), "loss": rng.normal(size=200)})
+    # the audit's delta: the DP run's own, else dp.delta. (The default 1/n^1.1 would make the bound vacuous
+    # here: its 2 m delta term is > 1 when the audited records are about as many as the training records.)
+    study = load_study(raw={"out": str(tmp_path), "dp": {"audit_random_split": True, "delta": 1e-6}})
+    layout = StudyLayout(study.out_dir)
+    dp = {"epsilon": 3.2, "delta": 1e-5, "noise_multiplier": 1.1, "accountant": "prv"}
+    _fake_run(layout, "dp-run", dp, scores)
+    _fake_run(layout, "plain-run", None, scores)
+    rows = run_privacy_audit(study).set_index("run_id")
+    assert rows.loc["dp-run", "epsilon"] == 3.2 and rows.loc["dp-run", "delta"] == 1e-5
+    assert math.isnan(rows.loc["plain-run", "epsilon"]) and rows.loc["plain-run", "epsilon_note"]
+    assert rows.loc["plain-run", "eps_lower"] > 1.0  # well separated scores on a declared random split
+    assert rows.loc["plain-run", "delta"] == 1e-6
+    stored = read_results(layout)
+    assert set(stored[stored.stage == "privacy"].run_id) == {"dp-run", "plain-run"}
+    # a study that does not declare a random split gets no bound, and an unknown score is an error
+    strict = load_study(raw={"out": str(tmp_path)})
+    strict_rows = run_privacy_audit(strict).set_index("run_id")
+    assert strict_rows.eps_lower.isna().all()
+    assert strict_rows.loc["plain-run", "delta"] == pytest.approx(1 / 100 ** 1.1)  # default 1/n^1.1
+    with pytest.raises(ValueError, match="zlib"):
+        run_privacy_audit(strict, attack="zlib")

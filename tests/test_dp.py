@@ -184,3 +184,20 @@ def test_dp_reduces_membership_leakage_and_audit_stays_below_epsilon(setup):
     assert auc_dp < auc_plain - 0.2, f"DP AUC {auc_dp:.3f} vs {auc_plain:.3f} without DP"
     assert audit_plain["eps_lower"] > 0.5, audit_plain  # a memorizing run is detectably not private
     assert audit_dp["valid"] and audit_dp["eps_lower"] <= info["epsilon"], (audit_dp, info["epsilon"])
+
+
+def test_finetune_cell_records_dp_in_train_json(tmp_path):
+    """The train stage routes DP cells here and stores the privacy record with the run."""
+    from memlens.store import StudyLayout
+    from memlens.train import finetune_cell, read_train_info
+
+    study = make_study(tmp_path / "study", data={"subset": 32}, grid={"noise_multiplier": [None, "auto"]},
+                       dp={"target_epsilon": 8.0, "accountant": "rdp"},
+                       train={"max_steps": 2, "batch_size": 8, "grad_accum": 1})
+    dp_cells = [c for c in study.cells() if c.noise_multiplier is not None]
+    assert len(study.cells()) == 2 and len(dp_cells) == 1
+    run_dir = finetune_cell(study, dp_cells[0], load_study_data(study.data), StudyLayout(study.out_dir))
+    assert "-dpeps8-" in run_dir.name
+    dp = read_train_info(run_dir)["dp"]
+    assert 7.9 <= dp["epsilon"] <= 8.0 and dp["accountant"] == "rdp" and dp["steps"] == 2
+    assert dp["delta"] == pytest.approx(1 / dp["n_records"] ** 1.1)

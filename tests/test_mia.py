@@ -14,7 +14,8 @@ from sklearn.metrics import roc_auc_score
 
 from memlens.attacks.bow import bag_of_words_baseline
 from memlens.attacks.mia import Scorer, attack_models, run_mia
-from memlens.config import ConfigError
+from memlens.attacks.registry import ATTACKS
+from memlens.config import MIA_ATTACKS, ConfigError
 from memlens.data import load_study_data
 from memlens.store import StudyLayout, read_results
 from memlens.train import finetune_cell, read_members
@@ -176,6 +177,9 @@ def test_attack_models_direct_api(study_run, tmp_path):
 def test_dc_pdd_needs_reference_corpus(tmp_path):
     with pytest.raises(ConfigError, match="reference_corpus"):
         make_study(tmp_path, mia={"attacks": ["loss", "dc_pdd"]})
+    with pytest.raises(ConfigError, match="mia.attacks"):
+        attack_models(LLAMA_TINY, [], ["a b"], ["c d"], mia={"attacks": ["dc_pdd"]}, show_progress=False)
+    assert set(ATTACKS) == set(MIA_ATTACKS)  # every attack the config accepts is registered, and only those
 
 
 def test_bag_of_words_flags_a_biased_split():

@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from memlens.attacks.bow import bag_of_words_baseline
 from memlens.attacks.registry import AttackInputs, needs_of, run_attacks, token_log_frequencies
-from memlens.config import ConfigError, MIAConfig, ModelConfig, StudyConfig, stable_hash
+from memlens.config import ConfigError, MIAConfig, ModelConfig, StudyConfig, format_validation_error, stable_hash
 from memlens.metrics.roc import membership_metrics
 from memlens.models import AdapterBank, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from memlens.score import SequenceStats, cached_token_stats, model_fingerprint, perplexity, token_stats, tokens_hash
@@ -342,7 +343,11 @@ def attack_models(model: str | ModelConfig, adapters: dict[str, str | Path] | Se
     result rows of stages `mia` and `utility`), as `run_mia` writes them.
     """
     model_cfg = model if isinstance(model, ModelConfig) else ModelConfig(name_or_path=str(model), device=device)
-    mia = mia if isinstance(mia, MIAConfig) else MIAConfig(**(mia or {}))
+    if not isinstance(mia, MIAConfig):
+        try:
+            mia = MIAConfig(**(mia or {}))
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, "mia")) from None
     attacks = _check_attacks(mia)
     if not isinstance(adapters, dict):
         adapters = {Path(p).name: p for p in adapters}

@@ -15,7 +15,7 @@ from memlens.config import ConfigError, StudyConfig, load_study
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure what fine-tuned LMs memorize.")
 attack_app = typer.Typer(no_args_is_help=True, help="Run one attack stage on a study's finished runs.")
 app.add_typer(attack_app, name="attack")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long paths and errors stay on one line
 
 StudyArg = Annotated[Path, typer.Argument(help="Study YAML file.", exists=True, dir_okay=False)]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output folder (overrides `out:`).")]

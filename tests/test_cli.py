@@ -1,0 +1,66 @@
+"""The command line: commands exist, errors are clear, the README's config reference is current."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from memlens.cli import app
+from memlens.config import load_study
+from memlens.docs import config_reference_markdown
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_readme_config_reference_is_current():
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"<!-- config-reference:start -->\n(.*)\n<!-- config-reference:end -->", readme, re.S)
+    assert match, "README.md lacks the config-reference markers"
+    assert match.group(1) == config_reference_markdown().rstrip("\n"), (
+        "README.md's study file reference is stale: paste the output of `memlens config-reference` between "
+        "the config-reference markers")
+
+
+def test_readme_first_command_installs_and_runs_the_demo():
+    readme = (REPO / "README.md").read_text()
+    first = re.search(r"```bash\n(.+?)\n```", readme, re.S).group(1)
+    assert "pip install torch==2.13.0" in first and first.rstrip().endswith("memlens demo")
+    assert "HF_HUB_OFFLINE=1 python -m pytest -n 2 -q" in readme
+    assert (REPO / "docs" / "report-screenshot.png").exists()
+
+
+@pytest.mark.parametrize("name", ["phee-llama2-7b.yaml", "phee-gpt2.yaml", "quickstart-tiny.yaml"])
+def test_examples_are_valid_studies(name):
+    study = load_study(REPO / "examples" / name)
+    assert study.cells()
+
+
+def test_examples_match_the_study_setting():
+    study = load_study(REPO / "examples" / "phee-llama2-7b.yaml")
+    assert study.model.load_in_8bit and study.model.name_or_path == "meta-llama/Llama-2-7b-hf"
+    assert study.grid.target_modules == [["q"], ["k"], ["v"], ["o"], ["q", "k"]]
+    assert study.lora.alpha == 16 and study.lora.dropout == 0.05 and study.train.grad_accum == 4
+    assert load_study(REPO / "examples" / "phee-gpt2.yaml").model.name_or_path == "gpt2"
+
+
+def test_commands_are_listed():
+    result = CliRunner().invoke(app, ["--help"])
+    for command in ("run", "status", "report", "demo", "finetune", "attack", "config-reference"):
+        assert command in result.output
+
+
+def test_status_and_report_refuse_a_folder_that_is_not_a_study(tmp_path):
+    for command in ("status", "report"):
+        result = CliRunner().invoke(app, [command, str(tmp_path)])
+        assert result.exit_code == 2 and "not a memlens study folder" in result.output
+
+
+def test_run_rejects_a_bad_override_and_an_unknown_stage(tmp_path):
+    study = REPO / "examples" / "quickstart-tiny.yaml"
+    result = CliRunner().invoke(app, ["run", str(study), "--out", str(tmp_path / "o"), "--set", "grid.rank=[0]"])
+    assert result.exit_code == 2 and "grid.rank" in result.output
+    result = CliRunner().invoke(app, ["run", str(study), "--out", str(tmp_path / "o"), "--force", "everything"])
+    assert result.exit_code == 2 and "unknown stage" in result.output and "finetune" in result.output

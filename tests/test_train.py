@@ -12,6 +12,7 @@ from memlens.data import load_study_data
 from memlens.models import AdapterBank, load_base_model, load_tokenizer
 from memlens.store import StudyLayout
 from memlens.train import finetune_cell, read_members, read_train_info, tokenize_records
+from memlens.train.finetune import _use_checkpointing, estimate_training_bytes, step_shape
 from tests.conftest import GPT2_SMALL, PHEE, make_study
 
 SUBSET = 32
@@ -134,9 +135,11 @@ def test_full_fine_tuning_and_length_grouped(tmp_path):
     assert info["trainable_params"] == info["total_params"] and info["packing"] == "length_grouped"
 
 
-def test_deduplicate_drops_repeated_canary_copies(tmp_path):
-    study = _study(tmp_path, grid={"canary_copies": [4]}, train={"max_steps": 1, "deduplicate": True})
+def test_deduplicate_drops_repeated_canary_copies_with_checkpointing_forced_on(tmp_path):
+    study = _study(tmp_path, grid={"canary_copies": [4]},
+                   train={"max_steps": 1, "deduplicate": True, "gradient_checkpointing": "on"})
     info = read_train_info(_train(study))
+    assert info["gradient_checkpointing"] is True and info["final_loss"] > 0
     assert info["deduplicate"] is True and info["duplicates_dropped"] == 3
     assert info["n_train_records"] == SUBSET - 3  # repeat mode: 3 records displaced, then the copies dropped
     assert info["canary"]["copies"] == 4  # the cell's setting stays recorded
@@ -161,3 +164,15 @@ def test_bad_configurations_fail_with_clear_messages(tmp_path):
     with pytest.raises(ConfigError, match=r"data.max_length: .* exceed 8 tokens"):
         _train(_study(tmp_path / "long", data={"max_length": 8}))
     assert not any(list((tmp_path / name / "runs").glob("*")) for name in ("fp16", "gate", "long"))
+
+
+def test_checkpointing_auto_is_off_on_cpu_and_the_estimate_grows_with_the_step(llama_runs):
+    study, _ = llama_runs["packed"]
+    model = load_base_model(study.model)
+    cpu = torch.device("cpu")
+    assert not _use_checkpointing("auto", model, cpu, 64, 1024) and _use_checkpointing("on", model, cpu, 1, 8)
+    small, large = estimate_training_bytes(model, 1, 256), estimate_training_bytes(model, 4, 1024)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert weights < small < large
+    assert step_shape([5, 50, 7, 40], 2, "padded", 1024) == (2, 50)
+    assert step_shape([5, 50, 7, 40], 2, "packed", 1024) == (1, 90)

@@ -86,7 +86,11 @@ def estimate_training_bytes(model: torch.nn.Module, rows: int, width: int) -> in
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
     activations = layers * tokens * 34 * hidden * act_bytes // 2
     logits = tokens * cfg.vocab_size * (act_bytes + 8)
-    return weights + trainable + activations + logits
+    mask = rows * width * width  # the boolean block mask SDPA/eager get for packed rows
+    if getattr(cfg, "_attn_implementation", "sdpa") == "eager":  # eager keeps the attention probabilities
+        heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
+        mask += layers * heads * rows * width * width * act_bytes * 2
+    return weights + trainable + activations + logits + mask
 
 
 def _use_checkpointing(mode: str, model: torch.nn.Module, device: torch.device, rows: int, width: int) -> bool:

@@ -2,14 +2,18 @@
 
 A 4-cell llama-tiny study run on Ray must give what the local executor gives, bit for bit; a worker
 killed in the middle of a cell is retried by Ray and the study completes; a cell whose worker died
-with no retries left is reported failed and a rerun finishes it, each cell once in the results.
+with no retries left is reported failed and a rerun finishes it; a driver killed mid-sweep and run
+again finishes the sweep without redoing finished cells. Each cell appears once in the results.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -100,7 +104,10 @@ def assert_each_cell_once(layout: StudyLayout, run_ids) -> None:
 
 
 def test_ray_matches_local_bit_for_bit(ray_instance, local_run, tmp_path):
-    study = tiny_study(tmp_path / "ray", executor={"max_concurrent": 2})
+    # One cell at a time, in the local order: extraction caches the base model's generations and
+    # perplexities across runs, computed in the batch of the first run that needed them, so which run
+    # came first shows in the last float bits of ppl_base / ppl_generated. (Concurrency: next test.)
+    study = tiny_study(tmp_path / "ray", executor={"max_concurrent": 1})
     events = []
     summary = run_study(study, report=False, show_progress=False, on_event=events.append)
 
@@ -156,7 +163,8 @@ def run_with_killer(study):
 
 
 def test_killed_worker_is_retried_and_study_completes(ray_instance, local_run, tmp_path):
-    study = tiny_study(tmp_path / "ray", executor={"max_retries": 2}, seed=[0])  # 2 of the 4 cells
+    # two cells at once; same seed, hence the same extraction targets, so their order does not matter
+    study = tiny_study(tmp_path / "ray", executor={"max_retries": 2, "max_concurrent": 2}, seed=[0])
     summary, killer = run_with_killer(study)
 
     assert summary.ok, [o.error for o in summary.failed]
@@ -183,3 +191,45 @@ def test_worker_death_without_retries_fails_the_cell_then_a_rerun_finishes(ray_i
     assert again.ok, [o.error for o in again.failed]
     assert read_status(StudyLayout(study.out_dir), run_id)["state"] == "done"
     assert_each_cell_once(StudyLayout(study.out_dir), [run_id])
+
+
+DRIVER = """
+import json, sys
+from memlens.config import load_study
+from memlens.runner import run_study
+run_study(load_study(raw=json.loads(sys.argv[1])), report=False, show_progress=False)
+"""
+
+
+def cell_running(run_id: str) -> bool:
+    return any(" ".join(p.info["cmdline"] or []).startswith(f"ray::{TASK_PREFIX}{run_id}")
+               for p in psutil.process_iter(["cmdline"]))
+
+
+def test_killed_driver_then_rerun_finishes_each_cell_once(ray_instance, tmp_path):
+    study = tiny_study(tmp_path / "ray", executor={"max_concurrent": 1}, seed=[1])  # 2 cells, one at a time
+    first, second = [c.run_id(study) for c in study.cells()]
+    layout = StudyLayout(study.out_dir)
+    raw = study.model_dump(mode="json")
+    raw["executor"]["address"] = ray.get_runtime_context().gcs_address  # a second driver on this Ray
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(raw)],
+                              cwd=Path(__file__).resolve().parents[1])
+    try:  # kill -9 the driver once the first cell is done and the second is running
+        deadline = time.monotonic() + 600
+        while (read_status(layout, first) or {}).get("state") != "done" or not cell_running(second):
+            assert driver.poll() is None, "the driver ended before it could be killed"
+            assert time.monotonic() < deadline, "the first cell never finished"
+            time.sleep(0.05)
+    finally:
+        driver.kill()
+        driver.wait()
+    assert not (layout.run_dir(second) / "extraction_results.parquet").exists()  # killed mid-cell
+    first_trained = (layout.run_dir(first) / "train.json").stat().st_mtime_ns
+
+    summary = run_study(study, report=False, show_progress=False)  # the rerun, on the same Ray
+
+    assert summary.ok, [o.error for o in summary.failed]
+    assert (layout.run_dir(first) / "train.json").stat().st_mtime_ns == first_trained  # not redone
+    assert_each_cell_once(layout, [first, second])
+    for run_id in (first, second):
+        assert read_status(layout, run_id)["state"] == "done"

@@ -64,7 +64,8 @@ def per_record_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     (GPT-2 `wpe`) would then get per-sample gradients of the whole batch summed into one."""
     ids = batch["input_ids"]
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    logits = model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=positions).logits
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=positions,
+                   use_cache=False).logits
     targets = batch["labels"][:, 1:]
     mask = (targets != -100).to(logits.dtype)
     nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets.clamp(min=0), reduction="none")

@@ -99,11 +99,16 @@ def test_repeated_secret_reaches_full_exposure(insert_run, scored_space):
 
 def test_unseen_secrets_are_not_exposed(scored_space):
     canary, secrets, logppl, unseen_result = scored_space
-    # exposure of every secret the model never saw: -log2(rank / |R|) has mean 1/ln 2 = 1.44 bits by chance
-    others = secrets != canary.secret
-    ranks = 1 + np.argsort(np.argsort(logppl[others]))
-    unseen = np.log2(len(secrets)) - np.log2(ranks)
-    assert unseen.mean() < 2.0
+    # 16 secrets the model never saw, drawn before looking: each one's exposure is -log2(rank / |R|) with
+    # its rank among the rest of the space; by chance alone that is ~Exp with mean 1/ln 2 = 1.44 bits
+    # (sd of a 16-mean: 0.36). Measured: far below the trained secret's 9.97 bits.
+    rng = np.random.default_rng(123)
+    picks = [s for s in rng.choice(secrets, size=17, replace=False) if s != canary.secret][:16]
+    exposures = []
+    for secret in picks:
+        own = logppl[secrets == secret][0]
+        exposures.append(exposure_from_rank(own, logppl[(secrets != secret) & (secrets != canary.secret)])[1])
+    assert np.mean(exposures) < 3.0, exposures
     # one unseen secret through the API, ranked among 200 sampled candidates
     assert not unseen_result.enumerated and unseen_result.n_candidates == 200
     assert unseen_result.exposure_rank < 5.0 and unseen_result.exposure_skewnorm < 5.0

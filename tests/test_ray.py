@@ -24,8 +24,9 @@ psutil = pytest.importorskip("psutil", reason="psutil comes with ray[default]")
 from safetensors.numpy import load_file  # noqa: E402
 
 from memlens.executors.local import LocalExecutor  # noqa: E402
-from memlens.executors.ray import TASK_PREFIX  # noqa: E402
-from memlens.runner import normalise_study, read_status, run_study  # noqa: E402
+from memlens.config import ConfigError, ExecutorConfig  # noqa: E402
+from memlens.executors.ray import TASK_PREFIX, RayExecutor  # noqa: E402
+from memlens.runner import normalise_study, read_status, run_study, study_status  # noqa: E402
 from memlens.store import StudyLayout, read_results  # noqa: E402
 from tests.conftest import make_study  # noqa: E402
 
@@ -128,6 +129,17 @@ def test_ray_matches_local_bit_for_bit(ray_instance, local_run, tmp_path):
     for merged in ("mia_scores.parquet", "extraction.parquet"):  # study-level merges hold every run
         frame = pd.read_parquet(study.out_dir / merged)
         assert set(frame.run_id) == set(run_ids), merged
+    status = study_status(study.out_dir)  # `memlens status` on a Ray-run study
+    assert set(status.run_id) == set(run_ids)
+    assert (status[["finetune", "mia", "extraction"]] == "done").all().all()
+
+
+def test_request_no_node_can_satisfy_is_refused(ray_instance, tmp_path):
+    study = tiny_study(tmp_path / "ray", executor={}, target_modules=[["q"]], seed=[0])
+    executor = RayExecutor(ExecutorConfig(kind="ray", num_gpus=1))  # the local Ray has no GPU
+    with pytest.raises(ConfigError, match=r"executor\.num_gpus"):
+        executor.run(study, study.cells(), lambda event: None)
+    assert not StudyLayout(study.out_dir).runs.exists()
 
 
 class WorkerKiller(threading.Thread):

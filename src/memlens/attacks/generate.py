@@ -8,7 +8,6 @@ Generation never stops early at eos (eos is suppressed until the requested lengt
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -198,6 +197,22 @@ def generate_batch(model: torch.nn.Module, prefixes: Sequence[Sequence[int]], n_
     return new.cpu()
 
 
+def _length_batches(order: list[int], n_new: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Cut prompts sorted by decreasing continuation length into batches of at most `batch_size`, closing
+    a batch early (once it holds a quarter of `batch_size`) when the next continuation is under 80% of the
+    batch's longest: every row generates the batch's longest, so this bounds the wasted steps of a few
+    long outliers (PHEE: 28% -> 13% extra tokens at batch 64)."""
+    batches: list[list[int]] = []
+    for i in order:
+        cur = batches[-1] if batches else None
+        if cur is None or len(cur) == batch_size or (len(cur) >= max(1, batch_size // 4)
+                                                     and n_new[i] < 0.8 * n_new[cur[0]]):
+            batches.append([i])
+        else:
+            cur.append(i)
+    return batches
+
+
 ScoreFn = Callable[[list[list[int]], list[int]], np.ndarray]
 
 
@@ -205,21 +220,21 @@ def generate_continuations(model: torch.nn.Module, prefixes: Sequence[Sequence[i
                            decoding: Decoding, *, pad_token_id: int, eos_token_id: int | None, batch_size: int,
                            seed: int, rank_fn: ScoreFn | None = None, on_batch: Callable[[int], None] | None = None,
                            cache_implementation: str | None = None) -> list[list[int]]:
-    """Continue every prefix by its own `n_new` tokens, in batches of `batch_size` prompts.
+    """Continue every prefix by its own `n_new` tokens, in batches of at most `batch_size` prompts.
 
-    Prompts are sorted by continuation and prefix length so a batch wastes few steps and little padding;
-    each batch generates its longest continuation and shorter ones are cut (decoding is causal, so a cut
-    continuation is what a shorter run would have produced). A sample depends only on (seed, prefix,
-    sample index), not on the batch it ran in (see SeededGumbelSampler). With `num_samples > 1`, `rank_fn(sequences, n_continuation_tokens)` -> log-likelihood of
-    each continuation picks the most likely sample of each prefix."""
+    Prompts are sorted by continuation and prefix length so a batch wastes few steps and little padding
+    (see _length_batches); each batch generates its longest continuation and shorter ones are cut
+    (decoding is causal, so a cut continuation is what a shorter run would have produced). A sample
+    depends only on (seed, prefix, sample index), not on the batch it ran in (SeededGumbelSampler).
+    With `num_samples > 1`, `rank_fn(sequences, n_continuation_tokens)` -> log-likelihood of each
+    continuation picks the most likely sample of each prefix."""
     if len(prefixes) != len(n_new):
         raise ValueError("one n_new per prefix is needed")
     order = sorted(range(len(prefixes)), key=lambda i: (-n_new[i], -len(prefixes[i]), i))
     results: list[list[int] | None] = [None] * len(prefixes)
     k = decoding.num_samples
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        longest = max(n_new[i] for i in idx)
+    for idx in _length_batches(order, n_new, batch_size):
+        longest = n_new[idx[0]]
         new = generate_batch(model, [prefixes[i] for i in idx], longest, decoding, pad_token_id=pad_token_id,
                              eos_token_id=eos_token_id, seed=seed, cache_implementation=cache_implementation).tolist()
         if k > 1:
@@ -241,7 +256,3 @@ def generate_continuations(model: torch.nn.Module, prefixes: Sequence[Sequence[i
             on_batch(len(idx))
     return results  # type: ignore[return-value]
 
-
-def perplexity(neg_loglik_sum: float, n_tokens: int) -> float:
-    """exp(mean NLL); NaN for no tokens."""
-    return math.exp(neg_loglik_sum / n_tokens) if n_tokens else float("nan")

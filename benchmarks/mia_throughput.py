@@ -1,0 +1,187 @@
+"""Membership-inference scoring throughput: memlens vs the study's method, same machine, same run.
+
+Workload: PHEE members (train) and non-members (test) on llama-small with 5 LoRA adapters (randomly
+initialised: they cost exactly what trained ones cost to score).
+- study's method: for each adapter, reload the base model and the adapter, then one sample at a time
+  compute the fine-tuned NLL and, with a reference model also loaded per adapter, the reference NLL.
+- memlens: one base model, adapters switched on it; one batched length-bucketed pass per adapter and
+  one reference pass (adapters disabled) for all adapters; all attacks but lowercase (which needs an
+  extra pass the study does not do) computed from the shared statistics.
+Prints medians over repeats, the speed-up, and achieved GFLOP/s as a fraction of this machine's fp32
+matmul throughput (large square matmuls, measured in the same run).
+
+    python benchmarks/mia_throughput.py            # 300 + 300 records, 3 repeats
+    python benchmarks/mia_throughput.py --quick    # 64 + 64 records, 2 repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from memlens.attacks.mia import attack_models  # noqa: E402
+from memlens.models import save_adapter  # noqa: E402
+from memlens.score import token_stats  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MEMLENS_SHARED", REPO.parent / "shared"))
+MODEL = SHARED / "models" / "llama-small"
+PHEE = SHARED / "data" / "phee"
+ATTACKS = ["loss", "ref_ratio", "ref_llr", "zlib", "min_k", "min_k_pp"]
+
+
+def load(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def make_adapters(root: Path, n: int) -> list[Path]:
+    dirs = []
+    for i in range(n):
+        torch.manual_seed(i)
+        model = get_peft_model(load(MODEL), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                       init_lora_weights=False))
+        save_adapter(model, root / f"adapter{i}" / "adapter", [])
+        dirs.append(root / f"adapter{i}")
+    return dirs
+
+
+@torch.inference_mode()
+def study_method(adapters: list[Path], ids: list[list[int]]) -> dict[str, np.ndarray]:
+    """One sample at a time; base model (and reference) reloaded for every adapter."""
+    out = {}
+    for adapter in adapters:
+        model = PeftModel.from_pretrained(load(MODEL), str(adapter / "adapter")).eval()
+        reference = load(MODEL)
+        ft, ref = [], []
+        for seq in ids:
+            x = torch.tensor([seq])
+            ft.append(model(x, labels=x).loss.item())
+            ref.append(reference(x, labels=x).loss.item())
+        out[adapter.name] = np.array(ref) / np.array(ft)
+        del model, reference
+    return out
+
+
+def memlens_method(adapters: list[Path], members: list[str], non_members: list[str], batch_size: int):
+    scores, _ = attack_models(MODEL, {a.name: a for a in adapters}, members, non_members,
+                              mia={"attacks": ATTACKS, "bootstrap": 0, "bag_of_words_baseline": False,
+                                   "batch_size": batch_size}, show_progress=False)
+    return scores
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def forward_flops(model: torch.nn.Module, lengths: list[int]) -> float:
+    """Matmul FLOPs of scoring these sequences once (real tokens only; padding not counted): linear
+    layers including the output layer, plus attention scores and values (causal: ~n^2/2 pairs)."""
+    cfg = model.config
+    linear = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    tokens = sum(lengths)
+    attn = sum(2 * 2 * cfg.num_hidden_layers * cfg.hidden_size * n * (n + 1) / 2 for n in lengths)
+    return 2 * linear * tokens + attn
+
+
+def median_time(fn, repeats: int):
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="64 + 64 records, 2 repeats")
+    parser.add_argument("--records", type=int, default=300, help="members and non-members each (default 300)")
+    parser.add_argument("--adapters", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    if args.quick:
+        args.records, args.repeats = 64, 2
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+    members = pd.read_json(PHEE / "train.jsonl", lines=True).context.head(args.records).tolist()
+    non_members = pd.read_json(PHEE / "test.jsonl", lines=True).context.head(args.records).tolist()
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    ids = tokenizer(members + non_members)["input_ids"]
+    lengths = [len(s) for s in ids]
+    print(f"llama-small, {len(members)} members + {len(non_members)} non-members ({sum(lengths)} tokens), "
+          f"{args.adapters} adapters, torch threads {torch.get_num_threads()}, repeats {args.repeats}, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = make_adapters(Path(tmp), args.adapters)
+        peak = matmul_gflops()
+        t_ours, scores = median_time(lambda: memlens_method(adapters, members, non_members, args.batch_size),
+                                     args.repeats)
+        t_study, study = median_time(lambda: study_method(adapters, ids), args.repeats)
+        peak = max(peak, matmul_gflops())  # measured before and after: the machine's best
+
+        # the same numbers: the study's ratio (ref/ft mean NLL) per record and adapter
+        worst = max(np.abs(scores[scores.run_id == a.name].ref_ratio.to_numpy() - study[a.name]).max()
+                    for a in adapters)
+
+        # engine alone: one batched pass over all records, matmul FLOPs / time
+        model = load(MODEL)
+        flops = forward_flops(model, lengths)
+        t_pass, _ = median_time(lambda: token_stats(model, ids, batch_size=args.batch_size,
+                                                    pad_token_id=tokenizer.pad_token_id), args.repeats)
+        t_plain, _ = median_time(lambda: _plain_forward(model, ids, args.batch_size, tokenizer.pad_token_id),
+                                 args.repeats)
+
+    passes = args.adapters + 1
+    print(f"study's method:  {t_study:8.2f} s  ({2 * args.adapters} passes, one sample at a time, reloads)")
+    print(f"memlens:         {t_ours:8.2f} s  ({passes} batched passes, {len(ATTACKS)} attacks)")
+    print(f"speed-up:        {t_study / t_ours:8.2f} x   (target >= 3x); max |ref_ratio difference| {worst:.2e}")
+    print(f"fp32 matmul peak (2048^3, same run): {peak:8.1f} GFLOP/s")
+    print(f"scoring pass:    {t_pass:8.2f} s = {flops / t_pass / 1e9:6.1f} GFLOP/s = "
+          f"{flops / t_pass / 1e9 / peak:5.1%} of peak (target >= 60%)")
+    print(f"end to end:      {passes * flops / t_ours / 1e9:6.1f} GFLOP/s = "
+          f"{passes * flops / t_ours / 1e9 / peak:5.1%} of peak (model loading and attacks included)")
+    print(f"plain batched HF forward with full-vocabulary log-softmax, same batches: {t_plain:.2f} s "
+          f"({flops / t_plain / 1e9 / peak:5.1%} of peak)")
+
+
+@torch.inference_mode()
+def _plain_forward(model, ids, batch_size, pad):
+    """Reference point: the textbook batched scorer (sorted batches, full fp32 log-softmax of the logits)."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    for b in range(0, len(order), batch_size):
+        rows = [ids[i] for i in order[b:b + batch_size]]
+        width = max(map(len, rows))
+        x = torch.full((len(rows), width), pad)
+        mask = torch.zeros_like(x)
+        for r, seq in enumerate(rows):
+            x[r, :len(seq)], mask[r, :len(seq)] = torch.tensor(seq), 1
+        logp = torch.log_softmax(model(input_ids=x, attention_mask=mask).logits.float(), -1)
+        logp[:, :-1].gather(-1, x[:, 1:, None])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

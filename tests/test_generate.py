@@ -80,10 +80,10 @@ def test_sampling_is_seeded_and_samples_are_ranked(tiny, prompts):
     alone = generate_continuations(model, prefixes[2:3], n_new[2:3], dec, seed=3, **kw)
     assert alone[0] == a[2]
 
-    seen = {}
+    seen = {"sequences": []}
 
     def rank(sequences, n_last):  # records what it was asked to rank; prefers the largest last token
-        seen["sequences"] = sequences
+        seen["sequences"] += sequences
         return [float(s[-1]) for s in sequences]
 
     dec4 = resolve_decoding(DecodingConfig(name="best-of-4", temperature=1.0, num_samples=4))

@@ -178,11 +178,18 @@ class RayExecutor:
 
     def _run(self, study: StudyConfig, cells: list[CellConfig],
              on_event: Callable[[CellEvent], None]) -> list[CellOutcome]:
+        from memlens.runner import stage_done
+        from memlens.store import StudyLayout
+
+        if not cells:
+            return []
         ray = self.ray
         study_dict = study.model_dump(mode="json")
         workdir = os.getcwd() if _relative_paths(study) else None
         opts = self.task_options()
-        if study.mia.enabled:  # once, before the fan-out; a failure here would fail every cell: raise it
+        layout = StudyLayout(study.out_dir)
+        if study.mia.enabled and not all(stage_done(layout, c.run_id(study), "mia") for c in cells):
+            # once, before the fan-out; a failure here would fail every cell: raise it
             ray.get(ray.remote(base_cache_task).options(name=BASE_CACHE_TASK, **opts).remote(study_dict, workdir))
 
         remote_cell = ray.remote(cell_task)

@@ -17,6 +17,7 @@ from memlens.runner import (
     IncompatibleStudyError,
     check_compatible,
     enabled_stages,
+    normalise_study,
     read_status,
     run_study,
     stage_done,
@@ -34,7 +35,7 @@ def shared(tmp_path_factory):
 
 
 def _study(out):
-    return load_study(raw=shared_study_raw(out))
+    return normalise_study(load_study(raw=shared_study_raw(out)))  # as the runner sees it (same run_ids)
 
 
 def test_killed_mid_stage_then_resumed_completes_every_cell_once(shared):
@@ -54,8 +55,8 @@ def test_killed_mid_stage_then_resumed_completes_every_cell_once(shared):
     results = pd.read_parquet(out / "results.parquet")
     assert not results.duplicated(["run_id", "stage", "attack"]).any()
     per_run = pd.concat([pd.read_parquet(layout.run_dir(r) / "mia_results.parquet") for r in layout.finished_runs()])
-    mia = results[results.stage == "mia"]
-    assert len(mia) == len(per_run) and set(mia.run_id) == set(layout.finished_runs())
+    assert len(results[results.stage.isin(["mia", "utility"])]) == len(per_run)  # each per-run row exactly once
+    assert set(results[results.stage == "mia"].run_id) == set(layout.finished_runs())
     scores = pd.read_parquet(out / "mia_scores.parquet")
     assert not scores.duplicated(["run_id", "sample_id"]).any()
     assert set(scores.run_id) == set(layout.finished_runs())
@@ -96,15 +97,22 @@ def test_rerun_does_nothing_and_keeps_files(shared):
     assert (out / "results.parquet").stat().st_mtime_ns == results_before
 
 
-def test_second_process_is_refused_while_locked(shared):
-    out, _ = shared
-    with StudyLock(out):
+def test_second_process_is_refused_while_locked(tmp_path):
+    study = make_study(tmp_path / "out")
+    with StudyLock(study.out_dir):
         with pytest.raises(StudyLockedError, match="being written by pid"):
-            run_study(_study(out), show_progress=False)
-        result = CliRunner().invoke(app, ["status", str(out)])
-        assert result.exit_code == 0
-        assert StudyLock(out).is_held()
-    assert not StudyLock(out).is_held()
+            run_study(study, show_progress=False)
+        assert StudyLock(study.out_dir).is_held()
+        result = CliRunner().invoke(app, ["run", "--out", str(study.out_dir), str(_write(study, tmp_path))])
+        assert result.exit_code == 2 and "being written by pid" in result.output
+    assert not StudyLock(study.out_dir).is_held()
+    assert not (study.out_dir / "runs").exists()  # refused before any work
+
+
+def _write(study, folder):
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(study.model_dump(mode="json")))
+    return path
 
 
 def test_incompatible_config_is_refused_naming_the_fields(shared):
@@ -113,8 +121,8 @@ def test_incompatible_config_is_refused_naming_the_fields(shared):
     raw = shared_study_raw(out)
     raw["data"]["subset"] = 30
     raw["lora"] = {"alpha": 8}
-    with pytest.raises(IncompatibleStudyError) as err:
-        run_study(load_study(raw=raw), show_progress=False)
+    with pytest.raises(IncompatibleStudyError) as err:  # (run_study calls check_compatible under the lock)
+        check_compatible(normalise_study(load_study(raw=raw)), layout, force=[])
     assert "data.subset" in str(err.value) and "lora.alpha" in str(err.value)
     assert "model.name_or_path" not in str(err.value)
     grown = shared_study_raw(out)
@@ -131,10 +139,9 @@ def test_incompatible_config_is_refused_naming_the_fields(shared):
 def test_cli_run_reports_a_failed_cell_and_keeps_going(tmp_path):
     """One cell names a matrix llama has not got: it fails with its traceback, the other cell completes,
     the exit code is 1, and status and report name the failure."""
-    study = make_study(tmp_path / "out", grid={"target_modules": [["q"], ["c_attn"]]}, data={"subset": 24},
-                       extraction={"members": 4, "non_members": 4})
-    study_file = tmp_path / "study.yaml"
-    study_file.write_text(yaml.safe_dump(study.model_dump(mode="json")))
+    study = normalise_study(make_study(tmp_path / "out", grid={"target_modules": [["q"], ["c_attn"]]},
+                                       data={"subset": 24}, extraction={"members": 4, "non_members": 4}))
+    study_file = _write(study, tmp_path)
     result = CliRunner().invoke(app, ["run", str(study_file), "--no-progress"])
     assert result.exit_code == 1, result.output
     layout = StudyLayout(study.out_dir)
@@ -153,7 +160,7 @@ def test_cli_run_reports_a_failed_cell_and_keeps_going(tmp_path):
 
 
 def test_force_mia_recomputes_only_that_stage(tmp_path):
-    study = make_study(tmp_path / "out", data={"subset": 24}, extraction={"enabled": False})
+    study = normalise_study(make_study(tmp_path / "out", data={"subset": 24}, extraction={"enabled": False}))
     assert run_study(study, show_progress=False, report=False).ok
     layout = StudyLayout(study.out_dir)
     run_id = study.cells()[0].run_id(study)

@@ -158,7 +158,7 @@ def demo_study(out: Path, shared: Path | None = None, overrides: list[str] | Non
         "train": {"epochs": 3, "batch_size": 16, "grad_accum": 1, "warmup_steps": 2, "learning_rate": 3e-3,
                   "logging_steps": 2},
         "mia": {"bootstrap": 200},
-        "extraction": {"members": 32, "non_members": 32, "exposure_candidates": 1000},
+        "extraction": {"members": 24, "non_members": 24, "exposure_candidates": 500},
     }
     return load_study(raw=raw, overrides=overrides)
 

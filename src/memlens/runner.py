@@ -329,7 +329,10 @@ def run_study(study: StudyConfig, *, force: list[str] | None = None, report: boo
     summary = StudySummary(out=layout.root)
     with StudyLock(layout.root):
         check_compatible(study, layout, force)
-        atomic_write_text(layout.root / "study.yaml", dump_study(study))
+        resolved = dump_study(study)
+        stored = layout.root / "study.yaml"
+        if not stored.exists() or stored.read_text() != resolved:  # unchanged: keep it (the report's input)
+            atomic_write_text(stored, resolved)
         atomic_write_json(layout.root / "environment.json", environment_info(study))
         cells = study_cells(study, layout)
         run_ids = [r for r, _ in cells]

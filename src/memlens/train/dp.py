@@ -6,7 +6,7 @@ pieces: ``GradSampleModule`` (per-sample gradients), ``DPOptimizer`` (clip, sum,
 because its data loader cannot collate our variable-length, dict-shaped records into an empty Poisson
 batch, and because we want the physical-batch split (``train.batch_size``) under our control.
 
-Choices (documented in the returned dict and the README):
+Choices (the numbers are recorded in the returned dict):
 - one training *record* is the privacy unit; a canary repeated k times is protected only at group
   level k (epsilon grows roughly k-fold);
 - expected (logical) batch size = ``train.batch_size * train.grad_accum`` records, sample rate
@@ -119,8 +119,12 @@ def _check_per_sample_gradients(gsm: GradSampleModule, collate, records: list[li
     missing = [n for n, g in per_batch.items() if g is None]
     if missing:
         raise DPUnsupportedError(f"DP-SGD: Opacus computed no per-sample gradient for {missing[:3]}{fallback}")
+    # padding changes the arithmetic slightly: float32 agrees to ~1e-5, half precision only to ~1e-2
+    half = any(p.dtype in (torch.bfloat16, torch.float16) for p in gsm._module.parameters())
+    tol = 5e-2 if half else 1e-3
     wrong = [n for n, g in per_batch.items()
-             if not torch.allclose(g[0], alone[n][0], rtol=1e-3, atol=1e-6 + 1e-3 * alone[n][0].abs().max().item())]
+             if not torch.allclose(g[0].float(), alone[n][0].float(), rtol=tol,
+                                   atol=1e-6 + tol * alone[n][0].abs().max().item())]
     if wrong:
         modules = dict(gsm._module.named_modules())
         named = [f"{n} ({type(modules.get(n.rpartition('.')[0])).__name__})" for n in wrong[:3]]

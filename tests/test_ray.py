@@ -30,6 +30,10 @@ from memlens.runner import normalise_study, read_status, run_study, study_status
 from memlens.store import StudyLayout, read_results  # noqa: E402
 from tests.conftest import make_study  # noqa: E402
 
+# One Ray instance and one local reference run for the whole module: keep its tests on one xdist
+# worker (effective with `pytest -n 2 --dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("ray")
+
 GRID = {"target_modules": [["q"], ["v"]], "rank": [2], "canary_copies": [1], "seed": [0, 1]}
 
 

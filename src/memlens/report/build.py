@@ -432,7 +432,8 @@ def _overview(data: StudyResults) -> str:
     grid = study.grid
     return (f"<p>Model <code>{html.escape(study.model.name_or_path)}</code>, data "
             f"<code>{html.escape(study.data.source)}</code> (members: <code>{study.data.member_split}</code>, "
-            f"non-members: <code>{study.data.non_member_split}</code>). Grid: matrices {grid.target_modules}, "
+            f"non-members: <code>{study.data.non_member_split}</code>). Grid: matrices "
+            f"{', '.join('[' + ', '.join(t) + ']' for t in grid.target_modules)}, "
             f"ranks {grid.rank}, canary copies {grid.canary_copies} ({study.canary.mode} mode), seeds {grid.seed}. "
             f"{runs} run(s) with results; {len(data.failures)} failure(s).</p>"
             f"<p class=\"src\">Device {html.escape(str(env.get('device')))}; {html.escape(versions)}; git "

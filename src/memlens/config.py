@@ -431,7 +431,8 @@ class CellConfig(_Strict):
         if self.method == "lora":
             determinants["lora"] = study.lora.model_dump()
         if self.noise_multiplier is not None:
-            determinants["dp"] = study.dp.model_dump()
+            # the audit settings only affect the privacy stage, not the trained model or train.json
+            determinants["dp"] = study.dp.model_dump(exclude={"audit_random_split", "audit_attack", "audit_confidence"})
         return determinants
 
     def run_id(self, study: StudyConfig) -> str:

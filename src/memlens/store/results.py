@@ -24,6 +24,7 @@ def run_metadata(layout: StudyLayout, run_id: str) -> dict:
     cell = json.loads((run_dir / "cell.json").read_text())
     train = json.loads((run_dir / "train.json").read_text())
     spec = cell["cell"]
+    dp = train.get("dp") or {}
     return {
         "run_id": run_id,
         "model": cell["model"]["name_or_path"],
@@ -32,7 +33,9 @@ def run_metadata(layout: StudyLayout, run_id: str) -> dict:
         "rank": spec["rank"],
         "canary_copies": spec["canary_copies"],
         "seed": spec["seed"],
-        "noise_multiplier": spec.get("noise_multiplier"),
+        # the sigma actually used (a calibrated "auto" cell records the number it reached)
+        "noise_multiplier": dp.get("noise_multiplier", spec.get("noise_multiplier")),
+        "epsilon": dp.get("epsilon"),
         "trainable_params": train["trainable_params"],
         "total_params": train["total_params"],
         "trainable_pct": train["trainable_pct"],

@@ -118,11 +118,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="64 + 64 records, 2 repeats")
     parser.add_argument("--records", type=int, default=300, help="members and non-members each (default 300)")
     parser.add_argument("--adapters", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None, help="default 3 (--quick: 2)")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     if args.quick:
-        args.records, args.repeats = 64, 2
+        args.records = 64
+    args.repeats = args.repeats or (2 if args.quick else 3)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 

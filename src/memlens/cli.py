@@ -135,7 +135,7 @@ def status(out: Annotated[Path, typer.Argument(help="Study output folder.", exis
         table.add_column(column, overflow="fold")
     for row in frame.itertuples(index=False):
         states = [f"[{colours[s]}]{s}[/]" for s in (row.finetune, row.mia, row.extraction)]
-        table.add_row(row.run_id, *states, row.error or "")
+        table.add_row(row.run_id, *states, row.error if isinstance(row.error, str) else "")
     out_console = Console()
     out_console.print(table)
     layout = StudyLayout(out)

@@ -60,3 +60,15 @@ def test_grid_cells_product(tmp_path):
     cells = study.cells()
     assert len(cells) == 3 * 2 * 2 * 2 + 2 * 2
     assert len({c.run_id(study) for c in cells}) == len(cells)
+
+
+def test_run_ids_survive_dump_and_reload(tmp_path):
+    """The resolved study.yaml written next to the results must give back the same run_ids."""
+    import yaml
+
+    from memlens.config import dump_study
+
+    study = make_study(tmp_path, grid={"target_modules": [["q"], ["v"]], "method": ["lora", "full"]})
+    reloaded = load_study(raw=yaml.safe_load(dump_study(study)))
+    assert [c.run_id(study) for c in study.cells()] == [c.run_id(reloaded) for c in reloaded.cells()]
+    assert load_study(raw={}).lora.alpha == 16.0 and isinstance(load_study(raw={}).lora.alpha, float)

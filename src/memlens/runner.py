@@ -92,6 +92,27 @@ def _run_stage(stage: str, study: StudyConfig, run_ids: list[str]) -> None:
                            f"for {missing}")
 
 
+def merge_study_files(study: StudyConfig) -> None:
+    """Rebuild the study-level files of each enabled attack stage from every run's per-run files, and
+    upsert their rows into results.parquet.
+
+    Each stage merges as it goes, but a process killed between writing a run's per-run files (which mark
+    the stage done, so no rerun redoes it) and merging would leave that run's rows out; merging once
+    more after the executor (and on a rerun with nothing left to do) closes that gap. Idempotent."""
+    layout = StudyLayout(study.out_dir)
+    if study.mia.enabled:
+        from memlens.attacks import mia
+
+        mia.merge_study(layout)
+        from memlens.metrics.privacy import run_privacy_audit
+
+        run_privacy_audit(study)  # accountant epsilon and empirical lower bound (stage "privacy")
+    if study.extraction.enabled:
+        from memlens.attacks import extraction
+
+        extraction.merge_study(layout)
+
+
 def _finetune(study: StudyConfig, cell: CellConfig, data=None, tokenizer=None) -> None:
     from memlens.data import load_study_data
     from memlens.train import finetune_cell
@@ -350,6 +371,7 @@ def run_study(study: StudyConfig, *, force: list[str] | None = None, report: boo
         if todo:
             with _Progress(len(cells), len(cells) - len(todo), show_progress, on_event) as progress:
                 summary.outcomes += executor.run(study, todo, progress.event)
+        merge_study_files(study)
         if report:
             summary.report, summary.report_error = _write_report(layout, force="report" in force or bool(todo))
     return summary
@@ -441,5 +463,5 @@ def study_status(out: Path) -> pd.DataFrame:
 
 
 __all__ = ["IncompatibleStudyError", "StudySummary", "check_compatible", "config_differences",
-           "enabled_stages", "environment_info", "read_status", "run_cell", "run_study", "stage_done",
+           "enabled_stages", "environment_info", "merge_study_files", "read_status", "run_cell", "run_study", "stage_done",
            "study_status", "write_status"]

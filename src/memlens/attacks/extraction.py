@@ -241,6 +241,23 @@ def _merge_study_files(layout: StudyLayout) -> None:
             atomic_write_parquet(layout.root / name, pd.concat(parts, ignore_index=True))
 
 
+def merge_study(layout: StudyLayout) -> None:
+    """Rebuild the study-level extraction/exposure files and upsert every finished run's rows into
+    results.parquet from the per-run files (idempotent; closes the gap left by a process killed between
+    writing its per-run files and merging them)."""
+    with write_lock(layout.root):
+        _merge_study_files(layout)
+        parts = []
+        for run_id in layout.finished_runs():
+            run_dir = layout.run_dir(run_id)
+            if (run_dir / RESULTS_FILE).exists():
+                exposure = run_dir / EXPOSURE_FILE
+                parts.append(_result_rows(layout, run_id, pd.read_parquet(run_dir / RESULTS_FILE),
+                                          pd.read_parquet(exposure) if exposure.exists() else None))
+        if parts:
+            upsert_results(layout, pd.concat(parts, ignore_index=True))
+
+
 def _result_rows(layout: StudyLayout, run_id: str, results: pd.DataFrame, exposure: pd.DataFrame | None
                  ) -> pd.DataFrame:
     meta = run_metadata(layout, run_id)

@@ -316,6 +316,14 @@ def merge_study_outputs(layout: StudyLayout, rows: pd.DataFrame | None = None) -
             upsert_results(layout, rows)
 
 
+def merge_study(layout: StudyLayout) -> None:
+    """Rebuild `<out>/mia_scores.parquet` and upsert every finished run's rows (its mia_results.parquet
+    holds exactly the rows run_mia upserted for it) into results.parquet. Idempotent."""
+    parts = [pd.read_parquet(layout.run_dir(r) / RESULTS_FILE) for r in layout.finished_runs()
+             if (layout.run_dir(r) / RESULTS_FILE).exists()]
+    merge_study_outputs(layout, pd.concat(parts, ignore_index=True) if parts else None)
+
+
 # ------------------------------------------------------------------------------------- direct API
 def _as_frame(records, split: str, is_member: bool) -> pd.DataFrame:
     if isinstance(records, pd.DataFrame):

@@ -70,43 +70,6 @@ def base_cache_task(study_dict: dict, workdir: str | None) -> None:
     prepare_base_cache(StudyConfig.model_validate(study_dict))
 
 
-def merge_study_files(study: StudyConfig) -> None:
-    """Rebuild the study-level files of each enabled attack stage from every run's per-run files:
-    the merged parquet files, and the run's rows upserted into results.parquet.
-
-    Each worker merges after its own cell, but a worker killed between writing its per-run files
-    (which mark the stage done, so no retry redoes it) and merging would leave its rows out of
-    results.parquet; merging once more after all tasks ended, under the study's write lock, closes
-    that gap. Idempotent: rows are upserted by (run_id, stage, attack)."""
-    import pandas as pd
-
-    from memlens.store import StudyLayout, upsert_results
-    from memlens.store.lock import write_lock
-
-    layout = StudyLayout(study.out_dir)
-    finished = [layout.run_dir(r) for r in layout.finished_runs()]
-    if study.mia.enabled:
-        from memlens.attacks import mia
-
-        # a run's mia_results.parquet holds exactly the rows run_mia upserted for it
-        parts = [pd.read_parquet(d / mia.RESULTS_FILE) for d in finished if (d / mia.RESULTS_FILE).exists()]
-        mia.merge_study_outputs(layout, pd.concat(parts, ignore_index=True) if parts else None)  # takes the lock
-    if study.extraction.enabled:
-        from memlens.attacks import extraction
-
-        with write_lock(layout.root):
-            extraction._merge_study_files(layout)
-            parts = []
-            for d in finished:
-                if (d / extraction.RESULTS_FILE).exists():
-                    exposure = d / extraction.EXPOSURE_FILE
-                    parts.append(extraction._result_rows(
-                        layout, d.name, pd.read_parquet(d / extraction.RESULTS_FILE),
-                        pd.read_parquet(exposure) if exposure.exists() else None))
-            if parts:
-                upsert_results(layout, pd.concat(parts, ignore_index=True))
-
-
 # --------------------------------------------------------------------------------------- driver side
 def _relative_paths(study: StudyConfig) -> bool:
     """Does any path the workers open depend on the current folder?"""
@@ -216,6 +179,8 @@ class RayExecutor:
             for ref in in_flight:
                 ray.cancel(ref, force=True)
             raise
+        from memlens.runner import merge_study_files
+
         merge_study_files(study)  # the driver sees the shared study folder too; merging needs no model
         return [outcomes[c.run_id(study)] for c in cells]
 
@@ -241,4 +206,4 @@ class RayExecutor:
         return outcome
 
 
-__all__ = ["INSTALL_HINT", "RayExecutor", "TASK_PREFIX", "import_ray", "merge_study_files"]
+__all__ = ["INSTALL_HINT", "RayExecutor", "TASK_PREFIX", "import_ray"]

@@ -161,5 +161,8 @@ def run_privacy_audit(study, run_ids: list[str] | None = None, attack: str | Non
         })
     frame = pd.DataFrame(rows)
     if len(frame):
-        upsert_results(layout, frame)
+        from memlens.store.lock import write_lock
+
+        with write_lock(layout.root):
+            upsert_results(layout, frame)
     return frame

@@ -372,11 +372,11 @@ def section_frontier(rep: Report) -> None:
         rep.add("frontier", title, rep.omit("frontier", f"memlens.report.frontier is not available ({exc})"))
         return
     path = rep.figures / "frontier.png"
-    table = frontier.frontier_table(rep.data.results)
+    table = frontier.frontier_table(rep.data.results, root=rep.data.root)
     if table is None or len(table) == 0:
         rep.add("frontier", title, rep.omit("frontier", "no run has both an attack metric and a utility metric"))
         return
-    frontier.frontier_figure(rep.data.results, path)
+    frontier.frontier_figure(rep.data.results, path, root=rep.data.root)
     encoded = base64.b64encode(path.read_bytes()).decode()
     body = (f'<figure><img src="data:image/png;base64,{encoded}" alt="privacy/utility frontier" data-name="frontier">'
             "<figcaption>Leakage against held-out perplexity, one point per configuration.</figcaption></figure>")

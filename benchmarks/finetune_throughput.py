@@ -47,7 +47,7 @@ SHAPES = {  # random-weight shapes (LlamaConfig kwargs); the shared byte-level t
 }
 
 
-def recipes(device: str) -> dict[str, dict]:
+def recipes(device: str, pack_tokens: int | None = None) -> dict[str, dict]:
     gpu = device == "cuda"
     study = {"packing": "padded"}
     if gpu:
@@ -55,7 +55,7 @@ def recipes(device: str) -> dict[str, dict]:
     return {
         "study": study,
         "length_grouped": {"packing": "length_grouped"},
-        "packed": {"packing": "packed"},
+        "packed": {"packing": "packed", **({"pack_tokens": pack_tokens} if pack_tokens else {})},
     }
 
 
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--records", type=int, default=None, help="PHEE train records (default: all, one epoch)")
     parser.add_argument("--quick", action="store_true", help="320 records, 2 repeats")
+    parser.add_argument("--pack-tokens", type=int, default=None, help="train.pack_tokens of the packed recipe")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     if args.quick:
@@ -113,10 +114,10 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"device {device_name}, model {args.shape or 'llama-small'}, records {args.records or 'all'}, "
           f"repeats {args.repeats}", flush=True)
-    results: dict[str, list[dict]] = {name: [] for name in recipes(args.device)}
+    results: dict[str, list[dict]] = {name: [] for name in recipes(args.device, args.pack_tokens)}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):  # interleaved, so drifting machine load hits every recipe alike
-            for name, train in recipes(args.device).items():
+            for name, train in recipes(args.device, args.pack_tokens).items():
                 start = time.perf_counter()
                 info = run_once(args, name, train, Path(tmp) / f"{name}-{repeat}")
                 results[name].append(info)

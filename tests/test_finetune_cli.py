@@ -37,7 +37,7 @@ def _write_study(tmp_path):
 def test_killed_sweep_resumes_without_retraining_finished_cells(tmp_path):
     study, out = _write_study(tmp_path), tmp_path / "out"
     # Long enough cells that the kill lands inside the second one (max_steps overridden on the CLI).
-    proc = _memlens("finetune", study, "--out", out, "--set", "train.max_steps=12")
+    proc = _memlens("finetune", study, "--out", out, "--set", "train.max_steps=6")
     runs = out / "runs"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -52,7 +52,7 @@ def test_killed_sweep_resumes_without_retraining_finished_cells(tmp_path):
     assert len(first) == 1 and list(runs.glob(".*.tmp-*"))  # a killed cell leaves only a hidden temp dir
     first_stamp = (runs / first[0] / "train.json").stat().st_mtime_ns
 
-    rerun = _memlens("finetune", study, "--out", out, "--set", "train.max_steps=12")
+    rerun = _memlens("finetune", study, "--out", out, "--set", "train.max_steps=6")
     stdout, stderr = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, stderr
     assert "2 run(s)" in stderr
@@ -62,11 +62,11 @@ def test_killed_sweep_resumes_without_retraining_finished_cells(tmp_path):
     assert (runs / first[0] / "train.json").stat().st_mtime_ns == first_stamp  # not retrained
     for run in done:  # every file of every cell is complete and readable
         info = json.loads((runs / run / "train.json").read_text())
-        assert info["steps"] == 12 and info["canary"]["copies"] == 4
+        assert info["steps"] == 6 and info["canary"]["copies"] == 4
         assert load_file(runs / run / "adapter" / "adapter_model.safetensors")
     assert "{'loss'" not in stdout and "'train_runtime'" not in stdout  # no Trainer dict spam
     resolved = yaml.safe_load((out / "study.yaml").read_text())
-    assert resolved["train"]["max_steps"] == 12 and resolved["out"] == str(out)
+    assert resolved["train"]["max_steps"] == 6 and resolved["out"] == str(out)
 
 
 def test_bad_override_fails_with_the_field_and_choices(tmp_path):

@@ -12,6 +12,7 @@ from memlens.data import load_study_data
 from memlens.models import AdapterBank, load_base_model, load_tokenizer
 from memlens.store import StudyLayout
 from memlens.train import finetune_cell, read_members, read_train_info, tokenize_records
+from memlens.train.collate import CausalLMCollator
 from memlens.train.finetune import _use_checkpointing, estimate_training_bytes, step_shape
 from tests.conftest import GPT2_SMALL, PHEE, make_study
 
@@ -87,9 +88,11 @@ def test_fine_tuning_lowers_the_loss_on_its_training_records(llama_runs):
     bank = AdapterBank(load_base_model(study.model))
     bank.add("run", run)
 
-    def mean_loss(name):
+    batch = CausalLMCollator(tok.pad_token_id)([{"input_ids": x} for x in ids])
+
+    def mean_loss(name):  # token-weighted mean NLL over all training records, one padded batch
         with bank.use(name) as model, torch.no_grad():
-            return sum(model(input_ids=torch.tensor([x]), labels=torch.tensor([x])).loss.item() for x in ids) / len(ids)
+            return model(**batch).loss.item()
 
     assert mean_loss("run") < mean_loss(None) - 0.05
 

@@ -153,10 +153,13 @@ def test_request_no_node_can_satisfy_is_refused(ray_instance, tmp_path):
 
 
 class WorkerKiller(threading.Thread):
-    """Kills (SIGKILL) the first Ray worker seen running a memlens cell task, once."""
+    """Kills (SIGKILL) the first Ray worker seen running a cell task of this study, once. Matching the
+    study's run_ids (not any cell task) keeps a worker of an earlier test, still titled with its last
+    task, from being mistaken for this study's."""
 
-    def __init__(self):
+    def __init__(self, run_ids: list[str]):
         super().__init__(daemon=True)
+        self.titles = tuple(f"ray::{TASK_PREFIX}{run_id}" for run_id in run_ids)
         self.killed: list[str] = []  # process titles of the killed workers
         self.stop = threading.Event()
 
@@ -164,7 +167,7 @@ class WorkerKiller(threading.Thread):
         while not self.stop.is_set() and not self.killed:
             for proc in psutil.process_iter(["cmdline"]):
                 title = " ".join(proc.info["cmdline"] or [])
-                if title.startswith("ray::" + TASK_PREFIX):
+                if title.startswith(self.titles):
                     time.sleep(0.5)  # let it get into the cell's work
                     proc.kill()
                     self.killed.append(title)
@@ -173,7 +176,7 @@ class WorkerKiller(threading.Thread):
 
 
 def run_with_killer(study):
-    killer = WorkerKiller()
+    killer = WorkerKiller([c.run_id(study) for c in study.cells()])
     killer.start()
     try:
         summary = run_study(study, report=False, show_progress=False)

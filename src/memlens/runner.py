@@ -79,6 +79,9 @@ def _run_stage(stage: str, study: StudyConfig, run_ids: list[str]) -> None:
         from memlens.attacks.mia import run_mia
 
         run_mia(study, run_ids)
+        from memlens.metrics.privacy import run_privacy_audit
+
+        run_privacy_audit(study, run_ids)  # accountant epsilon and empirical lower bound (stage "privacy")
     elif stage == "extraction":
         from memlens.attacks.extraction import run_extraction
 
@@ -106,7 +109,7 @@ def merge_study_files(study: StudyConfig) -> None:
         mia.merge_study(layout)
         from memlens.metrics.privacy import run_privacy_audit
 
-        run_privacy_audit(study)  # accountant epsilon and empirical lower bound (stage "privacy")
+        run_privacy_audit(study)  # idempotent: rows missing after a kill are added, others unchanged
     if study.extraction.enabled:
         from memlens.attacks import extraction
 

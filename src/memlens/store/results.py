@@ -55,12 +55,24 @@ def upsert_results(layout: StudyLayout, rows: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"result rows lack key column(s) {missing}")
     if rows.duplicated(KEY).any():
         raise ValueError("result rows repeat a (run_id, stage, attack) key")
-    current = read_results(layout)
+    original = current = read_results(layout)
     if len(current):
         keys = pd.MultiIndex.from_frame(rows[KEY].astype(str))
         stale = pd.MultiIndex.from_frame(current[KEY].astype(str)).isin(keys)
         current = current[~stale]
     merged = pd.concat([f for f in (current, rows) if len(f)], ignore_index=True) if len(current) else rows
     merged = merged.sort_values(KEY, kind="stable").reset_index(drop=True)
-    atomic_write_parquet(layout.root / RESULTS_FILE, merged)
+    if not _same(merged, original):  # a no-op merge leaves the file (and its mtime) alone
+        atomic_write_parquet(layout.root / RESULTS_FILE, merged)
     return merged
+
+
+def _same(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    if list(a.columns) != list(b.columns) or len(a) != len(b):
+        return False
+    try:
+        pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True), check_dtype=False,
+                                      check_exact=True)
+    except AssertionError:
+        return False
+    return True

@@ -19,7 +19,6 @@ jax_privacy has one for JAX); it is a few lines over scipy's binomial distributi
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 
@@ -131,6 +130,7 @@ def run_privacy_audit(study, run_ids: list[str] | None = None, attack: str | Non
     per-record scores of `attack` (default: `dp.audit_attack`). Upserts into results.parquet and returns
     the rows."""
     from memlens.store import StudyLayout, run_metadata, upsert_results
+    from memlens.train import read_train_info
     from memlens.train.dp import default_delta
 
     layout = StudyLayout(study.out_dir)
@@ -141,7 +141,7 @@ def run_privacy_audit(study, run_ids: list[str] | None = None, attack: str | Non
         scores_path = run_dir / "mia_scores.parquet"
         if not scores_path.exists():
             continue
-        train = json.loads((run_dir / "train.json").read_text())
+        train = read_train_info(run_dir)
         dp = train.get("dp") or {}
         scores = pd.read_parquet(scores_path)
         if attack not in scores:

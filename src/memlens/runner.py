@@ -10,6 +10,10 @@ so a rerun after a kill -9 redoes only what was not finished. The study lock kee
 out; `<out>/status/<run_id>.json` records each cell's state, and the traceback of a failure, which
 does not stop the other cells. Nothing is skipped silently: a cell either completes every enabled
 stage or is reported failed (exit code 1, failures section of the report).
+
+Wall times: each stage that completes writes its time to `runs/<run_id>/timings.json`, and every
+`run_study` invocation appends one line to `<out>/history.jsonl` (command, start/end, wall seconds,
+cells, hardware), from which the findings document states how long each command took and where.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import shutil
 import socket
 import subprocess
@@ -56,6 +61,8 @@ FREE_FIELDS = {"name", "out", "grid", "executor", "model.device", "train.logging
 
 STATUS_DIR = "status"
 REPORT_FAILURE = "_report"
+TIMINGS_FILE = "timings.json"  # runs/<run_id>/timings.json: wall seconds of each completed stage
+HISTORY_FILE = "history.jsonl"  # <out>/history.jsonl: one line per run_study invocation
 
 
 class IncompatibleStudyError(ConfigError):
@@ -73,8 +80,28 @@ def stage_done(layout: StudyLayout, run_id: str, stage: str) -> bool:
     return run_dir.is_dir() and (run_dir / STAGE_MARKER[stage]).exists()
 
 
+def record_stage_time(layout: StudyLayout, run_ids: list[str], stage: str, wall_s: float) -> None:
+    """Record a completed stage's wall time in `runs/<run_id>/timings.json` of each of `run_ids`.
+
+    A stage run for several cells at once (the local executor batches them, sharing the base model)
+    has one wall time: each cell records the batch's time, its size and the per-cell share (`wall_s`)."""
+    finished = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    for run_id in run_ids:
+        path = layout.run_dir(run_id) / TIMINGS_FILE
+        if not path.parent.is_dir():  # e.g. a run discarded meanwhile: nothing to annotate
+            continue
+        try:
+            timings = json.loads(path.read_text())
+        except (OSError, ValueError):
+            timings = {}
+        timings[stage] = {"wall_s": wall_s / len(run_ids), "batch_wall_s": wall_s, "batch_cells": len(run_ids),
+                          "finished": finished}
+        atomic_write_json(path, timings)
+
+
 def _run_stage(stage: str, study: StudyConfig, run_ids: list[str]) -> None:
-    """Run one per-run attack stage for `run_ids`, and check it left its per-run files."""
+    """Run one per-run attack stage for `run_ids`, check it left its per-run files, and record its wall time."""
+    start = time.perf_counter()
     if stage == "mia":
         from memlens.attacks.mia import run_mia
 
@@ -93,6 +120,7 @@ def _run_stage(stage: str, study: StudyConfig, run_ids: list[str]) -> None:
     if missing:
         raise RuntimeError(f"stage {stage} finished without writing runs/<run_id>/{STAGE_MARKER[stage]} "
                            f"for {missing}")
+    record_stage_time(layout, run_ids, stage, time.perf_counter() - start)
 
 
 def merge_study_files(study: StudyConfig) -> None:
@@ -120,8 +148,12 @@ def _finetune(study: StudyConfig, cell: CellConfig, data=None, tokenizer=None) -
     from memlens.data import load_study_data
     from memlens.train import finetune_cell
 
+    start = time.perf_counter()
     data = data if data is not None else load_study_data(study.data)
-    finetune_cell(study, cell, data, StudyLayout(study.out_dir), tokenizer)
+    layout = StudyLayout(study.out_dir)
+    finetune_cell(study, cell, data, layout, tokenizer)
+    # Loading, training and saving, as the runner saw it (train.json's wall_time_s is the training loop).
+    record_stage_time(layout, [cell.run_id(study)], "finetune", time.perf_counter() - start)
 
 
 # --------------------------------------------------------------------------------------- status files
@@ -271,8 +303,52 @@ def environment_info(study: StudyConfig) -> dict:
         "packages": versions, "device": device,
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch_threads": torch.get_num_threads(), "git_commit": _git_commit(),
+        "hardware": hardware_info(device),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _cpu_model() -> str | None:
+    """The CPU's marketing name (Linux /proc/cpuinfo, else what platform knows), None when unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def hardware_info(device: str | None = None) -> dict:
+    """What a wall time was measured on, without the host name: CPU model and cores, torch threads,
+    GPU name and count (None without CUDA), the torch device the study used, OS and architecture."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"cpu": _cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if cuda else None,
+            "gpu_count": torch.cuda.device_count() if cuda else 0,
+            "device": device, "os": f"{platform.system()} {platform.machine()}"}
+
+
+def _invocation() -> str:
+    """The command line when memlens runs from its CLI (`memlens ...` or `python -m memlens.cli ...`),
+    else "python API" (run_study called from Python code, whose arguments are not a command)."""
+    argv0 = (sys.argv[0] if sys.argv else "").replace(os.sep, "/")
+    if argv0.rsplit("/", 1)[-1] == "memlens" or argv0.endswith("memlens/cli.py"):
+        return shlex.join(["memlens", *sys.argv[1:]])
+    return "python API"
+
+
+def append_history(root: Path, entry: dict) -> None:
+    """Append one JSON line to `<root>/history.jsonl`. The file is rewritten atomically under the
+    study's write lock, so a kill leaves the old file or the new one, never a torn line."""
+    path = Path(root) / HISTORY_FILE
+    with write_lock(root):
+        old = path.read_text() if path.exists() else ""
+        if old and not old.endswith("\n"):
+            old += "\n"
+        atomic_write_text(path, old + json.dumps(entry, sort_keys=True, default=str) + "\n")
 
 
 # --------------------------------------------------------------------------------------- run
@@ -353,31 +429,53 @@ def run_study(study: StudyConfig, *, force: list[str] | None = None, report: boo
     summary = StudySummary(out=layout.root)
     with StudyLock(layout.root):
         check_compatible(study, layout, force)
-        resolved = dump_study(study)
-        stored = layout.root / "study.yaml"
-        if not stored.exists() or stored.read_text() != resolved:  # unchanged: keep it (the report's input)
-            atomic_write_text(stored, resolved)
-        atomic_write_json(layout.root / "environment.json", environment_info(study))
-        cells = study_cells(study, layout)
-        run_ids = [r for r, _ in cells]
-        for stage in ("finetune", "mia", "extraction"):
-            if stage in force:
-                _invalidate(layout, run_ids, stage)
-        stages = enabled_stages(study)
-        todo = [c for r, c in cells if not all(stage_done(layout, r, s) for s in stages)]
-        for run_id, cell in cells:  # cells already complete: refresh a stale status (e.g. after a kill)
-            if all(stage_done(layout, run_id, s) for s in stages):
-                summary.outcomes.append(CellOutcome(run_id, "done", None, stages))
-                status = read_status(layout, run_id)
-                if status is None or status.get("state") != "done":
-                    write_status(layout, run_id, "done", cell=cell, stages_done=stages)
-        if todo:
-            with _Progress(len(cells), len(cells) - len(todo), show_progress, on_event) as progress:
-                summary.outcomes += executor.run(study, todo, progress.event)
-        merge_study_files(study)
-        if report:
-            summary.report, summary.report_error = _write_report(layout, force="report" in force or bool(todo))
+        started, start = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
+        environment, error, tally = environment_info(study), None, {"cells_total": None, "cells_run": 0}
+        try:
+            _run_locked(study, layout, force, executor, summary, tally, on_event, show_progress, report, environment)
+        except BaseException as exc:  # recorded in the history, then raised as before
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            append_history(layout.root, {
+                "command": _invocation(), "started": started, "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "wall_s": time.perf_counter() - start, **tally,
+                "cells_done": sum(o.state == "done" for o in summary.outcomes),
+                "cells_failed": len(summary.failed), "report": summary.report is not None, "error": error,
+                "executor": study.executor.kind, "git_commit": environment.get("git_commit"),
+                "hardware": environment.get("hardware")})
     return summary
+
+
+def _run_locked(study: StudyConfig, layout: StudyLayout, force: list[str], executor, summary: StudySummary,
+                tally: dict, on_event, show_progress: bool, report: bool, environment: dict) -> None:
+    """The body of :func:`run_study`, under the study lock; fills `summary`, and `tally` with the number of
+    cells in the study and of cells that had something left to run."""
+    resolved = dump_study(study)
+    stored = layout.root / "study.yaml"
+    if not stored.exists() or stored.read_text() != resolved:  # unchanged: keep it (the report's input)
+        atomic_write_text(stored, resolved)
+    atomic_write_json(layout.root / "environment.json", environment)
+    cells = study_cells(study, layout)
+    run_ids = [r for r, _ in cells]
+    for stage in ("finetune", "mia", "extraction"):
+        if stage in force:
+            _invalidate(layout, run_ids, stage)
+    stages = enabled_stages(study)
+    todo = [c for r, c in cells if not all(stage_done(layout, r, s) for s in stages)]
+    tally.update(cells_total=len(cells), cells_run=len(todo))
+    for run_id, cell in cells:  # cells already complete: refresh a stale status (e.g. after a kill)
+        if all(stage_done(layout, run_id, s) for s in stages):
+            summary.outcomes.append(CellOutcome(run_id, "done", None, stages))
+            status = read_status(layout, run_id)
+            if status is None or status.get("state") != "done":
+                write_status(layout, run_id, "done", cell=cell, stages_done=stages)
+    if todo:
+        with _Progress(len(cells), len(cells) - len(todo), show_progress, on_event) as progress:
+            summary.outcomes += executor.run(study, todo, progress.event)
+    merge_study_files(study)
+    if report:
+        summary.report, summary.report_error = _write_report(layout, force="report" in force or bool(todo))
 
 
 def _write_report(layout: StudyLayout, force: bool) -> tuple[Path | None, str | None]:
@@ -466,5 +564,5 @@ def study_status(out: Path) -> pd.DataFrame:
 
 
 __all__ = ["IncompatibleStudyError", "StudySummary", "check_compatible", "config_differences",
-           "enabled_stages", "environment_info", "merge_study_files", "read_status", "run_cell", "run_study", "stage_done",
-           "study_status", "write_status"]
+           "append_history", "enabled_stages", "environment_info", "hardware_info", "merge_study_files", "read_status",
+           "record_stage_time", "run_cell", "run_study", "stage_done", "study_status", "write_status"]

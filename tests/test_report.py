@@ -13,6 +13,8 @@ from memlens.cli import app
 from memlens.metrics.roc import delong_test
 from memlens.report import build_report, report_is_current
 from memlens.report.findings import finding_rank, finding_value_output
+from memlens.report.mdtable import md_table, pm
+from memlens.report.saturation import fit_saturation, saturating
 from tests.test_runner_shared import shared_study
 
 
@@ -32,7 +34,8 @@ def test_report_is_self_contained_with_every_figure(report):
     assert len(images) == len(figures) and all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r"(src|href)=\"(https?:)?//", page)  # nothing fetched from the network
     assert "<script" not in page
-    for name in ("study_table", "attacks", "delong", "bag_of_words", "findings", "auc_vs_rank", "exposure_vs_copies"):
+    for name in ("study_table", "attacks", "delong", "bag_of_words", "findings", "auc_vs_rank", "exposure_vs_copies",
+                 "auc_rank_fit", "extraction_rates", "utility_by_config", "stage_wall_times"):
         assert (out / "report" / "tables" / f"{name}.csv").exists(), name
         if name != "findings":
             assert f'data-name="{name}"' in page
@@ -119,3 +122,32 @@ def test_missing_data_is_omitted_with_a_reason(tmp_path, report):
     result = CliRunner().invoke(app, ["report", str(copy)])
     assert result.exit_code == 0 and "index.html" in result.output
     assert not np.isnan(pd.read_csv(copy / "report" / "tables" / "attacks.csv").auc).any()
+
+
+def test_auc_rank_fit_is_null_with_its_reason_on_two_ranks(report):
+    out, _ = report
+    fits = pd.read_csv(out / "report" / "tables" / "auc_rank_fit.csv")
+    assert set(fits.target_modules) == {"q", "v"} and fits.plateau.isna().all() and fits.rank_90.isna().all()
+    assert fits.reason.str.contains("needs at least 4 ranks").all()
+
+
+def test_saturation_fit_recovers_a_known_curve_and_refuses_what_it_cannot_fit():
+    ranks = np.array([1, 2, 4, 8, 16, 32, 64])
+    noisy = saturating(ranks, 0.85, 0.6, 10) + np.random.default_rng(0).normal(0, 0.002, len(ranks))
+    fit = fit_saturation("v", ranks, noisy)
+    assert fit.ok and fit.reason is None
+    assert fit.plateau == pytest.approx(0.85, abs=0.01) and fit.scale == pytest.approx(10, rel=0.15)
+    assert fit.rank_90 == pytest.approx(fit.scale * np.log(10))
+    few = fit_saturation("q", [1, 2, 4], [0.70, 0.72, 0.73])
+    assert not few.ok and few.rank_90 is None and "needs at least 4 ranks" in few.reason
+    flat = fit_saturation("q", [1, 2, 4, 8], [0.6] * 4)
+    assert flat.rank_90 is None and "not distinguishable from zero" in flat.reason
+    falling = fit_saturation("q", [1, 2, 4, 8], [0.68, 0.67, 0.65, 0.60])
+    assert falling.rank_90 is None and "does not rise" in falling.reason
+
+
+def test_markdown_table_writes_nulls_and_escapes_pipes():
+    frame = pd.DataFrame({"a": ["x|y", None], "b": [0.123456, np.nan]})
+    assert md_table(frame, {"b": ".2f"}).splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 0.12 |",
+                                                          "| n/a | n/a |"]
+    assert pm(0.8, 0.7, 0.9) == "0.800 ± 0.100" and pm(0.8, np.nan, 0.9) == "0.800" and pm(np.nan, 0, 1) == "n/a"

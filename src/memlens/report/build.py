@@ -1,8 +1,10 @@
 """Build the study report from the files of a study folder.
 
-Each section returns HTML plus the figures/tables it wrote; a section whose data is missing says why it
-is omitted instead of drawing something made up. The HTML inlines every figure (base64 PNG) and needs
-no network and no JavaScript.
+Each section adds its HTML to a :class:`Report`, which also keeps every table it computed
+(`rep.frames`), every figure it wrote (`rep.figure_files`) and every omission with its reason, so other
+renderings (the Markdown findings document, :mod:`memlens.report.markdown`) reuse the same numbers. A
+section whose data is missing says why it is omitted instead of drawing something made up. The HTML
+inlines every figure (base64 PNG) and needs no network and no JavaScript.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from scipy import stats  # noqa: E402
 
 from memlens.report.data import REPORT_INPUTS, StudyResults  # noqa: E402
 from memlens.report.findings import Finding, finding_perplexity, finding_rank, finding_value_output  # noqa: E402
-from memlens.report import scores  # noqa: E402
+from memlens.report import scores, timings  # noqa: E402
+from memlens.report.saturation import fit_table, saturating  # noqa: E402
 from memlens.store import atomic_write_json, atomic_write_text  # noqa: E402
 
 BOW_WARN_DISTANCE = 0.1  # bag-of-words AUC this far from 0.5 means the split is separable without a model
@@ -45,7 +48,17 @@ class Report:
             for stale in folder.iterdir():  # a figure that can no longer be made must not linger
                 stale.unlink()
         self.sections: list[tuple[str, str, str]] = []  # (anchor, title, html)
-        self.omitted: list[tuple[str, str]] = []
+        self.omitted: list[tuple[str, str]] = []  # (what, reason)
+        self.frames: dict[str, pd.DataFrame] = {}  # every table written to tables/, by name
+        self.figure_files: dict[str, tuple[Path, str]] = {}  # figure name -> (png path, caption)
+        self.findings: list[Finding] = []
+        self.correlations: list[dict] = []  # n-gram share vs perplexity (finding 2)
+        self.bow_verdict: tuple[bool, str] | None = None  # (split separable by words alone, in words)
+        self.build_seconds: float | None = None  # wall time of build(), set when it finishes
+
+    def omitted_reason(self, what: str) -> str | None:
+        """Why `what` was omitted, or None when it was not."""
+        return next((reason for w, reason in self.omitted if w == what), None)
 
     # -- building blocks
     def figure(self, fig: plt.Figure, name: str, caption: str) -> str:
@@ -53,12 +66,14 @@ class Report:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+        self.figure_files[name] = (path, caption)
         encoded = base64.b64encode(path.read_bytes()).decode()
         return (f'<figure><img src="data:image/png;base64,{encoded}" alt="{html.escape(caption)}" '
                 f'data-name="{name}"><figcaption>{html.escape(caption)}</figcaption></figure>')
 
     def table(self, frame: pd.DataFrame, name: str, html_frame: pd.DataFrame | None = None) -> str:
         frame.to_csv(self.tables / f"{name}.csv", index=False)
+        self.frames[name] = frame
         shown = frame if html_frame is None else html_frame
         body = shown.to_html(index=False, border=0, classes="data", na_rep="n/a",
                              float_format=lambda v: f"{v:.4g}")
@@ -109,6 +124,7 @@ def section_study_table(rep: Report) -> None:
             "with the number and share of trainable parameters.</p>")
     table_html = pivot.to_html(index=False, border=0, escape=False, classes="data", na_rep="—")
     agg.to_csv(rep.tables / "study_table.csv", index=False)
+    rep.frames["study_table"] = agg
     body += f'<div class="table" data-name="study_table">{table_html}<p class="src">tables/study_table.csv</p></div>'
     rep.add("table", "Rank × adapted matrices", body)
 
@@ -158,6 +174,7 @@ def section_auc_vs_rank(rep: Report) -> None:
     curve = lora.groupby(["target_modules", "rank"]).agg(auc=("auc", "mean"), low=("auc_ci_low", "mean"),
                                                           high=("auc_ci_high", "mean"),
                                                           n_runs=("run_id", "nunique")).reset_index()
+    fits_frame, fits = fit_table(curve)
     colours = _colours(list(curve.target_modules.unique()))
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for targets, g in curve.groupby("target_modules"):
@@ -165,10 +182,21 @@ def section_auc_vs_rank(rep: Report) -> None:
         err = np.vstack([g.auc - g.low, g.high - g.auc])
         ax.errorbar(g["rank"], g.auc, yerr=np.nan_to_num(err), marker="o", capsize=3, label=f"[{targets}]",
                     color=colours[targets])
+    for fit in fits:
+        if fit.ok:
+            grid = np.geomspace(min(fit.ranks), max(fit.ranks), 100)
+            ax.plot(grid, saturating(grid, fit.plateau, fit.auc0, fit.scale), ls="--", lw=1,
+                    color=colours[fit.target_modules], label=f"[{fit.target_modules}] fit, plateau {fit.plateau:.3f}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("LoRA rank"), ax.set_ylabel(f"ROC AUC ({rep.data.primary_attack})"), ax.legend(fontsize=8)
-    body = rep.figure(fig, "auc_vs_rank", "Membership AUC against LoRA rank per adapted-matrix set (mean, CI).")
+    fitted = sum(f.ok for f in fits)
+    caption = ("Membership AUC against LoRA rank per adapted-matrix set (mean, CI); dashed: fitted saturation "
+               f"auc(r) = plateau - (plateau - auc0) exp(-r / scale) ({fitted} of {len(fits)} set(s) fitted).")
+    body = rep.figure(fig, "auc_vs_rank", caption)
     body += rep.table(curve, "auc_vs_rank")
+    body += ("<p>Saturation fit per matrix set: the plateau (± its standard error), the extrapolated AUC at "
+             "rank 0, and <code>rank_90</code>, the rank reaching 90% of the gain; a fit that cannot be made "
+             "has empty values and the reason.</p>") + rep.table(fits_frame, "auc_rank_fit")
     rep.add("rank", title, body)
 
 
@@ -258,6 +286,7 @@ def section_perplexity(rep: Report) -> list[dict]:
     body = rep.figure(fig, "ngram_share_vs_perplexity", caption)
     if rows:
         body += rep.table(pd.DataFrame(rows), "ngram_share_vs_perplexity")
+    rep.correlations = rows
     rep.add("perplexity", title, body)
     return rows
 
@@ -303,9 +332,9 @@ def section_attacks(rep: Report) -> None:
     if mia.empty:
         rep.add("attacks", title, rep.omit("attack comparison", "no membership-inference results"))
         return
-    cols = [c for c in ("auc", "tpr_at_10pct_fpr", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr") if c in mia]
-    table = mia.groupby("attack")[cols].mean().reset_index().sort_values("auc", ascending=False)
-    table.insert(1, "n_runs", mia.groupby("attack").run_id.nunique().reindex(table.attack).values)
+    table = attack_table(mia)
+    cols = [c for c in ("attack", "n_runs", "auc", "tpr_at_10pct_fpr", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr")
+            if c in table]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, column, label in ((axes[0], "auc", "ROC AUC"), (axes[1], "tpr_at_1pct_fpr", "TPR at 1% FPR")):
         if column not in table or table[column].isna().all():
@@ -318,7 +347,26 @@ def section_attacks(rep: Report) -> None:
         ax.invert_yaxis(), ax.set_xlabel(f"{label} (mean over runs)")
     axes[0].axvline(0.5, color="k", ls=":", lw=0.8)
     body = rep.figure(fig, "attacks", "Every membership attack, averaged over runs (n/a TPR drawn as 0).")
-    rep.add("attacks", title, body + rep.table(table, "attacks"))
+    rep.add("attacks", title, body + rep.table(table, "attacks", html_frame=table[cols]))
+
+
+TPR_POINTS = ("10pct", "1pct", "0_1pct")
+
+
+def attack_table(mia: pd.DataFrame) -> pd.DataFrame:
+    """Per attack, the mean over runs of the AUC, its interval, and the TPR at 10%, 1% and 0.1% FPR with
+    their bootstrap intervals; `tpr_at_*_note` says why a TPR is null (e.g. too few non-members)."""
+    metrics = ["auc", "auc_ci_low", "auc_ci_high"] + [f"tpr_at_{p}_fpr{s}" for p in TPR_POINTS
+                                                       for s in ("", "_low", "_high")]
+    cols = [c for c in metrics if c in mia]
+    table = mia.groupby("attack")[cols].mean().reset_index().sort_values("auc", ascending=False)
+    table.insert(1, "n_runs", mia.groupby("attack").run_id.nunique().reindex(table.attack).values)
+    for point in TPR_POINTS:
+        note = f"tpr_at_{point}_fpr_note"
+        if note in mia:
+            first = mia.dropna(subset=[note]).groupby("attack")[note].first()
+            table[note] = table.attack.map(first)
+    return table.reset_index(drop=True)
 
 
 def section_delong(rep: Report) -> pd.DataFrame:
@@ -343,15 +391,22 @@ def section_bag_of_words(rep: Report) -> None:
                                        else "mia.bag_of_words_baseline is false"))
         return
     cols = [c for c in ("run_id", "attack", "auc", "auc_ci_low", "auc_ci_high", "n_members", "n_non_members") if c in bow]
+    rep.bow_verdict = far, text = bow_verdict(bow)
+    verdict = f'<p class="{"warn" if far else "ok"}">{html.escape(text)}</p>'
+    rep.add("bow", title, verdict + rep.table(bow[cols], "bag_of_words"))
+
+
+def bow_verdict(bow: pd.DataFrame) -> tuple[bool, str]:
+    """(whether words alone separate members from non-members, the verdict in words) for baseline rows."""
     auc = bow.auc.mean()
     far = abs(auc - 0.5) > BOW_WARN_DISTANCE or (
         "auc_ci_low" in bow and (bow.auc_ci_low > 0.5).any() or "auc_ci_high" in bow and (bow.auc_ci_high < 0.5).any())
-    verdict = (f'<p class="warn">Warning: a classifier on word counts alone separates members from non-members '
-               f"with AUC {auc:.3f}: the member/non-member split is biased, and part of every attack's AUC may "
-               "come from the split rather than from memorization.</p>" if far else
-               f'<p class="ok">Words alone do not separate members from non-members (AUC {auc:.3f}, its interval '
-               "covers 0.5): the split looks unbiased.</p>")
-    rep.add("bow", title, verdict + rep.table(bow[cols], "bag_of_words"))
+    if far:
+        return True, (f"Warning: a classifier on word counts alone separates members from non-members with AUC "
+                      f"{auc:.3f}: the member/non-member split is biased, and part of every attack's AUC may come "
+                      "from the split rather than from memorization.")
+    return False, (f"Words alone do not separate members from non-members (AUC {auc:.3f}, its interval covers "
+                   "0.5): the split looks unbiased.")
 
 
 def section_utility(rep: Report) -> None:
@@ -361,7 +416,73 @@ def section_utility(rep: Report) -> None:
         rep.add("utility", title, rep.omit("utility", "no utility rows in results.parquet"))
         return
     keep = [c for c in util.columns if not util[c].isna().all() and c not in ("stage", "model", "total_params")]
-    rep.add("utility", title, rep.table(util[keep], "utility"))
+    body = rep.table(util[keep], "utility")
+    by_config = utility_by_config(util)
+    if len(by_config):
+        body += ("<p>Per configuration (mean over its runs): perplexity of the held-out splits under the "
+                 "fine-tuned model and under the base model.</p>") + rep.table(by_config, "utility_by_config")
+    rep.add("utility", title, body)
+
+
+UTILITY_PPL = ("test_ppl", "base_test_ppl", "utility_ppl", "base_utility_ppl")
+
+
+def utility_by_config(util: pd.DataFrame) -> pd.DataFrame:
+    """Mean test / utility-split perplexity (fine-tuned and base) per configuration, over seeds."""
+    values = [c for c in UTILITY_PPL if c in util and not util[c].isna().all()]
+    if not values:
+        return pd.DataFrame()
+    keys = [c for c in ("method", "target_modules", "rank", "canary_copies", "noise_multiplier") if c in util]
+    agg = util.groupby(keys, dropna=False)[values].mean()
+    agg.insert(0, "n_runs", util.groupby(keys, dropna=False).run_id.nunique())
+    return agg.reset_index()
+
+
+def section_extraction(rep: Report) -> None:
+    title = "Extraction rates"
+    rows = rep.data.stage("extraction")
+    if rows.empty:
+        reason = ("extraction.enabled is false" if not rep.data.study.extraction.enabled
+                  else "no extraction rows in results.parquet")
+        rep.add("extraction", title, rep.omit("extraction rates", reason))
+        return
+    table = extraction_rates(rows)
+    body = ("<p>Share of prompted records whose suffix was reproduced exactly, verbatim (longest common substring "
+            "ratio above <code>extraction.verbatim_threshold</code>) or with a BLEU above "
+            "<code>extraction.bleu_threshold</code>, and the mean n-gram share, per decoding, record group, model "
+            "(fine-tuned, or the base model on the same prompts as a control) and canary copies; mean over runs.</p>")
+    rep.add("extraction", title, body + rep.table(table, "extraction_rates"))
+
+
+def extraction_rates(rows: pd.DataFrame) -> pd.DataFrame:
+    """Extraction rows of results.parquet averaged over runs per decoding, group, model and canary copies."""
+    frame = rows.assign(model=np.where(rows.attack.str.endswith(":base"), "base", "finetuned"))
+    metrics = [c for c in ("exact_rate", "verbatim_rate", "bleu_rate", "mean_ngram_share") if c in frame]
+    keys = [c for c in ("decoding", "group", "model", "canary_copies") if c in frame]
+    agg = frame.groupby(keys, dropna=False)[metrics].mean()
+    agg.insert(0, "n_runs", frame.groupby(keys, dropna=False).run_id.nunique())
+    if "n" in frame:
+        agg.insert(1, "n_records", frame.groupby(keys, dropna=False)["n"].sum())
+    return agg.reset_index()
+
+
+def section_wall_times(rep: Report) -> None:
+    title = "Wall times"
+    per_run = timings.stage_times(rep.data.root)
+    history = timings.read_history(rep.data.root)
+    if per_run.empty and not history:
+        rep.add("walltimes", title, rep.omit("wall times", "no runs/<run_id>/timings.json, train.json wall times or "
+                                             "history.jsonl in the study folder"))
+        return
+    body = ""
+    if history:
+        body += ("<p>Each <code>memlens run</code> on this folder (history.jsonl; a run is recorded when it ends, "
+                 "after the report it builds: <code>memlens report</code> shows it):</p>") + rep.table(
+            timings.history_table(history), "history")
+    if len(per_run):
+        body += "<p>Per-cell stage wall times (runs/&lt;run_id&gt;/timings.json, train.json):</p>" + rep.table(
+            timings.stage_summary(per_run), "stage_wall_times")
+    rep.add("walltimes", title, body)
 
 
 def section_frontier(rep: Report) -> None:
@@ -377,6 +498,7 @@ def section_frontier(rep: Report) -> None:
         rep.add("frontier", title, rep.omit("frontier", "no run has both an attack metric and a utility metric"))
         return
     frontier.frontier_figure(rep.data.results, path, root=rep.data.root)
+    rep.figure_files["frontier"] = (path, "Leakage against held-out perplexity, one point per configuration.")
     encoded = base64.b64encode(path.read_bytes()).decode()
     body = (f'<figure><img src="data:image/png;base64,{encoded}" alt="privacy/utility frontier" data-name="frontier">'
             "<figcaption>Leakage against held-out perplexity, one point per configuration.</figcaption></figure>")
@@ -456,7 +578,8 @@ def render_html(rep: Report, findings_html: str, failures_html: str) -> str:
 
 SECTIONS: list[Callable[[Report], object]] = [
     section_study_table, section_roc, section_auc_vs_rank, section_copies, section_perplexity, section_exposure,
-    section_attacks, section_delong, section_bag_of_words, section_utility, section_frontier,
+    section_attacks, section_delong, section_bag_of_words, section_extraction, section_utility, section_frontier,
+    section_wall_times,
 ]
 
 
@@ -479,23 +602,28 @@ def report_is_current(root: Path) -> bool:
     return json.loads(stamp.read_text()) == json.loads(json.dumps(_inputs_fingerprint(root)))
 
 
-def build_report(root: Path) -> Path:
-    """Write `<root>/report/` from the study folder's files; returns the path of index.html."""
+def build(root: Path) -> Report:
+    """Write `<root>/report/` (index.html, figures/, tables/) from the study folder's files and return the
+    :class:`Report`, which holds every table, figure and finding it computed."""
+    start = time.perf_counter()
     root = Path(root)
     data = StudyResults.load(root)
     fingerprint = _inputs_fingerprint(root)
     out = root / "report"
     rep = Report(data, out)
-    delong = pd.DataFrame()
     for section in SECTIONS:
-        result = section(rep)
-        if section is section_delong:
-            delong = result
+        section(rep)
     primary = data.primary()
-    findings = [finding_value_output(primary, delong), finding_perplexity(_member_extraction(data)),
-                finding_rank(primary)]
-    page = render_html(rep, section_findings(rep, findings), section_failures(rep))
+    rep.findings = [finding_value_output(primary, rep.frames.get("delong", pd.DataFrame())),
+                    finding_perplexity(_member_extraction(data)), finding_rank(primary)]
+    page = render_html(rep, section_findings(rep, rep.findings), section_failures(rep))
     atomic_write_text(out / "index.html", page)
     atomic_write_json(out / ".inputs.json", fingerprint)
     os.utime(out / "index.html")
-    return out / "index.html"
+    rep.build_seconds = time.perf_counter() - start
+    return rep
+
+
+def build_report(root: Path) -> Path:
+    """Write `<root>/report/` from the study folder's files; returns the path of index.html."""
+    return build(root).out / "index.html"

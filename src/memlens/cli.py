@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -150,15 +151,30 @@ def status(out: Annotated[Path, typer.Argument(help="Study output folder.", exis
 
 
 @app.command()
-def report(out: Annotated[Path, typer.Argument(help="Study output folder.", exists=True, file_okay=False)]) -> None:
-    """(Re)write the study's HTML report from its results."""
+def report(
+    out: Annotated[Path, typer.Argument(help="Study output folder.", exists=True, file_okay=False)],
+    markdown: Annotated[Optional[Path], typer.Option(
+        "--markdown", dir_okay=False,
+        help="Also write the findings document (Markdown) here, e.g. docs/findings.md; its figures are copied "
+             "into the folder named after it (docs/findings/, whose PNGs are replaced).")] = None,
+) -> None:
+    """(Re)write the study's HTML report from its results; with --markdown, also the findings document."""
     from memlens.report import build_report
 
     try:
-        path = build_report(out)
+        if markdown is None:
+            path = build_report(out)
+        else:
+            from memlens.report.markdown import write_findings
+
+            command = shlex.join(["memlens", "report", str(out), "--markdown", str(markdown)])
+            written = write_findings(out, markdown, command=command)
+            path = out / "report" / "index.html"
     except ConfigError as exc:
         _fail(exc)
     typer.echo(f"report: {path}")
+    if markdown is not None:
+        typer.echo(f"findings: {written}")
 
 
 @app.command()

@@ -1,0 +1,144 @@
+"""The findings document end to end: a 2-cell miniature of the study ([q] vs [v] at rank 1 on llama-tiny and
+a PHEE subset), `memlens report <out> --markdown`, and verdicts that follow the data: rewriting the
+membership scores so one run separates members and the other does not flips finding (1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from memlens.cli import app
+from memlens.metrics.roc import membership_metrics
+from memlens.report.mdtable import seconds
+from memlens.runner import normalise_study, run_study
+from tests.conftest import make_study
+
+# One xdist worker builds the study once for the whole module.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("findings_doc")]
+
+VERDICTS = ("holds", "does not hold", "inconclusive")
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("findings") / "out"
+    study = normalise_study(make_study(
+        out, grid={"target_modules": [["q"], ["v"]], "rank": [1]}, data={"subset": 40}, model={"device": "cpu"},
+        train={"epochs": 2, "learning_rate": 3e-3}, mia={"bootstrap": 50},
+        extraction={"members": 8, "non_members": 8}))
+    summary = run_study(study, show_progress=False, report=False)
+    assert summary.ok, [o.error for o in summary.failed]
+    return out
+
+
+def _report(out: Path, md: Path) -> str:
+    result = CliRunner().invoke(app, ["report", str(out), "--markdown", str(md)])
+    assert result.exit_code == 0, result.output
+    assert f"findings: {md}" in result.output
+    return md.read_text()
+
+
+def _verdicts(doc: str) -> dict[int, str]:
+    """{finding number: verdict} as the document states them."""
+    found = re.findall(r"^## Finding (\d): .+?\n\n\*\*Verdict: ([a-z ]+)\.\*\*", doc, re.M | re.S)
+    return {int(n): v for n, v in found}
+
+
+def _primary(out: Path) -> pd.DataFrame:
+    results = pd.read_parquet(out / "results.parquet")
+    return results[(results.stage == "mia") & (results.attack == "ref_ratio")]
+
+
+def _rig(out: Path, strong: str) -> None:
+    """Make the run adapting `strong` separate members from non-members (score shifted by 3 sd) and the other
+    run score noise, then recompute their `ref_ratio` result rows from those scores with memlens' metrics."""
+    scores = pd.read_parquet(out / "mia_scores.parquet")
+    results = pd.read_parquet(out / "results.parquet")
+    targets = results.drop_duplicates("run_id").set_index("run_id").target_modules
+    rng = np.random.default_rng(0)
+    for run_id in scores.run_id.unique():
+        rows = scores.run_id == run_id
+        labels = scores.loc[rows, "is_member"].to_numpy(bool)
+        values = rng.normal(size=len(labels)) + (3.0 * labels if targets[run_id] == strong else 0.0)
+        scores.loc[rows, "ref_ratio"] = values
+        target = (results.run_id == run_id) & (results.stage == "mia") & (results.attack == "ref_ratio")
+        for key, value in membership_metrics(labels, values, n_bootstrap=50).items():
+            if key in results and isinstance(value, (int, float)) and not isinstance(value, bool):
+                results.loc[target, key] = value
+    scores.to_parquet(out / "mia_scores.parquet", index=False)
+    results.to_parquet(out / "results.parquet", index=False)
+
+
+def test_run_records_its_history_and_stage_wall_times(mini):
+    history = [json.loads(line) for line in (mini / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 1
+    entry = history[0]
+    assert entry["command"] == "python API" and entry["error"] is None
+    assert entry["cells_total"] == entry["cells_run"] == entry["cells_done"] == 2 and entry["cells_failed"] == 0
+    assert entry["wall_s"] > 0 and entry["started"] <= entry["ended"]
+    hardware = entry["hardware"]
+    assert hardware["cpu_cores"] == os.cpu_count() and hardware["device"] == "cpu" and hardware["gpu"] is None
+    assert "host" not in hardware  # hostname-free
+    for run_dir in (mini / "runs").iterdir():
+        timings = json.loads((run_dir / "timings.json").read_text())
+        assert set(timings) == {"finetune", "mia", "extraction"}, run_dir
+        assert all(t["wall_s"] > 0 and t["batch_cells"] in (1, 2) for t in timings.values())
+        assert timings["mia"]["wall_s"] * timings["mia"]["batch_cells"] == pytest.approx(timings["mia"]["batch_wall_s"])
+
+
+def test_findings_document_is_generated_from_the_data(mini, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(mini, out)
+    md = tmp_path / "docs" / "findings.md"
+    doc = _report(out, md)
+
+    verdicts = _verdicts(doc)
+    assert set(verdicts) == {1, 2, 3} and set(verdicts.values()) <= set(VERDICTS), verdicts
+    written = pd.read_csv(out / "report" / "tables" / "findings.csv")
+    assert list(written.verdict) == [verdicts[n] for n in (1, 2, 3)]  # the HTML report's verdicts
+    # The AUC table holds the runs' numbers (one run per cell: mean = the run's AUC, ± half its interval).
+    for row in _primary(out).itertuples():
+        assert f"{row.auc:.3f} ± {(row.auc_ci_high - row.auc_ci_low) / 2:.3f}" in doc, row.target_modules
+    assert "| rank | [q] | [v] |" in doc
+    assert re.search(r"\| 1 \| 1 \| 0 \| \[v\] \| \[q\] \|", doc)  # the DeLong test [v] against [q] at rank 1
+    # One rank: the saturation fit is not computed, and the document says why instead of inventing a number.
+    assert "Saturation fit not computed: the grid has one LoRA rank (1)" in doc
+    assert "not measured here" in doc  # the paper's numbers are labelled as the paper's
+    for heading in ("## Beyond the study", "### Other membership attacks and the low-FPR regime",
+                    "### Extraction rate vs canary copies", "### Utility per configuration", "## How to regenerate"):
+        assert heading in doc
+    assert "needs >= 1000 non-members, has 40" in doc  # TPR at 0.1% FPR: null with its reason
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", doc)
+    assert links and all(link.startswith("findings/") for link in links)
+    assert all((md.parent / link).is_file() for link in links)
+    assert {p.name for p in (md.parent / "findings").iterdir()} == {Path(link).name for link in links}
+    # How to regenerate: the recorded invocation, its wall time, the report command, per-stage times.
+    history = json.loads((out / "history.jsonl").read_text().splitlines()[0])
+    assert f"| 1 | `python API` | {history['started']} | {seconds(history['wall_s'])} | 2 / 2 |" in doc
+    assert f"`memlens report {out} --markdown {md}`" in doc
+    assert re.search(r"^\| finetune \| 2 \| ", doc, re.M) and re.search(r"^\| mia \| 2 \| ", doc, re.M)
+
+    _rig(out, strong="v")
+    doc = _report(out, md)
+    assert _verdicts(doc)[1] == "holds", doc
+    strong = _primary(out).set_index("target_modules").loc["v"]
+    assert strong.auc > 0.9 and f"{strong.auc:.3f} ± " in doc
+
+    _rig(out, strong="q")
+    doc = _report(out, md)
+    assert _verdicts(doc)[1] == "does not hold", doc
+    assert f"{_primary(out).set_index('target_modules').loc['q'].auc:.3f} ± " in doc
+
+
+def test_markdown_target_must_be_a_md_file(mini, tmp_path):
+    result = CliRunner().invoke(app, ["report", str(mini), "--markdown", str(tmp_path / "findings.txt")])
+    assert result.exit_code == 2 and "must be a .md file" in result.output
+    assert not (tmp_path / "findings.txt").exists()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from memlens.models.varlen import varlen_attention
 from memlens.train.collate import CausalLMCollator, PackedCollator, pack_rows
 from tests.conftest import GPT2_SMALL, LLAMA_TINY, PHEE
 
@@ -21,6 +24,7 @@ def records() -> list[list[int]]:
 
 
 def _model(path, attn: str):
+    attn = "sdpa" if attn == "varlen" else attn  # varlen: switched on around the packed forward
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
     return model.eval()  # no dropout: the comparison is deterministic
 
@@ -54,9 +58,10 @@ def _single_loss(model, rec) -> torch.Tensor:
     return _token_nll(model(input_ids=ids).logits, ids).sum() / (len(rec) - 1)
 
 
-@pytest.mark.parametrize("path,attn", [(LLAMA_TINY, "sdpa"), (LLAMA_TINY, "eager"), (GPT2_SMALL, "sdpa"),
-                                       (GPT2_SMALL, "eager")],
-                         ids=["llama-tiny-sdpa", "llama-tiny-eager", "gpt2-small-sdpa", "gpt2-small-eager"])
+@pytest.mark.parametrize("path,attn", [(LLAMA_TINY, "sdpa"), (LLAMA_TINY, "eager"), (LLAMA_TINY, "varlen"),
+                                       (GPT2_SMALL, "sdpa"), (GPT2_SMALL, "eager"), (GPT2_SMALL, "varlen")],
+                         ids=["llama-tiny-sdpa", "llama-tiny-eager", "llama-tiny-varlen", "gpt2-small-sdpa",
+                              "gpt2-small-eager", "gpt2-small-varlen"])
 def test_packed_losses_and_gradients_equal_single_records(records, path, attn):
     model = _model(path, attn)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -67,8 +72,10 @@ def test_packed_losses_and_gradients_equal_single_records(records, path, attn):
     assert batch["input_ids"].shape[0] >= 2 and "attention_mask" not in batch
     assert (batch["position_ids"] == 0).sum() > batch["input_ids"].shape[0]  # several records per row
 
-    packed = _per_record_losses_packed(model, batch, records, pack_tokens)
-    for i in (0, N_RECORDS - 1) if attn == "sdpa" else (N_RECORDS - 1,):  # per-record gradients, packed forward
+    with varlen_attention(model) if attn == "varlen" else nullcontext(False) as switched:
+        assert switched == (attn == "varlen")
+        packed = _per_record_losses_packed(model, batch, records, pack_tokens)
+    for i in (0, N_RECORDS - 1) if attn != "eager" else (N_RECORDS - 1,):  # per-record gradients, packed forward
         single = _single_loss(model, records[i])
         torch.testing.assert_close(packed[i], single, rtol=1e-5, atol=1e-5)
         g_packed = torch.autograd.grad(packed[i], params, retain_graph=True, allow_unused=True)

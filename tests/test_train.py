@@ -43,9 +43,10 @@ def llama_runs(tmp_path_factory):
     4 steps visibly fit the records)."""
     root = tmp_path_factory.mktemp("llama")
     runs = {}
-    for name, packing in (("packed", "packed"), ("packed_again", "packed"), ("padded", "padded")):
+    for name, packing, attention in (("packed", "packed", "auto"), ("packed_again", "packed", "auto"),
+                                     ("padded", "padded", "auto"), ("packed_mask", "packed", "block_mask")):
         study = _study(root / name, lora={"dropout": 0.0},
-                       train={"packing": packing, "epochs": 2, "learning_rate": 1e-2})
+                       train={"packing": packing, "epochs": 2, "learning_rate": 1e-2, "packed_attention": attention})
         runs[name] = (study, _train(study))
     return runs
 
@@ -59,7 +60,7 @@ def test_lora_on_q_projections_only_and_parameter_count(llama_runs):
     layers, rank, width = 4, 2, 192  # llama-tiny: 4 x 192, q is 192 -> 192
     assert info["trainable_params"] == layers * rank * (width + width)
     assert sum(w.numel() for w in weights.values()) == info["trainable_params"]
-    assert info["total_params"] > 3_000_000 and info["packing"] == "packed"
+    assert info["total_params"] > 3_000_000 and info["packing"] == "packed" and info["attention"] == "varlen"
     assert info["padding_fraction"] == 0.0 and info["real_tokens"] > 0
 
 
@@ -77,6 +78,16 @@ def test_packed_training_matches_padded_training(llama_runs):
         assert p["loss"] == pytest.approx(q["loss"], rel=1e-4)
     a, b = _adapter(llama_runs["packed"][1]), _adapter(llama_runs["padded"][1])
     for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+
+
+def test_varlen_and_block_mask_packing_train_the_same_model(llama_runs):
+    varlen, mask = read_train_info(llama_runs["packed"][1]), read_train_info(llama_runs["packed_mask"][1])
+    assert (varlen["attention"], mask["attention"]) == ("varlen", "block_mask")
+    for p, q in zip(varlen["loss_curve"], mask["loss_curve"], strict=True):
+        assert p["loss"] == pytest.approx(q["loss"], rel=1e-5)
+    a, b = _adapter(llama_runs["packed"][1]), _adapter(llama_runs["packed_mask"][1])
+    for key in a:  # Adam divides by the gradient's own scale: float-rounding differences reach ~1e-5
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
 
 

@@ -201,14 +201,20 @@ class TrainConfig(_Strict):
     )
     packing: Literal["packed", "length_grouped", "padded"] = Field(
         "packed",
-        description="`packed`: the records of an optimizer step (same random draw as `padded`) are packed "
+        description="`packed`: each micro-batch's records (same random draw as `padded`) are packed "
         "into rows of at most `pack_tokens` tokens where each record attends only to itself (positions "
-        "restart, block-diagonal attention, no loss across a boundary): the same loss and gradient as "
-        "`padded` without the padding, in one forward pass per step. `length_grouped`: batches of similar "
+        "restart, per-record attention, no loss across a boundary): the same loss and gradient as "
+        "`padded` without the padding. `length_grouped`: batches of similar "
         "lengths (changes which records share a step). `padded`: the study's random padded batches.",
     )
     pack_tokens: int = Field(1024, ge=16, description="Most tokens per packed row (a longer record gets a row "
                              "of its own); a step's rows are padded to the longest of them.")
+    packed_attention: Literal["auto", "varlen", "block_mask"] = Field(
+        "auto", description="How packed records are kept apart. `varlen`: each record's attention runs at its own "
+        "length (memlens' variable-length path: no row x row work); `block_mask`: transformers' block-diagonal "
+        "mask over the whole row (SDPA/eager); `auto`: varlen for the architectures it is tested on (Llama, "
+        "Mistral and Qwen2 without sliding window, GPT-2), block_mask otherwise.",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Mixed precision; `auto` is fp32 on CPU and bf16 on GPUs that support it."
     )
@@ -428,7 +434,8 @@ class CellConfig(_Strict):
             "model": study.model.model_dump(exclude={"device"}),
             "data": study.data.model_dump(exclude={"utility_split"}),
             "canary": study.canary.model_dump(),
-            "train": study.train.model_dump(exclude={"logging_steps"}),
+            # packed_attention: the same computation either way (to float rounding), only faster
+            "train": study.train.model_dump(exclude={"logging_steps", "packed_attention"}),
         }
         if self.method == "lora":
             determinants["lora"] = study.lora.model_dump()

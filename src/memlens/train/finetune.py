@@ -7,6 +7,8 @@ import logging
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -29,6 +31,7 @@ from memlens.models import (
     split_fused_modules,
 )
 from memlens.models.adapters import ADAPTER_DIR, FULL_MODEL_DIR
+from memlens.models.varlen import SUPPORTED_MODEL_TYPES, supports_varlen, varlen_attention
 from memlens.store import StudyLayout, atomic_dir, atomic_write_json, atomic_write_parquet, atomic_write_text
 from memlens.train.collate import CausalLMCollator, PackedCollator, pack_rows
 from memlens.train.progress import RichProgressCallback, progress_or_own
@@ -198,15 +201,14 @@ def _train_with_trainer(model, input_ids: list[list[int]], study: StudyConfig, c
     """Train with the HF Trainer in the configured packing mode; returns what train.json records."""
     tcfg = study.train
     packed = tcfg.packing == "packed"
-    if packed:
-        # The optimizer step's batch_size x grad_accum records are drawn exactly as in `padded` (same
-        # sampler, same seed) and packed into rows run in one forward: the Trainer's token-count
-        # normalisation makes the loss and gradient those of the accumulated padded micro-batches.
-        collate = PackedCollator(tokenizer.pad_token_id, tcfg.pack_tokens)
-        per_device, accum = tcfg.batch_size * tcfg.grad_accum, 1
-    else:
-        collate = CausalLMCollator(tokenizer.pad_token_id)
-        per_device, accum = tcfg.batch_size, tcfg.grad_accum
+    # Packed micro-batches hold the same batch_size records as `padded` ones (same sampler, same seed), packed
+    # into rows instead of padded; the Trainer's token-count normalisation over the grad_accum micro-batches
+    # makes each step's loss and gradient those of the padded recipe. Packing a whole step into one forward
+    # was measured slower on CPU: the step's logits outgrow the cache (for more per forward on a GPU, raise
+    # batch_size and lower grad_accum: a step then sees the same records).
+    collate = PackedCollator(tokenizer.pad_token_id, tcfg.pack_tokens) if packed else \
+        CausalLMCollator(tokenizer.pad_token_id)
+    per_device, accum = tcfg.batch_size, tcfg.grad_accum
     rows, width = step_shape([len(x) for x in input_ids], per_device, tcfg.packing, tcfg.pack_tokens)
     checkpointing = _use_checkpointing(tcfg.gradient_checkpointing, model, device, rows, width)
     counter = _TokenCounter(collate)
@@ -241,21 +243,42 @@ def _train_with_trainer(model, input_ids: list[list[int]], study: StudyConfig, c
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
     with progress_or_own(progress) as display:
         trainer.add_callback(RichProgressCallback(display, cell.run_id(study)))
-        start = time.perf_counter()
-        trainer.train()
-        wall = time.perf_counter() - start
+        with _packed_attention(model, tcfg) as attention:
+            start = time.perf_counter()
+            trainer.train()
+            wall = time.perf_counter() - start
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
     curve = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     return {
         "loss_curve": curve,
         "steps": trainer.state.global_step,
         "packing": tcfg.packing,
+        "attention": attention,
         "gradient_checkpointing": checkpointing,
         "precision": "bf16" if precision["bf16"] else "fp16" if precision["fp16"] else "fp32",
         "real_tokens": counter.real,
         "padding_fraction": 1.0 - counter.real / counter.slots if counter.slots else None,
         "train_tokens_per_s": counter.real / wall,
     }
+
+
+@contextmanager
+def _packed_attention(model: torch.nn.Module, tcfg) -> Iterator[str]:
+    """Switch the model to the varlen attention path for packed training when asked (or `auto` and
+    supported); yields what the run used: `varlen`, `block_mask` or `padded` (not packed)."""
+    if tcfg.packing != "packed":
+        yield "padded"
+        return
+    if tcfg.packed_attention == "block_mask" or tcfg.packed_attention == "auto" and not supports_varlen(model):
+        yield "block_mask"
+        return
+    if not supports_varlen(model):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        raise ConfigError(f"train.packed_attention: varlen is not available for model type "
+                          f"{getattr(base.config, 'model_type', '?')!r} (supported: {sorted(SUPPORTED_MODEL_TYPES)}, "
+                          "without sliding window); use auto or block_mask")
+    with varlen_attention(model):
+        yield "varlen"
 
 
 def read_train_info(run_dir: Path) -> dict:

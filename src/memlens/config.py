@@ -208,7 +208,7 @@ class TrainConfig(_Strict):
         "lengths (changes which records share a step). `padded`: the study's random padded batches.",
     )
     pack_tokens: int = Field(1024, ge=16, description="Most tokens per packed row (a longer record gets a row "
-                             "of its own); a step's rows are padded to the longest of them.")
+                             "of its own); a micro-batch's rows are padded to the longest of them.")
     packed_attention: Literal["auto", "varlen", "block_mask"] = Field(
         "auto", description="How packed records are kept apart. `varlen`: each record's attention runs at its own "
         "length (memlens' variable-length path: no row x row work); `block_mask`: transformers' block-diagonal "

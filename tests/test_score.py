@@ -47,11 +47,13 @@ def reference(model, sequences):
     return logprobs, np.array(nll)
 
 
-@pytest.mark.parametrize("batch_size,padding_side,shuffle", [(1, "right", False), (4, "right", True),
-                                                             (32, "right", False), (7, "left", True)])
-def test_nll_matches_one_at_a_time(model, tokenizer, sequences, reference, batch_size, padding_side, shuffle):
+@pytest.mark.parametrize("batch_size,padding_side,shuffle,max_tokens", [
+    (1, "right", False, None), (4, "right", True, None), (32, "right", False, None), (7, "left", True, None),
+    (256, "right", True, 160)])
+def test_nll_matches_one_at_a_time(model, tokenizer, sequences, reference, batch_size, padding_side, shuffle,
+                                   max_tokens):
     order = np.random.default_rng(batch_size).permutation(len(sequences)) if shuffle else np.arange(len(sequences))
-    stats = token_stats(model, [sequences[i] for i in order], batch_size=batch_size,
+    stats = token_stats(model, [sequences[i] for i in order], batch_size=batch_size, max_batch_tokens=max_tokens,
                         pad_token_id=tokenizer.pad_token_id, padding_side=padding_side)
     logprobs, nll = reference
     np.testing.assert_allclose(stats.mean_nll(), nll[order], atol=1e-4)

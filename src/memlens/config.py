@@ -276,7 +276,11 @@ class MIAConfig(_Strict):
     reference_corpus: str | None = Field(
         None, description="Text file (one document per line) for token frequencies of DC-PDD."
     )
-    batch_size: int = Field(32, ge=1, description="Sequences per scoring batch.")
+    batch_size: int = Field(256, ge=1, description="Most sequences per scoring batch (see `batch_tokens`).")
+    batch_tokens: int | Literal["auto"] = Field(
+        "auto", description="Most padded tokens per scoring batch: records are sorted by length and batched "
+        "up to this budget. `auto`: 2048 on CPU (measured fastest: activations stay in cache), 16384 on a GPU.",
+    )
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals (0: none).")
     ci_level: float = Field(0.95, gt=0, lt=1, description="Confidence level of every interval.")
     max_fpr_operating_point: float = Field(
@@ -293,6 +297,19 @@ class MIAConfig(_Strict):
         "(the study's perplexity used 512); `null`: half the context.",
     )
     dc_pdd_clip: float = Field(0.01, gt=0, description="DC-PDD's upper bound `a` on each token's calibrated score.")
+
+    @field_validator("batch_tokens")
+    @classmethod
+    def _positive_budget(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be >= 1 (tokens) or auto")
+        return value
+
+    def batch_token_budget(self, device: Any) -> int:
+        """`batch_tokens` resolved for a device (a torch.device or its name)."""
+        if self.batch_tokens != "auto":
+            return self.batch_tokens
+        return 2048 if str(getattr(device, "type", device)).split(":")[0] == "cpu" else 16384
 
     @field_validator("attacks")
     @classmethod

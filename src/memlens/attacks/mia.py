@@ -71,7 +71,8 @@ class Scorer:
         if self.progress is not None:
             self.progress.reset(self._batch_task, total=len(ids), visible=True, description=f"  {label}")
         return token_stats(model, ids, batch_size=self.mia.batch_size, pad_token_id=self.tokenizer.pad_token_id,
-                           stride=self.mia.stride, on_batch=on_batch)
+                           stride=self.mia.stride, max_batch_tokens=self.mia.batch_token_budget(self.device),
+                           on_batch=on_batch)
 
     def base_stats(self, texts: Sequence[str], label: str) -> SequenceStats:
         """Base-model (adapters disabled) stats of `texts`, from the cache when present."""

@@ -34,20 +34,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from memlens.config import load_study  # noqa: E402
+from shapes import SHAPES, random_llama  # noqa: E402
 from memlens.data import load_study_data  # noqa: E402
 from memlens.models import load_tokenizer  # noqa: E402
 from memlens.store import StudyLayout  # noqa: E402
 from memlens.train import finetune_cell, read_train_info  # noqa: E402
-
-SHAPES = {  # random-weight shapes (LlamaConfig kwargs); the shared byte-level tokenizer's ids fit any vocab
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-    "llama-tiny-random": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=4, vocab_size=8192, max_position_embeddings=512),
-}
-
 
 def recipes(device: str, pack_tokens: int | None = None) -> dict[str, dict]:
     gpu = device == "cuda"
@@ -64,16 +58,6 @@ def recipes(device: str, pack_tokens: int | None = None) -> dict[str, dict]:
         "packed": packed,
         "packed_block_mask": {**packed, "packed_attention": "block_mask"},
     }
-
-
-def random_model(shape: str, dtype: torch.dtype, device: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**SHAPES[shape], bos_token_id=0, eos_token_id=1, pad_token_id=2)  # the shared tokenizer's
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
-    return model.eval()
 
 
 def run_once(args, name: str, train: dict, out: Path) -> dict:
@@ -93,7 +77,7 @@ def run_once(args, name: str, train: dict, out: Path) -> dict:
     base = None
     if args.shape is not None:  # the tokenizer comes from llama-tiny; the weights are random, of the shape
         dtype = {"float16": torch.float16}.get(model_dtype, torch.bfloat16 if gpu else torch.float32)
-        base = random_model(args.shape, dtype, args.device)
+        base = random_llama(args.shape, dtype, args.device)
     run = finetune_cell(study, study.cells()[0], data, StudyLayout(out), load_tokenizer(study.model),
                         base_model=base)
     info = read_train_info(run)

@@ -30,6 +30,9 @@ from memlens.attacks.generate import generate_continuations, resolve_decoding, s
 from memlens.config import DecodingConfig, ModelConfig
 from memlens.models import AdapterBank, load_base_model, load_tokenizer, save_adapter
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import SHAPES, random_llama  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 GREEDY = resolve_decoding(DecodingConfig(name="greedy"))
@@ -95,22 +98,10 @@ def cpu_benchmark(args) -> None:
 
 
 def gpu_benchmark(args) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    shapes = {
-        "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                          num_key_value_heads=32, vocab_size=32000),
-        "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=4, vocab_size=8192),
-    }
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = LlamaConfig(max_position_embeddings=512, **shapes[args.shape])
-    torch.manual_seed(0)
-    torch.set_default_dtype(dtype)
-    with device:
-        model = LlamaForCausalLM(config).eval()
-    torch.set_default_dtype(torch.float32)
+    model = random_llama(args.shape, dtype, device)
+    config = model.config
     n_params = sum(p.numel() for p in model.parameters())
     batch, new, prompt_len = args.batch_size, 32, 18
     gen = torch.Generator().manual_seed(0)
@@ -148,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="48 prompts, 1 adapter")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--shape", choices=["llama2-7b", "tiny"], default=None,
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
                         help="random-weights model shape (GPU mode); default: llama-small with adapters (CPU mode)")
     parser.add_argument("--prompts", type=int, default=500)
     parser.add_argument("--adapters", type=int, default=3)

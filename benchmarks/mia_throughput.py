@@ -12,6 +12,11 @@ matmul throughput (large square matmuls, measured in the same run).
 
     python benchmarks/mia_throughput.py            # 300 + 300 records, 3 repeats
     python benchmarks/mia_throughput.py --quick    # 64 + 64 records, 2 repeats
+
+GPU: `--device cuda --shape llama2-7b` scores PHEE members + non-members (all of train and test unless
+`--records`) with a randomly initialised Llama-2-7B-shaped model in bf16 (nothing downloaded) and reports
+the scoring pass's achieved FLOP/s as a fraction of the bf16 matmul peak measured in the same run, next
+to the textbook batched forward with a full fp32 log-softmax (the issue measured 37% for it on an H100).
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ from memlens.attacks.mia import attack_models  # noqa: E402
 from memlens.config import MIAConfig  # noqa: E402
 from memlens.models import save_adapter  # noqa: E402
 from memlens.score import token_stats  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import SHAPES, matmul_peak_gflops, random_llama, synchronize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MEMLENS_SHARED", REPO.parent / "shared"))
@@ -84,17 +92,6 @@ def memlens_method(adapters: list[Path], members: list[str], non_members: list[s
     return scores
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
-
-
 def forward_flops(model: torch.nn.Module, lengths: list[int]) -> float:
     """Matmul FLOPs of scoring these sequences once (real tokens only; padding not counted): linear
     layers including the output layer, plus attention scores and values (causal: ~n^2/2 pairs)."""
@@ -122,7 +119,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (--quick: 2)")
     parser.add_argument("--batch-size", type=int, default=None, help="mia.batch_size (default: memlens')")
     parser.add_argument("--batch-tokens", type=int, default=None, help="mia.batch_tokens (default: memlens' auto)")
+    parser.add_argument("--device", default="cpu", help="with --shape: where the random model runs")
+    parser.add_argument("--shape", default=None, choices=sorted(SHAPES), help="random-weight model (GPU mode)")
     args = parser.parse_args()
+    if args.shape:
+        return shape_benchmark(args)
     if args.quick:
         args.records = 64
     args.repeats = args.repeats or (2 if args.quick else 3)
@@ -140,13 +141,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(Path(tmp), args.adapters)
-        peak = matmul_gflops()
+        peak = matmul_peak_gflops("cpu", torch.float32)
         batch = {k: v for k, v in (("batch_size", args.batch_size), ("batch_tokens", args.batch_tokens)) if v}
         mia_cfg = MIAConfig(**batch)
         t_ours, scores = median_time(lambda: memlens_method(adapters, members, non_members, batch),
                                      args.repeats)
         t_study, study = median_time(lambda: study_method(adapters, ids), args.repeats)
-        peak = max(peak, matmul_gflops())  # measured before and after: the machine's best
+        peak = max(peak, matmul_peak_gflops("cpu", torch.float32))  # measured before and after: the machine's best
 
         # the same numbers: the study's ratio (ref/ft mean NLL) per record and adapter
         worst = max(np.abs(scores[scores.run_id == a.name].ref_ratio.to_numpy() - study[a.name]).max()
@@ -174,6 +175,49 @@ def main() -> None:
           f"({flops / t_plain / 1e9 / peak:5.1%} of peak)")
 
 
+def shape_benchmark(args) -> None:
+    """Scoring pass of a random-weight model of `args.shape` (bf16 on a GPU) vs the matmul peak."""
+    hf_logging.set_verbosity_error()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    repeats = args.repeats or 3
+    records = None if args.records == 300 and not args.quick else args.records  # default: every record
+    texts = [t for split in ("train", "test") for t in
+             pd.read_json(PHEE / f"{split}.jsonl", lines=True).context.head(records).tolist()]
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)  # ids < 8192 fit the random model's vocabulary
+    ids = tokenizer(texts)["input_ids"]
+    model = random_llama(args.shape, dtype, device)
+    mia_cfg = MIAConfig(**{k: v for k, v in (("batch_size", args.batch_size), ("batch_tokens", args.batch_tokens))
+                           if v})
+    budget = mia_cfg.batch_token_budget(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{args.shape} random weights, {dtype}, on {name}: {len(ids)} records ({sum(map(len, ids))} tokens), "
+          f"batch_tokens {budget}, repeats {repeats}", flush=True)
+    peak = matmul_peak_gflops(device, dtype)
+    flops = forward_flops(model, [len(x) for x in ids])
+
+    def timed(fn) -> float:
+        fn()  # warm-up: kernels, allocator
+        times = []
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    t_pass = timed(lambda: token_stats(model, ids, batch_size=mia_cfg.batch_size, max_batch_tokens=budget,
+                                       pad_token_id=tokenizer.pad_token_id))
+    t_plain = timed(lambda: _plain_forward(model, ids, 64, tokenizer.pad_token_id))
+    peak = max(peak, matmul_peak_gflops(device, dtype))
+    print(f"{dtype} matmul peak (same run): {peak:9.1f} GFLOP/s")
+    print(f"scoring pass (memlens): {t_pass:8.2f} s = {flops / t_pass / 1e9:8.1f} GFLOP/s = "
+          f"{flops / t_pass / 1e9 / peak:5.1%} of peak (target >= 60%)")
+    print(f"plain batched HF forward + full fp32 log-softmax, sorted batches of 64: {t_plain:.2f} s = "
+          f"{flops / t_plain / 1e9 / peak:5.1%} of peak; ratio {t_plain / t_pass:.2f}x")
+
+
 @torch.inference_mode()
 def _plain_forward(model, ids, batch_size, pad):
     """Reference point: the textbook batched scorer (sorted batches, full fp32 log-softmax of the logits)."""
@@ -181,10 +225,10 @@ def _plain_forward(model, ids, batch_size, pad):
     for b in range(0, len(order), batch_size):
         rows = [ids[i] for i in order[b:b + batch_size]]
         width = max(map(len, rows))
-        x = torch.full((len(rows), width), pad)
+        x = torch.full((len(rows), width), pad, device=model.device)
         mask = torch.zeros_like(x)
         for r, seq in enumerate(rows):
-            x[r, :len(seq)], mask[r, :len(seq)] = torch.tensor(seq), 1
+            x[r, :len(seq)], mask[r, :len(seq)] = torch.tensor(seq, device=model.device), 1
         logp = torch.log_softmax(model(input_ids=x, attention_mask=mask).logits.float(), -1)
         logp[:, :-1].gather(-1, x[:, 1:, None])
 

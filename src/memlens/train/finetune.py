@@ -265,15 +265,20 @@ def _train_with_trainer(model, input_ids: list[list[int]], study: StudyConfig, c
 @contextmanager
 def _packed_attention(model: torch.nn.Module, tcfg) -> Iterator[str]:
     """Switch the model to the varlen attention path for packed training when asked (or `auto` and
-    supported); yields what the run used: `varlen`, `block_mask` or `padded` (not packed)."""
+    supported); yields what the run used: `varlen`, `block_mask`, `flash_attention_*` (a model loaded with
+    flash-attn keeps it) or `padded` (not packed)."""
     if tcfg.packing != "packed":
         yield "padded"
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    implementation = str(getattr(base.config, "_attn_implementation", ""))
+    if implementation.startswith("flash_attention"):
+        yield implementation  # flash-attn's own varlen path: transformers derives it from the position ids
         return
     if tcfg.packed_attention == "block_mask" or tcfg.packed_attention == "auto" and not supports_varlen(model):
         yield "block_mask"
         return
     if not supports_varlen(model):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
         raise ConfigError(f"train.packed_attention: varlen is not available for model type "
                           f"{getattr(base.config, 'model_type', '?')!r} (supported: {sorted(SUPPORTED_MODEL_TYPES)}, "
                           "without sliding window); use auto or block_mask")

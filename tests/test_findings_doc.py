@@ -142,3 +142,12 @@ def test_markdown_target_must_be_a_md_file(mini, tmp_path):
     result = CliRunner().invoke(app, ["report", str(mini), "--markdown", str(tmp_path / "findings.txt")])
     assert result.exit_code == 2 and "must be a .md file" in result.output
     assert not (tmp_path / "findings.txt").exists()
+
+
+def test_operator_note_is_shown_as_the_operators_words(mini, tmp_path):
+    md = tmp_path / "noted.md"
+    result = CliRunner().invoke(app, ["report", str(mini), "--markdown", str(md), "--note", "paused 5 min"])
+    assert result.exit_code == 0, result.output
+    doc = md.read_text()
+    assert "> **Operator's note** (written by the person who ran the study, not computed): paused 5 min" in doc
+    assert "--note 'paused 5 min'" in doc  # the regenerating command includes it

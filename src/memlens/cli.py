@@ -157,6 +157,9 @@ def report(
         "--markdown", dir_okay=False,
         help="Also write the findings document (Markdown) here, e.g. docs/findings.md; its figures are copied "
              "into the folder named after it (docs/findings/, whose PNGs are replaced).")] = None,
+    note: Annotated[Optional[str], typer.Option(
+        "--note", help="With --markdown: a remark shown verbatim as the operator's note (e.g. what else ran on "
+                       "the machine during the study).")] = None,
 ) -> None:
     """(Re)write the study's HTML report from its results; with --markdown, also the findings document."""
     from memlens.report import build_report
@@ -167,8 +170,9 @@ def report(
         else:
             from memlens.report.markdown import write_findings
 
-            command = shlex.join(["memlens", "report", str(out), "--markdown", str(markdown)])
-            written = write_findings(out, markdown, command=command)
+            command = shlex.join(["memlens", "report", str(out), "--markdown", str(markdown),
+                                  *(["--note", note] if note else [])])
+            written = write_findings(out, markdown, command=command, note=note)
             path = out / "report" / "index.html"
     except ConfigError as exc:
         _fail(exc)

@@ -337,10 +337,12 @@ def _regenerate(doc: Document, root: Path, command: str) -> None:
 
 
 # --------------------------------------------------------------------------------------- entry point
-def render(rep: Report, root: Path, folder_name: str, command: str) -> Document:
-    """The whole document for a built report."""
+def render(rep: Report, root: Path, folder_name: str, command: str, note: str | None = None) -> Document:
+    """The whole document for a built report; `note` is the operator's own text, shown as such."""
     doc = Document(rep, folder_name)
     _header(doc, root, command)
+    if note:
+        doc.add("> **Operator's note** (written by the person who ran the study, not computed): " + note.strip())
     verdicts = pd.DataFrame({"finding": [f.title for f in rep.findings],
                              "verdict": [f"**{f.verdict}**" for f in rep.findings]})
     doc.add("## Verdicts", "Whether each finding of the 2024 study holds in this study's data (the thresholds are "
@@ -359,7 +361,7 @@ def render(rep: Report, root: Path, folder_name: str, command: str) -> Document:
     return doc
 
 
-def write_findings(root: Path, dest: Path, command: str | None = None) -> Path:
+def write_findings(root: Path, dest: Path, command: str | None = None, note: str | None = None) -> Path:
     """Rebuild `<root>/report/` and write the findings document to `dest`, with its figures copied into
     the folder `dest.parent / dest.stem` (whose PNG files are replaced). Returns `dest`."""
     root, dest = Path(root), Path(dest)
@@ -368,7 +370,7 @@ def write_findings(root: Path, dest: Path, command: str | None = None) -> Path:
                           f"the folder named after it)")
     command = command or shlex.join(["memlens", "report", str(root), "--markdown", str(dest)])
     rep = build(root)
-    doc = render(rep, root, dest.stem, command)
+    doc = render(rep, root, dest.stem, command, note)
     folder = dest.parent / dest.stem
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.png"):  # a figure the study can no longer draw must not linger

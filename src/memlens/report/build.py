@@ -28,6 +28,7 @@ from scipy import stats  # noqa: E402
 
 from memlens.report.data import REPORT_INPUTS, StudyResults  # noqa: E402
 from memlens.report.findings import Finding, finding_perplexity, finding_rank, finding_value_output  # noqa: E402
+from memlens.report.mdtable import pm  # noqa: E402
 from memlens.report import scores, timings  # noqa: E402
 from memlens.report.saturation import fit_table, saturating  # noqa: E402
 from memlens.store import atomic_write_json, atomic_write_text  # noqa: E402
@@ -88,12 +89,6 @@ class Report:
 
 
 # --------------------------------------------------------------------------------------- sections
-def _fmt_pm(mean: float, low: float, high: float) -> str:
-    if any(pd.isna(v) for v in (mean, low, high)):
-        return "n/a" if pd.isna(mean) else f"{mean:.3f}"
-    return f"{mean:.3f} ± {(high - low) / 2:.3f}"
-
-
 def _group_extra(frame: pd.DataFrame) -> list[str]:
     """Grid axes besides rank and matrices that vary in this study (tables are split by them)."""
     extra = []
@@ -114,7 +109,7 @@ def section_study_table(rep: Report) -> None:
         auc_ci_low=("auc_ci_low", "mean"), auc_ci_high=("auc_ci_high", "mean"),
         trainable_params=("trainable_params", "first"), trainable_pct=("trainable_pct", "first"),
     ).reset_index()
-    cell = agg.apply(lambda r: f"{_fmt_pm(r.auc, r.auc_ci_low, r.auc_ci_high)}<br><small>{int(r.trainable_params):,}"
+    cell = agg.apply(lambda r: f"{pm(r.auc, r.auc_ci_low, r.auc_ci_high)}<br><small>{int(r.trainable_params):,}"
                      f" params ({r.trainable_pct:.2g}%)</small>", axis=1)
     pivot = agg.assign(cell=cell).pivot_table(index=["rank", *keys[2:]], columns="target_modules",
                                                 values="cell", aggfunc="first").reset_index()

@@ -114,7 +114,8 @@ def median_time(fn, repeats: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64 + 64 records, 2 repeats")
-    parser.add_argument("--records", type=int, default=300, help="members and non-members each (default 300)")
+    parser.add_argument("--records", type=int, default=None,
+                        help="members and non-members each (default 300; with --shape: every record)")
     parser.add_argument("--adapters", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (--quick: 2)")
     parser.add_argument("--batch-size", type=int, default=None, help="mia.batch_size (default: memlens')")
@@ -122,10 +123,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="with --shape: where the random model runs")
     parser.add_argument("--shape", default=None, choices=sorted(SHAPES), help="random-weight model (GPU mode)")
     args = parser.parse_args()
-    if args.shape:
-        return shape_benchmark(args)
     if args.quick:
         args.records = 64
+    if args.shape:
+        return shape_benchmark(args)
+    args.records = args.records or 300
     args.repeats = args.repeats or (2 if args.quick else 3)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -181,9 +183,8 @@ def shape_benchmark(args) -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     repeats = args.repeats or 3
-    records = None if args.records == 300 and not args.quick else args.records  # default: every record
-    texts = [t for split in ("train", "test") for t in
-             pd.read_json(PHEE / f"{split}.jsonl", lines=True).context.head(records).tolist()]
+    texts = [t for split in ("train", "test") for t in  # records None: every record
+             pd.read_json(PHEE / f"{split}.jsonl", lines=True).context.head(args.records).tolist()]
     tokenizer = AutoTokenizer.from_pretrained(MODEL)  # ids < 8192 fit the random model's vocabulary
     ids = tokenizer(texts)["input_ids"]
     model = random_llama(args.shape, dtype, device)

@@ -111,3 +111,100 @@ def test_delong_against_definition_and_bootstrap():
     assert test["diff"] == pytest.approx(test["auc_a"] - test["auc_b"])
     assert 0 <= test["p_value"] <= 1 and test["auc_a"] > test["auc_b"]  # noise lowers b's AUC
     assert delong_test(labels, a, a.copy())["p_value"] == 1.0
+
+
+# ------------------------------------------------------------------ vectorised bootstrap vs the old loop
+def _reference_bootstrap_ci(statistic, pos, neg, n_resamples, level, seed=0, batch=None):
+    """The bootstrap as membership_metrics computed it before it was vectorised: one
+    `scipy.stats.bootstrap` per statistic, all with the same seed (kept as the reference)."""
+    from scipy import stats
+
+    if n_resamples <= 0:
+        return float("nan"), float("nan")
+    batch = batch or max(1, 2_000_000 // (len(pos) + len(neg)))
+    res = stats.bootstrap((pos, neg), statistic, n_resamples=n_resamples, confidence_level=level,
+                          method="percentile", vectorized=True, paired=False, batch=batch,
+                          rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def _reference_auc_statistic(pos, neg, axis=-1):
+    from scipy import stats
+
+    u = stats.mannwhitneyu(pos, neg, axis=axis, method="asymptotic", use_continuity=False).statistic
+    return u / (pos.shape[axis] * neg.shape[axis])
+
+
+def _reference_tpr_at_fpr(pos, neg, fpr, axis=-1):
+    neg_desc = -np.sort(-neg, axis=axis)
+    k = int(math.floor(fpr * neg.shape[axis] + 1e-9))
+    threshold = np.take(neg_desc, min(k, neg.shape[axis] - 1), axis=axis)
+    return (pos > np.expand_dims(threshold, axis)).mean(axis=axis)
+
+
+def _reference_intervals(labels, scores, n_bootstrap, level, seed, batch=None):
+    """Every bootstrap interval of the old membership_metrics, keyed by its row column."""
+    pos, neg = scores[labels], scores[~labels]
+    out = dict(zip(("auc_boot_low", "auc_boot_high"),
+                   _reference_bootstrap_ci(_reference_auc_statistic, pos, neg, n_bootstrap, level, seed, batch)))
+    for name, fpr in {"10pct": 0.1, "1pct": 0.01, "0_1pct": 0.001}.items():
+        col = f"tpr_at_{name}_fpr"
+        if len(neg) < round(1 / fpr):
+            out[f"{col}_low"] = out[f"{col}_high"] = np.nan
+            continue
+        out[f"{col}_low"], out[f"{col}_high"] = _reference_bootstrap_ci(
+            lambda p, n, axis=-1, f=fpr: _reference_tpr_at_fpr(p, n, f, axis), pos, neg, n_bootstrap, level, seed,
+            batch)
+    return out
+
+
+def _tied_scores(n_pos, n_neg, seed, kind):
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(n_pos, bool), np.zeros(n_neg, bool)]
+    if kind == "continuous":
+        scores = np.r_[rng.normal(0.7, 1, n_pos), rng.normal(0, 1, n_neg)]
+    elif kind == "rounded":  # many ties within and across the classes
+        scores = np.round(np.r_[rng.normal(0.5, 1, n_pos), rng.normal(0, 1, n_neg)], 1)
+    else:  # "few": 4 distinct values, almost everything tied
+        scores = np.r_[rng.integers(1, 5, n_pos), rng.integers(0, 4, n_neg)].astype(float)
+    perm = rng.permutation(len(labels))  # members and non-members interleaved
+    return labels[perm], scores[perm]
+
+
+@pytest.mark.parametrize(("n_pos", "n_neg", "kind", "n_bootstrap", "level", "seed"), [
+    (300, 300, "continuous", 1000, 0.95, 0),
+    (300, 300, "rounded", 1000, 0.95, 0),
+    (250, 1200, "rounded", 500, 0.9, 3),    # enough non-members for TPR at 0.1% FPR
+    (90, 60, "few", 400, 0.95, 7),          # too few non-members for 1% and 0.1%: NaN
+    (2, 2, "rounded", 50, 0.95, 1),         # smallest sizes the bootstrap accepts
+    (40, 30, "continuous", 0, 0.95, 0),     # no bootstrap: NaN intervals
+])
+def test_vectorised_bootstrap_equals_the_scipy_loop(n_pos, n_neg, kind, n_bootstrap, level, seed):
+    labels, scores = _tied_scores(n_pos, n_neg, seed, kind)
+    row = membership_metrics(labels, scores, n_bootstrap=n_bootstrap, level=level, seed=seed)
+    expected = _reference_intervals(labels, scores, n_bootstrap, level, seed)
+    got = {col: row[col] for col in expected}
+    np.testing.assert_allclose(list(got.values()), list(expected.values()), rtol=0, atol=0, equal_nan=True,
+                               err_msg=str({"got": got, "expected": expected}))
+
+
+def test_vectorised_bootstrap_draws_batch_by_batch_like_scipy(monkeypatch):
+    # scipy draws members then non-members per batch: several batches (and a short last one) must give
+    # the same resamples, hence the same intervals, as the loop with that batch size.
+    from memlens.metrics import roc
+
+    labels, scores = _tied_scores(120, 150, 11, "rounded")
+    monkeypatch.setattr(roc, "_bootstrap_batch", lambda n_pos, n_neg: 37)
+    row = roc.membership_metrics(labels, scores, n_bootstrap=200, seed=5)
+    expected = _reference_intervals(labels, scores, 200, 0.95, 5, batch=37)
+    np.testing.assert_allclose([row[c] for c in expected], list(expected.values()), rtol=0, atol=0, equal_nan=True)
+    # and bootstrap_ci (the generic one, kept for other statistics) follows the same batches
+    pos, neg = scores[labels], scores[~labels]
+    assert roc.bootstrap_ci(roc._auc_statistic, pos, neg, 200, 0.95, 5) == (row["auc_boot_low"], row["auc_boot_high"])
+
+
+def test_bootstrap_needs_two_of_each_as_before():
+    labels = np.array([1, 0, 0, 0], bool)
+    with pytest.raises(ValueError, match="two or more observations"):
+        membership_metrics(labels, np.array([0.5, 0.1, 0.2, 0.3]), n_bootstrap=10)
+    assert math.isnan(membership_metrics(labels, np.array([0.5, 0.1, 0.2, 0.3]), n_bootstrap=0)["auc_boot_low"])

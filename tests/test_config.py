@@ -1,11 +1,18 @@
 import pytest
 
-from memlens.config import ConfigError, load_study
+from memlens.config import ConfigError, DataConfig, ModelConfig, StudyConfig, load_study
 from tests.conftest import make_study
+
+# the two fields without a default (a study must say which data and which model)
+REQUIRED = {"data": {"source": "some/dataset"}, "model": {"name_or_path": "some/model"}}
+
+
+def _raw(**sections) -> dict:
+    return {**{k: dict(v) for k, v in REQUIRED.items()}, **sections}
 
 
 def test_defaults_are_the_studys_recipe():
-    study = load_study(raw={})
+    study = load_study(raw=_raw())
     assert (study.lora.alpha, study.lora.dropout, study.lora.bias) == (16, 0.05, "none")
     t = study.train
     assert (t.learning_rate, t.batch_size, t.grad_accum, t.warmup_steps, t.epochs) == (1e-3, 16, 4, 100, 3)
@@ -13,30 +20,30 @@ def test_defaults_are_the_studys_recipe():
 
 def test_unknown_key_names_path_and_valid_keys():
     with pytest.raises(ConfigError) as err:
-        load_study(raw={"train": {"epoch": 3}})
+        load_study(raw=_raw(train={"epoch": 3}))
     msg = str(err.value)
     assert "train.epoch: unknown key" in msg and "epochs" in msg and "learning_rate" in msg
 
 
 def test_wrong_type_and_impossible_values():
     with pytest.raises(ConfigError) as err:
-        load_study(raw={"train": {"learning_rate": "fast"}, "grid": {"rank": [0]}})
+        load_study(raw=_raw(train={"learning_rate": "fast"}, grid={"rank": [0]}))
     msg = str(err.value)
     assert "train.learning_rate" in msg and "grid.rank" in msg and ">= 1" in msg
 
 
 def test_bad_choice_lists_valid_choices():
     with pytest.raises(ConfigError) as err:
-        load_study(raw={"mia": {"attacks": ["loss", "magic"]}})
+        load_study(raw=_raw(mia={"attacks": ["loss", "magic"]}))
     assert "magic" in str(err.value) and "min_k_pp" in str(err.value)
     with pytest.raises(ConfigError) as err:
-        load_study(raw={"model": {"dtype": "float8"}})
+        load_study(raw=_raw(model={"name_or_path": "m", "dtype": "float8"}))
     assert "model.dtype" in str(err.value) and "bfloat16" in str(err.value)
 
 
 def test_set_overrides_parse_yaml_values(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text("grid:\n  rank: [1]\n")
+    path.write_text("data: {source: d}\nmodel: {name_or_path: m}\ngrid:\n  rank: [1]\n")
     study = load_study(path, ["grid.rank=[2, 4]", "train.epochs=1", "model.load_in_8bit=true"])
     assert study.grid.rank == [2, 4] and study.train.epochs == 1 and study.model.load_in_8bit is True
     with pytest.raises(ConfigError, match="key=value"):
@@ -71,4 +78,49 @@ def test_run_ids_survive_dump_and_reload(tmp_path):
     study = make_study(tmp_path, grid={"target_modules": [["q"], ["v"]], "method": ["lora", "full"]})
     reloaded = load_study(raw=yaml.safe_load(dump_study(study)))
     assert [c.run_id(study) for c in study.cells()] == [c.run_id(reloaded) for c in reloaded.cells()]
-    assert load_study(raw={}).lora.alpha == 16.0 and isinstance(load_study(raw={}).lora.alpha, float)
+    assert load_study(raw=_raw()).lora.alpha == 16.0 and isinstance(load_study(raw=_raw()).lora.alpha, float)
+
+
+def test_data_source_and_model_are_required_not_defaulted_to_a_sibling_folder():
+    """#13: the defaults were `../shared/...`, a path that exists only beside the project's own checkout."""
+    for cls, field in ((DataConfig, "source"), (ModelConfig, "name_or_path")):
+        assert cls.model_fields[field].is_required()
+    for section in ("data", "model"):
+        assert StudyConfig.model_fields[section].is_required()
+    with pytest.raises(ConfigError) as err:
+        load_study(raw={})
+    msg = str(err.value)
+    assert "  data: required; add the section with at least data.source: a hub dataset id" in msg
+    assert "  model: required; add the section with at least model.name_or_path: a hub model id" in msg
+    with pytest.raises(ConfigError) as err:
+        load_study(raw={"data": {"subset": 4}, "model": {"dtype": "float32"}})
+    msg = str(err.value)
+    assert "data.source: required; a hub dataset id" in msg and "a folder of" in msg
+    assert "model.name_or_path: required; a hub model id" in msg and "Field required" not in msg
+
+
+def test_an_unparsable_set_value_names_the_override():
+    with pytest.raises(ConfigError) as err:
+        load_study(raw=_raw(), overrides=["grid.rank=[2"])
+    msg = str(err.value)
+    assert msg.startswith("--set 'grid.rank=[2': the value '[2' is not valid YAML")
+    assert "expected ',' or ']'" in msg and "[2, 4]" in msg
+
+
+def test_a_scalar_set_on_a_list_field_suggests_the_list():
+    with pytest.raises(ConfigError) as err:
+        load_study(raw=_raw(), overrides=["grid.rank=4"])
+    assert "grid.rank: expected a list, got 4 (from --set grid.rank=4); write: --set 'grid.rank=[4]'" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_study(raw=_raw(), overrides=["grid.target_modules=[q, v]"])
+    assert "--set 'grid.target_modules=[[q], [v]]'" in str(err.value)
+    with pytest.raises(ConfigError) as err:  # the same mistake in a study file
+        load_study(raw=_raw(grid={"rank": 4}))
+    assert "grid.rank: expected a list, got 4; write a list, e.g. rank: [4]" in str(err.value)
+
+
+def test_negative_seeds_are_refused():
+    with pytest.raises(ConfigError, match=r"grid.seed: .*seeds must be integers >= 0; got \[-1\]"):
+        load_study(raw=_raw(grid={"seed": [0, -1]}))
+    with pytest.raises(ConfigError, match="data.subset_seed: Input should be greater than or equal to 0"):
+        load_study(raw=_raw(data={"source": "d", "subset_seed": -1}))

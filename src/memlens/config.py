@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 
 class ConfigError(ValueError):
@@ -32,8 +33,8 @@ class DataConfig(_Strict):
     """Where the member / non-member records come from."""
 
     source: str = Field(
-        "../shared/data/phee",
-        description="A hub dataset id (e.g. `sarus-tech/phee`), a folder of `<split>.jsonl|.csv|.parquet` "
+        ...,
+        description="Required. A hub dataset id (e.g. `sarus-tech/phee`), a folder of `<split>.jsonl|.csv|.parquet` "
         "files, or a single file with a split column. Relative paths resolve against the working directory.",
     )
     format: Literal["auto", "hub", "folder", "file"] = Field(
@@ -52,7 +53,7 @@ class DataConfig(_Strict):
     subset: int | None = Field(
         None, ge=1, description="Keep a seeded random subset of this many records per split (`null`: all)."
     )
-    subset_seed: int = Field(0, description="Seed of the subset draw.")
+    subset_seed: int = Field(0, ge=0, description="Seed of the subset draw.")
     allow_shared_texts: bool = Field(
         False,
         description="Texts present in both member and non-member splits invalidate a membership experiment; "
@@ -67,7 +68,10 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     """The pretrained base model; also the reference model of the membership attack."""
 
-    name_or_path: str = Field("../shared/models/llama-tiny", description="A hub model id or a local folder.")
+    name_or_path: str = Field(
+        ..., description="Required. A hub model id (e.g. `gpt2`) or a local folder. Relative paths resolve against "
+        "the working directory."
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; `auto` is float32 on CPU and bfloat16 on GPUs that have it."
@@ -130,6 +134,14 @@ class GridConfig(_Strict):
     def _not_empty(cls, value: list) -> list:
         if not value:
             raise ValueError("needs at least one value")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _non_negative_seeds(cls, value: list[int]) -> list[int]:
+        negative = [v for v in value if v < 0]
+        if negative:
+            raise ValueError(f"seeds must be integers >= 0; got {negative}")
         return value
 
     @field_validator("noise_multiplier")
@@ -390,8 +402,8 @@ class StudyConfig(_Strict):
 
     name: str = Field("study", description="Study name, used in reports.")
     out: str | None = Field(None, description="Output folder; `null`: `memlens-out/<name>`.")
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(..., description="Required section: where the records come from (`data.source`).")
+    model: ModelConfig = Field(..., description="Required section: the base model (`model.name_or_path`).")
     grid: GridConfig = Field(default_factory=GridConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     canary: CanaryConfig = Field(default_factory=CanaryConfig)
@@ -479,16 +491,113 @@ def stable_hash(obj: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------- loading
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line per problem: `<file>: <field.path>: <what is wrong>`."""
+def format_validation_error(err: ValidationError, source: str, overrides: list[str] | None = None) -> str:
+    """One line per problem: `<file>: <field.path>: <what is wrong>`. `overrides` (the `--set key=value`
+    items that were applied) lets a problem in an overridden field name the override and its fix."""
+    set_by = {}
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        set_by[key.strip()] = value
     lines = [f"{source}: invalid study configuration"]
     for problem in err.errors():
-        path = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        loc = tuple(problem["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
         msg = problem["msg"]
         if problem["type"] == "extra_forbidden":
-            msg = f"unknown key; valid keys here: {_valid_keys(problem['loc'])}"
+            msg = f"unknown key; valid keys here: {_valid_keys(loc)}"
+        elif problem["type"] == "missing":
+            msg = _missing_message(loc)
+        elif problem["type"] == "list_type":
+            msg = _list_message(loc, problem.get("input"), set_by)
         lines.append(f"  {path}: {msg}")
     return "\n".join(lines)
+
+
+def _field_at(loc: tuple) -> FieldInfo | None:
+    """The field a validation error's location points at (None inside lists or dicts)."""
+    model: type[BaseModel] = StudyConfig
+    field = None
+    for i, part in enumerate(loc):
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        if i < len(loc) - 1:
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                return None
+            model = annotation
+    return field
+
+
+def _description(field: FieldInfo | None) -> str:
+    """A field's description without its `Required.` label, starting lowercase (it follows `required; `)."""
+    text = (field.description or "").removeprefix("Required. ").removeprefix("Required section: ") if field else ""
+    return text[:1].lower() + text[1:]
+
+
+# the field a required section cannot do without
+_REQUIRED_IN_SECTION = {"data": "source", "model": "name_or_path"}
+
+
+def _missing_message(loc: tuple) -> str:
+    field = _field_at(loc)
+    if len(loc) == 1 and str(loc[0]) in _REQUIRED_IN_SECTION:
+        section = str(loc[0])
+        key = _REQUIRED_IN_SECTION[section]
+        inner = _field_at((section, key))
+        return f"required; add the section with at least {section}.{key}: {_description(inner)}"
+    description = _description(field)
+    return f"required; {description}" if description else "required"
+
+
+def _list_message(loc: tuple, value: Any, set_by: dict[str, str]) -> str:
+    msg = f"expected a list, got {value!r}"
+    field_loc = loc
+    while field_loc and isinstance(field_loc[-1], int):  # an item of a list of lists: its field
+        field_loc = field_loc[:-1]
+    path = ".".join(str(p) for p in field_loc)
+    if path in set_by:
+        try:
+            whole = yaml.safe_load(set_by[path])
+        except yaml.YAMLError:
+            whole = set_by[path]
+        suggestion = _as_list(field_loc, whole) if field_loc == loc else _as_list(field_loc, whole, wrap=False)
+        if suggestion is not None:
+            return f"{msg} (from --set {path}={set_by[path]}); write: --set '{path}={suggestion}'"
+        return msg
+    if field_loc != loc:
+        return f"{msg}; every item of {path} is a list itself, e.g. {_flow([value])}"
+    suggestion = _as_list(loc, value)
+    return f"{msg}; write a list, e.g. {path.rsplit('.', 1)[-1]}: {suggestion}" if suggestion else msg
+
+
+def _flow(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip()
+
+
+def _as_list(loc: tuple, value: Any, wrap: bool = True) -> str | None:
+    """The value turned into the list the field takes, as YAML flow text (`4` -> `[4]`, `q` -> `[[q]]`,
+    `[q]` -> `[[q]]`), if one fits."""
+    field = _field_at(loc)
+    if field is None:
+        return None
+    candidates = [[value], [[value]]] if wrap else []
+    if isinstance(value, list):  # a list whose items should be lists
+        candidates.append([v if isinstance(v, list) else [v] for v in value])
+    if isinstance(value, str) and "," in value:  # `4,8` -> [4, 8]
+        try:
+            items = [yaml.safe_load(v) for v in value.split(",")]
+        except yaml.YAMLError:
+            items = value.split(",")
+        candidates = [items, [items]] + candidates
+    adapter = TypeAdapter(field.annotation)
+    for candidate in candidates:
+        try:
+            adapter.validate_python(candidate)
+        except ValidationError:
+            continue
+        return _flow(candidate)
+    return None
 
 
 def _valid_keys(loc: tuple) -> list[str]:
@@ -503,12 +612,27 @@ def _valid_keys(loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """`while parsing a flow sequence, expected ',' or ']', but got '<stream end>' at column 3` (one line)."""
+    parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+    text = ", ".join(p for p in parts if p) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{text} at column {mark.column + 1}" if mark is not None else text
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides (value parsed as YAML) to a raw config dict."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.epochs=1")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"--set {item!r}: the value {value!r} is not valid YAML ({_yaml_problem(exc)}). Write lists as "
+                f"[2, 4] with both brackets, and quote text that contains : # [ ] {{ }}, e.g. "
+                f"--set 'name=\"a: b\"'") from None
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:
@@ -516,7 +640,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = parsed
     return raw
 
 
@@ -539,7 +663,7 @@ def load_study(path: str | Path | None = None, overrides: list[str] | None = Non
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, overrides)) from None
 
 
 def dump_study(study: StudyConfig) -> str:

@@ -112,18 +112,18 @@ def main() -> None:
                 start = time.perf_counter()
                 info = run_once(args, name, train, Path(tmp) / f"{name}-{repeat}")
                 results[name].append(info)
-                print(f"  {name:17s} repeat {repeat}: {info['train_tokens_per_s']:9.0f} real tok/s "
-                      f"(padding {info['padding_fraction']:.0%}, steps {info['steps']}, "
-                      f"ckpt {info['gradient_checkpointing']}, {info['precision']}, "
+                print(f"  {name:17s} repeat {repeat}: {info.train_tokens_per_s:9.0f} real tok/s "
+                      f"(padding {info.padding_fraction:.0%}, steps {info.steps}, "
+                      f"ckpt {info.gradient_checkpointing}, {info.precision}, "
                       f"{time.perf_counter() - start:.0f}s with load)", flush=True)
-    medians = {name: statistics.median(i["train_tokens_per_s"] for i in infos) for name, infos in results.items()}
+    medians = {name: statistics.median(i.train_tokens_per_s for i in infos) for name, infos in results.items()}
     print(f"\n{'recipe':17s} {'median real tok/s':>18s} {'vs study':>9s}")
     for name, value in medians.items():
         print(f"{name:17s} {value:18.0f} {value / medians['study']:8.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"device": device_name, "shape": args.shape or "llama-small",
                                          "records": args.records, "medians": medians,
-                                         "runs": {k: [i["train_tokens_per_s"] for i in v] for k, v in results.items()}},
+                                         "runs": {k: [i.train_tokens_per_s for i in v] for k, v in results.items()}},
                                         indent=2))
 
 

@@ -218,7 +218,7 @@ def test_finetune_cell_records_dp_in_train_json(tmp_path):
     assert len(study.cells()) == 2 and len(dp_cells) == 1
     run_dir = finetune_cell(study, dp_cells[0], load_study_data(study.data), StudyLayout(study.out_dir))
     assert "-dpeps8-" in run_dir.name
-    dp = read_train_info(run_dir)["dp"]
+    dp = read_train_info(run_dir).dp
     # calibrated noise reaches the target (binary-search tolerance 0.01) without exceeding it
     assert 7.95 <= dp["epsilon"] <= 8.0 and dp["accountant"] == "rdp" and dp["steps"] == 2
     assert dp["target_epsilon"] == 8.0 and dp["noise_multiplier"] > 0

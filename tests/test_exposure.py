@@ -50,7 +50,7 @@ def insert_run(tmp_path_factory):
 def scored_space(insert_run):
     """Log-perplexity of every record of the space under the fine-tuned model, for independent checks."""
     study, _, run_dir, _ = insert_run
-    canary = Canary(**read_train_info(run_dir)["canary"])
+    canary = Canary(**read_train_info(run_dir).canary)
     tok = load_tokenizer(study.model)
     bank = AdapterBank(load_base_model(study.model))
     bank.add("ft", run_dir)

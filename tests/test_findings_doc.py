@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from memlens.cli import app
 from memlens.metrics.roc import membership_metrics
 from memlens.report.mdtable import seconds
-from memlens.runner import normalise_study, run_study
+from memlens.runner import run_study
+from memlens.study import normalise_study
 from tests.conftest import make_study
 
 # One xdist worker builds the study once for the whole module.

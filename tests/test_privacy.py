@@ -11,12 +11,8 @@ import pytest
 from scipy import special, stats
 
 from memlens.config import load_study
-from memlens.metrics.privacy import (
-    epsilon_lower_bound,
-    one_run_epsilon_lower_bound,
-    p_value_dp_audit,
-    run_privacy_audit,
-)
+from memlens.attacks.audit import run_privacy_audit
+from memlens.metrics.privacy import epsilon_lower_bound, one_run_epsilon_lower_bound, p_value_dp_audit
 from memlens.store import StudyLayout, read_results
 
 

@@ -27,7 +27,8 @@ from safetensors.numpy import load_file  # noqa: E402
 from memlens.executors.local import LocalExecutor  # noqa: E402
 from memlens.config import ConfigError, ExecutorConfig  # noqa: E402
 from memlens.executors.ray import TASK_PREFIX, RayExecutor  # noqa: E402
-from memlens.runner import normalise_study, read_status, run_study, study_status  # noqa: E402
+from memlens.runner import run_study  # noqa: E402
+from memlens.study import normalise_study, read_status, study_status  # noqa: E402
 from memlens.store import StudyLayout, read_results  # noqa: E402
 from tests.conftest import make_study  # noqa: E402
 
@@ -132,7 +133,7 @@ def test_ray_matches_local_bit_for_bit(ray_instance, local_run, tmp_path):
     assert ray_layout.finished_runs() == local_layout.finished_runs() == sorted(run_ids)
     for run_id in run_ids:
         assert_same_run(run_files(ray_layout, run_id), run_files(local_layout, run_id))
-        assert read_status(ray_layout, run_id)["state"] == "done"
+        assert read_status(ray_layout, run_id).state == "done"
     pd.testing.assert_frame_equal(comparable_results(ray_layout, run_ids),
                                   comparable_results(local_layout, run_ids), check_exact=True)
     assert_each_cell_once(ray_layout, run_ids)
@@ -210,11 +211,11 @@ def test_worker_death_without_retries_fails_the_cell_then_a_rerun_finishes(ray_i
     assert [o.state for o in summary.outcomes] == ["failed"]
     assert "Worker" in summary.outcomes[0].error  # Ray's WorkerCrashedError, with its traceback
     status = read_status(StudyLayout(study.out_dir), run_id)
-    assert status["state"] == "failed" and status["traceback"]
+    assert status.state == "failed" and status.traceback
 
     again = run_study(study, report=False, show_progress=False)
     assert again.ok, [o.error for o in again.failed]
-    assert read_status(StudyLayout(study.out_dir), run_id)["state"] == "done"
+    assert read_status(StudyLayout(study.out_dir), run_id).state == "done"
     assert_each_cell_once(StudyLayout(study.out_dir), [run_id])
 
 
@@ -241,7 +242,7 @@ def test_killed_driver_then_rerun_finishes_each_cell_once(ray_instance, tmp_path
                               cwd=Path(__file__).resolve().parents[1])
     try:  # kill -9 the driver once the first cell is done and the second is running
         deadline = time.monotonic() + 600
-        while (read_status(layout, first) or {}).get("state") != "done" or not cell_running(second):
+        while getattr(read_status(layout, first), "state", None) != "done" or not cell_running(second):
             assert driver.poll() is None, "the driver ended before it could be killed"
             assert time.monotonic() < deadline, "the first cell never finished"
             time.sleep(0.05)
@@ -257,4 +258,4 @@ def test_killed_driver_then_rerun_finishes_each_cell_once(ray_instance, tmp_path
     assert (layout.run_dir(first) / "train.json").stat().st_mtime_ns == first_trained  # not redone
     assert_each_cell_once(layout, [first, second])
     for run_id in (first, second):
-        assert read_status(layout, run_id)["state"] == "done"
+        assert read_status(layout, run_id).state == "done"

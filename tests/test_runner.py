@@ -12,15 +12,15 @@ from typer.testing import CliRunner
 
 from memlens.cli import app
 from memlens.config import load_study
-from memlens.executors import CellOutcome, get_executor
-from memlens.runner import (
+from memlens.executors import get_executor
+from memlens.runner import run_study
+from memlens.study import (
+    CellOutcome,
     IncompatibleStudyError,
     check_compatible,
     enabled_stages,
     normalise_study,
     read_status,
-    run_study,
-    stage_done,
     study_status,
 )
 from memlens.store import StudyLayout
@@ -51,7 +51,7 @@ def test_killed_mid_stage_then_resumed_completes_every_cell_once(shared):
     assert not [p for p in layout.runs.iterdir() if p.name.startswith(".")]  # no temp folder left behind
     for cell in cells:
         for stage in enabled_stages(study):
-            assert stage_done(layout, cell.run_id(study), stage)
+            assert stage.done(layout, cell.run_id(study))
     results = pd.read_parquet(out / "results.parquet")
     assert not results.duplicated(["run_id", "stage", "attack"]).any()
     per_run = pd.concat([pd.read_parquet(layout.run_dir(r) / "mia_results.parquet") for r in layout.finished_runs()])
@@ -146,10 +146,10 @@ def test_cli_run_reports_a_failed_cell_and_keeps_going(tmp_path):
     assert result.exit_code == 1, result.output
     layout = StudyLayout(study.out_dir)
     good, bad = (c.run_id(study) for c in study.cells())
-    assert all(stage_done(layout, good, s) for s in enabled_stages(study))
+    assert all(s.done(layout, good) for s in enabled_stages(study))
     record = read_status(layout, bad)
-    assert record["state"] == "failed" and record["stage"] == "finetune"
-    assert "c_attn" in record["error"] and "Traceback" in record["traceback"]
+    assert record.state == "failed" and record.stage == "finetune"
+    assert "c_attn" in record.error and "Traceback" in record.traceback
     assert bad in result.output
     status = CliRunner().invoke(app, ["status", str(study.out_dir)])
     assert status.exit_code == 0 and "failed" in status.output

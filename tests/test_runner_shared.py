@@ -82,7 +82,7 @@ def shared_study(tmp_path_factory) -> tuple[Path, dict]:
             study_file = root / "study.yaml"
             study_file.write_text(yaml.safe_dump(shared_study_raw(out)))
             facts = _kill_mid_stage(study_file, out, "mia")
-            from memlens.runner import study_status
+            from memlens.study import study_status
 
             facts["status_after_kill"] = study_status(out).to_dict("records")
             resumed = subprocess.run(memlens_cmd("run", str(study_file), "--no-progress"), env=_env(),

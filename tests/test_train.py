@@ -58,10 +58,10 @@ def test_lora_on_q_projections_only_and_parameter_count(llama_runs):
     assert {k.split(".layers.")[1].split(".")[0] for k in weights} == {"0", "1", "2", "3"}
     info = read_train_info(run)
     layers, rank, width = 4, 2, 192  # llama-tiny: 4 x 192, q is 192 -> 192
-    assert info["trainable_params"] == layers * rank * (width + width)
-    assert sum(w.numel() for w in weights.values()) == info["trainable_params"]
-    assert info["total_params"] > 3_000_000 and info["packing"] == "packed" and info["attention"] == "varlen"
-    assert info["padding_fraction"] == 0.0 and info["real_tokens"] > 0
+    assert info.trainable_params == layers * rank * (width + width)
+    assert sum(w.numel() for w in weights.values()) == info.trainable_params
+    assert info.total_params > 3_000_000 and info.packing == "packed" and info.attention == "varlen"
+    assert info.padding_fraction == 0.0 and info.real_tokens > 0
 
 
 def test_same_seed_gives_bit_identical_adapters(llama_runs):
@@ -72,9 +72,9 @@ def test_same_seed_gives_bit_identical_adapters(llama_runs):
 def test_packed_training_matches_padded_training(llama_runs):
     """Same records per step, same tokens predicted: the same loss curve and (to float tolerance) adapter."""
     packed, padded = read_train_info(llama_runs["packed"][1]), read_train_info(llama_runs["padded"][1])
-    assert packed["steps"] == padded["steps"] == 4  # 2 epochs x 32 records / (8 x 2)
-    assert packed["real_tokens"] == padded["real_tokens"] and padded["padding_fraction"] > 0.1
-    for p, q in zip(packed["loss_curve"], padded["loss_curve"], strict=True):
+    assert packed.steps == padded.steps == 4  # 2 epochs x 32 records / (8 x 2)
+    assert packed.real_tokens == padded.real_tokens and padded.padding_fraction > 0.1
+    for p, q in zip(packed.loss_curve, padded.loss_curve, strict=True):
         assert p["loss"] == pytest.approx(q["loss"], rel=1e-4)
     a, b = _adapter(llama_runs["packed"][1]), _adapter(llama_runs["padded"][1])
     for key in a:
@@ -83,8 +83,8 @@ def test_packed_training_matches_padded_training(llama_runs):
 
 def test_varlen_and_block_mask_packing_train_the_same_model(llama_runs):
     varlen, mask = read_train_info(llama_runs["packed"][1]), read_train_info(llama_runs["packed_mask"][1])
-    assert (varlen["attention"], mask["attention"]) == ("varlen", "block_mask")
-    for p, q in zip(varlen["loss_curve"], mask["loss_curve"], strict=True):
+    assert (varlen.attention, mask.attention) == ("varlen", "block_mask")
+    for p, q in zip(varlen.loss_curve, mask.loss_curve, strict=True):
         assert p["loss"] == pytest.approx(q["loss"], rel=1e-5)
     a, b = _adapter(llama_runs["packed"][1]), _adapter(llama_runs["packed_mask"][1])
     for key in a:  # Adam divides by the gradient's own scale: float-rounding differences reach ~1e-5
@@ -114,8 +114,8 @@ def test_train_json_records_the_run(llama_runs):
     for key in ("loss_curve", "wall_time_s", "seed", "data_hash", "canary", "gradient_checkpointing", "precision",
                 "train_tokens_per_s", "deduplicate"):
         assert key in info
-    assert info["gradient_checkpointing"] is False and info["precision"] == "fp32"  # auto on CPU
-    assert info["canary"]["copies"] == 1 and info["n_train_records"] == SUBSET
+    assert info.gradient_checkpointing is False and info.precision == "fp32"  # auto on CPU
+    assert info.canary["copies"] == 1 and info.n_train_records == SUBSET
     assert (run / "cell.json").is_file() and (run / "study.yaml").is_file() and not (run / "trainer").exists()
 
 
@@ -124,7 +124,7 @@ def test_gpt2_q_adapts_only_the_q_third_of_c_attn(tmp_path):
     run = _train(study)
     weights = _adapter(run)
     assert weights and all(".attn.c_attn.q.lora_" in k for k in weights)
-    assert read_train_info(run)["trainable_params"] == 4 * 2 * (384 + 384)
+    assert read_train_info(run).trainable_params == 4 * 2 * (384 + 384)
     bank = AdapterBank(load_base_model(study.model))
     bank.add("run", run)
     outputs = []
@@ -146,24 +146,24 @@ def test_full_fine_tuning_and_length_grouped(tmp_path):
     run = _train(study)
     info = read_train_info(run)
     assert (run / "model" / "model.safetensors").is_file() and not (run / "adapter").exists()
-    assert info["trainable_params"] == info["total_params"] and info["packing"] == "length_grouped"
+    assert info.trainable_params == info.total_params and info.packing == "length_grouped"
 
 
 def test_deduplicate_drops_repeated_canary_copies_with_checkpointing_forced_on(tmp_path):
     study = _study(tmp_path, grid={"canary_copies": [4]},
                    train={"max_steps": 1, "deduplicate": True, "gradient_checkpointing": "on"})
     info = read_train_info(_train(study))
-    assert info["gradient_checkpointing"] is True and info["final_loss"] > 0
-    assert info["deduplicate"] is True and info["duplicates_dropped"] == 3
-    assert info["n_train_records"] == SUBSET - 3  # repeat mode: 3 records displaced, then the copies dropped
-    assert info["canary"]["copies"] == 4  # the cell's setting stays recorded
+    assert info.gradient_checkpointing is True and info.final_loss > 0
+    assert info.deduplicate is True and info.duplicates_dropped == 3
+    assert info.n_train_records == SUBSET - 3  # repeat mode: 3 records displaced, then the copies dropped
+    assert info.canary["copies"] == 4  # the cell's setting stays recorded
 
 
 def test_dp_cell_calls_train_with_dp(tmp_path):
     study = _study(tmp_path, grid={"noise_multiplier": [1.0]}, train={"max_steps": 2})
     info = read_train_info(_train(study))
-    assert info["dp"]["noise_multiplier"] == 1.0 and info["dp"]["steps"] == 2
-    assert info["dp"]["epsilon"] > 0 and info["packing"] == "dp"
+    assert info.dp["noise_multiplier"] == 1.0 and info.dp["steps"] == 2
+    assert info.dp["epsilon"] > 0 and info.packing == "dp"
 
 
 def test_bad_configurations_fail_with_clear_messages(tmp_path):

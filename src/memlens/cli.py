@@ -1,4 +1,8 @@
-"""The `memlens` command line: a thin layer over the stage functions."""
+"""The `memlens` command line: a thin layer over :mod:`memlens.runner` (every command that writes a study
+folder goes through it, so each takes the study lock and checks the folder's configuration).
+
+Everything memlens prints that comes from a user (record texts, config values, paths, errors) is printed
+as plain text, never interpreted as Rich markup."""
 
 from __future__ import annotations
 
@@ -10,17 +14,47 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from memlens.config import ConfigError, StudyConfig, load_study
+from memlens.demo import run_demo
+from memlens.docs import config_reference_markdown
+from memlens.runner import FORCEABLE, StudySummary, run_study, write_report
+from memlens.store import StudyLayout
+from memlens.store.lock import StudyLockedError
+from memlens.study.cell import study_status
+from memlens.study.stage import STAGE_NAMES
+from memlens.study.status import REPORT_FAILURE, read_status
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure what fine-tuned LMs memorize.")
-attack_app = typer.Typer(no_args_is_help=True, help="Run one attack stage on a study's finished runs.")
+attack_app = typer.Typer(no_args_is_help=True, help="Run one attack stage on a study's fine-tuned runs.")
 app.add_typer(attack_app, name="attack")
 console = Console(stderr=True, soft_wrap=True)  # long paths and errors stay on one line
+STATE_COLOURS = {"done": "green", "running": "cyan", "failed": "red", "interrupted": "yellow", "pending": "white",
+                 "disabled": "dim"}
 
 StudyArg = Annotated[Path, typer.Argument(help="Study YAML file.", exists=True, dir_okay=False)]
+FolderArg = Annotated[Path, typer.Argument(help="Study output folder.", exists=True, file_okay=False)]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output folder (overrides `out:`).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a field: --set train.epochs=1")]
+NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bars.")]
+ExecutorOpt = Annotated[Optional[str], typer.Option("--executor", help="local or ray (overrides executor.kind).")]
+
+
+class _State:
+    quiet = False
+
+
+def say(message: str, style: str | None = None) -> None:
+    """Print a line on stderr as plain text (unless --quiet)."""
+    if not _State.quiet:
+        console.print(Text(message, style=style or ""), highlight=False)
+
+
+def _fail(exc: Exception) -> None:
+    console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
+    raise typer.Exit(2)
 
 
 def _study(path: Path | None, out: Path | None, overrides: list[str] | None) -> StudyConfig:
@@ -30,74 +64,21 @@ def _study(path: Path | None, out: Path | None, overrides: list[str] | None) -> 
     return load_study(path, extra)
 
 
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
-    raise typer.Exit(2)
-
-
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the final paths.")] = False
+          ) -> None:
+    _State.quiet = quiet
+    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
 
-@app.command()
-def finetune(study: StudyArg, out: OutOpt = None, set_: SetOpt = None) -> None:
-    """Fine-tune every grid cell (finished cells are skipped)."""
-    from memlens.train.sweep import finetune_study
-
-    try:
-        cfg = _study(study, out, set_)
-        runs = finetune_study(cfg)
-    except ConfigError as exc:
-        _fail(exc)
-    console.print(f"{len(runs)} run(s) in {cfg.out_dir / 'runs'}")
-
-
-@attack_app.command("mia")
-def attack_mia(study: StudyArg, out: OutOpt = None, set_: SetOpt = None) -> None:
-    """Membership inference on the study's finished runs."""
-    from memlens.attacks.mia import run_mia
-
-    try:
-        cfg = _study(study, out, set_)
-        results = run_mia(cfg)
-    except ConfigError as exc:
-        _fail(exc)
-    console.print(f"{len(results)} result row(s) in {cfg.out_dir / 'results.parquet'}")
-
-
-@attack_app.command("extract")
-def attack_extract(study: StudyArg, out: OutOpt = None, set_: SetOpt = None) -> None:
-    """Prompted-prefix extraction and canary exposure on the study's finished runs."""
-    from memlens.attacks.extraction import run_extraction
-
-    try:
-        cfg = _study(study, out, set_)
-        results = run_extraction(cfg)
-    except ConfigError as exc:
-        _fail(exc)
-    console.print(f"{len(results)} result row(s) in {cfg.out_dir / 'results.parquet'}")
-
-
-@app.command()
-def run(
-    study: StudyArg,
-    out: OutOpt = None,
-    set_: SetOpt = None,
-    force: Annotated[Optional[list[str]], typer.Option(
-        "--force", help="Redo a stage: finetune (and all after it), mia, extraction or report.")] = None,
-    executor: Annotated[Optional[str], typer.Option("--executor", help="local or ray (overrides executor.kind).")] = None,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
-) -> None:
-    """Run the whole study: fine-tune every cell, attack it, write the report. Resumable; exit 1 if a cell failed."""
-    from memlens.runner import run_study
-    from memlens.store.lock import StudyLockedError
-
-    overrides = list(set_ or []) + ([f"executor.kind={executor}"] if executor else [])
+def _run(study: Path, out: Path | None, overrides: list[str] | None, *, only: list[str] | None = None,
+         force: list[str] | None = None, progress: bool = True) -> None:
+    """Load the study, run it through the runner, print the summary; exit 2 on bad input, 1 on a failed cell."""
     try:
         cfg = _study(study, out, overrides)
-        summary = run_study(cfg, force=force, show_progress=not no_progress)
+        summary = run_study(cfg, force=force, only=only, show_progress=progress and not _State.quiet)
     except (ConfigError, StudyLockedError) as exc:
         _fail(exc)
     _print_summary(summary)
@@ -105,54 +86,83 @@ def run(
         raise typer.Exit(1)
 
 
-def _print_summary(summary) -> None:
+@app.command()
+def run(study: StudyArg, out: OutOpt = None, set_: SetOpt = None,
+        force: Annotated[Optional[list[str]], typer.Option(
+            "--force", help=f"Redo a stage: {', '.join(FORCEABLE)} (finetune redoes everything after it).")] = None,
+        only: Annotated[Optional[list[str]], typer.Option(
+            "--only", help=f"Run only these stages ({', '.join(STAGE_NAMES)}); no report.")] = None,
+        executor: ExecutorOpt = None, no_progress: NoProgressOpt = False) -> None:
+    """Run the whole study: fine-tune every cell, attack it, write the report. Resumable; exit 1 if a cell failed."""
+    overrides = list(set_ or []) + ([f"executor.kind={executor}"] if executor else [])
+    _run(study, out, overrides, only=only, force=force, progress=not no_progress)
+
+
+@app.command()
+def finetune(study: StudyArg, out: OutOpt = None, set_: SetOpt = None, executor: ExecutorOpt = None,
+             no_progress: NoProgressOpt = False) -> None:
+    """Fine-tune every grid cell (finished cells are skipped): `memlens run --only finetune`."""
+    overrides = list(set_ or []) + ([f"executor.kind={executor}"] if executor else [])
+    _run(study, out, overrides, only=["finetune"], progress=not no_progress)
+
+
+@attack_app.command("mia")
+def attack_mia(study: StudyArg, out: OutOpt = None, set_: SetOpt = None, no_progress: NoProgressOpt = False) -> None:
+    """Membership inference on the study's fine-tuned runs: `memlens run --only mia`."""
+    _run(study, out, set_, only=["mia"], progress=not no_progress)
+
+
+@attack_app.command("extract")
+def attack_extract(study: StudyArg, out: OutOpt = None, set_: SetOpt = None,
+                   no_progress: NoProgressOpt = False) -> None:
+    """Prompted-prefix extraction and canary exposure on the fine-tuned runs: `memlens run --only extraction`."""
+    _run(study, out, set_, only=["extraction"], progress=not no_progress)
+
+
+def _print_summary(summary: StudySummary) -> None:
     done = sum(o.state == "done" for o in summary.outcomes)
-    console.print(f"{done}/{len(summary.outcomes)} cell(s) complete in {summary.out}")
+    say(f"{done}/{len(summary.outcomes)} cell(s) complete in {summary.out}")
+    if summary.pending:
+        say(f"{len(summary.pending)} cell(s) have stages left for `memlens run`")
     for outcome in summary.failed:
         last = (outcome.error or "").strip().splitlines()[-1:] or ["(no error recorded)"]
-        console.print(f"[red]failed[/] {outcome.run_id}: {last[0]}", highlight=False)
+        console.print(Text.assemble(("failed ", "red"), f"{outcome.run_id}: {last[0]}"), highlight=False)
     if summary.report_error:
-        console.print(f"[red]report failed:[/] {summary.report_error.strip().splitlines()[-1]}", highlight=False)
+        last = summary.report_error.strip().splitlines()[-1]
+        console.print(Text.assemble(("report failed: ", "red"), last), highlight=False)
     if summary.report:
         typer.echo(f"report: {summary.report}")
 
 
 @app.command()
-def status(out: Annotated[Path, typer.Argument(help="Study output folder.", exists=True, file_okay=False)]) -> None:
+def status(out: FolderArg) -> None:
     """Which cells and stages are done, running, failed (with the error) or pending."""
-    from rich.table import Table
-
-    from memlens.runner import REPORT_FAILURE, read_status, study_status
-    from memlens.store import StudyLayout
-
     try:
         frame = study_status(out)
     except ConfigError as exc:
         _fail(exc)
-    colours = {"done": "green", "running": "cyan", "failed": "red", "interrupted": "yellow", "pending": "white",
-               "disabled": "dim"}
-    table = Table(title=f"memlens study {out}")
-    for column in ["run_id", "finetune", "mia", "extraction", "error"]:
+    table = Table(title=Text(f"memlens study {out}"))
+    for column in ["run_id", *STAGE_NAMES, "error"]:
         table.add_column(column, overflow="fold")
-    for row in frame.itertuples(index=False):
-        states = [f"[{colours[s]}]{s}[/]" for s in (row.finetune, row.mia, row.extraction)]
-        table.add_row(row.run_id, *states, row.error if isinstance(row.error, str) else "")
+    for row in frame.to_dict("records"):
+        states = [Text(row[s], style=STATE_COLOURS[row[s]]) for s in STAGE_NAMES]
+        table.add_row(Text(row["run_id"]), *states, Text(row["error"] if isinstance(row["error"], str) else ""))
     out_console = Console()
     out_console.print(table)
     layout = StudyLayout(out)
     report_failure = read_status(layout, REPORT_FAILURE)
     index = layout.report / "index.html"
     if report_failure:
-        out_console.print(f"report: [red]failed[/] {report_failure.get('error')}", highlight=False)
+        out_console.print(Text.assemble("report: ", ("failed ", "red"), str(report_failure.error)), highlight=False)
     else:
-        out_console.print(f"report: {index if index.exists() else 'pending'}", highlight=False)
-    counts = frame[["finetune", "mia", "extraction"]].stack().value_counts().to_dict()
-    out_console.print("stages: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), highlight=False)
+        out_console.print(Text(f"report: {index if index.exists() else 'pending'}"), highlight=False)
+    counts = frame[list(STAGE_NAMES)].stack().value_counts().to_dict()
+    out_console.print(Text("stages: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))), highlight=False)
 
 
 @app.command()
 def report(
-    out: Annotated[Path, typer.Argument(help="Study output folder.", exists=True, file_okay=False)],
+    out: FolderArg,
     markdown: Annotated[Optional[Path], typer.Option(
         "--markdown", dir_okay=False,
         help="Also write the findings document (Markdown) here, e.g. docs/findings.md; its figures are copied "
@@ -162,22 +172,14 @@ def report(
                        "the machine during the study).")] = None,
 ) -> None:
     """(Re)write the study's HTML report from its results; with --markdown, also the findings document."""
-    from memlens.report import build_report
-
+    command = shlex.join(["memlens", "report", str(out), *(["--markdown", str(markdown)] if markdown else []),
+                          *(["--note", note] if note else [])])
     try:
-        if markdown is None:
-            path = build_report(out)
-        else:
-            from memlens.report.markdown import write_findings
-
-            command = shlex.join(["memlens", "report", str(out), "--markdown", str(markdown),
-                                  *(["--note", note] if note else [])])
-            written = write_findings(out, markdown, command=command, note=note)
-            path = out / "report" / "index.html"
-    except ConfigError as exc:
+        path, written = write_report(out, markdown, command=command, note=note)
+    except (ConfigError, StudyLockedError) as exc:
         _fail(exc)
     typer.echo(f"report: {path}")
-    if markdown is not None:
+    if written is not None:
         typer.echo(f"findings: {written}")
 
 
@@ -187,14 +189,12 @@ def demo(
     set_: SetOpt = None,
     synthetic: Annotated[bool, typer.Option(
         "--synthetic", help="Build the synthetic data and tiny model even when ../shared exists.")] = False,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    no_progress: NoProgressOpt = False,
 ) -> None:
     """A complete small study with nothing downloaded (shared fixtures if present, else built here)."""
-    from memlens.demo import run_demo
-    from memlens.store.lock import StudyLockedError
-
     try:
-        summary = run_demo(out, show_progress=not no_progress, synthetic=synthetic, overrides=set_)
+        summary = run_demo(out, show_progress=not no_progress and not _State.quiet, synthetic=synthetic,
+                           overrides=set_)
     except (ConfigError, StudyLockedError) as exc:
         _fail(exc)
     _print_summary(summary)
@@ -205,8 +205,6 @@ def demo(
 @app.command("config-reference")
 def config_reference() -> None:
     """Print the study-file reference (Markdown) generated from the config objects."""
-    from memlens.docs import config_reference_markdown
-
     typer.echo(config_reference_markdown())
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from memlens.config import StudyConfig, load_study
+from memlens.runner import run_study
 from memlens.store import atomic_dir
 
 DEMO_GRID = {"target_modules": [["q"], ["v"]], "rank": [1, 4, 16], "canary_copies": [1, 16], "seed": [0]}
@@ -168,8 +169,6 @@ def run_demo(out: Path = Path("memlens-out/demo"), show_progress: bool = True, s
     """Run the demo study into `out` and write its report; returns the run's StudySummary.
     `synthetic`: build the data and model here even when the shared fixtures exist; `overrides`:
     `key=value` changes to the demo study (as `--set`)."""
-    from memlens.runner import run_study
-
     study = demo_study(out, None if synthetic else find_shared(), overrides)
     return run_study(study, show_progress=show_progress)
 

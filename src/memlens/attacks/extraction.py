@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from memlens.attacks.exposure import draw_candidates, measure_exposure
@@ -35,15 +36,12 @@ from memlens.data import Canary, load_study_data
 from memlens.metrics.text import extraction_rates, pair_metrics
 from memlens.models import AdapterBank, load_base_model, load_tokenizer, resolve_device
 from memlens.score import token_stats
-from memlens.store import StudyLayout, atomic_write_parquet, run_metadata, upsert_results
+from memlens.store import RunFile, StudyFile, StudyLayout, atomic_write_parquet, run_metadata, upsert_results
 from memlens.store.lock import write_lock
 from memlens.train import read_members, read_train_info
 
 log = logging.getLogger(__name__)
 
-EXTRACTION_FILE = "extraction.parquet"
-RESULTS_FILE = "extraction_results.parquet"
-EXPOSURE_FILE = "exposure.parquet"
 GROUPS = ("canary", "members", "non_members")
 
 
@@ -218,27 +216,11 @@ def aggregate(rows: pd.DataFrame, targets: pd.DataFrame, prompts: dict[str, Prom
 
 
 # ------------------------------------------------------------------------------------------- stage
-def _pending_runs(layout: StudyLayout, run_ids: list[str] | None, force: bool) -> list[str]:
-    finished = layout.finished_runs()
-    if run_ids is not None:
-        missing = [r for r in run_ids if r not in finished]
-        if missing:
-            raise ConfigError(f"extraction: run(s) {missing} are not finished runs of {layout.root}; "
-                              f"finished: {finished}")
-        chosen = list(run_ids)
-    else:
-        chosen = finished
-    if force:
-        return chosen
-    return [r for r in chosen if not (layout.run_dir(r) / RESULTS_FILE).exists()]
-
-
 def _merge_study_files(layout: StudyLayout) -> None:
-    for name in (EXTRACTION_FILE, EXPOSURE_FILE):
-        parts = [pd.read_parquet(layout.run_dir(r) / name) for r in layout.finished_runs()
-                 if (layout.run_dir(r) / name).exists()]
+    for run_name, study_name in ((RunFile.EXTRACTION, StudyFile.EXTRACTION), (RunFile.EXPOSURE, StudyFile.EXPOSURE)):
+        parts = [pd.read_parquet(layout.run_file(r, run_name)) for r in layout.runs_with(run_name)]
         if parts:
-            atomic_write_parquet(layout.root / name, pd.concat(parts, ignore_index=True))
+            atomic_write_parquet(layout.study_level(study_name), pd.concat(parts, ignore_index=True))
 
 
 def merge_study(layout: StudyLayout) -> None:
@@ -250,9 +232,9 @@ def merge_study(layout: StudyLayout) -> None:
         parts = []
         for run_id in layout.finished_runs():
             run_dir = layout.run_dir(run_id)
-            if (run_dir / RESULTS_FILE).exists():
-                exposure = run_dir / EXPOSURE_FILE
-                parts.append(_result_rows(layout, run_id, pd.read_parquet(run_dir / RESULTS_FILE),
+            if (run_dir / RunFile.EXTRACTION_RESULTS).exists():
+                exposure = run_dir / RunFile.EXPOSURE
+                parts.append(_result_rows(layout, run_id, pd.read_parquet(run_dir / RunFile.EXTRACTION_RESULTS),
                                           pd.read_parquet(exposure) if exposure.exists() else None))
         if parts:
             upsert_results(layout, pd.concat(parts, ignore_index=True))
@@ -284,7 +266,7 @@ def run_extraction(study: StudyConfig, run_ids: list[str] | None = None, force: 
     layout = StudyLayout(study.out_dir)
     if not cfg.enabled:
         return pd.DataFrame()
-    pending = _pending_runs(layout, run_ids, force)
+    pending = layout.pending_runs(RunFile.EXTRACTION_RESULTS, run_ids, force)
     if not pending:
         with write_lock(layout.root):
             _merge_study_files(layout)
@@ -311,14 +293,15 @@ def run_extraction(study: StudyConfig, run_ids: list[str] | None = None, force: 
 
     upserted = []
     with Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), disable=not show_progress) as progress:
+                  TextColumn("{task.description}"), disable=not show_progress,
+                  console=Console(stderr=True)) as progress:
         # Base-model control: the same prompts with adapters disabled, cached across runs and processes.
         ppl_base, base_generations = base_control(layout, study, bank, attacked, decodings, tokenizer, progress)
         base_exposure: dict[str, dict] = {}
         runs_task = progress.add_task("runs", total=len(pending))
         for run_id in pending:
             run_dir = layout.run_dir(run_id)
-            canary = Canary(**read_train_info(run_dir)["canary"])
+            canary = Canary(**read_train_info(run_dir).canary)
             run_targets = targets[run_id]
             run_prompts = [prompts[t] for t in dict.fromkeys(run_targets.text) if prompts[t] is not None]
             bank.add(run_id, run_dir)
@@ -344,12 +327,12 @@ def run_extraction(study: StudyConfig, run_ids: list[str] | None = None, force: 
             ], ignore_index=True)
             results = aggregate(rows, run_targets, prompts, cfg)
             exposure = pd.DataFrame(exposure_rows) if exposure_rows else None
-            atomic_write_parquet(run_dir / EXTRACTION_FILE, rows)
+            atomic_write_parquet(run_dir / RunFile.EXTRACTION, rows)
             if exposure is not None:
-                atomic_write_parquet(run_dir / EXPOSURE_FILE, exposure)
+                atomic_write_parquet(run_dir / RunFile.EXPOSURE, exposure)
             else:
-                (run_dir / EXPOSURE_FILE).unlink(missing_ok=True)  # stale from an earlier configuration
-            atomic_write_parquet(run_dir / RESULTS_FILE, results)  # last: marks the run done
+                (run_dir / RunFile.EXPOSURE).unlink(missing_ok=True)  # stale from an earlier configuration
+            atomic_write_parquet(run_dir / RunFile.EXTRACTION_RESULTS, results)  # last: marks the run done
             run_rows = _result_rows(layout, run_id, results, exposure)
             with write_lock(layout.root):  # several workers of one study may finish at once
                 upsert_results(layout, run_rows)

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 from pydantic import ValidationError
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from memlens.attacks.bow import bag_of_words_baseline
@@ -35,12 +36,21 @@ from memlens.config import ConfigError, MIAConfig, ModelConfig, StudyConfig, for
 from memlens.metrics.roc import membership_metrics
 from memlens.models import AdapterBank, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from memlens.score import SequenceStats, cached_token_stats, model_fingerprint, perplexity, token_stats, tokens_hash
-from memlens.store import StudyLayout, atomic_write_json, atomic_write_parquet, run_metadata, upsert_results
+from memlens.data import load_study_data
+from memlens.store import (
+    RunFile,
+    StudyFile,
+    StudyLayout,
+    atomic_write_json,
+    atomic_write_parquet,
+    run_metadata,
+    upsert_results,
+)
+from memlens.store.lock import write_lock
+from memlens.train import read_members
 
 log = logging.getLogger(__name__)
 
-SCORES_FILE = "mia_scores.parquet"
-RESULTS_FILE = "mia_results.parquet"
 BOW_ATTACK = "bag_of_words"
 
 
@@ -218,7 +228,7 @@ def _result_rows(scores: pd.DataFrame, utility: dict, attacks: list[str], mia: M
 @contextlib.contextmanager
 def _progress(show: bool) -> Iterator[Progress]:
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=not show, transient=False) as progress:
+                  disable=not show, transient=False, console=Console(stderr=True)) as progress:
         yield progress
 
 
@@ -232,21 +242,7 @@ def _check_attacks(mia: MIAConfig) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- study API
-def _pending(layout: StudyLayout, run_ids: list[str] | None, force: bool) -> list[str]:
-    finished = [r for r in layout.finished_runs() if (layout.run_dir(r) / "train.json").exists()]
-    if run_ids is not None:
-        unknown = [r for r in run_ids if r not in finished]
-        if unknown:
-            raise ConfigError(f"run_ids: no finished run {unknown} in {layout.runs}; finished: {finished}")
-        candidates = list(run_ids)
-    else:
-        candidates = finished
-    return [r for r in candidates if force or not (layout.run_dir(r) / RESULTS_FILE).exists()]
-
-
 def _base_datasets(study: StudyConfig):
-    from memlens.data import load_study_data
-
     data = load_study_data(study.data)
     datasets = {"members": data.members.text.tolist(), "non_members": data.non_members.text.tolist()}
     if data.utility is not None:
@@ -271,11 +267,9 @@ def run_mia(study: StudyConfig, run_ids: list[str] | None = None, force: bool = 
     Returns the upserted rows (stages `mia` and `utility`)."""
     attacks = _check_attacks(study.mia)
     layout = StudyLayout(study.out_dir)
-    todo = _pending(layout, run_ids, force)
+    todo = layout.pending_runs(RunFile.MIA_RESULTS, run_ids, force)
     if not todo:
         return pd.DataFrame()
-    from memlens.train import read_members
-
     with _progress(show_progress) as progress:
         scorer = Scorer(study.model, study.mia, layout.cache, progress)
         data, datasets = _base_datasets(study)
@@ -294,8 +288,8 @@ def run_mia(study: StudyConfig, run_ids: list[str] | None = None, force: bool = 
                    if study.mia.bag_of_words_baseline else None)
             utility["mia_wall_time_s"] = time.perf_counter() - start
             rows = _result_rows(scores, utility, attacks, study.mia, run_metadata(layout, run_id), bow)
-            atomic_write_parquet(run_dir / SCORES_FILE, scores)
-            atomic_write_parquet(run_dir / RESULTS_FILE, rows)  # written last: marks the stage done
+            atomic_write_parquet(run_dir / RunFile.MIA_SCORES, scores)
+            atomic_write_parquet(run_dir / RunFile.MIA_RESULTS, rows)  # written last: marks the stage done
             all_rows.append(rows)
             progress.advance(runs_task)
     upserted = pd.concat(all_rows, ignore_index=True)
@@ -306,13 +300,10 @@ def run_mia(study: StudyConfig, run_ids: list[str] | None = None, force: bool = 
 def merge_study_outputs(layout: StudyLayout, rows: pd.DataFrame | None = None) -> None:
     """Rewrite `<out>/mia_scores.parquet` from every run's file and upsert `rows` into results.parquet,
     under the study's write lock (several workers may finish at once)."""
-    from memlens.store.lock import write_lock
-
     with write_lock(layout.root):
-        parts = [pd.read_parquet(layout.run_dir(r) / SCORES_FILE) for r in layout.finished_runs()
-                 if (layout.run_dir(r) / SCORES_FILE).exists()]
+        parts = [pd.read_parquet(layout.run_file(r, RunFile.MIA_SCORES)) for r in layout.runs_with(RunFile.MIA_SCORES)]
         if parts:
-            atomic_write_parquet(layout.root / SCORES_FILE, pd.concat(parts, ignore_index=True))
+            atomic_write_parquet(layout.study_level(StudyFile.MIA_SCORES), pd.concat(parts, ignore_index=True))
         if rows is not None and len(rows):
             upsert_results(layout, rows)
 
@@ -320,8 +311,7 @@ def merge_study_outputs(layout: StudyLayout, rows: pd.DataFrame | None = None) -
 def merge_study(layout: StudyLayout) -> None:
     """Rebuild `<out>/mia_scores.parquet` and upsert every finished run's rows (its mia_results.parquet
     holds exactly the rows run_mia upserted for it) into results.parquet. Idempotent."""
-    parts = [pd.read_parquet(layout.run_dir(r) / RESULTS_FILE) for r in layout.finished_runs()
-             if (layout.run_dir(r) / RESULTS_FILE).exists()]
+    parts = [pd.read_parquet(layout.run_file(r, RunFile.MIA_RESULTS)) for r in layout.runs_with(RunFile.MIA_RESULTS)]
     merge_study_outputs(layout, pd.concat(parts, ignore_index=True) if parts else None)
 
 

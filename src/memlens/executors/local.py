@@ -4,7 +4,7 @@ By default stages are batched across cells: every cell is fine-tuned first, then
 runs once for all of them, so the base model is loaded once per stage and its reference scores are
 shared (much faster than one cell at a time on one machine). A batched stage that fails is rerun one
 cell at a time, so each failure is attributed to its own cell with its own traceback.
-`batch_stages=False` runs :func:`memlens.runner.run_cell` per cell, exactly as a Ray task would.
+`batch_stages=False` runs :func:`memlens.study.cell.run_cell` per cell, exactly as a Ray task would.
 """
 
 from __future__ import annotations
@@ -12,104 +12,94 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from memlens.config import CellConfig, StudyConfig
-from memlens.executors import CellEvent, CellOutcome
+from memlens.study.cell import run_cell
+from memlens.study.stage import Stage, StageContext, enabled_stages, execute
+from memlens.study.status import CellEvent, CellOutcome, write_status
 
 
 class LocalExecutor:
     def __init__(self, batch_stages: bool = True):
         self.batch_stages = batch_stages
 
-    def run(self, study: StudyConfig, cells: list[CellConfig],
-            on_event: Callable[[CellEvent], None]) -> list[CellOutcome]:
+    def run(self, study: StudyConfig, cells: list[CellConfig], on_event: Callable[[CellEvent], None],
+            only: list[str] | None = None, show_progress: bool = False) -> list[CellOutcome]:
         if not self.batch_stages:
-            return self._one_by_one(study, cells, on_event)
-        return self._batched(study, cells, on_event)
+            return self._one_by_one(study, cells, on_event, only)
+        return _BatchedRun(study, cells, on_event, only, show_progress).run()
 
-    def _one_by_one(self, study, cells, on_event) -> list[CellOutcome]:
-        from memlens.runner import run_cell
-
+    def _one_by_one(self, study, cells, on_event, only) -> list[CellOutcome]:
         study_dict = study.model_dump(mode="json")
         outcomes = []
         for cell in cells:
             on_event(CellEvent(cell.run_id(study), "running"))
-            outcome = CellOutcome.from_dict(run_cell(study_dict, cell.model_dump(mode="json")))
+            outcome = CellOutcome.from_dict(run_cell(study_dict, cell.model_dump(mode="json"), only))
             on_event(outcome)
             outcomes.append(outcome)
         return outcomes
 
-    def _batched(self, study, cells, on_event) -> list[CellOutcome]:
-        from memlens.runner import _finetune, _run_stage, enabled_stages, stage_done, write_status
-        from memlens.store import StudyLayout
 
-        layout = StudyLayout(study.out_dir)
-        ids = {cell.run_id(study): cell for cell in cells}
-        done: dict[str, list[str]] = {r: [] for r in ids}
-        failed: dict[str, str] = {}
+class _BatchedRun:
+    """One batched pass over the stages: each stage for every cell still needing it."""
 
-        def fail(run_id: str, stage: str, exc: Exception) -> None:
-            record = write_status(layout, run_id, "failed", cell=ids[run_id], stage=stage,
-                                  stages_done=done[run_id], error=exc)
-            failed[run_id] = record["traceback"]
-            on_event(CellOutcome(run_id, "failed", record["traceback"], list(done[run_id])))
+    def __init__(self, study: StudyConfig, cells: list[CellConfig], on_event: Callable[[CellEvent], None],
+                 only: list[str] | None, show_progress: bool):
+        self.ctx = StageContext(study, show_progress=show_progress)
+        self.cells = {cell.run_id(study): cell for cell in cells}
+        self.on_event, self.only = on_event, only
+        self.done: dict[str, list[str]] = {r: [] for r in self.cells}
+        self.failed: dict[str, str] = {}
+        self.blocked: set[str] = set()  # a stage left undone (outside `only`): later stages cannot run
 
-        data = tokenizer = None
-        for stage in enabled_stages(study):
+    def run(self) -> list[CellOutcome]:
+        layout = self.ctx.layout
+        for stage in enabled_stages(self.ctx.study):
             pending = []
-            for run_id in ids:
-                if run_id in failed:
+            for run_id in self.cells:
+                if run_id in self.failed or run_id in self.blocked:
                     continue
-                if stage_done(layout, run_id, stage):
-                    done[run_id].append(stage)
+                if stage.done(layout, run_id):
+                    self.done[run_id].append(stage.name)
+                elif self.only is not None and stage.name not in self.only:
+                    self.blocked.add(run_id)
                 else:
                     pending.append(run_id)
-            if not pending:
-                continue
-            if stage == "finetune":
-                for run_id in pending:
-                    write_status(layout, run_id, "running", cell=ids[run_id], stage=stage, stages_done=done[run_id])
-                    on_event(CellEvent(run_id, "running", None, list(done[run_id])))
-                    try:
-                        if data is None:  # loaded once for all cells (a bad data config fails every cell)
-                            from memlens.data import load_study_data
-                            from memlens.models import load_tokenizer
+            groups = [pending] if stage.batched else [[r] for r in pending]
+            for group in filter(None, groups):
+                self._run_group(stage, group)
+        return [self._outcome(run_id) for run_id in self.cells]
 
-                            data, tokenizer = load_study_data(study.data), load_tokenizer(study.model)
-                        _finetune(study, ids[run_id], data, tokenizer)
-                        done[run_id].append(stage)
-                    except Exception as exc:
-                        fail(run_id, stage, exc)
-                continue
-            for run_id in pending:
-                write_status(layout, run_id, "running", cell=ids[run_id], stage=stage, stages_done=done[run_id])
-                on_event(CellEvent(run_id, "running", None, list(done[run_id])))
-            try:
-                _run_stage(stage, study, pending)
-                for run_id in pending:
-                    done[run_id].append(stage)
-            except Exception as batch_error:
-                for run_id in pending:
-                    if stage_done(layout, run_id, stage):  # finished before the batch failed
-                        done[run_id].append(stage)
-                        continue
-                    if len(pending) == 1:
-                        fail(run_id, stage, batch_error)
-                        continue
-                    try:
-                        _run_stage(stage, study, [run_id])
-                        done[run_id].append(stage)
-                    except Exception as exc:
-                        fail(run_id, stage, exc)
+    def _run_group(self, stage: Stage, run_ids: list[str]) -> None:
+        for run_id in run_ids:
+            write_status(self.ctx.layout, run_id, "running", cell=self.cells[run_id], stage=stage.name,
+                         stages_done=self.done[run_id])
+            self.on_event(CellEvent(run_id, "running", None, list(self.done[run_id])))
+        try:
+            execute(stage, self.ctx, [self.cells[r] for r in run_ids])
+            for run_id in run_ids:
+                self.done[run_id].append(stage.name)
+        except Exception as group_error:
+            for run_id in run_ids:
+                if stage.done(self.ctx.layout, run_id):  # finished before the group failed
+                    self.done[run_id].append(stage.name)
+                elif len(run_ids) == 1:
+                    self._fail(run_id, stage, group_error)
+                else:  # rerun alone, so the failure is attributed to its own cell
+                    self._run_group(stage, [run_id])
 
-        outcomes = []
-        for run_id in ids:
-            if run_id in failed:
-                outcomes.append(CellOutcome(run_id, "failed", failed[run_id], done[run_id]))
-            else:
-                write_status(layout, run_id, "done", cell=ids[run_id], stages_done=done[run_id])
-                outcome = CellOutcome(run_id, "done", None, done[run_id])
-                on_event(outcome)
-                outcomes.append(outcome)
-        return outcomes
+    def _fail(self, run_id: str, stage: Stage, exc: Exception) -> None:
+        record = write_status(self.ctx.layout, run_id, "failed", cell=self.cells[run_id], stage=stage.name,
+                              stages_done=self.done[run_id], error=exc)
+        self.failed[run_id] = record.traceback
+        self.on_event(CellOutcome(run_id, "failed", record.traceback, list(self.done[run_id])))
+
+    def _outcome(self, run_id: str) -> CellOutcome:
+        if run_id in self.failed:
+            return CellOutcome(run_id, "failed", self.failed[run_id], self.done[run_id])
+        state = "pending" if run_id in self.blocked else "done"
+        write_status(self.ctx.layout, run_id, state, cell=self.cells[run_id], stages_done=self.done[run_id])
+        outcome = CellOutcome(run_id, state, None, self.done[run_id])
+        self.on_event(outcome)
+        return outcome
 
 
 __all__ = ["LocalExecutor"]

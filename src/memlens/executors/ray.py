@@ -1,6 +1,6 @@
 """Run a study's grid cells as Ray tasks: one task per cell, on this machine or on a Ray cluster.
 
-Each task calls :func:`memlens.runner.run_cell` (fine-tune, then the cell's attacks), which writes
+Each task calls :func:`memlens.study.cell.run_cell` (fine-tune, then the cell's attacks), which writes
 the cell's run folder and per-run stage files atomically into the study folder. On a cluster that
 folder must be on storage every node sees (NFS, Lustre...; see docs/cluster.md). The driver:
 
@@ -10,7 +10,8 @@ folder must be on storage every node sees (NFS, Lustre...; see docs/cluster.md).
 3. keeps at most `executor.max_concurrent` cells in flight, each with `num_cpus` / `num_gpus` /
    `memory_gb`; a task whose worker dies (killed, OOM, node lost) is retried by Ray up to
    `executor.max_retries` times and resumes from the files already written;
-4. rebuilds the study-level merged files from the per-run files once every task has finished.
+4. returns the outcomes; the runner then rebuilds the study-level files from the per-run files (the
+   driver sees the shared study folder too, and merging needs no model).
 
 A rerun after the driver or a worker was killed redoes only the unfinished stages of unfinished
 cells (the runner skips finished ones), so each cell appears exactly once in the results.
@@ -22,8 +23,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from memlens.attacks.mia import prepare_base_cache
 from memlens.config import CellConfig, ConfigError, ExecutorConfig, StudyConfig
-from memlens.executors import CellEvent, CellOutcome
+from memlens.store import StudyLayout
+from memlens.study.cell import run_cell
+from memlens.study.stage import get_stage
+from memlens.study.status import CellEvent, CellOutcome, read_status, write_status
 
 INSTALL_HINT = "executor.kind: ray needs Ray, which is not installed: pip install 'memlens[ray]'"
 # Ray task name of a cell; Ray also titles the worker process `ray::memlens-cell:<run_id>` while it runs.
@@ -54,18 +59,14 @@ def _enter_workdir(workdir: str | None) -> None:
     os.chdir(workdir)
 
 
-def cell_task(study_dict: dict, cell_dict: dict, workdir: str | None) -> dict:
-    """Body of one cell's Ray task: :func:`memlens.runner.run_cell` (which records its own failure)."""
-    from memlens.runner import run_cell
-
+def cell_task(study_dict: dict, cell_dict: dict, workdir: str | None, only: list[str] | None = None) -> dict:
+    """Body of one cell's Ray task: :func:`memlens.study.cell.run_cell` (which records its own failure)."""
     _enter_workdir(workdir)
-    return run_cell(study_dict, cell_dict)
+    return run_cell(study_dict, cell_dict, only)
 
 
 def base_cache_task(study_dict: dict, workdir: str | None) -> None:
     """Body of the one task that computes the base-model reference scores shared by every cell."""
-    from memlens.attacks.mia import prepare_base_cache
-
     _enter_workdir(workdir)
     prepare_base_cache(StudyConfig.model_validate(study_dict))
 
@@ -128,22 +129,20 @@ class RayExecutor:
                                   "(executor.address)")
 
     # ----------------------------------------------------------------------------------- run
-    def run(self, study: StudyConfig, cells: list[CellConfig],
-            on_event: Callable[[CellEvent], None]) -> list[CellOutcome]:
-        """Run `cells` as Ray tasks; returns one outcome per cell, in the order of `cells`."""
+    def run(self, study: StudyConfig, cells: list[CellConfig], on_event: Callable[[CellEvent], None],
+            only: list[str] | None = None, show_progress: bool = False) -> list[CellOutcome]:
+        """Run `cells` as Ray tasks (their stages of `only`, or all); returns one outcome per cell, in the
+        order of `cells`. Workers show no progress bars (their output stays in Ray's logs)."""
         started = self._connect()
         try:
             self._check_feasible()
-            return self._run(study, cells, on_event)
+            return self._run(study, cells, on_event, only)
         finally:
             if started:
                 self.ray.shutdown()
 
-    def _run(self, study: StudyConfig, cells: list[CellConfig],
-             on_event: Callable[[CellEvent], None]) -> list[CellOutcome]:
-        from memlens.runner import stage_done
-        from memlens.store import StudyLayout
-
+    def _run(self, study: StudyConfig, cells: list[CellConfig], on_event: Callable[[CellEvent], None],
+             only: list[str] | None) -> list[CellOutcome]:
         if not cells:
             return []
         ray = self.ray
@@ -151,7 +150,9 @@ class RayExecutor:
         workdir = os.getcwd() if _relative_paths(study) else None
         opts = self.task_options()
         layout = StudyLayout(study.out_dir)
-        if study.mia.enabled and not all(stage_done(layout, c.run_id(study), "mia") for c in cells):
+        mia = get_stage("mia")
+        if (mia.enabled(study) and (only is None or mia.name in only)
+                and not all(mia.done(layout, c.run_id(study)) for c in cells)):
             # once, before the fan-out; a failure here would fail every cell: raise it
             ray.get(ray.remote(base_cache_task).options(name=BASE_CACHE_TASK, **opts).remote(study_dict, workdir))
 
@@ -166,7 +167,7 @@ class RayExecutor:
                     cell = pending.pop(0)
                     run_id = cell.run_id(study)
                     ref = remote_cell.options(name=TASK_PREFIX + run_id, **opts).remote(
-                        study_dict, cell.model_dump(mode="json"), workdir)
+                        study_dict, cell.model_dump(mode="json"), workdir, only)
                     in_flight[ref] = cell
                     on_event(CellEvent(run_id, "running"))  # handed to Ray (it may queue it for resources)
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
@@ -179,27 +180,21 @@ class RayExecutor:
             for ref in in_flight:
                 ray.cancel(ref, force=True)
             raise
-        from memlens.runner import merge_study_files
-
-        merge_study_files(study)  # the driver sees the shared study folder too; merging needs no model
         return [outcomes[c.run_id(study)] for c in cells]
 
     def _collect(self, study: StudyConfig, cell: CellConfig, ref) -> CellOutcome:
         """The task's outcome; a task Ray could not complete (worker died more than max_retries times,
         node lost, cancelled, unpicklable result) is recorded as failed in the cell's status file."""
-        from memlens.runner import read_status, write_status
-        from memlens.store import StudyLayout
-
         ray = self.ray
         layout = StudyLayout(study.out_dir)
         run_id = cell.run_id(study)
         try:
             outcome = CellOutcome.from_dict(ray.get(ref))
         except ray.exceptions.RayError as exc:
-            last = read_status(layout, run_id) or {}
-            record = write_status(layout, run_id, "failed", cell=cell, stage=last.get("stage"),
-                                  stages_done=last.get("stages_done"), error=exc)
-            return CellOutcome(run_id, "failed", record["traceback"], list(last.get("stages_done") or []))
+            last = read_status(layout, run_id)
+            stage, done = (last.stage, list(last.stages_done)) if last is not None else (None, [])
+            record = write_status(layout, run_id, "failed", cell=cell, stage=stage, stages_done=done, error=exc)
+            return CellOutcome(run_id, "failed", record.traceback, done)
         if outcome.run_id != run_id:  # the worker hashed the cell differently: another memlens version?
             raise RuntimeError(f"a Ray worker ran cell {run_id} as {outcome.run_id}: the driver and the workers "
                                "must run the same memlens version (see docs/cluster.md)")

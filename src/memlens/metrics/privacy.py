@@ -11,7 +11,7 @@ largest eps under which observing >= v correct guesses has probability < 1 - con
 Assumption (the bound is void without it): the member / non-member assignment of the audited records
 is an independent fair coin flip per record, made before training. memlens' default membership
 experiment (members = the `train` split, non-members = the `test` split) does NOT satisfy it, so
-:func:`run_privacy_audit` reports the bound only when `dp.audit_random_split` asserts it.
+:func:`memlens.attacks.audit.run_privacy_audit` reports the bound only when `dp.audit_random_split` asserts it.
 
 Hand-written because no maintained library implements this test for PyTorch models (Google's
 jax_privacy has one for JAX); it is a few lines over scipy's binomial distribution.
@@ -23,11 +23,15 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
 from scipy import optimize, special, stats
 
 ASSUMPTION = ("valid only if each audited record was made a member by an independent fair coin flip before "
               "training (Steinke, Nasr & Jagielski 2023)")
+
+
+def default_delta(n_records: int) -> float:
+    """1 / n^1.1: below 1/n, so the guarantee does not allow leaking one whole record."""
+    return 1.0 / n_records ** 1.1
 
 
 def p_value_dp_audit(m: int, r: int, v: int, eps: float, delta: float) -> float:
@@ -121,48 +125,3 @@ def one_run_epsilon_lower_bound(scores: Sequence[float], is_member: Sequence[boo
                  f"not reported: the membership split was not declared a per-record fair coin flip; the bound "
                  f"is {ASSUMPTION}"),
     }
-
-
-# ----------------------------------------------------------------------------------- study stage
-def run_privacy_audit(study, run_ids: list[str] | None = None, attack: str | None = None) -> pd.DataFrame:
-    """Stage `privacy`: for each finished run with MIA scores, one results row (attack `dp_audit`) with the
-    accountant's epsilon (DP runs; NaN otherwise), and the one-run empirical lower bound computed from the
-    per-record scores of `attack` (default: `dp.audit_attack`). Upserts into results.parquet and returns
-    the rows."""
-    from memlens.store import StudyLayout, run_metadata, upsert_results
-    from memlens.train import read_train_info
-    from memlens.train.dp import default_delta
-
-    layout = StudyLayout(study.out_dir)
-    attack = attack or study.dp.audit_attack
-    rows = []
-    for run_id in run_ids or layout.finished_runs():
-        run_dir = layout.run_dir(run_id)
-        scores_path = run_dir / "mia_scores.parquet"
-        if not scores_path.exists():
-            continue
-        train = read_train_info(run_dir)
-        dp = train.get("dp") or {}
-        scores = pd.read_parquet(scores_path)
-        if attack not in scores:
-            raise ValueError(f"dp.audit_attack: run {run_id} has no {attack!r} scores; it has "
-                             f"{[c for c in scores.columns if c not in ('run_id', 'sample_id', 'split')]}")
-        delta = dp.get("delta") or study.dp.delta or default_delta(train["n_train_records"])
-        audit = one_run_epsilon_lower_bound(scores[attack].to_numpy(), scores.is_member.to_numpy(), delta=delta,
-                                            random_split=study.dp.audit_random_split,
-                                            confidence=study.dp.audit_confidence)
-        rows.append({
-            **run_metadata(layout, run_id), "stage": "privacy", "attack": "dp_audit",
-            "epsilon": dp.get("epsilon", math.nan),
-            "epsilon_note": None if dp else "not trained with DP-SGD",
-            "dp_noise_multiplier": dp.get("noise_multiplier", math.nan),
-            "accountant": dp.get("accountant"),
-            "audit_attack": attack, **audit,
-        })
-    frame = pd.DataFrame(rows)
-    if len(frame):
-        from memlens.store.lock import write_lock
-
-        with write_lock(layout.root):
-            upsert_results(layout, frame)
-    return frame

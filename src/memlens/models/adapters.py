@@ -18,9 +18,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from memlens.models.targets import split_fused_modules
+from memlens.store.layout import RunFile
 
-ADAPTER_DIR = "adapter"
-FULL_MODEL_DIR = "model"
+ADAPTER_DIR = RunFile.ADAPTER
+FULL_MODEL_DIR = RunFile.FULL_MODEL
 ADAPTER_META = "memlens_adapter.json"
 
 

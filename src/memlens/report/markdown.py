@@ -21,6 +21,7 @@ from memlens.report.build import Report, build
 from memlens.report.findings import QK, VO
 from memlens.report.mdtable import NA, fmt, interval, is_null, md_table, pm, seconds
 from memlens.store import atomic_write_text
+from memlens.study.provenance import hardware_info
 
 # Quoted from the 2024 study (Savine, Atif, Cappe; ../shared/docs/study.md), never computed here.
 PAPER_TABLE = """\
@@ -295,8 +296,6 @@ def _not_shown(doc: Document) -> None:
 
 # --------------------------------------------------------------------------------------- regenerate
 def _regenerate(doc: Document, root: Path, command: str) -> None:
-    from memlens.runner import hardware_info
-
     doc.add("## How to regenerate",
             "Run the commands from the directory the study was run from: relative paths in a study file resolve "
             "against it.")
@@ -311,8 +310,8 @@ def _regenerate(doc: Document, root: Path, command: str) -> None:
                 "ones resume or extend earlier ones; one with no cells to run only merged results and rebuilt the "
                 "report.", md_table(shown.rename(columns={"wall_s": "wall time", "cells_failed": "failed"}),
                                     {"command": lambda c: f"`{c}`", "wall time": seconds}),
-                f"Total wall time: {seconds(sum(h.get('wall_s') or 0 for h in history))}.")
-        if any(h.get("command") == "python API" for h in history):
+                f"Total wall time: {seconds(sum(h.wall_s for h in history))}.")
+        if any(h.command == "python API" for h in history):
             doc.add(f"`python API` rows ran `memlens.runner.run_study` from Python; the equivalent command is "
                     f"`memlens run {shlex.quote(str(root / 'study.yaml'))}` (the resolved study file).")
     else:

@@ -9,28 +9,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from memlens.runner import HISTORY_FILE, TIMINGS_FILE
+from memlens.store import RunFile, StudyLayout
+from memlens.store.records import HistoryEntry, TimingsRecord, TrainRecord
+from memlens.store.records import read_history as read_history_file
 
 STAGE_ORDER = ("finetune", "train loop", "mia", "extraction")
 
 
-def read_history(root: Path) -> list[dict]:
-    """The invocations recorded in `<root>/history.jsonl`, oldest first (unreadable lines are skipped)."""
-    path = Path(root) / HISTORY_FILE
-    if not path.exists():
-        return []
-    entries = []
-    for line in path.read_text().splitlines():
-        try:
-            entries.append(json.loads(line))
-        except ValueError:
-            continue
-    return entries
+def read_history(root: Path) -> list[HistoryEntry]:
+    """The invocations recorded in `<root>/history.jsonl`, oldest first."""
+    return read_history_file(StudyLayout(Path(root)).history_file)
 
 
 def describe_hardware(hardware: dict | None) -> str:
@@ -51,38 +43,26 @@ def describe_hardware(hardware: dict | None) -> str:
     return ", ".join(parts)
 
 
-def history_table(history: list[dict]) -> pd.DataFrame:
+def history_table(history: list[HistoryEntry]) -> pd.DataFrame:
     """The history as a table: command, start, wall seconds, cells run / done / failed, hardware."""
-    rows = [{"command": h.get("command"), "started": h.get("started"), "wall_s": h.get("wall_s"),
-             "cells_total": h.get("cells_total"), "cells_run": h.get("cells_run"), "cells_done": h.get("cells_done"),
-             "cells_failed": h.get("cells_failed"), "error": h.get("error"),
-             "hardware": describe_hardware(h.get("hardware"))} for h in history]
+    rows = [{"command": h.command, "started": h.started, "wall_s": h.wall_s, "cells_total": h.cells_total,
+             "cells_run": h.cells_run, "cells_done": h.cells_done, "cells_failed": h.cells_failed, "error": h.error,
+             "hardware": describe_hardware(h.hardware)} for h in history]
     return pd.DataFrame(rows)
 
 
 def stage_times(root: Path) -> pd.DataFrame:
     """One row per (run, stage) with a recorded wall time: run_id, stage, wall_s, batch_cells."""
-    runs = Path(root) / "runs"
-    run_dirs = sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")) if runs.is_dir() else []
+    layout = StudyLayout(Path(root))
     rows = []
-    for run_dir in run_dirs:
-        for name, read in ((TIMINGS_FILE, _stages_from_timings), ("train.json", _stage_from_train)):
-            try:
-                record = json.loads((run_dir / name).read_text())
-            except (OSError, ValueError):
-                continue
-            rows += [{"run_id": run_dir.name, **row} for row in read(record)]
+    for run_id in layout.finished_runs():
+        timings = TimingsRecord.read(layout.run_file(run_id, RunFile.TIMINGS))
+        rows += [{"run_id": run_id, "stage": stage, "wall_s": t.wall_s, "batch_cells": t.batch_cells}
+                 for stage, t in timings.root.items()]
+        train = TrainRecord.read(layout.run_file(run_id, RunFile.TRAIN))
+        if train is not None and train.wall_time_s is not None:
+            rows.append({"run_id": run_id, "stage": "train loop", "wall_s": train.wall_time_s, "batch_cells": 1})
     return pd.DataFrame(rows, columns=["run_id", "stage", "wall_s", "batch_cells"])
-
-
-def _stages_from_timings(record: dict) -> list[dict]:
-    return [{"stage": stage, "wall_s": value.get("wall_s"), "batch_cells": value.get("batch_cells")}
-            for stage, value in record.items() if isinstance(value, dict) and value.get("wall_s") is not None]
-
-
-def _stage_from_train(record: dict) -> list[dict]:
-    wall = record.get("wall_time_s")
-    return [] if wall is None else [{"stage": "train loop", "wall_s": wall, "batch_cells": 1}]
 
 
 def stage_summary(per_run: pd.DataFrame) -> pd.DataFrame:

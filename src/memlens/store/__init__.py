@@ -2,6 +2,8 @@
 
 from memlens.store.results import read_results, run_metadata, upsert_results
 from memlens.store.layout import (
+    RunFile,
+    StudyFile,
     StudyLayout,
     atomic_dir,
     atomic_write_bytes,
@@ -14,6 +16,8 @@ __all__ = [
     "read_results",
     "run_metadata",
     "upsert_results",
+    "RunFile",
+    "StudyFile",
     "StudyLayout",
     "atomic_dir",
     "atomic_write_bytes",

@@ -30,31 +30,121 @@ from pathlib import Path
 
 import pandas as pd
 
+from memlens.config import ConfigError
+
+
+class RunFile:
+    """Names of the files and folders inside `runs/<run_id>/` (every module uses these, none spells them)."""
+
+    CELL = "cell.json"                      # the cell and everything its run_id hashes
+    TRAIN = "train.json"                    # parameter counts, loss curve, wall time, canary, DP
+    MEMBERS = "members.parquet"             # distinct member records trained on
+    STUDY = "study.yaml"                    # the study as the run saw it
+    ADAPTER = "adapter"                     # LoRA adapter (PEFT, safetensors)
+    FULL_MODEL = "model"                    # full fine-tuned model (safetensors)
+    TIMINGS = "timings.json"                # wall seconds of each completed stage
+    MIA_SCORES = "mia_scores.parquet"
+    MIA_RESULTS = "mia_results.parquet"
+    EXTRACTION = "extraction.parquet"
+    EXTRACTION_RESULTS = "extraction_results.parquet"
+    EXPOSURE = "exposure.parquet"
+
+
+class StudyFile:
+    """Names of the study-level files and folders of `<out>/`."""
+
+    STUDY = "study.yaml"
+    ENVIRONMENT = "environment.json"
+    RESULTS = "results.parquet"
+    HISTORY = "history.jsonl"
+    MIA_SCORES = "mia_scores.parquet"
+    EXTRACTION = "extraction.parquet"
+    EXPOSURE = "exposure.parquet"
+    RUNS = "runs"
+    STATUS = "status"
+    CACHE = "cache"
+    REPORT = "report"
+    LOCK = ".memlens.lock"
+    WRITE_LOCK = ".write.lock"
+
 
 @dataclass(frozen=True)
 class StudyLayout:
+    """Where every file of a study folder lives: the one place that names them."""
+
     root: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # ----------------------------------------------------------------------------- study level
     @property
     def runs(self) -> Path:
-        return self.root / "runs"
-
-    def run_dir(self, run_id: str) -> Path:
-        return self.runs / run_id
+        return self.root / StudyFile.RUNS
 
     @property
     def cache(self) -> Path:
-        return self.root / "cache"
+        return self.root / StudyFile.CACHE
 
     @property
     def report(self) -> Path:
-        return self.root / "report"
+        return self.root / StudyFile.REPORT
+
+    @property
+    def status_dir(self) -> Path:
+        return self.root / StudyFile.STATUS
+
+    @property
+    def study_file(self) -> Path:
+        return self.root / StudyFile.STUDY
+
+    @property
+    def environment_file(self) -> Path:
+        return self.root / StudyFile.ENVIRONMENT
+
+    @property
+    def results_file(self) -> Path:
+        return self.root / StudyFile.RESULTS
+
+    @property
+    def history_file(self) -> Path:
+        return self.root / StudyFile.HISTORY
+
+    def study_level(self, name: str) -> Path:
+        """A study-level file by its :class:`StudyFile` name (e.g. the merged `mia_scores.parquet`)."""
+        return self.root / name
+
+    def status_file(self, run_id: str) -> Path:
+        return self.status_dir / f"{run_id}.json"
+
+    # ----------------------------------------------------------------------------- run level
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs / run_id
+
+    def run_file(self, run_id: str, name: str) -> Path:
+        """A file of `runs/<run_id>/` by its :class:`RunFile` name."""
+        return self.run_dir(run_id) / name
 
     def finished_runs(self) -> list[str]:
         """run_ids whose folder is complete (temp folders start with a dot and are ignored)."""
         if not self.runs.is_dir():
             return []
         return sorted(p.name for p in self.runs.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def runs_with(self, name: str) -> list[str]:
+        """Finished runs that have the per-run file `name`."""
+        return [r for r in self.finished_runs() if self.run_file(r, name).exists()]
+
+    def pending_runs(self, marker: str, run_ids: list[str] | None = None, force: bool = False) -> list[str]:
+        """Finished runs (all, or those of `run_ids`) whose per-run stage file `marker` is missing
+        (every one of them when `force`). Unknown or unfinished `run_ids` are an error naming them."""
+        finished = self.finished_runs()
+        if run_ids is not None:
+            unknown = [r for r in run_ids if r not in finished]
+            if unknown:
+                raise ConfigError(f"run_ids: no finished run {unknown} in {self.runs}; finished: {finished}")
+            finished = list(run_ids)
+        return [r for r in finished if force or not self.run_file(r, marker).exists()]
 
 
 def _fsync_dir(path: Path) -> None:

@@ -18,8 +18,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-LOCK_FILE = ".memlens.lock"
-WRITE_LOCK_FILE = ".write.lock"
+from memlens.store.layout import StudyFile
+
+LOCK_FILE = StudyFile.LOCK
+WRITE_LOCK_FILE = StudyFile.WRITE_LOCK
 
 
 class StudyLockedError(RuntimeError):

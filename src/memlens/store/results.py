@@ -7,43 +7,42 @@ attack. Each stage adds its metric columns (e.g. auc, tpr_at_1pct_fpr for `mia`)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from memlens.store.layout import StudyLayout, atomic_write_parquet
+from memlens.store.layout import RunFile, StudyFile, StudyLayout, atomic_write_parquet
+from memlens.store.records import CellRecord, TrainRecord
 
-RESULTS_FILE = "results.parquet"
+RESULTS_FILE = StudyFile.RESULTS
 KEY = ["run_id", "stage", "attack"]
 
 
 def run_metadata(layout: StudyLayout, run_id: str) -> dict:
     """The identifying columns of a finished run, read from its `cell.json` and `train.json`."""
-    run_dir = layout.run_dir(run_id)
-    cell = json.loads((run_dir / "cell.json").read_text())
-    train = json.loads((run_dir / "train.json").read_text())
-    spec = cell["cell"]
-    dp = train.get("dp") or {}
+    cell = CellRecord.load(layout.run_file(run_id, RunFile.CELL))
+    train = TrainRecord.load(layout.run_file(run_id, RunFile.TRAIN))
+    spec = cell.cell
+    dp = train.dp or {}
     return {
         "run_id": run_id,
-        "model": cell["model"]["name_or_path"],
-        "method": spec["method"],
-        "target_modules": "+".join(spec["target_modules"]),
-        "rank": spec["rank"],
-        "canary_copies": spec["canary_copies"],
-        "seed": spec["seed"],
+        "model": cell.model["name_or_path"],
+        "method": spec.method,
+        "target_modules": "+".join(spec.target_modules),
+        "rank": spec.rank,
+        "canary_copies": spec.canary_copies,
+        "seed": spec.seed,
         # the sigma actually used (a calibrated "auto" cell records the number it reached)
-        "noise_multiplier": dp.get("noise_multiplier", spec.get("noise_multiplier")),
+        "noise_multiplier": dp.get("noise_multiplier", spec.noise_multiplier),
         "epsilon": dp.get("epsilon"),
-        "trainable_params": train["trainable_params"],
-        "total_params": train["total_params"],
-        "trainable_pct": train["trainable_pct"],
+        "trainable_params": train.trainable_params,
+        "total_params": train.total_params,
+        "trainable_pct": train.trainable_pct,
     }
 
 
 def read_results(layout: StudyLayout) -> pd.DataFrame:
-    path = layout.root / RESULTS_FILE
+    path = layout.results_file
     return pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=KEY)
 
 
@@ -63,7 +62,7 @@ def upsert_results(layout: StudyLayout, rows: pd.DataFrame) -> pd.DataFrame:
     merged = pd.concat([f for f in (current, rows) if len(f)], ignore_index=True) if len(current) else rows
     merged = merged.sort_values(KEY, kind="stable").reset_index(drop=True)
     if not _same(merged, original):  # a no-op merge leaves the file (and its mtime) alone
-        atomic_write_parquet(layout.root / RESULTS_FILE, merged)
+        atomic_write_parquet(layout.results_file, merged)
     return merged
 
 

@@ -1,6 +1,5 @@
 """Train stage: one fine-tune per grid cell."""
 
 from memlens.train.finetune import finetune_cell, read_members, read_train_info, tokenize_records
-from memlens.train.sweep import finetune_study
 
-__all__ = ["finetune_cell", "finetune_study", "read_members", "read_train_info", "tokenize_records"]
+__all__ = ["finetune_cell", "read_members", "read_train_info", "tokenize_records"]

@@ -35,6 +35,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from memlens.config import CellConfig, ConfigError, StudyConfig
+from memlens.metrics.privacy import default_delta
 from memlens.train.collate import CausalLMCollator
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,6 @@ log = logging.getLogger(__name__)
 
 class DPUnsupportedError(ConfigError):
     """The model (or the part of it being trained) cannot be trained with Opacus DP-SGD."""
-
-
-def default_delta(n_records: int) -> float:
-    """1 / n^1.1: below 1/n, so the guarantee does not allow leaking one whole record."""
-    return 1.0 / n_records ** 1.1
 
 
 def dp_schedule(study: StudyConfig, n_records: int) -> tuple[int, float, int]:

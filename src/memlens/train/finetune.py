@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -32,7 +31,8 @@ from memlens.models import (
 )
 from memlens.models.adapters import ADAPTER_DIR, FULL_MODEL_DIR
 from memlens.models.varlen import SUPPORTED_MODEL_TYPES, supports_varlen, varlen_attention
-from memlens.store import StudyLayout, atomic_dir, atomic_write_json, atomic_write_parquet, atomic_write_text
+from memlens.store import RunFile, StudyLayout, atomic_dir, atomic_write_parquet, atomic_write_text
+from memlens.store.records import CellRecord, TrainRecord
 from memlens.train.collate import CausalLMCollator, PackedCollator, pack_rows
 from memlens.train.progress import RichProgressCallback, progress_or_own
 
@@ -187,10 +187,10 @@ def finetune_cell(study: StudyConfig, cell: CellConfig, data: StudyData, layout:
             save_adapter(model, tmp / ADAPTER_DIR, fused)
         else:
             model.save_pretrained(str(tmp / FULL_MODEL_DIR), safe_serialization=True)
-        atomic_write_json(tmp / "cell.json", {"run_id": run_id, **cell.determinants(study)})
-        atomic_write_json(tmp / "train.json", info)
-        atomic_write_parquet(tmp / "members.parquet", training.members)
-        atomic_write_text(tmp / "study.yaml", dump_study(study))
+        CellRecord.model_validate({"run_id": run_id, **cell.determinants(study)}).save(tmp / RunFile.CELL)
+        TrainRecord.model_validate(info).save(tmp / RunFile.TRAIN)
+        atomic_write_parquet(tmp / RunFile.MEMBERS, training.members)
+        atomic_write_text(tmp / RunFile.STUDY, dump_study(study))
     log.info("finished %s in %.1fs", run_id, wall)
     return final
 
@@ -286,11 +286,11 @@ def _packed_attention(model: torch.nn.Module, tcfg) -> Iterator[str]:
         yield "varlen"
 
 
-def read_train_info(run_dir: Path) -> dict:
+def read_train_info(run_dir: Path) -> TrainRecord:
     """The run's train.json (parameter counts, loss curve, wall time, canary, ...)."""
-    return json.loads((Path(run_dir) / "train.json").read_text())
+    return TrainRecord.load(Path(run_dir) / RunFile.TRAIN)
 
 
 def read_members(run_dir: Path) -> pd.DataFrame:
     """Distinct member records the run trained on: sample_id, text, is_canary."""
-    return pd.read_parquet(Path(run_dir) / "members.parquet")
+    return pd.read_parquet(Path(run_dir) / RunFile.MEMBERS)

@@ -1,0 +1,61 @@
+"""The one-run privacy audit of every attacked run (results stage `privacy`, attack `dp_audit`).
+
+Reads a run's membership scores and its train record, and reports the accountant's epsilon (DP runs)
+next to the empirical lower bound of :func:`memlens.metrics.privacy.one_run_epsilon_lower_bound`. Part of
+the membership stage: it runs after the scores are written and again at every merge (idempotent).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from memlens.config import ConfigError, StudyConfig
+from memlens.metrics.privacy import default_delta, one_run_epsilon_lower_bound
+from memlens.store import RunFile, StudyLayout, run_metadata, upsert_results
+from memlens.store.lock import write_lock
+from memlens.store.records import TrainRecord
+
+AUDIT_STAGE = "privacy"
+AUDIT_ATTACK = "dp_audit"
+
+
+def run_privacy_audit(study: StudyConfig, run_ids: list[str] | None = None, attack: str | None = None) -> pd.DataFrame:
+    """For each finished run with membership scores, one results row (stage `privacy`, attack `dp_audit`)
+    with the accountant's epsilon (DP runs; NaN otherwise) and the one-run empirical lower bound computed
+    from the per-record scores of `attack` (default: `dp.audit_attack`). Upserts them into results.parquet
+    and returns them."""
+    layout = StudyLayout(study.out_dir)
+    attack = attack or study.dp.audit_attack
+    rows = []
+    for run_id in run_ids or layout.runs_with(RunFile.MIA_SCORES):
+        scores_path = layout.run_file(run_id, RunFile.MIA_SCORES)
+        if not scores_path.exists():
+            continue
+        train = TrainRecord.load(layout.run_file(run_id, RunFile.TRAIN))
+        dp = train.dp or {}
+        scores = pd.read_parquet(scores_path)
+        if attack not in scores:
+            raise ConfigError(f"dp.audit_attack: run {run_id} has no {attack!r} scores; it has "
+                              f"{[c for c in scores.columns if c not in ('run_id', 'sample_id', 'split')]}")
+        delta = dp.get("delta") or study.dp.delta or default_delta(train.n_train_records)
+        audit = one_run_epsilon_lower_bound(scores[attack].to_numpy(), scores.is_member.to_numpy(), delta=delta,
+                                            random_split=study.dp.audit_random_split,
+                                            confidence=study.dp.audit_confidence)
+        rows.append({
+            **run_metadata(layout, run_id), "stage": AUDIT_STAGE, "attack": AUDIT_ATTACK,
+            "epsilon": dp.get("epsilon", math.nan),
+            "epsilon_note": None if dp else "not trained with DP-SGD",
+            "dp_noise_multiplier": dp.get("noise_multiplier", math.nan),
+            "accountant": dp.get("accountant"),
+            "audit_attack": attack, **audit,
+        })
+    frame = pd.DataFrame(rows)
+    if len(frame):
+        with write_lock(layout.root):
+            upsert_results(layout, frame)
+    return frame
+
+
+__all__ = ["AUDIT_ATTACK", "AUDIT_STAGE", "run_privacy_audit"]

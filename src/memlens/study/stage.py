@@ -1,0 +1,188 @@
+"""The per-run stages of a study, each one object: what it needs, the files it writes, its result rows,
+its config section, and how to run, merge and invalidate it.
+
+A stage is *done* for a run when its marker file exists in `runs/<run_id>/` (written last and atomically),
+so a rerun after a kill redoes only what was not finished. Adding a stage is one :class:`Stage` subclass
+appended to :data:`STAGES`; the runner, the executors, `memlens status` and `--force` read it from there.
+
+    finetune    runs/<run_id>/ (the folder appears complete, by rename; marker train.json)
+    mia         runs/<run_id>/mia_results.parquet (+ the one-run privacy audit rows)
+    extraction  runs/<run_id>/extraction_results.parquet
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from memlens.attacks.audit import AUDIT_STAGE, run_privacy_audit
+from memlens.attacks.extraction import merge_study as merge_extraction
+from memlens.attacks.extraction import run_extraction
+from memlens.attacks.mia import merge_study as merge_mia
+from memlens.attacks.mia import run_mia
+from memlens.config import CellConfig, StudyConfig
+from memlens.data import StudyData, load_study_data
+from memlens.models import load_tokenizer
+from memlens.store import RunFile, StudyLayout, atomic_write_parquet, read_results
+from memlens.store.lock import write_lock
+from memlens.study.provenance import record_stage_time
+from memlens.train import finetune_cell
+from memlens.train.progress import training_progress
+
+
+@dataclass
+class StageContext:
+    """What the stages of one process share: the study's data and tokenizer, loaded on first use."""
+
+    study: StudyConfig
+    show_progress: bool = False
+    _data: StudyData | None = field(default=None, repr=False)
+    _tokenizer: object | None = field(default=None, repr=False)
+
+    @property
+    def layout(self) -> StudyLayout:
+        return StudyLayout(self.study.out_dir)
+
+    def data(self) -> StudyData:
+        if self._data is None:
+            self._data = load_study_data(self.study.data)
+        return self._data
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.study.model)
+        return self._tokenizer
+
+
+class Stage:
+    """One per-run stage. Subclasses set the class attributes and implement :meth:`run`."""
+
+    name: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]] = ()          # stages that must be done first
+    marker: ClassVar[str]                          # per-run file whose presence means "done"
+    files: ClassVar[tuple[str, ...]] = ()          # per-run files it writes (removed when invalidated)
+    result_stages: ClassVar[tuple[str, ...]] = ()  # `stage` values of its rows in results.parquet
+    section: ClassVar[str | None] = None           # config section it reads beyond the fine-tuned model
+    batched: ClassVar[bool] = True                 # runs once for many cells (sharing a loaded base model)
+
+    def enabled(self, study: StudyConfig) -> bool:
+        return True
+
+    def done(self, layout: StudyLayout, run_id: str) -> bool:
+        return layout.run_file(run_id, self.marker).exists()
+
+    def run(self, ctx: StageContext, cells: list[CellConfig]) -> None:
+        raise NotImplementedError
+
+    def merge(self, study: StudyConfig) -> None:
+        """Rebuild the study-level files of this stage from the per-run files (idempotent)."""
+
+    def invalidate(self, layout: StudyLayout, run_ids: list[str]) -> None:
+        """Make the stage pending again for `run_ids`: its per-run files, then its results rows."""
+        for run_id in run_ids:
+            for name in self.files:
+                layout.run_file(run_id, name).unlink(missing_ok=True)
+        with write_lock(layout.root):
+            results = read_results(layout)
+            if len(results):
+                stale = results.run_id.isin(run_ids) & results.stage.isin(self.result_stages)
+                if stale.any():
+                    atomic_write_parquet(layout.results_file, results[~stale].reset_index(drop=True))
+
+    def __repr__(self) -> str:
+        return f"<stage {self.name}>"
+
+
+class FinetuneStage(Stage):
+    name = "finetune"
+    marker = RunFile.TRAIN
+    batched = False  # one cell at a time: each run's wall time is its own
+
+    def run(self, ctx: StageContext, cells: list[CellConfig]) -> None:
+        progress = None if ctx.show_progress else training_progress(disable=True)
+        for cell in cells:
+            finetune_cell(ctx.study, cell, ctx.data(), ctx.layout, ctx.tokenizer(), progress=progress)
+
+    def invalidate(self, layout: StudyLayout, run_ids: list[str]) -> None:
+        """Remove the runs: renamed to a temp name first (atomic), then deleted."""
+        for run_id in run_ids:
+            final = layout.run_dir(run_id)
+            if final.is_dir():
+                trash = final.parent / f".{run_id}.tmp-forced"
+                shutil.rmtree(trash, ignore_errors=True)
+                os.replace(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+
+
+class MIAStage(Stage):
+    name = "mia"
+    needs = ("finetune",)
+    marker = RunFile.MIA_RESULTS
+    files = (RunFile.MIA_SCORES, RunFile.MIA_RESULTS)
+    result_stages = ("mia", "utility", AUDIT_STAGE)
+    section = "mia"
+
+    def enabled(self, study: StudyConfig) -> bool:
+        return study.mia.enabled
+
+    def run(self, ctx: StageContext, cells: list[CellConfig]) -> None:
+        run_ids = [c.run_id(ctx.study) for c in cells]
+        run_mia(ctx.study, run_ids, show_progress=ctx.show_progress)
+        run_privacy_audit(ctx.study, run_ids)  # accountant epsilon and empirical lower bound
+
+    def merge(self, study: StudyConfig) -> None:
+        merge_mia(StudyLayout(study.out_dir))
+        run_privacy_audit(study)  # idempotent: rows missing after a kill are added, others unchanged
+
+
+class ExtractionStage(Stage):
+    name = "extraction"
+    needs = ("finetune",)
+    marker = RunFile.EXTRACTION_RESULTS
+    files = (RunFile.EXTRACTION, RunFile.EXTRACTION_RESULTS, RunFile.EXPOSURE)
+    result_stages = ("extraction", "exposure")
+    section = "extraction"
+
+    def enabled(self, study: StudyConfig) -> bool:
+        return study.extraction.enabled
+
+    def run(self, ctx: StageContext, cells: list[CellConfig]) -> None:
+        run_extraction(ctx.study, [c.run_id(ctx.study) for c in cells], show_progress=ctx.show_progress)
+
+    def merge(self, study: StudyConfig) -> None:
+        merge_extraction(StudyLayout(study.out_dir))
+
+
+STAGES: tuple[Stage, ...] = (FinetuneStage(), MIAStage(), ExtractionStage())
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+
+
+def get_stage(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise KeyError(name)
+
+
+def enabled_stages(study: StudyConfig) -> list[Stage]:
+    """The per-run stages this study runs, in order."""
+    return [s for s in STAGES if s.enabled(study)]
+
+
+def execute(stage: Stage, ctx: StageContext, cells: list[CellConfig]) -> None:
+    """Run `stage` for `cells`, check that it left its marker for each, and record its wall time."""
+    start = time.perf_counter()
+    stage.run(ctx, cells)
+    layout = ctx.layout
+    run_ids = [c.run_id(ctx.study) for c in cells]
+    missing = [r for r in run_ids if not stage.done(layout, r)]
+    if missing:
+        raise RuntimeError(f"stage {stage.name} finished without writing runs/<run_id>/{stage.marker} for {missing}")
+    record_stage_time(layout, run_ids, stage.name, time.perf_counter() - start)
+
+
+__all__ = ["STAGES", "STAGE_NAMES", "ExtractionStage", "FinetuneStage", "MIAStage", "Stage", "StageContext",
+           "enabled_stages", "execute", "get_stage"]

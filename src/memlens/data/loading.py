@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from memlens.config import ConfigError, DataConfig, stable_hash
+from memlens.config import (
+    ConfigError,
+    DataConfig,
+    hub_offline,
+    looks_like_local_path,
+    stable_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +44,125 @@ class StudyData:
         return stable_hash(parts)[:16]
 
 
+@dataclass
+class _Origin:
+    """Where a split's rows were read from, to name a bad record: `<file> line 12` (JSON lines), `<file> data
+    row 3` (CSV), `<file> record 7` (parquet), `hub dataset 'x' split 'train' record 7`. A frame's index holds
+    each row's position in its file (a single file with a split column keeps its rows' positions)."""
+
+    label: str
+    path: Path | None = None
+    _lines: list[int] | None = field(default=None, repr=False)
+
+    def where(self, position: int) -> str:
+        suffix = self.path.suffix.lower() if self.path is not None else ""
+        if suffix in (".jsonl", ".json"):
+            return f"{self.label} line {self.line_of(position)}"
+        if suffix == ".csv":
+            return f"{self.label} data row {position + 1} (after the header)"
+        return f"{self.label} record {position} (counting from 0)"
+
+    def line_of(self, position: int) -> int:
+        """The 1-based line of the `position`-th record of a JSON-lines file (blank lines hold no record)."""
+        if self._lines is None:
+            with open(self.path, encoding="utf-8", errors="replace") as handle:
+                self._lines = [n for n, line in enumerate(handle, 1) if line.strip()]
+        return self._lines[position] if position < len(self._lines) else position + 1
+
+    def record(self, position: int) -> dict | None:
+        """The raw JSON object of a JSON-lines record (None when it is not one)."""
+        if self.path is None or self.path.suffix.lower() not in (".jsonl", ".json"):
+            return None
+        target = self.line_of(position)
+        with open(self.path, encoding="utf-8", errors="replace") as handle:
+            for n, line in enumerate(handle, 1):
+                if n == target:
+                    try:
+                        value = json.loads(line)
+                    except ValueError:
+                        return None
+                    return value if isinstance(value, dict) else None
+        return None
+
+
 def _read_file(path: Path) -> pd.DataFrame:
-    reader = _READERS.get(path.suffix.lower())
+    """One data file as a frame; a file that cannot be read names the file, the line and the fix."""
+    suffix = path.suffix.lower()
+    reader = _READERS.get(suffix)
     if reader is None:
         raise ConfigError(f"data.source: cannot read {path}; supported: {sorted(_READERS)}")
-    return reader(path)
+    if suffix != ".parquet" and path.stat().st_size == 0:
+        return pd.DataFrame()
+    try:
+        return reader(path)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(_utf8_problem(path, exc)) from None
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    except pd.errors.ParserError as exc:
+        raise ConfigError(f"data.source: {path} is not a valid CSV file ({exc}); every row needs the header's "
+                          "columns, and text with commas, quotes or newlines must be quoted") from None
+    except (ValueError, TypeError, OSError) as exc:  # TypeError: pandas on a line that is not an object
+        if suffix in (".jsonl", ".json"):
+            raise ConfigError(_jsonl_problem(path, exc)) from None
+        raise ConfigError(f"data.source: cannot read {path} ({type(exc).__name__}: {exc}); is it a "
+                          f"{suffix[1:]} file?") from None
 
 
-def _load_raw_splits(cfg: DataConfig, wanted: list[str]) -> dict[str, pd.DataFrame]:
-    source = Path(cfg.source)
+def _utf8_problem(path: Path, exc: UnicodeDecodeError) -> str:
+    """`<file> line 3, column 12: byte 0xff is not UTF-8 ...`."""
+    data = path.read_bytes()
+    line, column, byte = 1, 1, None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:  # the decoder's offset in the whole file, not pandas' chunk
+        before = data[:err.start]
+        line = before.count(b"\n") + 1
+        column = err.start - (before.rfind(b"\n") + 1) + 1
+        byte = data[err.start]
+    where = f"line {line}, column {column}" if byte is not None else "somewhere"
+    what = f"byte 0x{byte:02x}" if byte is not None else f"a byte ({exc.reason})"
+    return (f"data.source: {path} {where}: {what} is not UTF-8 text; memlens reads data files as UTF-8. "
+            f"Re-encode the file (e.g. iconv -f latin1 -t utf-8 {path.name} > fixed-{path.name}) or fix that line")
+
+
+def _jsonl_problem(path: Path, exc: Exception) -> str:
+    """The first line of a JSON-lines file that is not one JSON object, or pandas' own error."""
+    with open(path, encoding="utf-8") as handle:
+        for n, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as err:
+                return (f"data.source: {path} line {n}: not valid JSON ({err.msg} at column {err.colno}); "
+                        'each line must be one JSON object, e.g. {"id": "a1", "context": "..."}. '
+                        "Fix or delete that line")
+            if not isinstance(value, dict):
+                return (f"data.source: {path} line {n}: a JSON {type(value).__name__}, not an object; each line "
+                        'must be one JSON object, e.g. {"id": "a1", "context": "..."}'
+                        + (" (a .json file is read as JSON lines: one record per line, not one array)"
+                           if path.suffix.lower() == ".json" else ""))
+    return f"data.source: cannot read {path} as JSON lines ({exc})"
+
+
+def _split_field(cfg: DataConfig, split: str) -> str:
+    """`data.member_split` etc.: the config field that names `split`."""
+    for key in ("member_split", "non_member_split", "utility_split"):
+        if getattr(cfg, key) == split:
+            return f"data.{key}"
+    return "data.member_split"
+
+
+def _load_raw_splits(cfg: DataConfig, wanted: list[str]) -> dict[str, tuple[pd.DataFrame, _Origin]]:
+    source = Path(cfg.source).expanduser()
     fmt = cfg.format
     if fmt == "auto":
         fmt = "folder" if source.is_dir() else "file" if source.is_file() else "hub"
+        if fmt == "hub" and looks_like_local_path(cfg.source):
+            raise ConfigError(f"data.source: {cfg.source} does not exist (looked for {os.path.abspath(source)}); "
+                              "data.source is a folder of <split>.jsonl|.csv|.parquet files, a single file "
+                              "with a split column, or a hub dataset id (owner/name)")
     if fmt == "folder":
         if not source.is_dir():
             raise ConfigError(f"data.source: folder {source} does not exist")
@@ -57,21 +172,23 @@ def _load_raw_splits(cfg: DataConfig, wanted: list[str]) -> dict[str, pd.DataFra
             if not files:
                 present = sorted({p.stem for p in source.iterdir() if p.suffix in _READERS})
                 raise ConfigError(f"data: split {name!r} not found in {source}; splits present: {present}")
-            splits[name] = _read_file(files[0])
+            splits[name] = (_read_file(files[0]), _Origin(str(files[0]), files[0]))
         return splits
     if fmt == "file":
         if not source.is_file():
             raise ConfigError(f"data.source: file {source} does not exist")
         frame = _read_file(source)
         if cfg.split_field not in frame.columns:
-            raise ConfigError(f"data.split_field: column {cfg.split_field!r} not in {source}; "
+            empty = " (the file has no records)" if frame.empty else ""
+            raise ConfigError(f"data.split_field: column {cfg.split_field!r} not in {source}{empty}; "
                               f"columns: {list(frame.columns)}")
         present = sorted(frame[cfg.split_field].astype(str).unique())
         out = {}
         for name in wanted:
             if name not in present:
                 raise ConfigError(f"data: split {name!r} not in column {cfg.split_field!r}; values: {present}")
-            out[name] = frame[frame[cfg.split_field].astype(str) == name].reset_index(drop=True)
+            # the index keeps each row's position in the file, to name a bad record
+            out[name] = (frame[frame[cfg.split_field].astype(str) == name], _Origin(str(source), source))
         return out
     # hub: `datasets` honours HF_HUB_OFFLINE and HF_TOKEN from the environment (never logged here).
     import datasets
@@ -79,26 +196,93 @@ def _load_raw_splits(cfg: DataConfig, wanted: list[str]) -> dict[str, pd.DataFra
     try:
         dd = datasets.load_dataset(cfg.source, revision=cfg.revision)
     except Exception as exc:  # the hub error is kept as the cause
+        offline = hub_offline("dataset")
+        if offline:
+            raise ConfigError(f"data.source: {cfg.source!r} is read as a hub dataset id, but {offline}=1 (offline) "
+                              "and it is not in the local datasets cache; download it once with the hub on, "
+                              f"or set data.source to a local folder or file ({exc})") from exc
         raise ConfigError(f"data.source: could not load {cfg.source!r} from the hub or as a path ({exc})") from exc
     missing = [n for n in wanted if n not in dd]
     if missing:
         raise ConfigError(f"data: split(s) {missing} not in {cfg.source}; splits: {sorted(dd)}")
-    return {n: dd[n].to_pandas() for n in wanted}
+    return {n: (dd[n].to_pandas(), _Origin(f"hub dataset {cfg.source!r} split {n!r}")) for n in wanted}
 
 
-def _normalise(frame: pd.DataFrame, cfg: DataConfig, split: str) -> pd.DataFrame:
+def _is_null(value) -> bool:
+    """None, NaN or pd.NA: a missing or null value (pandas' reading of an absent JSON key too)."""
+    if value is None or value is pd.NA:
+        return True
+    return isinstance(value, (float, np.floating)) and bool(np.isnan(value))
+
+
+def _normalise(frame: pd.DataFrame, cfg: DataConfig, split: str, origin: _Origin) -> pd.DataFrame:
+    if frame.empty:
+        field_name = _split_field(cfg, split)
+        extra = " or null for none" if field_name == "data.utility_split" else ""
+        raise ConfigError(f"{field_name}: split {split!r} has no records: {origin.label} is empty; add records "
+                          f"to it or set {field_name} to another split{extra}")
     if cfg.text_field not in frame.columns:
-        raise ConfigError(f"data.text_field: column {cfg.text_field!r} not in split {split!r}; "
+        raise ConfigError(f"data.text_field: column {cfg.text_field!r} not in split {split!r} ({origin.label}); "
                           f"columns: {list(frame.columns)}")
     if cfg.id_field is not None and cfg.id_field not in frame.columns:
-        raise ConfigError(f"data.id_field: column {cfg.id_field!r} not in split {split!r}; "
+        raise ConfigError(f"data.id_field: column {cfg.id_field!r} not in split {split!r} ({origin.label}); "
                           f"columns: {list(frame.columns)} (set id_field: null to number records)")
+    _check_texts(frame, cfg, split, origin)
+    if cfg.id_field is not None:
+        _check_ids(frame, cfg, origin)
     ids = (frame[cfg.id_field].astype(str) if cfg.id_field else pd.Series([f"{split}-{i}" for i in range(len(frame))]))
     out = pd.DataFrame({"sample_id": ids.values, "text": frame[cfg.text_field].astype(str).values})
     if out.sample_id.duplicated().any():
         dup = out.sample_id[out.sample_id.duplicated()].iloc[0]
-        raise ConfigError(f"data.id_field: id {dup!r} occurs twice in split {split!r}; ids must be unique")
+        raise ConfigError(f"data.id_field: id {dup!r} occurs twice in split {split!r} ({origin.label}); ids must "
+                          "be unique (set id_field: null to number records)")
     return out
+
+
+def _check_texts(frame: pd.DataFrame, cfg: DataConfig, split: str, origin: _Origin) -> None:
+    """Every record's text is a string: a missing, null or non-text value names its record and the fix."""
+    column = frame[cfg.text_field]
+    bad = [i for i, value in enumerate(column.tolist()) if not isinstance(value, str)]
+    if not bad:
+        return
+    first = bad[0]
+    position = int(frame.index[first])
+    value = column.iloc[first]
+    where = origin.where(position)
+    more = f" ({len(bad) - 1} more record(s) of split {split!r} have the same problem)" if len(bad) > 1 else ""
+    raw = origin.record(position)
+    if raw is not None and cfg.text_field not in raw:
+        raise ConfigError(
+            f"data.text_field: {where}: the record has no {cfg.text_field!r} field (its fields: {sorted(raw)}); "
+            f"add the text to it or delete it, or set data.text_field to the field that holds the text{more}")
+    if _is_null(value):
+        raise ConfigError(f"data.text_field: {where}: {cfg.text_field!r} is null; every record needs a text: "
+                          f"fill it in or delete the record{more}")
+    kind = _kind(value)
+    raise ConfigError(f"data.text_field: {where}: {cfg.text_field!r} is {kind} ({str(value)[:60]}), not text; "
+                      f"write it as a string or set data.text_field to the field that holds the text{more}")
+
+
+def _kind(value) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return "true/false"
+    if isinstance(value, (int, float, np.number)):
+        return "a number"
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def _check_ids(frame: pd.DataFrame, cfg: DataConfig, origin: _Origin) -> None:
+    column = frame[cfg.id_field]
+    bad = [i for i, value in enumerate(column.tolist()) if _is_null(value)]
+    if bad:
+        where = origin.where(int(frame.index[bad[0]]))
+        raise ConfigError(f"data.id_field: {where}: the record has no {cfg.id_field!r} (missing or null; "
+                          f"{len(bad)} record(s) in all); give every record an id, or set data.id_field: null to "
+                          "number records")
 
 
 def _clean(frame: pd.DataFrame, split: str, report: list[str]) -> pd.DataFrame:
@@ -127,7 +311,7 @@ def load_study_data(cfg: DataConfig) -> StudyData:
         raise ConfigError("data.non_member_split must differ from data.member_split")
     raw = _load_raw_splits(cfg, names)
     report: list[str] = []
-    frames = {n: _clean(_normalise(raw[n], cfg, n), n, report) for n in names}
+    frames = {n: _clean(_normalise(raw[n][0], cfg, n, raw[n][1]), n, report) for n in names}
     members, non_members = frames[cfg.member_split], frames[cfg.non_member_split]
     shared = set(members.text) & set(non_members.text)
     if shared:

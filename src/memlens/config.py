@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -491,6 +492,27 @@ def stable_hash(obj: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------- loading
+def looks_like_local_path(value: str) -> bool:
+    """Whether `data.source` / `model.name_or_path` is meant as a local path rather than a hub id: it starts
+    with `.`, `/` or `~`, contains the OS's own separator (when that is not `/`), or has more than one `/`
+    (a hub id is `name` or `owner/name`)."""
+    if value.startswith((".", "/", "~")) or value.endswith("/"):
+        return True
+    if any(sep and sep != "/" and sep in value for sep in (os.sep, os.altsep)):
+        return True
+    return value.count("/") > 1
+
+
+def hub_offline(kind: Literal["model", "dataset"] = "model") -> str | None:
+    """The environment variable that switches the Hugging Face hub off for models (HF_HUB_OFFLINE,
+    TRANSFORMERS_OFFLINE) or datasets (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE), or None when it is on."""
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE" if kind == "model" else "HF_DATASETS_OFFLINE")
+    for name in names:
+        if os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            return name
+    return None
+
+
 def format_validation_error(err: ValidationError, source: str, overrides: list[str] | None = None) -> str:
     """One line per problem: `<file>: <field.path>: <what is wrong>`. `overrides` (the `--set key=value`
     items that were applied) lets a problem in an overridden field name the override and its fix."""

@@ -1,6 +1,15 @@
 """Models stage: load base models, name their matrices, attach and swap adapters."""
 
-from memlens.models.loading import load_base_model, load_tokenizer, resolve_device, resolve_dtype
+from memlens.models.loading import (
+    check_max_length,
+    load_base_model,
+    load_model_config,
+    load_tokenizer,
+    local_model_folder,
+    model_context_length,
+    resolve_device,
+    resolve_dtype,
+)
 from memlens.models.adapters import AdapterBank, save_adapter
 from memlens.models.targets import (
     TargetPlan,
@@ -12,12 +21,16 @@ from memlens.models.targets import (
 
 __all__ = [
     "AdapterBank",
+    "check_max_length",
     "count_parameters",
     "save_adapter",
     "TargetPlan",
     "available_matrices",
     "load_base_model",
+    "load_model_config",
     "load_tokenizer",
+    "local_model_folder",
+    "model_context_length",
     "plan_targets",
     "resolve_device",
     "resolve_dtype",

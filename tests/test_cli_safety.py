@@ -1,0 +1,66 @@
+"""Every command that writes a study folder takes its lock and checks its configuration, and nothing a
+user wrote (record texts, config values, errors) is read as Rich markup."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from memlens.cli import app
+from memlens.config import dump_study
+from memlens.store import StudyLayout
+from memlens.store.lock import StudyLock
+from memlens.study import normalise_study, write_status
+from tests.conftest import make_study
+
+WRITERS = [["finetune"], ["attack", "mia"], ["attack", "extract"], ["run"]]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A study folder as `memlens run` leaves it (its resolved study.yaml), and the study file."""
+    study = normalise_study(make_study(tmp_path / "out", data={"subset": 24}))
+    layout = StudyLayout(study.out_dir)
+    layout.root.mkdir(parents=True)
+    layout.study_file.write_text(dump_study(study))
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study.model_dump(mode="json")))
+    return path, layout
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_writing_commands_refuse_a_changed_configuration(folder, command):
+    path, layout = folder
+    before = layout.study_file.read_text()
+    result = CliRunner().invoke(app, [*command, str(path), "--set", "train.learning_rate=0.01"])
+    assert result.exit_code == 2, result.output
+    assert "train.learning_rate" in result.output and "different configuration" in result.output
+    assert layout.study_file.read_text() == before  # the folder's truth is not rewritten
+    assert not layout.runs.exists()
+
+
+@pytest.mark.parametrize("command", [*WRITERS, ["report"]])
+def test_writing_commands_refuse_a_locked_folder(folder, command):
+    path, layout = folder
+    target = str(layout.root) if command == ["report"] else str(path)
+    with StudyLock(layout.root):
+        result = CliRunner().invoke(app, [*command, target])
+    assert result.exit_code == 2 and "being written by pid" in result.output, result.output
+    assert not layout.runs.exists()
+
+
+def test_status_prints_errors_with_brackets_as_they_are(folder):
+    _, layout = folder
+    text = "record '[INST] take 5 mg [/INST]' is in both splits [/] [bold]"
+    write_status(layout, "q-r2-c1-s0-x", "failed", stage="finetune", error=ValueError(text))
+    result = CliRunner().invoke(app, ["status", str(layout.root)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "[INST] take 5 mg [/INST]" in result.output and "[/] [bold]" in result.output
+
+
+def test_errors_with_brackets_are_printed_as_they_are(folder):
+    path, _ = folder
+    result = CliRunner().invoke(app, ["run", str(path), "--set", "train.x[/]=1"])
+    assert result.exit_code == 2
+    assert "MarkupError" not in result.output and "x[/]" in result.output

@@ -64,3 +64,14 @@ def test_errors_with_brackets_are_printed_as_they_are(folder):
     result = CliRunner().invoke(app, ["run", str(path), "--set", "train.x[/]=1"])
     assert result.exit_code == 2
     assert "MarkupError" not in result.output and "x[/]" in result.output
+
+
+def test_run_refuses_max_length_beyond_the_model_context(tmp_path):
+    from memlens.config import ConfigError
+    from memlens.runner import run_study
+    from tests.conftest import GPT2_SMALL
+
+    study = make_study(tmp_path / "out", model={"name_or_path": str(GPT2_SMALL)}, data={"max_length": 2048})
+    with pytest.raises(ConfigError, match=r"data.max_length: 2048 .* \(512 tokens"):
+        run_study(study, show_progress=False)
+    assert not (tmp_path / "out").exists()  # refused before any work

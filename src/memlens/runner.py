@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from memlens.config import ConfigError, StudyConfig, dump_study
 from memlens.executors import get_executor
+from memlens.models import check_max_length
 
 from memlens.report import build_report, report_is_current
 from memlens.report.markdown import write_findings
@@ -89,7 +90,7 @@ def run_study(study: StudyConfig, *, force: list[str] | None = None, only: list[
     _check_stage_names(force, "--force", FORCEABLE)
     if only_list is not None:
         _check_stage_names(only_list, "--only", STAGE_NAMES)
-    # TODO(wire) check_max_length(study.model, study.data.max_length)
+    check_max_length(study.model, study.data.max_length)
     layout = StudyLayout(study.out_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
     executor = get_executor(study.executor)  # fails early (e.g. Ray missing) before taking the lock

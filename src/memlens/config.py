@@ -35,7 +35,7 @@ class DataConfig(_Strict):
 
     source: str = Field(
         ...,
-        description="Required. A hub dataset id (e.g. `sarus-tech/phee`), a folder of `<split>.jsonl|.csv|.parquet` "
+        description="A hub dataset id (e.g. `sarus-tech/phee`), a folder of `<split>.jsonl|.csv|.parquet` "
         "files, or a single file with a split column. Relative paths resolve against the working directory.",
     )
     format: Literal["auto", "hub", "folder", "file"] = Field(
@@ -70,7 +70,7 @@ class ModelConfig(_Strict):
     """The pretrained base model; also the reference model of the membership attack."""
 
     name_or_path: str = Field(
-        ..., description="Required. A hub model id (e.g. `gpt2`) or a local folder. Relative paths resolve against "
+        ..., description="A hub model id (e.g. `gpt2`) or a local folder. Relative paths resolve against "
         "the working directory."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
@@ -531,6 +531,8 @@ def format_validation_error(err: ValidationError, source: str, overrides: list[s
             msg = _missing_message(loc)
         elif problem["type"] == "list_type":
             msg = _list_message(loc, problem.get("input"), set_by)
+        elif problem["type"] == "value_error":  # our own validators' text, without pydantic's label
+            msg = msg.removeprefix("Value error, ")
         lines.append(f"  {path}: {msg}")
     return "\n".join(lines)
 
@@ -552,8 +554,8 @@ def _field_at(loc: tuple) -> FieldInfo | None:
 
 
 def _description(field: FieldInfo | None) -> str:
-    """A field's description without its `Required.` label, starting lowercase (it follows `required; `)."""
-    text = (field.description or "").removeprefix("Required. ").removeprefix("Required section: ") if field else ""
+    """A field's description without a `Required section:` label, starting lowercase (it follows `required; `)."""
+    text = (field.description or "").removeprefix("Required section: ") if field else ""
     return text[:1].lower() + text[1:]
 
 

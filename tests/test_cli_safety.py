@@ -75,3 +75,53 @@ def test_run_refuses_max_length_beyond_the_model_context(tmp_path):
     with pytest.raises(ConfigError, match=r"data.max_length: 2048 .* \(512 tokens"):
         run_study(study, show_progress=False)
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_a_full_disk_is_one_clear_line(folder, monkeypatch):
+    import errno
+
+    import memlens.cli
+
+    path, layout = folder
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(layout.results_file))
+
+    monkeypatch.setattr(memlens.cli, "run_study", full)
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "no space left" in result.output and "results.parquet" in result.output and "resume" in result.output
+
+
+def test_files_and_run_folders_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    from memlens.store import atomic_dir, atomic_write_json, atomic_write_parquet
+
+    old = os.umask(0o002)  # a group-shared study folder
+    try:
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+        atomic_write_parquet(tmp_path / "b.parquet", __import__("pandas").DataFrame({"x": [1]}))
+        with atomic_dir(tmp_path / "run") as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o664
+    assert stat.S_IMODE((tmp_path / "b.parquet").stat().st_mode) == 0o664
+    assert stat.S_IMODE((tmp_path / "run").stat().st_mode) == 0o775
+
+
+def test_results_column_order_does_not_depend_on_merge_order(tmp_path):
+    import pandas as pd
+
+    from memlens.store import read_results, upsert_results
+
+    a = pd.DataFrame([{"run_id": "r1", "stage": "mia", "attack": "loss", "auc": 0.6, "n_members": 3}])
+    b = pd.DataFrame([{"run_id": "r2", "stage": "extraction", "attack": "x", "exact_rate": 0.1, "rank": 2}])
+    one, two = StudyLayout(tmp_path / "one"), StudyLayout(tmp_path / "two")
+    for layout, order in ((one, (a, b)), (two, (b, a))):
+        for rows in order:
+            upsert_results(layout, rows)
+    assert list(read_results(one).columns) == list(read_results(two).columns)
+    assert list(read_results(one).columns)[:4] == ["run_id", "rank", "stage", "attack"]

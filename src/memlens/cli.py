@@ -6,6 +6,7 @@ as plain text, never interpreted as Rich markup."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import shlex
 import sys
@@ -57,6 +58,20 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+# Faults of the machine, not of memlens: said in one line (what, where, what to do), without a traceback.
+DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
+def _fail_disk(exc: OSError) -> None:
+    where = f" writing {exc.filename}" if exc.filename else ""
+    console.print(Text.assemble(("error: ", "bold red"), f"{DISK_ERRORS[exc.errno]}{where}. Every file memlens "
+                                "writes is replaced atomically, so nothing finished is lost or half-written: free "
+                                "the space (or fix the permission) and run the same command again to resume."),
+                  highlight=False)
+    raise typer.Exit(2)
+
+
 def _study(path: Path | None, out: Path | None, overrides: list[str] | None) -> StudyConfig:
     extra = list(overrides or [])
     if out is not None:
@@ -81,6 +96,10 @@ def _run(study: Path, out: Path | None, overrides: list[str] | None, *, only: li
         summary = run_study(cfg, force=force, only=only, show_progress=progress and not _State.quiet)
     except (ConfigError, StudyLockedError) as exc:
         _fail(exc)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        _fail_disk(exc)
     _print_summary(summary)
     if not summary.ok:
         raise typer.Exit(1)
@@ -178,6 +197,10 @@ def report(
         path, written = write_report(out, markdown, command=command, note=note)
     except (ConfigError, StudyLockedError) as exc:
         _fail(exc)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        _fail_disk(exc)
     typer.echo(f"report: {path}")
     if written is not None:
         typer.echo(f"findings: {written}")

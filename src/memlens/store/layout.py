@@ -156,11 +156,29 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (read by setting it, as POSIX offers no other way, and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _share_like_open(fd_or_path, directory: bool = False) -> None:
+    """Give a temp file (0600) or folder (0700) the mode a plain open()/mkdir() would: 0666/0777 less the
+    umask, so a study folder shared with a group (umask 002) is readable by the group."""
+    mode = (0o777 if directory else 0o666) & ~_umask()
+    if isinstance(fd_or_path, int):
+        os.fchmod(fd_or_path, mode)
+    else:
+        os.chmod(fd_or_path, mode)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        _share_like_open(fd)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -185,7 +203,10 @@ def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        _share_like_open(fd)
+    finally:
+        os.close(fd)
     try:
         frame.to_parquet(tmp, index=False)
         os.replace(tmp, path)
@@ -206,6 +227,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     for stale in final.parent.glob(f".{final.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    _share_like_open(tmp, directory=True)
     try:
         yield tmp
     except BaseException:

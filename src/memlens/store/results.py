@@ -16,6 +16,10 @@ from memlens.store.records import CellRecord, TrainRecord
 
 RESULTS_FILE = StudyFile.RESULTS
 KEY = ["run_id", "stage", "attack"]
+# The identifying columns (run_metadata's, then the key) lead, in this order; measures follow by name, so the
+# file's column order does not depend on which rows were merged first (e.g. after a killed run's recovery).
+ID_COLUMNS = ["run_id", "model", "method", "target_modules", "rank", "canary_copies", "seed", "noise_multiplier",
+              "epsilon", "trainable_params", "total_params", "trainable_pct", "stage", "attack"]
 
 
 def run_metadata(layout: StudyLayout, run_id: str) -> dict:
@@ -61,6 +65,7 @@ def upsert_results(layout: StudyLayout, rows: pd.DataFrame) -> pd.DataFrame:
         current = current[~stale]
     merged = pd.concat([f for f in (current, rows) if len(f)], ignore_index=True) if len(current) else rows
     merged = merged.sort_values(KEY, kind="stable").reset_index(drop=True)
+    merged = merged[[c for c in ID_COLUMNS if c in merged] + sorted(c for c in merged if c not in ID_COLUMNS)]
     if not _same(merged, original):  # a no-op merge leaves the file (and its mtime) alone
         atomic_write_parquet(layout.results_file, merged)
     return merged

@@ -135,14 +135,13 @@ def _check_model_files(folder: Path) -> None:
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer, given a pad token when it has none (reusing eos/unk: the vocabulary is not resized)."""
     folder = local_model_folder(cfg)
-    if folder is not None:
-        _check_tokenizer_files(folder)
     try:
         tok = AutoTokenizer.from_pretrained(str(folder) if folder is not None else cfg.name_or_path,
                                             revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         if folder is None:
             raise _hub_error(cfg, "tokenizer", exc) from exc
+        _check_tokenizer_files(folder)  # after the failure: a tokenizer without the usual files still loads
         raise ConfigError(f"model.name_or_path: cannot load the tokenizer in {folder} ({exc})") from exc
     if tok.pad_token is None:
         fallback = tok.eos_token or tok.unk_token

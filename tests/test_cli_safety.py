@@ -125,3 +125,24 @@ def test_results_column_order_does_not_depend_on_merge_order(tmp_path):
             upsert_results(layout, rows)
     assert list(read_results(one).columns) == list(read_results(two).columns)
     assert list(read_results(one).columns)[:4] == ["run_id", "rank", "stage", "attack"]
+
+
+def test_a_truncated_adapter_is_named_with_how_to_redo_it(tmp_path):
+    from memlens.runner import run_study
+    from memlens.store.records import TrainRecord
+
+    study = normalise_study(make_study(tmp_path / "out", data={"subset": 16}, train={"max_steps": 1},
+                                       extraction={"enabled": False}, mia={"enabled": False}))
+    assert run_study(study, show_progress=False, report=False).ok
+    layout = StudyLayout(study.out_dir)
+    (run_id,) = layout.finished_runs()
+    record = TrainRecord.load(layout.run_file(run_id, "train.json"))
+    weights = layout.run_dir(run_id) / "adapter" / "adapter_model.safetensors"
+    assert "adapter/adapter_model.safetensors" in record.artifacts
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated after the run finished
+
+    enabled = study.model_copy(update={"mia": study.mia.model_copy(update={"enabled": True})})
+    summary = run_study(enabled, show_progress=False, report=False)
+    (outcome,) = summary.failed
+    assert "CorruptArtifactError" in outcome.error and "adapter/adapter_model.safetensors" in outcome.error
+    assert "run the same command again" in outcome.error

@@ -18,7 +18,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from memlens.models.targets import split_fused_modules
+from memlens.store.integrity import verify_files
 from memlens.store.layout import RunFile
+from memlens.store.records import TrainRecord
 
 ADAPTER_DIR = RunFile.ADAPTER
 FULL_MODEL_DIR = RunFile.FULL_MODEL
@@ -59,6 +61,9 @@ class AdapterBank:
     def add(self, name: str, run_dir: Path) -> None:
         """Attach the run saved in `run_dir` under `name` (a LoRA adapter or a full model)."""
         run_dir = Path(run_dir)
+        record = TrainRecord.read(run_dir / RunFile.TRAIN)
+        if record is not None and record.artifacts:  # runs saved before checksums were recorded have none
+            verify_files(run_dir, record.artifacts)
         adapter, full = run_dir / ADAPTER_DIR, run_dir / FULL_MODEL_DIR
         if full.is_dir():
             self._full[name] = full

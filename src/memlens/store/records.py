@@ -79,6 +79,7 @@ class TrainRecord(Record):
     final_loss: float | None = None
     wall_time_s: float | None = None
     dp: dict[str, Any] | None = None
+    artifacts: dict[str, str] | None = None  # `adapter/<file>` or `model/<file>` -> SHA-256 (None: older runs)
 
 
 class StatusRecord(Record):

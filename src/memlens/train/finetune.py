@@ -32,6 +32,7 @@ from memlens.models import (
 from memlens.models.adapters import ADAPTER_DIR, FULL_MODEL_DIR
 from memlens.models.varlen import SUPPORTED_MODEL_TYPES, supports_varlen, varlen_attention
 from memlens.store import RunFile, StudyLayout, atomic_dir, atomic_write_parquet, atomic_write_text
+from memlens.store.integrity import digest_files
 from memlens.store.records import CellRecord, TrainRecord
 from memlens.train.collate import CausalLMCollator, PackedCollator, pack_rows
 from memlens.train.progress import RichProgressCallback, progress_or_own
@@ -187,6 +188,7 @@ def finetune_cell(study: StudyConfig, cell: CellConfig, data: StudyData, layout:
             save_adapter(model, tmp / ADAPTER_DIR, fused)
         else:
             model.save_pretrained(str(tmp / FULL_MODEL_DIR), safe_serialization=True)
+        info["artifacts"] = digest_files(tmp, ADAPTER_DIR if cell.method == "lora" else FULL_MODEL_DIR)
         CellRecord.model_validate({"run_id": run_id, **cell.determinants(study)}).save(tmp / RunFile.CELL)
         TrainRecord.model_validate(info).save(tmp / RunFile.TRAIN)
         atomic_write_parquet(tmp / RunFile.MEMBERS, training.members)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -10,10 +9,11 @@ import pandas as pd
 import pytest
 from scipy import special, stats
 
-from memlens.config import load_study
 from memlens.attacks.audit import run_privacy_audit
 from memlens.metrics.privacy import epsilon_lower_bound, one_run_epsilon_lower_bound, p_value_dp_audit
-from memlens.store import StudyLayout, read_results
+from memlens.store import RunFile, StudyLayout, read_results
+from memlens.store.records import CellRecord, TrainRecord
+from tests.conftest import make_study
 
 
 def test_p_value_is_the_binomial_tail_without_delta_and_grows_with_eps_and_delta():
@@ -71,11 +71,13 @@ def _fake_run(layout: StudyLayout, run_id: str, dp: dict | None, scores: pd.Data
     run_dir.mkdir(parents=True)
     cell = {"method": "lora", "target_modules": ["q"], "rank": 2, "canary_copies": 1, "seed": 0,
             "noise_multiplier": dp["noise_multiplier"] if dp else None}
-    (run_dir / "cell.json").write_text(json.dumps({"cell": cell, "model": {"name_or_path": "llama-tiny"}}))
-    train = {"trainable_params": 10, "total_params": 100, "trainable_pct": 10.0, "n_train_records": 100}
+    CellRecord.model_validate({"run_id": run_id, "cell": cell, "model": {"name_or_path": "llama-tiny"}, "data": {},
+                               "canary": {}, "train": {}}).save(layout.run_file(run_id, RunFile.CELL))
+    train = {"run_id": run_id, "seed": 0, "canary": {}, "trainable_params": 10, "total_params": 100,
+             "trainable_pct": 10.0, "n_train_records": 100}
     if dp:
         train["dp"] = dp
-    (run_dir / "train.json").write_text(json.dumps(train))
+    TrainRecord.model_validate(train).save(layout.run_file(run_id, RunFile.TRAIN))
     scores.assign(run_id=run_id).to_parquet(run_dir / "mia_scores.parquet")
 
 
@@ -86,7 +88,7 @@ def test_privacy_stage_writes_epsilon_and_bound_rows(tmp_path):
                            "ref_ratio": is_member * 2.0 + rng.normal(0, 0.5, 200), "loss": rng.normal(size=200)})
     # the audit's delta: the DP run's own, else dp.delta. (The default 1/n^1.1 would make the bound vacuous
     # here: its 2 m delta term is > 1 when the audited records are about as many as the training records.)
-    study = load_study(raw={"out": str(tmp_path), "dp": {"audit_random_split": True, "delta": 1e-6}})
+    study = make_study(tmp_path, dp={"audit_random_split": True, "delta": 1e-6})
     layout = StudyLayout(study.out_dir)
     dp = {"epsilon": 3.2, "delta": 1e-5, "noise_multiplier": 1.1, "accountant": "prv"}
     _fake_run(layout, "dp-run", dp, scores)
@@ -99,7 +101,7 @@ def test_privacy_stage_writes_epsilon_and_bound_rows(tmp_path):
     stored = read_results(layout)
     assert set(stored[stored.stage == "privacy"].run_id) == {"dp-run", "plain-run"}
     # a study that does not declare a random split gets no bound, and an unknown score is an error
-    strict = load_study(raw={"out": str(tmp_path)})
+    strict = make_study(tmp_path)
     strict_rows = run_privacy_audit(strict).set_index("run_id")
     assert strict_rows.eps_lower.isna().all()
     assert strict_rows.loc["plain-run", "delta"] == pytest.approx(1 / 100 ** 1.1)  # default 1/n^1.1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import duckdb
 import pandas as pd
@@ -177,6 +178,6 @@ def test_force_mia_recomputes_only_that_stage(tmp_path):
 
 
 def test_executor_registry():
-    assert type(get_executor(load_study(raw={}).executor)).__name__ == "LocalExecutor"
+    assert type(get_executor(make_study(Path("unused")).executor)).__name__ == "LocalExecutor"
     outcome = CellOutcome.from_dict({"run_id": "r", "state": "failed", "error": "x", "stages_done": ["finetune"]})
     assert outcome.to_dict() == {"run_id": "r", "state": "failed", "error": "x", "stages_done": ["finetune"]}

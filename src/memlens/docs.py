@@ -16,6 +16,16 @@ def _type_name(annotation) -> str:
     return text.replace("NoneType", "null")
 
 
+def _default_cell(field) -> str:
+    """A field's default as the reference shows it: `required` for fields without one."""
+    if field.is_required():
+        return "required"
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, list) and default and isinstance(default[0], BaseModel):
+        default = [d.model_dump(exclude_defaults=True) for d in default]
+    return f"`{json.dumps(default)}`"
+
+
 def config_reference_markdown() -> str:
     """One table per section of the study file: key, type, default, description."""
     lines = ["# Study file reference", ""]
@@ -25,12 +35,9 @@ def config_reference_markdown() -> str:
             lines += [f"## `{section}`", "", annotation.__doc__.strip().splitlines()[0], "",
                       "| key | type | default | description |", "|---|---|---|---|"]
             for key, sub in annotation.model_fields.items():
-                default = sub.get_default(call_default_factory=True)
-                if isinstance(default, list) and default and isinstance(default[0], BaseModel):
-                    default = [d.model_dump(exclude_defaults=True) for d in default]
                 typ = _type_name(sub.annotation).replace("|", "\\|")
                 desc = (sub.description or "").replace("|", "\\|")
-                lines.append(f"| `{key}` | `{typ}` | `{json.dumps(default)}` | {desc} |")
+                lines.append(f"| `{key}` | `{typ}` | {_default_cell(sub)} | {desc} |")
             lines.append("")
         else:
             desc = field.description or ""

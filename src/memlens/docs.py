@@ -6,6 +6,7 @@ import json
 
 from pydantic import BaseModel
 
+from memlens.attacks.registry import ATTACKS
 from memlens.config import StudyConfig
 
 
@@ -42,6 +43,12 @@ def config_reference_markdown() -> str:
         else:
             desc = field.description or ""
             lines.insert(2, f"- `{section}` ({_type_name(annotation)}, default `{field.default}`): {desc}")
+    lines += ["## Membership attacks", "", "The names `mia.attacks` accepts (higher score = more likely a member):", "",
+              "| attack | needs | what it scores |", "|---|---|---|"]
+    for name, attack in ATTACKS.items():
+        needs = ", ".join(sorted(attack.needs)) or "-"
+        description = " ".join(attack.description.split()).replace("|", "\\|")
+        lines.append(f"| `{name}` | {needs} | {description} |")
     return "\n".join(lines)
 
 

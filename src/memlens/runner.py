@@ -91,6 +91,8 @@ def run_study(study: StudyConfig, *, force: list[str] | None = None, only: list[
     if only_list is not None:
         _check_stage_names(only_list, "--only", STAGE_NAMES)
     check_max_length(study.model, study.data.max_length)
+    for stage in enabled_stages(study):
+        stage.check(study)
     layout = StudyLayout(study.out_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
     executor = get_executor(study.executor)  # fails early (e.g. Ray missing) before taking the lock

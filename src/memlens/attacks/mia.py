@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from memlens.attacks.bow import bag_of_words_baseline
-from memlens.attacks.registry import AttackInputs, needs_of, run_attacks, token_log_frequencies
+from memlens.attacks.registry import AttackInputs, check_attacks, needs_of, run_attacks, token_log_frequencies
 from memlens.config import ConfigError, MIAConfig, ModelConfig, StudyConfig, format_validation_error, stable_hash
 from memlens.metrics.roc import membership_metrics
 from memlens.models import AdapterBank, load_base_model, load_tokenizer, resolve_device, resolve_dtype
@@ -232,15 +232,6 @@ def _progress(show: bool) -> Iterator[Progress]:
         yield progress
 
 
-def _check_attacks(mia: MIAConfig) -> list[str]:
-    if not mia.attacks:
-        raise ConfigError("mia.attacks: empty; choose from the registered attacks")
-    if "dc_pdd" in mia.attacks and mia.reference_corpus is None:
-        raise ConfigError("mia.attacks: `dc_pdd` needs mia.reference_corpus (text file, one document per line)")
-    needs_of(mia.attacks)  # unknown names fail here, with the valid choices
-    return list(mia.attacks)
-
-
 # ------------------------------------------------------------------------------------- study API
 def _base_datasets(study: StudyConfig):
     data = load_study_data(study.data)
@@ -265,7 +256,7 @@ def run_mia(study: StudyConfig, run_ids: list[str] | None = None, force: bool = 
     """Membership inference on the study's finished runs lacking MIA outputs (all of `run_ids` when
     `force`). Writes per-run files, merges the study-level files and upserts `results.parquet`.
     Returns the upserted rows (stages `mia` and `utility`)."""
-    attacks = _check_attacks(study.mia)
+    attacks = check_attacks(study.mia.attacks, study.mia.reference_corpus)
     layout = StudyLayout(study.out_dir)
     todo = layout.pending_runs(RunFile.MIA_RESULTS, run_ids, force)
     if not todo:
@@ -347,7 +338,7 @@ def attack_models(model: str | ModelConfig, adapters: dict[str, str | Path] | Se
             mia = MIAConfig(**(mia or {}))
         except ValidationError as err:
             raise ConfigError(format_validation_error(err, "mia")) from None
-    attacks = _check_attacks(mia)
+    attacks = check_attacks(mia.attacks, mia.reference_corpus)
     if not isinstance(adapters, dict):
         adapters = {Path(p).name: p for p in adapters}
     data = RunData(_as_frame(members, "member", True), _as_frame(non_members, "non_member", False),

@@ -63,6 +63,22 @@ def get_attack(name: str) -> Attack:
         raise ConfigError(f"mia.attacks: unknown attack {name!r}; valid choices: {sorted(ATTACKS)}") from None
 
 
+def check_attacks(attacks: list[str], reference_corpus: str | None, audit_attack: str | None = None) -> list[str]:
+    """The one check of attack names (`mia.attacks`, and `dp.audit_attack`, which must be among them): known
+    to the registry, not empty, and with the inputs they need configured. Returns the names."""
+    if not attacks:
+        raise ConfigError(f"mia.attacks: empty; choose from {sorted(ATTACKS)}")
+    needs = needs_of(attacks)  # unknown names fail here, with the valid choices
+    if "token_freq" in needs and reference_corpus is None:
+        wanting = [a for a in attacks if "token_freq" in ATTACKS[a].needs]
+        raise ConfigError(f"mia.attacks: {wanting} need mia.reference_corpus (a text file, one document per line, "
+                          "for token frequencies); set it or remove them from mia.attacks")
+    if audit_attack is not None and audit_attack not in attacks:
+        raise ConfigError(f"dp.audit_attack: {audit_attack!r} is not among mia.attacks {list(attacks)}; the audit "
+                          "reads that attack's scores: choose one of them or add it to mia.attacks")
+    return list(attacks)
+
+
 def needs_of(names: list[str]) -> set[str]:
     """Union of the inputs the named attacks need."""
     return set().union(*(get_attack(n).needs for n in names)) if names else set()

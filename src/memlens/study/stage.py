@@ -23,6 +23,7 @@ from memlens.attacks.extraction import merge_study as merge_extraction
 from memlens.attacks.extraction import run_extraction
 from memlens.attacks.mia import merge_study as merge_mia
 from memlens.attacks.mia import run_mia
+from memlens.attacks.registry import check_attacks
 from memlens.config import CellConfig, StudyConfig
 from memlens.data import StudyData, load_study_data
 from memlens.models import load_tokenizer
@@ -70,6 +71,9 @@ class Stage:
 
     def enabled(self, study: StudyConfig) -> bool:
         return True
+
+    def check(self, study: StudyConfig) -> None:
+        """Refuse settings this stage cannot run with (ConfigError), before any work starts."""
 
     def done(self, layout: StudyLayout, run_id: str) -> bool:
         return layout.run_file(run_id, self.marker).exists()
@@ -127,6 +131,9 @@ class MIAStage(Stage):
 
     def enabled(self, study: StudyConfig) -> bool:
         return study.mia.enabled
+
+    def check(self, study: StudyConfig) -> None:
+        check_attacks(study.mia.attacks, study.mia.reference_corpus, study.dp.audit_attack)
 
     def run(self, ctx: StageContext, cells: list[CellConfig]) -> None:
         run_ids = [c.run_id(ctx.study) for c in cells]

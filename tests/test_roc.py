@@ -137,7 +137,7 @@ def _reference_auc_statistic(pos, neg, axis=-1):
 
 def _reference_tpr_at_fpr(pos, neg, fpr, axis=-1):
     neg_desc = -np.sort(-neg, axis=axis)
-    k = int(math.floor(fpr * neg.shape[axis] + 1e-9))
+    k = math.floor(fpr * neg.shape[axis] + 1e-9)
     threshold = np.take(neg_desc, min(k, neg.shape[axis] - 1), axis=axis)
     return (pos > np.expand_dims(threshold, axis)).mean(axis=axis)
 

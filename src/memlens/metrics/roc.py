@@ -65,7 +65,7 @@ def tpr_at_fpr_sorted(pos: np.ndarray, neg: np.ndarray, fpr: float, axis: int = 
     The rule "member if score > t" with t the (k+1)-th largest non-member score, k = floor(fpr * n_neg),
     flags at most k non-members; any lower threshold would flag k+1. Same point as the ROC curve's."""
     neg_desc = -np.sort(-neg, axis=axis)
-    k = int(math.floor(fpr * neg.shape[axis] + 1e-9))
+    k = math.floor(fpr * neg.shape[axis] + 1e-9)
     threshold = np.take(neg_desc, min(k, neg.shape[axis] - 1), axis=axis)
     tpr = (pos > np.expand_dims(threshold, axis)).mean(axis=axis)
     return tpr, threshold
@@ -123,7 +123,7 @@ def bootstrap_intervals(pos: np.ndarray, neg: np.ndarray, fprs: tuple[float, ...
     sorted_position[order] = np.arange(n_neg)
     lo = np.searchsorted(neg_sorted, pos, side="left")   # non-members strictly below each member
     hi = np.searchsorted(neg_sorted, pos, side="right")  # ... at or below
-    ks = [min(int(math.floor(fpr * n_neg + 1e-9)), n_neg - 1) for fpr in fprs]  # as tpr_at_fpr_sorted
+    ks = [min(math.floor(fpr * n_neg + 1e-9), n_neg - 1) for fpr in fprs]  # as tpr_at_fpr_sorted
     rng = np.random.default_rng(seed)
     batch = _bootstrap_batch(n_pos, n_neg)
     auc_parts: list[np.ndarray] = []

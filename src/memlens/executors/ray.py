@@ -13,6 +13,10 @@ folder must be on storage every node sees (NFS, Lustre...; see docs/cluster.md).
 4. returns the outcomes; the runner then rebuilds the study-level files from the per-run files (the
    driver sees the shared study folder too, and merging needs no model).
 
+Before the fan-out the driver writes a fresh random token into `<out>/.memlens-ray-check`; every task
+reads it back before it touches the study folder, so a node that does not see the driver's folder (not
+mounted, or another folder at the same path) fails its cell with a message instead of writing elsewhere.
+
 A rerun after the driver or a worker was killed redoes only the unfinished stages of unfinished
 cells (the runner skips finished ones), so each cell appears exactly once in the results.
 """
@@ -20,12 +24,15 @@ cells (the runner skips finished ones), so each cell appears exactly once in the
 from __future__ import annotations
 
 import os
+import secrets
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from memlens.attacks.mia import prepare_base_cache
 from memlens.config import CellConfig, ConfigError, ExecutorConfig, StudyConfig
-from memlens.store import StudyLayout
+from memlens.store import StudyLayout, atomic_write_text
 from memlens.study.cell import run_cell
 from memlens.study.stage import get_stage
 from memlens.study.status import CellEvent, CellOutcome, read_status, write_status
@@ -34,6 +41,10 @@ INSTALL_HINT = "executor.kind: ray needs Ray, which is not installed: pip instal
 # Ray task name of a cell; Ray also titles the worker process `ray::memlens-cell:<run_id>` while it runs.
 TASK_PREFIX = "memlens-cell:"
 BASE_CACHE_TASK = "memlens-base-cache"
+# Written by the driver into the study folder with a fresh random token, read back by every task.
+SHARED_CHECK_FILE = ".memlens-ray-check"
+# How long a task waits for the driver's token to show (NFS may serve a stale directory listing briefly).
+SHARED_CHECK_WAIT_S = 10.0
 
 
 def import_ray():
@@ -59,15 +70,50 @@ def _enter_workdir(workdir: str | None) -> None:
     os.chdir(workdir)
 
 
-def cell_task(study_dict: dict, cell_dict: dict, workdir: str | None, only: list[str] | None = None) -> dict:
-    """Body of one cell's Ray task: :func:`memlens.study.cell.run_cell` (which records its own failure)."""
+class StudyFolderNotShared(RuntimeError):
+    """A Ray node does not see the study folder the driver writes (see docs/cluster.md)."""
+
+
+def _check_shared_folder(study_dict: dict, token: str | None) -> None:
+    """Refuse to run on a node whose `<out>` is not the driver's: the driver's token must be in
+    `<out>/.memlens-ray-check` (waiting up to SHARED_CHECK_WAIT_S for it). Writes nothing."""
+    if token is None:
+        return
+    out = StudyConfig.model_validate(study_dict).out_dir.absolute()
+    marker = out / SHARED_CHECK_FILE
+    deadline = time.monotonic() + SHARED_CHECK_WAIT_S
+    while True:
+        try:
+            if marker.read_text().strip() == token:
+                return
+            seen = f"{marker} holds another run's token: a different folder at the same path"
+        except FileNotFoundError:
+            seen = f"{marker} does not exist here" if out.is_dir() else f"{out} does not exist here"
+        except OSError as exc:  # permission denied, stale NFS handle...
+            seen = f"{marker} cannot be read here: {exc}"
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(0.5, left))
+    raise StudyFolderNotShared(
+        f"Ray node {socket.gethostname()} does not see the study folder the driver writes ({seen}): "
+        f"`out` ({out}) must be one folder that the driver and every Ray node see at the same path, "
+        "e.g. an NFS or Lustre mount; nothing was written on this node (see docs/cluster.md)")
+
+
+def cell_task(study_dict: dict, cell_dict: dict, workdir: str | None, only: list[str] | None = None,
+              token: str | None = None) -> dict:
+    """Body of one cell's Ray task: :func:`memlens.study.cell.run_cell` (which records its own failure),
+    once the study folder is known to be the driver's (`token`, see :func:`_check_shared_folder`)."""
     _enter_workdir(workdir)
+    _check_shared_folder(study_dict, token)
     return run_cell(study_dict, cell_dict, only)
 
 
-def base_cache_task(study_dict: dict, workdir: str | None) -> None:
+def base_cache_task(study_dict: dict, workdir: str | None, token: str | None = None) -> None:
     """Body of the one task that computes the base-model reference scores shared by every cell."""
     _enter_workdir(workdir)
+    _check_shared_folder(study_dict, token)
     prepare_base_cache(StudyConfig.model_validate(study_dict))
 
 
@@ -145,16 +191,27 @@ class RayExecutor:
              only: list[str] | None) -> list[CellOutcome]:
         if not cells:
             return []
-        ray = self.ray
         study_dict = study.model_dump(mode="json")
         workdir = os.getcwd() if _relative_paths(study) else None
+        marker = StudyLayout(study.out_dir).root / SHARED_CHECK_FILE
+        token = secrets.token_hex(16)  # fresh per run: a stale copy of the folder elsewhere has another
+        atomic_write_text(marker, token + "\n")
+        try:
+            return self._fan_out(study, cells, on_event, only, study_dict, workdir, token)
+        finally:
+            marker.unlink(missing_ok=True)
+
+    def _fan_out(self, study: StudyConfig, cells: list[CellConfig], on_event: Callable[[CellEvent], None],
+                 only: list[str] | None, study_dict: dict, workdir: str | None, token: str) -> list[CellOutcome]:
+        ray = self.ray
         opts = self.task_options()
         layout = StudyLayout(study.out_dir)
         mia = get_stage("mia")
         if (mia.enabled(study) and (only is None or mia.name in only)
                 and not all(mia.done(layout, c.run_id(study)) for c in cells)):
             # once, before the fan-out; a failure here would fail every cell: raise it
-            ray.get(ray.remote(base_cache_task).options(name=BASE_CACHE_TASK, **opts).remote(study_dict, workdir))
+            ray.get(ray.remote(base_cache_task).options(name=BASE_CACHE_TASK, **opts).remote(
+                study_dict, workdir, token))
 
         remote_cell = ray.remote(cell_task)
         pending = list(cells)
@@ -167,7 +224,7 @@ class RayExecutor:
                     cell = pending.pop(0)
                     run_id = cell.run_id(study)
                     ref = remote_cell.options(name=TASK_PREFIX + run_id, **opts).remote(
-                        study_dict, cell.model_dump(mode="json"), workdir, only)
+                        study_dict, cell.model_dump(mode="json"), workdir, only, token)
                     in_flight[ref] = cell
                     on_event(CellEvent(run_id, "running"))  # handed to Ray (it may queue it for resources)
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
@@ -201,4 +258,4 @@ class RayExecutor:
         return outcome
 
 
-__all__ = ["INSTALL_HINT", "RayExecutor", "TASK_PREFIX", "import_ray"]
+__all__ = ["INSTALL_HINT", "SHARED_CHECK_FILE", "TASK_PREFIX", "RayExecutor", "StudyFolderNotShared", "import_ray"]

@@ -97,7 +97,7 @@ def test_resume_skips_done_runs_and_force_recomputes(canary_run):
     # the base-model control came from the cache the first call wrote: 13 records x 2 decodings
     cache = list(layout.cache.glob("extraction-base-*.parquet"))
     assert len(cache) == 1 and len(pd.read_parquet(cache[0])) == 26
-    with pytest.raises(ConfigError, match="not finished runs"):
+    with pytest.raises(ConfigError, match="no finished run"):
         run_extraction(study, run_ids=["no-such-run"], show_progress=False)
 
 

@@ -19,6 +19,8 @@ from memlens.config import DEFAULT_MIA_ATTACKS, ConfigError
 from memlens.data import load_study_data
 from memlens.runner import run_study
 from memlens.store import StudyLayout, read_results
+from memlens.store.integrity import digest_files
+from memlens.store.records import TrainRecord
 from memlens.train import finetune_cell, read_members
 
 from .conftest import LLAMA_TINY, PHEE, make_study
@@ -57,6 +59,9 @@ def study_run(tmp_path_factory):
     tensors = load_file(weights)
     assert any("lora_B" in k for k in tensors)
     save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()}, weights)
+    record = TrainRecord.load(zero_dir / "train.json")  # a run of its own: its checksums are its weights'
+    record.artifacts = digest_files(zero_dir, "adapter")
+    record.save(zero_dir / "train.json")
     with pytest.MonkeyPatch.context() as mp:
         labels = _spy_base_passes(mp)
         returned = run_mia(study, show_progress=False)

@@ -9,6 +9,7 @@ choices (see :func:`format_validation_error`).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -63,6 +64,73 @@ class DataConfig(_Strict):
     max_length: int = Field(512, ge=8, description="Maximum tokens per record; longer records are refused "
                             "at training and scored with a sliding window.")
     revision: str | None = Field(None, description="Hub dataset revision (hub sources only).")
+    membership: list[Literal["splits", "random"]] = Field(
+        default_factory=lambda: ["splits"],
+        description="How members and non-members are chosen. `splits`: the named splits (the study's design: "
+        "member_split vs non_member_split). `random`: a seeded fair coin assigns each record (or each group, see "
+        "`membership_unit`) of `pool` to members or non-members, so the AUC measures record memorization, not "
+        "how the splits were drawn. A list (`[random, splits]`) runs both designs side by side: every grid cell "
+        "once per design.",
+    )
+    pool: list[str] | None = Field(
+        None, description="Random design: the splits whose records the coin assigns (`null`: the member split). "
+        "Must not include the utility split.",
+    )
+    group: str | None = Field(
+        None, description="Document groups (records of one document share words and should not be split apart "
+        "by a fold): a column name, or a regular expression over the record id whose first group is the document, "
+        "e.g. `^(\\d+)_` for PHEE's `<PubMed id>_<sentence>` ids. Used by the random design's group-level coin and "
+        "by the bag-of-words check's grouped folds.",
+    )
+    membership_unit: Literal["record", "group"] | None = Field(
+        None, description="Random design: flip one coin per `record` or per `group` (all records of a document "
+        "on one side); `null`: per group when `group` is set, else per record.",
+    )
+    membership_seed: int = Field(0, ge=0, description="Seed of the random design's coin flips (identical in every "
+                                 "cell of the study, so paired tests stay paired).")
+
+    @field_validator("membership", mode="before")
+    @classmethod
+    def _one_or_more_designs(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("membership")
+    @classmethod
+    def _distinct_designs(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"give each design once, e.g. [random] or [random, splits]; got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _coherent_membership(self) -> "DataConfig":
+        if self.membership_unit == "group" and self.group is None:
+            raise ValueError("membership_unit: group needs data.group (a column or a regex over the id)")
+        if self.utility_split is not None and self.utility_split in self.pool_splits:
+            raise ValueError(f"pool: the utility split {self.utility_split!r} cannot also be in the pool; remove it "
+                             "or set data.utility_split: null")
+        return self
+
+    @property
+    def pool_splits(self) -> list[str]:
+        """The random design's pool (the member split unless `pool` names others)."""
+        return list(self.pool) if self.pool else [self.member_split]
+
+    @property
+    def coin_unit(self) -> Literal["record", "group"]:
+        """What one coin flip assigns in the random design."""
+        return self.membership_unit or ("group" if self.group else "record")
+
+    def design_determinants(self, design: str) -> dict[str, Any]:
+        """What determines a design's member / non-member sets beyond the named splits (run ids hash it).
+        Empty for `splits`, so the run ids of studies made before designs existed do not change."""
+        if design == "splits":
+            return {}
+        return {"design": design, "pool": self.pool_splits, "unit": self.coin_unit, "seed": self.membership_seed,
+                "group": self.group if self.coin_unit == "group" else None}
+
+
+# Fields of `data` that only choose between designs; each cell hashes its own design's determinants instead.
+DESIGN_FIELDS = {"membership", "pool", "group", "membership_unit", "membership_seed"}
 
 
 # --------------------------------------------------------------------------------------- model
@@ -258,9 +326,10 @@ class DPConfig(_Strict):
         "(privacy random variables, Opacus' default, tightest), `rdp` (Renyi DP) or `gdp` (Gaussian DP)."
     )
     audit_random_split: bool = Field(
-        False, description="Declare that each member / non-member record was assigned by an independent fair "
-        "coin flip before training. The one-run empirical epsilon lower bound (Steinke et al. 2023) is only "
-        "valid then, so it is reported only when this is true (PHEE's train/test splits are not such a split).",
+        False, description="Declare that each member / non-member record of a user-made split was assigned by an "
+        "independent fair coin flip before training. The one-run empirical epsilon lower bound (Steinke et al. "
+        "2023) is only valid then, so it is reported only when this is true (PHEE's train/test splits are not "
+        "such a split). Not needed for the `random` design with record-level coins: memlens flipped them.",
     )
     audit_attack: str = Field("ref_ratio", description="Membership score the empirical privacy audit uses.")
     audit_confidence: float = Field(0.95, gt=0, lt=1, description="Confidence of the empirical epsilon lower bound.")
@@ -414,17 +483,15 @@ class StudyConfig(_Strict):
         per (copies, seed, noise)."""
         cells: dict[str, CellConfig] = {}
         g = self.grid
-        for method in g.method:
-            targets = g.target_modules if method == "lora" else [["all"]]
-            ranks = g.rank if method == "lora" else [0]
-            for tm in targets:
-                for rank in ranks:
-                    for copies in g.canary_copies:
-                        for seed in g.seed:
-                            for noise in g.noise_multiplier:
-                                cell = CellConfig(method=method, target_modules=list(tm), rank=rank,
-                                                  canary_copies=copies, seed=seed, noise_multiplier=noise)
-                                cells.setdefault(cell.run_id(self), cell)
+        for design in self.data.membership:
+            for method in g.method:
+                targets = g.target_modules if method == "lora" else [["all"]]
+                ranks = g.rank if method == "lora" else [0]
+                for tm, rank, copies, seed, noise in itertools.product(targets, ranks, g.canary_copies, g.seed,
+                                                                       g.noise_multiplier):
+                    cell = CellConfig(method=method, target_modules=list(tm), rank=rank, canary_copies=copies,
+                                      seed=seed, noise_multiplier=noise, membership=design)
+                    cells.setdefault(cell.run_id(self), cell)
         return list(cells.values())
 
 
@@ -437,19 +504,23 @@ class CellConfig(_Strict):
     canary_copies: int
     seed: int
     noise_multiplier: float | Literal["auto"] | None = None
+    membership: Literal["splits", "random"] = "splits"
 
     def determinants(self, study: StudyConfig) -> dict[str, Any]:
         """Everything that determines this cell's fine-tuned model (the run_id hashes it)."""
         determinants = {
-            "cell": self.model_dump(),
+            # a `splits` cell hashes as cells did before designs existed (same run ids for old folders)
+            "cell": self.model_dump(exclude={"membership"} if self.membership == "splits" else None),
             "model": study.model.model_dump(exclude={"device"}),
-            "data": study.data.model_dump(exclude={"utility_split"}),
+            "data": study.data.model_dump(exclude={"utility_split", *DESIGN_FIELDS}),
             "canary": study.canary.model_dump(),
             # packed_attention: the same computation either way (to float rounding), only faster
             "train": study.train.model_dump(exclude={"logging_steps", "packed_attention"}),
         }
         if self.method == "lora":
             determinants["lora"] = study.lora.model_dump()
+        if self.membership != "splits":
+            determinants["membership"] = study.data.design_determinants(self.membership)
         if self.noise_multiplier is not None:
             # the audit settings only affect the privacy stage, not the trained model or train.json
             determinants["dp"] = study.dp.model_dump(exclude={"audit_random_split", "audit_attack", "audit_confidence"})
@@ -464,6 +535,8 @@ class CellConfig(_Strict):
             label += f"-dpeps{study.dp.target_epsilon:g}"
         elif self.noise_multiplier is not None:
             label += f"-dp{self.noise_multiplier:g}"
+        if self.membership == "random":
+            label += "-rand"
         return f"{label}-{digest}".replace("/", "_")
 
 

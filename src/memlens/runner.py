@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -34,7 +35,8 @@ from memlens.models import check_max_length
 
 from memlens.report import build_report, report_is_current
 from memlens.report.markdown import write_findings
-from memlens.store import StudyLayout, atomic_write_json, atomic_write_text
+from memlens.data import membership_assignments
+from memlens.store import StudyLayout, atomic_write_json, atomic_write_parquet, atomic_write_text
 from memlens.store.lock import StudyLock
 from memlens.store.records import HistoryEntry
 from memlens.study.cell import normalise_study, study_cells
@@ -105,6 +107,7 @@ def run_study(study: StudyConfig, *, force: list[str] | None = None, only: list[
             atomic_write_json(layout.environment_file, environment)
             if not layout.study_file.exists() or layout.study_file.read_text() != dump_study(study):
                 atomic_write_text(layout.study_file, dump_study(study))  # the report's and compat's input
+            _record_membership(study, layout)
             cells = study_cells(study, layout)
             _invalidate(layout, [r for r, _ in cells], force)
             stages = [s for s in enabled_stages(study) if only_list is None or s.name in only_list]
@@ -128,6 +131,16 @@ def run_study(study: StudyConfig, *, force: list[str] | None = None, only: list[
                 report=summary.report is not None, error=error, executor=study.executor.kind,
                 git_commit=environment.get("git_commit"), hardware=environment.get("hardware")))
     return summary
+
+
+def _record_membership(study: StudyConfig, layout: StudyLayout) -> None:
+    """Save the random design's coins in the study folder (`membership.parquet`), rewritten only when they change."""
+    assignment = membership_assignments(study.data)
+    if assignment is None:
+        return
+    if layout.membership_file.exists() and pd.read_parquet(layout.membership_file).equals(assignment):
+        return
+    atomic_write_parquet(layout.membership_file, assignment)
 
 
 def _invalidate(layout: StudyLayout, run_ids: list[str], force: list[str]) -> None:

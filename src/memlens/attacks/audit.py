@@ -15,10 +15,21 @@ from memlens.config import ConfigError, StudyConfig
 from memlens.metrics.privacy import default_delta, one_run_epsilon_lower_bound
 from memlens.store import RunFile, StudyLayout, run_metadata, upsert_results
 from memlens.store.lock import write_lock
-from memlens.store.records import TrainRecord
+from memlens.store.records import CellRecord, TrainRecord
 
 AUDIT_STAGE = "privacy"
 AUDIT_ATTACK = "dp_audit"
+
+
+def coin_per_record(study: StudyConfig, design: str) -> tuple[bool, str | None]:
+    """Whether the audit's assumption holds for a run of `design`: memlens flipped a fair coin per record (the
+    random design with record-level coins), or the user declared it (`dp.audit_random_split`); with why not."""
+    if design == "random" and study.data.coin_unit == "record":
+        return True, None
+    if design == "random":
+        return False, ("memlens flipped one coin per document group, not per record: records of a group are not "
+                       "independent; set data.membership_unit: record for an audit")
+    return study.dp.audit_random_split, None
 
 
 def run_privacy_audit(study: StudyConfig, run_ids: list[str] | None = None, attack: str | None = None) -> pd.DataFrame:
@@ -40,9 +51,12 @@ def run_privacy_audit(study: StudyConfig, run_ids: list[str] | None = None, atta
             raise ConfigError(f"dp.audit_attack: run {run_id} has no {attack!r} scores; it has "
                               f"{[c for c in scores.columns if c not in ('run_id', 'sample_id', 'split')]}")
         delta = dp.get("delta") or study.dp.delta or default_delta(train.n_train_records)
+        design = CellRecord.load(layout.run_file(run_id, RunFile.CELL)).cell.membership
+        random_split, why = coin_per_record(study, design)
         audit = one_run_epsilon_lower_bound(scores[attack].to_numpy(), scores.is_member.to_numpy(), delta=delta,
-                                            random_split=study.dp.audit_random_split,
-                                            confidence=study.dp.audit_confidence)
+                                            random_split=random_split, confidence=study.dp.audit_confidence)
+        if why:
+            audit["note"] = f"{audit['note']} ({why})"
         rows.append({
             **run_metadata(layout, run_id), "stage": AUDIT_STAGE, "attack": AUDIT_ATTACK,
             "epsilon": dp.get("epsilon", math.nan),

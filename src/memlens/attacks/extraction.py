@@ -32,7 +32,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from memlens.attacks.exposure import draw_candidates, measure_exposure
 from memlens.attacks.generate import Decoding, PromptSplit, generate_continuations, resolve_decoding, split_tokens
 from memlens.config import ConfigError, ExtractionConfig, StudyConfig, stable_hash
-from memlens.data import Canary, load_study_data
+from memlens.attacks.mia import run_design, study_designs
+from memlens.data import Canary
 from memlens.metrics.text import extraction_rates, pair_metrics
 from memlens.models import AdapterBank, load_base_model, load_tokenizer, resolve_device
 from memlens.score import token_stats
@@ -277,13 +278,14 @@ def run_extraction(study: StudyConfig, run_ids: list[str] | None = None, force: 
     if len(set(names)) != len(names):
         raise ConfigError(f"extraction.decodings: names must be unique, got {names}")
 
-    data = load_study_data(study.data)
+    designs = study_designs(study)
     tokenizer = load_tokenizer(study.model)
     pad = tokenizer.pad_token_id
     base = load_base_model(study.model, resolve_device(study.model.device))
     bank = AdapterBank(base)
 
-    targets = {r: select_targets(read_members(layout.run_dir(r)), data.non_members, cfg) for r in pending}
+    targets = {r: select_targets(read_members(layout.run_dir(r)), designs[run_design(layout, r)].non_members, cfg)
+               for r in pending}
     all_texts = sorted({t for frame in targets.values() for t in frame.text})
     prompts = build_prompts(all_texts, tokenizer, cfg)
     attacked = [prompts[t] for t in all_texts if prompts[t] is not None]

@@ -36,7 +36,7 @@ from memlens.config import ConfigError, MIAConfig, ModelConfig, StudyConfig, for
 from memlens.metrics.roc import membership_metrics
 from memlens.models import AdapterBank, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from memlens.score import SequenceStats, cached_token_stats, model_fingerprint, perplexity, token_stats, tokens_hash
-from memlens.data import load_study_data
+from memlens.data import StudyData, load_study_data
 from memlens.store import (
     RunFile,
     StudyFile,
@@ -47,6 +47,7 @@ from memlens.store import (
     upsert_results,
 )
 from memlens.store.lock import write_lock
+from memlens.store.records import CellRecord
 from memlens.train import read_members
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,14 @@ class BaseScores:
         return self.stats.select([self.index[t] for t in texts])
 
 
+def _with_groups(members: pd.DataFrame, data: StudyData) -> pd.DataFrame:
+    """A run's members with their document group (members.parquet predates groups; the canary has none)."""
+    if "group" not in data.members or "group" in members:
+        return members
+    groups = dict(zip(data.members.sample_id, data.members.group))
+    return members.assign(group=[groups.get(s, f"canary:{s}") for s in members.sample_id])
+
+
 @dataclass
 class RunData:
     """Records of one attacked model: members (sample_id, text, is_canary), non-members, utility."""
@@ -190,13 +199,19 @@ def _score_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attac
     return frame, utility
 
 
-def _bow_row(members: list[str], non_members: list[str], mia: MIAConfig, cache_dir: Path | None) -> dict:
-    """Bag-of-words baseline on these texts, cached on disk (it depends on the texts only)."""
-    key = stable_hash({"kind": "bow", "m": members, "n": non_members, "level": mia.ci_level, "version": 1})[:24]
+def _bow_row(members: pd.DataFrame, non_members: pd.DataFrame, mia: MIAConfig, cache_dir: Path | None) -> dict:
+    """Bag-of-words baseline on these records (folds grouped by document when they have a `group`), cached on
+    disk: it depends on the texts and groups only, so cells with the same members share it."""
+    groups = ("group" in members and "group" in non_members) or None
+    m_groups = members.group.tolist() if groups else None
+    n_groups = non_members.group.tolist() if groups else None
+    key = stable_hash({"kind": "bow", "m": members.text.tolist(), "n": non_members.text.tolist(), "mg": m_groups,
+                       "ng": n_groups, "level": mia.ci_level, "version": 2})[:24]
     path = cache_dir / f"bow-{key}.json" if cache_dir else None
     if path is not None and path.exists():
         return json.loads(path.read_text())
-    row = bag_of_words_baseline(members, non_members, level=mia.ci_level)
+    row = bag_of_words_baseline(members.text.tolist(), non_members.text.tolist(), member_groups=m_groups,
+                                non_member_groups=n_groups, level=mia.ci_level)
     if path is not None:
         atomic_write_json(path, row)
     return row
@@ -219,7 +234,8 @@ def _result_rows(scores: pd.DataFrame, utility: dict, attacks: list[str], mia: M
         rows.append(row)
     if bow is not None:
         rows.append({**meta, "stage": "mia", "attack": BOW_ATTACK,
-                     **{k: bow[k] for k in ("auc", "auc_ci_low", "auc_ci_high", "n_members", "n_non_members")},
+                     **{k: bow[k] for k in ("auc", "auc_ci_low", "auc_ci_high", "auc_random_folds", "auc_grouped_folds",
+                                            "grouped", "n_groups", "n_members", "n_non_members")},
                      "biased_split": bow["biased_split"], "note": bow["note"]})
     rows.append({**meta, "stage": "utility", "attack": "perplexity", **utility})
     return pd.DataFrame(rows)
@@ -233,12 +249,34 @@ def _progress(show: bool) -> Iterator[Progress]:
 
 
 # ------------------------------------------------------------------------------------- study API
-def _base_datasets(study: StudyConfig):
-    data = load_study_data(study.data)
-    datasets = {"members": data.members.text.tolist(), "non_members": data.non_members.text.tolist()}
-    if data.utility is not None:
-        datasets["utility"] = data.utility.text.tolist()
-    return data, datasets
+def run_design(layout: StudyLayout, run_id: str) -> str:
+    """The membership design a run was trained under (`splits` for runs made before designs existed)."""
+    return CellRecord.load(layout.run_file(run_id, RunFile.CELL)).cell.membership
+
+
+def study_designs(study: StudyConfig) -> dict[str, StudyData]:
+    """The records of each of the study's membership designs."""
+    return {design: load_study_data(study.data, design) for design in study.data.membership}
+
+
+def _base_datasets(designs: dict[str, StudyData]) -> dict[str, list[str]]:
+    """Every text any run of the study is scored on, by dataset (the base model scores each once). The
+    `splits` design keeps the dataset names of studies made before designs existed (same cache keys)."""
+    datasets: dict[str, list[str]] = {}
+    for design, data in designs.items():
+        prefix = "" if design == "splits" else f"{design}:"
+        datasets[f"{prefix}members"] = data.members.text.tolist()
+        datasets[f"{prefix}non_members"] = data.non_members.text.tolist()
+        if data.utility is not None:
+            datasets[f"{prefix}utility"] = data.utility.text.tolist()
+    return datasets
+
+
+def _split_names(study: StudyConfig, design: str) -> tuple[str, str]:
+    """The `split` column's values for members and non-members of a design."""
+    if design == "splits":
+        return study.data.member_split, study.data.non_member_split
+    return f"{design}:member", f"{design}:non_member"
 
 
 def prepare_base_cache(study: StudyConfig, show_progress: bool = False) -> None:
@@ -247,8 +285,7 @@ def prepare_base_cache(study: StudyConfig, show_progress: bool = False) -> None:
     layout = StudyLayout(study.out_dir)
     with _progress(show_progress) as progress:
         scorer = Scorer(study.model, study.mia, layout.cache, progress)
-        _, datasets = _base_datasets(study)
-        BaseScores(scorer, datasets)
+        BaseScores(scorer, _base_datasets(study_designs(study)))
 
 
 def run_mia(study: StudyConfig, run_ids: list[str] | None = None, force: bool = False,
@@ -263,20 +300,21 @@ def run_mia(study: StudyConfig, run_ids: list[str] | None = None, force: bool = 
         return pd.DataFrame()
     with _progress(show_progress) as progress:
         scorer = Scorer(study.model, study.mia, layout.cache, progress)
-        data, datasets = _base_datasets(study)
-        base = BaseScores(scorer, datasets)
+        designs = study_designs(study)
+        base = BaseScores(scorer, _base_datasets(designs))
         freq = _token_log_freq(scorer)
         runs_task = progress.add_task("membership inference", total=len(todo))
         all_rows = []
         for run_id in todo:
             run_dir = layout.run_dir(run_id)
-            members = read_members(run_dir)
+            design = run_design(layout, run_id)
+            data = designs[design]
+            members = _with_groups(read_members(run_dir), data)
             scorer.bank.add(run_id, run_dir)
             start = time.perf_counter()
             scores, utility = _score_run(scorer, run_id, RunData(members, data.non_members, data.utility), base,
-                                         attacks, freq, (study.data.member_split, study.data.non_member_split))
-            bow = (_bow_row(members.text.tolist(), data.non_members.text.tolist(), study.mia, layout.cache)
-                   if study.mia.bag_of_words_baseline else None)
+                                         attacks, freq, _split_names(study, design))
+            bow = _bow_row(members, data.non_members, study.mia, layout.cache) if study.mia.bag_of_words_baseline else None
             utility["mia_wall_time_s"] = time.perf_counter() - start
             rows = _result_rows(scores, utility, attacks, study.mia, run_metadata(layout, run_id), bow)
             atomic_write_parquet(run_dir / RunFile.MIA_SCORES, scores)
@@ -329,8 +367,9 @@ def attack_models(model: str | ModelConfig, adapters: dict[str, str | Path] | Se
 
     `model`: base model path/id (or a ModelConfig); `adapters`: {name: run folder or adapter folder}
     or a list of folders (named by folder name); `members` / `non_members` / `utility`: lists of texts
-    or frames with `text` (and optionally `sample_id`, `is_canary`). Returns (per-record scores,
-    result rows of stages `mia` and `utility`), as `run_mia` writes them.
+    or frames with `text` (and optionally `sample_id`, `is_canary`, and `group`, the document of each record,
+    for the bag-of-words check's grouped folds). Returns (per-record scores, result rows of stages `mia` and
+    `utility`), as `run_mia` writes them.
     """
     model_cfg = model if isinstance(model, ModelConfig) else ModelConfig(name_or_path=str(model), device=device)
     if not isinstance(mia, MIAConfig):
@@ -352,8 +391,8 @@ def attack_models(model: str | ModelConfig, adapters: dict[str, str | Path] | Se
         freq = _token_log_freq(scorer)
         task = progress.add_task("membership inference", total=len(adapters))
         scores_parts, result_parts = [], []
-        bow = (bag_of_words_baseline(data.members.text.tolist(), data.non_members.text.tolist(),
-                                     level=mia.ci_level) if mia.bag_of_words_baseline else None)
+        bow = (_bow_row(data.members, data.non_members, mia, Path(cache_dir) if cache_dir else None)
+               if mia.bag_of_words_baseline else None)
         for name, path in adapters.items():
             path = Path(path)
             scorer.bank.add(name, path.parent if path.name == "adapter" else path)

@@ -1,6 +1,6 @@
 """Data stage: load member / non-member splits, validate them, plant canaries."""
 
 from memlens.data.canaries import Canary, build_training_set
-from memlens.data.loading import StudyData, load_study_data
+from memlens.data.loading import StudyData, load_study_data, membership_assignments
 
-__all__ = ["Canary", "StudyData", "build_training_set", "load_study_data"]
+__all__ = ["Canary", "StudyData", "build_training_set", "load_study_data", "membership_assignments"]

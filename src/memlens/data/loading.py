@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from memlens.data.membership import group_column, random_split
 from memlens.config import (
     ConfigError,
     DataConfig,
@@ -31,12 +32,14 @@ _READERS = {
 
 @dataclass
 class StudyData:
-    """The splits of a study as frames with columns `sample_id`, `text`."""
+    """The records of a study as frames with columns `sample_id`, `text` (and `group` with `data.group`)."""
 
     members: pd.DataFrame
     non_members: pd.DataFrame
     utility: pd.DataFrame | None
     report: list[str] = field(default_factory=list)  # validation findings, for the run log and the report
+    design: str = "splits"  # the membership design (memlens.data.membership)
+    assignment: pd.DataFrame | None = None  # random design: every pool record's coin (sample_id, unit_key, is_member)
 
     @property
     def data_hash(self) -> str:
@@ -236,6 +239,9 @@ def _normalise(frame: pd.DataFrame, cfg: DataConfig, split: str, origin: _Origin
         dup = out.sample_id[out.sample_id.duplicated()].iloc[0]
         raise ConfigError(f"data.id_field: id {dup!r} occurs twice in split {split!r} ({origin.label}); ids must "
                           "be unique (set id_field: null to number records)")
+    groups = group_column(out, frame, cfg, f"split {split!r} ({origin.label})")
+    if groups is not None:
+        out["group"] = groups.values
     return out
 
 
@@ -304,8 +310,13 @@ def _subset(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
     return frame.iloc[keep].reset_index(drop=True)
 
 
-def load_study_data(cfg: DataConfig) -> StudyData:
-    """Load, clean and validate the member, non-member and (optional) utility splits."""
+def load_study_data(cfg: DataConfig, design: str = "splits") -> StudyData:
+    """Load, clean and validate the members, non-members and (optional) utility records of a membership
+    design (:mod:`memlens.data.membership`): the named splits, or the random design's coin over the pool."""
+    if design == "random":
+        return _random_design(cfg)
+    if design != "splits":
+        raise ConfigError(f"data.membership: unknown design {design!r}; valid choices: ['splits', 'random']")
     names = [cfg.member_split, cfg.non_member_split] + ([cfg.utility_split] if cfg.utility_split else [])
     if cfg.member_split == cfg.non_member_split:
         raise ConfigError("data.non_member_split must differ from data.member_split")
@@ -335,3 +346,38 @@ def load_study_data(cfg: DataConfig) -> StudyData:
     for line in report:
         log.warning(line)
     return StudyData(members=members, non_members=non_members, utility=utility, report=report)
+
+
+def _random_design(cfg: DataConfig) -> StudyData:
+    """The random design: the pool splits' records, a seeded coin per record or group (subset: 2 x subset
+    pool records, so each side holds about `subset`)."""
+    pool_names = cfg.pool_splits
+    names = pool_names + ([cfg.utility_split] if cfg.utility_split else [])
+    raw = _load_raw_splits(cfg, names)
+    report: list[str] = []
+    frames = {n: _clean(_normalise(raw[n][0], cfg, n, raw[n][1]), n, report) for n in names}
+    pool = pd.concat([frames[n] for n in pool_names], ignore_index=True)
+    repeated = pool.text.duplicated()
+    if repeated.any():
+        report.append(f"pool: dropped {int(repeated.sum())} texts repeated across {pool_names} (first kept)")
+        pool = pool[~repeated].reset_index(drop=True)
+    if pool.sample_id.duplicated().any():
+        dup = pool.sample_id[pool.sample_id.duplicated()].iloc[0]
+        raise ConfigError(f"data.pool: id {dup!r} occurs in more than one of the pool splits {pool_names}; ids "
+                          "must be unique across the pool (set data.id_field: null to number records by split)")
+    pool = _subset(pool, 2 * cfg.subset if cfg.subset else None, cfg.subset_seed)
+    members, non_members, assignment = random_split(pool, cfg)
+    utility = _subset(frames[cfg.utility_split], cfg.subset, cfg.subset_seed + 2) if cfg.utility_split else None
+    for line in report:
+        log.warning(line)
+    return StudyData(members=members, non_members=non_members, utility=utility, report=report, design="random",
+                     assignment=assignment)
+
+
+def membership_assignments(cfg: DataConfig) -> pd.DataFrame | None:
+    """Every coin of the study's random design (design, seed, unit, sample_id, unit_key, is_member[, group]),
+    None when it has no random design: saved in the study folder, so who was a member stays on record."""
+    if "random" not in cfg.membership:
+        return None
+    assignment = _random_design(cfg).assignment
+    return assignment.assign(design="random", seed=cfg.membership_seed, unit=cfg.coin_unit)

@@ -57,6 +57,7 @@ class StudyFile:
     ENVIRONMENT = "environment.json"
     RESULTS = "results.parquet"
     HISTORY = "history.jsonl"
+    MEMBERSHIP = "membership.parquet"  # the random design's coins: who is a member, by which coin
     MIA_SCORES = "mia_scores.parquet"
     EXTRACTION = "extraction.parquet"
     EXPOSURE = "exposure.parquet"
@@ -109,6 +110,10 @@ class StudyLayout:
     @property
     def history_file(self) -> Path:
         return self.root / StudyFile.HISTORY
+
+    @property
+    def membership_file(self) -> Path:
+        return self.root / StudyFile.MEMBERSHIP
 
     def study_level(self, name: str) -> Path:
         """A study-level file by its :class:`StudyFile` name (e.g. the merged `mia_scores.parquet`)."""

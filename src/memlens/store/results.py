@@ -18,7 +18,8 @@ RESULTS_FILE = StudyFile.RESULTS
 KEY = ["run_id", "stage", "attack"]
 # The identifying columns (run_metadata's, then the key) lead, in this order; measures follow by name, so the
 # file's column order does not depend on which rows were merged first (e.g. after a killed run's recovery).
-ID_COLUMNS = ["run_id", "model", "method", "target_modules", "rank", "canary_copies", "seed", "noise_multiplier",
+ID_COLUMNS = ["run_id", "model", "method", "target_modules", "rank", "canary_copies", "seed", "membership",
+              "noise_multiplier",
               "epsilon", "trainable_params", "total_params", "trainable_pct", "stage", "attack"]
 
 
@@ -36,6 +37,7 @@ def run_metadata(layout: StudyLayout, run_id: str) -> dict:
         "rank": spec.rank,
         "canary_copies": spec.canary_copies,
         "seed": spec.seed,
+        "membership": spec.membership,
         # the sigma actually used (a calibrated "auto" cell records the number it reached)
         "noise_multiplier": dp.get("noise_multiplier", spec.noise_multiplier),
         "epsilon": dp.get("epsilon"),

@@ -10,10 +10,10 @@ from memlens.config import ConfigError, StudyConfig
 from memlens.store import StudyLayout
 from memlens.study.stage import STAGES
 
-# Fields that may change between runs of one study folder: the grid may grow, the executor and
-# device may change; `name`/`out` only label it.
+# Fields that may change between runs of one study folder: the grid (and the list of membership designs)
+# may grow, the executor and device may change; `name`/`out` only label it.
 FREE_FIELDS = {"name", "out", "grid", "executor", "model.device", "train.logging_steps", "mia.enabled",
-               "extraction.enabled"}
+               "extraction.enabled", "data.membership"}
 
 
 class IncompatibleStudyError(ConfigError):

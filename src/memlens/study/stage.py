@@ -40,17 +40,18 @@ class StageContext:
 
     study: StudyConfig
     show_progress: bool = False
-    _data: StudyData | None = field(default=None, repr=False)
+    _data: dict[str, StudyData] = field(default_factory=dict, repr=False)
     _tokenizer: object | None = field(default=None, repr=False)
 
     @property
     def layout(self) -> StudyLayout:
         return StudyLayout(self.study.out_dir)
 
-    def data(self) -> StudyData:
-        if self._data is None:
-            self._data = load_study_data(self.study.data)
-        return self._data
+    def data(self, design: str = "splits") -> StudyData:
+        """The records of a membership design (loaded once per process)."""
+        if design not in self._data:
+            self._data[design] = load_study_data(self.study.data, design)
+        return self._data[design]
 
     def tokenizer(self):
         if self._tokenizer is None:
@@ -108,7 +109,7 @@ class FinetuneStage(Stage):
     def run(self, ctx: StageContext, cells: list[CellConfig]) -> None:
         progress = None if ctx.show_progress else training_progress(disable=True)
         for cell in cells:
-            finetune_cell(ctx.study, cell, ctx.data(), ctx.layout, ctx.tokenizer(), progress=progress)
+            finetune_cell(ctx.study, cell, ctx.data(cell.membership), ctx.layout, ctx.tokenizer(), progress=progress)
 
     def invalidate(self, layout: StudyLayout, run_ids: list[str]) -> None:
         """Remove the runs: renamed to a temp name first (atomic), then deleted."""

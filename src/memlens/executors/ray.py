@@ -42,7 +42,7 @@ INSTALL_HINT = "executor.kind: ray needs Ray, which is not installed: pip instal
 TASK_PREFIX = "memlens-cell:"
 BASE_CACHE_TASK = "memlens-base-cache"
 # Written by the driver into the study folder with a fresh random token, read back by every task.
-SHARED_CHECK_FILE = ".memlens-ray-check"
+SHARED_CHECK_FILE = StudyFile.SHARED_CHECK
 # How long a task waits for the driver's token to show (NFS may serve a stale directory listing briefly).
 SHARED_CHECK_WAIT_S = 10.0
 

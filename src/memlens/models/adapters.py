@@ -30,6 +30,11 @@ ADAPTER_META = "memlens_adapter.json"
 def save_adapter(model: torch.nn.Module, path: Path, fused_suffixes: list[str]) -> None:
     """Save a PEFT model's active adapter (safetensors) with the fused splits it needs."""
     path.mkdir(parents=True, exist_ok=True)
+    for config in getattr(model, "peft_config", {}).values():
+        # PEFT keeps target_modules as a set and writes it in hash order, which changes with every process's
+        # PYTHONHASHSEED: sorted, the same adapter is the same file (and checksum) in every process.
+        if isinstance(config.target_modules, (set, frozenset)):
+            config.target_modules = sorted(config.target_modules)
     model.save_pretrained(str(path), safe_serialization=True)
     (path / ADAPTER_META).write_text(json.dumps({"fused_suffixes": fused_suffixes}, indent=2))
 

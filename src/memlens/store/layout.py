@@ -67,6 +67,7 @@ class StudyFile:
     REPORT = "report"
     LOCK = ".memlens.lock"
     WRITE_LOCK = ".write.lock"
+    SHARED_CHECK = ".memlens-ray-check"  # a cluster driver's token: every node must read it (shared folder)
 
 
 @dataclass(frozen=True)

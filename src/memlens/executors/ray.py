@@ -32,7 +32,7 @@ from pathlib import Path
 
 from memlens.attacks.mia import prepare_base_cache
 from memlens.config import CellConfig, ConfigError, ExecutorConfig, StudyConfig
-from memlens.store import StudyLayout, atomic_write_text
+from memlens.store import StudyFile, StudyLayout, atomic_write_text
 from memlens.study.cell import run_cell
 from memlens.study.stage import get_stage
 from memlens.study.status import CellEvent, CellOutcome, read_status, write_status

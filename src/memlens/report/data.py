@@ -1,20 +1,70 @@
-"""Everything the report reads from a study folder, loaded once (plain parquet/JSON: no memlens objects)."""
+"""What the report reads from a study folder, loaded once through :class:`memlens.store.StudyLayout`, and the
+report's two shared definitions: the primary attack and the exposure of a secret."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
 from memlens.config import ConfigError, StudyConfig
+from memlens.store import StudyFile, StudyLayout
+from memlens.store.records import StatusRecord
 
-# The study's attack (P_ref / P_ft); the report's headline numbers use it when it was run.
+# The study's attack (P_ref / P_ft): every headline number of the report (study table, ROC, AUC vs rank,
+# copies, DeLong tests, findings, frontier) uses it, and only it.
 PRIMARY_ATTACK = "ref_ratio"
-BOW_ATTACKS = ("bag_of_words", "bow")
-REPORT_INPUTS = ("results.parquet", "mia_scores.parquet", "extraction.parquet", "exposure.parquet", "study.yaml")
+BOW_ATTACK = "bag_of_words"  # the model-free baseline's rows (memlens.attacks.mia writes them under this name)
+REPORT_INPUTS = (StudyFile.RESULTS, StudyFile.MIA_SCORES, StudyFile.EXTRACTION, StudyFile.EXPOSURE, StudyFile.STUDY)
+IDENTITY = ["run_id", "model", "method", "target_modules", "rank", "canary_copies", "seed", "noise_multiplier"]
+
+
+def exposure_bits(rows: pd.DataFrame) -> pd.Series:
+    """The exposure of the secret (bits) of exposure rows (results.parquet stage `exposure`): the exact
+    rank-based exposure when the whole secret space was enumerated, else the skew-normal extrapolation (a
+    sampled rank cannot exceed log2 of the sample size). The one definition the report uses."""
+    if rows.empty:
+        return pd.Series(dtype=float, index=rows.index)
+    enumerated = rows.enumerated.fillna(False).astype(bool)
+    return pd.Series(np.where(enumerated, rows.exposure_rank, rows.exposure_skewnorm), index=rows.index, dtype=float)
+
+
+@dataclass
+class Environment:
+    """`environment.json`: where the study ran (empty when the file is missing)."""
+
+    python: str | None = None
+    device: str | None = None
+    cuda_device: str | None = None
+    git_commit: str | None = None
+    packages: dict[str, str | None] = field(default_factory=dict)
+    hardware: dict[str, Any] | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> Environment:
+        raw = json.loads(Path(path).read_text()) if Path(path).exists() else {}
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if raw.get(k) is not None})
+
+    def versions(self, names=("memlens", "torch", "transformers", "peft"), file_order: bool = False) -> str:
+        """`memlens 0.1.0, torch 2.5.1, ...` for the recorded versions of `names` (in the file's order)."""
+        order = [k for k in self.packages if k in names] if file_order else names
+        return ", ".join(f"{k} {self.packages[k]}" for k in order if self.packages.get(k))
+
+
+def inputs_fingerprint(layout: StudyLayout) -> dict:
+    """Size and modification time of every file the report reads, and of the cells' status files."""
+    fingerprint = {}
+    for name in REPORT_INPUTS:
+        path = layout.study_level(name)
+        fingerprint[name] = [path.stat().st_mtime_ns, path.stat().st_size] if path.exists() else None
+    fingerprint["status"] = sorted((p.name, p.stat().st_mtime_ns) for p in layout.status_dir.glob("*.json")
+                                   if not p.name.startswith("_"))
+    return fingerprint
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -23,57 +73,69 @@ def _read(path: Path) -> pd.DataFrame:
 
 @dataclass
 class StudyResults:
+    """The study folder's files as frames and records (no memlens computation)."""
+
     root: Path
     study: StudyConfig
     results: pd.DataFrame
     mia_scores: pd.DataFrame
     extraction: pd.DataFrame
-    exposure: pd.DataFrame
-    environment: dict
-    failures: list[dict] = field(default_factory=list)
+    environment: Environment
+    failures: list[StatusRecord] = field(default_factory=list)
 
     @classmethod
-    def load(cls, root: Path) -> "StudyResults":
-        root = Path(root)
-        if not (root / "study.yaml").exists():
-            raise ConfigError(f"{root}: not a memlens study folder (no study.yaml)")
-        study = StudyConfig.model_validate(yaml.safe_load((root / "study.yaml").read_text()))
-        env_path = root / "environment.json"
-        failures = []
-        for path in sorted((root / "status").glob("*.json")):
-            record = json.loads(path.read_text())
-            if record.get("state") == "failed":
-                failures.append(record)
-        return cls(root=root, study=study, results=_read(root / "results.parquet"),
-                   mia_scores=_read(root / "mia_scores.parquet"), extraction=_read(root / "extraction.parquet"),
-                   exposure=_read(root / "exposure.parquet"),
-                   environment=json.loads(env_path.read_text()) if env_path.exists() else {},
-                   failures=failures)
+    def load(cls, root: Path) -> StudyResults:
+        layout = StudyLayout(Path(root))
+        if not layout.study_file.exists():
+            raise ConfigError(f"{layout.root}: not a memlens study folder (no {StudyFile.STUDY})")
+        study = StudyConfig.model_validate(yaml.safe_load(layout.study_file.read_text()))
+        statuses = [StatusRecord.read(p) for p in sorted(layout.status_dir.glob("*.json"))
+                    if not p.name.startswith("_")]  # `_report.json` is the report's own status
+        return cls(root=layout.root, study=study, results=_read(layout.results_file),
+                   mia_scores=_read(layout.study_level(StudyFile.MIA_SCORES)),
+                   extraction=_read(layout.study_level(StudyFile.EXTRACTION)),
+                   environment=Environment.read(layout.environment_file),
+                   failures=[s for s in statuses if s is not None and s.state == "failed"])
 
-    def stage(self, name: str) -> pd.DataFrame:
-        if self.results.empty or "stage" not in self.results:
+    def stage(self, name: str, attack: str | None = None) -> pd.DataFrame:
+        """Rows of results.parquet of one stage (and attack)."""
+        if self.results.empty:
             return pd.DataFrame()
-        return self.results[self.results.stage == name].reset_index(drop=True)
+        rows = self.results[self.results.stage == name]
+        return (rows if attack is None else rows[rows.attack == attack]).reset_index(drop=True)
+
+    @property
+    def runs(self) -> pd.DataFrame:
+        """One row per run with results: its identifying columns."""
+        return self.results.drop_duplicates("run_id")[IDENTITY] if len(self.results) else pd.DataFrame(
+            columns=IDENTITY)
 
     @property
     def mia(self) -> pd.DataFrame:
         """MIA rows of model-based attacks (the bag-of-words baseline is separate)."""
         rows = self.stage("mia")
-        return rows[~rows.attack.isin(BOW_ATTACKS)].reset_index(drop=True) if len(rows) else rows
+        return rows[rows.attack != BOW_ATTACK].reset_index(drop=True) if len(rows) else rows
 
     @property
     def bag_of_words(self) -> pd.DataFrame:
-        rows = self.stage("mia")
-        return rows[rows.attack.isin(BOW_ATTACKS)].reset_index(drop=True) if len(rows) else rows
-
-    @property
-    def primary_attack(self) -> str | None:
-        """The study's attack when present, else the first attack in the results."""
-        attacks = list(self.mia.attack.unique()) if len(self.mia) else []
-        if not attacks:
-            return None
-        return PRIMARY_ATTACK if PRIMARY_ATTACK in attacks else sorted(attacks)[0]
+        return self.stage("mia", BOW_ATTACK)
 
     def primary(self) -> pd.DataFrame:
-        attack = self.primary_attack
-        return self.mia[self.mia.attack == attack].reset_index(drop=True) if attack else pd.DataFrame()
+        """MIA rows of the primary attack."""
+        return self.stage("mia", PRIMARY_ATTACK)
+
+    def primary_missing(self) -> str:
+        """Why the primary attack has no rows (for omitted sections)."""
+        ran = sorted(self.mia.attack.unique()) if len(self.mia) else []
+        if not ran:
+            return "no membership-inference results"
+        return f"the primary attack `{PRIMARY_ATTACK}` was not run (attacks with results: {', '.join(ran)})"
+
+    def exposure(self) -> pd.DataFrame:
+        """Exposure rows, one per (run, model): identifying columns, `model` (finetuned / base) and
+        `exposure` (bits, :func:`exposure_bits`)."""
+        rows = self.stage("exposure")
+        if rows.empty:
+            return pd.DataFrame(columns=[*IDENTITY, "exposure"])
+        model = np.where(rows.attack.str.endswith(":base"), "base", "finetuned")
+        return rows[IDENTITY].assign(model=model, exposure=exposure_bits(rows))

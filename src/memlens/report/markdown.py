@@ -1,9 +1,9 @@
 """The findings document (`memlens report <out> --markdown docs/findings.md`).
 
-Written from the study folder through :func:`memlens.report.build.build`, so its tables, figures and
-verdicts are the HTML report's own. The only fixed numbers are the 2024 study's, quoted for comparison
-and labelled as such. Figures are copied into a folder named after the document (`docs/findings/` for
-`docs/findings.md`; that folder's PNGs are replaced) and linked relatively, so it renders on GitHub.
+Formatted from the same :class:`StudyAnalysis` as the HTML report, so its tables, figures and verdicts are
+the report's own. The only fixed numbers are the 2024 study's, quoted for comparison and labelled as such.
+Figures are copied into a folder named after the document (`docs/findings/` for `docs/findings.md`; that
+folder's PNGs are replaced) and linked relatively, so it renders on GitHub.
 """
 
 from __future__ import annotations
@@ -16,66 +16,32 @@ from pathlib import Path
 import pandas as pd
 
 from memlens.config import ConfigError
-from memlens.report import timings
-from memlens.report.build import Report, build
-from memlens.report.findings import QK, VO
-from memlens.report.mdtable import NA, fmt, interval, is_null, md_table, pm, seconds
-from memlens.store import atomic_write_text
+from memlens.report.analysis import StudyAnalysis, analyse
+from memlens.report.html import write_html
+from memlens.report.mdsections import BEYOND, FINDINGS, Document
+from memlens.report.mdtable import NA, fmt, is_null, md_table, seconds
+from memlens.report.timings import describe_hardware
+from memlens.store import StudyLayout, atomic_write_text
 from memlens.study.provenance import hardware_info
 
-# Quoted from the 2024 study (Savine, Atif, Cappe; ../shared/docs/study.md), never computed here.
-PAPER_TABLE = """\
-| rank | [q] | [k] | [v] | [o] | [q,k] |
-|---|---|---|---|---|---|
-| 1 | 0.68 ± 0.02 | 0.68 ± 0.02 | 0.80 ± 0.01 | 0.77 ± 0.02 | 0.76 ± 0.02 |
-| 2 | 0.70 ± 0.02 | 0.71 ± 0.02 | 0.82 ± 0.01 | 0.79 ± 0.01 | 0.77 ± 0.02 |
-| 4 | 0.72 ± 0.02 | 0.71 ± 0.02 | 0.83 ± 0.01 | 0.80 ± 0.01 | 0.79 ± 0.01 |"""
-PAPER_NOTE = ("*For comparison only, not measured here: the 2024 study (Savine et al.) reported these MIA ROC AUCs "
-              "± CI for Llama-2-7B (8-bit) fine-tuned 3 epochs on PHEE (the paper's numbers):*")
-TPR_LABELS = {"10pct": "10%", "1pct": "1%", "0_1pct": "0.1%"}
+STAGE_NOTES = {"finetune": "data and model loading, training and saving, as the runner measured it",
+               "train loop": "the training loop alone (train.json)",
+               "mia": "scoring, attacks and privacy audit", "extraction": "generation, similarity and exposure"}
 
 
-class Document:
-    """Markdown lines plus the figures they link (copied next to the document when it is written)."""
-
-    def __init__(self, rep: Report, folder_name: str):
-        self.rep, self.folder_name = rep, folder_name
-        self.lines: list[str] = []
-        self.linked: dict[str, Path] = {}
-
-    def add(self, *blocks: str) -> None:
-        for block in blocks:
-            self.lines += [block, ""]
-
-    def figure(self, name: str, what: str) -> None:
-        """Link the report's figure `name`, or say why the report could not draw it."""
-        if name in self.rep.figure_files:
-            path, caption = self.rep.figure_files[name]
-            self.linked[name] = path
-            self.add(f"![{caption}]({self.folder_name}/{path.name})", f"*{caption}*")
-        else:
-            self.add(f"*{what}: no figure ({self.rep.omitted_reason(what) or 'not drawn for this study'}).*")
-
-    def omitted(self, what: str, fallback: str) -> str:
-        return self.rep.omitted_reason(what) or fallback
-
-
-# --------------------------------------------------------------------------------------- header
 def _axis(values) -> str:
     return ", ".join(str(v) for v in values)
 
 
-def _grid_run(rep: Report) -> str:
+def _grid_run(a: StudyAnalysis) -> str:
     """The grid as it appears in the results (what actually ran), with the configured grid if it differs."""
-    runs = rep.data.results.drop_duplicates("run_id") if len(rep.data.results) else pd.DataFrame()
-    grid = rep.data.study.grid
+    runs, grid = a.runs, a.study.grid
     configured = (f"matrices {_axis('[' + ','.join(t) + ']' for t in grid.target_modules)}; ranks {_axis(grid.rank)}; "
                   f"canary copies {_axis(grid.canary_copies)}; seeds {_axis(grid.seed)}; methods {_axis(grid.method)}; "
                   f"DP noise {_axis('none' if n is None else n for n in grid.noise_multiplier)}")
     if runs.empty:
         return f"no run has results (configured: {configured})"
-    noise = sorted({"none" if is_null(n) else f"{n:g}" for n in runs.noise_multiplier}) if "noise_multiplier" in runs \
-        else ["none"]
+    noise = sorted({"none" if is_null(n) else f"{n:g}" for n in runs.noise_multiplier})
     ran = (f"matrices {_axis(f'[{t}]' for t in sorted(runs.target_modules.unique()))}; ranks "
            f"{_axis(sorted(int(r) for r in runs['rank'].unique()))}; canary copies "
            f"{_axis(sorted(int(c) for c in runs.canary_copies.unique()))}; seeds "
@@ -84,19 +50,12 @@ def _grid_run(rep: Report) -> str:
     return ran if ran.replace(",", "") == configured.replace(",", "") else f"{ran} (configured: {configured})"
 
 
-def _header(doc: Document, root: Path, command: str) -> None:
-    rep, study = doc.rep, doc.rep.data.study
-    env = rep.data.environment
-    runs = rep.data.results.run_id.nunique() if len(rep.data.results) else 0
-    data = study.data
+def _header(doc: Document, command: str) -> None:
+    a = doc.a
+    study, env, data, train = a.study, a.environment, a.study.data, a.study.train
     subset = f"a seeded subset of {data.subset} records per split" if data.subset else "every record"
-    train = study.train
-    history = timings.read_history(root)
-    hardware = env.get("hardware") or (history[-1].get("hardware") if history else None)
-    packages = env.get("packages", {})
-    versions = ", ".join(f"{k} {packages[k]}" for k in ("memlens", "torch", "transformers", "peft") if packages.get(k))
     doc.add(f"# Findings: {study.name}",
-            f"*Generated by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')} from the study folder `{root}`. "
+            f"*Generated by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')} from the study folder `{a.root}`. "
             "Every number, table, figure and verdict below is computed from that folder's files; the only fixed "
             "numbers are the 2024 study's, quoted for comparison and labelled as such. Do not edit by hand: rerun "
             "the command.*")
@@ -105,258 +64,78 @@ def _header(doc: Document, root: Path, command: str) -> None:
                   "reference model of the attack is the same model without the adapter"),
         ("Data", f"`{data.source}`: members `{data.member_split}`, non-members `{data.non_member_split}`, utility "
                  f"`{data.utility_split}`; {subset}"),
-        ("Grid run", _grid_run(rep)),
-        ("Runs with results", f"{runs}; failed cells: {len(rep.data.failures)}"),
+        ("Grid run", _grid_run(a)),
+        ("Runs with results", f"{len(a.runs)}; failed cells: {len(a.failures)}"),
         ("Training", f"{train.epochs:g} epoch(s), learning rate {train.learning_rate:g}, batch {train.batch_size} x "
                      f"{train.grad_accum} accumulation, {train.warmup_steps} warm-up steps, packing {train.packing}; "
                      f"LoRA alpha {study.lora.alpha:g}, dropout {study.lora.dropout:g}; canary mode "
                      f"{study.canary.mode}"),
-        ("Hardware", f"{timings.describe_hardware(hardware)}; CUDA device: {env.get('cuda_device') or 'none'}"),
-        ("Software", f"Python {env.get('python', NA)}; {versions or 'package versions not recorded'}; memlens git "
-                     f"commit `{env.get('git_commit') or 'not recorded'}`"),
+        ("Hardware", f"{describe_hardware(a.hardware)}; CUDA device: {env.cuda_device or 'none'}"),
+        ("Software", f"Python {env.python or NA}; {env.versions() or 'package versions not recorded'}; memlens git "
+                     f"commit `{env.git_commit or 'not recorded'}`"),
     ]
     doc.add("## The study run here", md_table(pd.DataFrame(rows, columns=["", "value"])))
 
 
-# --------------------------------------------------------------------------------------- findings
-def _auc_matrix(rep: Report, value: str) -> pd.DataFrame | None:
-    """The study table (ranks x matrices) with cells `value` ('auc' or 'params') from the report's study table."""
-    agg = rep.frames.get("study_table")
-    if agg is None or agg.empty:
-        return None
-    extra = [c for c in agg.columns if c in ("canary_copies", "noise_multiplier", "method")]
-
-    def cell(row) -> str:
-        if value == "params":
-            return f"{int(row.trainable_params):,} ({row.trainable_pct:.2g}%)"
-        runs = f" (n={int(row.n_runs)})" if row.n_runs > 1 else ""
-        return pm(row.auc, row.auc_ci_low, row.auc_ci_high) + runs
-
-    table = agg.assign(cell=agg.apply(cell, axis=1)).pivot_table(
-        index=["rank", *extra], columns="target_modules", values="cell", aggfunc="first").reset_index()
-    table.columns = [f"[{c}]" if c in set(agg.target_modules) else c for c in table.columns]
-    return table
-
-
-def _finding_1(doc: Document) -> None:
-    rep = doc.rep
-    attack = rep.data.primary_attack
-    matrix = _auc_matrix(rep, "auc")
-    if matrix is None:
-        doc.add(f"No AUC table: {doc.omitted('study table', 'no membership-inference results')}.")
-    else:
-        level = rep.data.study.mia.ci_level
-        doc.add(f"Membership-inference ROC AUC of the `{attack}` attack (the study's P_ref / P_ft), ± half the "
-                f"{level:.0%} Hanley-McNeil interval; mean over runs where a cell has several (n):",
-                md_table(matrix), "Trainable parameters (share of the model):", md_table(_auc_matrix(rep, "params")))
-    delong = rep.frames.get("delong")
-    if delong is None or delong.empty:
-        doc.add(f"No paired DeLong test: {doc.omitted('DeLong tests', 'no per-sample scores')}.")
-    else:
-        is_pair = (delong.set_a.isin(VO) & delong.set_b.isin(QK)) | (delong.set_a.isin(QK) & delong.set_b.isin(VO))
-        tests = delong[is_pair]
-        if tests.empty:
-            doc.add(f"No paired DeLong test between [v]/[o] and [q]/[k]: the tested pairs are "
-                    f"{sorted(set(zip(delong.set_a, delong.set_b)))}.")
-        else:
-            flip = tests.set_a.isin(QK)  # orient every row as v/o against q/k
-            frame = pd.DataFrame({
-                "rank": tests["rank"], "copies": tests.canary_copies, "seed": tests.seed,
-                "v/o": "[" + tests.set_b.where(flip, tests.set_a) + "]",
-                "q/k": "[" + tests.set_a.where(flip, tests.set_b) + "]",
-                "AUC v/o": tests.auc_b.where(flip, tests.auc_a), "AUC q/k": tests.auc_a.where(flip, tests.auc_b),
-                "v/o - q/k": (-tests.auc_diff).where(flip, tests.auc_diff), "z": (-tests.z).where(flip, tests.z),
-                "p": tests.p_value, "records": tests.n_records})
-            doc.add(f"Paired DeLong tests (same records scored by both runs, `{attack}` attack) between [v]/[o] and "
-                    "[q]/[k] at equal rank, canary copies and seed:",
-                    md_table(frame, {"AUC v/o": ".3f", "AUC q/k": ".3f", "v/o - q/k": "+.3f", "z": ".2f", "p": ".3g"}))
-    doc.add(PAPER_NOTE, PAPER_TABLE)
-
-
-def _finding_2(doc: Document) -> None:
-    rows = doc.rep.correlations
-    if rows:
-        frame = pd.DataFrame(rows).rename(columns={"perplexity": "perplexity under"})
-        frame["perplexity under"] = frame["perplexity under"].map({"ppl_ft": "fine-tuned model",
-                                                                   "ppl_base": "base model"})
-        doc.add("Correlation of the share of each member record's suffix reproduced (longest common n-gram / suffix "
-                "length) with the record's perplexity, pooled over runs:",
-                md_table(frame, {"spearman_r": ".3f", "spearman_p": ".3g", "pearson_r_log_ppl": ".3f",
-                                 "pearson_p": ".3g"}))
-    else:
-        doc.add("No correlation computed: too few member records with varied n-gram share and perplexity, or no "
-                "extraction results.")
-    doc.figure("ngram_share_vs_perplexity", "n-gram share vs perplexity")
-
-
-def _finding_3(doc: Document) -> None:
-    rep = doc.rep
-    doc.figure("auc_vs_rank", "AUC vs rank")
-    fits = rep.frames.get("auc_rank_fit")
-    if fits is None:
-        doc.add(f"Saturation fit not computed: {doc.omitted('AUC vs rank', 'no AUC-vs-rank curve')}.")
-        return
-    frame = pd.DataFrame({
-        "matrices": "[" + fits.target_modules + "]", "ranks": fits.ranks,
-        "plateau": [pm(p, p - s, p + s) if not is_null(s) else fmt(p, ".3f")
-                    for p, s in zip(fits.plateau, fits.plateau_se)],
-        "AUC at rank 0": fits.auc0, "scale": fits.scale, "rank reaching 90% of gain": fits.rank_90, "RMSE": fits.rmse,
-        "why null / caveat": ["; ".join(str(v) for v in (r, n) if not is_null(v))
-                              for r, n in zip(fits.reason, fits.note)]})
-    doc.add("Fitted saturation auc(r) = plateau - (plateau - auc0) exp(-r / scale), least squares on the mean AUC "
-            "per rank (plateau ± its standard error); the rank reaching 90% of the gain from rank 0 is "
-            "scale x ln 10. A fit that cannot be made is left empty with the reason:",
-            md_table(frame, {"AUC at rank 0": ".3f", "scale": ".3g", "rank reaching 90% of gain": ".3g",
-                             "RMSE": ".2g"}))
-
-
-# --------------------------------------------------------------------------------------- beyond
-def _attacks(doc: Document) -> None:
-    table = doc.rep.frames.get("attacks")
-    doc.add("### Other membership attacks and the low-FPR regime")
-    if table is None:
-        doc.add(f"Not measured: {doc.omitted('attack comparison', 'no membership-inference results')}.")
-        return
-    frame = pd.DataFrame({"attack": table.attack, "runs": table.n_runs,
-                          "AUC ± CI": [pm(*v) for v in zip(table.auc, table.auc_ci_low, table.auc_ci_high)]})
-    notes = []
-    for point, label in TPR_LABELS.items():
-        col = f"tpr_at_{point}_fpr"
-        if col not in table:
-            continue
-        frame[f"TPR at {label} FPR [CI]"] = [interval(*v) for v in
-                                             zip(table[col], table[f"{col}_low"], table[f"{col}_high"])]
-        note = table.get(f"{col}_note")
-        missing = table[table[col].isna()]
-        if len(missing):
-            why = sorted({str(n) for n in (note[missing.index] if note is not None else []) if not is_null(n)})
-            notes.append(f"- TPR at {label} FPR is {NA} for {', '.join(missing.attack)}: "
-                         f"{'; '.join(why) or 'not computed'}.")
-    doc.add("Every attack run, mean over runs (AUC ± half its Hanley-McNeil interval; TPR with its bootstrap "
-            "interval). `bag_of_words` is the model-free baseline, below.", md_table(frame))
-    if notes:
-        doc.add("\n".join(notes))
-    doc.figure("attacks", "attack comparison")
-
-
-def _extraction(doc: Document) -> None:
-    rep = doc.rep
-    doc.add("### Extraction rate vs canary copies")
-    rates = rep.frames.get("extraction_rates")
-    if rates is None:
-        doc.add(f"Not measured: {doc.omitted('extraction rates', 'no extraction results')}.")
-    else:
-        formats = {c: ".3f" for c in ("exact_rate", "verbatim_rate", "bleu_rate", "mean_ngram_share")}
-        canary = rates[rates.group == "canary"] if "group" in rates else rates.iloc[0:0]
-        if len(canary):
-            doc.add("The canary, prompted with the first half of its tokens (rates over runs; the base model is the "
-                    "control):", md_table(canary.drop(columns=["group"]), formats))
-        else:
-            doc.add("No canary extraction rows.")
-        others = rates.drop(canary.index)
-        if len(others):
-            doc.add("Member and non-member records:", md_table(others, formats))
-    doc.figure("copies", "AUC and extraction vs copies")
-    exposure = rep.frames.get("exposure_vs_copies")
-    if exposure is not None:
-        doc.add("Exposure of the inserted secret (bits):", md_table(exposure, {"exposure": ".2f"}))
-    else:
-        doc.add(f"*Exposure not measured: {doc.omitted('exposure vs copies', 'no exposure rows')}.*")
-
-
-def _utility(doc: Document) -> None:
-    doc.add("### Utility per configuration")
-    table = doc.rep.frames.get("utility_by_config")
-    if table is None or table.empty:
-        doc.add(f"Not measured: {doc.omitted('utility', 'no test/utility perplexities in results.parquet')}.")
-        return
-    doc.add("Perplexity of the non-member (test) split and of the utility split under the fine-tuned model and under "
-            "the base model, mean over the runs of each configuration (lower is better):",
-            md_table(table, {c: ".2f" for c in ("test_ppl", "base_test_ppl", "utility_ppl", "base_utility_ppl")}))
-    if "frontier" in doc.rep.figure_files:
-        doc.figure("frontier", "frontier")
-
-
-def _baseline(doc: Document) -> None:
-    doc.add("### Model-free baseline (bag of words)")
-    if doc.rep.bow_verdict is None:
-        doc.add(f"Not measured: {doc.omitted('bag-of-words baseline', 'no baseline rows')}.")
-        return
-    separable, text = doc.rep.bow_verdict
-    doc.add(f"**{'Biased split' if separable else 'Unbiased split'}.** {text}")
-
-
-def _not_shown(doc: Document) -> None:
-    items = [f"- **{what}**: {reason}" for what, reason in doc.rep.omitted]
-    failures = [f"- **failed cell** `{r['run_id']}` (stage {r.get('stage')}): {r.get('error')}"
-                for r in doc.rep.data.failures]
-    doc.add("### What this study could not show")
-    doc.add("\n".join(items + failures) if items or failures else "Every section of the report could be computed.")
-
-
-# --------------------------------------------------------------------------------------- regenerate
-def _regenerate(doc: Document, root: Path, command: str) -> None:
+def _regenerate(doc: Document, command: str, build_seconds: float | None, built_on: dict | None) -> None:
+    layout, times = StudyLayout(doc.a.root), doc.a.wall_times
+    study_file = shlex.quote(str(layout.study_file))
     doc.add("## How to regenerate",
             "Run the commands from the directory the study was run from: relative paths in a study file resolve "
             "against it.")
-    history = timings.read_history(root)
-    if history:
-        table = timings.history_table(history)
+    if times.history:
+        table = times.history_table.copy()
         table.insert(0, "#", range(1, len(table) + 1))
         table["cells run / total"] = [f"{fmt(r)} / {fmt(t)}" for r, t in zip(table.cells_run, table.cells_total)]
         table["error"] = table.error.fillna("none")
         shown = table[["#", "command", "started", "wall_s", "cells run / total", "cells_failed", "error", "hardware"]]
-        doc.add(f"1. The study: every invocation on this folder (`{root / 'history.jsonl'}`), oldest first. Later "
+        doc.add(f"1. The study: every invocation on this folder (`{layout.history_file}`), oldest first. Later "
                 "ones resume or extend earlier ones; one with no cells to run only merged results and rebuilt the "
                 "report.", md_table(shown.rename(columns={"wall_s": "wall time", "cells_failed": "failed"}),
                                     {"command": lambda c: f"`{c}`", "wall time": seconds}),
-                f"Total wall time: {seconds(sum(h.wall_s for h in history))}.")
-        if any(h.command == "python API" for h in history):
+                f"Total wall time: {seconds(sum(h.wall_s for h in times.history))}.")
+        if any(h.command == "python API" for h in times.history):
             doc.add(f"`python API` rows ran `memlens.runner.run_study` from Python; the equivalent command is "
-                    f"`memlens run {shlex.quote(str(root / 'study.yaml'))}` (the resolved study file).")
+                    f"`memlens run {study_file}` (the resolved study file).")
     else:
         doc.add("1. The study: no `history.jsonl` in the folder (it predates run history, or was not made by "
-                f"`memlens run`): the commands and their wall times are unknown. `memlens run "
-                f"{shlex.quote(str(root / 'study.yaml'))}` reruns it from the resolved study file.")
-    built = f"{seconds(doc.rep.build_seconds)}" if doc.rep.build_seconds is not None else NA
+                f"`memlens run`): the commands and their wall times are unknown. `memlens run {study_file}` reruns "
+                "it from the resolved study file.")
+    built = seconds(build_seconds) if build_seconds is not None else NA
     doc.add(f"2. The HTML report and this document: `{command}` (report build {built} on "
-            f"{timings.describe_hardware(hardware_info())}).")
-    per_run = timings.stage_times(root)
-    if per_run.empty:
+            f"{describe_hardware(built_on)}).")
+    if times.stages.empty:
         doc.add("3. Per-stage wall times: none recorded (no runs/<run_id>/timings.json or train.json wall times).")
         return
-    summary = timings.stage_summary(per_run)
-    summary["note"] = summary.stage.map({
-        "finetune": "data and model loading, training and saving, as the runner measured it",
-        "train loop": "the training loop alone (train.json)",
-        "mia": "scoring, attacks and privacy audit", "extraction": "generation, similarity and exposure"}).fillna("")
+    summary = times.stages.assign(note=times.stages.stage.map(STAGE_NOTES).fillna(""))
     summary.loc[summary.batched, "note"] += "; batched over cells: per-cell share of the batch's time"
     doc.add("3. Per-stage wall times per cell (runs/<run_id>/timings.json):",
             md_table(summary.drop(columns=["batched"]), {"median_s_per_cell": seconds, "total_s": seconds}))
 
 
-# --------------------------------------------------------------------------------------- entry point
-def render(rep: Report, root: Path, folder_name: str, command: str, note: str | None = None) -> Document:
-    """The whole document for a built report; `note` is the operator's own text, shown as such."""
-    doc = Document(rep, folder_name)
-    _header(doc, root, command)
+def render(a: StudyAnalysis, figures: dict[str, Path], folder_name: str, command: str, note: str | None = None,
+           build_seconds: float | None = None, built_on: dict | None = None) -> Document:
+    """The whole document; `figures` are the report's PNGs by name, `note` the operator's own text (shown as
+    such), `build_seconds` and `built_on` the report build's wall time and hardware."""
+    doc = Document(a, folder_name, figures)
+    _header(doc, command)
     if note:
         doc.add("> **Operator's note** (written by the person who ran the study, not computed): " + note.strip())
-    verdicts = pd.DataFrame({"finding": [f.title for f in rep.findings],
-                             "verdict": [f"**{f.verdict}**" for f in rep.findings]})
+    verdicts = pd.DataFrame({"finding": [f.title for f in a.findings],
+                             "verdict": [f"**{f.verdict}**" for f in a.findings]})
     doc.add("## Verdicts", "Whether each finding of the 2024 study holds in this study's data (the thresholds are "
             "stated in each reason):", md_table(verdicts))
-    for number, (finding, evidence) in enumerate(zip(rep.findings, (_finding_1, _finding_2, _finding_3)), start=1):
+    for number, (finding, evidence) in enumerate(zip(a.findings, FINDINGS), start=1):
         title = finding.title.split(") ", 1)[-1]
         reason = finding.reason[:1].upper() + finding.reason[1:]
         doc.add(f"## Finding {number}: {title}", f"**Verdict: {finding.verdict}.** {reason}.", "### Evidence")
         evidence(doc)
     doc.add("## Beyond the study")
-    for section in (_attacks, _extraction, _utility, _baseline, _not_shown):
+    for section in BEYOND:
         section(doc)
-    _regenerate(doc, root, command)
-    doc.add(f"Every table above is also a CSV in `{root / 'report' / 'tables'}`; the HTML report is "
-            f"`{root / 'report' / 'index.html'}`.")
+    _regenerate(doc, command, build_seconds, built_on)
+    report = StudyLayout(a.root).report
+    doc.add(f"Every table above is also a CSV in `{report / 'tables'}`; the HTML report is `{report / 'index.html'}`.")
     return doc
 
 
@@ -368,8 +147,10 @@ def write_findings(root: Path, dest: Path, command: str | None = None, note: str
         raise ConfigError(f"--markdown {dest}: the findings document must be a .md file (its figures go to "
                           f"the folder named after it)")
     command = command or shlex.join(["memlens", "report", str(root), "--markdown", str(dest)])
-    rep = build(root)
-    doc = render(rep, root, dest.stem, command, note)
+    start = time.perf_counter()
+    analysis = analyse(root)
+    rendered = write_html(analysis)
+    doc = render(analysis, rendered.figures, dest.stem, command, note, time.perf_counter() - start, hardware_info())
     folder = dest.parent / dest.stem
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.png"):  # a figure the study can no longer draw must not linger

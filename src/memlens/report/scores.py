@@ -14,26 +14,18 @@ import pandas as pd
 from memlens.metrics.roc import delong_test, roc_points
 from memlens.report.data import StudyResults
 
-LABEL_COLUMNS = ("is_member", "label", "member")
 PAIR_KEYS = ["rank", "canary_copies", "seed", "noise_multiplier"]
 
 
-def label_column(scores: pd.DataFrame) -> str | None:
-    return next((c for c in LABEL_COLUMNS if c in scores), None)
-
-
-def score_column(scores: pd.DataFrame, attack: str) -> str | None:
-    return next((c for c in (attack, f"score_{attack}") if c in scores), None)
-
-
 def _run_scores(data: StudyResults, attack: str) -> pd.DataFrame:
-    """mia_scores joined with each run's grid metadata; empty when there is nothing usable."""
+    """mia_scores (`is_member`, one column per attack) joined with each run's grid metadata; empty when
+    the attack has no scores."""
     scores = data.mia_scores
-    label, column = (label_column(scores), score_column(scores, attack)) if len(scores) else (None, None)
-    if label is None or column is None or data.results.empty:
+    if scores.empty or attack not in scores or data.results.empty:
         return pd.DataFrame()
-    meta = data.results.drop_duplicates("run_id")[["run_id", "method", "target_modules", *PAIR_KEYS]]
-    frame = scores[["run_id", "sample_id", label, column]].rename(columns={label: "label", column: "score"})
+    meta = data.runs[["run_id", "method", "target_modules", *PAIR_KEYS]]
+    frame = scores[["run_id", "sample_id", "is_member", attack]].rename(columns={"is_member": "label",
+                                                                                 attack: "score"})
     return frame.merge(meta, on="run_id", how="inner")
 
 

@@ -9,10 +9,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from memlens.report.section import Omission, Section
 from memlens.store import RunFile, StudyLayout
 from memlens.store.records import HistoryEntry, TimingsRecord, TrainRecord
 from memlens.store.records import read_history as read_history_file
@@ -74,3 +76,22 @@ def stage_summary(per_run: pd.DataFrame) -> pd.DataFrame:
                           "total_s": grouped.wall_s.sum(), "batched": grouped.batch_cells.max() > 1}).reset_index()
     order = {s: i for i, s in enumerate(STAGE_ORDER)}
     return table.sort_values("stage", key=lambda s: s.map(lambda v: order.get(v, len(order)))).reset_index(drop=True)
+
+
+@dataclass(kw_only=True)
+class WallTimes(Section):
+    anchor = "walltimes"
+    title = "Wall times"
+    history: list[HistoryEntry] = field(default_factory=list)  # every invocation, oldest first
+    history_table: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/history.csv
+    per_run: pd.DataFrame = field(default_factory=pd.DataFrame)  # run_id, stage, wall_s, batch_cells
+    stages: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/stage_wall_times.csv
+
+
+def wall_times(root: Path) -> WallTimes:
+    per_run, history = stage_times(root), read_history(root)
+    if per_run.empty and not history:
+        return WallTimes(omitted=Omission("wall times", "no runs/<run_id>/timings.json, train.json wall times or "
+                                          "history.jsonl in the study folder"))
+    return WallTimes(history=history, history_table=history_table(history) if history else pd.DataFrame(),
+                     per_run=per_run, stages=stage_summary(per_run) if len(per_run) else pd.DataFrame())

@@ -1,0 +1,204 @@
+"""The HTML renderer: `report/index.html` (self-contained: figures inlined as PNG, no script, no network),
+`report/figures/*.png` and `report/tables/*.csv`, all from a :class:`StudyAnalysis`."""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from memlens.report import figures
+from memlens.report import membership as mb
+from memlens.report import memorization as mz
+from memlens.report.analysis import StudyAnalysis
+from memlens.report.frontier import Frontier, Utility
+from memlens.report.mdtable import pm
+from memlens.report.section import Omission, Section
+from memlens.report.timings import WallTimes
+from memlens.store import StudyLayout, atomic_write_json, atomic_write_text
+
+INPUTS_STAMP = ".inputs.json"  # the analysis' input fingerprint, next to index.html
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}
+h1{margin-bottom:0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table.data{border-collapse:collapse;font-size:.85em;margin:.5em 0}
+table.data th,table.data td{border:1px solid #ccc;padding:.25em .5em;text-align:right;vertical-align:top}
+table.data th{background:#f3f3f3}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
+.omitted{color:#666;font-style:italic}.warn{background:#fff3cd;padding:.5em;border-left:4px solid #e0a800}
+.ok{color:#1b6e2d}.src{font-size:.75em;color:#888;margin:0}
+.finding{margin:.6em 0}.holds .verdict{color:#1b6e2d;font-weight:bold}
+.does-not-hold .verdict{color:#b00020;font-weight:bold}.inconclusive .verdict{color:#8a6d00;font-weight:bold}
+nav a{margin-right:1em;font-size:.9em}pre{white-space:pre-wrap;font-size:.8em;background:#f7f7f7;padding:.5em}
+"""
+
+
+@dataclass
+class RenderedReport:
+    index: Path  # report/index.html
+    figures: dict[str, Path]  # figure name -> its PNG
+
+
+def _figure(section: Section, paths: dict[str, Path]) -> str:
+    spec = section.figure
+    encoded = base64.b64encode(paths[spec.name].read_bytes()).decode()
+    caption = html.escape(spec.caption)
+    return (f'<figure><img src="data:image/png;base64,{encoded}" alt="{caption}" data-name="{spec.name}">'
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _table(frame: pd.DataFrame, name: str, shown: list[str] | None = None) -> str:
+    body = (frame[shown] if shown else frame).to_html(index=False, border=0, classes="data", na_rep="n/a",
+                                                      float_format=lambda v: f"{v:.4g}")
+    return f'<div class="table" data-name="{name}">{body}<p class="src">tables/{name}.csv</p></div>'
+
+
+def _omit(omission: Omission) -> str:
+    return f'<p class="omitted"><b>{html.escape(omission.what)}</b> omitted: {html.escape(omission.reason)}</p>'
+
+
+def _study_table(s: mb.StudyTable) -> str:
+    def cell(value) -> object:
+        if not isinstance(value, mb.AucCell):
+            return value
+        return (f"{pm(value.auc, value.low, value.high)}<br><small>{value.trainable_params:,} params "
+                f"({value.trainable_pct:.2g}%)</small>")
+
+    matrix = s.matrix.astype(object).map(cell)
+    table = matrix.to_html(index=False, border=0, escape=False, classes="data", na_rep="—")
+    return (f"<p>Membership inference ROC AUC of the <code>{mb.PRIMARY_ATTACK}</code> attack, ± half the "
+            f"{s.ci_level:.0%} confidence interval (mean over seeds/runs where there are several), with the number "
+            f'and share of trainable parameters.</p><div class="table" data-name="study_table">{table}'
+            '<p class="src">tables/study_table.csv</p></div>')
+
+
+def _body(section: Section, paths: dict[str, Path]) -> str:
+    """The HTML of a section that has data."""
+    fig = _figure(section, paths) if section.figure else ""
+    if isinstance(section, mb.StudyTable):
+        return _study_table(section)
+    if isinstance(section, mb.AucVsRank):
+        return (fig + _table(section.curve, "auc_vs_rank") + "<p>Saturation fit per matrix set: the plateau (± its "
+                "standard error), the extrapolated AUC at rank 0, and <code>rank_90</code>, the rank reaching 90% of "
+                "the gain; a fit that cannot be made has empty values and the reason.</p>"
+                + _table(section.fits_frame, "auc_rank_fit"))
+    if isinstance(section, mz.Copies):
+        return fig + (_omit(section.canary_omitted) if section.canary_omitted else
+                      _table(section.canary, "canary_extraction_vs_copies"))
+    if isinstance(section, mz.NgramPerplexity):
+        return fig + (_table(section.correlations, "ngram_share_vs_perplexity") if len(section.correlations) else "")
+    if isinstance(section, mz.Exposure):
+        return fig + _table(section.table, "exposure_vs_copies")
+    if isinstance(section, mb.AttackComparison):
+        return fig + _table(section.table, "attacks", section.shown)
+    if isinstance(section, mb.DelongTests):
+        return (f"<p>DeLong's test for the difference of two runs' AUCs ({mb.PRIMARY_ATTACK} attack) on the same "
+                "records, for adapted-matrix sets at equal rank, canary copies and seed.</p>"
+                + _table(section.tests, "delong"))
+    if isinstance(section, mb.BagOfWords):
+        return (f'<p class="{"warn" if section.separable else "ok"}">{html.escape(section.verdict)}</p>'
+                + _table(section.frame, "bag_of_words"))
+    if isinstance(section, mz.ExtractionRates):
+        return ("<p>Share of prompted records whose suffix was reproduced exactly, verbatim (longest common substring "
+                "ratio above <code>extraction.verbatim_threshold</code>) or with a BLEU above "
+                "<code>extraction.bleu_threshold</code>, and the mean n-gram share, per decoding, record group, model "
+                "(fine-tuned, or the base model on the same prompts as a control) and canary copies; mean over "
+                "runs.</p>" + _table(section.rates, "extraction_rates"))
+    if isinstance(section, Utility):
+        return _table(section.per_run, "utility") + (
+            "<p>Per configuration (mean over its runs): perplexity of the held-out splits under the fine-tuned "
+            "model and under the base model.</p>" + _table(section.by_config, "utility_by_config")
+            if len(section.by_config) else "")
+    if isinstance(section, Frontier):
+        return fig + _table(section.table, "frontier")
+    if isinstance(section, WallTimes):
+        return _wall_times(section)
+    return fig
+
+
+def _wall_times(s: WallTimes) -> str:
+    body = ""
+    if s.history:
+        body += ("<p>Each <code>memlens run</code> on this folder (history.jsonl; a run is recorded when it ends, "
+                 "after the report it builds: <code>memlens report</code> shows it):</p>"
+                 + _table(s.history_table, "history"))
+    if len(s.stages):
+        body += ("<p>Per-cell stage wall times (runs/&lt;run_id&gt;/timings.json, train.json):</p>"
+                 + _table(s.stages, "stage_wall_times"))
+    return body
+
+
+def _section(section: Section, paths: dict[str, Path]) -> str:
+    body = _omit(section.omitted) if section.omitted else _body(section, paths)
+    return f'<section id="{section.anchor}"><h2>{html.escape(section.title)}</h2>{body}</section>'
+
+
+def _findings(a: StudyAnalysis) -> str:
+    items = "".join(
+        f'<li class="finding {f.verdict.replace(" ", "-")}"><b>{html.escape(f.title)}</b>: '
+        f'<span class="verdict">{f.verdict}</span>. {html.escape(f.reason)}</li>' for f in a.findings)
+    return (f'<section id="findings"><h2>Findings</h2><p>Whether each finding of the 2024 study (Savine et al.) '
+            f"holds in this study's data:</p><ul class=\"findings\">{items}</ul></section>")
+
+
+def _failures(a: StudyAnalysis) -> str:
+    if not a.failures:
+        return '<section id="failures"><h2>Failures</h2><p class="ok">No cell failed.</p></section>'
+    parts = [f'<p class="warn">{len(a.failures)} failure(s); their results are missing from every figure and table '
+             "above. Fix the cause and rerun <code>memlens run</code> (finished stages are kept).</p>"]
+    for record in a.failures:
+        parts.append(f'<details class="failure"><summary><code>{html.escape(record.run_id)}</code>, stage '
+                     f"<b>{html.escape(str(record.stage))}</b>: {html.escape(str(record.error))}</summary>"
+                     f"<pre>{html.escape(record.traceback or '')}</pre></details>")
+    return f'<section id="failures"><h2>Failures</h2>{"".join(parts)}</section>'
+
+
+def _overview(a: StudyAnalysis) -> str:
+    study, env, grid = a.study, a.environment, a.study.grid
+    return (f"<p>Model <code>{html.escape(study.model.name_or_path)}</code>, data "
+            f"<code>{html.escape(study.data.source)}</code> (members: <code>{study.data.member_split}</code>, "
+            f"non-members: <code>{study.data.non_member_split}</code>). Grid: matrices "
+            f"{', '.join('[' + ', '.join(t) + ']' for t in grid.target_modules)}, "
+            f"ranks {grid.rank}, canary copies {grid.canary_copies} ({study.canary.mode} mode), seeds {grid.seed}. "
+            f"{len(a.runs)} run(s) with results; {len(a.failures)} failure(s).</p>"
+            f"<p class=\"src\">Device {html.escape(str(env.device))}; {html.escape(env.versions(file_order=True))}; "
+            f"git {html.escape(str(env.git_commit))}; Python {env.python}.</p>")
+
+
+def page(a: StudyAnalysis, paths: dict[str, Path]) -> str:
+    """The whole page; `paths` are the written figures (name -> PNG), inlined."""
+    name = html.escape(a.study.name)
+    nav = "".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in a.sections)
+    body = "".join(_section(s, paths) for s in a.sections)
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>memlens report: {name}</title>"
+            f"<style>{CSS}</style></head><body><h1>memlens report: {name}</h1>"
+            f"<p class=\"src\">generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}</p>"
+            f'{_overview(a)}<nav><a href="#findings">Findings</a>{nav}'
+            f'<a href="#failures">Failures</a></nav>{_findings(a)}{body}{_failures(a)}</body></html>')
+
+
+def write_html(a: StudyAnalysis) -> RenderedReport:
+    """Write `<root>/report/` (index.html, figures/, tables/) from the analysis."""
+    out = StudyLayout(a.root).report
+    for folder in (out / "figures", out / "tables"):
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.iterdir():  # a figure or table that can no longer be made must not linger
+            stale.unlink()
+    for name, frame in a.tables().items():
+        frame.to_csv(out / "tables" / f"{name}.csv", index=False)
+    paths = {}
+    for section in a.sections:
+        if section.figure and not section.omitted:
+            fig, dpi = figures.draw(section)
+            paths[section.figure.name] = figures.save(fig, out / "figures" / f"{section.figure.name}.png", dpi)
+    index = out / "index.html"
+    atomic_write_text(index, page(a, paths))
+    atomic_write_json(out / INPUTS_STAMP, a.inputs)
+    os.utime(index)
+    return RenderedReport(index=index, figures=paths)

@@ -1,0 +1,215 @@
+"""Membership-inference sections of the analysis: the study table, ROC curves, AUC vs rank, every attack
+compared, paired DeLong tests and the bag-of-words baseline. All use :data:`PRIMARY_ATTACK` but the
+attack comparison and the baseline, which are about the other attacks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from memlens.report import scores
+from memlens.report.data import PRIMARY_ATTACK, StudyResults
+from memlens.report.findings import QK, VO
+from memlens.report.saturation import SaturationFit, fit_table
+from memlens.report.section import FigureSpec, Omission, Section
+
+BOW_WARN_DISTANCE = 0.1  # bag-of-words AUC this far from 0.5 means the split is separable without a model
+TPR_POINTS = ("10pct", "1pct", "0_1pct")
+GRID_AXES = ("canary_copies", "noise_multiplier", "method")
+
+
+def varying_axes(frame: pd.DataFrame) -> list[str]:
+    """Grid axes besides rank and matrices that vary in this study (tables are split by them)."""
+    return [c for c in GRID_AXES if c in frame and frame[c].nunique(dropna=False) > 1]
+
+
+@dataclass(frozen=True)
+class AucCell:
+    """One cell of the study table: mean AUC over its runs, its interval, and the trainable parameters."""
+
+    auc: float
+    low: float
+    high: float
+    n_runs: int
+    trainable_params: int
+    trainable_pct: float
+
+
+@dataclass(kw_only=True)
+class StudyTable(Section):
+    anchor = "table"
+    title = "Rank × adapted matrices"
+    ci_level: float = 0.95
+    frame: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/study_table.csv
+    matrix: pd.DataFrame = field(default_factory=pd.DataFrame)  # rank (+ varying axes) x "[matrices]": AucCell
+
+
+def study_table(data: StudyResults) -> StudyTable:
+    primary, level = data.primary(), data.study.mia.ci_level
+    if primary.empty:
+        return StudyTable(ci_level=level, omitted=Omission("study table", data.primary_missing()))
+    keys = ["target_modules", "rank", *varying_axes(primary)]
+    agg = primary.groupby(keys, dropna=False).agg(
+        n_runs=("run_id", "nunique"), auc=("auc", "mean"), auc_sd_runs=("auc", "std"),
+        auc_ci_low=("auc_ci_low", "mean"), auc_ci_high=("auc_ci_high", "mean"),
+        trainable_params=("trainable_params", "first"), trainable_pct=("trainable_pct", "first"),
+    ).reset_index()
+    sets = sorted(agg.target_modules.unique())
+    rows = []
+    for index, group in agg.groupby(keys[1:], dropna=False, sort=True):
+        row = dict(zip(keys[1:], index))
+        for r in group.itertuples():
+            row[f"[{r.target_modules}]"] = AucCell(r.auc, r.auc_ci_low, r.auc_ci_high, int(r.n_runs),
+                                                   int(r.trainable_params), r.trainable_pct)
+        rows.append(row)
+    matrix = pd.DataFrame(rows, columns=[*keys[1:], *(f"[{s}]" for s in sets)])
+    return StudyTable(ci_level=level, frame=agg, matrix=matrix)
+
+
+@dataclass(kw_only=True)
+class RocCurves(Section):
+    anchor = "roc"
+    title = "ROC curves per adapted matrices"
+    curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)  # matrices: [(fpr, tpr)]
+    min_fpr: float = 0.5  # the smallest false positive rate a run can show (log-log diagonal)
+
+
+def roc_curves(data: StudyResults) -> RocCurves:
+    curves = scores.roc_by_targets(data, PRIMARY_ATTACK)
+    if not curves:
+        return RocCurves(omitted=Omission("ROC curves", "no per-sample membership scores of the primary attack "
+                                          "(mia_scores.parquet)"))
+    caption = (f"ROC of the {PRIMARY_ATTACK} attack, one curve per run, coloured by adapted matrices (linear and "
+               "log-log).")
+    return RocCurves(curves=curves, min_fpr=1.0 / max(len(data.mia_scores), 2), figure=FigureSpec("roc", caption))
+
+
+@dataclass(kw_only=True)
+class AucVsRank(Section):
+    anchor = "rank"
+    title = "AUC vs LoRA rank"
+    curve: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/auc_vs_rank.csv
+    fits_frame: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/auc_rank_fit.csv
+    fits: list[SaturationFit] = field(default_factory=list)
+
+
+def auc_vs_rank(data: StudyResults) -> AucVsRank:
+    primary = data.primary()
+    lora = primary[primary.method == "lora"] if len(primary) else primary
+    if lora.empty:
+        return AucVsRank(omitted=Omission("AUC vs rank", data.primary_missing() if primary.empty
+                                          else "no LoRA membership-inference results"))
+    if lora["rank"].nunique() < 2:
+        return AucVsRank(omitted=Omission("AUC vs rank", f"the grid has one LoRA rank ({lora['rank'].iloc[0]}); "
+                                          "add ranks to grid.rank"))
+    curve = lora.groupby(["target_modules", "rank"]).agg(auc=("auc", "mean"), low=("auc_ci_low", "mean"),
+                                                          high=("auc_ci_high", "mean"),
+                                                          n_runs=("run_id", "nunique")).reset_index()
+    fits_frame, fits = fit_table(curve)
+    caption = ("Membership AUC against LoRA rank per adapted-matrix set (mean, CI); dashed: fitted saturation "
+               f"auc(r) = plateau - (plateau - auc0) exp(-r / scale) ({sum(f.ok for f in fits)} of {len(fits)} "
+               "set(s) fitted).")
+    return AucVsRank(curve=curve, fits_frame=fits_frame, fits=fits, figure=FigureSpec("auc_vs_rank", caption))
+
+
+@dataclass(kw_only=True)
+class AttackComparison(Section):
+    anchor = "attacks"
+    title = "Attack comparison"
+    table: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/attacks.csv
+    shown: list[str] = field(default_factory=list)  # the columns the HTML page shows
+    notes: dict[str, str] = field(default_factory=dict)  # column all null -> why (a run's note)
+
+
+def attack_table(mia: pd.DataFrame) -> pd.DataFrame:
+    """Per attack, the mean over runs of the AUC, its interval, and the TPR at 10%, 1% and 0.1% FPR with
+    their bootstrap intervals; `tpr_at_*_note` says why a TPR is null (e.g. too few non-members)."""
+    metrics = ["auc", "auc_ci_low", "auc_ci_high"] + [f"tpr_at_{p}_fpr{s}" for p in TPR_POINTS
+                                                       for s in ("", "_low", "_high")]
+    cols = [c for c in metrics if c in mia]
+    table = mia.groupby("attack")[cols].mean().reset_index().sort_values("auc", ascending=False)
+    table.insert(1, "n_runs", mia.groupby("attack").run_id.nunique().reindex(table.attack).values)
+    for point in TPR_POINTS:
+        note = f"tpr_at_{point}_fpr_note"
+        if note in mia:
+            first = mia.dropna(subset=[note]).groupby("attack")[note].first()
+            table[note] = table.attack.map(first)
+    return table.reset_index(drop=True)
+
+
+def attack_comparison(data: StudyResults) -> AttackComparison:
+    mia = data.mia
+    if mia.empty:
+        return AttackComparison(omitted=Omission("attack comparison", "no membership-inference results"))
+    table = attack_table(mia)
+    shown = [c for c in ("attack", "n_runs", "auc", "tpr_at_10pct_fpr", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr")
+             if c in table]
+    notes = {}
+    for column in ("auc", "tpr_at_1pct_fpr"):
+        if column not in table or table[column].isna().all():
+            note = mia.get(f"{column}_note", pd.Series(dtype=object)).dropna()
+            notes[column] = note.iloc[0] if len(note) else "not computed"
+    caption = "Every membership attack, averaged over runs (n/a TPR drawn as 0)."
+    return AttackComparison(table=table, shown=shown, notes=notes, figure=FigureSpec("attacks", caption))
+
+
+@dataclass(kw_only=True)
+class DelongTests(Section):
+    anchor = "delong"
+    title = "Paired tests between configurations (DeLong)"
+    tests: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/delong.csv
+    vo_qk: pd.DataFrame = field(default_factory=pd.DataFrame)  # the [v]/[o] vs [q]/[k] tests, oriented v/o - q/k
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return sorted(set(zip(self.tests.set_a, self.tests.set_b))) if len(self.tests) else []
+
+
+def delong_tests(data: StudyResults) -> DelongTests:
+    tests, reason = scores.delong_pairs(data, PRIMARY_ATTACK) if len(data.primary()) else (
+        pd.DataFrame(), data.primary_missing())
+    if tests.empty:
+        return DelongTests(omitted=Omission("DeLong tests", reason))
+    pairs = tests[(tests.set_a.isin(VO) & tests.set_b.isin(QK)) | (tests.set_a.isin(QK) & tests.set_b.isin(VO))]
+    flip = pairs.set_a.isin(QK)  # orient every row as v/o against q/k
+    vo_qk = pd.DataFrame({
+        "rank": pairs["rank"], "copies": pairs.canary_copies, "seed": pairs.seed,
+        "v/o": "[" + pairs.set_b.where(flip, pairs.set_a) + "]",
+        "q/k": "[" + pairs.set_a.where(flip, pairs.set_b) + "]",
+        "AUC v/o": pairs.auc_b.where(flip, pairs.auc_a), "AUC q/k": pairs.auc_a.where(flip, pairs.auc_b),
+        "v/o - q/k": (-pairs.auc_diff).where(flip, pairs.auc_diff), "z": (-pairs.z).where(flip, pairs.z),
+        "p": pairs.p_value, "records": pairs.n_records})
+    return DelongTests(tests=tests, vo_qk=vo_qk)
+
+
+@dataclass(kw_only=True)
+class BagOfWords(Section):
+    anchor = "bow"
+    title = "Model-free sanity baseline (bag of words)"
+    frame: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/bag_of_words.csv
+    separable: bool = False  # words alone separate members from non-members: the split is biased
+    verdict: str = ""
+
+
+def bag_of_words(data: StudyResults) -> BagOfWords:
+    bow = data.bag_of_words
+    if bow.empty:
+        return BagOfWords(omitted=Omission("bag-of-words baseline", "no baseline rows in results.parquet"
+                                           if data.study.mia.bag_of_words_baseline
+                                           else "mia.bag_of_words_baseline is false"))
+    cols = ["run_id", "attack", "auc", "auc_ci_low", "auc_ci_high", "n_members", "n_non_members"]
+    separable, verdict = bow_verdict(bow)
+    return BagOfWords(frame=bow[cols], separable=separable, verdict=verdict)
+
+
+def bow_verdict(bow: pd.DataFrame) -> tuple[bool, str]:
+    """(whether words alone separate members from non-members, the verdict in words) for baseline rows."""
+    auc = bow.auc.mean()
+    if abs(auc - 0.5) > BOW_WARN_DISTANCE or (bow.auc_ci_low > 0.5).any() or (bow.auc_ci_high < 0.5).any():
+        return True, (f"Warning: a classifier on word counts alone separates members from non-members with AUC "
+                      f"{auc:.3f}: the member/non-member split is biased, and part of every attack's AUC may come "
+                      "from the split rather than from memorization.")
+    return False, (f"Words alone do not separate members from non-members (AUC {auc:.3f}, its interval covers "
+                   "0.5): the split looks unbiased.")

@@ -16,7 +16,7 @@ from memlens.store.records import TrainRecord
 
 def _meta(run_id, method="lora", targets="q", rank=4, copies=1, seed=0, noise=None):
     return {"run_id": run_id, "model": "/models/llama-tiny", "method": method, "target_modules": targets,
-            "rank": rank, "canary_copies": copies, "seed": seed, "noise_multiplier": noise,
+            "rank": rank, "canary_copies": copies, "seed": seed, "membership": "splits", "noise_multiplier": noise,
             "trainable_params": 10, "total_params": 100, "trainable_pct": 10.0}
 
 

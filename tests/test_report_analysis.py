@@ -175,3 +175,12 @@ def test_without_the_primary_attack_its_sections_are_omitted_not_replaced(study)
     assert not a.attacks.omitted and set(a.attacks.table.attack) == {"loss"}
     assert build_report(study).exists()
 
+
+def test_membership_designs_are_kept_apart(tmp_path):
+    """With both designs every cell ran twice: each design is its own configuration, never averaged together."""
+    a = analyse(synthetic_study(tmp_path / "out", designs=("splits", "random")))
+    assert len(a.frontier.table) == 24
+    assert set(a.frontier.table.membership) == {"splits", "random"}
+    assert "membership" in a.study_table.matrix and (a.study_table.frame.n_runs == 1).all()
+    assert (a.delong.tests.run_a.str.contains("-rand-") == a.delong.tests.run_b.str.contains("-rand-")).all()
+    assert a.frontier.table.config.str.endswith(" random").sum() == 12

@@ -21,7 +21,9 @@ from memlens.store.records import StatusRecord
 PRIMARY_ATTACK = "ref_ratio"
 BOW_ATTACK = "bag_of_words"  # the model-free baseline's rows (memlens.attacks.mia writes them under this name)
 REPORT_INPUTS = (StudyFile.RESULTS, StudyFile.MIA_SCORES, StudyFile.EXTRACTION, StudyFile.EXPOSURE, StudyFile.STUDY)
-IDENTITY = ["run_id", "model", "method", "target_modules", "rank", "canary_copies", "seed", "noise_multiplier"]
+IDENTITY = ["run_id", "model", "method", "target_modules", "rank", "canary_copies", "seed", "membership",
+            "noise_multiplier"]
+DEFAULT_DESIGN = "splits"  # the membership design of runs made before results carried one
 
 
 def exposure_bits(rows: pd.DataFrame) -> pd.Series:
@@ -91,7 +93,10 @@ class StudyResults:
         study = StudyConfig.model_validate(yaml.safe_load(layout.study_file.read_text()))
         statuses = [StatusRecord.read(p) for p in sorted(layout.status_dir.glob("*.json"))
                     if not p.name.startswith("_")]  # `_report.json` is the report's own status
-        return cls(root=layout.root, study=study, results=_read(layout.results_file),
+        results = _read(layout.results_file)
+        if len(results) and "membership" not in results:
+            results["membership"] = DEFAULT_DESIGN
+        return cls(root=layout.root, study=study, results=results,
                    mia_scores=_read(layout.study_level(StudyFile.MIA_SCORES)),
                    extraction=_read(layout.study_level(StudyFile.EXTRACTION)),
                    environment=Environment.read(layout.environment_file),

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from memlens.report.data import BOW_ATTACK, IDENTITY, PRIMARY_ATTACK, StudyResults, exposure_bits
+from memlens.report.data import BOW_ATTACK, DEFAULT_DESIGN, IDENTITY, PRIMARY_ATTACK, StudyResults, exposure_bits
 from memlens.report.section import FigureSpec, Omission, Section
 from memlens.store import RunFile, StudyLayout
 from memlens.store.records import TrainRecord
 
-CONFIG_KEYS = ["model", "method", "target_modules", "rank", "canary_copies", "dp"]
+CONFIG_KEYS = ["model", "method", "target_modules", "rank", "canary_copies", "membership", "dp"]
 METRICS = ["auc", "tpr_at_1pct_fpr", "exposure", "test_ppl", "utility_ppl", "epsilon", "eps_lower"]
 LEAK_LABELS = {"auc": "MIA AUC", "tpr_at_1pct_fpr": "MIA TPR at 1% FPR", "exposure": "canary exposure (bits)"}
 UTILITY_PPL = ("test_ppl", "base_test_ppl", "utility_ppl", "base_utility_ppl")
@@ -86,7 +86,7 @@ def run_table(results: pd.DataFrame, attack: str = PRIMARY_ATTACK, root: str | P
 def frontier_table(results: pd.DataFrame, attack: str = PRIMARY_ATTACK, root: str | Path | None = None
                    ) -> pd.DataFrame:
     """One row per configuration (cell without seed) with its leakage and utility metrics averaged over
-    seeds: config, model, method, target_modules, rank, canary_copies, dp (the grid's noise multiplier,
+    seeds: config, model, method, target_modules, rank, canary_copies, membership (design), dp (the grid's noise multiplier,
     `none`, or `auto`), noise_multiplier (the one used), n_runs, attack, auc, tpr_at_1pct_fpr, exposure,
     test_ppl, utility_ppl, epsilon (accountant, upper bound), eps_lower (empirical lower bound; NaN unless
     the audit's random-split assumption was declared), strongest_attack and strongest_attack_auc (its mean
@@ -111,7 +111,7 @@ def frontier_table(results: pd.DataFrame, attack: str = PRIMARY_ATTACK, root: st
 
 def _label(row) -> str:
     what = "full" if row.method == "full" else f"{row.target_modules} r{row['rank']}"
-    label = f"{row.model} {what} c{row.canary_copies}"
+    label = f"{row.model} {what} c{row.canary_copies}" + ("" if row.membership == DEFAULT_DESIGN else f" {row.membership}")
     return label if row.dp == "none" else f"{label} dp{row.dp}"
 
 
@@ -173,7 +173,7 @@ def utility_by_config(util: pd.DataFrame) -> pd.DataFrame:
     values = [c for c in UTILITY_PPL if not util[c].isna().all()]
     if not values:
         return pd.DataFrame()
-    keys = ["method", "target_modules", "rank", "canary_copies", "noise_multiplier"]
+    keys = ["method", "target_modules", "rank", "canary_copies", "membership", "noise_multiplier"]
     agg = util.groupby(keys, dropna=False)[values].mean()
     agg.insert(0, "n_runs", util.groupby(keys, dropna=False).run_id.nunique())
     return agg.reset_index()

@@ -15,9 +15,8 @@ from memlens.report.findings import QK, VO
 from memlens.report.saturation import SaturationFit, fit_table
 from memlens.report.section import FigureSpec, Omission, Section
 
-BOW_WARN_DISTANCE = 0.1  # bag-of-words AUC this far from 0.5 means the split is separable without a model
 TPR_POINTS = ("10pct", "1pct", "0_1pct")
-GRID_AXES = ("canary_copies", "noise_multiplier", "method")
+GRID_AXES = ("canary_copies", "noise_multiplier", "method", "membership")
 
 
 def varying_axes(frame: pd.DataFrame) -> list[str]:
@@ -199,17 +198,20 @@ def bag_of_words(data: StudyResults) -> BagOfWords:
         return BagOfWords(omitted=Omission("bag-of-words baseline", "no baseline rows in results.parquet"
                                            if data.study.mia.bag_of_words_baseline
                                            else "mia.bag_of_words_baseline is false"))
-    cols = ["run_id", "attack", "auc", "auc_ci_low", "auc_ci_high", "n_members", "n_non_members"]
+    # the fold columns are absent from folders made before the check grouped its folds by document
+    cols = [c for c in ("run_id", "membership", "attack", "auc", "auc_ci_low", "auc_ci_high", "auc_random_folds",
+                        "auc_grouped_folds", "n_groups", "n_members", "n_non_members") if c in bow]
     separable, verdict = bow_verdict(bow)
     return BagOfWords(frame=bow[cols], separable=separable, verdict=verdict)
 
 
 def bow_verdict(bow: pd.DataFrame) -> tuple[bool, str]:
-    """(whether words alone separate members from non-members, the verdict in words) for baseline rows."""
-    auc = bow.auc.mean()
-    if abs(auc - 0.5) > BOW_WARN_DISTANCE or (bow.auc_ci_low > 0.5).any() or (bow.auc_ci_high < 0.5).any():
+    """(whether words alone separate members from non-members, the verdict in words) for baseline rows: the
+    split is biased when the check called any run's split biased (`biased_split`, memlens.attacks.bow)."""
+    auc, biased = bow.auc.mean(), bow[bow.biased_split.fillna(False).astype(bool)]
+    if len(biased):
         return True, (f"Warning: a classifier on word counts alone separates members from non-members with AUC "
                       f"{auc:.3f}: the member/non-member split is biased, and part of every attack's AUC may come "
-                      "from the split rather than from memorization.")
-    return False, (f"Words alone do not separate members from non-members (AUC {auc:.3f}, its interval covers "
-                   "0.5): the split looks unbiased.")
+                      f"from the split rather than from memorization ({biased.note.iloc[0]}).")
+    return False, (f"Words alone do not separate members from non-members (mean AUC {auc:.3f} over "
+                   f"{bow.run_id.nunique()} run(s); {bow.note.iloc[0]}): the split looks unbiased.")

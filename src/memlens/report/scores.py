@@ -14,7 +14,7 @@ import pandas as pd
 from memlens.metrics.roc import delong_test, roc_points
 from memlens.report.data import StudyResults
 
-PAIR_KEYS = ["rank", "canary_copies", "seed", "noise_multiplier"]
+PAIR_KEYS = ["rank", "canary_copies", "seed", "membership", "noise_multiplier"]
 
 
 def _run_scores(data: StudyResults, attack: str) -> pd.DataFrame:
@@ -43,7 +43,7 @@ def roc_by_targets(data: StudyResults, attack: str) -> dict[str, list[tuple[np.n
 
 def delong_pairs(data: StudyResults, attack: str) -> tuple[pd.DataFrame, str]:
     """DeLong tests between every pair of adapted-matrix sets (or the pairs in `mia.pairs`) at equal rank,
-    canary copies, seed and noise, on the records both runs scored. Returns (tests, reason if empty)."""
+    canary copies, seed, membership design and noise, on the records both runs scored. Returns (tests, reason if empty)."""
     frame = _run_scores(data, attack)
     if frame.empty:
         return pd.DataFrame(), "no per-sample membership scores (mia_scores.parquet)"

@@ -102,11 +102,13 @@ def test_frontier_and_study_table_use_the_same_primary_attack(study):
         ["target_modules", "rank", "canary_copies"])
     frontier = a.frontier.table.set_index(["target_modules", "rank", "canary_copies"])
     table = a.study_table.frame.set_index(["target_modules", "rank", "canary_copies"])
+    headline = a.headline.configs.set_index(["target_modules", "rank", "canary_copies"])
     assert (a.frontier.table.attack == PRIMARY_ATTACK).all() and a.primary_attack == PRIMARY_ATTACK
     assert len(frontier) == len(table) == len(primary) == 12
     for key, row in primary.iterrows():
         assert table.loc[key, "auc"] == pytest.approx(row.auc)
         assert frontier.loc[key, "auc"] == pytest.approx(row.auc)
+        assert headline.loc[key, "auc"] == pytest.approx(row.auc)
     # the strongest attack stays a separate, labelled column: here ref_ratio, the loss attack is weaker
     assert (frontier.strongest_attack == PRIMARY_ATTACK).all()
     assert a.roc.figure.caption.startswith(f"ROC of the {PRIMARY_ATTACK} attack")
@@ -135,16 +137,16 @@ def test_analysis_writes_nothing_and_both_renderers_consume_it(study, tmp_path):
     a = analyse(study)
     assert _files(study) == before and not StudyLayout(study).report.exists()
     tables = a.tables()
-    assert {"study_table", "auc_vs_rank", "auc_rank_fit", "exposure_vs_copies", "attacks", "delong",
+    assert {"headline", "study_table", "auc_vs_rank", "auc_rank_fit", "exposure_vs_copies", "attacks", "delong",
             "frontier", "findings", "failures", "canary_extraction_vs_copies"} <= set(tables)
     assert [o.what for o in a.omitted] == ["wall times"]  # no timings or history in this folder
     assert a.findings[0].verdict in ("holds", "inconclusive") and len(a.failures) == 1
 
     rendered = write_html(a)
     page = rendered.index.read_text()
-    specs = {s.figure.name for s in a.sections if s.figure}
+    specs = {s.figure.name for s in (a.headline, *a.sections) if s.figure}
     assert set(rendered.figures) == specs and all(p.exists() for p in rendered.figures.values())
-    assert page.index('id="findings"') < page.index('id="table"')
+    assert page.index('id="headline"') < page.index('id="findings"') < page.index('id="table"')
     for name, frame in tables.items():
         written = pd.read_csv(StudyLayout(study).report / "tables" / f"{name}.csv")
         assert list(written.columns) == list(frame.columns) and len(written) == len(frame), name
@@ -164,12 +166,24 @@ def test_analysis_writes_nothing_and_both_renderers_consume_it(study, tmp_path):
     assert md.exists() and (tmp_path / "docs" / "findings").is_dir()
 
 
+def test_headline_names_the_highest_and_lowest_configuration_and_how_sure(study):
+    h = analyse(study).headline
+    assert len(h.sentences) == 3 and h.figure.name == "headline"
+    configs = h.configs
+    assert h.highest.auc == configs.auc.max() and h.lowest.auc == configs.auc.min()
+    assert h.sentences[0].startswith(f"{h.highest.config} (LoRA on [{h.highest.target_modules}] at rank ")
+    assert f"{h.highest.auc:.3f}" in h.sentences[0] and f"{h.lowest.auc:.3f}" in h.sentences[1]
+    assert f"{h.highest.auc - h.lowest.auc:.3f} lower" in h.sentences[1]
+    assert h.overlap == bool(h.highest.auc_ci_low <= h.lowest.auc_ci_high)
+    assert ("do not overlap" in h.sentences[2]) == (not h.overlap)
+
+
 def test_without_the_primary_attack_its_sections_are_omitted_not_replaced(study):
     layout = StudyLayout(study)
     results = pd.read_parquet(layout.results_file)
     results[results.attack != PRIMARY_ATTACK].to_parquet(layout.results_file, index=False)
     a = analyse(study)
-    for section in (a.study_table, a.auc_vs_rank, a.copies, a.delong):
+    for section in (a.study_table, a.auc_vs_rank, a.copies, a.delong, a.headline):
         assert section.omitted and f"`{PRIMARY_ATTACK}` was not run" in section.omitted.reason, section.title
     assert a.frontier.omitted
     assert not a.attacks.omitted and set(a.attacks.table.attack) == {"loss"}
@@ -179,8 +193,8 @@ def test_without_the_primary_attack_its_sections_are_omitted_not_replaced(study)
 def test_membership_designs_are_kept_apart(tmp_path):
     """With both designs every cell ran twice: each design is its own configuration, never averaged together."""
     a = analyse(synthetic_study(tmp_path / "out", designs=("splits", "random")))
-    assert len(a.frontier.table) == 24
+    assert len(a.frontier.table) == len(a.headline.configs) == 24
     assert set(a.frontier.table.membership) == {"splits", "random"}
     assert "membership" in a.study_table.matrix and (a.study_table.frame.n_runs == 1).all()
     assert (a.delong.tests.run_a.str.contains("-rand-") == a.delong.tests.run_b.str.contains("-rand-")).all()
-    assert a.frontier.table.config.str.endswith(" random").sum() == 12
+    assert a.headline.configs.config.str.endswith(" random").sum() == 12

@@ -3,7 +3,7 @@ computed and why, the failures, the environment and the wall times. The renderer
 (:mod:`memlens.report.html`, :mod:`memlens.report.markdown`) only format a :class:`StudyAnalysis`.
 
 Two definitions hold throughout: the primary attack (:data:`PRIMARY_ATTACK`, in every section including
-the frontier) and the exposure of a secret (:func:`exposure_bits`, in the exposure
+the frontier and the headline) and the exposure of a secret (:func:`exposure_bits`, in the exposure
 section and the frontier).
 """
 
@@ -21,6 +21,7 @@ from memlens.report import memorization as mz
 from memlens.report.data import PRIMARY_ATTACK, Environment, StudyResults, exposure_bits, inputs_fingerprint
 from memlens.report.findings import Finding, finding_perplexity, finding_rank, finding_value_output
 from memlens.report.frontier import Frontier, Utility, frontier, utility
+from memlens.report.headline import Headline, headline
 from memlens.report.section import Omission, Section
 from memlens.report.timings import WallTimes, wall_times
 from memlens.store import StudyLayout
@@ -39,6 +40,7 @@ class StudyAnalysis:
     runs: pd.DataFrame  # one row per run with results: its identifying columns
     failures: list[StatusRecord]
     inputs: dict  # the fingerprint of the files read (report_is_current compares it)
+    headline: Headline
     study_table: mb.StudyTable
     roc: mb.RocCurves
     auc_vs_rank: mb.AucVsRank
@@ -58,7 +60,7 @@ class StudyAnalysis:
 
     @property
     def sections(self) -> list[Section]:
-        """The sections after the findings, in the report's order."""
+        """The sections after the headline and the findings, in the report's order."""
         return [self.study_table, self.roc, self.auc_vs_rank, self.copies, self.perplexity, self.exposure,
                 self.attacks, self.delong, self.bag_of_words, self.extraction, self.utility, self.frontier,
                 self.wall_times]
@@ -66,7 +68,7 @@ class StudyAnalysis:
     @property
     def omitted(self) -> list[Omission]:
         """Everything the data could not support, with the reason, in the report's order."""
-        return [o for s in self.sections for o in s.omissions()]
+        return [o for s in (self.headline, *self.sections) for o in s.omissions()]
 
     @property
     def hardware(self) -> dict | None:
@@ -82,7 +84,7 @@ class StudyAnalysis:
     def tables(self) -> dict[str, pd.DataFrame]:
         """Every table of the report by its CSV name (`tables/<name>.csv`); absent when it has no data."""
         candidates = {
-            "study_table": self.study_table.frame,
+            "headline": self.headline.configs, "study_table": self.study_table.frame,
             "auc_vs_rank": self.auc_vs_rank.curve, "auc_rank_fit": self.auc_vs_rank.fits_frame,
             "canary_extraction_vs_copies": self.copies.canary,
             "ngram_share_vs_perplexity": self.perplexity.correlations, "exposure_vs_copies": self.exposure.table,
@@ -104,7 +106,7 @@ def analyse(root: Path) -> StudyAnalysis:
     delong, perplexity = mb.delong_tests(data), mz.ngram_perplexity(data)
     analysis = StudyAnalysis(
         root=layout.root, study=data.study, environment=data.environment, runs=data.runs, failures=data.failures,
-        inputs=inputs, study_table=mb.study_table(data), roc=mb.roc_curves(data),
+        inputs=inputs, headline=headline(data), study_table=mb.study_table(data), roc=mb.roc_curves(data),
         auc_vs_rank=mb.auc_vs_rank(data), copies=mz.copies(data), perplexity=perplexity, exposure=mz.exposure(data),
         attacks=mb.attack_comparison(data), delong=delong, bag_of_words=mb.bag_of_words(data),
         extraction=mz.extraction_rates(data), utility=utility(data), frontier=frontier(data),

@@ -17,7 +17,7 @@ from memlens.store import StudyFile, StudyLayout
 from memlens.store.records import StatusRecord
 
 # The study's attack (P_ref / P_ft): every headline number of the report (study table, ROC, AUC vs rank,
-# copies, DeLong tests, findings, frontier) uses it, and only it.
+# copies, DeLong tests, findings, frontier, headline) uses it, and only it.
 PRIMARY_ATTACK = "ref_ratio"
 BOW_ATTACK = "bag_of_words"  # the model-free baseline's rows (memlens.attacks.mia writes them under this name)
 REPORT_INPUTS = (StudyFile.RESULTS, StudyFile.MIA_SCORES, StudyFile.EXTRACTION, StudyFile.EXPOSURE, StudyFile.STUDY)

@@ -15,12 +15,31 @@ from memlens.report import membership as mb
 from memlens.report import memorization as mz
 from memlens.report.data import PRIMARY_ATTACK
 from memlens.report.frontier import LEAK_LABELS, Frontier, frontier_points, pareto_front
+from memlens.report.headline import Headline
 from memlens.report.saturation import saturating
 
 
 def _colours(names) -> dict[str, tuple]:
     cmap = plt.get_cmap("tab10")
     return {n: cmap(i % 10) for i, n in enumerate(sorted(names))}
+
+
+def headline(h: Headline) -> plt.Figure:
+    configs = h.configs
+    fig, ax = plt.subplots(figsize=(7, max(2.2, 0.32 * len(configs) + 1.2)))
+    top = configs.iloc[0]
+    if not (pd.isna(top.auc_ci_low) or pd.isna(top.auc_ci_high)):  # what overlaps the highest's interval
+        ax.axvspan(top.auc_ci_low, top.auc_ci_high, color="tab:red", alpha=0.07, lw=0)
+    y = np.arange(len(configs))
+    for i, row in enumerate(configs.itertuples()):
+        colour = "tab:red" if i == 0 else "tab:blue" if i == len(configs) - 1 else "0.45"
+        err = np.nan_to_num([[row.auc - row.auc_ci_low], [row.auc_ci_high - row.auc]])
+        ax.errorbar([row.auc], [i], xerr=err, fmt="o", color=colour, capsize=3)
+    ax.axvline(0.5, color="k", ls=":", lw=0.8)
+    ax.set_yticks(y, configs.config, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"membership ROC AUC ({PRIMARY_ATTACK})")
+    return fig
 
 
 def roc(s: mb.RocCurves) -> plt.Figure:
@@ -161,6 +180,6 @@ def draw(section) -> tuple[plt.Figure, int]:
     """The figure of a section of the analysis and its resolution (dpi)."""
     if isinstance(section, Frontier):
         return frontier(section.table, section.leak), 120
-    drawer = {mb.RocCurves: roc, mb.AucVsRank: auc_vs_rank, mz.Copies: copies,
+    drawer = {Headline: headline, mb.RocCurves: roc, mb.AucVsRank: auc_vs_rank, mz.Copies: copies,
               mz.NgramPerplexity: perplexity, mz.Exposure: exposure, mb.AttackComparison: attacks}[type(section)]
     return drawer(section), 110

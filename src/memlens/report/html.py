@@ -17,6 +17,7 @@ from memlens.report import membership as mb
 from memlens.report import memorization as mz
 from memlens.report.analysis import StudyAnalysis
 from memlens.report.frontier import Frontier, Utility
+from memlens.report.headline import Headline
 from memlens.report.mdtable import pm
 from memlens.report.section import Omission, Section
 from memlens.report.timings import WallTimes
@@ -32,7 +33,7 @@ table.data th,table.data td{border:1px solid #ccc;padding:.25em .5em;text-align:
 table.data th{background:#f3f3f3}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
 .omitted{color:#666;font-style:italic}.warn{background:#fff3cd;padding:.5em;border-left:4px solid #e0a800}
-.ok{color:#1b6e2d}.src{font-size:.75em;color:#888;margin:0}
+.ok{color:#1b6e2d}.src{font-size:.75em;color:#888;margin:0}.headline{font-size:1.1em}
 .finding{margin:.6em 0}.holds .verdict{color:#1b6e2d;font-weight:bold}
 .does-not-hold .verdict{color:#b00020;font-weight:bold}.inconclusive .verdict{color:#8a6d00;font-weight:bold}
 nav a{margin-right:1em;font-size:.9em}pre{white-space:pre-wrap;font-size:.8em;background:#f7f7f7;padding:.5em}
@@ -139,6 +140,15 @@ def _section(section: Section, paths: dict[str, Path]) -> str:
     return f'<section id="{section.anchor}"><h2>{html.escape(section.title)}</h2>{body}</section>'
 
 
+def _headline(h: Headline, paths: dict[str, Path]) -> str:
+    if h.omitted:
+        return _section(h, paths)
+    text = " ".join(html.escape(s) for s in h.sentences)
+    body = (f'<p class="headline">{text}</p>{_figure(h, paths)}<details><summary>Every configuration</summary>'
+            f'{_table(h.configs, "headline")}</details>')
+    return f'<section id="{h.anchor}"><h2>{html.escape(h.title)}</h2>{body}</section>'
+
+
 def _findings(a: StudyAnalysis) -> str:
     items = "".join(
         f'<li class="finding {f.verdict.replace(" ", "-")}"><b>{html.escape(f.title)}</b>: '
@@ -178,8 +188,8 @@ def page(a: StudyAnalysis, paths: dict[str, Path]) -> str:
     body = "".join(_section(s, paths) for s in a.sections)
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>memlens report: {name}</title>"
             f"<style>{CSS}</style></head><body><h1>memlens report: {name}</h1>"
-            f"<p class=\"src\">generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}</p>"
-            f'{_overview(a)}<nav><a href="#findings">Findings</a>{nav}'
+            f"<p class=\"src\">generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}</p>{_headline(a.headline, paths)}"
+            f'{_overview(a)}<nav><a href="#headline">Headline</a><a href="#findings">Findings</a>{nav}'
             f'<a href="#failures">Failures</a></nav>{_findings(a)}{body}{_failures(a)}</body></html>')
 
 
@@ -193,7 +203,7 @@ def write_html(a: StudyAnalysis) -> RenderedReport:
     for name, frame in a.tables().items():
         frame.to_csv(out / "tables" / f"{name}.csv", index=False)
     paths = {}
-    for section in a.sections:
+    for section in (a.headline, *a.sections):
         if section.figure and not section.omitted:
             fig, dpi = figures.draw(section)
             paths[section.figure.name] = figures.save(fig, out / "figures" / f"{section.figure.name}.png", dpi)

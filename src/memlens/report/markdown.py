@@ -121,6 +121,12 @@ def render(a: StudyAnalysis, figures: dict[str, Path], folder_name: str, command
     _header(doc, command)
     if note:
         doc.add("> **Operator's note** (written by the person who ran the study, not computed): " + note.strip())
+    doc.add(f"## {a.headline.title}")
+    if a.headline.omitted:
+        doc.add(f"Not measured: {a.headline.omitted.reason}.")
+    else:
+        doc.add(" ".join(a.headline.sentences))
+        doc.figure(a.headline, "headline")
     verdicts = pd.DataFrame({"finding": [f.title for f in a.findings],
                              "verdict": [f"**{f.verdict}**" for f in a.findings]})
     doc.add("## Verdicts", "Whether each finding of the 2024 study holds in this study's data (the thresholds are "

@@ -375,6 +375,42 @@ class MIAConfig(_Strict):
         "(the study's perplexity used 512); `null`: half the context.",
     )
     dc_pdd_clip: float = Field(0.01, gt=0, description="DC-PDD's upper bound `a` on each token's calibrated score.")
+    references: int = Field(
+        0, ge=0, description="Reference adapters for LiRA and RMIA (`0`: none). Each is fine-tuned with the cell's own "
+        "recipe (method, matrices, rank, training, DP) on a seeded random half of the membership experiment's records, "
+        "once per distinct recipe, and shared by every cell with that recipe (`<out>/references/`). 2 or more; "
+        "Carlini et al. use 64+.",
+    )
+    rmia_offline_a: float | Literal["auto"] = Field(
+        "auto", description="RMIA offline: `a` of Pr(x) = ((1 + a) Pr_OUT(x) + (1 - a)) / 2, the paper's linear "
+        "approximation Pr_IN(x) = a Pr_OUT(x) + (1 - a) (Zarifzadeh et al. 2024), or `auto`: fitted by least squares "
+        "to the reference adapters' own IN and OUT probabilities. A sequence's geometric-mean token probability is "
+        "far from 1 and moves little in training, so a small `a` (e.g. 0.3) reduces RMIA offline to the loss attack.",
+    )
+    rmia_gamma: float = Field(1.0, gt=0, description="RMIA: gamma, the likelihood-ratio threshold a record must reach "
+                              "against a population record to count.")
+    recall_shots: int = Field(
+        5, ge=1, description="ReCaLL / Con-ReCall: records in each prefix (non-member prefix from `data.utility_split`; "
+        "Con-ReCall's member prefix from the run's own members).",
+    )
+    conrecall_gamma: float = Field(
+        0.5, ge=0, description="Con-ReCall: weight of the member-prefix likelihood, (LL(x|P_non) - gamma LL(x|P_mem)) / "
+        "LL(x). The paper sweeps 0.1-1.0 and reports the best; 0.5 lies mid-range.",
+    )
+
+    @field_validator("rmia_offline_a")
+    @classmethod
+    def _unit_interval(cls, value: float | str) -> float | str:
+        if not isinstance(value, str) and not 0 <= value <= 1:
+            raise ValueError("must be between 0 and 1, or auto")
+        return value
+
+    @field_validator("references")
+    @classmethod
+    def _two_or_more_references(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("one reference gives every record only IN or only OUT statistics; use 0 (off) or >= 2")
+        return value
 
     @field_validator("batch_tokens")
     @classmethod

@@ -7,6 +7,11 @@ adapters disabled, computed once per dataset and cached on disk (`<out>/cache/`)
 adapters costs N + 1 passes and a rerun none for the base. Every registered attack
 (:mod:`memlens.attacks.registry`) then reads the shared statistics.
 
+With `mia.references`, each run's reference adapters (:mod:`memlens.attacks.references`, trained by the
+`references` stage) are attached to the same base model and score the run's records too, once per
+reference (cached in its folder), for LiRA and RMIA. ReCaLL and Con-ReCall (:mod:`memlens.attacks.recall`)
+add the records after their prefixes to the run's one pass.
+
 Outputs per run (`runs/<run_id>/`): `mia_scores.parquet` (one row per record: run_id, sample_id, split,
 is_member, is_canary, one column per attack score, n_tokens, nll_ft, nll_ref) and `mia_results.parquet`
 (stage `mia`: one row per attack, plus the `bag_of_words` baseline; stage `utility`: perplexities).
@@ -31,7 +36,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from memlens.attacks.bow import bag_of_words_baseline
-from memlens.attacks.registry import AttackInputs, check_attacks, needs_of, run_attacks, token_log_frequencies
+from memlens.attacks.recall import draw_prefix, prefix_text, tail_mean_logprob, with_prefix
+from memlens.attacks.references import Reference, ReferenceStatistics, in_matrix, load_references, population
+from memlens.attacks.registry import (
+    ATTACKS,
+    AttackInputs,
+    check_attacks,
+    needs_of,
+    run_attacks,
+    token_log_frequencies,
+)
 from memlens.config import ConfigError, MIAConfig, ModelConfig, StudyConfig, format_validation_error, stable_hash
 from memlens.metrics.roc import membership_metrics
 from memlens.models import AdapterBank, load_base_model, load_tokenizer, resolve_device, resolve_dtype
@@ -99,6 +113,19 @@ class Scorer:
 
         return cached_token_stats(self.cache_dir, key, compute)[0]
 
+    def reference_statistics(self) -> ReferenceStatistics:
+        """Mean token log-likelihoods under reference adapters, each attached to this base model when first
+        needed and cached in the reference's folder."""
+        def score(ref: Reference, texts: list[str]) -> np.ndarray:
+            name = f"ref{ref.index}-{stable_hash(ref.run_id)[:12]}"
+            if name not in self.bank.names:
+                self.bank.add(name, ref.run_dir)
+            with self.bank.use(name) as model:
+                return -self.score(model, self.tokenize(texts), f"reference {ref.index}").mean_nll()
+
+        settings = {"model": self.fingerprint, "tokenizer": type(self.tokenizer).__name__, "stride": self.mia.stride}
+        return ReferenceStatistics(score, settings)
+
 
 class BaseScores:
     """Base-model stats of a fixed set of datasets, looked up by text (records shared by runs)."""
@@ -132,11 +159,14 @@ def _with_groups(members: pd.DataFrame, data: StudyData) -> pd.DataFrame:
 
 @dataclass
 class RunData:
-    """Records of one attacked model: members (sample_id, text, is_canary), non-members, utility."""
+    """Records of one attacked model: members (sample_id, text, is_canary), non-members, utility; and, for LiRA
+    and RMIA, the (records, references) statistics and IN flags of the members then the non-members."""
 
     members: pd.DataFrame
     non_members: pd.DataFrame
     utility: pd.DataFrame | None = None
+    ref_models: np.ndarray | None = None
+    ref_in: np.ndarray | None = None
 
 
 def _token_log_freq(scorer: Scorer) -> np.ndarray | None:
@@ -159,19 +189,31 @@ def _score_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attac
     mia = scorer.mia
     texts = data.members.text.tolist() + data.non_members.text.tolist()
     utility_texts = data.utility.text.tolist() if data.utility is not None else []
-    want_lower = "lower" in needs_of(attacks)
+    needs = needs_of(attacks)
+    want_lower = "lower" in needs
     batch_texts = texts + utility_texts + ([t.lower() for t in texts] if want_lower else [])
+    n, u, n_members = len(texts), len(utility_texts), len(data.members)
+    ids = scorer.tokenize(batch_texts)
+    prefixed, in_member_prefix = _prefixed(scorer, data, ids[:n], needs)
     with scorer.bank.use(name) as model:
-        every = scorer.score(model, scorer.tokenize(batch_texts), name)
-    n, u = len(texts), len(utility_texts)
+        every = scorer.score(model, ids + [seq for part in prefixed.values() for seq in part], name)
     ft = every.select(np.arange(n))
     ft_utility = every.select(np.arange(n, n + u))
     ft_lower = every.select(np.arange(n + u, n + u + n)) if want_lower else None
+    conditional, start = {}, len(ids)
+    for key in prefixed:  # each record's mean log-likelihood after the prefix, over its own tokens only
+        conditional[key] = tail_mean_logprob(every.select(np.arange(start, start + n)), ft.n_tokens)
+        start += n
     ref = base.lookup(texts)
     inputs = AttackInputs(texts=texts, ft=ft, ref=ref, ft_lower=ft_lower, min_k_fraction=mia.min_k_fraction,
-                          token_log_freq=token_log_freq, dc_pdd_clip=mia.dc_pdd_clip)
+                          token_log_freq=token_log_freq, dc_pdd_clip=mia.dc_pdd_clip,
+                          ref_models=data.ref_models, ref_in=data.ref_in,
+                          population=np.r_[np.zeros(n_members, bool), np.ones(n - n_members, bool)],
+                          rmia_offline_a=mia.rmia_offline_a, rmia_gamma=mia.rmia_gamma,
+                          ll_nonmember_prefix=conditional.get("nonmember_prefix"),
+                          ll_member_prefix=conditional.get("member_prefix"), in_member_prefix=in_member_prefix,
+                          conrecall_gamma=mia.conrecall_gamma)
     scores = run_attacks(attacks, inputs)
-    n_members = len(data.members)
     is_canary = (data.members.is_canary.astype(bool).tolist() if "is_canary" in data.members
                  else [False] * n_members)
     frame = pd.DataFrame({
@@ -199,6 +241,27 @@ def _score_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attac
     return frame, utility
 
 
+def _prefixed(scorer: Scorer, data: RunData, record_ids: list[list[int]], needs: set[str]
+              ) -> tuple[dict[str, list[list[int]]], np.ndarray | None]:
+    """The records' token ids after ReCaLL's non-member prefix and Con-ReCall's member prefix (those the
+    attacks need), and which records are in the member prefix."""
+    out: dict[str, list[list[int]]] = {}
+    in_member_prefix = None
+    bos = scorer.tokenizer.bos_token_id
+    if "nonmember_prefix" in needs:
+        if data.utility is None or not len(data.utility):
+            raise ConfigError("mia.attacks: ReCaLL's non-member prefix is drawn from the utility split, which is "
+                              "empty or absent (data.utility_split)")
+        prefix = draw_prefix(data.utility, scorer.mia.recall_shots, salt=0)
+        out["nonmember_prefix"] = with_prefix(scorer.tokenize([prefix_text(prefix)])[0], record_ids, bos)
+    if "member_prefix" in needs:
+        prefix = draw_prefix(data.members, scorer.mia.recall_shots, salt=1)
+        out["member_prefix"] = with_prefix(scorer.tokenize([prefix_text(prefix)])[0], record_ids, bos)
+        in_member_prefix = np.r_[data.members.sample_id.isin(prefix.sample_id).to_numpy(),
+                                 np.zeros(len(data.non_members), bool)]
+    return out, in_member_prefix
+
+
 def _bow_row(members: pd.DataFrame, non_members: pd.DataFrame, mia: MIAConfig, cache_dir: Path | None) -> dict:
     """Bag-of-words baseline on these records (folds grouped by document when they have a `group`), cached on
     disk: it depends on the texts and groups only, so cells with the same members share it."""
@@ -224,9 +287,14 @@ def _result_rows(scores: pd.DataFrame, utility: dict, attacks: list[str], mia: M
     rows = []
     for attack in attacks:
         values = scores[attack].to_numpy()
+        # a partial attack (Con-ReCall) leaves some records unscored by design: its metrics are the others'
+        scored = np.isfinite(values) if ATTACKS[attack].partial else np.ones(len(values), bool)
         row = {**meta, "stage": "mia", "attack": attack,
-               **membership_metrics(labels, values, n_bootstrap=mia.bootstrap, level=mia.ci_level,
+               **membership_metrics(labels[scored], values[scored], n_bootstrap=mia.bootstrap, level=mia.ci_level,
                                     max_fpr=mia.max_fpr_operating_point)}
+        if not scored.all():
+            row["note"] = (f"{int((~scored).sum())} member(s) left unscored: the run's own members in the attack's "
+                           "member prefix")
         if canary.any():  # where the canary ranks among non-members (it is one member among the others)
             c = float(values[canary][0])
             row["canary_score"] = c
@@ -293,7 +361,8 @@ def run_mia(study: StudyConfig, run_ids: list[str] | None = None, force: bool = 
     """Membership inference on the study's finished runs lacking MIA outputs (all of `run_ids` when
     `force`). Writes per-run files, merges the study-level files and upserts `results.parquet`.
     Returns the upserted rows (stages `mia` and `utility`)."""
-    attacks = check_attacks(study.mia.attacks, study.mia.reference_corpus)
+    attacks = check_attacks(study.mia.attacks, study.mia.reference_corpus, references=study.mia.references,
+                            utility=study.data.utility_split is not None)
     layout = StudyLayout(study.out_dir)
     todo = layout.pending_runs(RunFile.MIA_RESULTS, run_ids, force)
     if not todo:
@@ -303,17 +372,24 @@ def run_mia(study: StudyConfig, run_ids: list[str] | None = None, force: bool = 
         designs = study_designs(study)
         base = BaseScores(scorer, _base_datasets(designs))
         freq = _token_log_freq(scorer)
+        ref_stats = scorer.reference_statistics() if "references" in needs_of(attacks) else None
         runs_task = progress.add_task("membership inference", total=len(todo))
         all_rows = []
         for run_id in todo:
             run_dir = layout.run_dir(run_id)
-            design = run_design(layout, run_id)
+            cell = CellRecord.load(layout.run_file(run_id, RunFile.CELL)).cell
+            design = cell.membership
             data = designs[design]
             members = _with_groups(read_members(run_dir), data)
             scorer.bank.add(run_id, run_dir)
             start = time.perf_counter()
-            scores, utility = _score_run(scorer, run_id, RunData(members, data.non_members, data.utility), base,
-                                         attacks, freq, _split_names(study, design))
+            run_data = RunData(members, data.non_members, data.utility)
+            if ref_stats is not None:
+                refs = load_references(study, cell, layout, run_id)
+                texts = members.text.tolist() + data.non_members.text.tolist()
+                run_data.ref_models = ref_stats.matrix(refs, texts, also=population(data).text.tolist())
+                run_data.ref_in = in_matrix(refs, texts)
+            scores, utility = _score_run(scorer, run_id, run_data, base, attacks, freq, _split_names(study, design))
             bow = _bow_row(members, data.non_members, study.mia, layout.cache) if study.mia.bag_of_words_baseline else None
             utility["mia_wall_time_s"] = time.perf_counter() - start
             rows = _result_rows(scores, utility, attacks, study.mia, run_metadata(layout, run_id), bow)
@@ -377,7 +453,11 @@ def attack_models(model: str | ModelConfig, adapters: dict[str, str | Path] | Se
             mia = MIAConfig(**(mia or {}))
         except ValidationError as err:
             raise ConfigError(format_validation_error(err, "mia")) from None
-    attacks = check_attacks(mia.attacks, mia.reference_corpus)
+    wanting = [a for a in mia.attacks if a in ATTACKS and "references" in ATTACKS[a].needs]
+    if wanting:
+        raise ConfigError(f"mia.attacks: {wanting} need reference adapters of the targets' recipe, which only a study "
+                          "trains (mia.references); attack_models cannot: remove them, or run a study")
+    attacks = check_attacks(mia.attacks, mia.reference_corpus, utility=utility is not None)
     if not isinstance(adapters, dict):
         adapters = {Path(p).name: p for p in adapters}
     data = RunData(_as_frame(members, "member", True), _as_frame(non_members, "non_member", False),

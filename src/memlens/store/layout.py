@@ -10,6 +10,9 @@ Layout of `<out>/`:
         train.json             parameter counts, loss curve, wall time, seed, data hash, canary
         members.parquet        distinct member records trained on (sample_id, text, is_canary)
     cache/                     per-(model, adapter, data) score caches
+    references/                reference adapters of LiRA / RMIA (`mia.references`), a study folder of their own:
+        runs/<ref_run_id>/     a fine-tuned run as above, plus reference.json and ref-scores-*.parquet
+        .locks/                one lock file per reference (two workers never train the same one)
     mia_scores.parquet, extraction.parquet, exposure.parquet, results.parquet
     report/
 
@@ -48,6 +51,13 @@ class RunFile:
     EXTRACTION = "extraction.parquet"
     EXTRACTION_RESULTS = "extraction_results.parquet"
     EXPOSURE = "exposure.parquet"
+    REFERENCE = "reference.json"            # reference adapters only: index, seed and IN records of the draw
+
+    @staticmethod
+    def reference_scores(settings: str, texts: str = "*") -> str:
+        """A reference adapter's cached per-record statistics: scoring settings' hash, then the texts' hash
+        (`*`: a glob over every file of those settings)."""
+        return f"ref-scores-{settings}-{texts}.parquet"
 
 
 class StudyFile:
@@ -64,6 +74,8 @@ class StudyFile:
     RUNS = "runs"
     STATUS = "status"
     CACHE = "cache"
+    REFERENCES = "references"  # reference adapters (LiRA / RMIA): a study folder of their own
+    LOCKS = ".locks"
     REPORT = "report"
     LOCK = ".memlens.lock"
     WRITE_LOCK = ".write.lock"
@@ -122,6 +134,15 @@ class StudyLayout:
 
     def status_file(self, run_id: str) -> Path:
         return self.status_dir / f"{run_id}.json"
+
+    @property
+    def references(self) -> StudyLayout:
+        """The layout of the study's reference adapters (`<out>/references/`, runs in its `runs/`)."""
+        return StudyLayout(self.root / StudyFile.REFERENCES)
+
+    def lock_file(self, name: str) -> Path:
+        """`.locks/<name>.lock`: a lock file for one unit of work (e.g. training one reference adapter)."""
+        return self.root / StudyFile.LOCKS / f"{name}.lock"
 
     # ----------------------------------------------------------------------------- run level
     def run_dir(self, run_id: str) -> Path:

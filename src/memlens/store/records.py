@@ -82,6 +82,20 @@ class TrainRecord(Record):
     artifacts: dict[str, str] | None = None  # `adapter/<file>` or `model/<file>` -> SHA-256 (None: older runs)
 
 
+class ReferenceRecord(Record):
+    """`references/runs/<ref_run_id>/reference.json`: a reference adapter of LiRA / RMIA (written last: the
+    reference is complete when it exists). Its IN records are its `members.parquet`."""
+
+    run_id: str
+    index: int                  # k: the k-th reference of its recipe
+    seed: int                   # training seed and coin seed (REF_SEED + k)
+    unit: str                   # what one coin assigned: `record` or `group`
+    n_in: int                   # records trained on (IN)
+    n_population: int           # records of the membership experiment the coins were flipped over
+    population_hash: str        # hash of those records' texts
+    wall_time_s: float | None = None  # training wall time (train.json's)
+
+
 class StatusRecord(Record):
     """`status/<run_id>.json`: a cell's state, its stage and, when it failed, the error and traceback."""
 
@@ -165,5 +179,5 @@ def append_history_line(path: Path, entry: HistoryEntry) -> None:
     atomic_write_text(path, old + json.dumps(entry.to_json(), sort_keys=True, default=str) + "\n")
 
 
-__all__ = ["CellRecord", "CellState", "HistoryEntry", "Record", "StageTiming", "StatusRecord", "TimingsRecord",
-           "TrainRecord", "append_history_line", "read_history"]
+__all__ = ["CellRecord", "CellState", "HistoryEntry", "Record", "ReferenceRecord", "StageTiming", "StatusRecord",
+           "TimingsRecord", "TrainRecord", "append_history_line", "read_history"]

@@ -6,6 +6,8 @@ so a rerun after a kill redoes only what was not finished. Adding a stage is one
 appended to :data:`STAGES`; the runner, the executors, `memlens status` and `--force` read it from there.
 
     finetune    runs/<run_id>/ (the folder appears complete, by rename; marker train.json)
+    references  references/runs/<ref_run_id>/ of the run's recipe (mia.references > 0; done when every one
+                has its reference.json: shared by the cells of a recipe, so there is no per-run marker)
     mia         runs/<run_id>/mia_results.parquet (+ the one-run privacy audit rows)
     extraction  runs/<run_id>/extraction_results.parquet
 """
@@ -18,17 +20,21 @@ import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import yaml
+
 from memlens.attacks.audit import AUDIT_STAGE, run_privacy_audit
 from memlens.attacks.extraction import merge_study as merge_extraction
 from memlens.attacks.extraction import run_extraction
 from memlens.attacks.mia import merge_study as merge_mia
 from memlens.attacks.mia import run_mia
+from memlens.attacks.references import is_trained, reference_ids, remove_references, train_references
 from memlens.attacks.registry import check_attacks
 from memlens.config import CellConfig, StudyConfig
 from memlens.data import StudyData, load_study_data
 from memlens.models import load_tokenizer
 from memlens.store import RunFile, StudyLayout, atomic_write_parquet, read_results
 from memlens.store.lock import write_lock
+from memlens.store.records import CellRecord
 from memlens.study.provenance import record_stage_time
 from memlens.train import finetune_cell
 from memlens.train.progress import training_progress
@@ -122,6 +128,63 @@ class FinetuneStage(Stage):
                 shutil.rmtree(trash, ignore_errors=True)
 
 
+_STUDIES: dict[tuple, StudyConfig] = {}
+
+
+def _folder_study(layout: StudyLayout, run_id: str) -> StudyConfig | None:
+    """The study a folder is being run with (`<out>/study.yaml`, written before any stage runs; else the run's
+    own copy), parsed once per file version."""
+    for path in (layout.study_file, layout.run_file(run_id, RunFile.STUDY)):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if key not in _STUDIES:  # a dump: read back as written (floats stay floats), so run_ids hash the same
+            _STUDIES.clear()
+            _STUDIES[key] = StudyConfig.model_validate(yaml.safe_load(path.read_text()))
+        return _STUDIES[key]
+    return None
+
+
+class ReferencesStage(Stage):
+    """The reference adapters of LiRA / RMIA (:mod:`memlens.attacks.references`): `mia.references` fine-tunes per
+    recipe, trained the first time a cell of that recipe gets here and shared by the others (their stage is then
+    done at once). Runs per cell like `finetune`, so the local and Ray executors need nothing else; two Ray
+    workers with cells of one recipe split its references between them (a lock per reference) rather than train
+    one twice. Its cost: each reference's train.json, and this stage's time in the runs' timings.json."""
+
+    name = "references"
+    needs = ("finetune",)
+    marker = "references/runs/<ref_run_id>/reference.json"  # shared by a recipe's runs: see done()
+    batched = False
+
+    def enabled(self, study: StudyConfig) -> bool:
+        return study.mia.enabled and study.mia.references > 0
+
+    def done(self, layout: StudyLayout, run_id: str) -> bool:
+        """Every reference of the run's recipe is trained (the study: the folder's study.yaml)."""
+        record = CellRecord.read(layout.run_file(run_id, RunFile.CELL))
+        study = _folder_study(layout, run_id)
+        if record is None or study is None:
+            return False
+        return all(is_trained(layout, ref_id) for ref_id in reference_ids(study, record.cell))
+
+    def run(self, ctx: StageContext, cells: list[CellConfig]) -> None:
+        progress = None if ctx.show_progress else training_progress(disable=True)
+        train_references(ctx.study, cells, ctx.data, ctx.layout, ctx.tokenizer(), progress=progress)
+
+    def invalidate(self, layout: StudyLayout, run_ids: list[str]) -> None:
+        """Delete the references of these runs' recipes (retrained next), and the runs' membership results,
+        which were computed with them."""
+        cells = [r.cell for r in (CellRecord.read(layout.run_file(i, RunFile.CELL)) for i in run_ids) if r is not None]
+        study = _folder_study(layout, run_ids[0]) if run_ids else None
+        if study is None or not cells or study.mia.references == 0:
+            return
+        remove_references(study, cells, layout)
+        MIAStage().invalidate(layout, run_ids)
+
+
 class MIAStage(Stage):
     name = "mia"
     needs = ("finetune",)
@@ -134,7 +197,8 @@ class MIAStage(Stage):
         return study.mia.enabled
 
     def check(self, study: StudyConfig) -> None:
-        check_attacks(study.mia.attacks, study.mia.reference_corpus, study.dp.audit_attack)
+        check_attacks(study.mia.attacks, study.mia.reference_corpus, study.dp.audit_attack,
+                      references=study.mia.references, utility=study.data.utility_split is not None)
 
     def run(self, ctx: StageContext, cells: list[CellConfig]) -> None:
         run_ids = [c.run_id(ctx.study) for c in cells]
@@ -164,7 +228,7 @@ class ExtractionStage(Stage):
         merge_extraction(StudyLayout(study.out_dir))
 
 
-STAGES: tuple[Stage, ...] = (FinetuneStage(), MIAStage(), ExtractionStage())
+STAGES: tuple[Stage, ...] = (FinetuneStage(), ReferencesStage(), MIAStage(), ExtractionStage())
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 
@@ -192,5 +256,5 @@ def execute(stage: Stage, ctx: StageContext, cells: list[CellConfig]) -> None:
     record_stage_time(layout, run_ids, stage.name, time.perf_counter() - start)
 
 
-__all__ = ["STAGES", "STAGE_NAMES", "ExtractionStage", "FinetuneStage", "MIAStage", "Stage", "StageContext",
-           "enabled_stages", "execute", "get_stage"]
+__all__ = ["STAGES", "STAGE_NAMES", "ExtractionStage", "FinetuneStage", "MIAStage", "ReferencesStage", "Stage",
+           "StageContext", "enabled_stages", "execute", "get_stage"]

@@ -123,7 +123,7 @@ def _pretrain_model(corpus: list[str], tokenizer, folder: Path, steps: int = 200
         optimizer.step(), schedule.step(), optimizer.zero_grad()
     model.eval()
     model.save_pretrained(str(folder), safe_serialization=True)
-    (folder / "pretraining.json").write_text(json.dumps({"steps": steps, "final_loss": float(loss), "seed": seed}))
+    (folder / "pretraining.json").write_text(json.dumps({"steps": steps, "final_loss": loss.item(), "seed": seed}))
 
 
 def build_synthetic_assets(root: Path) -> tuple[Path, Path]:

@@ -22,6 +22,18 @@ from memlens.config import (
 
 log = logging.getLogger(__name__)
 
+# What data loading dropped, said once per process and data source: every stage (and every design) loads
+# the data again, and the same lines each time would be noise.
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_once(cfg: DataConfig, report: list[str]) -> None:
+    for line in report:
+        if (cfg.source, line) not in _WARNED:
+            _WARNED.add((cfg.source, line))
+            log.warning(line)
+
+
 _READERS = {
     ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
     ".json": lambda p: pd.read_json(p, lines=True, dtype=False),
@@ -343,8 +355,7 @@ def load_study_data(cfg: DataConfig, design: str = "splits") -> StudyData:
     for name, frame in ((cfg.member_split, members), (cfg.non_member_split, non_members)):
         if frame.empty:
             raise ConfigError(f"data: split {name!r} has no usable records")
-    for line in report:
-        log.warning(line)
+    _warn_once(cfg, report)
     return StudyData(members=members, non_members=non_members, utility=utility, report=report)
 
 
@@ -368,8 +379,7 @@ def _random_design(cfg: DataConfig) -> StudyData:
     pool = _subset(pool, 2 * cfg.subset if cfg.subset else None, cfg.subset_seed)
     members, non_members, assignment = random_split(pool, cfg)
     utility = _subset(frames[cfg.utility_split], cfg.subset, cfg.subset_seed + 2) if cfg.utility_split else None
-    for line in report:
-        log.warning(line)
+    _warn_once(cfg, report)
     return StudyData(members=members, non_members=non_members, utility=utility, report=report, design="random",
                      assignment=assignment)
 

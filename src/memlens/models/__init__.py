@@ -7,6 +7,7 @@ from memlens.models.loading import (
     load_tokenizer,
     local_model_folder,
     model_context_length,
+    quiet_bitsandbytes_import,
     resolve_device,
     resolve_dtype,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "load_tokenizer",
     "local_model_folder",
     "model_context_length",
+    "quiet_bitsandbytes_import",
     "plan_targets",
     "resolve_device",
     "resolve_dtype",

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from memlens.models.loading import no_hf_progress_bars, quiet_bitsandbytes_import
 from memlens.models.targets import split_fused_modules
+
+with quiet_bitsandbytes_import():  # PEFT imports bitsandbytes when it is installed
+    from peft import PeftModel
 from memlens.store.integrity import verify_files
 from memlens.store.layout import RunFile
 from memlens.store.records import TrainRecord
@@ -25,6 +29,17 @@ from memlens.store.records import TrainRecord
 ADAPTER_DIR = RunFile.ADAPTER
 FULL_MODEL_DIR = RunFile.FULL_MODEL
 ADAPTER_META = "memlens_adapter.json"
+
+
+@contextlib.contextmanager
+def quiet_peft_wrap() -> Iterator[None]:
+    """Wrap a model with PEFT (`get_peft_model`, `PeftModel.from_pretrained`) inside this. PEFT 0.21's
+    PeftModel reads transformers 5's deprecated `is_gradient_checkpointing` alias, which warns (FutureWarning)
+    for every model wrapped: a PEFT detail no memlens user can act on. Only that message is ignored, and only
+    around the wrapping."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def save_adapter(model: torch.nn.Module, path: Path, fused_suffixes: list[str]) -> None:
@@ -80,7 +95,8 @@ class AdapterBank:
         if isinstance(self.model, PeftModel):
             self.model.load_adapter(str(adapter), adapter_name=name)
         else:
-            self.model = PeftModel.from_pretrained(self.base, str(adapter), adapter_name=name)
+            with quiet_peft_wrap():
+                self.model = PeftModel.from_pretrained(self.base, str(adapter), adapter_name=name)
         self.model.eval()
         self._lora.add(name)
 
@@ -97,9 +113,10 @@ class AdapterBank:
             self.model.set_adapter(name)
             yield self.model
         elif name in self._full:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(self._full[name]), dtype=self.base.dtype, use_safetensors=True
-            ).to(self.base.device).eval()
+            with no_hf_progress_bars():
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(self._full[name]), dtype=self.base.dtype, use_safetensors=True
+                ).to(self.base.device).eval()
             try:
                 yield model
             finally:

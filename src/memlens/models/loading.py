@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,6 +22,60 @@ from transformers.utils import logging as hf_logging
 from memlens.config import ConfigError, ModelConfig, hub_offline, looks_like_local_path
 
 log = logging.getLogger(__name__)
+
+
+class _DropMessages(logging.Filter):
+    """Drops the records of one library logger whose message starts with one of `prefixes`."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def quiet_bitsandbytes_import() -> Iterator[None]:
+    """Import PEFT (which imports bitsandbytes when it is installed) or bitsandbytes inside this. On a CPU with
+    AVX-512 bf16, bitsandbytes logs a warning at import that it cannot load the optional `kernels` package's
+    4-bit CPU kernel; memlens never uses 4-bit weights, so the user has nothing to act on. Only that message
+    of that logger is dropped, and only while the import runs."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    drop = _DropMessages("Failed to load CPU gemm_4bit_forward")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+# bitsandbytes logs "MatMul8bitLt: inputs will be cast from <dtype> to float16 during quantization" at every
+# forward of every 8-bit layer whose input is not float16 (memlens keeps the rest of the model in float32 on
+# the CPU, bfloat16 on most GPUs): the cast is how LLM.int8() works, and nothing a user can change. The filter
+# is on that one logger and matches that one message; it is installed when an 8-bit model is loaded, since the
+# forwards run later, all over memlens.
+_INT8_CAST = _DropMessages("MatMul8bitLt: inputs will be cast")
+
+
+def _quiet_int8_matmul() -> None:
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if _INT8_CAST not in logger.filters:
+        logger.addFilter(_INT8_CAST)
+
+
+@contextlib.contextmanager
+def no_hf_progress_bars() -> Iterator[None]:
+    """transformers' own bars (the "Loading weights" bar of from_pretrained) off while this runs: memlens
+    shows its own progress, and only when asked."""
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -215,25 +271,24 @@ def load_base_model(cfg: ModelConfig, device: torch.device | None = None) -> Pre
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.load_in_8bit:
         try:
-            import bitsandbytes  # noqa: F401
+            with quiet_bitsandbytes_import():
+                import bitsandbytes  # noqa: F401
         except ImportError as exc:
             raise ConfigError("model.load_in_8bit needs bitsandbytes: pip install bitsandbytes") from exc
         from transformers import BitsAndBytesConfig
 
+        _quiet_int8_matmul()
+
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device}
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar per cell: memlens shows its own progress
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with no_hf_progress_bars():  # no "Loading weights" bar per cell
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
         if folder is None:
             raise _hub_error(cfg, "safetensors weights", exc) from exc
         raise ConfigError(f"model.name_or_path: cannot load {cfg.name_or_path!r} with safetensors weights "
                           f"({exc})") from exc
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     if not cfg.load_in_8bit:
         model.to(device)
     model.eval()

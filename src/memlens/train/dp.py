@@ -32,11 +32,14 @@ from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
-from transformers import get_scheduler
 
 from memlens.config import CellConfig, ConfigError, StudyConfig
 from memlens.metrics.privacy import default_delta
+from memlens.models.loading import quiet_bitsandbytes_import
 from memlens.train.collate import CausalLMCollator
+
+with quiet_bitsandbytes_import():  # transformers' trainer modules import PEFT, which imports bitsandbytes
+    from transformers import get_scheduler
 
 log = logging.getLogger(__name__)
 

@@ -5,18 +5,13 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
 from rich.progress import Progress
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
-from transformers.trainer_callback import PrinterCallback
 
 from memlens.config import CellConfig, ConfigError, StudyConfig, dump_study
 from memlens.data import StudyData, build_training_set
@@ -25,17 +20,24 @@ from memlens.models import (
     load_base_model,
     load_tokenizer,
     plan_targets,
+    quiet_bitsandbytes_import,
     resolve_device,
     save_adapter,
     split_fused_modules,
 )
-from memlens.models.adapters import ADAPTER_DIR, FULL_MODEL_DIR
+from memlens.models.adapters import ADAPTER_DIR, FULL_MODEL_DIR, quiet_peft_wrap
 from memlens.models.varlen import SUPPORTED_MODEL_TYPES, supports_varlen, varlen_attention
 from memlens.store import RunFile, StudyLayout, atomic_dir, atomic_write_parquet, atomic_write_text
 from memlens.store.integrity import digest_files
 from memlens.store.records import CellRecord, TrainRecord
 from memlens.train.collate import CausalLMCollator, PackedCollator, pack_rows
 from memlens.train.progress import RichProgressCallback, progress_or_own
+
+with quiet_bitsandbytes_import():  # PEFT (and transformers' Trainer, through it) import bitsandbytes
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+    from transformers.trainer_callback import PrinterCallback
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +156,7 @@ def finetune_cell(study: StudyConfig, cell: CellConfig, data: StudyData, layout:
         fused = plan.fused_suffixes
         split_fused_modules(model, fused)
         lcfg = study.lora
-        with warnings.catch_warnings():  # PEFT 0.21 still calls transformers' deprecated alias
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with quiet_peft_wrap():
             model = get_peft_model(model, PeftLoraConfig(
                 r=cell.rank, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, bias=lcfg.bias,
                 target_modules=plan.module_names, task_type="CAUSAL_LM",

@@ -9,7 +9,11 @@ from collections.abc import Iterator
 from rich.console import Console
 from rich.errors import LiveError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from transformers import TrainerCallback
+
+from memlens.models.loading import quiet_bitsandbytes_import
+
+with quiet_bitsandbytes_import():  # transformers' trainer modules import PEFT, which imports bitsandbytes
+    from transformers import TrainerCallback
 
 log = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ def _meta(run_id: str, targets: str, rank: int, copies: int, design: str) -> dic
             "trainable_params": 1000 * rank, "total_params": 10**6, "trainable_pct": 0.1 * rank}
 
 
-def synthetic_study(root: Path, designs: tuple[str, ...] = ("splits",)) -> Path:
+def synthetic_study(root: Path, designs: tuple[str, ...] = ("splits",), splits_bonus: float = 0.0) -> Path:
     """A study folder as memlens writes it: [q] and [v] at ranks 1, 2, 4 with 1 and 8 canary copies (once per
     membership design), an insert-mode canary whose secret space was enumerated at rank 1 only, and one
-    failed cell."""
+    failed cell. `splits_bonus` adds to the members' score shift of `splits` runs (what a named split adds)."""
     layout, rng = StudyLayout(root), np.random.default_rng(0)
     study = make_study(root, grid={"target_modules": [[t] for t in TARGETS], "rank": list(RANKS),
                                    "canary_copies": list(COPIES)}, canary={"mode": "insert"}, mia={"bootstrap": 20},
@@ -48,7 +48,7 @@ def synthetic_study(root: Path, designs: tuple[str, ...] = ("splits",)) -> Path:
     for design, targets, rank, copies in itertools.product(designs, TARGETS, RANKS, COPIES):
         run_id = f"{targets}-r{rank}-c{copies}-s0{'-rand' if design == 'random' else ''}-synthetic"
         meta = _meta(run_id, targets, rank, copies, design)
-        shift = (0.4 if targets == "q" else 0.9) + 0.1 * np.log2(rank)
+        shift = (0.4 if targets == "q" else 0.9) + 0.1 * np.log2(rank) + (splits_bonus if design == "splits" else 0)
         attack_scores = {"ref_ratio": rng.normal(size=2 * N) + shift * labels,
                          "loss": rng.normal(size=2 * N) + 0.3 * shift * labels}
         scores.append(pd.DataFrame({"run_id": run_id, "sample_id": [f"s{i}" for i in range(2 * N)],
@@ -198,3 +198,15 @@ def test_membership_designs_are_kept_apart(tmp_path):
     assert "membership" in a.study_table.matrix and (a.study_table.frame.n_runs == 1).all()
     assert (a.delong.tests.run_a.str.contains("-rand-") == a.delong.tests.run_b.str.contains("-rand-")).all()
     assert a.headline.configs.config.str.endswith(" random").sum() == 12
+
+
+def test_design_comparison_measures_what_the_named_splits_add(tmp_path):
+    a = analyse(synthetic_study(tmp_path / "out", designs=("splits", "random"), splits_bonus=0.8))
+    table = a.designs.table
+    assert len(table) == 12 and (table.difference > 0).mean() > 0.8  # the named splits add AUC here
+    assert "paired t-test over 12 configurations" in a.designs.summary and "verdicts use the random" in a.designs.summary
+    assert a.verdict_design == "random" and "`random` membership design" in a.design_note
+    assert set(a.auc_vs_rank.curve.membership) == {"random"} if "membership" in a.auc_vs_rank.curve else True
+    assert "designs" in a.tables()
+    same = analyse(synthetic_study(tmp_path / "one"))
+    assert same.designs.omitted and same.design_note == "" and same.verdict_design == "splits"

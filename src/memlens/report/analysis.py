@@ -50,6 +50,7 @@ class StudyAnalysis:
     attacks: mb.AttackComparison
     delong: mb.DelongTests
     bag_of_words: mb.BagOfWords
+    designs: mb.DesignComparison
     extraction: mz.ExtractionRates
     utility: Utility
     frontier: Frontier
@@ -57,12 +58,21 @@ class StudyAnalysis:
     findings: list[Finding] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the analysis
     primary_attack: str = PRIMARY_ATTACK
+    verdict_design: str = "splits"  # the membership design of the findings and the per-design sections
+
+    @property
+    def design_note(self) -> str:
+        """Which design the findings and the curves come from, when the study has several."""
+        others = sorted(set(self.runs.membership) - {self.verdict_design}) if len(self.runs) else []
+        return (f"Findings, ROC, AUC vs rank, copies, perplexity and exposure use the `{self.verdict_design}` "
+                f"membership design; its runs only ({', '.join(others)} runs: study table, attacks, design "
+                "comparison)." if others else "")
 
     @property
     def sections(self) -> list[Section]:
         """The sections after the headline and the findings, in the report's order."""
         return [self.study_table, self.roc, self.auc_vs_rank, self.copies, self.perplexity, self.exposure,
-                self.attacks, self.delong, self.bag_of_words, self.extraction, self.utility, self.frontier,
+                self.attacks, self.delong, self.bag_of_words, self.designs, self.extraction, self.utility, self.frontier,
                 self.wall_times]
 
     @property
@@ -89,6 +99,7 @@ class StudyAnalysis:
             "canary_extraction_vs_copies": self.copies.canary,
             "ngram_share_vs_perplexity": self.perplexity.correlations, "exposure_vs_copies": self.exposure.table,
             "attacks": self.attacks.table, "delong": self.delong.tests, "bag_of_words": self.bag_of_words.frame,
+            "designs": self.designs.table,
             "extraction_rates": self.extraction.rates, "utility": self.utility.per_run,
             "utility_by_config": self.utility.by_config, "frontier": self.frontier.table,
             "history": self.wall_times.history_table, "stage_wall_times": self.wall_times.stages,
@@ -102,17 +113,23 @@ def analyse(root: Path) -> StudyAnalysis:
     start = time.perf_counter()
     layout = StudyLayout(Path(root))
     inputs = inputs_fingerprint(layout)
-    data = StudyResults.load(layout.root)
+    every = StudyResults.load(layout.root)
+    # Verdicts come from one design: memlens' random coin when the study has it (it measures record
+    # memorization), else the named splits; the study table, attacks and the design comparison keep both.
+    design = every.designs[0] if every.designs else "splits"
+    data = every.only_design(design) if len(every.designs) > 1 else every
     delong, perplexity = mb.delong_tests(data), mz.ngram_perplexity(data)
     analysis = StudyAnalysis(
-        root=layout.root, study=data.study, environment=data.environment, runs=data.runs, failures=data.failures,
-        inputs=inputs, headline=headline(data), study_table=mb.study_table(data), roc=mb.roc_curves(data),
-        auc_vs_rank=mb.auc_vs_rank(data), copies=mz.copies(data), perplexity=perplexity, exposure=mz.exposure(data),
-        attacks=mb.attack_comparison(data), delong=delong, bag_of_words=mb.bag_of_words(data),
-        extraction=mz.extraction_rates(data), utility=utility(data), frontier=frontier(data),
+        root=layout.root, study=every.study, environment=every.environment, runs=every.runs,
+        failures=every.failures, inputs=inputs, headline=headline(every), study_table=mb.study_table(every),
+        roc=mb.roc_curves(data), auc_vs_rank=mb.auc_vs_rank(data), copies=mz.copies(data), perplexity=perplexity,
+        exposure=mz.exposure(data), attacks=mb.attack_comparison(every), delong=mb.delong_tests(every),
+        bag_of_words=mb.bag_of_words(every), designs=mb.design_comparison(every),
+        extraction=mz.extraction_rates(data), utility=utility(every), frontier=frontier(every),
         wall_times=wall_times(layout.root),
         findings=[finding_value_output(data.primary(), delong.tests),
                   finding_perplexity(perplexity.members),
-                  finding_rank(data.primary())])
+                  finding_rank(data.primary())],
+        verdict_design=design)
     analysis.seconds = time.perf_counter() - start
     return analysis

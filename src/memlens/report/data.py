@@ -102,6 +102,23 @@ class StudyResults:
                    environment=Environment.read(layout.environment_file),
                    failures=[s for s in statuses if s is not None and s.state == "failed"])
 
+    @property
+    def designs(self) -> list[str]:
+        """The membership designs of the runs with results (`random` first: it is the one verdicts use)."""
+        found = set(self.results.membership) if len(self.results) else set()
+        return sorted(found, key=lambda d: (d != "random", d))
+
+    def only_design(self, design: str) -> StudyResults:
+        """The same folder restricted to the runs of one membership design."""
+        keep = set(self.results.run_id[self.results.membership == design]) if len(self.results) else set()
+
+        def cut(frame: pd.DataFrame) -> pd.DataFrame:
+            return frame[frame.run_id.isin(keep)].reset_index(drop=True) if "run_id" in frame else frame
+
+        return StudyResults(root=self.root, study=self.study, results=cut(self.results),
+                            mia_scores=cut(self.mia_scores), extraction=cut(self.extraction),
+                            environment=self.environment, failures=self.failures)
+
     def stage(self, name: str, attack: str | None = None) -> pd.DataFrame:
         """Rows of results.parquet of one stage (and attack)."""
         if self.results.empty:

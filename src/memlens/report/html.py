@@ -105,6 +105,8 @@ def _body(section: Section, paths: dict[str, Path]) -> str:
     if isinstance(section, mb.BagOfWords):
         return (f'<p class="{"warn" if section.separable else "ok"}">{html.escape(section.verdict)}</p>'
                 + _table(section.frame, "bag_of_words"))
+    if isinstance(section, mb.DesignComparison):
+        return f"<p>{html.escape(section.summary)}</p>" + _table(section.table, "designs")
     if isinstance(section, mz.ExtractionRates):
         return ("<p>Share of prompted records whose suffix was reproduced exactly, verbatim (longest common substring "
                 "ratio above <code>extraction.verbatim_threshold</code>) or with a BLEU above "
@@ -154,7 +156,11 @@ def _findings(a: StudyAnalysis) -> str:
         f'<li class="finding {f.verdict.replace(" ", "-")}"><b>{html.escape(f.title)}</b>: '
         f'<span class="verdict">{f.verdict}</span>. {html.escape(f.reason)}</li>' for f in a.findings)
     return (f'<section id="findings"><h2>Findings</h2><p>Whether each finding of the 2024 study (Savine et al.) '
-            f"holds in this study's data:</p><ul class=\"findings\">{items}</ul></section>")
+            f"holds in this study's data:</p>{_design_note(a)}<ul class=\"findings\">{items}</ul></section>")
+
+
+def _design_note(a: StudyAnalysis) -> str:
+    return f'<p class="src">{html.escape(a.design_note)}</p>' if a.design_note else ""
 
 
 def _failures(a: StudyAnalysis) -> str:

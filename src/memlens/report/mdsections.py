@@ -203,6 +203,15 @@ def baseline(doc: Document) -> None:
     doc.add(f"**{'Biased split' if section.separable else 'Unbiased split'}.** {section.verdict}")
 
 
+def designs(doc: Document) -> None:
+    section = doc.a.designs
+    if section.omitted:
+        return  # one design: nothing to compare (the header names the design)
+    doc.add("### Membership designs: named splits vs random membership", section.summary,
+            md_table(section.table, {c: ".3f" for c in ("auc_splits", "auc_random", "difference", "z")}
+                     | {"p_value": ".3g"}))
+
+
 def not_shown(doc: Document) -> None:
     items = [f"- **{o.what}**: {o.reason}" for o in doc.a.omitted]
     failures = [f"- **failed cell** `{r.run_id}` (stage {r.stage}): {r.error}" for r in doc.a.failures]
@@ -210,4 +219,4 @@ def not_shown(doc: Document) -> None:
     doc.add("\n".join(items + failures) if items or failures else "Every section of the report could be computed.")
 
 
-BEYOND = (attacks, extraction, utility, baseline, not_shown)
+BEYOND = (attacks, designs, extraction, utility, baseline, not_shown)

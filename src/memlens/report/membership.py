@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from memlens.report import scores
 from memlens.report.data import PRIMARY_ATTACK, StudyResults
@@ -215,3 +216,59 @@ def bow_verdict(bow: pd.DataFrame) -> tuple[bool, str]:
                       f"from the split rather than from memorization ({biased.note.iloc[0]}).")
     return False, (f"Words alone do not separate members from non-members (mean AUC {auc:.3f} over "
                    f"{bow.run_id.nunique()} run(s); {bow.note.iloc[0]}): the split looks unbiased.")
+
+
+# ----------------------------------------------------------------------------------- membership designs
+CONFIG_KEY = ["method", "target_modules", "rank", "canary_copies", "seed", "noise_multiplier"]
+
+
+@dataclass(kw_only=True)
+class DesignComparison(Section):
+    """The same configurations under the named splits and under memlens' random coin: how much of the
+    named-split AUC the design itself accounts for."""
+
+    anchor = "designs"
+    title = "Membership designs: named splits vs random membership"
+    table: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/designs.csv
+    summary: str = ""
+    applicable: bool = True  # False with one design: nothing to compare, and nothing the study failed to show
+
+    def omissions(self) -> list[Omission]:
+        return super().omissions() if self.applicable else []
+
+
+def design_comparison(data: StudyResults) -> DesignComparison:
+    """Per configuration run under both designs: the primary attack's AUC under each, the difference with a
+    z-test for two independent AUCs (Hanley-McNeil standard errors: the two designs' runs are different
+    models on different records), and, over configurations, the mean difference with a paired t-test."""
+    primary = data.primary()
+    designs = sorted(set(primary.membership)) if len(primary) else []
+    if designs != ["random", "splits"]:
+        return DesignComparison(applicable=False, omitted=Omission(
+            "design comparison", "needs runs under both membership designs (data.membership: [random, splits]); "
+            f"this study has {designs or 'none'}"))
+    z_level = stats.norm.ppf(0.5 + data.study.mia.ci_level / 2)
+    key = [c for c in CONFIG_KEY if c in primary]
+    sides = {d: primary[primary.membership == d].assign(noise_multiplier=lambda f: f.noise_multiplier.astype(str))
+             .groupby(key, dropna=False)[["auc", "auc_ci_low", "auc_ci_high"]].mean() for d in designs}
+    table = sides["splits"].join(sides["random"], lsuffix="_splits", rsuffix="_random", how="inner").reset_index()
+    if table.empty:
+        return DesignComparison(omitted=Omission("design comparison", "no configuration was run under both designs"))
+    se = {d: (table[f"auc_ci_high_{d}"] - table[f"auc_ci_low_{d}"]) / (2 * z_level) for d in designs}
+    table["difference"] = table.auc_splits - table.auc_random
+    table["z"] = table.difference / np.sqrt(se["splits"] ** 2 + se["random"] ** 2)
+    table["p_value"] = 2 * stats.norm.sf(table.z.abs())
+    table = table[[*key, "auc_splits", "auc_random", "difference", "z", "p_value"]]
+    above = (table.auc_splits - 0.5).mean()
+    mean_diff = table.difference.mean()
+    share = f"{mean_diff / above:.0%} of the named-split AUC above chance" if above > 0 else "(no AUC above chance)"
+    if len(table) >= 2:
+        paired = stats.ttest_rel(table.auc_splits, table.auc_random)
+        test = f"paired t-test over {len(table)} configurations: t = {paired.statistic:.2f}, p = {paired.pvalue:.3g}"
+    else:
+        test = "one configuration: no test across configurations (per-configuration z-test in the table)"
+    summary = (f"Named splits minus random membership, {PRIMARY_ATTACK} AUC: mean {mean_diff:+.3f} over {len(table)} "
+               f"configuration(s), {share} ({test}). A positive difference is AUC the named splits add beyond "
+               "record memorization (e.g. documents whose sibling records were trained on); verdicts use the random "
+               "design.")
+    return DesignComparison(table=table, summary=summary)

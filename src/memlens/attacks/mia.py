@@ -357,9 +357,10 @@ def prepare_base_cache(study: StudyConfig, show_progress: bool = False) -> None:
 
 
 def run_mia(study: StudyConfig, run_ids: list[str] | None = None, force: bool = False,
-            show_progress: bool = True) -> pd.DataFrame:
+            show_progress: bool = True, merge: bool = True) -> pd.DataFrame:
     """Membership inference on the study's finished runs lacking MIA outputs (all of `run_ids` when
-    `force`). Writes per-run files, merges the study-level files and upserts `results.parquet`.
+    `force`). Writes per-run files and, with `merge`, merges the study-level files and upserts
+    `results.parquet` (the study stage leaves that to its merge, which runs once after every cell).
     Returns the upserted rows (stages `mia` and `utility`)."""
     attacks = check_attacks(study.mia.attacks, study.mia.reference_corpus, references=study.mia.references,
                             utility=study.data.utility_split is not None)
@@ -398,7 +399,8 @@ def run_mia(study: StudyConfig, run_ids: list[str] | None = None, force: bool = 
             all_rows.append(rows)
             progress.advance(runs_task)
     upserted = pd.concat(all_rows, ignore_index=True)
-    merge_study_outputs(layout, upserted)
+    if merge:
+        merge_study_outputs(layout, upserted)
     return upserted
 
 

@@ -202,7 +202,7 @@ class MIAStage(Stage):
 
     def run(self, ctx: StageContext, cells: list[CellConfig]) -> None:
         run_ids = [c.run_id(ctx.study) for c in cells]
-        run_mia(ctx.study, run_ids, show_progress=ctx.show_progress)
+        run_mia(ctx.study, run_ids, show_progress=ctx.show_progress, merge=False)
         run_privacy_audit(ctx.study, run_ids)  # accountant epsilon and empirical lower bound
 
     def merge(self, study: StudyConfig) -> None:

@@ -2,6 +2,7 @@
 
 from memlens.models.loading import (
     check_max_length,
+    check_quantized,
     load_base_model,
     load_model_config,
     load_tokenizer,
@@ -23,6 +24,7 @@ from memlens.models.targets import (
 __all__ = [
     "AdapterBank",
     "check_max_length",
+    "check_quantized",
     "count_parameters",
     "save_adapter",
     "TargetPlan",

@@ -19,7 +19,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from memlens.config import ConfigError, ModelConfig, hub_offline, looks_like_local_path
+from memlens.config import CellConfig, ConfigError, ModelConfig, StudyConfig, hub_offline, looks_like_local_path
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,9 @@ def quiet_bitsandbytes_import() -> Iterator[None]:
 
 # bitsandbytes logs "MatMul8bitLt: inputs will be cast from <dtype> to float16 during quantization" at every
 # forward of every 8-bit layer whose input is not float16 (memlens keeps the rest of the model in float32 on
-# the CPU, bfloat16 on most GPUs): the cast is how LLM.int8() works, and nothing a user can change. The filter
-# is on that one logger and matches that one message; it is installed when an 8-bit model is loaded, since the
-# forwards run later, all over memlens.
+# the CPU, bfloat16 on most GPUs): LLM.int8() quantizes its inputs from float16 by design, so the line says
+# nothing wrong, once per layer and batch. The filter is on that one logger and matches that one message; it
+# is installed when an 8-bit model is loaded, since the forwards run later, all over memlens.
 _INT8_CAST = _DropMessages("MatMul8bitLt: inputs will be cast")
 
 
@@ -254,6 +254,26 @@ def check_max_length(model_cfg: ModelConfig, max_length: int) -> None:
             f"({tokens} tokens, {attr} in its config.json); set data.max_length to {tokens} or less")
 
 
+def check_quantized(study: StudyConfig, cell: CellConfig | None = None) -> None:
+    """Refuse what cannot train on an 8-bit base (`model.load_in_8bit: true`), before any work: full
+    fine-tuning (int8 weights have no gradients: only LoRA adapters on top of them train) and DP-SGD (Opacus'
+    per-sample gradients are not supported through bitsandbytes layers). `cell`: check that cell only, not
+    the whole grid."""
+    if not study.model.load_in_8bit:
+        return
+    methods = [cell.method] if cell is not None else study.grid.method
+    noises = [cell.noise_multiplier] if cell is not None else study.grid.noise_multiplier
+    if "full" in methods:
+        raise ConfigError("grid.method: full fine-tuning cannot train an 8-bit base model (model.load_in_8bit: "
+                          "true): its int8 weights have no gradients. Use grid.method: [lora], or set "
+                          "model.load_in_8bit: false to fine-tune the whole model in 16/32 bits")
+    dp = [str(noise) for noise in noises if noise is not None]
+    if dp:
+        raise ConfigError(f"grid.noise_multiplier: DP-SGD (noise_multiplier {', '.join(dp)}) is not supported on "
+                          "an 8-bit base model (model.load_in_8bit: true); set grid.noise_multiplier: [null], or "
+                          "model.load_in_8bit: false")
+
+
 def load_base_model(cfg: ModelConfig, device: torch.device | None = None) -> PreTrainedModel:
     """The pretrained model in eval mode on `device` (default: `cfg.device`)."""
     folder = local_model_folder(cfg)
@@ -274,7 +294,8 @@ def load_base_model(cfg: ModelConfig, device: torch.device | None = None) -> Pre
             with quiet_bitsandbytes_import():
                 import bitsandbytes  # noqa: F401
         except ImportError as exc:
-            raise ConfigError("model.load_in_8bit needs bitsandbytes: pip install bitsandbytes") from exc
+            raise ConfigError("model.load_in_8bit needs bitsandbytes: pip install 'memlens[int8]' (or "
+                              "pip install bitsandbytes)") from exc
         from transformers import BitsAndBytesConfig
 
         _quiet_int8_matmul()

@@ -16,6 +16,7 @@ from rich.progress import Progress
 from memlens.config import CellConfig, ConfigError, StudyConfig, dump_study
 from memlens.data import StudyData, build_training_set
 from memlens.models import (
+    check_quantized,
     count_parameters,
     load_base_model,
     load_tokenizer,
@@ -35,7 +36,7 @@ from memlens.train.progress import RichProgressCallback, progress_or_own
 
 with quiet_bitsandbytes_import():  # PEFT (and transformers' Trainer, through it) import bitsandbytes
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
     from transformers.trainer_callback import PrinterCallback
 
@@ -137,6 +138,7 @@ def finetune_cell(study: StudyConfig, cell: CellConfig, data: StudyData, layout:
     final = layout.run_dir(run_id)
     if final.is_dir():
         return final
+    check_quantized(study, cell)
     tokenizer = tokenizer or load_tokenizer(study.model)
     device = resolve_device(study.model.device)
     tcfg = study.train
@@ -156,6 +158,10 @@ def finetune_cell(study: StudyConfig, cell: CellConfig, data: StudyData, layout:
         fused = plan.fused_suffixes
         split_fused_modules(model, fused)
         lcfg = study.lora
+        if getattr(model, "is_loaded_in_8bit", False):
+            # PEFT's recipe for a quantized base: layer norms and the head in float32, inputs that require
+            # gradients; activation checkpointing stays the Trainer's (train.gradient_checkpointing).
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         with quiet_peft_wrap():
             model = get_peft_model(model, PeftLoraConfig(
                 r=cell.rank, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, bias=lcfg.bias,

@@ -146,3 +146,13 @@ def test_a_truncated_adapter_is_named_with_how_to_redo_it(tmp_path):
     (outcome,) = summary.failed
     assert "CorruptArtifactError" in outcome.error and "adapter/adapter_model.safetensors" in outcome.error
     assert "run the same command again" in outcome.error
+
+
+def test_full_fine_tuning_of_an_8bit_base_is_refused_before_any_work(tmp_path):
+    from memlens.config import ConfigError
+    from memlens.runner import run_study
+
+    study = make_study(tmp_path / "out", model={"load_in_8bit": True}, grid={"method": ["lora", "full"]})
+    with pytest.raises(ConfigError, match="load_in_8bit"):
+        run_study(study, show_progress=False)
+    assert not (tmp_path / "out").exists()

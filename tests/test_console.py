@@ -63,10 +63,6 @@ def test_run_without_progress_prints_results_and_each_memlens_warning_once(tmp_p
     assert len(dropped) == 2 and any("train:" in line for line in dropped) and any("dev:" in line for line in dropped)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cli.py's logging.basicConfig(level=ERROR) is a no-op: importing memlens.metrics.text builds a rouge scorer "
-    "whose absl logging calls logging.basicConfig() first, so -q leaves the root logger at WARNING; needs "
-    "force=True in cli._main"))
 def test_quiet_run_prints_nothing_on_stderr(tmp_path):
     out = tmp_path / "out"
     proc = _memlens("-q", "run", str(_study_file(tmp_path)), "--out", str(out))

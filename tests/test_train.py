@@ -113,7 +113,7 @@ def test_train_json_records_the_run(llama_runs):
     info = read_train_info(run)
     for key in ("loss_curve", "wall_time_s", "seed", "data_hash", "canary", "gradient_checkpointing", "precision",
                 "train_tokens_per_s", "deduplicate"):
-        assert key in info
+        assert key in info.to_json()
     assert info.gradient_checkpointing is False and info.precision == "fp32"  # auto on CPU
     assert info.canary["copies"] == 1 and info.n_train_records == SUBSET
     assert (run / "cell.json").is_file() and (run / "study.yaml").is_file() and not (run / "trainer").exists()

@@ -85,7 +85,8 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
           ) -> None:
     _State.quiet = quiet
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    # force: a library imported earlier (absl, via rouge-score) may already have configured the root logger
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s", force=True)
 
 
 def _run(study: Path, out: Path | None, overrides: list[str] | None, *, only: list[str] | None = None,

@@ -31,7 +31,7 @@ from memlens.attacks.references import is_trained, reference_ids, remove_referen
 from memlens.attacks.registry import check_attacks
 from memlens.config import CellConfig, StudyConfig
 from memlens.data import StudyData, load_study_data
-from memlens.models import load_tokenizer
+from memlens.models import check_quantized, load_tokenizer
 from memlens.store import RunFile, StudyLayout, atomic_write_parquet, read_results
 from memlens.store.lock import write_lock
 from memlens.store.records import CellRecord
@@ -111,6 +111,9 @@ class FinetuneStage(Stage):
     name = "finetune"
     marker = RunFile.TRAIN
     batched = False  # one cell at a time: each run's wall time is its own
+
+    def check(self, study: StudyConfig) -> None:
+        check_quantized(study)  # an 8-bit base: LoRA only, no DP
 
     def run(self, ctx: StageContext, cells: list[CellConfig]) -> None:
         progress = None if ctx.show_progress else training_progress(disable=True)

@@ -228,6 +228,49 @@ def test_reference_run_ids_ignore_the_target_seed_and_copies_but_not_the_recipe(
     assert reference_study(study).canary.mode == "repeat"
 
 
+def test_workers_split_the_references_of_a_recipe(tmp_path, monkeypatch):
+    """A reference another worker is training (its lock held) is skipped, the others are trained, then this
+    worker waits for it instead of training it twice."""
+    import fcntl
+    import os
+    import threading
+
+    from memlens.attacks import references as refs_module
+
+    study = make_study(tmp_path / "study", mia={"references": 3, "attacks": ["lira"]})
+    layout = StudyLayout(study.out_dir)
+    cell = study.cells()[0]
+    ids = reference_ids(study, cell)
+    trained_here = []
+
+    def fake_train(study, cell, k, data, layout, tokenizer=None, progress=None):
+        trained_here.append(k)
+        mark_done(ids[k])
+
+    def mark_done(ref_id):
+        folder = layout.references.run_dir(ref_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / RunFile.REFERENCE).write_text("{}")
+
+    monkeypatch.setattr(refs_module, "train_reference", fake_train)
+    lock = layout.references.lock_file(ids[1])
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another worker is training reference 1
+
+    def other_worker():
+        mark_done(ids[1])
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    timer = threading.Timer(1.0, other_worker)
+    timer.start()
+    done = train_references(study, [cell, cell], lambda d: None, layout, wait_s=0.05)
+    timer.join()
+    assert trained_here == [0, 2] and done == [ids[0], ids[2]]
+    assert all(refs_module.is_trained(layout, r) for r in ids)
+
+
 # ------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):

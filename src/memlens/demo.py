@@ -1,16 +1,24 @@
-"""`memlens demo`: a complete small study that downloads nothing.
+"""`memlens demo`: a complete small study that downloads nothing and shows memorization.
 
 With the project's shared fixtures present (`../shared`, or `$MEMLENS_SHARED`) it uses PHEE and the
-pretrained llama-tiny. Otherwise it builds everything here, in `<out>/assets/`: a synthetic
-clinical-note dataset (train / test / dev splits plus a disjoint pretraining corpus), a byte-level BPE
-tokenizer (`tokenizers`), and a tiny Llama pretrained for a few hundred steps on the pretraining
-corpus, so the base model knows the language of the notes but none of the member records.
+pretrained llama-tiny. Otherwise it builds everything in `<out>-assets/`: a synthetic clinical-note dataset
+(train / test / dev splits plus a disjoint pretraining corpus), a byte-level BPE tokenizer (`tokenizers`,
+one token per digit), and a tiny Llama pretrained for 200 steps on the pretraining corpus. Every note
+carries values drawn independently per note (a medical record number, a date, an age, a dose, a day
+count), so the base model knows the language and the format of the notes but cannot know a record's
+values: what a fine-tune learns of them is memorization.
+
+Both paths run the same grid under the random membership design (a seeded coin per record of the train
+split: members and non-members are exchangeable but for training), with a recipe where memorization is
+measurable within a few minutes on two CPU cores: about 64 members, small batches, a high learning rate,
+several epochs (20 on the synthetic notes, 3 on PHEE, which llama-tiny never saw).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -45,40 +53,72 @@ _CONDITIONS = ["type 2 diabetes", "atrial fibrillation", "hypertension", "epilep
                "rheumatoid arthritis", "tuberculosis", "gout", "heart failure", "schizophrenia", "pneumonia",
                "a kidney transplant", "osteomyelitis", "non-small cell lung cancer"]
 _TEMPLATES = [
-    "A {age}-year-old {sex} with {condition} developed {event} {days} days after starting {drug} {dose} mg daily.",
-    "We report a {age}-year-old {sex} treated with {drug} for {condition} who presented with {event}.",
-    "{event_cap} occurred in a {age}-year-old {sex} receiving {dose} mg of {drug} for {condition}.",
-    "After {days} days of {drug} therapy for {condition}, a {age}-year-old {sex} was admitted with {event}.",
-    "A {sex} aged {age} on {drug} {dose} mg for {condition} developed {event}; the drug was withdrawn.",
-    "{drug_cap}-induced {event_bare} was diagnosed in a {age}-year-old {sex} with {condition} after {days} days.",
+    ("Patient MRN {mrn}, seen {date}: a {age}-year-old {sex} with {condition} developed {event} {days} days after "
+     "starting {drug} {dose} mg daily."),
+    ("Patient MRN {mrn} ({date}): a {age}-year-old {sex} treated with {drug} {dose} mg for {condition} presented "
+     "with {event} on day {days}."),
+    ("Patient MRN {mrn}, reported {date}: {event} occurred in a {age}-year-old {sex} receiving {dose} mg of {drug} "
+     "for {condition}."),
+    ("Patient MRN {mrn}, admitted {date}: after {days} days of {drug} {dose} mg for {condition}, a {age}-year-old "
+     "{sex} had {event}."),
+    ("Patient MRN {mrn} ({date}): a {sex} aged {age} on {drug} {dose} mg for {condition} developed {event}; the "
+     "drug was withdrawn on day {days}."),
+    ("Patient MRN {mrn}, seen {date}: {drug}-induced {event_bare} in a {age}-year-old {sex} with {condition}, "
+     "{dose} mg for {days} days."),
 ]
 
 
 def synthetic_notes(n: int, seed: int) -> list[str]:
-    """`n` distinct synthetic adverse-drug-event case sentences (PHEE-like), seeded."""
+    """`n` distinct synthetic adverse-drug-event case notes (PHEE-like), seeded.
+
+    Besides a template, a drug, an event and a condition (words the base model learns to expect), every note
+    carries values drawn independently and uniformly per note: a 10-digit medical record number (the format
+    of the inserted canary's secret), a date, an age, a dose with one decimal and a day count (about 70 bits).
+    A model can learn their format from other notes but can only know a note's own values by having trained
+    on it: that is what a membership attack measures."""
     rng = np.random.default_rng(seed)
     notes: dict[str, None] = {}
     while len(notes) < n:
         event = _EVENTS[rng.integers(len(_EVENTS))]
-        drug = _DRUGS[rng.integers(len(_DRUGS))]
-        bare = event[2:] if event.startswith("a ") else event
+        date = f"{rng.integers(2005, 2025)}-{rng.integers(1, 13):02d}-{rng.integers(1, 29):02d}"
         text = _TEMPLATES[rng.integers(len(_TEMPLATES))].format(
-            age=int(rng.integers(18, 90)), sex=["man", "woman"][rng.integers(2)],
-            condition=_CONDITIONS[rng.integers(len(_CONDITIONS))], event=event, event_cap=event[0].upper() + event[1:],
-            event_bare=bare, drug=drug, drug_cap=drug.capitalize(), dose=int(rng.choice([5, 10, 20, 50, 100, 250, 500])),
+            mrn="".join(str(d) for d in rng.integers(0, 10, size=10)), date=date, age=int(rng.integers(18, 90)),
+            sex=["man", "woman"][rng.integers(2)], condition=_CONDITIONS[rng.integers(len(_CONDITIONS))],
+            event=event, event_bare=event.removeprefix("a "),
+            drug=_DRUGS[rng.integers(len(_DRUGS))], dose=f"{rng.integers(5, 5000) / 10:.1f}",
             days=int(rng.integers(2, 60)))
-        notes.setdefault(text)
+        notes.setdefault(re.sub(r"\ba (8\d|11|18)-year", r"an \1-year", text))
     return list(notes)
 
 
-def _write_dataset(folder: Path, seed: int = 0) -> list[str]:
-    """train/test/dev jsonl (300/300/300) and a disjoint pretraining corpus; returns the corpus."""
-    notes = synthetic_notes(900 + 3000, seed)
-    splits = {"train": notes[:300], "test": notes[300:600], "dev": notes[600:900]}
-    for name, texts in splits.items():
+# train is the random design's pool (a coin per record makes about half of it members), test the non-member
+# split of the `splits` design (unused by the demo), dev the utility split; then the pretraining corpus
+_SPLITS = {"train": 512, "test": 256, "dev": 256}
+_CORPUS = 3000
+
+
+def _notes() -> tuple[dict[str, list[str]], list[str]]:
+    """The splits' notes and the pretraining corpus: one seeded draw, so no corpus note is a record."""
+    notes = synthetic_notes(sum(_SPLITS.values()) + _CORPUS, seed=0)
+    splits, start = {}, 0
+    for name, size in _SPLITS.items():
+        splits[name], start = notes[start:start + size], start + size
+    return splits, notes[start:]
+
+
+def canary_template() -> str:
+    """The synthetic demo's canary: one more note of the same generator (not a record: its own seed), whose
+    medical record number is the secret. The base model knows the format of an MRN from the pretraining
+    corpus, not which 10 digits this patient has; how many copies of the note the fine-tune sees is the
+    grid's `canary_copies`."""
+    note = synthetic_notes(1, seed=1)[0]
+    return re.sub(r"MRN \d{10}", "MRN {secret}", note, count=1)
+
+
+def _write_dataset(folder: Path) -> None:
+    for name, texts in _notes()[0].items():
         lines = [json.dumps({"id": f"{name}-{i}", "context": t}) for i, t in enumerate(texts)]
         (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    return notes[900:]
 
 
 def _build_tokenizer(corpus: list[str], folder: Path):
@@ -86,7 +126,10 @@ def _build_tokenizer(corpus: list[str], folder: Path):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # one token per digit: a number's digits are predicted one at a time, as the random values of the notes
+    # and the canary's secret are drawn
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -98,19 +141,23 @@ def _build_tokenizer(corpus: list[str], folder: Path):
     return fast
 
 
-def _pretrain_model(corpus: list[str], tokenizer, folder: Path, steps: int = 200, seed: int = 0) -> None:
-    """A 2-layer Llama trained from random init on the pretraining corpus (plain loop: a few seconds)."""
+def _pretrain_model(corpus: list[str], tokenizer, folder: Path, steps: int = 200, seed: int = 0, hidden: int = 128,
+                    layers: int = 2, lr: float = 3e-3) -> None:
+    """A small Llama trained from random init on the pretraining corpus (plain loop: about 10 s on 2 cores).
+    About 2 epochs of the corpus: the loss reaches the notes' own entropy (their random values), so the
+    base model has learned their language and formats and has nothing left to learn but the values."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=128,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = np.random.default_rng(seed)
     model.train()
     for _ in range(steps):
@@ -123,7 +170,8 @@ def _pretrain_model(corpus: list[str], tokenizer, folder: Path, steps: int = 200
         optimizer.step(), schedule.step(), optimizer.zero_grad()
     model.eval()
     model.save_pretrained(str(folder), safe_serialization=True)
-    (folder / "pretraining.json").write_text(json.dumps({"steps": steps, "final_loss": loss.item(), "seed": seed}))
+    (folder / "pretraining.json").write_text(json.dumps({"steps": steps, "final_loss": loss.item(), "seed": seed,
+                                                         "corpus": len(corpus), "hidden": hidden, "layers": layers}))
 
 
 def build_synthetic_assets(root: Path) -> tuple[Path, Path]:
@@ -133,7 +181,7 @@ def build_synthetic_assets(root: Path) -> tuple[Path, Path]:
         with atomic_dir(data_dir) as tmp:
             _write_dataset(tmp)
     if not model_dir.is_dir():
-        corpus = synthetic_notes(900 + 3000, 0)[900:]
+        corpus = _notes()[1]
         with atomic_dir(model_dir) as tmp:
             tokenizer = _build_tokenizer(corpus, tmp)
             _pretrain_model(corpus, tokenizer, tmp)
@@ -141,23 +189,35 @@ def build_synthetic_assets(root: Path) -> tuple[Path, Path]:
 
 
 # --------------------------------------------------------------------------------------- study
+# The recipe of each path: (data, train) settings on top of the common ones below. Records: `subset` x 2
+# drawn from train, about half of them members. Chosen for the regime, not for any finding: memorization
+# measurable (AUC clearly above chance) but not saturated, within the time budget.
+_SHARED_RECIPE = ({"group": r"^(\d+)_", "subset": 64}, {"epochs": 3, "batch_size": 4, "learning_rate": 1e-2})
+_SYNTHETIC_RECIPE = ({"subset": 64}, {"epochs": 20, "batch_size": 4, "learning_rate": 1e-2})
+
+
 def demo_study(out: Path, shared: Path | None = None, overrides: list[str] | None = None) -> StudyConfig:
-    """The demo's study: [q] vs [v] at ranks 1, 4, 16, an inserted secret once or 16 times."""
+    """The demo's study: [q] vs [v] at ranks 1, 4, 16, an inserted secret once or 16 times, members drawn by
+    a seeded coin per record (the random design; PHEE records keep their abstract as `data.group` for the
+    bag-of-words check)."""
     out = Path(out).resolve()
+    canary = {"mode": "insert", "secret_format": "digits:10"}
     if shared is not None:
-        data, model, subset = shared / "data/phee", shared / "models/llama-tiny", 128
+        data, model = shared / "data/phee", shared / "models/llama-tiny"
+        data_cfg, train = _SHARED_RECIPE
     else:
         data, model = build_synthetic_assets(out.parent / f"{out.name}-assets")
-        subset = 128
+        data_cfg, train = _SYNTHETIC_RECIPE
+        canary["template"] = canary_template()
     raw = {
         "name": "demo",
         "out": str(out),
-        "data": {"source": str(data), "subset": subset, "max_length": 128},
+        "data": {"source": str(data), "membership": "random", "pool": ["train"], "membership_unit": "record",
+                 "max_length": 128, **data_cfg},
         "model": {"name_or_path": str(model), "device": "cpu"},
         "grid": DEMO_GRID,
-        "canary": {"mode": "insert"},
-        "train": {"epochs": 3, "batch_size": 16, "grad_accum": 1, "warmup_steps": 2, "learning_rate": 3e-3,
-                  "logging_steps": 2},
+        "canary": canary,
+        "train": {"grad_accum": 1, "warmup_steps": 2, "logging_steps": 10, **train},
         "mia": {"bootstrap": 200},
         "extraction": {"members": 24, "non_members": 24, "exposure_candidates": 500},
     }
@@ -173,4 +233,4 @@ def run_demo(out: Path = Path("memlens-out/demo"), show_progress: bool = True, s
     return run_study(study, show_progress=show_progress)
 
 
-__all__ = ["build_synthetic_assets", "demo_study", "find_shared", "run_demo", "synthetic_notes"]
+__all__ = ["build_synthetic_assets", "canary_template", "demo_study", "find_shared", "run_demo", "synthetic_notes"]

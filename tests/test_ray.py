@@ -25,6 +25,7 @@ psutil = pytest.importorskip("psutil", reason="psutil comes with ray[default]")
 from safetensors.numpy import load_file  # noqa: E402
 
 from memlens.executors.local import LocalExecutor  # noqa: E402
+from memlens.runner import merge_study_files  # noqa: E402
 from memlens.config import ConfigError, ExecutorConfig  # noqa: E402
 from memlens.executors.ray import TASK_PREFIX, RayExecutor  # noqa: E402
 from memlens.runner import run_study  # noqa: E402
@@ -69,6 +70,7 @@ def local_run(tmp_path_factory):
     torch.set_num_threads(1)  # as in the Ray workers (num_cpus 1); 2x faster on a busy 2-core machine
     try:
         outcomes = LocalExecutor(batch_stages=False).run(study, study.cells(), lambda event: None)
+        merge_study_files(study)  # as run_study does after every executor
     finally:
         torch.set_num_threads(threads)
     assert [o.state for o in outcomes] == ["done"] * 4, [o.error for o in outcomes]

@@ -252,6 +252,7 @@ def test_cluster_losing_a_node_finishes_like_local(tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'memlens[ray]'); CI installs it")
     pytest.importorskip("psutil", reason="psutil comes with ray[default]")
     from memlens.executors.local import LocalExecutor
+    from memlens.runner import merge_study_files
     from memlens.executors.ray import TASK_PREFIX
     from memlens.runner import run_study
     from memlens.study import read_status
@@ -274,6 +275,7 @@ def test_cluster_losing_a_node_finishes_like_local(tmp_path):
     torch.set_num_threads(1)
     try:
         local_outcomes = LocalExecutor(batch_stages=False).run(local, local.cells(), lambda event: None)
+        merge_study_files(local)  # as run_study does after every executor
     finally:
         torch.set_num_threads(threads)
     assert [o.state for o in local_outcomes] == ["done", "done"], [o.error for o in local_outcomes]

@@ -129,7 +129,7 @@ def finetune(study: StudyArg, out: OutOpt = None, set_: SetOpt = None, executor:
 @attack_app.command("mia")
 def attack_mia(study: StudyArg, out: OutOpt = None, set_: SetOpt = None, no_progress: NoProgressOpt = False) -> None:
     """Membership inference on the study's fine-tuned runs: `memlens run --only mia`."""
-    _run(study, out, set_, only=["mia"], progress=not no_progress)
+    _run(study, out, set_, only=["references", "mia"], progress=not no_progress)  # references: when enabled
 
 
 @attack_app.command("extract")

@@ -7,7 +7,6 @@ attack. Each stage adds its metric columns (e.g. auc, tpr_at_1pct_fpr for `mia`)
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pandas as pd
 

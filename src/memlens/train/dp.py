@@ -172,7 +172,7 @@ def train_with_dp(model: nn.Module, input_ids: list[list[int]], study: StudyConf
     if cell.noise_multiplier is None:
         raise ValueError("train_with_dp needs a cell with a noise_multiplier (null means no DP)")
     device = torch.device(device)
-    dcfg, tcfg = study.dp, study.train
+    dcfg = study.dp
     n = len(input_ids)
     if n < 2:
         raise ConfigError("DP-SGD needs at least 2 training records")

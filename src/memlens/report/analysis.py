@@ -118,16 +118,19 @@ def analyse(root: Path) -> StudyAnalysis:
     # memorization), else the named splits; the study table, attacks and the design comparison keep both.
     design = every.designs[0] if every.designs else "splits"
     data = every.only_design(design) if len(every.designs) > 1 else every
-    delong, perplexity = mb.delong_tests(data), mz.ngram_perplexity(data)
+    # DeLong pairs stay within a design: one computation serves the section (every design) and the findings
+    delong, perplexity = mb.delong_tests(every), mz.ngram_perplexity(data)
+    tests = delong.tests
+    verdict_tests = tests[tests.membership == design] if "membership" in tests else tests
     analysis = StudyAnalysis(
         root=layout.root, study=every.study, environment=every.environment, runs=every.runs,
         failures=every.failures, inputs=inputs, headline=headline(every), study_table=mb.study_table(every),
         roc=mb.roc_curves(data), auc_vs_rank=mb.auc_vs_rank(data), copies=mz.copies(data), perplexity=perplexity,
-        exposure=mz.exposure(data), attacks=mb.attack_comparison(every), delong=mb.delong_tests(every),
+        exposure=mz.exposure(data), attacks=mb.attack_comparison(every), delong=delong,
         bag_of_words=mb.bag_of_words(every), designs=mb.design_comparison(every),
         extraction=mz.extraction_rates(data), utility=utility(every), frontier=frontier(every),
         wall_times=wall_times(layout.root),
-        findings=[finding_value_output(data.primary(), delong.tests),
+        findings=[finding_value_output(data.primary(), verdict_tests),
                   finding_perplexity(perplexity.members),
                   finding_rank(data.primary())],
         verdict_design=design)

@@ -2,6 +2,13 @@
 
 Each verdict is `holds`, `does not hold` or `inconclusive`, with the numbers behind it. The thresholds
 are stated in the reason so a reader can disagree with them.
+
+Two levels of evidence. Record level: paired DeLong tests between runs scored on the same records, and
+rank correlations over the member records. Seed level, when the grid has at least :data:`MIN_SEEDS` seeds:
+each test's unit is one fine-tune (a configuration at one seed), so the seed-to-seed variation of training
+decides, not the number of records: a paired t-test over (configuration, seed) differences, and for
+finding (2) the correlations computed per run and combined over runs (mean Fisher z, bootstrap interval
+over runs). A difference whose 95% interval lies within +-:data:`NEGLIGIBLE_AUC` AUC is called absent.
 """
 
 from __future__ import annotations
@@ -15,6 +22,12 @@ from scipy import stats
 ALPHA = 0.05
 QK = ("q", "k")
 VO = ("v", "o")
+MIN_SEEDS = 2           # seed-level tests need at least this many seeds per configuration
+NEGLIGIBLE_AUC = 0.01   # a mean AUC difference whose 95% interval lies within +-this is "no difference"
+MIN_RECORDS = 10        # member records with extraction results a run needs for its own correlations
+N_BOOTSTRAP = 2000      # resamples of runs for the intervals of combined correlations
+# Columns that, with the matrix set, identify a configuration (whatever else the grid varies).
+CONFIG_COLUMNS = ("method", "rank", "canary_copies", "membership", "noise_multiplier", "model")
 
 
 @dataclass
@@ -22,6 +35,64 @@ class Finding:
     title: str
     verdict: str  # "holds" | "does not hold" | "inconclusive"
     reason: str
+
+
+@dataclass
+class MeanTest:
+    """A one-sample t-test of paired differences (one per fine-tune pair) against 0."""
+
+    n: int
+    mean: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+
+    @classmethod
+    def of(cls, diffs: np.ndarray) -> "MeanTest":
+        diffs = np.asarray(diffs, float)
+        n, mean = len(diffs), float(np.mean(diffs))
+        if n < 2 or np.std(diffs) == 0:
+            return cls(n, mean, mean, mean, 0.0 if n >= 2 and mean != 0 else 1.0)
+        test = stats.ttest_1samp(diffs, 0.0)
+        ci = test.confidence_interval(1 - ALPHA)
+        return cls(n, mean, float(ci.low), float(ci.high), float(test.pvalue))
+
+    def describe(self, what: str) -> str:
+        return (f"{what}: mean {self.mean:+.4f} (95% CI {self.ci_low:+.4f} to {self.ci_high:+.4f}), paired t-test "
+                f"over {self.n} fine-tune pairs p = {self.p_value:.3g}")
+
+    def verdict(self) -> str:
+        """holds (significantly > 0), does not hold (significantly < 0, or within +-NEGLIGIBLE_AUC), else
+        inconclusive."""
+        if self.p_value < ALPHA and self.mean > 0:
+            return "holds"
+        if self.p_value < ALPHA and self.mean < 0:
+            return "does not hold"
+        if -NEGLIGIBLE_AUC < self.ci_low and self.ci_high < NEGLIGIBLE_AUC:
+            return "does not hold"
+        return "inconclusive"
+
+
+def _seeds(frame: pd.DataFrame) -> int:
+    if "seed" not in frame or frame.empty:
+        return 1
+    return int(frame.groupby([c for c in ("target_modules", "rank") if c in frame]).seed.nunique().min())
+
+
+def _config_columns(frame: pd.DataFrame) -> list[str]:
+    return [c for c in CONFIG_COLUMNS if c in frame and frame[c].notna().any()]
+
+
+def vo_minus_qk(primary: pd.DataFrame) -> pd.DataFrame:
+    """Per (configuration but the matrices, seed): mean AUC of the v/o runs minus that of the q/k runs."""
+    keys = [*_config_columns(primary), "seed"]
+    frame = primary.assign(side=np.where(primary.target_modules.isin(VO), "vo",
+                                         np.where(primary.target_modules.isin(QK), "qk", None)))
+    frame = frame.dropna(subset=["side"])
+    wide = frame.pivot_table(index=keys, columns="side", values="auc", aggfunc="mean").dropna()
+    if wide.empty or not {"vo", "qk"} <= set(wide.columns):
+        return pd.DataFrame(columns=[*keys, "diff"])
+    return (wide["vo"] - wide["qk"]).rename("diff").reset_index()
 
 
 def finding_value_output(primary: pd.DataFrame, delong: pd.DataFrame) -> Finding:
@@ -49,18 +120,82 @@ def finding_value_output(primary: pd.DataFrame, delong: pd.DataFrame) -> Finding
         if len(tests):
             flip = tests.set_a.isin(QK)  # orient every test as v/o minus q/k
             tests["diff_vo"] = np.where(flip, -tests.auc_diff, tests.auc_diff)
+    record_level = ""
+    vo_sig = qk_sig = 0
+    if len(tests):
+        vo_sig = int(((tests.diff_vo > 0) & (tests.p_value < ALPHA)).sum())
+        qk_sig = int(((tests.diff_vo < 0) & (tests.p_value < ALPHA)).sum())
+        record_level = (f"paired DeLong tests (p < {ALPHA}): {vo_sig} of {len(tests)} favour v/o, {qk_sig} favour "
+                        f"q/k (median p = {tests.p_value.median():.3g})")
+    if _seeds(lora[lora.target_modules.isin(VO + QK)]) >= MIN_SEEDS:
+        diffs = vo_minus_qk(lora)
+        test = MeanTest.of(diffs["diff"].to_numpy())
+        per_seed = diffs.groupby("seed")["diff"].mean()
+        detail = (f"mean AUC {text}; seed level: {test.describe('AUC(v/o) - AUC(q/k)')}; per seed "
+                  + ", ".join(f"{int(s)}: {d:+.4f}" for s, d in per_seed.items())
+                  + (f"; record level: {record_level}" if record_level else ""))
+        verdict = test.verdict()
+        if verdict == "holds" and not (per_seed > 0).all():
+            verdict = "inconclusive"
+            detail += " (significant overall, but not in every seed)"
+        return Finding(title, verdict, detail)
     if tests.empty:
         return Finding(title, "inconclusive", f"mean AUC {text}; no paired DeLong test available between v/o "
                        "and q/k runs (the same records scored under both), so the difference is untested")
-    vo_sig = int(((tests.diff_vo > 0) & (tests.p_value < ALPHA)).sum())
-    qk_sig = int(((tests.diff_vo < 0) & (tests.p_value < ALPHA)).sum())
-    detail = (f"mean AUC {text}; paired DeLong tests (p < {ALPHA}): {vo_sig} of {len(tests)} favour v/o, "
-              f"{qk_sig} favour q/k (median p = {tests.p_value.median():.3g})")
+    detail = f"mean AUC {text}; {record_level}"
     if all(a > b for _, a, b in per_rank) and vo_sig > len(tests) / 2 and qk_sig == 0:
         return Finding(title, "holds", detail)
     if qk_sig > 0 and qk_sig >= vo_sig or all(a <= b for _, a, b in per_rank) and vo_sig == 0:
         return Finding(title, "does not hold", detail)
     return Finding(title, "inconclusive", detail + " (mixed or not significant in most pairs)")
+
+
+# ----------------------------------------------------------------------------------------- finding (2)
+def steiger_z(r_xy: float, r_xz: float, r_yz: float, n: int) -> float:
+    """Steiger's (1980) z for the difference between two dependent correlations sharing x, r(x, y) - r(x, z),
+    with r(y, z) between the other two (his eq. 14, pooled r). Written here: scipy has no test for
+    dependent correlations."""
+    z_xy, z_xz = np.arctanh(np.clip([r_xy, r_xz], -0.999999, 0.999999))
+    r_mean = (r_xy + r_xz) / 2
+    psi = r_yz * (1 - 2 * r_mean ** 2) - 0.5 * r_mean ** 2 * (1 - 2 * r_mean ** 2 - r_yz ** 2)
+    covariance = psi / (1 - r_mean ** 2) ** 2
+    return float((z_xy - z_xz) * np.sqrt((n - 3) / (2 - 2 * covariance)))
+
+
+def partial_correlation(r_xy: float, r_xz: float, r_yz: float) -> float:
+    """Correlation of x and y given z, from the three pairwise correlations."""
+    return float((r_xy - r_xz * r_yz) / np.sqrt(max((1 - r_xz ** 2) * (1 - r_yz ** 2), 1e-12)))
+
+
+def per_run_correlations(members: pd.DataFrame) -> pd.DataFrame:
+    """Per run: Spearman r of the n-gram share with the fine-tuned and the base perplexity, r between the two
+    perplexities, the partial r(share, fine-tuned | base), and Steiger's z for r_ft - r_base (negative: the
+    fine-tuned link is the stronger negative one). Runs with fewer than MIN_RECORDS varied records are left out."""
+    rows = []
+    for run_id, g in members.dropna(subset=["ngram_share", "ppl_ft", "ppl_base"]).groupby("run_id"):
+        if len(g) < MIN_RECORDS or g.ngram_share.nunique() < 2 or g.ppl_ft.nunique() < 2 or g.ppl_base.nunique() < 2:
+            continue
+        r_ft = stats.spearmanr(g.ngram_share, g.ppl_ft)
+        r_base = stats.spearmanr(g.ngram_share, g.ppl_base)
+        r_fb = float(stats.spearmanr(g.ppl_ft, g.ppl_base).statistic)
+        z = steiger_z(r_ft.statistic, r_base.statistic, r_fb, len(g))
+        rows.append({"run_id": run_id, "n": len(g), "r_ft": float(r_ft.statistic), "p_ft": float(r_ft.pvalue),
+                     "r_base": float(r_base.statistic), "p_base": float(r_base.pvalue), "r_ft_base": r_fb,
+                     "partial_r_ft": partial_correlation(r_ft.statistic, r_base.statistic, r_fb),
+                     "steiger_z": z, "steiger_p": float(2 * stats.norm.sf(abs(z)))})
+    return pd.DataFrame(rows)
+
+
+def _mean_z(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean correlation over runs (averaged as Fisher z, reported as r) with a percentile bootstrap 95%
+    interval over runs."""
+    z = np.arctanh(np.clip(np.asarray(values, float), -0.999999, 0.999999))
+    mean = float(np.tanh(z.mean()))
+    if len(z) < 2 or np.ptp(z) == 0:
+        return mean, mean, mean
+    ci = stats.bootstrap((z,), np.mean, n_resamples=N_BOOTSTRAP, confidence_level=1 - ALPHA, method="percentile",
+                         random_state=np.random.default_rng(0)).confidence_interval
+    return mean, float(np.tanh(ci.low)), float(np.tanh(ci.high))
 
 
 def finding_perplexity(members: pd.DataFrame) -> Finding:
@@ -73,11 +208,14 @@ def finding_perplexity(members: pd.DataFrame) -> Finding:
     frame = members.dropna(subset=list(needed))
     if len(frame) < 10 or frame.ngram_share.nunique() < 2:
         return Finding(title, "inconclusive", f"too few member records with varied n-gram share ({len(frame)})")
+    runs = per_run_correlations(frame) if "run_id" in frame else pd.DataFrame()
+    if len(runs) >= 2:
+        return _perplexity_per_run(title, runs)
     ft = stats.spearmanr(frame.ngram_share, frame.ppl_ft)
     base = stats.spearmanr(frame.ngram_share, frame.ppl_base)
     detail = (f"Spearman r(n-gram share, fine-tuned ppl) = {ft.statistic:.3f} (p = {ft.pvalue:.3g}); "
               f"r(n-gram share, base ppl) = {base.statistic:.3f} (p = {base.pvalue:.3g}); n = {len(frame)} "
-              "member records pooled over runs")
+              "member records pooled over runs (fewer than 2 runs with enough records for per-run correlations)")
     ft_link = ft.statistic < 0 and ft.pvalue < ALPHA
     base_weaker = base.pvalue >= ALPHA or abs(base.statistic) < abs(ft.statistic)
     if ft_link and base_weaker:
@@ -85,6 +223,60 @@ def finding_perplexity(members: pd.DataFrame) -> Finding:
     if not ft_link and ft.pvalue < ALPHA or ft_link and not base_weaker:
         return Finding(title, "does not hold", detail)
     return Finding(title, "inconclusive", detail + " (no significant link with fine-tuned perplexity)")
+
+
+def _perplexity_per_run(title: str, runs: pd.DataFrame) -> Finding:
+    """Finding (2) from per-run correlations: both halves tested over runs."""
+    k = len(runs)
+    ft, ft_lo, ft_hi = _mean_z(runs.r_ft)
+    base, base_lo, base_hi = _mean_z(runs.r_base)
+    partial, partial_lo, partial_hi = _mean_z(runs.partial_r_ft)
+    z_gap = MeanTest.of(np.arctanh(np.clip(runs.r_ft, -0.999999, 0.999999))
+                        - np.arctanh(np.clip(runs.r_base, -0.999999, 0.999999)))
+    steiger_ft_stronger = int(((runs.steiger_z < 0) & (runs.steiger_p < ALPHA)).sum())
+    ft_sig = int(((runs.r_ft < 0) & (runs.p_ft < ALPHA)).sum())
+    base_sig = int((runs.p_base < ALPHA).sum())
+    detail = (f"over {k} runs ({int(runs.n.median())} member records each, median), correlations per run then "
+              f"combined (mean Fisher z, 95% bootstrap interval over runs): r(n-gram share, fine-tuned ppl) = "
+              f"{ft:.3f} [{ft_lo:.3f}, {ft_hi:.3f}], significant (p < {ALPHA}) in {ft_sig} of {k} runs; "
+              f"r(n-gram share, base ppl) = {base:.3f} [{base_lo:.3f}, {base_hi:.3f}], significant in {base_sig} of "
+              f"{k}; partial r(share, fine-tuned ppl | base ppl) = {partial:.3f} [{partial_lo:.3f}, {partial_hi:.3f}]; "
+              f"Steiger's test (fine-tuned link stronger than base link) significant in {steiger_ft_stronger} of {k} "
+              f"runs; z(r_ft) - z(r_base): mean {z_gap.mean:+.3f} (95% CI {z_gap.ci_low:+.3f} to {z_gap.ci_high:+.3f}, "
+              f"t-test over runs p = {z_gap.p_value:.3g})")
+    ft_link = ft_hi < 0
+    base_absent = base_lo <= 0 <= base_hi
+    base_weaker = z_gap.ci_high < 0 and partial_hi < 0  # fine-tuned link more negative, and still there given base
+    if ft_link and (base_absent or base_weaker):
+        why = ("the base link is absent" if base_absent else
+               "the base link is present but significantly weaker, and the fine-tuned link survives controlling for it")
+        return Finding(title, "holds", f"{detail}. Both halves: the fine-tuned link is negative over runs, and {why}")
+    if ft_lo > 0:
+        return Finding(title, "does not hold", f"{detail}. The fine-tuned link is positive over runs")
+    if ft_link:
+        return Finding(title, "does not hold", f"{detail}. First half holds; second half does not: the base-model "
+                       "link is present and not significantly weaker than the fine-tuned one")
+    return Finding(title, "inconclusive", f"{detail}. The fine-tuned link's interval includes 0")
+
+
+# ----------------------------------------------------------------------------------------- finding (3)
+def rank_gains(lora: pd.DataFrame) -> pd.DataFrame:
+    """Per (matrix set, other configuration, seed) with at least 3 ranks: the AUC gain per doubling of the rank
+    in the lower and the upper half of the rank range, and over the whole range."""
+    keys = ["target_modules", *[c for c in _config_columns(lora) if c != "rank"], "seed"]
+    keys = [k for k in keys if k in lora]
+    rows = []
+    for key, g in lora.groupby(keys, dropna=False):
+        g = g.groupby("rank").auc.mean().reset_index().sort_values("rank")
+        if len(g) < 3:
+            continue
+        log_rank, auc = np.log2(g["rank"].to_numpy(float)), g.auc.to_numpy()
+        half = len(g) // 2
+        low = (auc[half] - auc[0]) / max(log_rank[half] - log_rank[0], 1e-9)
+        high = (auc[-1] - auc[half]) / max(log_rank[-1] - log_rank[half], 1e-9)
+        rows.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))), "gain": auc[-1] - auc[0],
+                     "gain_low": low, "gain_high": high})
+    return pd.DataFrame(rows)
 
 
 def finding_rank(primary: pd.DataFrame) -> Finding:
@@ -112,6 +304,20 @@ def finding_rank(primary: pd.DataFrame) -> Finding:
         parts.append(f"[{targets}] AUC {' -> '.join(f'{a:.3f}' for a in auc)} over ranks "
                      f"{[int(r) for r in g['rank']]} (Spearman {rho:.2f}; gain per doubling {low:+.3f} then {high:+.3f})")
     detail = "; ".join(parts)
+    if _seeds(lora) >= MIN_SEEDS:
+        gains = rank_gains(lora)
+        if len(gains) >= 2:
+            rise = MeanTest.of(gains.gain.to_numpy())
+            slowing = MeanTest.of((gains.gain_low - gains.gain_high).to_numpy())
+            detail += (f"; seed level, one curve per matrix set and seed: {rise.describe('AUC(top rank) - AUC(lowest rank)')}; "
+                       f"{slowing.describe('gain per doubling, lower minus upper half of the ranks')}")
+            if rise.verdict() == "holds" and slowing.verdict() == "holds":
+                return Finding(title, "holds", detail)
+            if rise.verdict() == "does not hold":
+                return Finding(title, "does not hold", detail + " (no rise with rank)")
+            if rise.verdict() == "holds" and slowing.verdict() == "does not hold":
+                return Finding(title, "does not hold", detail + " (it rises, but without diminishing returns)")
+            return Finding(title, "inconclusive", detail)
     if rising == len(usable) and diminishing == len(usable):
         return Finding(title, "holds", detail)
     if rising == 0:

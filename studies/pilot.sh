@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-memlens-out/findings/pilot}
 for lr in 0.001 0.003 0.01; do
-  memlens run studies/pilot-calibration.yaml --out "$out/lr$lr" --set "train.learning_rate=$lr" --no-progress -q
+  memlens -q run studies/pilot-calibration.yaml --out "$out/lr$lr" --set "train.learning_rate=$lr" --no-progress
 done
 python - "$out" <<'PY'
 import sys

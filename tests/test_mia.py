@@ -36,9 +36,9 @@ def _spy_base_passes(monkeypatch) -> list[str]:
     labels: list[str] = []
     score = Scorer.score
 
-    def spy(self, model, ids, label):
+    def spy(self, model, ids, label, moments=True):
         labels.append(label)
-        return score(self, model, ids, label)
+        return score(self, model, ids, label, moments)
 
     monkeypatch.setattr(Scorer, "score", spy)
     return labels
@@ -49,7 +49,8 @@ def study_run(tmp_path_factory):
     """A LoRA adapter trained many epochs on 32 members, plus a copy with B zeroed (= the base model)."""
     study = make_study(tmp_path_factory.mktemp("mia") / "study", data={"subset": 32},
                        grid={"target_modules": [["q", "v"]], "rank": [8]},
-                       train={"epochs": 20, "learning_rate": 1e-2, "batch_size": 8}, mia={"bootstrap": 100})
+                       train={"epochs": 20, "learning_rate": 1e-2, "batch_size": 8},
+                       mia={"bootstrap": 100, "attacks": [*DEFAULT_MIA_ATTACKS, "lowercase"]})  # lowercase: opt-in
     layout = StudyLayout(study.out_dir)
     data = load_study_data(study.data)
     run_dir = finetune_cell(study, study.cells()[0], data, layout)

@@ -76,6 +76,16 @@ def test_distribution_statistics(model, tokenizer, sequences):
     np.testing.assert_allclose(stats.sequence(1, "sigma2"), variance.numpy(), rtol=1e-3, atol=1e-4)
 
 
+def test_without_moments_log_probs_are_bit_identical_and_moments_nan(model, tokenizer, sequences):
+    """`moments=False` (no attack needs Min-K%++'s statistics) skips them and changes no log-probability."""
+    full = token_stats(model, sequences, batch_size=3, pad_token_id=tokenizer.pad_token_id)
+    lean = token_stats(model, sequences, batch_size=3, pad_token_id=tokenizer.pad_token_id, moments=False)
+    np.testing.assert_array_equal(lean.logprob, full.logprob)
+    np.testing.assert_array_equal(lean.offsets, full.offsets)
+    assert np.isnan(lean.mu).all() and np.isnan(lean.sigma2).all()
+    assert np.isfinite(full.mu).all()
+
+
 def test_sliding_window_matches_hf_recipe(model, tokenizer, sequences):
     context, stride = 12, 5
     sequences = sequences[:6] + sequences[-1:]

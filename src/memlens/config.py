@@ -337,8 +337,9 @@ class DPConfig(_Strict):
 
 # --------------------------------------------------------------------------------------- attacks
 # The attacks run by default. Which names exist is the attack registry's (memlens.attacks.registry), which
-# checks `mia.attacks` and `dp.audit_attack` before a study runs.
-DEFAULT_MIA_ATTACKS = ("loss", "ref_ratio", "ref_llr", "zlib", "lowercase", "min_k", "min_k_pp")
+# checks `mia.attacks` and `dp.audit_attack` before a study runs. `lowercase` is opt-in: it scores every
+# record a second time (lowercased), 40% of the membership stage's scoring for one attack.
+DEFAULT_MIA_ATTACKS = ("loss", "ref_ratio", "ref_llr", "zlib", "min_k", "min_k_pp")
 
 
 class MIAConfig(_Strict):
@@ -348,7 +349,7 @@ class MIAConfig(_Strict):
     attacks: list[str] = Field(
         default_factory=lambda: list(DEFAULT_MIA_ATTACKS),
         description="Attacks to run: names from the attack registry (listed under *Membership attacks* below); "
-        "`dc_pdd` needs `reference_corpus`.",
+        "`dc_pdd` needs `reference_corpus`; `lowercase` (not run by default) scores every record a second time.",
     )
     min_k_fraction: float = Field(0.2, gt=0, le=1, description="k of Min-K% and Min-K%++ (fraction of tokens).")
     reference_corpus: str | None = Field(

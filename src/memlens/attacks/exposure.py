@@ -55,7 +55,8 @@ def log_perplexities(model: torch.nn.Module, tokenizer, texts: list[str], *, bat
     the log base, which changes neither ranks nor the skew-normal CDF). Totals, not means: candidates may
     tokenize to different lengths, and the mean would favour longer ones."""
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    return -token_stats(model, ids, batch_size=batch_size, pad_token_id=pad_token_id).reduce("logprob", "sum")
+    stats = token_stats(model, ids, batch_size=batch_size, pad_token_id=pad_token_id, moments=False)
+    return -stats.reduce("logprob", "sum")
 
 
 def exposure_from_rank(secret_logppl: float, candidate_logppl: np.ndarray) -> tuple[int, float]:

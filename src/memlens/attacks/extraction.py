@@ -86,7 +86,7 @@ def build_prompts(texts: list[str], tokenizer, cfg: ExtractionConfig) -> dict[st
 def _loglik_of_continuations(model, pad_token_id: int, batch_size: int):
     """rank_fn for generate_continuations: log-likelihood of the last n tokens of each sequence."""
     def rank(sequences: list[list[int]], n_last: list[int]) -> np.ndarray:
-        stats = token_stats(model, sequences, batch_size=batch_size, pad_token_id=pad_token_id)
+        stats = token_stats(model, sequences, batch_size=batch_size, pad_token_id=pad_token_id, moments=False)
         return np.array([stats.sequence(i)[-n:].astype(np.float64).sum() for i, n in enumerate(n_last)])
     return rank
 
@@ -94,7 +94,7 @@ def _loglik_of_continuations(model, pad_token_id: int, batch_size: int):
 def _generated_ppl(model, prompts: list[Prompt], generations: list[list[int]], pad_token_id: int,
                    batch_size: int) -> np.ndarray:
     seqs = [p.split.prefix + g for p, g in zip(prompts, generations)]
-    stats = token_stats(model, seqs, batch_size=batch_size, pad_token_id=pad_token_id)
+    stats = token_stats(model, seqs, batch_size=batch_size, pad_token_id=pad_token_id, moments=False)
     return np.array([np.exp(-stats.sequence(i)[-len(g):].astype(np.float64).mean()) if g else np.nan
                      for i, g in enumerate(generations)])
 
@@ -123,7 +123,8 @@ def generate_all(model, prompts: list[Prompt], decodings: list[Decoding], cfg: E
 
 
 def full_ppl(model, prompts: list[Prompt], pad_token_id: int, batch_size: int) -> dict[str, float]:
-    stats = token_stats(model, [p.ids for p in prompts], batch_size=batch_size, pad_token_id=pad_token_id)
+    stats = token_stats(model, [p.ids for p in prompts], batch_size=batch_size, pad_token_id=pad_token_id,
+                        moments=False)
     return dict(zip([p.key for p in prompts], np.exp(stats.mean_nll())))
 
 

@@ -88,7 +88,7 @@ class Scorer:
         # No truncation: longer records are scored with a sliding window.
         return self.tokenizer(list(texts), add_special_tokens=True)["input_ids"] if len(texts) else []
 
-    def score(self, model: torch.nn.Module, ids: list[list[int]], label: str) -> SequenceStats:
+    def score(self, model: torch.nn.Module, ids: list[list[int]], label: str, moments: bool = True) -> SequenceStats:
         def on_batch(n: int) -> None:
             if self.progress is not None:
                 self.progress.advance(self._batch_task, n)
@@ -97,7 +97,7 @@ class Scorer:
             self.progress.reset(self._batch_task, total=len(ids), visible=True, description=f"  {label}")
         return token_stats(model, ids, batch_size=self.mia.batch_size, pad_token_id=self.tokenizer.pad_token_id,
                            stride=self.mia.stride, max_batch_tokens=self.mia.batch_token_budget(self.device),
-                           on_batch=on_batch)
+                           on_batch=on_batch, moments=moments)
 
     def base_stats(self, texts: Sequence[str], label: str) -> SequenceStats:
         """Base-model (adapters disabled) stats of `texts`, from the cache when present."""
@@ -121,7 +121,7 @@ class Scorer:
             if name not in self.bank.names:
                 self.bank.add(name, ref.run_dir)
             with self.bank.use(name) as model:
-                return -self.score(model, self.tokenize(texts), f"reference {ref.index}").mean_nll()
+                return -self.score(model, self.tokenize(texts), f"reference {ref.index}", moments=False).mean_nll()
 
         settings = {"model": self.fingerprint, "tokenizer": type(self.tokenizer).__name__, "stride": self.mia.stride}
         return ReferenceStatistics(score, settings)
@@ -196,7 +196,8 @@ def _score_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attac
     ids = scorer.tokenize(batch_texts)
     prefixed, in_member_prefix = _prefixed(scorer, data, ids[:n], needs)
     with scorer.bank.use(name) as model:
-        every = scorer.score(model, ids + [seq for part in prefixed.values() for seq in part], name)
+        every = scorer.score(model, ids + [seq for part in prefixed.values() for seq in part], name,
+                             moments="moments" in needs)
     ft = every.select(np.arange(n))
     ft_utility = every.select(np.arange(n, n + u))
     ft_lower = every.select(np.arange(n + u, n + u + n)) if want_lower else None

@@ -49,6 +49,8 @@ class AttackInputs:
 
 # What each need names, for messages.
 NEEDS = {"ref": "the base model's scores", "lower": "the lowercased texts' scores",
+         "moments": "the mean and variance of log p under each predicted distribution (an extra vocabulary-sized "
+                    "pass; skipped when no attack needs it)",
          "token_freq": "mia.reference_corpus", "references": "reference adapters (mia.references)",
          "nonmember_prefix": "a non-member prefix (data.utility_split)",
          "member_prefix": "a member prefix (the run's members)"}
@@ -138,7 +140,9 @@ def run_attacks(names: list[str], inputs: AttackInputs) -> dict[str, np.ndarray]
         attack = get_attack(name)
         given = {"ref": inputs.ref, "lower": inputs.ft_lower, "token_freq": inputs.token_log_freq,
                  "references": inputs.ref_models, "nonmember_prefix": inputs.ll_nonmember_prefix,
-                 "member_prefix": inputs.ll_member_prefix}
+                 "member_prefix": inputs.ll_member_prefix,
+                 # token_stats(moments=False) leaves them NaN
+                 "moments": None if len(inputs.ft.mu) and np.isnan(inputs.ft.mu).all() else inputs.ft.mu}
         missing = [NEEDS[n] for n in sorted(attack.needs) if given[n] is None]
         if missing:
             raise ConfigError(f"mia.attacks: {name!r} needs {missing} which were not computed")
@@ -209,7 +213,7 @@ def min_k(x: AttackInputs) -> np.ndarray:
     return _lowest_k_mean(x.ft, x.ft.logprob.astype(np.float64), x.min_k_fraction)
 
 
-@register("min_k_pp", description="Min-K%++ (Zhang et al. 2024): per token (log p - mu) / sigma under the "
+@register("min_k_pp", needs={"moments"}, description="Min-K%++ (Zhang et al. 2024): per token (log p - mu) / sigma under the "
           "predicted distribution, mean of the k% smallest.")
 def min_k_pp(x: AttackInputs) -> np.ndarray:
     s = x.ft

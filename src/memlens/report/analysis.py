@@ -19,7 +19,13 @@ from memlens.config import StudyConfig
 from memlens.report import membership as mb
 from memlens.report import memorization as mz
 from memlens.report.data import PRIMARY_ATTACK, Environment, StudyResults, exposure_bits, inputs_fingerprint
-from memlens.report.findings import Finding, finding_perplexity, finding_rank, finding_value_output
+from memlens.report.findings import (
+    Finding,
+    finding_perplexity,
+    finding_rank,
+    finding_value_output,
+    per_run_correlations,
+)
 from memlens.report.frontier import Frontier, Utility, frontier, utility
 from memlens.report.headline import Headline, headline
 from memlens.report.section import Omission, Section
@@ -97,7 +103,8 @@ class StudyAnalysis:
             "headline": self.headline.configs, "study_table": self.study_table.frame,
             "auc_vs_rank": self.auc_vs_rank.curve, "auc_rank_fit": self.auc_vs_rank.fits_frame,
             "canary_extraction_vs_copies": self.copies.canary,
-            "ngram_share_vs_perplexity": self.perplexity.correlations, "exposure_vs_copies": self.exposure.table,
+            "ngram_share_vs_perplexity": self.perplexity.correlations,
+            "ngram_share_vs_perplexity_per_run": self.perplexity.per_run, "exposure_vs_copies": self.exposure.table,
             "attacks": self.attacks.table, "delong": self.delong.tests, "bag_of_words": self.bag_of_words.frame,
             "designs": self.designs.table,
             "extraction_rates": self.extraction.rates, "utility": self.utility.per_run,
@@ -120,6 +127,8 @@ def analyse(root: Path) -> StudyAnalysis:
     data = every.only_design(design) if len(every.designs) > 1 else every
     # DeLong pairs stay within a design: one computation serves the section (every design) and the findings
     delong, perplexity = mb.delong_tests(every), mz.ngram_perplexity(data)
+    if len(perplexity.members):
+        perplexity.per_run = per_run_correlations(perplexity.members)
     tests = delong.tests
     verdict_tests = tests[tests.membership == design] if "membership" in tests else tests
     analysis = StudyAnalysis(
@@ -131,7 +140,7 @@ def analyse(root: Path) -> StudyAnalysis:
         extraction=mz.extraction_rates(data), utility=utility(every), frontier=frontier(every),
         wall_times=wall_times(layout.root),
         findings=[finding_value_output(data.primary(), verdict_tests),
-                  finding_perplexity(perplexity.members),
+                  finding_perplexity(perplexity.members, perplexity.per_run),
                   finding_rank(data.primary())],
         verdict_design=design)
     analysis.seconds = time.perf_counter() - start

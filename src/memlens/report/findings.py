@@ -198,8 +198,9 @@ def _mean_z(values: np.ndarray) -> tuple[float, float, float]:
     return mean, float(np.tanh(ci.low)), float(np.tanh(ci.high))
 
 
-def finding_perplexity(members: pd.DataFrame) -> Finding:
-    """(2) Lower fine-tuned perplexity goes with more verbatim reproduction; base perplexity does not."""
+def finding_perplexity(members: pd.DataFrame, per_run: pd.DataFrame | None = None) -> Finding:
+    """(2) Lower fine-tuned perplexity goes with more verbatim reproduction; base perplexity does not.
+    `per_run`: :func:`per_run_correlations` of `members`, when already computed."""
     title = ("(2) Records with lower perplexity under the fine-tuned model are reproduced more; "
              "base-model perplexity shows no such link")
     needed = {"ngram_share", "ppl_ft", "ppl_base"}
@@ -208,7 +209,7 @@ def finding_perplexity(members: pd.DataFrame) -> Finding:
     frame = members.dropna(subset=list(needed))
     if len(frame) < 10 or frame.ngram_share.nunique() < 2:
         return Finding(title, "inconclusive", f"too few member records with varied n-gram share ({len(frame)})")
-    runs = per_run_correlations(frame) if "run_id" in frame else pd.DataFrame()
+    runs = per_run if per_run is not None else (per_run_correlations(frame) if "run_id" in frame else pd.DataFrame())
     if len(runs) >= 2:
         return _perplexity_per_run(title, runs)
     ft = stats.spearmanr(frame.ngram_share, frame.ppl_ft)

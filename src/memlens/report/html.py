@@ -93,7 +93,11 @@ def _body(section: Section, paths: dict[str, Path]) -> str:
         return fig + (_omit(section.canary_omitted) if section.canary_omitted else
                       _table(section.canary, "canary_extraction_vs_copies"))
     if isinstance(section, mz.NgramPerplexity):
-        return fig + (_table(section.correlations, "ngram_share_vs_perplexity") if len(section.correlations) else "")
+        pooled = (_table(section.correlations, "ngram_share_vs_perplexity") if len(section.correlations) else "")
+        per_run = ("<p>Per run (the unit of finding (2)'s test; pooled p-values above overstate the evidence, the "
+                   "same records recur in every run):</p>" + _table(section.per_run, "ngram_share_vs_perplexity_per_run")
+                   if len(section.per_run) else "")
+        return fig + pooled + per_run
     if isinstance(section, mz.Exposure):
         return fig + _table(section.table, "exposure_vs_copies")
     if isinstance(section, mb.AttackComparison):

@@ -74,6 +74,7 @@ class NgramPerplexity(Section):
     points: pd.DataFrame = field(default_factory=pd.DataFrame)  # member records: ngram_share, ppl_ft, ppl_base
     correlations: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/ngram_share_vs_perplexity.csv
     members: pd.DataFrame = field(default_factory=pd.DataFrame)  # the member rows (finding 2)
+    per_run: pd.DataFrame = field(default_factory=pd.DataFrame)  # correlations per run (findings.per_run_correlations)
 
     def correlation(self, perplexity: str) -> pd.Series | None:
         """The correlation row of `ppl_ft` or `ppl_base`, None when there were too few varied points."""

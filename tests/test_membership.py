@@ -10,6 +10,7 @@ import pytest
 from memlens.attacks.bow import bag_of_words_baseline
 from memlens.config import ConfigError, load_study
 from memlens.data import load_study_data
+from memlens.report.markdown import write_findings
 from memlens.runner import run_study
 from memlens.store import StudyLayout, read_results
 from memlens.study import normalise_study
@@ -111,3 +112,7 @@ def test_both_designs_side_by_side_and_the_audit_runs_without_a_declaration(tmp_
     assert set(coins.columns) >= {"sample_id", "is_member", "seed", "unit", "design"}
     members = pd.read_parquet(layout.run_file(cells[0].run_id(study), "members.parquet"))
     assert set(members.sample_id) - {"canary"} <= set(coins[coins.is_member].sample_id)
+    # the findings document's setup names where each design's members come from, not only the named splits
+    document = write_findings(layout.root, tmp_path / "findings.md").read_text()
+    data_row = next(line for line in document.splitlines() if line.startswith("| Data |"))
+    assert "(`splits` design)" in data_row and "drawn from `train` (`random` design)" in data_row

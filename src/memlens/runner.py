@@ -7,8 +7,8 @@ This is the main path of memlens, in order:
    shorter than `data.max_length`;
 2. write the resolved `study.yaml` and `environment.json`;
 3. hand the cells with stages left to do to the executor (local or Ray), which runs the
-   :data:`~memlens.study.stage.STAGES` (fine-tune, membership inference, extraction) and records each
-   cell's status (:mod:`memlens.study.status`) and stage wall times;
+   :data:`~memlens.study.stage.STAGES` (fine-tune, reference adapters when `mia.references` > 0, membership
+   inference, extraction) and records each cell's status (:mod:`memlens.study.status`) and stage wall times;
 4. merge every stage's per-run files into the study-level files (idempotent: closes the gap left by a
    process killed between a run's files and their merge);
 5. build the report (a failure is recorded in `status/_report.json`, not raised);

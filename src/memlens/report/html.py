@@ -181,9 +181,15 @@ def _failures(a: StudyAnalysis) -> str:
 
 def _overview(a: StudyAnalysis) -> str:
     study, env, grid = a.study, a.environment, a.study.grid
+    data = study.data
+    designs = sorted(set(a.runs.membership)) if len(a.runs) else list(data.membership)
+    said = {"splits": f"named splits, members <code>{html.escape(data.member_split)}</code> vs non-members "
+                      f"<code>{html.escape(data.non_member_split)}</code>",
+            "random": f"random, a fair coin per {data.coin_unit} over <code>{html.escape(', '.join(data.pool_splits))}"
+                      "</code>"}
     return (f"<p>Model <code>{html.escape(study.model.name_or_path)}</code>, data "
-            f"<code>{html.escape(study.data.source)}</code> (members: <code>{study.data.member_split}</code>, "
-            f"non-members: <code>{study.data.non_member_split}</code>). Grid: matrices "
+            f"<code>{html.escape(data.source)}</code> (membership design: "
+            f"{'; '.join(said[d] for d in designs)}). Grid: matrices "
             f"{', '.join('[' + ', '.join(t) + ']' for t in grid.target_modules)}, "
             f"ranks {grid.rank}, canary copies {grid.canary_copies} ({study.canary.mode} mode), seeds {grid.seed}. "
             f"{len(a.runs)} run(s) with results; {len(a.failures)} failure(s).</p>"

@@ -61,6 +61,18 @@ def _design_row(a: StudyAnalysis) -> str:
     return "; ".join(said[d] for d in designs) + (f". {a.design_note}" if a.design_note else "")
 
 
+def _splits_used(a: StudyAnalysis) -> str:
+    """The splits that members and non-members come from, by design (the membership design row says how)."""
+    data = a.study.data
+    designs = sorted(set(a.runs.membership)) if len(a.runs) else list(data.membership)
+    parts = []
+    if "splits" in designs:
+        parts.append(f"members `{data.member_split}`, non-members `{data.non_member_split}` (`splits` design)")
+    if "random" in designs:
+        parts.append(f"members and non-members drawn from `{', '.join(data.pool_splits)}` (`random` design)")
+    return "; ".join(parts)
+
+
 def _header(doc: Document, command: str) -> None:
     a = doc.a
     study, env, data, train = a.study, a.environment, a.study.data, a.study.train
@@ -73,8 +85,7 @@ def _header(doc: Document, command: str) -> None:
     rows = [
         ("Model", f"`{study.model.name_or_path}` (dtype {study.model.dtype}, 8-bit {study.model.load_in_8bit}); the "
                   "reference model of the attack is the same model without the adapter"),
-        ("Data", f"`{data.source}`: members `{data.member_split}`, non-members `{data.non_member_split}`, utility "
-                 f"`{data.utility_split}`; {subset}"),
+        ("Data", f"`{data.source}`: {_splits_used(a)}, utility `{data.utility_split}`; {subset}"),
         ("Membership design", _design_row(a)),
         ("Grid run", _grid_run(a)),
         ("Runs with results", f"{len(a.runs)}; failed cells: {len(a.failures)}"),

@@ -82,11 +82,16 @@ class Scorer:
         self.bank = AdapterBank(self.base)
         self.fingerprint = model_fingerprint(model_cfg, str(resolve_dtype(model_cfg.dtype, self.device)))
         self.base_passes = 0  # base-model passes actually computed (not read from the cache)
+        self._ids: dict[str, list[int]] = {}  # text -> token ids
         self._batch_task = progress.add_task("", total=0, visible=False) if progress else None
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        # No truncation: longer records are scored with a sliding window.
-        return self.tokenizer(list(texts), add_special_tokens=True)["input_ids"] if len(texts) else []
+        """Token ids of `texts`, each text tokenized once per Scorer (every run scores the same non-members and
+        utility records). No truncation: longer records are scored with a sliding window."""
+        new = [t for t in dict.fromkeys(texts) if t not in self._ids]
+        if new:
+            self._ids.update(zip(new, self.tokenizer(new, add_special_tokens=True)["input_ids"]))
+        return [self._ids[t] for t in texts]
 
     def score(self, model: torch.nn.Module, ids: list[list[int]], label: str, moments: bool = True) -> SequenceStats:
         def on_batch(n: int) -> None:

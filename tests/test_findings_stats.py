@@ -95,7 +95,8 @@ def _members(n_runs: int, base_weight: float, ft_weight: float, n: int = 60, see
         own = rng.normal(0, 1, n)
         ft = base * 0.5 * np.exp(0.3 * own)
         share = np.clip(0.5 - ft_weight * own - base_weight * np.log(base) + rng.normal(0, 0.2, n), 0, 1)
-        rows.append(pd.DataFrame({"run_id": f"r{run}", "ngram_share": share, "ppl_ft": ft, "ppl_base": base}))
+        rows.append(pd.DataFrame({"run_id": f"r{run}", "sample_id": [f"s{i}" for i in range(n)], "ngram_share": share,
+                                  "ppl_ft": ft, "ppl_base": base}))
     return pd.concat(rows, ignore_index=True)
 
 

@@ -7,8 +7,8 @@ Two levels of evidence. Record level: paired DeLong tests between runs scored on
 rank correlations over the member records. Seed level, when the grid has at least :data:`MIN_SEEDS` seeds:
 each test's unit is one fine-tune (a configuration at one seed), so the seed-to-seed variation of training
 decides, not the number of records: a paired t-test over (configuration, seed) differences, and for
-finding (2) the correlations computed per run and combined over runs (mean Fisher z, bootstrap interval
-over runs). A difference whose 95% interval lies within +-:data:`NEGLIGIBLE_AUC` AUC is called absent.
+finding (2) the correlations computed per run and combined over runs (mean Fisher z, with an interval from a
+bootstrap that resamples both the runs and the records they share). A difference whose 95% interval lies within +-:data:`NEGLIGIBLE_AUC` AUC is called absent.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ VO = ("v", "o")
 MIN_SEEDS = 2           # seed-level tests need at least this many seeds per configuration
 NEGLIGIBLE_AUC = 0.01   # a mean AUC difference whose 95% interval lies within +-this is "no difference"
 MIN_RECORDS = 10        # member records with extraction results a run needs for its own correlations
-N_BOOTSTRAP = 2000      # resamples of runs for the intervals of combined correlations
+N_BOOTSTRAP = 400       # resamples (of runs and records) for the intervals of combined correlations
 # Columns that, with the matrix set, identify a configuration (whatever else the grid varies).
 CONFIG_COLUMNS = ("method", "rank", "canary_copies", "membership", "noise_multiplier", "model")
 
@@ -186,16 +186,58 @@ def per_run_correlations(members: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _mean_z(values: np.ndarray) -> tuple[float, float, float]:
-    """Mean correlation over runs (averaged as Fisher z, reported as r) with a percentile bootstrap 95%
-    interval over runs."""
-    z = np.arctanh(np.clip(np.asarray(values, float), -0.999999, 0.999999))
-    mean = float(np.tanh(z.mean()))
-    if len(z) < 2 or np.ptp(z) == 0:
-        return mean, mean, mean
-    ci = stats.bootstrap((z,), np.mean, n_resamples=N_BOOTSTRAP, confidence_level=1 - ALPHA, method="percentile",
-                         random_state=np.random.default_rng(0)).confidence_interval
-    return mean, float(np.tanh(ci.low)), float(np.tanh(ci.high))
+def _fisher(r) -> np.ndarray:
+    return np.arctanh(np.clip(np.asarray(r, float), -0.999999, 0.999999))
+
+
+def _spearman3(x: np.ndarray) -> tuple[float, float, float]:
+    """Spearman r(share, ft), r(share, base), r(ft, base) of the columns of x (share, ft, base)."""
+    c = np.corrcoef(stats.rankdata(x, axis=0), rowvar=False)
+    return c[0, 1], c[0, 2], c[1, 2]
+
+
+def combined_correlations(members: pd.DataFrame, runs: pd.DataFrame, n_resamples: int = N_BOOTSTRAP,
+                          seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """Over the runs of `runs` (:func:`per_run_correlations`): the mean (as Fisher z, reported as r) of
+    r(share, fine-tuned ppl), r(share, base ppl), the partial r(share, fine-tuned | base), and the mean
+    z(r_ft) - z(r_base), each with a 95% percentile interval from a two-way bootstrap that resamples the
+    runs and, jointly in every run, the records (by sample_id): the runs score the same records, so an
+    interval over runs alone would ignore which records happened to be drawn."""
+    frame = members.dropna(subset=["ngram_share", "ppl_ft", "ppl_base"])
+    frame = frame[frame.run_id.isin(runs.run_id)]
+    record_ids = pd.Index(frame.sample_id.astype(str).unique())
+    per_run = []  # (row of each record id in the run or -1, the run's (share, ft, base) values)
+    for _, g in frame.groupby("run_id"):
+        where = np.full(len(record_ids), -1)
+        where[record_ids.get_indexer(g.sample_id.astype(str))] = np.arange(len(g))
+        per_run.append((where, g[["ngram_share", "ppl_ft", "ppl_base"]].to_numpy(float)))
+
+    def summary(r: np.ndarray) -> np.ndarray:  # r: (runs, 3) of r_ft, r_base, r_fb
+        z_ft, z_base = _fisher(r[:, 0]), _fisher(r[:, 1])
+        partial = [partial_correlation(*row) for row in r]
+        return np.array([z_ft.mean(), z_base.mean(), _fisher(partial).mean(), (z_ft - z_base).mean()])
+
+    point = summary(runs[["r_ft", "r_base", "r_ft_base"]].to_numpy(float))
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_resamples):
+        records = rng.integers(0, len(record_ids), len(record_ids))
+        rows = []
+        for k in rng.integers(0, len(per_run), len(per_run)):
+            where, values = per_run[k]
+            picked = where[records]
+            picked = picked[picked >= 0]
+            if len(picked) >= 3 and all(np.ptp(values[picked], axis=0) > 0):
+                rows.append(_spearman3(values[picked]))
+        if rows:
+            draws.append(summary(np.array(rows)))
+    low, high = np.percentile(np.array(draws), [100 * ALPHA / 2, 100 * (1 - ALPHA / 2)], axis=0)
+    names = ("r_ft", "r_base", "partial_r_ft", "z_gap")
+    out = {}
+    for i, name in enumerate(names):
+        back = (lambda v: v) if name == "z_gap" else np.tanh
+        out[name] = (float(back(point[i])), float(back(low[i])), float(back(high[i])))
+    return out
 
 
 def finding_perplexity(members: pd.DataFrame, per_run: pd.DataFrame | None = None) -> Finding:
@@ -211,7 +253,7 @@ def finding_perplexity(members: pd.DataFrame, per_run: pd.DataFrame | None = Non
         return Finding(title, "inconclusive", f"too few member records with varied n-gram share ({len(frame)})")
     runs = per_run if per_run is not None else (per_run_correlations(frame) if "run_id" in frame else pd.DataFrame())
     if len(runs) >= 2:
-        return _perplexity_per_run(title, runs)
+        return _perplexity_per_run(title, frame, runs)
     ft = stats.spearmanr(frame.ngram_share, frame.ppl_ft)
     base = stats.spearmanr(frame.ngram_share, frame.ppl_base)
     detail = (f"Spearman r(n-gram share, fine-tuned ppl) = {ft.statistic:.3f} (p = {ft.pvalue:.3g}); "
@@ -226,34 +268,31 @@ def finding_perplexity(members: pd.DataFrame, per_run: pd.DataFrame | None = Non
     return Finding(title, "inconclusive", detail + " (no significant link with fine-tuned perplexity)")
 
 
-def _perplexity_per_run(title: str, runs: pd.DataFrame) -> Finding:
-    """Finding (2) from per-run correlations: both halves tested over runs."""
+def _perplexity_per_run(title: str, members: pd.DataFrame, runs: pd.DataFrame) -> Finding:
+    """Finding (2) from per-run correlations: both halves tested over runs and records."""
     k = len(runs)
-    ft, ft_lo, ft_hi = _mean_z(runs.r_ft)
-    base, base_lo, base_hi = _mean_z(runs.r_base)
-    partial, partial_lo, partial_hi = _mean_z(runs.partial_r_ft)
-    z_gap = MeanTest.of(np.arctanh(np.clip(runs.r_ft, -0.999999, 0.999999))
-                        - np.arctanh(np.clip(runs.r_base, -0.999999, 0.999999)))
+    combined = combined_correlations(members, runs)
+    (ft, ft_lo, ft_hi), (base, base_lo, base_hi) = combined["r_ft"], combined["r_base"]
+    (partial, partial_lo, partial_hi), (gap, gap_lo, gap_hi) = combined["partial_r_ft"], combined["z_gap"]
     steiger_ft_stronger = int(((runs.steiger_z < 0) & (runs.steiger_p < ALPHA)).sum())
     ft_sig = int(((runs.r_ft < 0) & (runs.p_ft < ALPHA)).sum())
     base_sig = int((runs.p_base < ALPHA).sum())
-    detail = (f"over {k} runs ({int(runs.n.median())} member records each, median), correlations per run then "
-              f"combined (mean Fisher z, 95% bootstrap interval over runs): r(n-gram share, fine-tuned ppl) = "
-              f"{ft:.3f} [{ft_lo:.3f}, {ft_hi:.3f}], significant (p < {ALPHA}) in {ft_sig} of {k} runs; "
-              f"r(n-gram share, base ppl) = {base:.3f} [{base_lo:.3f}, {base_hi:.3f}], significant in {base_sig} of "
-              f"{k}; partial r(share, fine-tuned ppl | base ppl) = {partial:.3f} [{partial_lo:.3f}, {partial_hi:.3f}]; "
-              f"Steiger's test (fine-tuned link stronger than base link) significant in {steiger_ft_stronger} of {k} "
-              f"runs; z(r_ft) - z(r_base): mean {z_gap.mean:+.3f} (95% CI {z_gap.ci_low:+.3f} to {z_gap.ci_high:+.3f}, "
-              f"t-test over runs p = {z_gap.p_value:.3g})")
+    detail = (f"over {k} runs ({int(runs.n.median())} member records each, median), Spearman correlations per run "
+              f"then averaged as Fisher z, with 95% intervals from a bootstrap over runs and records: r(n-gram share, "
+              f"fine-tuned ppl) = {ft:.3f} [{ft_lo:.3f}, {ft_hi:.3f}], significant (p < {ALPHA}) in {ft_sig} of {k} "
+              f"runs; r(n-gram share, base ppl) = {base:.3f} [{base_lo:.3f}, {base_hi:.3f}], significant in {base_sig} "
+              f"of {k}; partial r(share, fine-tuned ppl | base ppl) = {partial:.3f} [{partial_lo:.3f}, "
+              f"{partial_hi:.3f}]; z(r_ft) - z(r_base) = {gap:+.3f} [{gap_lo:+.3f}, {gap_hi:+.3f}]; Steiger's test "
+              f"(fine-tuned link stronger than base link) significant in {steiger_ft_stronger} of {k} runs")
     ft_link = ft_hi < 0
     base_absent = base_lo <= 0 <= base_hi
-    base_weaker = z_gap.ci_high < 0 and partial_hi < 0  # fine-tuned link more negative, and still there given base
+    base_weaker = gap_hi < 0 and partial_hi < 0  # fine-tuned link more negative, and still there given base
     if ft_link and (base_absent or base_weaker):
         why = ("the base link is absent" if base_absent else
                "the base link is present but significantly weaker, and the fine-tuned link survives controlling for it")
-        return Finding(title, "holds", f"{detail}. Both halves: the fine-tuned link is negative over runs, and {why}")
+        return Finding(title, "holds", f"{detail}. Both halves: the fine-tuned link is negative, and {why}")
     if ft_lo > 0:
-        return Finding(title, "does not hold", f"{detail}. The fine-tuned link is positive over runs")
+        return Finding(title, "does not hold", f"{detail}. The fine-tuned link is positive")
     if ft_link:
         return Finding(title, "does not hold", f"{detail}. First half holds; second half does not: the base-model "
                        "link is present and not significantly weaker than the fine-tuned one")

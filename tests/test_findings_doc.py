@@ -152,3 +152,7 @@ def test_operator_note_is_shown_as_the_operators_words(mini, tmp_path):
     doc = md.read_text()
     assert "> **Operator's note** (written by the person who ran the study, not computed): paused 5 min" in doc
     assert "--note 'paused 5 min'" in doc  # the regenerating command includes it
+    # a note of several lines: one quote, each line a paragraph of it
+    result = CliRunner().invoke(app, ["report", str(mini), "--markdown", str(md), "--note", "first\nsecond"])
+    assert result.exit_code == 0, result.output
+    assert "computed): first\n>\n> second\n" in md.read_text()

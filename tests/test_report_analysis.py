@@ -198,6 +198,10 @@ def test_membership_designs_are_kept_apart(tmp_path):
     assert "membership" in a.study_table.matrix and (a.study_table.frame.n_runs == 1).all()
     assert (a.delong.tests.run_a.str.contains("-rand-") == a.delong.tests.run_b.str.contains("-rand-")).all()
     assert a.headline.configs.config.str.endswith(" random").sum() == 12
+    # in words, each extreme names its design: the named splits too, since the study has another
+    for row, sentence in zip((a.headline.highest, a.headline.lowest), a.headline.sentences):
+        design = "random membership design" if row.membership == "random" else "named-split membership design"
+        assert design in sentence, sentence
 
 
 def test_design_comparison_measures_what_the_named_splits_add(tmp_path):

@@ -23,13 +23,16 @@ def config_label(row) -> str:
     return label if pd.isna(row.noise_multiplier) else f"{label} dp{row.noise_multiplier:g}"
 
 
-def describe(row) -> str:
-    """A configuration in words: `LoRA on [v] at rank 2, 8 canary copies`."""
+def describe(row, several_designs: bool = False) -> str:
+    """A configuration in words: `LoRA on [v] at rank 2, 8 canary copies`; with its membership design unless it
+    is `splits` in a study that has no other."""
     what = "full fine-tuning" if row.method == "full" else f"LoRA on [{row.target_modules}] at rank {int(row['rank'])}"
     copies = int(row.canary_copies)
     text = f"{what}, {copies} canary cop{'y' if copies == 1 else 'ies'}"
     if row.membership != DEFAULT_DESIGN:
         text += f", {row.membership} membership design"
+    elif several_designs:
+        text += ", named-split membership design"
     return text if pd.isna(row.noise_multiplier) else f"{text}, DP-SGD noise {row.noise_multiplier:g}"
 
 
@@ -66,7 +69,8 @@ def headline(data: StudyResults) -> Headline:
     configs.insert(0, "config", configs.apply(config_label, axis=1))
     configs = configs.sort_values(["auc", "config"], ascending=[False, True]).reset_index(drop=True)
     top = configs.iloc[0]
-    sentences = [f"{top.config} ({describe(top)}) memorizes most: membership {_auc(top, level)} under the primary "
+    several = configs.membership.nunique() > 1
+    sentences = [f"{top.config} ({describe(top, several)}) memorizes most: membership {_auc(top, level)} under the primary "
                  f"attack {PRIMARY_ATTACK}, where 0.5 is chance."]
     figure = FigureSpec("headline", f"Membership AUC ({PRIMARY_ATTACK}) of every configuration with its "
                         f"{level:.0%} interval, highest first; red: the highest (shaded: its interval), blue: the lowest; "
@@ -75,7 +79,7 @@ def headline(data: StudyResults) -> Headline:
         sentences.append("It is the only configuration with results: there is nothing to compare it with.")
         return Headline(configs=configs, sentences=sentences, figure=figure)
     low = configs.iloc[-1]
-    sentences.append(f"The least is {low.config} ({describe(low)}), {_auc(low, level)}: {top.auc - low.auc:.3f} "
+    sentences.append(f"The least is {low.config} ({describe(low, several)}), {_auc(low, level)}: {top.auc - low.auc:.3f} "
                      f"lower, over {len(configs)} configurations.")
     overlap = bool(top.auc_ci_low <= low.auc_ci_high)
     if pd.isna(top.auc_ci_low) or pd.isna(low.auc_ci_high):

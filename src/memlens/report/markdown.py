@@ -143,7 +143,10 @@ def render(a: StudyAnalysis, figures: dict[str, Path], folder_name: str, command
     doc = Document(a, folder_name, figures)
     _header(doc, command)
     if note:
-        doc.add("> **Operator's note** (written by the person who ran the study, not computed): " + note.strip())
+        # each line of the note a paragraph, all inside one quote
+        lines = [line.strip() for line in note.strip().splitlines() if line.strip()]
+        doc.add("\n>\n".join(["> **Operator's note** (written by the person who ran the study, not computed): "
+                                + lines[0], *(f"> {line}" for line in lines[1:])]))
     doc.add(f"## {a.headline.title}")
     if a.headline.omitted:
         doc.add(f"Not measured: {a.headline.omitted.reason}.")

@@ -32,12 +32,15 @@ REQUIRED = ["run_id", "model", "target_modules", "rank", "canary_copies", "seed"
 ZERO = "untouched-zero-b"
 
 
-def _spy_base_passes(monkeypatch) -> list[str]:
+def _spy_base_passes(monkeypatch, moments_of: dict[str, bool] | None = None) -> list[str]:
+    """The label of every scoring pass, in order (and, into `moments_of`, whether it computed the moments)."""
     labels: list[str] = []
     score = Scorer.score
 
     def spy(self, model, ids, label, moments=True):
         labels.append(label)
+        if moments_of is not None:
+            moments_of[label] = moments
         return score(self, model, ids, label, moments)
 
     monkeypatch.setattr(Scorer, "score", spy)
@@ -64,10 +67,11 @@ def study_run(tmp_path_factory):
     record.artifacts = digest_files(zero_dir, "adapter")
     record.save(zero_dir / "train.json")
     with pytest.MonkeyPatch.context() as mp:
-        labels = _spy_base_passes(mp)
+        moments_of: dict[str, bool] = {}
+        labels = _spy_base_passes(mp, moments_of)
         returned = run_mia(study, show_progress=False)
     return {"study": study, "layout": layout, "run_id": run_dir.name, "returned": returned, "labels": labels,
-            "data": data}
+            "moments_of": moments_of, "data": data}
 
 
 def _rows(study_run, run_id: str, stage: str = "mia") -> pd.DataFrame:
@@ -87,10 +91,12 @@ def test_untouched_adapter_near_chance(study_run):
     scores = pd.read_parquet(study_run["layout"].run_dir(ZERO) / "mia_scores.parquet")
     np.testing.assert_allclose(scores.nll_ft, scores.nll_ref, atol=1e-5)  # B = 0: exactly the base model
     assert np.abs(scores.ref_llr).max() < 1e-3
+    # Only float noise separates ft from ref. Its AUC is not a statistic: the base pass and the adapter's
+    # pass batch the records differently, and on some CPUs that noise differs between members and
+    # non-members (on an Intel Xeon the AUC interval of ref_ratio ended at 0.43; on an AMD EPYC it held
+    # 0.5), so only the scores' spread is asserted.
+    np.testing.assert_allclose(scores.ref_ratio, 1.0, atol=1e-5)
     rows = _rows(study_run, ZERO)
-    for attack in ("ref_ratio", "ref_llr"):  # measured: only float noise separates ft from ref
-        assert abs(rows.loc[attack, "auc"] - 0.5) < 0.2
-        assert rows.loc[attack, "auc_ci_low"] < 0.5 < rows.loc[attack, "auc_ci_high"]
     # The loss attack on the untouched model measures the base model alone (same AUC); it need not be
     # 0.5 (on this subset the base model finds the members harder): why reference attacks calibrate.
     base_auc = roc_auc_score(scores.is_member, -scores.nll_ref)
@@ -161,6 +167,9 @@ def test_rerun_uses_cache_and_skips_done_runs(study_run, monkeypatch):
     again = run_mia(study, run_ids=[ZERO], force=True, show_progress=False)
     assert set(again.run_id) == {ZERO}
     assert labels == [ZERO]  # one pass of the adapter, no base pass
+    # Min-K%++ (a default attack) reads the target's moments, never the base model's
+    assert study_run["moments_of"][ZERO] and not any(m for label, m in study_run["moments_of"].items()
+                                                      if label.startswith("base"))
     with pytest.raises(ConfigError, match="no finished run"):
         run_mia(study, run_ids=["nope"], show_progress=False)
 

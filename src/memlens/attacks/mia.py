@@ -109,12 +109,12 @@ class Scorer:
         ids = self.tokenize(texts)
         key = {"kind": "token_stats", "model": self.fingerprint, "adapter": None, "tokens": tokens_hash(ids),
                "texts": stable_hash(list(texts)), "tokenizer": type(self.tokenizer).__name__,
-               "stride": self.mia.stride, "version": 1}
+               "stride": self.mia.stride, "moments": False, "version": 1}
 
         def compute() -> SequenceStats:
             self.base_passes += 1
-            with self.bank.use(None) as model:
-                return self.score(model, ids, f"base {label}")
+            with self.bank.use(None) as model:  # no attack reads the base model's moments (Min-K%++: the target's)
+                return self.score(model, ids, f"base {label}", moments=False)
 
         return cached_token_stats(self.cache_dir, key, compute)[0]
 

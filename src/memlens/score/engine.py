@@ -163,10 +163,11 @@ def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, moments: bool = Tr
     if not moments:
         nan = torch.full_like(log_z, float("nan"))
         return x.gather(-1, targets[:, None]).squeeze(-1) - log_z, nan, nan
-    # Row-wise dot products as einsum: it runs as a batched matrix product, about 3x faster on CPU than
-    # linalg.vecdot, which multiplies into a temporary and then sums.
-    mean_x = torch.einsum("nv,nv->n", e, x) / z
-    mean_x2 = torch.einsum("nv,nv->n", e.mul_(x), x) / z
+    # Row-wise dot products as in-place products and row sums on the exp buffer: on CPU about 4x faster
+    # than einsum (a batched matrix-vector product, ~10 ms per 256 x 8,192 chunk vs ~2.5 ms) and 10x
+    # faster than linalg.vecdot, which multiplies into a temporary (benchmarks/README.md, 2026-12-01).
+    mean_x = e.mul_(x).sum(-1) / z  # e becomes e * x
+    mean_x2 = e.mul_(x).sum(-1) / z  # e * x^2
     true = x.gather(-1, targets[:, None]).squeeze(-1) - log_z
     return true, mean_x - log_z, (mean_x2 - mean_x.square()).clamp_(min=0)
 

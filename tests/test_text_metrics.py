@@ -21,6 +21,7 @@ from memlens.metrics.text import (
     rouge_l,
     sentence_bleu,
     tfidf_cosine,
+    tfidf_cosines,
 )
 
 PAIRS = [
@@ -123,6 +124,33 @@ def test_tfidf_cosine_equals_hand_computation():
         a, b = vec(docs[0], idf), vec(docs[1], idf)
         assert tfidf_cosine(gen, ref) == pytest.approx(sum(a[w] * b.get(w, 0.0) for w in a))
     assert tfidf_cosine("a", "b") == 0.0  # no word of 2+ characters: no vocabulary
+
+
+def test_tfidf_cosines_match_a_tfidf_vectorizer_fitted_per_pair():
+    """The batched form (one CountVectorizer for all pairs) equals sklearn's TfidfVectorizer fitted on each
+    pair, including pairs where one or both texts have no word, repeated words and case."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    rng = np.random.default_rng(0)
+    words = ["Drug", "drug", "rash", "dose", "the", "of", "liver", "a", "x", "hepatitis", "renal", "2mg"]
+    pairs = [*PAIRS, ("", "a b"), ("a", "the drug"), ("The Drug!", "the drug"), ("", "")]
+    pairs += [(" ".join(rng.choice(words, rng.integers(0, 15))), " ".join(rng.choice(words, rng.integers(0, 15))))
+              for _ in range(300)]
+
+    def per_pair(gen: str, ref: str) -> float:
+        try:
+            vectors = TfidfVectorizer().fit_transform([gen, ref])
+        except ValueError:  # empty vocabulary
+            return 0.0
+        return float(cosine_similarity(vectors[0], vectors[1])[0, 0])
+
+    batched = tfidf_cosines([g for g, _ in pairs], [r for _, r in pairs])
+    np.testing.assert_allclose(batched, [per_pair(g, r) for g, r in pairs], rtol=0, atol=1e-12)
+    assert 0 < (batched == 0).sum() < len(pairs) and (np.abs(batched - 1) < 1e-12).any()
+    assert tfidf_cosines(["a"], ["b"]).tolist() == [0.0] and len(tfidf_cosines([], [])) == 0
+    with pytest.raises(ValueError, match="1 generated texts but 2 references"):
+        tfidf_cosines(["a"], ["b", "c"])
 
 
 def test_extraction_rates_count_each_discriminative_function():

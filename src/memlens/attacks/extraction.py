@@ -34,7 +34,7 @@ from memlens.attacks.generate import Decoding, PromptSplit, generate_continuatio
 from memlens.config import ConfigError, ExtractionConfig, StudyConfig, stable_hash
 from memlens.attacks.mia import run_design, study_designs
 from memlens.data import Canary
-from memlens.metrics.text import extraction_rates, pair_metrics
+from memlens.metrics.text import extraction_rates, pair_metrics, tfidf_cosines
 from memlens.models import AdapterBank, load_base_model, load_tokenizer, resolve_device
 from memlens.score import token_stats
 from memlens.store import RunFile, StudyFile, StudyLayout, atomic_write_parquet, run_metadata, upsert_results
@@ -175,27 +175,29 @@ def score_rows(run_id: str, model_label: str, targets: pd.DataFrame, prompts: di
                generations: dict[str, pd.DataFrame], ppl_base: dict[str, float], ppl_ft: dict[str, float],
                tokenizer, cfg: ExtractionConfig) -> pd.DataFrame:
     """One row per (sequence, decoding) with every similarity measure."""
-    rows = []
+    pairs = []  # (decoding, target, prompt, generation, suffix text)
     for dec_name, frame in generations.items():
         by_key = frame.set_index("key")
         for target in targets.itertuples(index=False):
             prompt = prompts[target.text]
-            if prompt is None:
-                continue
-            gen = by_key.loc[target.text]
-            suffix_text = tokenizer.decode(prompt.split.suffix, skip_special_tokens=False)
-            metrics = pair_metrics(gen.generated_ids, prompt.split.suffix, gen.generated_text, suffix_text,
-                                   cfg.verbatim_threshold)
-            rows.append({
-                "run_id": run_id, "model": model_label, "sample_id": target.sample_id,
-                "group": target.group, "is_canary": bool(target.is_canary), "is_member": bool(target.is_member),
-                "decoding": dec_name, "prefix_len": len(prompt.split.prefix),
-                "suffix_len": len(prompt.split.suffix), "generated_len": len(gen.generated_ids),
-                **metrics.to_dict(),
-                "ppl_base": ppl_base[target.text], "ppl_ft": ppl_ft[target.text],
-                "ppl_generated": float(gen.ppl_generated),
-                "generated_text": gen.generated_text, "suffix_text": suffix_text,
-            })
+            if prompt is not None:
+                pairs.append((dec_name, target, prompt, by_key.loc[target.text],
+                               tokenizer.decode(prompt.split.suffix, skip_special_tokens=False)))
+    tfidf = tfidf_cosines([gen.generated_text for *_, gen, _ in pairs], [suffix for *_, suffix in pairs])
+    rows = []
+    for (dec_name, target, prompt, gen, suffix_text), cosine in zip(pairs, tfidf):
+        metrics = pair_metrics(gen.generated_ids, prompt.split.suffix, gen.generated_text, suffix_text,
+                               cfg.verbatim_threshold, tfidf=float(cosine))
+        rows.append({
+            "run_id": run_id, "model": model_label, "sample_id": target.sample_id,
+            "group": target.group, "is_canary": bool(target.is_canary), "is_member": bool(target.is_member),
+            "decoding": dec_name, "prefix_len": len(prompt.split.prefix),
+            "suffix_len": len(prompt.split.suffix), "generated_len": len(gen.generated_ids),
+            **metrics.to_dict(),
+            "ppl_base": ppl_base[target.text], "ppl_ft": ppl_ft[target.text],
+            "ppl_generated": float(gen.ppl_generated),
+            "generated_text": gen.generated_text, "suffix_text": suffix_text,
+        })
     return pd.DataFrame(rows)
 
 

@@ -87,8 +87,10 @@ def test_varlen_and_block_mask_packing_train_the_same_model(llama_runs):
     for p, q in zip(varlen.loss_curve, mask.loss_curve, strict=True):
         assert p["loss"] == pytest.approx(q["loss"], rel=1e-5)
     a, b = _adapter(llama_runs["packed"][1]), _adapter(llama_runs["packed_mask"][1])
-    for key in a:  # Adam divides by the gradient's own scale: float-rounding differences reach ~1e-5
-        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+    # Adam divides by the gradient's own scale, so float-rounding differences of the two attention paths
+    # reach ~2e-5 on an element near zero (seen on an Intel Xeon): compared at 0.1% of each tensor's scale.
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-3 * float(a[key].abs().max()))
 
 
 def test_fine_tuning_lowers_the_loss_on_its_training_records(llama_runs):

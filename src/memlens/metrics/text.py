@@ -98,8 +98,9 @@ def tfidf_cosines(generated: Sequence[str], references: Sequence[str]) -> np.nda
     dot = np.asarray(a.multiply(b).sum(1)).ravel()  # shared words only, whose idf is 1
 
     def squared_norm(x, other):
-        total = np.asarray(x.multiply(x).sum(1)).ravel()
-        shared = np.asarray(x.multiply(x).multiply(other > 0).sum(1)).ravel()
+        squares = x.multiply(x)
+        total = np.asarray(squares.sum(1)).ravel()
+        shared = np.asarray(squares.multiply(other > 0).sum(1)).ravel()
         return shared + _IDF_ONE_TEXT ** 2 * (total - shared)
 
     denominator = np.sqrt(squared_norm(a, b) * squared_norm(b, a))

@@ -166,10 +166,11 @@ def test_rerun_uses_cache_and_skips_done_runs(study_run, monkeypatch):
     assert labels == []
     again = run_mia(study, run_ids=[ZERO], force=True, show_progress=False)
     assert set(again.run_id) == {ZERO}
-    assert labels == [ZERO]  # one pass of the adapter, no base pass
-    # Min-K%++ (a default attack) reads the target's moments, never the base model's
-    assert study_run["moments_of"][ZERO] and not any(m for label, m in study_run["moments_of"].items()
-                                                      if label.startswith("base"))
+    assert labels == [ZERO, f"{ZERO} utility"]  # the adapter's passes (records, utility split), no base pass
+    # Min-K%++ (a default attack) reads the target's moments, never the base model's nor the utility split's
+    moments_of = study_run["moments_of"]
+    assert moments_of[ZERO] and not moments_of[f"{ZERO} utility"]
+    assert not any(m for label, m in moments_of.items() if label.startswith("base"))
     with pytest.raises(ConfigError, match="no finished run"):
         run_mia(study, run_ids=["nope"], show_progress=False)
 

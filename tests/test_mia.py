@@ -15,8 +15,9 @@ from sklearn.metrics import roc_auc_score
 from memlens.attacks.bow import bag_of_words_baseline
 from memlens.attacks.mia import Scorer, attack_models, run_mia
 from memlens.attacks.registry import ATTACKS
-from memlens.config import DEFAULT_MIA_ATTACKS, ConfigError
+from memlens.config import DEFAULT_MIA_ATTACKS, ConfigError, dump_study
 from memlens.data import load_study_data
+from memlens.report import analyse
 from memlens.runner import run_study
 from memlens.store import StudyLayout, read_results
 from memlens.store.integrity import digest_files
@@ -125,6 +126,20 @@ def test_score_rows_count_canary_once(study_run):
     assert (scores.n_tokens > 0).all()
     rows = _rows(study_run, run_id)
     assert 0 <= rows.loc["ref_ratio", "canary_nonmember_quantile"] <= 1
+
+
+def test_an_unchanged_model_is_flagged(study_run):
+    """The adapter with B zeroed predicts what the base model does: every attack row says its scores measure the
+    base model (as a flag and a note), the trained adapter's rows do not, and the report warns above the table."""
+    zero, trained = _rows(study_run, ZERO).drop("bag_of_words"), _rows(study_run, study_run["run_id"]).drop("bag_of_words")
+    assert zero.model_unchanged.astype(bool).all() and not trained.model_unchanged.astype(bool).any()
+    assert zero.note.str.contains("predicts what the base model does").all()
+    assert not trained.note.fillna("").str.contains("base model does").any()
+    layout = study_run["layout"]
+    if not layout.study_file.exists():  # run_mia was called directly: the study file run_study writes
+        layout.study_file.write_text(dump_study(study_run["study"]))
+    table = analyse(layout.root).study_table
+    assert table.unchanged_runs == [ZERO] and ZERO in table.warning
 
 
 def test_results_table(study_run):

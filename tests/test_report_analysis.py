@@ -166,6 +166,22 @@ def test_analysis_writes_nothing_and_both_renderers_consume_it(study, tmp_path):
     assert md.exists() and (tmp_path / "docs" / "findings").is_dir()
 
 
+def test_runs_whose_model_is_unchanged_are_named_above_the_table(tmp_path):
+    root = synthetic_study(tmp_path / "out")
+    results_file = StudyLayout(root).results_file
+    results = pd.read_parquet(results_file)
+    unchanged = "q-r1-c1-s0-synthetic"
+    results["model_unchanged"] = (results.run_id == unchanged) & (results.stage == "mia")
+    results.to_parquet(results_file, index=False)
+    a = analyse(root)
+    assert a.study_table.unchanged_runs == [unchanged]
+    doc = "\n".join(render(a, {}, "findings", "memlens report").lines)
+    page = write_html(a).index.read_text()
+    for text in (doc, page):
+        assert "Warning: 1 run(s) (q-r1-c1-s0-synthetic) predict what the base model does" in text
+    assert analyse(synthetic_study(tmp_path / "clean")).study_table.warning is None
+
+
 def test_headline_names_the_highest_and_lowest_configuration_and_how_sure(study):
     h = analyse(study).headline
     assert len(h.sentences) == 3 and h.figure.name == "headline"

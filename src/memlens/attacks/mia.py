@@ -67,6 +67,9 @@ from memlens.train import read_members
 log = logging.getLogger(__name__)
 
 BOW_ATTACK = "bag_of_words"
+# A fine-tuned model whose mean NLL is within this of the base model's on every record predicts what the base
+# model does (float noise from batching is ~1e-7 nats): its membership scores measure the base model.
+UNCHANGED_NLL_TOL = 1e-5
 
 
 # ------------------------------------------------------------------------------------- scoring
@@ -293,6 +296,9 @@ def _result_rows(scores: pd.DataFrame, utility: dict, attacks: list[str], mia: M
                  bow: dict | None) -> pd.DataFrame:
     labels = scores.is_member.to_numpy()
     canary = scores.is_canary.to_numpy()
+    unchanged = unchanged_model_note(scores)
+    if unchanged:
+        log.warning("run %s: %s", meta.get("run_id"), unchanged)
     rows = []
     for attack in attacks:
         values = scores[attack].to_numpy()
@@ -301,9 +307,13 @@ def _result_rows(scores: pd.DataFrame, utility: dict, attacks: list[str], mia: M
         row = {**meta, "stage": "mia", "attack": attack,
                **membership_metrics(labels[scored], values[scored], n_bootstrap=mia.bootstrap, level=mia.ci_level,
                                     max_fpr=mia.max_fpr_operating_point)}
+        notes = [unchanged] if unchanged else []
         if not scored.all():
-            row["note"] = (f"{int((~scored).sum())} member(s) left unscored: the run's own members in the attack's "
-                           "member prefix")
+            notes.append(f"{int((~scored).sum())} member(s) left unscored: the run's own members in the attack's "
+                         "member prefix")
+        row["model_unchanged"] = bool(unchanged)
+        if notes:
+            row["note"] = "; ".join(notes)
         if canary.any():  # where the canary ranks among non-members (it is one member among the others)
             c = float(values[canary][0])
             row["canary_score"] = c
@@ -316,6 +326,18 @@ def _result_rows(scores: pd.DataFrame, utility: dict, attacks: list[str], mia: M
                      "biased_split": bow["biased_split"], "note": bow["note"]})
     rows.append({**meta, "stage": "utility", "attack": "perplexity", **utility})
     return pd.DataFrame(rows)
+
+
+def unchanged_model_note(scores: pd.DataFrame) -> str | None:
+    """Why a run's membership scores measure the base model, when the fine-tuned model's mean NLL equals the
+    base model's on every record (training changed no prediction, e.g. a learning rate still 0 in warm-up):
+    the likelihood attacks then score the base model, and the reference ratio scores float noise."""
+    gap = np.abs(scores.nll_ft.to_numpy(float) - scores.nll_ref.to_numpy(float))
+    gap = gap[np.isfinite(gap)]
+    if not len(gap) or gap.max() > UNCHANGED_NLL_TOL:
+        return None
+    return (f"the fine-tuned model predicts what the base model does (mean NLL within {gap.max():.1e} nats on "
+            f"every record): these scores measure the base model, not what fine-tuning memorized")
 
 
 @contextlib.contextmanager

@@ -70,6 +70,8 @@ def finding_1(doc: Document) -> None:
     if table.omitted:
         doc.add(f"No AUC table: {table.omitted.reason}.")
     else:
+        if table.warning:
+            doc.add(table.warning)
         matrix = table.matrix.astype(object)
         doc.add(f"Membership-inference ROC AUC of the `{a.primary_attack}` attack (the study's P_ref / P_ft), ± half "
                 f"the {table.ci_level:.0%} Hanley-McNeil interval; mean over runs where a cell has several (n):",

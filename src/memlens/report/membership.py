@@ -44,12 +44,26 @@ class StudyTable(Section):
     ci_level: float = 0.95
     frame: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/study_table.csv
     matrix: pd.DataFrame = field(default_factory=pd.DataFrame)  # rank (+ varying axes) x "[matrices]": AucCell
+    unchanged_runs: list[str] = field(default_factory=list)  # runs whose fine-tuned model predicts as the base does
+
+    @property
+    def warning(self) -> str | None:
+        """What the table's AUCs of unchanged runs measure, when there are such runs."""
+        if not self.unchanged_runs:
+            return None
+        n, shown = len(self.unchanged_runs), ", ".join(self.unchanged_runs[:5])
+        return (f"Warning: {n} run(s) ({shown}{', ...' if n > 5 else ''}) predict what the base model does (mean NLL "
+                "within 1e-5 nats of the base model's on every record): training changed nothing (e.g. too few steps "
+                "for the warm-up), so their AUCs measure the base model, not memorization.")
 
 
 def study_table(data: StudyResults) -> StudyTable:
     primary, level = data.primary(), data.study.mia.ci_level
     if primary.empty:
         return StudyTable(ci_level=level, omitted=Omission("study table", data.primary_missing()))
+    # the column is absent from folders made before memlens checked for unchanged models
+    unchanged = sorted(primary.run_id[primary.model_unchanged.fillna(False).astype(bool)].unique()) \
+        if "model_unchanged" in primary else []
     keys = ["target_modules", "rank", *varying_axes(primary)]
     agg = primary.groupby(keys, dropna=False).agg(
         n_runs=("run_id", "nunique"), auc=("auc", "mean"), auc_sd_runs=("auc", "std"),
@@ -65,7 +79,7 @@ def study_table(data: StudyResults) -> StudyTable:
                                                    int(r.trainable_params), r.trainable_pct)
         rows.append(row)
     matrix = pd.DataFrame(rows, columns=[*keys[1:], *(f"[{s}]" for s in sets)])
-    return StudyTable(ci_level=level, frame=agg, matrix=matrix)
+    return StudyTable(ci_level=level, frame=agg, matrix=matrix, unchanged_runs=unchanged)
 
 
 @dataclass(kw_only=True)

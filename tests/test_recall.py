@@ -65,11 +65,13 @@ def test_recall_and_con_recall_scores():
 def test_partial_scores_are_left_out_of_the_metrics_with_a_note():
     rng = np.random.default_rng(0)
     n = 60
-    scores = pd.DataFrame({"is_member": np.arange(n) < 30, "is_canary": False, "con_recall": rng.normal(size=n)})
+    scores = pd.DataFrame({"is_member": np.arange(n) < 30, "is_canary": False, "con_recall": rng.normal(size=n),
+                           "nll_ft": rng.uniform(2, 3, n), "nll_ref": rng.uniform(3, 4, n)})
     scores.loc[[0, 1, 2], "con_recall"] = np.nan
     rows = _result_rows(scores, {}, ["con_recall"], MIAConfig(bootstrap=0), {"run_id": "r"}, None)
     row = rows[rows.attack == "con_recall"].iloc[0]
     assert row.n_members == 27 and row.n_non_members == 30 and "3 member(s) left unscored" in row.note
+    assert not row.model_unchanged and "base model" not in row.note
 
 
 def test_checks():

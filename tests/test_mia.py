@@ -58,6 +58,7 @@ def study_run(tmp_path_factory):
     layout = StudyLayout(study.out_dir)
     data = load_study_data(study.data)
     run_dir = finetune_cell(study, study.cells()[0], data, layout)
+    layout.study_file.write_text(dump_study(study))  # what run_study writes (the report reads it)
     zero_dir = layout.run_dir(ZERO)
     shutil.copytree(run_dir, zero_dir)
     weights = zero_dir / "adapter" / "adapter_model.safetensors"
@@ -135,10 +136,7 @@ def test_an_unchanged_model_is_flagged(study_run):
     assert zero.model_unchanged.astype(bool).all() and not trained.model_unchanged.astype(bool).any()
     assert zero.note.str.contains("predicts what the base model does").all()
     assert not trained.note.fillna("").str.contains("base model does").any()
-    layout = study_run["layout"]
-    if not layout.study_file.exists():  # run_mia was called directly: the study file run_study writes
-        layout.study_file.write_text(dump_study(study_run["study"]))
-    table = analyse(layout.root).study_table
+    table = analyse(study_run["layout"].root).study_table
     assert table.unchanged_runs == [ZERO] and ZERO in table.warning
 
 

@@ -61,15 +61,13 @@ from memlens.store import (
     upsert_results,
 )
 from memlens.store.lock import write_lock
+from memlens.store.results import UNCHANGED_NLL_TOL
 from memlens.store.records import CellRecord
 from memlens.train import read_members
 
 log = logging.getLogger(__name__)
 
 BOW_ATTACK = "bag_of_words"
-# A fine-tuned model whose mean NLL is within this of the base model's on every record predicts what the base
-# model does (float noise from batching is ~1e-7 nats): its membership scores measure the base model.
-UNCHANGED_NLL_TOL = 1e-5
 
 
 # ------------------------------------------------------------------------------------- scoring
@@ -211,7 +209,7 @@ def _score_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attac
         ft_utility = scorer.score(model, scorer.tokenize(utility_texts), f"{name} utility", moments=False) \
             if u else None
     ft = every.select(np.arange(n))
-    ft_lower = every.select(np.arange(n, n + n)) if want_lower else None
+    ft_lower = every.select(np.arange(n, 2 * n)) if want_lower else None
     conditional, start = {}, len(ids)
     for key in prefixed:  # each record's mean log-likelihood after the prefix, over its own tokens only
         conditional[key] = tail_mean_logprob(every.select(np.arange(start, start + n)), ft.n_tokens)

@@ -74,7 +74,7 @@ def _study_table(s: mb.StudyTable) -> str:
     matrix = s.matrix.astype(object).map(cell)
     table = matrix.to_html(index=False, border=0, escape=False, classes="data", na_rep="—")
     warning = f'<p class="warn">{html.escape(s.warning)}</p>' if s.warning else ""
-    return warning + (f"<p>Membership inference ROC AUC of the <code>{mb.PRIMARY_ATTACK}</code> attack, ± half the "
+    return (f"{warning}<p>Membership inference ROC AUC of the <code>{mb.PRIMARY_ATTACK}</code> attack, ± half the "
             f"{s.ci_level:.0%} confidence interval (mean over seeds/runs where there are several), with the number "
             f'and share of trainable parameters.</p><div class="table" data-name="study_table">{table}'
             '<p class="src">tables/study_table.csv</p></div>')

@@ -15,6 +15,7 @@ from memlens.report.data import PRIMARY_ATTACK, StudyResults
 from memlens.report.findings import QK, VO
 from memlens.report.saturation import SaturationFit, fit_table
 from memlens.report.section import FigureSpec, Omission, Section
+from memlens.store.results import UNCHANGED_NLL_TOL
 
 TPR_POINTS = ("10pct", "1pct", "0_1pct")
 GRID_AXES = ("canary_copies", "noise_multiplier", "method", "membership")
@@ -53,8 +54,8 @@ class StudyTable(Section):
             return None
         n, shown = len(self.unchanged_runs), ", ".join(self.unchanged_runs[:5])
         return (f"Warning: {n} run(s) ({shown}{', ...' if n > 5 else ''}) predict what the base model does (mean NLL "
-                "within 1e-5 nats of the base model's on every record): training changed nothing (e.g. too few steps "
-                "for the warm-up), so their AUCs measure the base model, not memorization.")
+                f"within {UNCHANGED_NLL_TOL:g} nats of the base model's on every record): training changed nothing "
+                "(e.g. too few steps for the warm-up), so their AUCs measure the base model, not memorization.")
 
 
 def study_table(data: StudyResults) -> StudyTable:

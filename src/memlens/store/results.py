@@ -20,6 +20,9 @@ KEY = ["run_id", "stage", "attack"]
 ID_COLUMNS = ["run_id", "model", "method", "target_modules", "rank", "canary_copies", "seed", "membership",
               "noise_multiplier",
               "epsilon", "trainable_params", "total_params", "trainable_pct", "stage", "attack"]
+# `model_unchanged` (mia rows): the fine-tuned model's mean NLL is within this of the base model's on every record,
+# so it predicts what the base model does (float noise from batching is ~1e-7 nats) and its scores measure the base.
+UNCHANGED_NLL_TOL = 1e-5
 
 
 def run_metadata(layout: StudyLayout, run_id: str) -> dict:

@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from memlens.attacks.mia import prepare_base_cache  # noqa: E402
 from memlens.config import load_study  # noqa: E402
+from memlens.context import StudyContext  # noqa: E402
 from memlens.runner import run_study  # noqa: E402
 from memlens.store import StudyLayout  # noqa: E402
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         start = time.perf_counter()
         if study.mia.enabled:  # the base model's scores: once per study, whatever its number of cells
-            prepare_base_cache(study)
+            prepare_base_cache(StudyContext(study))
         base_s = time.perf_counter() - start
         summary = run_study(study, report=False, show_progress=False)
         total = time.perf_counter() - start

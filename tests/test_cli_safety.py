@@ -14,7 +14,7 @@ from memlens.store.lock import StudyLock
 from memlens.study import normalise_study, write_status
 from tests.conftest import make_study
 
-WRITERS = [["finetune"], ["attack", "mia"], ["attack", "extract"], ["run"]]
+WRITERS = [["finetune"], ["attack", "mia"], ["attack", "extraction"], ["run"]]
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from memlens.attacks.exposure import (
     space_size,
 )
 from memlens.attacks.extraction import run_extraction
+from memlens.context import StudyContext
 from memlens.data import Canary, load_study_data
 from memlens.models import AdapterBank, load_base_model, load_tokenizer
 from memlens.store import StudyLayout
@@ -42,7 +43,7 @@ def insert_run(tmp_path_factory):
     )
     layout = StudyLayout(study.out_dir)
     run_dir = finetune_cell(study, study.cells()[0], load_study_data(study.data), layout)
-    rows = run_extraction(study, show_progress=False)
+    rows = run_extraction(StudyContext(study))
     return study, layout, run_dir, rows
 
 

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from memlens.attacks.extraction import run_extraction, select_targets
+from memlens.context import StudyContext
 from memlens.config import ConfigError, ExtractionConfig
 from memlens.data import load_study_data
 from memlens.models import load_tokenizer
@@ -35,7 +36,7 @@ def canary_run(tmp_path_factory):
     )
     layout = StudyLayout(study.out_dir)
     run_dir = finetune_cell(study, study.cells()[0], load_study_data(study.data), layout)
-    rows = run_extraction(study, show_progress=False)
+    rows = run_extraction(StudyContext(study))
     return study, layout, run_dir, rows
 
 
@@ -89,16 +90,18 @@ def test_rows_and_aggregates(canary_run):
 def test_resume_skips_done_runs_and_force_recomputes(canary_run):
     study, layout, run_dir, _ = canary_run
     before = pd.read_parquet(run_dir / "extraction.parquet")
-    assert run_extraction(study, show_progress=False).empty  # nothing pending
-    again = run_extraction(study, run_ids=[run_dir.name], force=True, show_progress=False)
+    ctx = StudyContext(study)
+    assert run_extraction(ctx).empty  # nothing pending
+    again = run_extraction(ctx, ctx.cells_of([run_dir.name]), force=True)
     assert len(again) == 12
     after = pd.read_parquet(run_dir / "extraction.parquet")
     pd.testing.assert_frame_equal(before, after)  # greedy and seeded sampling reproduce exactly
     # the base-model control came from the cache the first call wrote: 13 records x 2 decodings
     cache = list(layout.cache.glob("extraction-base-*.parquet"))
     assert len(cache) == 1 and len(pd.read_parquet(cache[0])) == 26
+    seed_1 = study.model_copy(update={"grid": study.grid.model_copy(update={"seed": [1]})}).cells()
     with pytest.raises(ConfigError, match="no finished run"):
-        run_extraction(study, run_ids=["no-such-run"], show_progress=False)
+        run_extraction(ctx, seed_1)
 
 
 def test_select_targets_is_seeded_and_keeps_the_canary():

@@ -21,7 +21,8 @@ from memlens.report import analyse
 from memlens.runner import run_study
 from memlens.store import StudyLayout, read_results
 from memlens.store.integrity import digest_files
-from memlens.store.records import TrainRecord
+from memlens.context import StudyContext
+from memlens.store.records import CellRecord, TrainRecord
 from memlens.train import finetune_cell, read_members
 
 from .conftest import LLAMA_TINY, PHEE, make_study
@@ -30,7 +31,6 @@ REQUIRED = ["run_id", "model", "target_modules", "rank", "canary_copies", "seed"
             "auc", "auc_ci_low", "auc_ci_high", "auc_boot_low", "auc_boot_high", "tpr_at_10pct_fpr",
             "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "tpr_at_1pct_fpr_note", "op_threshold", "op_tpr", "op_fpr",
             "n_members", "n_non_members"]
-ZERO = "untouched-zero-b"
 
 
 def _spy_base_passes(monkeypatch, moments_of: dict[str, bool] | None = None) -> list[str]:
@@ -50,17 +50,21 @@ def _spy_base_passes(monkeypatch, moments_of: dict[str, bool] | None = None) -> 
 
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory):
-    """A LoRA adapter trained many epochs on 32 members, plus a copy with B zeroed (= the base model)."""
+    """A LoRA adapter trained many epochs on 32 members (seed 0), and as the study's seed-1 run a copy of it
+    with B zeroed (= the base model)."""
     study = make_study(tmp_path_factory.mktemp("mia") / "study", data={"subset": 32},
-                       grid={"target_modules": [["q", "v"]], "rank": [8]},
+                       grid={"target_modules": [["q", "v"]], "rank": [8], "seed": [0, 1]},
                        train={"epochs": 20, "learning_rate": 1e-2, "batch_size": 8},
                        mia={"bootstrap": 100, "attacks": [*DEFAULT_MIA_ATTACKS, "lowercase"]})  # lowercase: opt-in
     layout = StudyLayout(study.out_dir)
     data = load_study_data(study.data)
-    run_dir = finetune_cell(study, study.cells()[0], data, layout)
+    trained, untouched = study.cells()
+    run_dir = finetune_cell(study, trained, data, layout)
     layout.study_file.write_text(dump_study(study))  # what run_study writes (the report reads it)
-    zero_dir = layout.run_dir(ZERO)
+    zero = untouched.run_id(study)
+    zero_dir = layout.run_dir(zero)
     shutil.copytree(run_dir, zero_dir)
+    CellRecord.model_validate({"run_id": zero, **untouched.determinants(study)}).save(zero_dir / "cell.json")
     weights = zero_dir / "adapter" / "adapter_model.safetensors"
     tensors = load_file(weights)
     assert any("lora_B" in k for k in tensors)
@@ -71,9 +75,9 @@ def study_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         moments_of: dict[str, bool] = {}
         labels = _spy_base_passes(mp, moments_of)
-        returned = run_mia(study, show_progress=False)
+        returned = run_mia(StudyContext(study))
     return {"study": study, "layout": layout, "run_id": run_dir.name, "returned": returned, "labels": labels,
-            "moments_of": moments_of, "data": data}
+            "moments_of": moments_of, "data": data, "zero": zero}
 
 
 def _rows(study_run, run_id: str, stage: str = "mia") -> pd.DataFrame:
@@ -90,6 +94,7 @@ def test_memorizing_adapter_auc_near_one(study_run):
 
 
 def test_untouched_adapter_near_chance(study_run):
+    ZERO = study_run["zero"]
     scores = pd.read_parquet(study_run["layout"].run_dir(ZERO) / "mia_scores.parquet")
     np.testing.assert_allclose(scores.nll_ft, scores.nll_ref, atol=1e-5)  # B = 0: exactly the base model
     assert np.abs(scores.ref_llr).max() < 1e-3
@@ -106,6 +111,7 @@ def test_untouched_adapter_near_chance(study_run):
 
 
 def test_saved_scores_reproduce_results(study_run):
+    ZERO = study_run["zero"]
     scores = pd.read_parquet(study_run["layout"].root / "mia_scores.parquet")
     assert set(scores.run_id) == {study_run["run_id"], ZERO}
     for run_id, frame in scores.groupby("run_id"):
@@ -132,6 +138,7 @@ def test_score_rows_count_canary_once(study_run):
 def test_an_unchanged_model_is_flagged(study_run):
     """The adapter with B zeroed predicts what the base model does: every attack row says its scores measure the
     base model (as a flag and a note), the trained adapter's rows do not, and the report warns above the table."""
+    ZERO = study_run["zero"]
     zero, trained = _rows(study_run, ZERO).drop("bag_of_words"), _rows(study_run, study_run["run_id"]).drop("bag_of_words")
     assert zero.model_unchanged.astype(bool).all() and not trained.model_unchanged.astype(bool).any()
     assert zero.note.str.contains("predicts what the base model does").all()
@@ -141,6 +148,7 @@ def test_an_unchanged_model_is_flagged(study_run):
 
 
 def test_results_table(study_run):
+    ZERO = study_run["zero"]
     rows = _rows(study_run, study_run["run_id"])
     missing = [c for c in REQUIRED if c not in rows.reset_index().columns]
     assert not missing
@@ -155,6 +163,7 @@ def test_results_table(study_run):
 
 
 def test_utility_perplexities(study_run):
+    ZERO = study_run["zero"]
     layout = study_run["layout"]
     for run_id in (study_run["run_id"], ZERO):
         util = _rows(study_run, run_id, "utility").loc["perplexity"]
@@ -172,20 +181,23 @@ def test_utility_perplexities(study_run):
 
 
 def test_rerun_uses_cache_and_skips_done_runs(study_run, monkeypatch):
-    study = study_run["study"]
+    ctx, ZERO = StudyContext(study_run["study"]), study_run["zero"]
     assert any(label.startswith("base") for label in study_run["labels"])  # the first run computed them
     labels = _spy_base_passes(monkeypatch)
-    assert run_mia(study, show_progress=False).empty  # nothing pending
+    assert run_mia(ctx).empty  # nothing pending
     assert labels == []
-    again = run_mia(study, run_ids=[ZERO], force=True, show_progress=False)
+    again = run_mia(ctx, ctx.cells_of([ZERO]), force=True)
     assert set(again.run_id) == {ZERO}
     assert labels == [ZERO, f"{ZERO} utility"]  # the adapter's passes (records, utility split), no base pass
     # Min-K%++ (a default attack) reads the target's moments, never the base model's nor the utility split's
     moments_of = study_run["moments_of"]
     assert moments_of[ZERO] and not moments_of[f"{ZERO} utility"]
     assert not any(m for label, m in moments_of.items() if label.startswith("base"))
+    with pytest.raises(ConfigError, match="not a run of this study"):
+        ctx.cells_of(["nope"])
+    unfinished = study_run["study"].model_copy(update={"grid": study_run["study"].grid.model_copy(update={"seed": [2]})})
     with pytest.raises(ConfigError, match="no finished run"):
-        run_mia(study, run_ids=["nope"], show_progress=False)
+        run_mia(ctx, unfinished.cells())
 
 
 def test_attack_models_direct_api(study_run, tmp_path):

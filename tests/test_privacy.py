@@ -10,6 +10,7 @@ import pytest
 from scipy import special, stats
 
 from memlens.attacks.audit import run_privacy_audit
+from memlens.context import StudyContext
 from memlens.metrics.privacy import epsilon_lower_bound, one_run_epsilon_lower_bound, p_value_dp_audit
 from memlens.store import RunFile, StudyLayout, read_results
 from memlens.store.records import CellRecord, TrainRecord
@@ -66,19 +67,19 @@ def test_random_split_is_required_and_bonferroni_applies():
         one_run_epsilon_lower_bound(scores, is_member, delta=1e-5, random_split=True, guesses=[(150, 100)])
 
 
-def _fake_run(layout: StudyLayout, run_id: str, dp: dict | None, scores: pd.DataFrame) -> None:
+def _fake_run(study, cell, dp: dict | None, scores: pd.DataFrame) -> str:
+    """A finished run of `cell` (its records, not its model: the audit reads scores and train.json)."""
+    layout, run_id = StudyLayout(study.out_dir), cell.run_id(study)
     run_dir = layout.run_dir(run_id)
     run_dir.mkdir(parents=True)
-    cell = {"method": "lora", "target_modules": ["q"], "rank": 2, "canary_copies": 1, "seed": 0,
-            "noise_multiplier": dp["noise_multiplier"] if dp else None}
-    CellRecord.model_validate({"run_id": run_id, "cell": cell, "model": {"name_or_path": "llama-tiny"}, "data": {},
-                               "canary": {}, "train": {}}).save(layout.run_file(run_id, RunFile.CELL))
+    CellRecord.model_validate({"run_id": run_id, **cell.determinants(study)}).save(layout.run_file(run_id, RunFile.CELL))
     train = {"run_id": run_id, "seed": 0, "canary": {}, "trainable_params": 10, "total_params": 100,
              "trainable_pct": 10.0, "n_train_records": 100}
     if dp:
         train["dp"] = dp
     TrainRecord.model_validate(train).save(layout.run_file(run_id, RunFile.TRAIN))
     scores.assign(run_id=run_id).to_parquet(run_dir / "mia_scores.parquet")
+    return run_id
 
 
 def test_privacy_stage_writes_epsilon_and_bound_rows(tmp_path):
@@ -88,22 +89,24 @@ def test_privacy_stage_writes_epsilon_and_bound_rows(tmp_path):
                            "ref_ratio": is_member * 2.0 + rng.normal(0, 0.5, 200), "loss": rng.normal(size=200)})
     # the audit's delta: the DP run's own, else dp.delta. (The default 1/n^1.1 would make the bound vacuous
     # here: its 2 m delta term is > 1 when the audited records are about as many as the training records.)
-    study = make_study(tmp_path, dp={"audit_random_split": True, "delta": 1e-6})
+    grid = {"noise_multiplier": [None, 1.1]}
+    study = make_study(tmp_path, grid=grid, dp={"audit_random_split": True, "delta": 1e-6})
     layout = StudyLayout(study.out_dir)
     dp = {"epsilon": 3.2, "delta": 1e-5, "noise_multiplier": 1.1, "accountant": "prv"}
-    _fake_run(layout, "dp-run", dp, scores)
-    _fake_run(layout, "plain-run", None, scores)
-    rows = run_privacy_audit(study).set_index("run_id")
-    assert rows.loc["dp-run", "epsilon"] == 3.2 and rows.loc["dp-run", "delta"] == 1e-5
-    assert math.isnan(rows.loc["plain-run", "epsilon"]) and rows.loc["plain-run", "epsilon_note"]
-    assert rows.loc["plain-run", "eps_lower"] > 1.0  # well separated scores on a declared random split
-    assert rows.loc["plain-run", "delta"] == 1e-6
+    plain_cell, dp_cell = study.cells()
+    dp_run, plain_run = _fake_run(study, dp_cell, dp, scores), _fake_run(study, plain_cell, None, scores)
+    rows = run_privacy_audit(StudyContext(study)).set_index("run_id")
+    assert rows.loc[dp_run, "epsilon"] == 3.2 and rows.loc[dp_run, "delta"] == 1e-5
+    assert math.isnan(rows.loc[plain_run, "epsilon"]) and rows.loc[plain_run, "epsilon_note"]
+    assert rows.loc[plain_run, "eps_lower"] > 1.0  # well separated scores on a declared random split
+    assert rows.loc[plain_run, "delta"] == 1e-6
     stored = read_results(layout)
-    assert set(stored[stored.stage == "privacy"].run_id) == {"dp-run", "plain-run"}
+    assert set(stored[stored.stage == "privacy"].run_id) == {dp_run, plain_run}
     # a study that does not declare a random split gets no bound, and an unknown score is an error
-    strict = make_study(tmp_path)
+    # (the audit settings are not part of the run ids: the same runs)
+    strict = StudyContext(make_study(tmp_path, grid=grid))
     strict_rows = run_privacy_audit(strict).set_index("run_id")
     assert strict_rows.eps_lower.isna().all()
-    assert strict_rows.loc["plain-run", "delta"] == pytest.approx(1 / 100 ** 1.1)  # default 1/n^1.1
+    assert strict_rows.loc[plain_run, "delta"] == pytest.approx(1 / 100 ** 1.1)  # default 1/n^1.1
     with pytest.raises(ValueError, match="zlib"):
         run_privacy_audit(strict, attack="zlib")

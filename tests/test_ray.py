@@ -25,6 +25,7 @@ psutil = pytest.importorskip("psutil", reason="psutil comes with ray[default]")
 from safetensors.numpy import load_file  # noqa: E402
 
 from memlens.executors.local import LocalExecutor  # noqa: E402
+from memlens.context import StudyContext  # noqa: E402
 from memlens.runner import merge_study_files  # noqa: E402
 from memlens.config import ConfigError, ExecutorConfig  # noqa: E402
 from memlens.executors.ray import TASK_PREFIX, RayExecutor  # noqa: E402
@@ -69,8 +70,9 @@ def local_run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the Ray workers (num_cpus 1); 2x faster on a busy 2-core machine
     try:
-        outcomes = LocalExecutor(batch_stages=False).run(study, study.cells(), lambda event: None)
-        merge_study_files(study)  # as run_study does after every executor
+        ctx = StudyContext(study)
+        outcomes = LocalExecutor(batch_stages=False).run(ctx, study.cells(), lambda event: None)
+        merge_study_files(ctx)  # as run_study does after every executor
     finally:
         torch.set_num_threads(threads)
     assert [o.state for o in outcomes] == ["done"] * 4, [o.error for o in outcomes]
@@ -151,7 +153,7 @@ def test_request_no_node_can_satisfy_is_refused(ray_instance, tmp_path):
     study = tiny_study(tmp_path / "ray", executor={}, target_modules=[["q"]], seed=[0])
     executor = RayExecutor(ExecutorConfig(kind="ray", num_gpus=1))  # the local Ray has no GPU
     with pytest.raises(ConfigError, match=r"executor\.num_gpus"):
-        executor.run(study, study.cells(), lambda event: None)
+        executor.run(StudyContext(study), study.cells(), lambda event: None)
     assert not StudyLayout(study.out_dir).runs.exists()
 
 

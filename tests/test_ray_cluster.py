@@ -38,8 +38,8 @@ except ImportError:  # only the cluster test needs it (and skips without it)
 from memlens.executors.ray import (
     SHARED_CHECK_FILE,
     StudyFolderNotShared,
-    base_cache_task,
     cell_task,
+    prepare_task,
 )
 from memlens.store import StudyLayout
 from memlens.study import normalise_study
@@ -251,6 +251,7 @@ def comparable_run(layout: StudyLayout, run_id: str) -> dict:
 def test_cluster_losing_a_node_finishes_like_local(tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'memlens[ray]'); CI installs it")
     pytest.importorskip("psutil", reason="psutil comes with ray[default]")
+    from memlens.context import StudyContext
     from memlens.executors.local import LocalExecutor
     from memlens.runner import merge_study_files
     from memlens.executors.ray import TASK_PREFIX
@@ -274,8 +275,9 @@ def test_cluster_losing_a_node_finishes_like_local(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        local_outcomes = LocalExecutor(batch_stages=False).run(local, local.cells(), lambda event: None)
-        merge_study_files(local)  # as run_study does after every executor
+        local_ctx = StudyContext(local)
+        local_outcomes = LocalExecutor(batch_stages=False).run(local_ctx, local.cells(), lambda event: None)
+        merge_study_files(local_ctx)  # as run_study does after every executor
     finally:
         torch.set_num_threads(threads)
     assert [o.state for o in local_outcomes] == ["done", "done"], [o.error for o in local_outcomes]
@@ -343,7 +345,7 @@ def unshared(tmp_path, monkeypatch):
 def test_task_on_a_node_without_the_study_folder_fails_and_writes_nothing(unshared):
     study_dict, cell_dict, out = unshared  # the driver's folder is not on this "node"
     for task in (lambda: cell_task(study_dict, cell_dict, None, None, "token"),
-                 lambda: base_cache_task(study_dict, None, "token")):
+                 lambda: prepare_task(study_dict, [cell_dict], ["mia"], None, "token")):
         with pytest.raises(StudyFolderNotShared) as info:
             task()
         message = str(info.value)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from memlens.attacks.mia import Scorer, _result_rows, run_mia
+from memlens.context import StudyContext
 from memlens.attacks.recall import draw_prefix, prefix_text, tail_mean_logprob, with_prefix
-from memlens.attacks.registry import ATTACKS, AttackInputs, check_attacks, run_attacks
+from memlens.attacks.registry import ATTACKS, AttackInputs, check_attack_inputs, configure_attacks, run_attacks
 from memlens.config import ConfigError, MIAConfig
 from memlens.data import load_study_data
 from memlens.score import SequenceStats
@@ -52,10 +53,9 @@ def test_recall_and_con_recall_scores():
     ll = np.array([-2.0, -3.0, -4.0])            # LL(x)
     non = np.array([-2.5, -3.3, -4.0])           # LL(x | P_non)
     mem = np.array([-1.9, -3.1, -3.0])           # LL(x | P_mem)
-    inputs = AttackInputs(texts=["a", "b", "c"], ft=_stats([[v] for v in ll]), ll_nonmember_prefix=non,
-                          ll_member_prefix=mem, in_member_prefix=np.array([False, False, True]),
-                          conrecall_gamma=0.5)
-    scores = run_attacks(["recall", "con_recall"], inputs)
+    inputs = AttackInputs(texts=["a", "b", "c"], ft=_stats([[v] for v in ll]), ll_nonmember_prefix={5: non},
+                          ll_member_prefix={5: mem}, in_member_prefix={5: np.array([False, False, True])})
+    scores = run_attacks(["recall", "con_recall"], inputs)  # 5 shots and gamma 0.5: their defaults
     assert scores["recall"].tolist() == pytest.approx([-2.5 / -2.0, -3.3 / -3.0, 1.0])
     assert scores["con_recall"][:2].tolist() == pytest.approx([(-2.5 + 0.95) / -2.0, (-3.3 + 1.55) / -3.0])
     assert np.isnan(scores["con_recall"][2])  # in its own member prefix: unscored
@@ -68,7 +68,7 @@ def test_partial_scores_are_left_out_of_the_metrics_with_a_note():
     scores = pd.DataFrame({"is_member": np.arange(n) < 30, "is_canary": False, "con_recall": rng.normal(size=n),
                            "nll_ft": rng.uniform(2, 3, n), "nll_ref": rng.uniform(3, 4, n)})
     scores.loc[[0, 1, 2], "con_recall"] = np.nan
-    rows = _result_rows(scores, {}, ["con_recall"], MIAConfig(bootstrap=0), {"run_id": "r"}, None)
+    rows = _result_rows(scores, {}, configure_attacks(["con_recall"]), MIAConfig(bootstrap=0), {"run_id": "r"}, None)
     row = rows[rows.attack == "con_recall"].iloc[0]
     assert row.n_members == 27 and row.n_non_members == 30 and "3 member(s) left unscored" in row.note
     assert not row.model_unchanged and "base model" not in row.note
@@ -76,22 +76,25 @@ def test_partial_scores_are_left_out_of_the_metrics_with_a_note():
 
 def test_checks():
     with pytest.raises(ConfigError, match=r"data\.utility_split"):
-        check_attacks(["recall"], None, utility=False)
+        check_attack_inputs(["recall"], None, utility=False)
     with pytest.raises(ConfigError, match=r"dp\.audit_attack: 'con_recall'"):
-        check_attacks(["con_recall"], None, "con_recall")
-    assert check_attacks(["recall", "con_recall"], None, "recall") == ["recall", "con_recall"]
+        check_attack_inputs(["con_recall"], None, "con_recall")
+    assert [a.name for a in check_attack_inputs(["recall", "con_recall"], None, "recall")] == ["recall", "con_recall"]
 
 
 @pytest.fixture(scope="module")
 def recall_run(tmp_path_factory):
     study = make_study(tmp_path_factory.mktemp("recall") / "study", data={"subset": 24},
                        train={"max_steps": 3, "learning_rate": 1e-2},
-                       mia={"attacks": ["loss", "recall", "con_recall"], "recall_shots": 3, "bootstrap": 0,
-                            "bag_of_words_baseline": False})
+                       mia={"attacks": ["loss", {"type": "recall", "params": {"shots": 3}, "name": "recall"},
+                                        {"type": "con_recall", "params": {"shots": 3}, "name": "con_recall"}],
+                            "bootstrap": 0,
+                            "bag_of_words_baseline": False},
+                       dp={"audit_attack": "loss"})
     layout = StudyLayout(study.out_dir)
     data = load_study_data(study.data)
     run_dir = finetune_cell(study, study.cells()[0], data, layout)
-    run_mia(study, show_progress=False)
+    run_mia(StudyContext(study))
     return study, layout, run_dir.name, data
 
 

@@ -5,6 +5,7 @@ and, end to end on llama-tiny, references shared by the cells of one recipe and 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,8 +22,17 @@ from memlens.attacks.references import (
     reference_study,
     train_references,
 )
-from memlens.attacks.registry import ATTACKS, AttackInputs, check_attacks, lira_fit, rmia_fit_a, run_attacks
+from memlens.attacks.lira_rmia import lira_fit, rmia_fit_a
+from memlens.attacks.registry import (
+    ATTACKS,
+    AttackInputs,
+    check_attack_inputs,
+    check_attacks,
+    configure_attacks,
+    run_attacks,
+)
 from memlens.config import ConfigError, MIAConfig
+from memlens.context import StudyContext
 from memlens.data import load_study_data
 from memlens.runner import run_study
 from memlens.score import SequenceStats
@@ -105,8 +115,9 @@ def test_rmia_equals_hand_computation(gamma):
         for x in range(4):
             zs = [z for z in range(4) if POPULATION[z] and z != x]
             expected.append(sum(lr(x, z) >= gamma for z in zs) / len(zs))
-        inputs = _inputs(S, V, IN, POPULATION, rmia_gamma=gamma, rmia_offline_a=a)
-        assert run_attacks([attack], inputs)[attack].tolist() == pytest.approx(expected), attack
+        params = {"gamma": gamma, **({"a": a} if attack == "rmia_offline" else {})}
+        scores = run_attacks([{"type": attack, "params": params, "name": attack}], _inputs(S, V, IN, POPULATION))
+        assert scores[attack].tolist() == pytest.approx(expected), attack
 
 
 def test_rmia_offline_a_fit():
@@ -119,8 +130,11 @@ def test_rmia_offline_a_fit():
     x, y = [1 - p for p in p_out], [1 - p for p in p_in]
     expected = sum(a * b for a, b in zip(x, y)) / sum(a * a for a in x)
     assert rmia_fit_a(np.array(V), np.array(IN, bool)) == pytest.approx(expected)
-    with pytest.raises(ValidationError, match="between 0 and 1"):
-        MIAConfig(rmia_offline_a=1.5)
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        configure_attacks([{"type": "rmia_offline", "params": {"a": 1.5}}])
+    with pytest.raises(ConfigError, match="between 0 and 1"):  # a study file from before settings were per attack
+        check_attacks(make_study(Path("unused"), mia={"attacks": ["lira", "rmia_offline"], "references": 2,
+                                                      "rmia_offline_a": 1.5}))
 
 
 def test_rmia_counts_a_wider_population_exactly():
@@ -200,16 +214,16 @@ def test_references_identical_to_the_target_leave_nothing_to_detect():
 
 def test_checks_name_mia_references(tmp_path):
     with pytest.raises(ConfigError, match=r"mia\.references"):
-        check_attacks(["loss", "lira"], None, references=0)
+        check_attack_inputs(["loss", "lira"], None, references=0)
     with pytest.raises(ConfigError, match=r"mia\.references: 4 .* no attack"):
-        check_attacks(["loss"], None, references=4)
+        check_attack_inputs(["loss"], None, references=4)
     with pytest.raises(ValidationError, match=r"0 \(off\) or >= 2"):
         MIAConfig(references=1)
-    assert check_attacks(["loss", "rmia"], None, "rmia", references=2) == ["loss", "rmia"]
+    assert [a.name for a in check_attack_inputs(["loss", "rmia"], None, "rmia", references=2)] == ["loss", "rmia"]
     assert {"lira", "lira_offline", "rmia", "rmia_offline"} <= set(ATTACKS)
     study = make_study(tmp_path, mia={"attacks": ["lira"]})  # a valid file, refused before any work
     with pytest.raises(ConfigError, match=r"mia\.references"):
-        get_stage("mia").check(study)
+        get_stage("mia").check(StudyContext(study))
     assert not get_stage("references").enabled(study)
     assert get_stage("references").enabled(make_study(tmp_path, mia={"attacks": ["lira"], "references": 2}))
 
@@ -297,7 +311,7 @@ def test_references_are_trained_once_for_the_cells_of_a_recipe(shared):
     cells = study.cells()
     assert all(reference_ids(study, c) == folders for c in cells)
     stage = ReferencesStage()
-    assert all(stage.done(layout, c.run_id(study)) for c in cells)
+    assert all(stage.done(StudyContext(study), c.run_id(study)) for c in cells)
     population = load_study_data(study.data, "random")
     for k, ref_id in enumerate(folders):
         record = ReferenceRecord.load(layout.references.run_file(ref_id, RunFile.REFERENCE))
@@ -345,8 +359,9 @@ def test_references_are_scored_once_and_retrained_when_the_recipe_changes(shared
 def test_force_references_removes_them_and_the_membership_results(shared):
     study, layout = shared
     run_ids = [c.run_id(study) for c in study.cells()]
-    get_stage("references").invalidate(layout, run_ids)
+    ctx = StudyContext(study)
+    get_stage("references").invalidate(ctx, run_ids)
     stage = ReferencesStage()
-    assert not any(stage.done(layout, r) for r in run_ids)
-    assert not any(get_stage("mia").done(layout, r) for r in run_ids)
+    assert not any(stage.done(ctx, r) for r in run_ids)
+    assert not any(get_stage("mia").done(ctx, r) for r in run_ids)
     assert set(reference_ids(study, study.cells()[0])).isdisjoint(layout.references.finished_runs())

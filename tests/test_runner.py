@@ -25,6 +25,7 @@ from memlens.study import (
     study_status,
 )
 from memlens.store import StudyLayout
+from memlens.context import StudyContext
 from memlens.store.lock import StudyLock, StudyLockedError
 from tests.conftest import make_study
 from tests.test_runner_shared import GRID, shared_study, shared_study_raw
@@ -50,9 +51,10 @@ def test_killed_mid_stage_then_resumed_completes_every_cell_once(shared):
     cells = study.cells()
     assert len(cells) == 8 and sorted(layout.finished_runs()) == sorted(c.run_id(study) for c in cells)
     assert not [p for p in layout.runs.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+    ctx = StudyContext(study)
     for cell in cells:
         for stage in enabled_stages(study):
-            assert stage.done(layout, cell.run_id(study))
+            assert stage.done(ctx, cell.run_id(study))
     results = pd.read_parquet(out / "results.parquet")
     assert not results.duplicated(["run_id", "stage", "attack"]).any()
     per_run = pd.concat([pd.read_parquet(layout.run_dir(r) / "mia_results.parquet") for r in layout.finished_runs()])
@@ -131,8 +133,8 @@ def test_incompatible_config_is_refused_naming_the_fields(shared):
     grown["executor"] = {"kind": "local"}
     check_compatible(load_study(raw=grown), layout, force=[])
     changed_mia = shared_study_raw(out)
-    changed_mia["mia"]["min_k_fraction"] = 0.5
-    with pytest.raises(IncompatibleStudyError, match="mia.min_k_fraction"):
+    changed_mia["mia"]["attacks"] = ["loss", "min_k@0.5"]
+    with pytest.raises(IncompatibleStudyError, match="mia.attacks"):
         check_compatible(load_study(raw=changed_mia), layout, force=[])
     check_compatible(load_study(raw=changed_mia), layout, force=["mia"])
 
@@ -147,7 +149,7 @@ def test_cli_run_reports_a_failed_cell_and_keeps_going(tmp_path):
     assert result.exit_code == 1, result.output
     layout = StudyLayout(study.out_dir)
     good, bad = (c.run_id(study) for c in study.cells())
-    assert all(s.done(layout, good) for s in enabled_stages(study))
+    assert all(s.done(StudyContext(study), good) for s in enabled_stages(study))
     record = read_status(layout, bad)
     assert record.state == "failed" and record.stage == "finetune"
     assert "c_attn" in record.error and "Traceback" in record.traceback

@@ -128,15 +128,20 @@ def finetune(study: StudyArg, out: OutOpt = None, set_: SetOpt = None, executor:
 
 @attack_app.command("mia")
 def attack_mia(study: StudyArg, out: OutOpt = None, set_: SetOpt = None, no_progress: NoProgressOpt = False) -> None:
-    """Membership inference on the study's fine-tuned runs: `memlens run --only mia`."""
-    _run(study, out, set_, only=["references", "mia"], progress=not no_progress)  # references: when enabled
+    """Membership inference on the study's fine-tuned runs (and their reference adapters, when the study has
+    them): `memlens run --only mia`."""
+    _run(study, out, set_, only=["mia"], progress=not no_progress)
 
 
-@attack_app.command("extract")
-def attack_extract(study: StudyArg, out: OutOpt = None, set_: SetOpt = None,
-                   no_progress: NoProgressOpt = False) -> None:
+@attack_app.command("extraction")
+def attack_extraction(study: StudyArg, out: OutOpt = None, set_: SetOpt = None,
+                      no_progress: NoProgressOpt = False) -> None:
     """Prompted-prefix extraction and canary exposure on the fine-tuned runs: `memlens run --only extraction`."""
     _run(study, out, set_, only=["extraction"], progress=not no_progress)
+
+
+# `attack extract`: the command's name before it took its stage's name
+attack_app.command("extract", hidden=True)(attack_extraction)
 
 
 def _print_summary(summary: StudySummary) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from pydantic import BaseModel
 
@@ -14,7 +15,7 @@ def _type_name(annotation) -> str:
     text = str(annotation).replace("typing.", "")
     if isinstance(annotation, type):
         text = annotation.__name__
-    return text.replace("NoneType", "null")
+    return re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", text).replace("NoneType", "null")  # `memlens.config.X` -> `X`
 
 
 def _default_cell(field) -> str:
@@ -29,11 +30,11 @@ def _default_cell(field) -> str:
 
 def config_reference_markdown() -> str:
     """One table per section of the study file: key, type, default, description."""
-    lines = ["# Study file reference", ""]
+    top, lines = [], []
     for section, field in StudyConfig.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            lines += [f"## `{section}`", "", annotation.__doc__.strip().splitlines()[0], "",
+            lines += [f"### `{section}`", "", annotation.__doc__.strip().splitlines()[0], "",
                       "| key | type | default | description |", "|---|---|---|---|"]
             for key, sub in annotation.model_fields.items():
                 typ = _type_name(sub.annotation).replace("|", "\\|")
@@ -42,14 +43,18 @@ def config_reference_markdown() -> str:
             lines.append("")
         else:
             desc = field.description or ""
-            lines.insert(2, f"- `{section}` ({_type_name(annotation)}, default `{field.default}`): {desc}")
-    lines += ["## Membership attacks", "", "The names `mia.attacks` accepts (higher score = more likely a member):", "",
-              "| attack | needs | what it scores |", "|---|---|---|"]
+            top.append(f"- `{section}` ({_type_name(annotation)}, default `{field.default}`): {desc}")
+    lines += ["### Membership attacks", "", "The attacks `mia.attacks` accepts (higher score = more likely a member), "
+              "each with its own settings (`{type: min_k, params: {fraction: 0.1}}`, or `min_k@0.1` for an attack "
+              "with one setting):", "", "| attack | needs | settings (default) | what it scores |", "|---|---|---|---|"]
     for name, attack in ATTACKS.items():
         needs = ", ".join(sorted(attack.needs)) or "-"
-        description = " ".join(attack.description.split()).replace("|", "\\|")
-        lines.append(f"| `{name}` | {needs} | {description} |")
-    return "\n".join(lines)
+        settings = "; ".join(f"`{key}` ({_default_cell(field)}): {field.description}"
+                             for key, field in attack.settings.model_fields.items()) or "-"
+        description = " ".join(attack.description.split())
+        cells = (f"`{name}`", needs, settings, description)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join([*top, "", *lines])
 
 
 __all__ = ["config_reference_markdown"]

@@ -15,7 +15,7 @@ This is the main path of memlens, in order:
 6. append the invocation to `history.jsonl`.
 
 Every command that writes a study folder goes through here (`memlens run`, and `memlens finetune` /
-`attack mia` / `attack extract` as `run_study(only=[...])`; `memlens report` via :func:`write_report`).
+`attack mia` / `attack extraction` as `run_study(only=[...])`; `memlens report` via :func:`write_report`).
 """
 
 from __future__ import annotations
@@ -29,20 +29,20 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from memlens.config import ConfigError, StudyConfig, dump_study
+from memlens.config import RANDOM, ConfigError, StudyConfig, dump_study
+from memlens.context import StudyContext
+from memlens.data import membership_assignments
 from memlens.executors import get_executor
 from memlens.models import check_max_length
-
 from memlens.report import build_report, report_is_current
 from memlens.report.markdown import write_findings
-from memlens.data import membership_assignments
 from memlens.store import StudyLayout, atomic_write_json, atomic_write_parquet, atomic_write_text
 from memlens.store.lock import StudyLock
 from memlens.store.records import HistoryEntry
-from memlens.study.cell import normalise_study, study_cells
+from memlens.study.cell import normalise_study
 from memlens.study.compat import check_compatible
 from memlens.study.provenance import append_history, environment_info, invocation, now
-from memlens.study.stage import STAGE_NAMES, STAGES, enabled_stages
+from memlens.study.stage import STAGE_NAMES, STAGES, enabled_stages, selected_stages
 from memlens.study.status import REPORT_FAILURE, CellEvent, CellOutcome, read_status, remove_status, write_status
 
 REPORT = "report"
@@ -93,9 +93,13 @@ def run_study(study: StudyConfig, *, force: list[str] | None = None, only: list[
     if only_list is not None:
         _check_stage_names(only_list, "--only", STAGE_NAMES)
     check_max_length(study.model, study.data.max_length)
+    ctx = StudyContext(study, show_progress=show_progress)
     for stage in enabled_stages(study):
-        stage.check(study)
-    layout = StudyLayout(study.out_dir)
+        stage.check(ctx)
+    stages = selected_stages(study, only_list)
+    if only_list is not None:
+        only_list = [s.name for s in stages]  # with the stages they bring along (mia: its references)
+    layout = ctx.layout
     layout.root.mkdir(parents=True, exist_ok=True)
     executor = get_executor(study.executor)  # fails early (e.g. Ray missing) before taking the lock
     summary = StudySummary(out=layout.root)
@@ -107,18 +111,16 @@ def run_study(study: StudyConfig, *, force: list[str] | None = None, only: list[
             atomic_write_json(layout.environment_file, environment)
             if not layout.study_file.exists() or layout.study_file.read_text() != dump_study(study):
                 atomic_write_text(layout.study_file, dump_study(study))  # the report's and compat's input
-            _record_membership(study, layout)
-            cells = study_cells(study, layout)
-            _invalidate(layout, [r for r, _ in cells], force)
-            stages = [s for s in enabled_stages(study) if only_list is None or s.name in only_list]
-            todo = [c for r, c in cells if not all(s.done(layout, r) for s in stages)]
+            _record_membership(ctx)
+            cells = list(ctx.cells.items())
+            _invalidate(ctx, [r for r, _ in cells], force)
+            todo = [c for r, c in cells if not all(s.done(ctx, r) for s in stages)]
             tally.update(cells_total=len(cells), cells_run=len(todo))
-            summary.outcomes += _already_done(study, layout, cells, stages, only_list)
+            summary.outcomes += _already_done(ctx, cells, stages, only_list)
             if todo:
                 with _Progress(len(cells), len(cells) - len(todo), show_progress, on_event) as progress:
-                    summary.outcomes += executor.run(study, todo, progress.event, only=only_list,
-                                                     show_progress=show_progress)
-            merge_study_files(study)
+                    summary.outcomes += executor.run(ctx, todo, progress.event, only=only_list)
+            merge_study_files(ctx)
             if report and only_list is None:
                 summary.report, summary.report_error = _write_report(layout, REPORT in force or bool(todo))
         except BaseException as exc:  # recorded in the history, then raised as before
@@ -133,31 +135,33 @@ def run_study(study: StudyConfig, *, force: list[str] | None = None, only: list[
     return summary
 
 
-def _record_membership(study: StudyConfig, layout: StudyLayout) -> None:
+def _record_membership(ctx: StudyContext) -> None:
     """Save the random design's coins in the study folder (`membership.parquet`), rewritten only when they change."""
-    assignment = membership_assignments(study.data)
-    if assignment is None:
+    if RANDOM not in ctx.study.data.membership:
         return
-    if layout.membership_file.exists() and pd.read_parquet(layout.membership_file).equals(assignment):
+    assignment = membership_assignments(ctx.study.data, ctx.data(RANDOM))
+    path = ctx.layout.membership_file
+    if path.exists() and pd.read_parquet(path).equals(assignment):
         return
-    atomic_write_parquet(layout.membership_file, assignment)
+    atomic_write_parquet(path, assignment)
 
 
-def _invalidate(layout: StudyLayout, run_ids: list[str], force: list[str]) -> None:
+def _invalidate(ctx: StudyContext, run_ids: list[str], force: list[str]) -> None:
     """Make the forced stages pending again (`finetune` removes the runs, so everything after it too)."""
     for stage in STAGES:
         if stage.name in force:
-            stage.invalidate(layout, run_ids)
+            stage.invalidate(ctx, run_ids)
 
 
-def _already_done(study: StudyConfig, layout: StudyLayout, cells, stages, only) -> list[CellOutcome]:
+def _already_done(ctx: StudyContext, cells, stages, only) -> list[CellOutcome]:
     """Outcomes of the cells with nothing left to do, refreshing a stale status (e.g. after a kill)."""
     outcomes = []
-    every = enabled_stages(study)
+    every = enabled_stages(ctx.study)
+    layout = ctx.layout
     for run_id, cell in cells:
-        if not all(s.done(layout, run_id) for s in stages):
+        if not all(s.done(ctx, run_id) for s in stages):
             continue
-        done = [s.name for s in every if s.done(layout, run_id)]
+        done = [s.name for s in every if s.done(ctx, run_id)]
         state = "done" if len(done) == len(every) else "pending"
         outcomes.append(CellOutcome(run_id, state, None, done))
         status = read_status(layout, run_id)
@@ -166,10 +170,10 @@ def _already_done(study: StudyConfig, layout: StudyLayout, cells, stages, only) 
     return outcomes
 
 
-def merge_study_files(study: StudyConfig) -> None:
+def merge_study_files(ctx: StudyContext) -> None:
     """Rebuild every enabled stage's study-level files from the runs' per-run files (idempotent)."""
-    for stage in enabled_stages(study):
-        stage.merge(study)
+    for stage in enabled_stages(ctx.study):
+        stage.merge(ctx)
 
 
 def _write_report(layout: StudyLayout, force: bool) -> tuple[Path | None, str | None]:

@@ -11,36 +11,38 @@ import math
 
 import pandas as pd
 
-from memlens.config import ConfigError, StudyConfig
+from memlens.config import RANDOM, CellConfig, ConfigError, Design, StudyConfig
+from memlens.context import StudyContext
 from memlens.metrics.privacy import default_delta, one_run_epsilon_lower_bound
-from memlens.store import RunFile, StudyLayout, run_metadata, upsert_results
+from memlens.store import RunFile, run_metadata, upsert_results
 from memlens.store.lock import write_lock
-from memlens.store.records import CellRecord, TrainRecord
+from memlens.store.records import TrainRecord
 
 AUDIT_STAGE = "privacy"
 AUDIT_ATTACK = "dp_audit"
 
 
-def coin_per_record(study: StudyConfig, design: str) -> tuple[bool, str | None]:
+def coin_per_record(study: StudyConfig, design: Design) -> tuple[bool, str | None]:
     """Whether the audit's assumption holds for a run of `design`: memlens flipped a fair coin per record (the
     random design with record-level coins), or the user declared it (`dp.audit_random_split`); with why not."""
-    if design == "random" and study.data.coin_unit == "record":
+    if design == RANDOM and study.data.coin_unit == "record":
         return True, None
-    if design == "random":
+    if design == RANDOM:
         return False, ("memlens flipped one coin per document group, not per record: records of a group are not "
                        "independent; set data.membership_unit: record for an audit")
     return study.dp.audit_random_split, None
 
 
-def run_privacy_audit(study: StudyConfig, run_ids: list[str] | None = None, attack: str | None = None) -> pd.DataFrame:
-    """For each finished run with membership scores, one results row (stage `privacy`, attack `dp_audit`)
-    with the accountant's epsilon (DP runs; NaN otherwise) and the one-run empirical lower bound computed
-    from the per-record scores of `attack` (default: `dp.audit_attack`). Upserts them into results.parquet
-    and returns them."""
-    layout = StudyLayout(study.out_dir)
+def run_privacy_audit(ctx: StudyContext, cells: list[CellConfig] | None = None,
+                      attack: str | None = None) -> pd.DataFrame:
+    """For each finished run of `cells` (default: every run of the study) with membership scores, one results
+    row (stage `privacy`, attack `dp_audit`) with the accountant's epsilon (DP runs; NaN otherwise) and the
+    one-run empirical lower bound computed from the per-record scores of `attack` (default:
+    `dp.audit_attack`). Upserts them into results.parquet and returns them."""
+    study, layout = ctx.study, ctx.layout
     attack = attack or study.dp.audit_attack
     rows = []
-    for run_id in run_ids or layout.runs_with(RunFile.MIA_SCORES):
+    for run_id, cell in ctx.runs(cells):
         scores_path = layout.run_file(run_id, RunFile.MIA_SCORES)
         if not scores_path.exists():
             continue
@@ -51,14 +53,13 @@ def run_privacy_audit(study: StudyConfig, run_ids: list[str] | None = None, atta
             raise ConfigError(f"dp.audit_attack: run {run_id} has no {attack!r} scores; it has "
                               f"{[c for c in scores.columns if c not in ('run_id', 'sample_id', 'split')]}")
         delta = dp.get("delta") or study.dp.delta or default_delta(train.n_train_records)
-        design = CellRecord.load(layout.run_file(run_id, RunFile.CELL)).cell.membership
-        random_split, why = coin_per_record(study, design)
+        random_split, why = coin_per_record(study, cell.membership)
         audit = one_run_epsilon_lower_bound(scores[attack].to_numpy(), scores.is_member.to_numpy(), delta=delta,
                                             random_split=random_split, confidence=study.dp.audit_confidence)
         if why:
             audit["note"] = f"{audit['note']} ({why})"
         rows.append({
-            **run_metadata(layout, run_id), "stage": AUDIT_STAGE, "attack": AUDIT_ATTACK,
+            **run_metadata(layout, run_id, cell, study.model.name_or_path), "stage": AUDIT_STAGE, "attack": AUDIT_ATTACK,
             "epsilon": dp.get("epsilon", math.nan),
             "epsilon_note": None if dp else "not trained with DP-SGD",
             "dp_noise_multiplier": dp.get("noise_multiplier", math.nan),

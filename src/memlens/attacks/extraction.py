@@ -31,11 +31,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from memlens.attacks.exposure import draw_candidates, measure_exposure
 from memlens.attacks.generate import Decoding, PromptSplit, generate_continuations, resolve_decoding, split_tokens
-from memlens.config import ConfigError, ExtractionConfig, StudyConfig, stable_hash
-from memlens.attacks.mia import run_design, study_designs
+from memlens.config import CellConfig, ConfigError, ExtractionConfig, StudyConfig, stable_hash
+from memlens.context import StudyContext
 from memlens.data import Canary
 from memlens.metrics.text import extraction_rates, pair_metrics, tfidf_cosines
-from memlens.models import AdapterBank, load_base_model, load_tokenizer, resolve_device
+from memlens.models import AdapterBank, load_base_model, resolve_device
 from memlens.score import token_stats
 from memlens.store import RunFile, StudyFile, StudyLayout, atomic_write_parquet, run_metadata, upsert_results
 from memlens.store.lock import write_lock
@@ -227,26 +227,27 @@ def _merge_study_files(layout: StudyLayout) -> None:
             atomic_write_parquet(layout.study_level(study_name), pd.concat(parts, ignore_index=True))
 
 
-def merge_study(layout: StudyLayout) -> None:
+def merge_study(ctx: StudyContext) -> None:
     """Rebuild the study-level extraction/exposure files and upsert every finished run's rows into
     results.parquet from the per-run files (idempotent; closes the gap left by a process killed between
     writing its per-run files and merging them)."""
+    layout = ctx.layout
     with write_lock(layout.root):
         _merge_study_files(layout)
         parts = []
-        for run_id in layout.finished_runs():
-            run_dir = layout.run_dir(run_id)
-            if (run_dir / RunFile.EXTRACTION_RESULTS).exists():
-                exposure = run_dir / RunFile.EXPOSURE
-                parts.append(_result_rows(layout, run_id, pd.read_parquet(run_dir / RunFile.EXTRACTION_RESULTS),
-                                          pd.read_parquet(exposure) if exposure.exists() else None))
+        for run_id in layout.runs_with(RunFile.EXTRACTION_RESULTS):
+            if run_id not in ctx.cells:  # not a run of this study
+                continue
+            exposure = layout.run_file(run_id, RunFile.EXPOSURE)
+            meta = run_metadata(layout, run_id, ctx.cells[run_id], ctx.study.model.name_or_path)
+            parts.append(_result_rows(meta, pd.read_parquet(layout.run_file(run_id, RunFile.EXTRACTION_RESULTS)),
+                                      pd.read_parquet(exposure) if exposure.exists() else None))
         if parts:
             upsert_results(layout, pd.concat(parts, ignore_index=True))
 
 
-def _result_rows(layout: StudyLayout, run_id: str, results: pd.DataFrame, exposure: pd.DataFrame | None
-                 ) -> pd.DataFrame:
-    meta = run_metadata(layout, run_id)
+def _result_rows(meta: dict, results: pd.DataFrame, exposure: pd.DataFrame | None) -> pd.DataFrame:
+    """The results.parquet rows of one run's extraction (and exposure) results; `meta` its identifying columns."""
     rows = []
     for rec in results.to_dict("records"):
         suffix = "" if rec["model"] == "finetuned" else ":base"
@@ -261,17 +262,17 @@ def _result_rows(layout: StudyLayout, run_id: str, results: pd.DataFrame, exposu
     return pd.DataFrame(rows)
 
 
-def run_extraction(study: StudyConfig, run_ids: list[str] | None = None, force: bool = False,
-                   show_progress: bool = True) -> pd.DataFrame:
-    """Extraction (and exposure, for secrets) on every finished run lacking its per-run outputs (or all
-    `run_ids` when `force`), with one base model and the runs' adapters switched on it. Writes the per-run
-    files, merges the study-level files and upserts `<out>/results.parquet`; returns the upserted rows."""
+def run_extraction(ctx: StudyContext, cells: list[CellConfig] | None = None, force: bool = False) -> pd.DataFrame:
+    """Extraction (and exposure, for secrets) on the finished runs of `cells` (default: every run of the study)
+    lacking their per-run outputs (all of them with `force`), with one base model and the runs' adapters
+    switched on it. Writes the per-run files, merges the study-level files and upserts
+    `<out>/results.parquet`; returns the upserted rows."""
+    study, layout = ctx.study, ctx.layout
     cfg = study.extraction
-    layout = StudyLayout(study.out_dir)
     if not cfg.enabled:
         return pd.DataFrame()
-    pending = layout.pending_runs(RunFile.EXTRACTION_RESULTS, run_ids, force)
-    if not pending:
+    todo = ctx.pending(RunFile.EXTRACTION_RESULTS, cells, force)
+    if not todo:
         with write_lock(layout.root):
             _merge_study_files(layout)
         return pd.DataFrame()
@@ -281,14 +282,13 @@ def run_extraction(study: StudyConfig, run_ids: list[str] | None = None, force: 
     if len(set(names)) != len(names):
         raise ConfigError(f"extraction.decodings: names must be unique, got {names}")
 
-    designs = study_designs(study)
-    tokenizer = load_tokenizer(study.model)
+    tokenizer = ctx.tokenizer()
     pad = tokenizer.pad_token_id
     base = load_base_model(study.model, resolve_device(study.model.device))
     bank = AdapterBank(base)
 
-    targets = {r: select_targets(read_members(layout.run_dir(r)), designs[run_design(layout, r)].non_members, cfg)
-               for r in pending}
+    targets = {r: select_targets(read_members(layout.run_dir(r)), ctx.data(cell.membership).non_members, cfg)
+               for r, cell in todo}
     all_texts = sorted({t for frame in targets.values() for t in frame.text})
     prompts = build_prompts(all_texts, tokenizer, cfg)
     attacked = [prompts[t] for t in all_texts if prompts[t] is not None]
@@ -298,13 +298,13 @@ def run_extraction(study: StudyConfig, run_ids: list[str] | None = None, force: 
 
     upserted = []
     with Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), disable=not show_progress,
+                  TextColumn("{task.description}"), disable=not ctx.show_progress,
                   console=Console(stderr=True)) as progress:
         # Base-model control: the same prompts with adapters disabled, cached across runs and processes.
         ppl_base, base_generations = base_control(layout, study, bank, attacked, decodings, tokenizer, progress)
         base_exposure: dict[str, dict] = {}
-        runs_task = progress.add_task("runs", total=len(pending))
-        for run_id in pending:
+        runs_task = progress.add_task("runs", total=len(todo))
+        for run_id, cell in todo:
             run_dir = layout.run_dir(run_id)
             canary = Canary(**read_train_info(run_dir).canary)
             run_targets = targets[run_id]
@@ -338,7 +338,7 @@ def run_extraction(study: StudyConfig, run_ids: list[str] | None = None, force: 
             else:
                 (run_dir / RunFile.EXPOSURE).unlink(missing_ok=True)  # stale from an earlier configuration
             atomic_write_parquet(run_dir / RunFile.EXTRACTION_RESULTS, results)  # last: marks the run done
-            run_rows = _result_rows(layout, run_id, results, exposure)
+            run_rows = _result_rows(run_metadata(layout, run_id, cell, study.model.name_or_path), results, exposure)
             with write_lock(layout.root):  # several workers of one study may finish at once
                 upsert_results(layout, run_rows)
             upserted.append(run_rows)

@@ -38,19 +38,32 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from memlens.attacks.bow import bag_of_words_baseline
 from memlens.attacks.recall import draw_prefix, prefix_text, tail_mean_logprob, with_prefix
 from memlens.attacks.references import Reference, ReferenceStatistics, in_matrix, load_references, population
+from memlens.attacks.likelihood import token_log_frequencies
 from memlens.attacks.registry import (
-    ATTACKS,
     AttackInputs,
+    ConfiguredAttack,
+    check_attack_inputs,
     check_attacks,
+    configure_attacks,
     needs_of,
     run_attacks,
-    token_log_frequencies,
 )
-from memlens.config import ConfigError, MIAConfig, ModelConfig, StudyConfig, format_validation_error, stable_hash
+from memlens.config import (
+    SPLITS,
+    CellConfig,
+    ConfigError,
+    Design,
+    MIAConfig,
+    ModelConfig,
+    StudyConfig,
+    format_validation_error,
+    stable_hash,
+)
+from memlens.context import StudyContext
 from memlens.metrics.roc import membership_metrics
 from memlens.models import AdapterBank, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from memlens.score import SequenceStats, cached_token_stats, model_fingerprint, perplexity, token_stats, tokens_hash
-from memlens.data import StudyData, load_study_data
+from memlens.data import StudyData
 from memlens.store import (
     RunFile,
     StudyFile,
@@ -62,7 +75,6 @@ from memlens.store import (
 )
 from memlens.store.lock import write_lock
 from memlens.store.results import UNCHANGED_NLL_TOL
-from memlens.store.records import CellRecord
 from memlens.train import read_members
 
 log = logging.getLogger(__name__)
@@ -189,41 +201,17 @@ def _token_log_freq(scorer: Scorer) -> np.ndarray | None:
     return token_log_frequencies(scorer.tokenize(lines), vocab)
 
 
-def _score_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attacks: list[str],
+def _score_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attacks: list[ConfiguredAttack],
                token_log_freq: np.ndarray | None, split_names: tuple[str, str]) -> tuple[pd.DataFrame, dict]:
     """Score one attached run: per-record scores (frame) and utility perplexities (dict)."""
-    mia = scorer.mia
     texts = data.members.text.tolist() + data.non_members.text.tolist()
-    utility_texts = data.utility.text.tolist() if data.utility is not None else []
-    needs = needs_of(attacks)
-    want_lower = "lower" in needs
-    batch_texts = texts + ([t.lower() for t in texts] if want_lower else [])
-    n, u, n_members = len(texts), len(utility_texts), len(data.members)
-    ids = scorer.tokenize(batch_texts)
-    prefixed, in_member_prefix = _prefixed(scorer, data, ids[:n], needs)
-    with scorer.bank.use(name) as model:
-        every = scorer.score(model, ids + [seq for part in prefixed.values() for seq in part], name,
-                             moments="moments" in needs)
-        # The utility split only gives a perplexity: its own pass skips the moments (a fifth of the vocabulary
-        # work; log p is bit-identical either way).
-        ft_utility = scorer.score(model, scorer.tokenize(utility_texts), f"{name} utility", moments=False) \
-            if u else None
-    ft = every.select(np.arange(n))
-    ft_lower = every.select(np.arange(n, 2 * n)) if want_lower else None
-    conditional, start = {}, len(ids)
-    for key in prefixed:  # each record's mean log-likelihood after the prefix, over its own tokens only
-        conditional[key] = tail_mean_logprob(every.select(np.arange(start, start + n)), ft.n_tokens)
-        start += n
-    ref = base.lookup(texts)
-    inputs = AttackInputs(texts=texts, ft=ft, ref=ref, ft_lower=ft_lower, min_k_fraction=mia.min_k_fraction,
-                          token_log_freq=token_log_freq, dc_pdd_clip=mia.dc_pdd_clip,
-                          ref_models=data.ref_models, ref_in=data.ref_in,
-                          population=np.r_[np.zeros(n_members, bool), np.ones(n - n_members, bool)],
-                          rmia_offline_a=mia.rmia_offline_a, rmia_gamma=mia.rmia_gamma,
-                          ll_nonmember_prefix=conditional.get("nonmember_prefix"),
-                          ll_member_prefix=conditional.get("member_prefix"), in_member_prefix=in_member_prefix,
-                          conrecall_gamma=mia.conrecall_gamma)
+    n, n_members = len(texts), len(data.members)
+    inputs, ft_utility = _passes(scorer, name, data, attacks)
+    inputs.ref, inputs.token_log_freq = base.lookup(texts), token_log_freq
+    inputs.ref_models, inputs.ref_in = data.ref_models, data.ref_in
+    inputs.population = np.r_[np.zeros(n_members, bool), np.ones(n - n_members, bool)]
     scores = run_attacks(attacks, inputs)
+    ft, ref = inputs.ft, inputs.ref
     is_canary = (data.members.is_canary.astype(bool).tolist() if "is_canary" in data.members
                  else [False] * n_members)
     frame = pd.DataFrame({
@@ -232,17 +220,18 @@ def _score_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attac
         "split": [split_names[0]] * n_members + [split_names[1]] * len(data.non_members),
         "is_member": np.r_[np.ones(n_members, bool), np.zeros(len(data.non_members), bool)],
         "is_canary": np.r_[np.asarray(is_canary, bool), np.zeros(len(data.non_members), bool)],
-        **{attack: values for attack, values in scores.items()},
+        **scores,
         "n_tokens": ft.n_tokens,
         "nll_ft": ft.mean_nll(),
         "nll_ref": ref.mean_nll(),
     })
     member_idx, non_idx = np.arange(n_members), np.arange(n_members, n)
+    u = len(ft_utility) if ft_utility is not None else 0
     utility = {
         "test_ppl": perplexity(ft.select(non_idx)),
         "base_test_ppl": perplexity(ref.select(non_idx)),
         "utility_ppl": perplexity(ft_utility) if u else np.nan,
-        "base_utility_ppl": perplexity(base.lookup(utility_texts)) if u else np.nan,
+        "base_utility_ppl": perplexity(base.lookup(data.utility.text.tolist())) if u else np.nan,
         "member_ppl": perplexity(ft.select(member_idx)),
         "base_member_ppl": perplexity(ref.select(member_idx)),
         "n_utility": u,
@@ -251,24 +240,55 @@ def _score_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attac
     return frame, utility
 
 
-def _prefixed(scorer: Scorer, data: RunData, record_ids: list[list[int]], needs: set[str]
-              ) -> tuple[dict[str, list[list[int]]], np.ndarray | None]:
-    """The records' token ids after ReCaLL's non-member prefix and Con-ReCall's member prefix (those the
-    attacks need), and which records are in the member prefix."""
-    out: dict[str, list[list[int]]] = {}
-    in_member_prefix = None
+def _passes(scorer: Scorer, name: str, data: RunData, attacks: list[ConfiguredAttack]
+            ) -> tuple[AttackInputs, SequenceStats | None]:
+    """The run's passes under its adapter: ONE batched pass over its records, their lowercased texts and the
+    records after each prefix the attacks need; then the utility split's (a perplexity only: without the
+    moments, a fifth of the vocabulary work; log p is bit-identical either way). Returns the attack inputs they
+    give and the utility split's statistics."""
+    texts = data.members.text.tolist() + data.non_members.text.tolist()
+    n = len(texts)
+    needs = needs_of(attacks)
+    want_lower = "lower" in needs
+    ids = scorer.tokenize(texts + ([t.lower() for t in texts] if want_lower else []))
+    prefixed, in_member_prefix = _prefixed(scorer, data, ids[:n], attacks)
+    utility_texts = data.utility.text.tolist() if data.utility is not None else []
+    with scorer.bank.use(name) as model:
+        every = scorer.score(model, ids + [seq for part in prefixed.values() for seq in part], name,
+                             moments="moments" in needs)
+        ft_utility = scorer.score(model, scorer.tokenize(utility_texts), f"{name} utility", moments=False) \
+            if utility_texts else None
+    ft = every.select(np.arange(n))
+    inputs = AttackInputs(texts=texts, ft=ft, ft_lower=every.select(np.arange(n, 2 * n)) if want_lower else None,
+                          in_member_prefix=in_member_prefix)
+    start = len(ids)
+    for (kind, shots) in prefixed:  # each record's mean log-likelihood after the prefix, over its own tokens only
+        conditional = tail_mean_logprob(every.select(np.arange(start, start + n)), ft.n_tokens)
+        getattr(inputs, f"ll_{kind}")[shots] = conditional
+        start += n
+    return inputs, ft_utility
+
+
+def _prefixed(scorer: Scorer, data: RunData, record_ids: list[list[int]], attacks: list[ConfiguredAttack]
+              ) -> tuple[dict[tuple[str, int], list[list[int]]], dict[int, np.ndarray]]:
+    """The records' token ids after each prefix the attacks need, by (need, shots): ReCaLL's non-member prefix
+    and Con-ReCall's member prefix of `shots` records; and, by shots, which records are in the member prefix."""
+    out: dict[tuple[str, int], list[list[int]]] = {}
+    in_member_prefix: dict[int, np.ndarray] = {}
     bos = scorer.tokenizer.bos_token_id
-    if "nonmember_prefix" in needs:
-        if data.utility is None or not len(data.utility):
-            raise ConfigError("mia.attacks: ReCaLL's non-member prefix is drawn from the utility split, which is "
-                              "empty or absent (data.utility_split)")
-        prefix = draw_prefix(data.utility, scorer.mia.recall_shots, salt=0)
-        out["nonmember_prefix"] = with_prefix(scorer.tokenize([prefix_text(prefix)])[0], record_ids, bos)
-    if "member_prefix" in needs:
-        prefix = draw_prefix(data.members, scorer.mia.recall_shots, salt=1)
-        out["member_prefix"] = with_prefix(scorer.tokenize([prefix_text(prefix)])[0], record_ids, bos)
-        in_member_prefix = np.r_[data.members.sample_id.isin(prefix.sample_id).to_numpy(),
-                                 np.zeros(len(data.non_members), bool)]
+    wanted = sorted({(need, a.settings.shots) for a in attacks for need in ("nonmember_prefix", "member_prefix")
+                     if need in a.needs}, key=lambda w: (w[0] != "nonmember_prefix", w[1]))
+    for need, shots in wanted:
+        if need == "nonmember_prefix":
+            if data.utility is None or not len(data.utility):
+                raise ConfigError("mia.attacks: ReCaLL's non-member prefix is drawn from the utility split, which is "
+                                  "empty or absent (data.utility_split)")
+            prefix = draw_prefix(data.utility, shots, salt=0)
+        else:
+            prefix = draw_prefix(data.members, shots, salt=1)
+            in_member_prefix[shots] = np.r_[data.members.sample_id.isin(prefix.sample_id).to_numpy(),
+                                            np.zeros(len(data.non_members), bool)]
+        out[(need, shots)] = with_prefix(scorer.tokenize([prefix_text(prefix)])[0], record_ids, bos)
     return out, in_member_prefix
 
 
@@ -290,7 +310,7 @@ def _bow_row(members: pd.DataFrame, non_members: pd.DataFrame, mia: MIAConfig, c
     return row
 
 
-def _result_rows(scores: pd.DataFrame, utility: dict, attacks: list[str], mia: MIAConfig, meta: dict,
+def _result_rows(scores: pd.DataFrame, utility: dict, attacks: list[ConfiguredAttack], mia: MIAConfig, meta: dict,
                  bow: dict | None) -> pd.DataFrame:
     labels = scores.is_member.to_numpy()
     canary = scores.is_canary.to_numpy()
@@ -299,10 +319,10 @@ def _result_rows(scores: pd.DataFrame, utility: dict, attacks: list[str], mia: M
         log.warning("run %s: %s", meta.get("run_id"), unchanged)
     rows = []
     for attack in attacks:
-        values = scores[attack].to_numpy()
+        values = scores[attack.name].to_numpy()
         # a partial attack (Con-ReCall) leaves some records unscored by design: its metrics are the others'
-        scored = np.isfinite(values) if ATTACKS[attack].partial else np.ones(len(values), bool)
-        row = {**meta, "stage": "mia", "attack": attack,
+        scored = np.isfinite(values) if attack.partial else np.ones(len(values), bool)
+        row = {**meta, "stage": "mia", "attack": attack.name,
                **membership_metrics(labels[scored], values[scored], n_bootstrap=mia.bootstrap, level=mia.ci_level,
                                     max_fpr=mia.max_fpr_operating_point)}
         notes = [unchanged] if unchanged else []
@@ -346,22 +366,12 @@ def _progress(show: bool) -> Iterator[Progress]:
 
 
 # ------------------------------------------------------------------------------------- study API
-def run_design(layout: StudyLayout, run_id: str) -> str:
-    """The membership design a run was trained under (`splits` for runs made before designs existed)."""
-    return CellRecord.load(layout.run_file(run_id, RunFile.CELL)).cell.membership
-
-
-def study_designs(study: StudyConfig) -> dict[str, StudyData]:
-    """The records of each of the study's membership designs."""
-    return {design: load_study_data(study.data, design) for design in study.data.membership}
-
-
-def _base_datasets(designs: dict[str, StudyData]) -> dict[str, list[str]]:
+def _base_datasets(designs: dict[Design, StudyData]) -> dict[str, list[str]]:
     """Every text any run of the study is scored on, by dataset (the base model scores each once). The
     `splits` design keeps the dataset names of studies made before designs existed (same cache keys)."""
     datasets: dict[str, list[str]] = {}
     for design, data in designs.items():
-        prefix = "" if design == "splits" else f"{design}:"
+        prefix = "" if design == SPLITS else f"{design}:"
         datasets[f"{prefix}members"] = data.members.text.tolist()
         datasets[f"{prefix}non_members"] = data.non_members.text.tolist()
         if data.utility is not None:
@@ -369,47 +379,43 @@ def _base_datasets(designs: dict[str, StudyData]) -> dict[str, list[str]]:
     return datasets
 
 
-def _split_names(study: StudyConfig, design: str) -> tuple[str, str]:
+def _split_names(study: StudyConfig, design: Design) -> tuple[str, str]:
     """The `split` column's values for members and non-members of a design."""
-    if design == "splits":
+    if design == SPLITS:
         return study.data.member_split, study.data.non_member_split
     return f"{design}:member", f"{design}:non_member"
 
 
-def prepare_base_cache(study: StudyConfig, show_progress: bool = False) -> None:
+def prepare_base_cache(ctx: StudyContext) -> None:
     """Compute and cache the base-model scores of the study's datasets (run by a distributed driver
     before fanning out, so workers only read them)."""
-    layout = StudyLayout(study.out_dir)
-    with _progress(show_progress) as progress:
-        scorer = Scorer(study.model, study.mia, layout.cache, progress)
-        BaseScores(scorer, _base_datasets(study_designs(study)))
+    with _progress(ctx.show_progress) as progress:
+        scorer = Scorer(ctx.study.model, ctx.study.mia, ctx.layout.cache, progress)
+        BaseScores(scorer, _base_datasets(ctx.designs()))
 
 
-def run_mia(study: StudyConfig, run_ids: list[str] | None = None, force: bool = False,
-            show_progress: bool = True, merge: bool = True) -> pd.DataFrame:
-    """Membership inference on the study's finished runs lacking MIA outputs (all of `run_ids` when
-    `force`). Writes per-run files and, with `merge`, merges the study-level files and upserts
-    `results.parquet` (the study stage leaves that to its merge, which runs once after every cell).
-    Returns the upserted rows (stages `mia` and `utility`)."""
-    attacks = check_attacks(study.mia.attacks, study.mia.reference_corpus, references=study.mia.references,
-                            utility=study.data.utility_split is not None)
-    layout = StudyLayout(study.out_dir)
-    todo = layout.pending_runs(RunFile.MIA_RESULTS, run_ids, force)
+def run_mia(ctx: StudyContext, cells: Sequence[CellConfig] | None = None, *, force: bool = False,
+            merge: bool = True) -> pd.DataFrame:
+    """Membership inference on the finished runs of `cells` (default: every run of the study) that lack MIA
+    outputs (all of them with `force`). Writes per-run files and, with `merge`, merges the study-level files
+    and upserts `results.parquet` (the study stage leaves that to its merge, which runs once after every
+    cell). Returns the upserted rows (stages `mia` and `utility`)."""
+    study, layout = ctx.study, ctx.layout
+    attacks = check_attacks(study)
+    todo = ctx.pending(RunFile.MIA_RESULTS, cells, force)
     if not todo:
         return pd.DataFrame()
-    with _progress(show_progress) as progress:
+    with _progress(ctx.show_progress) as progress:
         scorer = Scorer(study.model, study.mia, layout.cache, progress)
-        designs = study_designs(study)
+        designs = ctx.designs()
         base = BaseScores(scorer, _base_datasets(designs))
         freq = _token_log_freq(scorer)
         ref_stats = scorer.reference_statistics() if "references" in needs_of(attacks) else None
         runs_task = progress.add_task("membership inference", total=len(todo))
         all_rows = []
-        for run_id in todo:
+        for run_id, cell in todo:
             run_dir = layout.run_dir(run_id)
-            cell = CellRecord.load(layout.run_file(run_id, RunFile.CELL)).cell
-            design = cell.membership
-            data = designs[design]
+            data = designs[cell.membership]
             members = _with_groups(read_members(run_dir), data)
             scorer.bank.add(run_id, run_dir)
             start = time.perf_counter()
@@ -419,10 +425,12 @@ def run_mia(study: StudyConfig, run_ids: list[str] | None = None, force: bool = 
                 texts = members.text.tolist() + data.non_members.text.tolist()
                 run_data.ref_models = ref_stats.matrix(refs, texts, also=population(data).text.tolist())
                 run_data.ref_in = in_matrix(refs, texts)
-            scores, utility = _score_run(scorer, run_id, run_data, base, attacks, freq, _split_names(study, design))
+            scores, utility = _score_run(scorer, run_id, run_data, base, attacks, freq,
+                                         _split_names(study, cell.membership))
             bow = _bow_row(members, data.non_members, study.mia, layout.cache) if study.mia.bag_of_words_baseline else None
             utility["mia_wall_time_s"] = time.perf_counter() - start
-            rows = _result_rows(scores, utility, attacks, study.mia, run_metadata(layout, run_id), bow)
+            meta = run_metadata(layout, run_id, cell, study.model.name_or_path)
+            rows = _result_rows(scores, utility, attacks, study.mia, meta, bow)
             atomic_write_parquet(run_dir / RunFile.MIA_SCORES, scores)
             atomic_write_parquet(run_dir / RunFile.MIA_RESULTS, rows)  # written last: marks the stage done
             all_rows.append(rows)
@@ -484,11 +492,12 @@ def attack_models(model: str | ModelConfig, adapters: dict[str, str | Path] | Se
             mia = MIAConfig(**(mia or {}))
         except ValidationError as err:
             raise ConfigError(format_validation_error(err, "mia")) from None
-    wanting = [a for a in mia.attacks if a in ATTACKS and "references" in ATTACKS[a].needs]
+    attacks = configure_attacks(mia.attacks)
+    wanting = [a.name for a in attacks if "references" in a.needs]
     if wanting:
         raise ConfigError(f"mia.attacks: {wanting} need reference adapters of the targets' recipe, which only a study "
                           "trains (mia.references); attack_models cannot: remove them, or run a study")
-    attacks = check_attacks(mia.attacks, mia.reference_corpus, utility=utility is not None)
+    attacks = check_attack_inputs(mia.attacks, mia.reference_corpus, utility=utility is not None)
     if not isinstance(adapters, dict):
         adapters = {Path(p).name: p for p in adapters}
     data = RunData(_as_frame(members, "member", True), _as_frame(non_members, "non_member", False),

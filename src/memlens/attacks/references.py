@@ -9,7 +9,7 @@ model, data and membership design). Reference k of the recipe of cell `c`:
   the training set as it is, and no secret is inserted), so it trains with the cell's own recipe;
 - trains on its IN half of the *population*, the records of the cell's membership experiment (members and
   non-members of its design; an inserted canary is not among them): a fair coin per record, seeded by
-  REF_SEED + k (:func:`memlens.data.membership.coin`), independent of the target's membership. Every
+  REF_SEED + k (:func:`memlens.data.designs.coin`), independent of the target's membership. Every
   record is IN for about half of the references and OUT for the rest. When the design's coins are per
   document group (`data.membership_unit`, or `data.group` set), so are the references': they are drawn as
   the target's members were;
@@ -54,7 +54,7 @@ from rich.progress import Progress
 
 from memlens.config import CanaryConfig, CellConfig, ConfigError, StudyConfig, stable_hash
 from memlens.data import StudyData
-from memlens.data.membership import coin
+from memlens.data.designs import coin
 from memlens.store import RunFile, StudyLayout, atomic_write_parquet
 from memlens.store.records import ReferenceRecord, TrainRecord
 from memlens.train import finetune_cell, read_members

@@ -11,10 +11,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from memlens.data.membership import group_column, random_split
+from memlens.data.designs import group_column, random_split
 from memlens.config import (
+    DESIGNS,
+    RANDOM,
+    SPLITS,
     ConfigError,
     DataConfig,
+    Design,
     hub_offline,
     looks_like_local_path,
     stable_hash,
@@ -50,7 +54,7 @@ class StudyData:
     non_members: pd.DataFrame
     utility: pd.DataFrame | None
     report: list[str] = field(default_factory=list)  # validation findings, for the run log and the report
-    design: str = "splits"  # the membership design (memlens.data.membership)
+    design: Design = SPLITS  # the membership design (memlens.data.designs)
     assignment: pd.DataFrame | None = None  # random design: every pool record's coin (sample_id, unit_key, is_member)
 
     @property
@@ -322,13 +326,13 @@ def _subset(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
     return frame.iloc[keep].reset_index(drop=True)
 
 
-def load_study_data(cfg: DataConfig, design: str = "splits") -> StudyData:
+def load_study_data(cfg: DataConfig, design: Design = SPLITS) -> StudyData:
     """Load, clean and validate the members, non-members and (optional) utility records of a membership
-    design (:mod:`memlens.data.membership`): the named splits, or the random design's coin over the pool."""
-    if design == "random":
+    design (:mod:`memlens.data.designs`): the named splits, or the random design's coin over the pool."""
+    if design == RANDOM:
         return _random_design(cfg)
-    if design != "splits":
-        raise ConfigError(f"data.membership: unknown design {design!r}; valid choices: ['splits', 'random']")
+    if design != SPLITS:
+        raise ConfigError(f"data.membership: unknown design {design!r}; valid choices: {list(DESIGNS)}")
     names = [cfg.member_split, cfg.non_member_split] + ([cfg.utility_split] if cfg.utility_split else [])
     if cfg.member_split == cfg.non_member_split:
         raise ConfigError("data.non_member_split must differ from data.member_split")
@@ -380,14 +384,13 @@ def _random_design(cfg: DataConfig) -> StudyData:
     members, non_members, assignment = random_split(pool, cfg)
     utility = _subset(frames[cfg.utility_split], cfg.subset, cfg.subset_seed + 2) if cfg.utility_split else None
     _warn_once(cfg, report)
-    return StudyData(members=members, non_members=non_members, utility=utility, report=report, design="random",
+    return StudyData(members=members, non_members=non_members, utility=utility, report=report, design=RANDOM,
                      assignment=assignment)
 
 
-def membership_assignments(cfg: DataConfig) -> pd.DataFrame | None:
-    """Every coin of the study's random design (design, seed, unit, sample_id, unit_key, is_member[, group]),
-    None when it has no random design: saved in the study folder, so who was a member stays on record."""
-    if "random" not in cfg.membership:
-        return None
-    assignment = _random_design(cfg).assignment
-    return assignment.assign(design="random", seed=cfg.membership_seed, unit=cfg.coin_unit)
+def membership_assignments(cfg: DataConfig, data: StudyData) -> pd.DataFrame:
+    """Every coin of the random design's records `data` (design, seed, unit, sample_id, unit_key, is_member[,
+    group]): saved in the study folder, so who was a member stays on record."""
+    if data.assignment is None:
+        raise ValueError(f"the {data.design!r} design has no coins")
+    return data.assignment.assign(design=RANDOM, seed=cfg.membership_seed, unit=cfg.coin_unit)

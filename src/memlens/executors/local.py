@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from memlens.config import CellConfig, StudyConfig
+from memlens.config import CellConfig
+from memlens.context import StudyContext
 from memlens.study.cell import run_cell
-from memlens.study.stage import Stage, StageContext, enabled_stages, execute
+from memlens.study.stage import Stage, enabled_stages, execute
 from memlens.study.status import CellEvent, CellOutcome, write_status
 
 
@@ -21,13 +22,14 @@ class LocalExecutor:
     def __init__(self, batch_stages: bool = True):
         self.batch_stages = batch_stages
 
-    def run(self, study: StudyConfig, cells: list[CellConfig], on_event: Callable[[CellEvent], None],
-            only: list[str] | None = None, show_progress: bool = False) -> list[CellOutcome]:
+    def run(self, ctx: StudyContext, cells: list[CellConfig], on_event: Callable[[CellEvent], None],
+            only: list[str] | None = None) -> list[CellOutcome]:
         if not self.batch_stages:
-            return self._one_by_one(study, cells, on_event, only)
-        return _BatchedRun(study, cells, on_event, only, show_progress).run()
+            return self._one_by_one(ctx, cells, on_event, only)
+        return _BatchedRun(ctx, cells, on_event, only).run()
 
-    def _one_by_one(self, study, cells, on_event, only) -> list[CellOutcome]:
+    def _one_by_one(self, ctx: StudyContext, cells, on_event, only) -> list[CellOutcome]:
+        study = ctx.study
         study_dict = study.model_dump(mode="json")
         outcomes = []
         for cell in cells:
@@ -41,23 +43,22 @@ class LocalExecutor:
 class _BatchedRun:
     """One batched pass over the stages: each stage for every cell still needing it."""
 
-    def __init__(self, study: StudyConfig, cells: list[CellConfig], on_event: Callable[[CellEvent], None],
-                 only: list[str] | None, show_progress: bool):
-        self.ctx = StageContext(study, show_progress=show_progress)
-        self.cells = {cell.run_id(study): cell for cell in cells}
+    def __init__(self, ctx: StudyContext, cells: list[CellConfig], on_event: Callable[[CellEvent], None],
+                 only: list[str] | None):
+        self.ctx = ctx
+        self.cells = {cell.run_id(ctx.study): cell for cell in cells}
         self.on_event, self.only = on_event, only
         self.done: dict[str, list[str]] = {r: [] for r in self.cells}
         self.failed: dict[str, str] = {}
         self.blocked: set[str] = set()  # a stage left undone (outside `only`): later stages cannot run
 
     def run(self) -> list[CellOutcome]:
-        layout = self.ctx.layout
         for stage in enabled_stages(self.ctx.study):
             pending = []
             for run_id in self.cells:
                 if run_id in self.failed or run_id in self.blocked:
                     continue
-                if stage.done(layout, run_id):
+                if stage.done(self.ctx, run_id):
                     self.done[run_id].append(stage.name)
                 elif self.only is not None and stage.name not in self.only:
                     self.blocked.add(run_id)
@@ -79,7 +80,7 @@ class _BatchedRun:
                 self.done[run_id].append(stage.name)
         except Exception as group_error:
             for run_id in run_ids:
-                if stage.done(self.ctx.layout, run_id):  # finished before the group failed
+                if stage.done(self.ctx, run_id):  # finished before the group failed
                     self.done[run_id].append(stage.name)
                 elif len(run_ids) == 1:
                     self._fail(run_id, stage, group_error)

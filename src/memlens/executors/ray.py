@@ -5,8 +5,9 @@ the cell's run folder and per-run stage files atomically into the study folder. 
 folder must be on storage every node sees (NFS, Lustre...; see docs/cluster.md). The driver:
 
 1. connects to Ray (`executor.address`: `auto`, `ray://host:10001`, or null for a local Ray);
-2. computes the base-model reference scores once (`prepare_base_cache`, itself one Ray task with a
-   cell's resources, so it runs where the GPUs are), so no cell recomputes them;
+2. runs the stages' shared preparation once (:meth:`~memlens.study.stage.Stage.prepare`, e.g. the membership
+   stage's base-model scores; itself one Ray task with a cell's resources, so it runs where the GPUs are), so
+   no cell recomputes it;
 3. keeps at most `executor.max_concurrent` cells in flight, each with `num_cpus` / `num_gpus` /
    `memory_gb`; a task whose worker dies (killed, OOM, node lost) is retried by Ray up to
    `executor.max_retries` times and resumes from the files already written;
@@ -30,17 +31,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from memlens.attacks.mia import prepare_base_cache
 from memlens.config import CellConfig, ConfigError, ExecutorConfig, StudyConfig
+from memlens.context import StudyContext
 from memlens.store import StudyFile, StudyLayout, atomic_write_text
-from memlens.study.cell import run_cell
-from memlens.study.stage import get_stage
+from memlens.study.cell import normalise_study, run_cell
+from memlens.study.stage import get_stage, preparing, selected_stages
 from memlens.study.status import CellEvent, CellOutcome, read_status, write_status
 
 INSTALL_HINT = "executor.kind: ray needs Ray, which is not installed: pip install 'memlens[ray]'"
 # Ray task name of a cell; Ray also titles the worker process `ray::memlens-cell:<run_id>` while it runs.
 TASK_PREFIX = "memlens-cell:"
-BASE_CACHE_TASK = "memlens-base-cache"
+PREPARE_TASK = "memlens-prepare"
 # Written by the driver into the study folder with a fresh random token, read back by every task.
 SHARED_CHECK_FILE = StudyFile.SHARED_CHECK
 # How long a task waits for the driver's token to show (NFS may serve a stale directory listing briefly).
@@ -110,11 +111,15 @@ def cell_task(study_dict: dict, cell_dict: dict, workdir: str | None, only: list
     return run_cell(study_dict, cell_dict, only)
 
 
-def base_cache_task(study_dict: dict, workdir: str | None, token: str | None = None) -> None:
-    """Body of the one task that computes the base-model reference scores shared by every cell."""
+def prepare_task(study_dict: dict, cell_dicts: list[dict], stages: list[str], workdir: str | None,
+                 token: str | None = None) -> None:
+    """Body of the one task that runs the stages' shared preparation (:meth:`Stage.prepare`) for the cells."""
     _enter_workdir(workdir)
     _check_shared_folder(study_dict, token)
-    prepare_base_cache(StudyConfig.model_validate(study_dict))
+    ctx = StudyContext(normalise_study(StudyConfig.model_validate(study_dict)))
+    cells = [CellConfig.model_validate(c) for c in cell_dicts]
+    for name in stages:
+        get_stage(name).prepare(ctx, cells)
 
 
 # --------------------------------------------------------------------------------------- driver side
@@ -175,14 +180,14 @@ class RayExecutor:
                                   "(executor.address)")
 
     # ----------------------------------------------------------------------------------- run
-    def run(self, study: StudyConfig, cells: list[CellConfig], on_event: Callable[[CellEvent], None],
-            only: list[str] | None = None, show_progress: bool = False) -> list[CellOutcome]:
+    def run(self, ctx: StudyContext, cells: list[CellConfig], on_event: Callable[[CellEvent], None],
+            only: list[str] | None = None) -> list[CellOutcome]:
         """Run `cells` as Ray tasks (their stages of `only`, or all); returns one outcome per cell, in the
         order of `cells`. Workers show no progress bars (their output stays in Ray's logs)."""
         started = self._connect()
         try:
             self._check_feasible()
-            return self._run(study, cells, on_event, only)
+            return self._run(ctx.study, cells, on_event, only)
         finally:
             if started:
                 self.ray.shutdown()
@@ -205,13 +210,10 @@ class RayExecutor:
                  only: list[str] | None, study_dict: dict, workdir: str | None, token: str) -> list[CellOutcome]:
         ray = self.ray
         opts = self.task_options()
-        layout = StudyLayout(study.out_dir)
-        mia = get_stage("mia")
-        if (mia.enabled(study) and (only is None or mia.name in only)
-                and not all(mia.done(layout, c.run_id(study)) for c in cells)):
-            # once, before the fan-out; a failure here would fail every cell: raise it
-            ray.get(ray.remote(base_cache_task).options(name=BASE_CACHE_TASK, **opts).remote(
-                study_dict, workdir, token))
+        prepare = [s.name for s in preparing(selected_stages(study, only))]
+        if prepare:  # once, before the fan-out; a failure here would fail every cell: raise it
+            ray.get(ray.remote(prepare_task).options(name=PREPARE_TASK, **opts).remote(
+                study_dict, [c.model_dump(mode="json") for c in cells], prepare, workdir, token))
 
         remote_cell = ray.remote(cell_task)
         pending = list(cells)

@@ -32,8 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
-from memlens.config import ConfigError
+from pydantic import ValidationError
+
+from memlens.config import ConfigError, StudyConfig, format_validation_error
 
 
 class RunFile:
@@ -127,6 +130,19 @@ class StudyLayout:
     @property
     def membership_file(self) -> Path:
         return self.root / StudyFile.MEMBERSHIP
+
+    def read_study(self) -> StudyConfig:
+        """The study this folder holds (`study.yaml`, as written: floats stay floats, so run ids hash the same);
+        a folder without one is a ConfigError saying so. The one reader of the study file."""
+        if not self.study_file.exists():
+            raise ConfigError(f"{self.root}: not a memlens study folder (no {StudyFile.STUDY})")
+        try:
+            return StudyConfig.model_validate(yaml.safe_load(self.study_file.read_text()) or {})
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{self.study_file}: not valid YAML ({exc}); memlens writes this file itself: restore "
+                              "it from the study file you ran, or start a new --out") from None
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, str(self.study_file))) from None
 
     def study_level(self, name: str) -> Path:
         """A study-level file by its :class:`StudyFile` name (e.g. the merged `mia_scores.parquet`)."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pandas as pd
 
 from memlens.store.layout import RunFile, StudyFile, StudyLayout, atomic_write_parquet
-from memlens.store.records import CellRecord, TrainRecord
+from memlens.config import CellConfig
+from memlens.store.records import TrainRecord
 
 RESULTS_FILE = StudyFile.RESULTS
 KEY = ["run_id", "stage", "attack"]
@@ -25,15 +26,14 @@ ID_COLUMNS = ["run_id", "model", "method", "target_modules", "rank", "canary_cop
 UNCHANGED_NLL_TOL = 1e-5
 
 
-def run_metadata(layout: StudyLayout, run_id: str) -> dict:
-    """The identifying columns of a finished run, read from its `cell.json` and `train.json`."""
-    cell = CellRecord.load(layout.run_file(run_id, RunFile.CELL))
+def run_metadata(layout: StudyLayout, run_id: str, spec: CellConfig, model: str) -> dict:
+    """The identifying columns of a finished run of cell `spec` on base model `model`; parameter counts and the
+    DP noise actually used come from the run's `train.json` (what fine-tuning measured)."""
     train = TrainRecord.load(layout.run_file(run_id, RunFile.TRAIN))
-    spec = cell.cell
     dp = train.dp or {}
     return {
         "run_id": run_id,
-        "model": cell.model["name_or_path"],
+        "model": model,
         "method": spec.method,
         "target_modules": "+".join(spec.target_modules),
         "rank": spec.rank,

@@ -4,8 +4,6 @@ when that stage is redone (`--force <stage>`)."""
 
 from __future__ import annotations
 
-import yaml
-
 from memlens.config import ConfigError, StudyConfig
 from memlens.store import StudyLayout
 from memlens.study.stage import STAGES
@@ -46,10 +44,9 @@ def check_compatible(study: StudyConfig, layout: StudyLayout, force: list[str]) 
     the fields. Sections of the stages in `force` may differ (those stages are redone for every run)."""
     if not layout.study_file.exists():
         return
-    stored = yaml.safe_load(layout.study_file.read_text()) or {}
+    # Read back through the schema: fields added since the folder was written get their defaults.
+    stored = layout.read_study().model_dump(mode="json")
     current = study.model_dump(mode="json")
-    # Fill fields added to the config since the folder was written with their defaults.
-    stored = StudyConfig.model_validate(stored).model_dump(mode="json") if stored else stored
     redone = {s.section for s in STAGES if s.name in force and s.section}
     diffs = [d for d in config_differences(stored, current) if d[0].split(".")[0] not in redone]
     if diffs:

@@ -17,59 +17,31 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from typing import ClassVar
-
-import yaml
 
 from memlens.attacks.audit import AUDIT_STAGE, run_privacy_audit
 from memlens.attacks.extraction import merge_study as merge_extraction
 from memlens.attacks.extraction import run_extraction
 from memlens.attacks.mia import merge_study as merge_mia
-from memlens.attacks.mia import run_mia
+from memlens.attacks.mia import prepare_base_cache, run_mia
 from memlens.attacks.references import is_trained, reference_ids, remove_references, train_references
 from memlens.attacks.registry import check_attacks
 from memlens.config import CellConfig, StudyConfig
-from memlens.data import StudyData, load_study_data
-from memlens.models import check_quantized, load_tokenizer
-from memlens.store import RunFile, StudyLayout, atomic_write_parquet, read_results
+from memlens.context import StudyContext
+from memlens.models import check_quantized
+from memlens.store import RunFile, atomic_write_parquet, read_results
 from memlens.store.lock import write_lock
-from memlens.store.records import CellRecord
 from memlens.study.provenance import record_stage_time
 from memlens.train import finetune_cell
 from memlens.train.progress import training_progress
 
-
-@dataclass
-class StageContext:
-    """What the stages of one process share: the study's data and tokenizer, loaded on first use."""
-
-    study: StudyConfig
-    show_progress: bool = False
-    _data: dict[str, StudyData] = field(default_factory=dict, repr=False)
-    _tokenizer: object | None = field(default=None, repr=False)
-
-    @property
-    def layout(self) -> StudyLayout:
-        return StudyLayout(self.study.out_dir)
-
-    def data(self, design: str = "splits") -> StudyData:
-        """The records of a membership design (loaded once per process)."""
-        if design not in self._data:
-            self._data[design] = load_study_data(self.study.data, design)
-        return self._data[design]
-
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.study.model)
-        return self._tokenizer
-
-
 class Stage:
-    """One per-run stage. Subclasses set the class attributes and implement :meth:`run`."""
+    """One per-run stage. Subclasses set the class attributes and implement :meth:`run`; every method gets the
+    :class:`~memlens.context.StudyContext`, whose study, cells and records it reads instead of the disk."""
 
     name: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()          # stages that must be done first
+    brings: ClassVar[tuple[str, ...]] = ()         # stages run with it when it is asked for alone (`--only`)
     marker: ClassVar[str]                          # per-run file whose presence means "done"
     files: ClassVar[tuple[str, ...]] = ()          # per-run files it writes (removed when invalidated)
     result_stages: ClassVar[tuple[str, ...]] = ()  # `stage` values of its rows in results.parquet
@@ -79,20 +51,25 @@ class Stage:
     def enabled(self, study: StudyConfig) -> bool:
         return True
 
-    def check(self, study: StudyConfig) -> None:
+    def check(self, ctx: StudyContext) -> None:
         """Refuse settings this stage cannot run with (ConfigError), before any work starts."""
 
-    def done(self, layout: StudyLayout, run_id: str) -> bool:
-        return layout.run_file(run_id, self.marker).exists()
+    def prepare(self, ctx: StudyContext, cells: list[CellConfig]) -> None:
+        """Work shared by `cells` that a distributed driver does once before handing cells out (e.g. the base
+        model's scores); a process that runs the stage for many cells at once needs no call."""
 
-    def run(self, ctx: StageContext, cells: list[CellConfig]) -> None:
+    def done(self, ctx: StudyContext, run_id: str) -> bool:
+        return ctx.layout.run_file(run_id, self.marker).exists()
+
+    def run(self, ctx: StudyContext, cells: list[CellConfig]) -> None:
         raise NotImplementedError
 
-    def merge(self, study: StudyConfig) -> None:
+    def merge(self, ctx: StudyContext) -> None:
         """Rebuild the study-level files of this stage from the per-run files (idempotent)."""
 
-    def invalidate(self, layout: StudyLayout, run_ids: list[str]) -> None:
+    def invalidate(self, ctx: StudyContext, run_ids: list[str]) -> None:
         """Make the stage pending again for `run_ids`: its per-run files, then its results rows."""
+        layout = ctx.layout
         for run_id in run_ids:
             for name in self.files:
                 layout.run_file(run_id, name).unlink(missing_ok=True)
@@ -112,16 +89,17 @@ class FinetuneStage(Stage):
     marker = RunFile.TRAIN
     batched = False  # one cell at a time: each run's wall time is its own
 
-    def check(self, study: StudyConfig) -> None:
-        check_quantized(study)  # an 8-bit base: LoRA only, no DP
+    def check(self, ctx: StudyContext) -> None:
+        check_quantized(ctx.study)  # an 8-bit base: LoRA only, no DP
 
-    def run(self, ctx: StageContext, cells: list[CellConfig]) -> None:
+    def run(self, ctx: StudyContext, cells: list[CellConfig]) -> None:
         progress = None if ctx.show_progress else training_progress(disable=True)
         for cell in cells:
             finetune_cell(ctx.study, cell, ctx.data(cell.membership), ctx.layout, ctx.tokenizer(), progress=progress)
 
-    def invalidate(self, layout: StudyLayout, run_ids: list[str]) -> None:
+    def invalidate(self, ctx: StudyContext, run_ids: list[str]) -> None:
         """Remove the runs: renamed to a temp name first (atomic), then deleted."""
+        layout = ctx.layout
         for run_id in run_ids:
             final = layout.run_dir(run_id)
             if final.is_dir():
@@ -129,25 +107,6 @@ class FinetuneStage(Stage):
                 shutil.rmtree(trash, ignore_errors=True)
                 os.replace(final, trash)
                 shutil.rmtree(trash, ignore_errors=True)
-
-
-_STUDIES: dict[tuple, StudyConfig] = {}
-
-
-def _folder_study(layout: StudyLayout, run_id: str) -> StudyConfig | None:
-    """The study a folder is being run with (`<out>/study.yaml`, written before any stage runs; else the run's
-    own copy), parsed once per file version."""
-    for path in (layout.study_file, layout.run_file(run_id, RunFile.STUDY)):
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            continue
-        key = (str(path), stat.st_mtime_ns, stat.st_size)
-        if key not in _STUDIES:  # a dump: read back as written (floats stay floats), so run_ids hash the same
-            _STUDIES.clear()
-            _STUDIES[key] = StudyConfig.model_validate(yaml.safe_load(path.read_text()))
-        return _STUDIES[key]
-    return None
 
 
 class ReferencesStage(Stage):
@@ -165,27 +124,23 @@ class ReferencesStage(Stage):
     def enabled(self, study: StudyConfig) -> bool:
         return study.mia.enabled and study.mia.references > 0
 
-    def done(self, layout: StudyLayout, run_id: str) -> bool:
-        """Every reference of the run's recipe is trained (the study: the folder's study.yaml)."""
-        record = CellRecord.read(layout.run_file(run_id, RunFile.CELL))
-        study = _folder_study(layout, run_id)
-        if record is None or study is None:
-            return False
-        return all(is_trained(layout, ref_id) for ref_id in reference_ids(study, record.cell))
+    def done(self, ctx: StudyContext, run_id: str) -> bool:
+        """Every reference of the run's recipe is trained."""
+        cell = ctx.cells.get(run_id)
+        return cell is not None and all(is_trained(ctx.layout, ref_id) for ref_id in reference_ids(ctx.study, cell))
 
-    def run(self, ctx: StageContext, cells: list[CellConfig]) -> None:
+    def run(self, ctx: StudyContext, cells: list[CellConfig]) -> None:
         progress = None if ctx.show_progress else training_progress(disable=True)
         train_references(ctx.study, cells, ctx.data, ctx.layout, ctx.tokenizer(), progress=progress)
 
-    def invalidate(self, layout: StudyLayout, run_ids: list[str]) -> None:
+    def invalidate(self, ctx: StudyContext, run_ids: list[str]) -> None:
         """Delete the references of these runs' recipes (retrained next), and the runs' membership results,
         which were computed with them."""
-        cells = [r.cell for r in (CellRecord.read(layout.run_file(i, RunFile.CELL)) for i in run_ids) if r is not None]
-        study = _folder_study(layout, run_ids[0]) if run_ids else None
-        if study is None or not cells or study.mia.references == 0:
+        cells = [ctx.cells[r] for r in run_ids if r in ctx.cells]
+        if not cells or ctx.study.mia.references == 0:
             return
-        remove_references(study, cells, layout)
-        MIAStage().invalidate(layout, run_ids)
+        remove_references(ctx.study, cells, ctx.layout)
+        MIAStage().invalidate(ctx, run_ids)
 
 
 class MIAStage(Stage):
@@ -195,22 +150,25 @@ class MIAStage(Stage):
     files = (RunFile.MIA_SCORES, RunFile.MIA_RESULTS)
     result_stages = ("mia", "utility", AUDIT_STAGE)
     section = "mia"
+    brings = ("references",)  # `memlens attack mia` trains the references first when the study has them
 
     def enabled(self, study: StudyConfig) -> bool:
         return study.mia.enabled
 
-    def check(self, study: StudyConfig) -> None:
-        check_attacks(study.mia.attacks, study.mia.reference_corpus, study.dp.audit_attack,
-                      references=study.mia.references, utility=study.data.utility_split is not None)
+    def check(self, ctx: StudyContext) -> None:
+        check_attacks(ctx.study)
 
-    def run(self, ctx: StageContext, cells: list[CellConfig]) -> None:
-        run_ids = [c.run_id(ctx.study) for c in cells]
-        run_mia(ctx.study, run_ids, show_progress=ctx.show_progress, merge=False)
-        run_privacy_audit(ctx.study, run_ids)  # accountant epsilon and empirical lower bound
+    def prepare(self, ctx: StudyContext, cells: list[CellConfig]) -> None:
+        if not all(self.done(ctx, c.run_id(ctx.study)) for c in cells):
+            prepare_base_cache(ctx)  # the base model's scores, read by every cell
 
-    def merge(self, study: StudyConfig) -> None:
-        merge_mia(StudyLayout(study.out_dir))
-        run_privacy_audit(study)  # idempotent: rows missing after a kill are added, others unchanged
+    def run(self, ctx: StudyContext, cells: list[CellConfig]) -> None:
+        run_mia(ctx, cells, merge=False)
+        run_privacy_audit(ctx, cells)  # accountant epsilon and empirical lower bound
+
+    def merge(self, ctx: StudyContext) -> None:
+        merge_mia(ctx.layout)
+        run_privacy_audit(ctx)  # idempotent: rows missing after a kill are added, others unchanged
 
 
 class ExtractionStage(Stage):
@@ -224,11 +182,11 @@ class ExtractionStage(Stage):
     def enabled(self, study: StudyConfig) -> bool:
         return study.extraction.enabled
 
-    def run(self, ctx: StageContext, cells: list[CellConfig]) -> None:
-        run_extraction(ctx.study, [c.run_id(ctx.study) for c in cells], show_progress=ctx.show_progress)
+    def run(self, ctx: StudyContext, cells: list[CellConfig]) -> None:
+        run_extraction(ctx, cells)
 
-    def merge(self, study: StudyConfig) -> None:
-        merge_extraction(StudyLayout(study.out_dir))
+    def merge(self, ctx: StudyContext) -> None:
+        merge_extraction(ctx)
 
 
 STAGES: tuple[Stage, ...] = (FinetuneStage(), ReferencesStage(), MIAStage(), ExtractionStage())
@@ -247,17 +205,30 @@ def enabled_stages(study: StudyConfig) -> list[Stage]:
     return [s for s in STAGES if s.enabled(study)]
 
 
-def execute(stage: Stage, ctx: StageContext, cells: list[CellConfig]) -> None:
+def selected_stages(study: StudyConfig, only: list[str] | None) -> list[Stage]:
+    """The enabled stages of `only` (all when None), with the stages each of them brings along, in order."""
+    if only is None:
+        return enabled_stages(study)
+    wanted = set(only) | {b for s in STAGES if s.name in only for b in s.brings}
+    return [s for s in enabled_stages(study) if s.name in wanted]
+
+
+def preparing(stages: list[Stage]) -> list[Stage]:
+    """The stages among `stages` that have work to prepare before cells fan out (they override prepare)."""
+    return [s for s in stages if type(s).prepare is not Stage.prepare]
+
+
+def execute(stage: Stage, ctx: StudyContext, cells: list[CellConfig]) -> None:
     """Run `stage` for `cells`, check that it left its marker for each, and record its wall time."""
     start = time.perf_counter()
     stage.run(ctx, cells)
     layout = ctx.layout
     run_ids = [c.run_id(ctx.study) for c in cells]
-    missing = [r for r in run_ids if not stage.done(layout, r)]
+    missing = [r for r in run_ids if not stage.done(ctx, r)]
     if missing:
         raise RuntimeError(f"stage {stage.name} finished without writing runs/<run_id>/{stage.marker} for {missing}")
     record_stage_time(layout, run_ids, stage.name, time.perf_counter() - start)
 
 
 __all__ = ["STAGES", "STAGE_NAMES", "ExtractionStage", "FinetuneStage", "MIAStage", "ReferencesStage", "Stage",
-           "StageContext", "enabled_stages", "execute", "get_stage"]
+           "enabled_stages", "execute", "get_stage", "preparing", "selected_stages"]

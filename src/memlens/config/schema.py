@@ -1,9 +1,8 @@
-"""Typed study configuration.
+"""The study configuration's schema: one pydantic model per section of a study file.
 
-A study file (YAML) is parsed into :class:`StudyConfig`. Every field's description is the
-documentation: ``memlens config-reference`` renders them into the README's reference table.
-Unknown keys, wrong types and impossible values are rejected with the field path and the valid
-choices (see :func:`format_validation_error`).
+A study file (YAML) is parsed into :class:`StudyConfig` (:mod:`memlens.config.loading`). Every field's
+description is the documentation: ``memlens config-reference`` renders them into the README's reference table.
+Impossible values are rejected by the validators here; :mod:`memlens.config.errors` words the messages.
 """
 
 from __future__ import annotations
@@ -11,17 +10,17 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
-from pydantic.fields import FieldInfo
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A study file or override that cannot be used; the message names the field and the fix."""
+# The membership designs (memlens.data.designs): who is a member and who is not. `splits`: the named splits (the
+# 2024 study's design); `random`: memlens' seeded fair coin over a pool of records.
+Design = Literal["splits", "random"]
+SPLITS: Design = "splits"
+RANDOM: Design = "random"
+DESIGNS: tuple[Design, ...] = (SPLITS, RANDOM)
 
 
 class _Strict(BaseModel):
@@ -64,8 +63,8 @@ class DataConfig(_Strict):
     max_length: int = Field(512, ge=8, description="Maximum tokens per record; longer records are refused "
                             "at training and scored with a sliding window.")
     revision: str | None = Field(None, description="Hub dataset revision (hub sources only).")
-    membership: list[Literal["splits", "random"]] = Field(
-        default_factory=lambda: ["splits"],
+    membership: list[Design] = Field(
+        default_factory=lambda: [SPLITS],
         description="How members and non-members are chosen. `splits`: the named splits (the study's design: "
         "member_split vs non_member_split). `random`: a seeded fair coin assigns each record (or each group, see "
         "`membership_unit`) of `pool` to members or non-members, so the AUC measures record memorization, not "
@@ -120,10 +119,10 @@ class DataConfig(_Strict):
         """What one coin flip assigns in the random design."""
         return self.membership_unit or ("group" if self.group else "record")
 
-    def design_determinants(self, design: str) -> dict[str, Any]:
+    def design_determinants(self, design: Design) -> dict[str, Any]:
         """What determines a design's member / non-member sets beyond the named splits (run ids hash it).
         Empty for `splits`, so the run ids of studies made before designs existed do not change."""
-        if design == "splits":
+        if design == SPLITS:
             return {}
         return {"design": design, "pool": self.pool_splits, "unit": self.coin_unit, "seed": self.membership_seed,
                 "group": self.group if self.coin_unit == "group" else None}
@@ -336,22 +335,67 @@ class DPConfig(_Strict):
 
 
 # --------------------------------------------------------------------------------------- attacks
-# The attacks run by default. Which names exist is the attack registry's (memlens.attacks.registry), which
-# checks `mia.attacks` and `dp.audit_attack` before a study runs. `lowercase` is opt-in: it scores every
-# record a second time (lowercased), 40% of the membership stage's scoring for one attack.
+# The attacks run by default. Which names exist, and each one's settings, are the attack registry's
+# (memlens.attacks.registry), which checks `mia.attacks` and `dp.audit_attack` before a study runs. `lowercase` is
+# opt-in: it scores every record a second time (lowercased), 40% of the membership stage's scoring for one attack.
 DEFAULT_MIA_ATTACKS = ("loss", "ref_ratio", "ref_llr", "zlib", "min_k", "min_k_pp")
+
+# Settings that were `mia` fields before each attack had its own: field -> (setting, attacks that read it, the
+# default it had). Old study files keep working: a value other than the default becomes those attacks' setting
+# (keeping their result names); the default is dropped.
+LEGACY_ATTACK_SETTINGS: dict[str, tuple[str, tuple[str, ...], Any]] = {
+    "min_k_fraction": ("fraction", ("min_k", "min_k_pp"), 0.2),
+    "dc_pdd_clip": ("clip", ("dc_pdd",), 0.01),
+    "rmia_offline_a": ("a", ("rmia_offline",), "auto"),
+    "rmia_gamma": ("gamma", ("rmia", "rmia_offline"), 1.0),
+    "recall_shots": ("shots", ("recall", "con_recall"), 5),
+    "conrecall_gamma": ("gamma", ("con_recall",), 0.5),
+}
+
+
+class AttackSpec(_Strict):
+    """One attack of `mia.attacks` with its own settings: `{type: min_k, params: {fraction: 0.1}}`."""
+
+    type: str = Field(..., description="The attack's name in the registry (see *Membership attacks*).")
+    params: dict[str, Any] = Field(default_factory=dict, description="Its settings (the attack's own, listed with it "
+                                   "under *Membership attacks*); the defaults where absent.")
+    name: str | None = Field(None, description="The name its scores and result rows carry; `null`: `type` without "
+                             "params, else `type@<value>` (one setting) or `type@<k>=<v>,...`.")
+
+
+def _migrate_legacy_settings(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` (a `mia` section) with its legacy setting fields (:data:`LEGACY_ATTACK_SETTINGS`) folded into the
+    attacks that read them."""
+    legacy = {k: raw[k] for k in LEGACY_ATTACK_SETTINGS if k in raw}
+    if not legacy:
+        return raw
+    raw = {k: v for k, v in raw.items() if k not in legacy}
+    attacks = list(raw.get("attacks", DEFAULT_MIA_ATTACKS))
+    for key, value in legacy.items():
+        setting, readers, default = LEGACY_ATTACK_SETTINGS[key]
+        if value == default:
+            continue
+        for i, entry in enumerate(attacks):
+            if isinstance(entry, str) and entry in readers:
+                attacks[i] = {"type": entry, "name": entry, "params": {setting: value}}
+            elif isinstance(entry, dict) and entry.get("type") in readers and entry.get("name", entry["type"]) \
+                    == entry["type"]:
+                attacks[i] = {**entry, "params": {setting: value, **entry.get("params", {})}}
+    raw["attacks"] = attacks
+    return raw
 
 
 class MIAConfig(_Strict):
     """Membership inference."""
 
     enabled: bool = Field(True, description="Run the membership stage.")
-    attacks: list[str] = Field(
+    attacks: list[str | AttackSpec] = Field(
         default_factory=lambda: list(DEFAULT_MIA_ATTACKS),
-        description="Attacks to run: names from the attack registry (listed under *Membership attacks* below); "
-        "`dc_pdd` needs `reference_corpus`; `lowercase` (not run by default) scores every record a second time.",
+        description="Attacks to run, from the attack registry (listed with their settings under *Membership "
+        "attacks* below): a name (`min_k`, default settings), a name with its one setting (`min_k@0.1`), or "
+        "`{type, params, name}`; one attack may run at several settings under several names. `dc_pdd` needs "
+        "`reference_corpus`; `lowercase` (not run by default) scores every record a second time.",
     )
-    min_k_fraction: float = Field(0.2, gt=0, le=1, description="k of Min-K% and Min-K%++ (fraction of tokens).")
     reference_corpus: str | None = Field(
         None, description="Text file (one document per line) for token frequencies of DC-PDD."
     )
@@ -375,36 +419,17 @@ class MIAConfig(_Strict):
         None, ge=1, description="Sliding-window step (tokens) for records longer than the model's context "
         "(the study's perplexity used 512); `null`: half the context.",
     )
-    dc_pdd_clip: float = Field(0.01, gt=0, description="DC-PDD's upper bound `a` on each token's calibrated score.")
     references: int = Field(
         0, ge=0, description="Reference adapters for LiRA and RMIA (`0`: none). Each is fine-tuned with the cell's own "
         "recipe (method, matrices, rank, training, DP) on a seeded random half of the membership experiment's records, "
         "once per distinct recipe, and shared by every cell with that recipe (`<out>/references/`). 2 or more; "
         "Carlini et al. use 64+.",
     )
-    rmia_offline_a: float | Literal["auto"] = Field(
-        "auto", description="RMIA offline: `a` of Pr(x) = ((1 + a) Pr_OUT(x) + (1 - a)) / 2, the paper's linear "
-        "approximation Pr_IN(x) = a Pr_OUT(x) + (1 - a) (Zarifzadeh et al. 2024), or `auto`: fitted by least squares "
-        "to the reference adapters' own IN and OUT probabilities. A sequence's geometric-mean token probability is "
-        "far from 1 and moves little in training, so a small `a` (e.g. 0.3) reduces RMIA offline to the loss attack.",
-    )
-    rmia_gamma: float = Field(1.0, gt=0, description="RMIA: gamma, the likelihood-ratio threshold a record must reach "
-                              "against a population record to count.")
-    recall_shots: int = Field(
-        5, ge=1, description="ReCaLL / Con-ReCall: records in each prefix (non-member prefix from `data.utility_split`; "
-        "Con-ReCall's member prefix from the run's own members).",
-    )
-    conrecall_gamma: float = Field(
-        0.5, ge=0, description="Con-ReCall: weight of the member-prefix likelihood, (LL(x|P_non) - gamma LL(x|P_mem)) / "
-        "LL(x). The paper sweeps 0.1-1.0 and reports the best; 0.5 lies mid-range.",
-    )
 
-    @field_validator("rmia_offline_a")
+    @model_validator(mode="before")
     @classmethod
-    def _unit_interval(cls, value: float | str) -> float | str:
-        if not isinstance(value, str) and not 0 <= value <= 1:
-            raise ValueError("must be between 0 and 1, or auto")
-        return value
+    def _legacy_settings(cls, value: Any) -> Any:
+        return _migrate_legacy_settings(value) if isinstance(value, dict) else value
 
     @field_validator("references")
     @classmethod
@@ -541,13 +566,13 @@ class CellConfig(_Strict):
     canary_copies: int
     seed: int
     noise_multiplier: float | Literal["auto"] | None = None
-    membership: Literal["splits", "random"] = "splits"
+    membership: Design = SPLITS
 
     def determinants(self, study: StudyConfig) -> dict[str, Any]:
         """Everything that determines this cell's fine-tuned model (the run_id hashes it)."""
         determinants = {
             # a `splits` cell hashes as cells did before designs existed (same run ids for old folders)
-            "cell": self.model_dump(exclude={"membership"} if self.membership == "splits" else None),
+            "cell": self.model_dump(exclude={"membership"} if self.membership == SPLITS else None),
             "model": study.model.model_dump(exclude={"device"}),
             "data": study.data.model_dump(exclude={"utility_split", *DESIGN_FIELDS}),
             "canary": study.canary.model_dump(),
@@ -556,7 +581,7 @@ class CellConfig(_Strict):
         }
         if self.method == "lora":
             determinants["lora"] = study.lora.model_dump()
-        if self.membership != "splits":
+        if self.membership != SPLITS:
             determinants["membership"] = study.data.design_determinants(self.membership)
         if self.noise_multiplier is not None:
             # the audit settings only affect the privacy stage, not the trained model or train.json
@@ -572,7 +597,7 @@ class CellConfig(_Strict):
             label += f"-dpeps{study.dp.target_epsilon:g}"
         elif self.noise_multiplier is not None:
             label += f"-dp{self.noise_multiplier:g}"
-        if self.membership == "random":
+        if self.membership == RANDOM:
             label += "-rand"
         return f"{label}-{digest}".replace("/", "_")
 
@@ -580,207 +605,3 @@ class CellConfig(_Strict):
 def stable_hash(obj: Any) -> str:
     """SHA-256 of a JSON-able object with sorted keys: the same content always gives the same hash."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-# --------------------------------------------------------------------------------------- loading
-def looks_like_local_path(value: str) -> bool:
-    """Whether `data.source` / `model.name_or_path` is meant as a local path rather than a hub id: it starts
-    with `.`, `/` or `~`, contains the OS's own separator (when that is not `/`), or has more than one `/`
-    (a hub id is `name` or `owner/name`)."""
-    if value.startswith((".", "/", "~")) or value.endswith("/"):
-        return True
-    if any(sep and sep != "/" and sep in value for sep in (os.sep, os.altsep)):
-        return True
-    return value.count("/") > 1
-
-
-def hub_offline(kind: Literal["model", "dataset"] = "model") -> str | None:
-    """The environment variable that switches the Hugging Face hub off for models (HF_HUB_OFFLINE,
-    TRANSFORMERS_OFFLINE) or datasets (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE), or None when it is on."""
-    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE" if kind == "model" else "HF_DATASETS_OFFLINE")
-    for name in names:
-        if os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
-            return name
-    return None
-
-
-def format_validation_error(err: ValidationError, source: str, overrides: list[str] | None = None) -> str:
-    """One line per problem: `<file>: <field.path>: <what is wrong>`. `overrides` (the `--set key=value`
-    items that were applied) lets a problem in an overridden field name the override and its fix."""
-    set_by = {}
-    for item in overrides or []:
-        key, _, value = item.partition("=")
-        set_by[key.strip()] = value
-    lines = [f"{source}: invalid study configuration"]
-    for problem in err.errors():
-        loc = tuple(problem["loc"])
-        path = ".".join(str(p) for p in loc) or "(top level)"
-        msg = problem["msg"]
-        if problem["type"] == "extra_forbidden":
-            msg = f"unknown key; valid keys here: {_valid_keys(loc)}"
-        elif problem["type"] == "missing":
-            msg = _missing_message(loc)
-        elif problem["type"] == "list_type":
-            msg = _list_message(loc, problem.get("input"), set_by)
-        elif problem["type"] == "value_error":  # our own validators' text, without pydantic's label
-            msg = msg.removeprefix("Value error, ")
-        lines.append(f"  {path}: {msg}")
-    return "\n".join(lines)
-
-
-def _field_at(loc: tuple) -> FieldInfo | None:
-    """The field a validation error's location points at (None inside lists or dicts)."""
-    model: type[BaseModel] = StudyConfig
-    field = None
-    for i, part in enumerate(loc):
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return None
-        annotation = field.annotation
-        if i < len(loc) - 1:
-            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-                return None
-            model = annotation
-    return field
-
-
-def _description(field: FieldInfo | None) -> str:
-    """A field's description without a `Required section:` label, starting lowercase (it follows `required; `)."""
-    text = (field.description or "").removeprefix("Required section: ") if field else ""
-    return text[:1].lower() + text[1:]
-
-
-# the field a required section cannot do without
-_REQUIRED_IN_SECTION = {"data": "source", "model": "name_or_path"}
-
-
-def _missing_message(loc: tuple) -> str:
-    field = _field_at(loc)
-    if len(loc) == 1 and str(loc[0]) in _REQUIRED_IN_SECTION:
-        section = str(loc[0])
-        key = _REQUIRED_IN_SECTION[section]
-        inner = _field_at((section, key))
-        return f"required; add the section with at least {section}.{key}: {_description(inner)}"
-    description = _description(field)
-    return f"required; {description}" if description else "required"
-
-
-def _list_message(loc: tuple, value: Any, set_by: dict[str, str]) -> str:
-    msg = f"expected a list, got {value!r}"
-    field_loc = loc
-    while field_loc and isinstance(field_loc[-1], int):  # an item of a list of lists: its field
-        field_loc = field_loc[:-1]
-    path = ".".join(str(p) for p in field_loc)
-    if path in set_by:
-        try:
-            whole = yaml.safe_load(set_by[path])
-        except yaml.YAMLError:
-            whole = set_by[path]
-        suggestion = _as_list(field_loc, whole) if field_loc == loc else _as_list(field_loc, whole, wrap=False)
-        if suggestion is not None:
-            return f"{msg} (from --set {path}={set_by[path]}); write: --set '{path}={suggestion}'"
-        return msg
-    if field_loc != loc:
-        return f"{msg}; every item of {path} is a list itself, e.g. {_flow([value])}"
-    suggestion = _as_list(loc, value)
-    return f"{msg}; write a list, e.g. {path.rsplit('.', 1)[-1]}: {suggestion}" if suggestion else msg
-
-
-def _flow(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip()
-
-
-def _as_list(loc: tuple, value: Any, wrap: bool = True) -> str | None:
-    """The value turned into the list the field takes, as YAML flow text (`4` -> `[4]`, `q` -> `[[q]]`,
-    `[q]` -> `[[q]]`), if one fits."""
-    field = _field_at(loc)
-    if field is None:
-        return None
-    candidates = [[value], [[value]]] if wrap else []
-    if isinstance(value, list):  # a list whose items should be lists
-        candidates.append([v if isinstance(v, list) else [v] for v in value])
-    if isinstance(value, str) and "," in value:  # `4,8` -> [4, 8]
-        try:
-            items = [yaml.safe_load(v) for v in value.split(",")]
-        except yaml.YAMLError:
-            items = value.split(",")
-        candidates = [items, [items]] + candidates
-    adapter = TypeAdapter(field.annotation)
-    for candidate in candidates:
-        try:
-            adapter.validate_python(candidate)
-        except ValidationError:
-            continue
-        return _flow(candidate)
-    return None
-
-
-def _valid_keys(loc: tuple) -> list[str]:
-    model: type[BaseModel] = StudyConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None) if field else None
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
-            break
-    return sorted(model.model_fields)
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """`while parsing a flow sequence, expected ',' or ']', but got '<stream end>' at column 3` (one line)."""
-    parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
-    text = ", ".join(p for p in parts if p) or str(exc).splitlines()[0]
-    mark = getattr(exc, "problem_mark", None)
-    return f"{text} at column {mark.column + 1}" if mark is not None else text
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides (value parsed as YAML) to a raw config dict."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.epochs=1")
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ConfigError(
-                f"--set {item!r}: the value {value!r} is not valid YAML ({_yaml_problem(exc)}). Write lists as "
-                f"[2, 4] with both brackets, and quote text that contains : # [ ] {{ }}, e.g. "
-                f"--set 'name=\"a: b\"'") from None
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = parsed
-    return raw
-
-
-def load_study(path: str | Path | None = None, overrides: list[str] | None = None,
-               raw: dict[str, Any] | None = None) -> StudyConfig:
-    """Read a study from a YAML file (or a dict), apply `--set` overrides and validate it."""
-    source = str(path) if path else "<config>"
-    if raw is None:
-        raw = {}
-        if path is not None:
-            try:
-                raw = yaml.safe_load(Path(path).read_text()) or {}
-            except FileNotFoundError as exc:
-                raise ConfigError(f"study file not found: {path}") from exc
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections")
-    raw = apply_overrides(json.loads(json.dumps(raw)), overrides or [])
-    try:
-        return StudyConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source, overrides)) from None
-
-
-def dump_study(study: StudyConfig) -> str:
-    """The fully resolved config as YAML (written next to the results)."""
-    return yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False)

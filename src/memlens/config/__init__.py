@@ -1,0 +1,35 @@
+"""Typed study configuration: the schema (:mod:`~memlens.config.schema`), reading and writing study files
+(:mod:`~memlens.config.loading`) and the wording of their errors (:mod:`~memlens.config.errors`)."""
+
+from memlens.config.errors import ConfigError, format_validation_error
+from memlens.config.loading import apply_overrides, dump_study, hub_offline, load_study, looks_like_local_path
+from memlens.config.schema import (
+    LEGACY_ATTACK_SETTINGS,
+    DEFAULT_MIA_ATTACKS,
+    DESIGN_FIELDS,
+    DESIGNS,
+    MATRIX_NAMES,
+    RANDOM,
+    SPLITS,
+    AttackSpec,
+    CanaryConfig,
+    CellConfig,
+    DataConfig,
+    DecodingConfig,
+    Design,
+    DPConfig,
+    ExecutorConfig,
+    ExtractionConfig,
+    GridConfig,
+    LoraConfig,
+    MIAConfig,
+    ModelConfig,
+    StudyConfig,
+    TrainConfig,
+    stable_hash,
+)
+
+__all__ = ["DEFAULT_MIA_ATTACKS", "LEGACY_ATTACK_SETTINGS", "AttackSpec", "DESIGNS", "DESIGN_FIELDS", "MATRIX_NAMES", "RANDOM", "SPLITS", "CanaryConfig", "CellConfig", "ConfigError",
+           "DPConfig", "DataConfig", "DecodingConfig", "Design", "ExecutorConfig", "ExtractionConfig", "GridConfig",
+           "LoraConfig", "MIAConfig", "ModelConfig", "StudyConfig", "TrainConfig", "apply_overrides", "dump_study",
+           "format_validation_error", "hub_offline", "load_study", "looks_like_local_path", "stable_hash"]

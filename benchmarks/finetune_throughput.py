@@ -37,11 +37,12 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from memlens.config import load_study  # noqa: E402
-from shapes import SHAPES, random_llama  # noqa: E402
 from memlens.data import load_study_data  # noqa: E402
 from memlens.models import load_tokenizer  # noqa: E402
 from memlens.store import StudyLayout  # noqa: E402
 from memlens.train import finetune_cell, read_train_info  # noqa: E402
+from shapes import SHAPES, random_llama  # noqa: E402
+
 
 def recipes(device: str, pack_tokens: int | None = None) -> dict[str, dict]:
     gpu = device == "cuda"

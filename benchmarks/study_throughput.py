@@ -54,7 +54,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 # the other benchmarks' helpers: the study's fine-tune recipe and its one-sample-at-a-time scorer
 import finetune_throughput
 import mia_throughput
-
 from memlens.attacks.extraction import select_targets
 from memlens.attacks.generate import split_tokens
 from memlens.config import load_study

@@ -18,10 +18,9 @@ from memlens.data import load_study_data
 from memlens.metrics.privacy import one_run_epsilon_lower_bound
 from memlens.models import load_base_model, load_tokenizer, plan_targets, split_fused_modules
 from memlens.score import sequence_nll
-from memlens.train.dp import DPUnsupportedError, _check_per_sample_gradients, _functorch_types, _wrap, \
-    train_with_dp
 from memlens.train import dp as dp_module
 from memlens.train.collate import CausalLMCollator
+from memlens.train.dp import DPUnsupportedError, _check_per_sample_gradients, _functorch_types, _wrap, train_with_dp
 from tests.conftest import GPT2_SMALL, make_study
 
 torch.set_num_threads(2)

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from memlens.attacks.extraction import run_extraction, select_targets
-from memlens.context import StudyContext
 from memlens.config import ConfigError, ExtractionConfig
+from memlens.context import StudyContext
 from memlens.data import load_study_data
 from memlens.models import load_tokenizer
 from memlens.store import StudyLayout

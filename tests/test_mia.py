@@ -16,12 +16,12 @@ from memlens.attacks.bow import bag_of_words_baseline
 from memlens.attacks.mia import Scorer, attack_models, run_mia
 from memlens.attacks.registry import ATTACKS
 from memlens.config import DEFAULT_MIA_ATTACKS, ConfigError, dump_study
+from memlens.context import StudyContext
 from memlens.data import load_study_data
 from memlens.report import analyse
 from memlens.runner import run_study
 from memlens.store import StudyLayout, read_results
 from memlens.store.integrity import digest_files
-from memlens.context import StudyContext
 from memlens.store.records import CellRecord, TrainRecord
 from memlens.train import finetune_cell, read_members
 

@@ -24,14 +24,16 @@ psutil = pytest.importorskip("psutil", reason="psutil comes with ray[default]")
 
 from safetensors.numpy import load_file  # noqa: E402
 
-from memlens.executors.local import LocalExecutor  # noqa: E402
-from memlens.context import StudyContext  # noqa: E402
-from memlens.runner import merge_study_files  # noqa: E402
 from memlens.config import ConfigError, ExecutorConfig  # noqa: E402
+from memlens.context import StudyContext  # noqa: E402
+from memlens.executors.local import LocalExecutor  # noqa: E402
 from memlens.executors.ray import TASK_PREFIX, RayExecutor  # noqa: E402
-from memlens.runner import run_study  # noqa: E402
-from memlens.study import normalise_study, read_status, study_status  # noqa: E402
+from memlens.runner import (
+    merge_study_files,  # noqa: E402
+    run_study,  # noqa: E402
+)
 from memlens.store import StudyLayout, read_results  # noqa: E402
+from memlens.study import normalise_study, read_status, study_status  # noqa: E402
 from tests.conftest import make_study  # noqa: E402
 
 # One Ray instance and one local reference run for the whole module: keep its tests on one xdist

@@ -253,9 +253,8 @@ def test_cluster_losing_a_node_finishes_like_local(tmp_path):
     pytest.importorskip("psutil", reason="psutil comes with ray[default]")
     from memlens.context import StudyContext
     from memlens.executors.local import LocalExecutor
-    from memlens.runner import merge_study_files
     from memlens.executors.ray import TASK_PREFIX
-    from memlens.runner import run_study
+    from memlens.runner import merge_study_files, run_study
     from memlens.study import read_status
     from tests.test_ray import (
         assert_each_cell_once,

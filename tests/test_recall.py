@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from memlens.attacks.mia import Scorer, _result_rows, run_mia
-from memlens.context import StudyContext
 from memlens.attacks.recall import draw_prefix, prefix_text, tail_mean_logprob, with_prefix
 from memlens.attacks.registry import ATTACKS, AttackInputs, check_attack_inputs, configure_attacks, run_attacks
 from memlens.config import ConfigError, MIAConfig
+from memlens.context import StudyContext
 from memlens.data import load_study_data
 from memlens.score import SequenceStats
 from memlens.store import RunFile, StudyLayout, read_results

@@ -13,6 +13,7 @@ import pytest
 from pydantic import ValidationError
 from sklearn.metrics import roc_auc_score
 
+from memlens.attacks.lira_rmia import lira_fit, rmia_fit_a
 from memlens.attacks.references import (
     REF_SEED,
     in_matrix,
@@ -22,7 +23,6 @@ from memlens.attacks.references import (
     reference_study,
     train_references,
 )
-from memlens.attacks.lira_rmia import lira_fit, rmia_fit_a
 from memlens.attacks.registry import (
     ATTACKS,
     AttackInputs,

@@ -15,8 +15,8 @@ import pytest
 from memlens.config import dump_study
 from memlens.metrics.roc import membership_metrics
 from memlens.report import analyse, build_report, report_is_current
-from memlens.report.data import PRIMARY_ATTACK
 from memlens.report.html import write_html
+from memlens.report.inputs import PRIMARY_ATTACK
 from memlens.report.markdown import render, write_findings
 from memlens.store import StudyFile, StudyLayout, atomic_write_json
 from memlens.store.records import StatusRecord
@@ -222,11 +222,11 @@ def test_membership_designs_are_kept_apart(tmp_path):
 
 def test_design_comparison_measures_what_the_named_splits_add(tmp_path):
     a = analyse(synthetic_study(tmp_path / "out", designs=("splits", "random"), splits_bonus=0.8))
-    table = a.designs.table
+    table = a.design_comparison.table
     assert len(table) == 12 and (table.difference > 0).mean() > 0.8  # the named splits add AUC here
-    assert "paired t-test over 12 configurations" in a.designs.summary and "verdicts use the random" in a.designs.summary
+    assert "paired t-test over 12 configurations" in a.design_comparison.summary and "verdicts use the random" in a.design_comparison.summary
     assert a.verdict_design == "random" and "`random` membership design" in a.design_note
     assert set(a.auc_vs_rank.curve.membership) == {"random"} if "membership" in a.auc_vs_rank.curve else True
     assert "designs" in a.tables()
     same = analyse(synthetic_study(tmp_path / "one"))
-    assert same.designs.omitted and same.design_note == "" and same.verdict_design == "splits"
+    assert same.design_comparison.omitted and same.design_note == "" and same.verdict_design == "splits"

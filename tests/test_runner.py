@@ -13,8 +13,11 @@ from typer.testing import CliRunner
 
 from memlens.cli import app
 from memlens.config import load_study
+from memlens.context import StudyContext
 from memlens.executors import get_executor
 from memlens.runner import run_study
+from memlens.store import StudyLayout
+from memlens.store.lock import StudyLock, StudyLockedError
 from memlens.study import (
     CellOutcome,
     IncompatibleStudyError,
@@ -24,9 +27,6 @@ from memlens.study import (
     read_status,
     study_status,
 )
-from memlens.store import StudyLayout
-from memlens.context import StudyContext
-from memlens.store.lock import StudyLock, StudyLockedError
 from tests.conftest import make_study
 from tests.test_runner_shared import GRID, shared_study, shared_study_raw
 

@@ -29,8 +29,12 @@ from memlens.metrics.roc import auc, hanley_mcneil_ci
 # An AUC whose interval excludes 0.5 and that exceeds this is reported as a biased split.
 BIASED_AUC = 0.6
 
+BOW_ATTACK = "bag_of_words"  # the `attack` of the baseline's rows in results.parquet
+
 
 def _cv_auc(texts: list[str], labels: np.ndarray, cv, groups: np.ndarray | None) -> float:
+    """The cross-validated AUC of word counts for `labels` (records,) (folds by `cv`, grouped by `groups`
+    (records,) when given)."""
     model = make_pipeline(CountVectorizer(lowercase=True, min_df=2, ngram_range=(1, 1)),
                           LogisticRegression(max_iter=2000, class_weight="balanced"))
     # One BLAS thread: this small problem runs 2-10x slower when its threads contend with the scoring

@@ -60,7 +60,8 @@ def log_perplexities(model: torch.nn.Module, tokenizer, texts: list[str], *, bat
 
 
 def exposure_from_rank(secret_logppl: float, candidate_logppl: np.ndarray) -> tuple[int, float]:
-    """(rank of the secret among itself and the candidates, 1 = lowest log-perplexity; exposure estimate).
+    """(rank of the secret among itself and the candidates, 1 = lowest log-perplexity; exposure estimate), the
+    candidates' log-perplexities `candidate_logppl` (candidates,).
 
     The exposure is -log2((rank) / (n + 1)) with n candidates: exactly log2|R| - log2 rank when the
     candidates are all of R but the secret, and the unbiased sampled estimate of it otherwise (ties count

@@ -76,7 +76,8 @@ def _fill_sides(m_in: np.ndarray, m_out: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _pooled_variance(values: np.ndarray, side: np.ndarray, mean: np.ndarray) -> tuple[float, int]:
-    """(sum of squared deviations of the side's statistics from each record's own mean, degrees of freedom)."""
+    """(sum of squared deviations of the side's statistics from each record's own mean, degrees of freedom) over
+    `values` and `side` (records, references), `mean` (records,)."""
     dev = np.where(side, values - mean[:, None], 0.0)
     return float((dev ** 2).sum()), int(np.maximum(side.sum(axis=1) - 1, 0).sum())
 
@@ -155,7 +156,8 @@ def lira_offline(x: AttackInputs, s: AttackSettings) -> np.ndarray:
 
 def rmia_fit_a(values: np.ndarray, is_in: np.ndarray) -> float:
     """The offline `a` that fits the references' own Pr_IN(x) - 1 = a (Pr_OUT(x) - 1) best (least squares over
-    the records with both IN and OUT references; Pr_side the mean of exp(statistic) over that side), in [0, 1]."""
+    the records with both IN and OUT references; Pr_side the mean of exp(statistic) over that side), in [0, 1].
+    `values`, `is_in`: (records, references)."""
     p_in, p_out = (_side_mean(np.exp(values), side) for side in (is_in, ~is_in))
     both = ~np.isnan(p_in) & ~np.isnan(p_out)
     x, y = 1 - p_out[both], 1 - p_in[both]

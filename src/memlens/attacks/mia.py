@@ -35,10 +35,10 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from memlens.attacks.bow import bag_of_words_baseline
+from memlens.attacks.bow import BOW_ATTACK, bag_of_words_baseline
+from memlens.attacks.likelihood import token_log_frequencies
 from memlens.attacks.recall import draw_prefix, prefix_text, tail_mean_logprob, with_prefix
 from memlens.attacks.references import Reference, ReferenceStatistics, in_matrix, load_references, population
-from memlens.attacks.likelihood import token_log_frequencies
 from memlens.attacks.registry import (
     AttackInputs,
     ConfiguredAttack,
@@ -60,10 +60,10 @@ from memlens.config import (
     stable_hash,
 )
 from memlens.context import StudyContext
+from memlens.data import StudyData
 from memlens.metrics.roc import membership_metrics
 from memlens.models import AdapterBank, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from memlens.score import SequenceStats, cached_token_stats, model_fingerprint, perplexity, token_stats, tokens_hash
-from memlens.data import StudyData
 from memlens.store import (
     RunFile,
     StudyFile,
@@ -78,8 +78,6 @@ from memlens.store.results import UNCHANGED_NLL_TOL
 from memlens.train import read_members
 
 log = logging.getLogger(__name__)
-
-BOW_ATTACK = "bag_of_words"
 
 
 # ------------------------------------------------------------------------------------- scoring
@@ -203,7 +201,8 @@ def _token_log_freq(scorer: Scorer) -> np.ndarray | None:
 
 def _score_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attacks: list[ConfiguredAttack],
                token_log_freq: np.ndarray | None, split_names: tuple[str, str]) -> tuple[pd.DataFrame, dict]:
-    """Score one attached run: per-record scores (frame) and utility perplexities (dict)."""
+    """Score one attached run: per-record scores (frame) and utility perplexities (dict); `token_log_freq`
+    (vocabulary,) for DC-PDD."""
     texts = data.members.text.tolist() + data.non_members.text.tolist()
     n, n_members = len(texts), len(data.members)
     inputs, ft_utility = _passes(scorer, name, data, attacks)

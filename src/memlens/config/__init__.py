@@ -4,10 +4,10 @@
 from memlens.config.errors import ConfigError, format_validation_error
 from memlens.config.loading import apply_overrides, dump_study, hub_offline, load_study, looks_like_local_path
 from memlens.config.schema import (
-    LEGACY_ATTACK_SETTINGS,
     DEFAULT_MIA_ATTACKS,
     DESIGN_FIELDS,
     DESIGNS,
+    LEGACY_ATTACK_SETTINGS,
     MATRIX_NAMES,
     RANDOM,
     SPLITS,

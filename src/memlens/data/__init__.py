@@ -1,4 +1,4 @@
-"""Data stage: load member / non-member splits, validate them, plant canaries."""
+"""The data layer: load member / non-member splits, validate them, plant canaries."""
 
 from memlens.data.canaries import Canary, build_training_set
 from memlens.data.loading import StudyData, load_study_data, membership_assignments

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from memlens.data.designs import group_column, random_split
 from memlens.config import (
     DESIGNS,
     RANDOM,
@@ -23,6 +22,7 @@ from memlens.config import (
     looks_like_local_path,
     stable_hash,
 )
+from memlens.data.designs import group_column, random_split
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,11 @@ def _split_field(cfg: DataConfig, split: str) -> str:
     return "data.member_split"
 
 
-def _load_raw_splits(cfg: DataConfig, wanted: list[str]) -> dict[str, tuple[pd.DataFrame, _Origin]]:
+Splits = dict[str, tuple[pd.DataFrame, "_Origin"]]
+
+
+def _load_raw_splits(cfg: DataConfig, wanted: list[str]) -> Splits:
+    """The raw frames of the `wanted` splits and where each came from, from the source `data.format` names."""
     source = Path(cfg.source).expanduser()
     fmt = cfg.format
     if fmt == "auto":
@@ -182,34 +186,45 @@ def _load_raw_splits(cfg: DataConfig, wanted: list[str]) -> dict[str, tuple[pd.D
             raise ConfigError(f"data.source: {cfg.source} does not exist (looked for {os.path.abspath(source)}); "
                               "data.source is a folder of <split>.jsonl|.csv|.parquet files, a single file "
                               "with a split column, or a hub dataset id (owner/name)")
-    if fmt == "folder":
-        if not source.is_dir():
-            raise ConfigError(f"data.source: folder {source} does not exist")
-        splits = {}
-        for name in wanted:
-            files = [source / f"{name}{ext}" for ext in _READERS if (source / f"{name}{ext}").exists()]
-            if not files:
-                present = sorted({p.stem for p in source.iterdir() if p.suffix in _READERS})
-                raise ConfigError(f"data: split {name!r} not found in {source}; splits present: {present}")
-            splits[name] = (_read_file(files[0]), _Origin(str(files[0]), files[0]))
-        return splits
-    if fmt == "file":
-        if not source.is_file():
-            raise ConfigError(f"data.source: file {source} does not exist")
-        frame = _read_file(source)
-        if cfg.split_field not in frame.columns:
-            empty = " (the file has no records)" if frame.empty else ""
-            raise ConfigError(f"data.split_field: column {cfg.split_field!r} not in {source}{empty}; "
-                              f"columns: {list(frame.columns)}")
-        present = sorted(frame[cfg.split_field].astype(str).unique())
-        out = {}
-        for name in wanted:
-            if name not in present:
-                raise ConfigError(f"data: split {name!r} not in column {cfg.split_field!r}; values: {present}")
-            # the index keeps each row's position in the file, to name a bad record
-            out[name] = (frame[frame[cfg.split_field].astype(str) == name], _Origin(str(source), source))
-        return out
-    # hub: `datasets` honours HF_HUB_OFFLINE and HF_TOKEN from the environment (never logged here).
+    readers = {"folder": _folder_splits, "file": _file_splits, "hub": _hub_splits}
+    return readers[fmt](cfg, source, wanted)
+
+
+def _folder_splits(cfg: DataConfig, source: Path, wanted: list[str]) -> Splits:
+    """A folder of `<split>.jsonl|.csv|.parquet` files."""
+    if not source.is_dir():
+        raise ConfigError(f"data.source: folder {source} does not exist")
+    splits = {}
+    for name in wanted:
+        files = [source / f"{name}{ext}" for ext in _READERS if (source / f"{name}{ext}").exists()]
+        if not files:
+            present = sorted({p.stem for p in source.iterdir() if p.suffix in _READERS})
+            raise ConfigError(f"data: split {name!r} not found in {source}; splits present: {present}")
+        splits[name] = (_read_file(files[0]), _Origin(str(files[0]), files[0]))
+    return splits
+
+
+def _file_splits(cfg: DataConfig, source: Path, wanted: list[str]) -> Splits:
+    """One file whose `data.split_field` column names each record's split."""
+    if not source.is_file():
+        raise ConfigError(f"data.source: file {source} does not exist")
+    frame = _read_file(source)
+    if cfg.split_field not in frame.columns:
+        empty = " (the file has no records)" if frame.empty else ""
+        raise ConfigError(f"data.split_field: column {cfg.split_field!r} not in {source}{empty}; "
+                          f"columns: {list(frame.columns)}")
+    present = sorted(frame[cfg.split_field].astype(str).unique())
+    out = {}
+    for name in wanted:
+        if name not in present:
+            raise ConfigError(f"data: split {name!r} not in column {cfg.split_field!r}; values: {present}")
+        # the index keeps each row's position in the file, to name a bad record
+        out[name] = (frame[frame[cfg.split_field].astype(str) == name], _Origin(str(source), source))
+    return out
+
+
+def _hub_splits(cfg: DataConfig, source: Path, wanted: list[str]) -> Splits:
+    """A hub dataset; `datasets` honours HF_HUB_OFFLINE and HF_TOKEN from the environment (never logged here)."""
     import datasets
 
     try:

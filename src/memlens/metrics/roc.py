@@ -24,6 +24,7 @@ FPR_POINTS = {"10pct": 0.1, "1pct": 0.01, "0_1pct": 0.001}
 
 
 def _split(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The members' and the non-members' scores: (members,), (non-members,) from `labels` and `scores` (records,)."""
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
     if labels.shape != scores.shape:
@@ -34,7 +35,7 @@ def _split(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC (scikit-learn)."""
+    """ROC AUC (scikit-learn) of `scores` (records,) for `labels` (records,), True = member."""
     return float(roc_auc_score(np.asarray(labels).astype(int), scores))
 
 
@@ -54,13 +55,15 @@ def hanley_mcneil_ci(auc_value: float, n_pos: int, n_neg: int, level: float = 0.
 
 
 def _auc_statistic(pos: np.ndarray, neg: np.ndarray, axis: int = -1) -> np.ndarray:
-    # Mann-Whitney U of the members over the non-members / (n_pos n_neg) is the AUC (ties count 1/2).
+    """The AUC of members' scores `pos` (..., members) over non-members' `neg` (..., non-members) along `axis`:
+    Mann-Whitney U / (n_pos n_neg), ties counting 1/2."""
     u = stats.mannwhitneyu(pos, neg, axis=axis, method="asymptotic", use_continuity=False).statistic
     return u / (pos.shape[axis] * neg.shape[axis])
 
 
 def tpr_at_fpr_sorted(pos: np.ndarray, neg: np.ndarray, fpr: float, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
-    """Best TPR with FPR <= `fpr`, and its threshold, along `axis` (vectorised for the bootstrap).
+    """Best TPR with FPR <= `fpr`, and its threshold, along `axis` (vectorised for the bootstrap): `pos`
+    (..., members) and `neg` (..., non-members) give (...,) each.
 
     The rule "member if score > t" with t the (k+1)-th largest non-member score, k = floor(fpr * n_neg),
     flags at most k non-members; any lower threshold would flag k+1. Same point as the ROC curve's."""
@@ -73,7 +76,8 @@ def tpr_at_fpr_sorted(pos: np.ndarray, neg: np.ndarray, fpr: float, axis: int = 
 
 def bootstrap_ci(statistic, pos: np.ndarray, neg: np.ndarray, n_resamples: int, level: float,
                  seed: int = 0) -> tuple[float, float]:
-    """Stratified percentile bootstrap interval of `statistic(pos, neg, axis)`; NaNs when n_resamples=0."""
+    """Stratified percentile bootstrap interval of `statistic(pos, neg, axis)`, `pos` (members,) and `neg`
+    (non-members,) resampled separately; NaNs when n_resamples=0."""
     if n_resamples <= 0:
         return float("nan"), float("nan")
     res = stats.bootstrap((pos, neg), statistic, n_resamples=n_resamples, confidence_level=level,
@@ -89,7 +93,8 @@ def _bootstrap_batch(n_pos: int, n_neg: int) -> int:
 
 
 def _percentile_interval(distribution: np.ndarray, level: float) -> tuple[float, float]:
-    """The percentile interval exactly as `scipy.stats.bootstrap(method="percentile")` computes it."""
+    """The percentile interval of `distribution` (resamples,) exactly as `scipy.stats.bootstrap(method="percentile")`
+    computes it."""
     alpha = np.asarray((1 - float(level)) / 2, dtype=distribution.dtype)
     ci = stats.quantile(distribution, np.stack((alpha, 1 - alpha), axis=-1), axis=-1)
     return float(ci[0]), float(ci[1])
@@ -159,21 +164,23 @@ class OperatingPoint:
 
 def operating_point(labels: np.ndarray, scores: np.ndarray, max_fpr: float = 0.1) -> OperatingPoint:
     """The study's operating point: the threshold fixed on the non-members so that at most `max_fpr`
-    of them score above it, applied to the members (member if score > threshold)."""
+    of them score above it, applied to the members (member if score > threshold). `labels`, `scores`: (records,)."""
     pos, neg = _split(labels, scores)
     tpr, threshold = tpr_at_fpr_sorted(pos, neg, max_fpr)
     return OperatingPoint(float(threshold), float(tpr), float((neg > threshold).mean()))
 
 
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
-    """ROC curve (scikit-learn) as a frame of fpr, tpr, threshold: plot it on linear or log-log axes."""
+    """ROC curve (scikit-learn) of `scores` (records,) for `labels` (records,) as a frame of fpr, tpr, threshold:
+    plot it on linear or log-log axes."""
     fpr, tpr, thresholds = roc_curve(np.asarray(labels).astype(int), np.asarray(scores, dtype=np.float64))
     return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thresholds})
 
 
 def membership_metrics(labels: np.ndarray, scores: np.ndarray, *, n_bootstrap: int = 1000,
                        level: float = 0.95, max_fpr: float = 0.1, seed: int = 0) -> dict:
-    """Every membership metric of one score: AUC with Hanley-McNeil and bootstrap intervals, TPR at
+    """Every membership metric of one score (`labels`, `scores`: (records,), True = member): AUC with
+    Hanley-McNeil and bootstrap intervals, TPR at
     10%, 1%, 0.1% FPR with bootstrap intervals (NaN plus a `*_note` when there are fewer than 1/fpr
     non-members: the point would really be TPR at FPR 0), and the study's operating point."""
     pos, neg = _split(labels, scores)
@@ -206,7 +213,8 @@ def _midranks(x: np.ndarray) -> np.ndarray:
 
 
 def delong_covariance(labels: np.ndarray, *score_sets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """AUCs of several scores of the same records and their covariance matrix (DeLong et al. 1988), with
+    """AUCs (k,) of k scores (each (records,)) of the same records and their (k, k) covariance matrix (DeLong et
+    al. 1988), with
     the fast midrank algorithm (Sun & Xu 2014). Written here because neither scikit-learn nor SciPy
     implements DeLong's test."""
     labels = np.asarray(labels).astype(bool)
@@ -223,7 +231,7 @@ def delong_covariance(labels: np.ndarray, *score_sets: np.ndarray) -> tuple[np.n
 
 
 def delong_test(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> dict:
-    """DeLong's test of AUC(a) == AUC(b) for two correlated scores of the same records.
+    """DeLong's test of AUC(a) == AUC(b) for two correlated scores (records,) of the same records.
     Returns auc_a, auc_b, diff (a - b), se, z and the two-sided p-value."""
     aucs, cov = delong_covariance(labels, scores_a, scores_b)
     var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]

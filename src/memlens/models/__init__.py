@@ -1,5 +1,6 @@
-"""Models stage: load base models, name their matrices, attach and swap adapters."""
+"""The models layer: load base models, name their matrices, attach and swap adapters."""
 
+from memlens.models.adapters import AdapterBank, save_adapter
 from memlens.models.loading import (
     check_max_length,
     check_quantized,
@@ -12,7 +13,6 @@ from memlens.models.loading import (
     resolve_device,
     resolve_dtype,
 )
-from memlens.models.adapters import AdapterBank, save_adapter
 from memlens.models.targets import (
     TargetPlan,
     available_matrices,

@@ -10,15 +10,14 @@ section and the frontier).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import pandas as pd
 
-from memlens.config import StudyConfig
+from memlens.config import RANDOM, SPLITS, Design, StudyConfig
 from memlens.report import membership as mb
 from memlens.report import memorization as mz
-from memlens.report.data import PRIMARY_ATTACK, Environment, StudyResults, exposure_bits, inputs_fingerprint
 from memlens.report.findings import (
     Finding,
     finding_perplexity,
@@ -28,6 +27,7 @@ from memlens.report.findings import (
 )
 from memlens.report.frontier import Frontier, Utility, frontier, utility
 from memlens.report.headline import Headline, headline
+from memlens.report.inputs import PRIMARY_ATTACK, Environment, StudyResults, exposure_bits, inputs_fingerprint
 from memlens.report.section import Omission, Section
 from memlens.report.timings import WallTimes, wall_times
 from memlens.store import StudyLayout
@@ -56,7 +56,7 @@ class StudyAnalysis:
     attacks: mb.AttackComparison
     delong: mb.DelongTests
     bag_of_words: mb.BagOfWords
-    designs: mb.DesignComparison
+    design_comparison: mb.DesignComparison
     extraction: mz.ExtractionRates
     utility: Utility
     frontier: Frontier
@@ -64,7 +64,21 @@ class StudyAnalysis:
     findings: list[Finding] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the analysis
     primary_attack: str = PRIMARY_ATTACK
-    verdict_design: str = "splits"  # the membership design of the findings and the per-design sections
+    verdict_design: Design = SPLITS  # the membership design of the findings and the per-design sections
+
+    @property
+    def designs(self) -> list[Design]:
+        """The membership designs of the runs with results (the configured ones when none has results)."""
+        return sorted(set(self.runs.membership)) if len(self.runs) else list(self.study.data.membership)
+
+    def describe_designs(self) -> list[str]:
+        """Each design of the study in words, `code` in backticks: the one description both writers format."""
+        data = self.study.data
+        said = {SPLITS: f"`{SPLITS}`: named splits, members `{data.member_split}` vs non-members "
+                        f"`{data.non_member_split}`",
+                RANDOM: f"`{RANDOM}`: a fair coin per {data.coin_unit} over `{', '.join(data.pool_splits)}` (seed "
+                        f"{data.membership_seed}{f', groups `{data.group}`' if data.group else ''})"}
+        return [said[d] for d in self.designs]
 
     @property
     def design_note(self) -> str:
@@ -76,10 +90,10 @@ class StudyAnalysis:
 
     @property
     def sections(self) -> list[Section]:
-        """The sections after the headline and the findings, in the report's order."""
-        return [self.study_table, self.roc, self.auc_vs_rank, self.copies, self.perplexity, self.exposure,
-                self.attacks, self.delong, self.bag_of_words, self.designs, self.extraction, self.utility, self.frontier,
-                self.wall_times]
+        """The sections after the headline and the findings, in the report's order: every Section field after
+        the headline, in the order the fields are declared."""
+        found = [getattr(self, f.name) for f in fields(self)]
+        return [s for s in found if isinstance(s, Section) and s is not self.headline]
 
     @property
     def omitted(self) -> list[Omission]:
@@ -99,20 +113,11 @@ class StudyAnalysis:
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """Every table of the report by its CSV name (`tables/<name>.csv`); absent when it has no data."""
-        candidates = {
-            "headline": self.headline.configs, "study_table": self.study_table.frame,
-            "auc_vs_rank": self.auc_vs_rank.curve, "auc_rank_fit": self.auc_vs_rank.fits_frame,
-            "canary_extraction_vs_copies": self.copies.canary,
-            "ngram_share_vs_perplexity": self.perplexity.correlations,
-            "ngram_share_vs_perplexity_per_run": self.perplexity.per_run, "exposure_vs_copies": self.exposure.table,
-            "attacks": self.attacks.table, "delong": self.delong.tests, "bag_of_words": self.bag_of_words.frame,
-            "designs": self.designs.table,
-            "extraction_rates": self.extraction.rates, "utility": self.utility.per_run,
-            "utility_by_config": self.utility.by_config, "frontier": self.frontier.table,
-            "history": self.wall_times.history_table, "stage_wall_times": self.wall_times.stages,
-            "findings": pd.DataFrame([f.__dict__ for f in self.findings]), "failures": self.failures_frame,
-        }
-        return {name: frame for name, frame in candidates.items() if len(frame)}
+        tables: dict[str, pd.DataFrame] = {}
+        for section in (self.headline, *self.sections):
+            tables.update(section.tables())
+        extra = {"findings": pd.DataFrame([f.__dict__ for f in self.findings]), "failures": self.failures_frame}
+        return tables | {name: frame for name, frame in extra.items() if len(frame)}
 
 
 def analyse(root: Path) -> StudyAnalysis:
@@ -123,7 +128,7 @@ def analyse(root: Path) -> StudyAnalysis:
     every = StudyResults.load(layout.root)
     # Verdicts come from one design: memlens' random coin when the study has it (it measures record
     # memorization), else the named splits; the study table, attacks and the design comparison keep both.
-    design = every.designs[0] if every.designs else "splits"
+    design = every.designs[0] if every.designs else SPLITS
     data = every.only_design(design) if len(every.designs) > 1 else every
     # DeLong pairs stay within a design: one computation serves the section (every design) and the findings
     delong, perplexity = mb.delong_tests(every), mz.ngram_perplexity(data)
@@ -136,7 +141,7 @@ def analyse(root: Path) -> StudyAnalysis:
         failures=every.failures, inputs=inputs, headline=headline(every), study_table=mb.study_table(every),
         roc=mb.roc_curves(data), auc_vs_rank=mb.auc_vs_rank(data), copies=mz.copies(data), perplexity=perplexity,
         exposure=mz.exposure(data), attacks=mb.attack_comparison(every), delong=delong,
-        bag_of_words=mb.bag_of_words(every), designs=mb.design_comparison(every),
+        bag_of_words=mb.bag_of_words(every), design_comparison=mb.design_comparison(every),
         extraction=mz.extraction_rates(data), utility=utility(every), frontier=frontier(every),
         wall_times=wall_times(layout.root),
         findings=[finding_value_output(data.primary(), verdict_tests),

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from memlens.report.analysis import analyse
-from memlens.report.data import inputs_fingerprint
 from memlens.report.html import INPUTS_STAMP, RenderedReport, write_html
+from memlens.report.inputs import inputs_fingerprint
 from memlens.store import StudyLayout
 
 

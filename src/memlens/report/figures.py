@@ -1,7 +1,10 @@
-"""Matplotlib drawings of the analysis' figure data (no computation beyond laying out what it holds)."""
+"""Matplotlib drawings of the analysis' figure data (no computation beyond laying out what it holds).
+
+One drawer per section type that has a figure, registered with :func:`draws`; :func:`draw` looks it up."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -13,10 +16,21 @@ import pandas as pd
 
 from memlens.report import membership as mb
 from memlens.report import memorization as mz
-from memlens.report.data import PRIMARY_ATTACK
 from memlens.report.frontier import LEAK_LABELS, Frontier, frontier_points, pareto_front
 from memlens.report.headline import Headline
+from memlens.report.inputs import PRIMARY_ATTACK
 from memlens.report.saturation import saturating
+from memlens.report.section import Section
+
+DRAWERS: dict[type, tuple[Callable[[Section], plt.Figure], int]] = {}  # section type -> (drawer, dpi)
+
+
+def draws(section_type: type, dpi: int = 110):
+    """Decorator registering the drawer of a section type's figure (at `dpi`)."""
+    def wrap(fn: Callable) -> Callable:
+        DRAWERS[section_type] = (fn, dpi)
+        return fn
+    return wrap
 
 
 def _colours(names) -> dict[str, tuple]:
@@ -24,6 +38,7 @@ def _colours(names) -> dict[str, tuple]:
     return {n: cmap(i % 10) for i, n in enumerate(sorted(names))}
 
 
+@draws(Headline)
 def headline(h: Headline) -> plt.Figure:
     configs = h.configs
     fig, ax = plt.subplots(figsize=(7, max(2.2, 0.32 * len(configs) + 1.2)))
@@ -42,6 +57,7 @@ def headline(h: Headline) -> plt.Figure:
     return fig
 
 
+@draws(mb.RocCurves)
 def roc(s: mb.RocCurves) -> plt.Figure:
     colours = _colours(s.curves)
     fig, (lin, log) = plt.subplots(1, 2, figsize=(10, 4.2))
@@ -60,6 +76,7 @@ def roc(s: mb.RocCurves) -> plt.Figure:
     return fig
 
 
+@draws(mb.AucVsRank)
 def auc_vs_rank(s: mb.AucVsRank) -> plt.Figure:
     colours = _colours(s.curve.target_modules.unique())
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -78,6 +95,7 @@ def auc_vs_rank(s: mb.AucVsRank) -> plt.Figure:
     return fig
 
 
+@draws(mz.Copies)
 def copies(s: mz.Copies) -> plt.Figure:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     colours = _colours(s.auc.target_modules.unique())
@@ -97,6 +115,7 @@ def copies(s: mz.Copies) -> plt.Figure:
     return fig
 
 
+@draws(mz.NgramPerplexity)
 def perplexity(s: mz.NgramPerplexity) -> plt.Figure:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
     for ax, (column, label) in zip(axes, mz.PERPLEXITIES):
@@ -110,6 +129,7 @@ def perplexity(s: mz.NgramPerplexity) -> plt.Figure:
     return fig
 
 
+@draws(mz.Exposure)
 def exposure(s: mz.Exposure) -> plt.Figure:
     table = s.table
     colours = _colours(table.target_modules.unique())
@@ -123,6 +143,7 @@ def exposure(s: mz.Exposure) -> plt.Figure:
     return fig
 
 
+@draws(mb.AttackComparison)
 def attacks(s: mb.AttackComparison) -> plt.Figure:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, column, label in ((axes[0], "auc", "ROC AUC"), (axes[1], "tpr_at_1pct_fpr", "TPR at 1% FPR")):
@@ -163,6 +184,11 @@ def frontier(table: pd.DataFrame, leak: str = "auc") -> plt.Figure:
     return fig
 
 
+@draws(Frontier, dpi=120)
+def frontier_section(s: Frontier) -> plt.Figure:
+    return frontier(s.table, s.leak)
+
+
 def frontier_figure(table: pd.DataFrame, path: str | Path, leak: str = "auc") -> Path:
     """:func:`frontier` of a frontier table written as a PNG to `path`."""
     return save(frontier(table, leak), Path(path), dpi=120)
@@ -176,10 +202,10 @@ def save(fig: plt.Figure, path: Path, dpi: int = 110) -> Path:
     return path
 
 
-def draw(section) -> tuple[plt.Figure, int]:
+def draw(section: Section) -> tuple[plt.Figure, int]:
     """The figure of a section of the analysis and its resolution (dpi)."""
-    if isinstance(section, Frontier):
-        return frontier(section.table, section.leak), 120
-    drawer = {Headline: headline, mb.RocCurves: roc, mb.AucVsRank: auc_vs_rank, mz.Copies: copies,
-              mz.NgramPerplexity: perplexity, mz.Exposure: exposure, mb.AttackComparison: attacks}[type(section)]
-    return drawer(section), 110
+    try:
+        drawer, dpi = DRAWERS[type(section)]
+    except KeyError:
+        raise TypeError(f"{type(section).__name__} has a figure but no drawer: register one with @draws") from None
+    return drawer(section), dpi

@@ -50,6 +50,7 @@ class MeanTest:
 
     @classmethod
     def of(cls, diffs: np.ndarray) -> "MeanTest":
+        """The test of `diffs` (pairs,), one difference per fine-tune pair."""
         diffs = np.asarray(diffs, float)
         n, mean = len(diffs), float(np.mean(diffs))
         if n < 2 or np.std(diffs) == 0:
@@ -216,7 +217,9 @@ def combined_correlations(members: pd.DataFrame, runs: pd.DataFrame, n_resamples
         where[record_ids.get_indexer(g.sample_id.astype(str))] = np.arange(len(g))
         per_run.append((where, g[["ngram_share", "ppl_ft", "ppl_base"]].to_numpy(float)))
 
-    def summary(r: np.ndarray) -> np.ndarray:  # r: (runs, 3) of r_ft, r_base, r_fb
+    def summary(r: np.ndarray) -> np.ndarray:
+        """(4,) mean Fisher z of r_ft, of r_base, of the partial r, and of their difference; `r` (runs, 3) of r_ft,
+        r_base, r_fb."""
         z_ft, z_base = _fisher(r[:, 0]), _fisher(r[:, 1])
         partial = [partial_correlation(*row) for row in r]
         return np.array([z_ft.mean(), z_base.mean(), _fisher(partial).mean(), (z_ft - z_base).mean()])

@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from memlens.report.data import BOW_ATTACK, DEFAULT_DESIGN, IDENTITY, PRIMARY_ATTACK, StudyResults, exposure_bits
-from memlens.report.section import FigureSpec, Omission, Section
-from memlens.store import RunFile, StudyLayout
+from memlens.attacks.bow import BOW_ATTACK
+from memlens.report.inputs import DEFAULT_DESIGN, PRIMARY_ATTACK, StudyResults, exposure_bits
+from memlens.report.section import Block, Figure, FigureSpec, Omission, Section, Table, Text
+from memlens.store import RUN_COLUMNS, RunFile, StudyLayout
 from memlens.store.records import TrainRecord
 
 CONFIG_KEYS = ["model", "method", "target_modules", "rank", "canary_copies", "membership", "dp"]
@@ -61,7 +62,7 @@ def run_table(results: pd.DataFrame, attack: str = PRIMARY_ATTACK, root: str | P
     utility = _stage(results, "utility", "perplexity")
     if mia.empty or utility.empty:
         return pd.DataFrame(columns=["run_id", *CONFIG_KEYS, "seed", "attack", *METRICS])
-    table = mia[IDENTITY + ["auc", "tpr_at_1pct_fpr"]].merge(utility[["run_id", "test_ppl", "utility_ppl"]],
+    table = mia[RUN_COLUMNS + ["auc", "tpr_at_1pct_fpr"]].merge(utility[["run_id", "test_ppl", "utility_ppl"]],
                                                               on="run_id", how="inner")
     exposure = _stage(results, "exposure", "exposure")
     if len(exposure):
@@ -143,6 +144,9 @@ class Frontier(Section):
     table: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/frontier.csv
     leak: str = "auc"
 
+    def blocks(self) -> list[Block]:
+        return [Figure(), Table("frontier", self.table)]
+
 
 def frontier(data: StudyResults) -> Frontier:
     table = frontier_table(data.results, root=data.root)
@@ -158,6 +162,13 @@ class Utility(Section):
     title = "Utility"
     per_run: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/utility.csv
     by_config: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/utility_by_config.csv
+
+    def blocks(self) -> list[Block]:
+        by_config = [Text("Per configuration (mean over its runs): perplexity of the held-out splits under the "
+                          "fine-tuned model and under the base model."),
+                     Table("utility_by_config", self.by_config, formats={c: ".2f" for c in UTILITY_PPL})] \
+            if len(self.by_config) else []
+        return [Table("utility", self.per_run), *by_config]
 
 
 def utility(data: StudyResults) -> Utility:

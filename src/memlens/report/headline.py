@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from memlens.report.data import DEFAULT_DESIGN, PRIMARY_ATTACK, StudyResults
-from memlens.report.section import FigureSpec, Omission, Section
+from memlens.report.inputs import DEFAULT_DESIGN, PRIMARY_ATTACK, StudyResults
+from memlens.report.section import Block, Figure, FigureSpec, Omission, Section, Table, Text
 
 KEYS = ["method", "target_modules", "rank", "canary_copies", "membership", "noise_multiplier"]
 
@@ -43,6 +43,9 @@ class Headline(Section):
     configs: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/headline.csv, highest AUC first
     sentences: list[str] = field(default_factory=list)
     overlap: bool | None = None  # the highest and lowest intervals overlap (None: fewer than two configurations)
+
+    def blocks(self) -> list[Block]:
+        return [Text(" ".join(self.sentences)), Figure(), Table("headline", self.configs)]
 
     @property
     def highest(self) -> pd.Series | None:

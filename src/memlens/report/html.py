@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +15,10 @@ import pandas as pd
 
 from memlens.report import figures
 from memlens.report import membership as mb
-from memlens.report import memorization as mz
 from memlens.report.analysis import StudyAnalysis
-from memlens.report.frontier import Frontier, Utility
 from memlens.report.headline import Headline
 from memlens.report.mdtable import pm
-from memlens.report.section import Omission, Section
-from memlens.report.timings import WallTimes
+from memlens.report.section import Block, Figure, Omission, Section, Table, Text
 from memlens.store import StudyLayout, atomic_write_json, atomic_write_text
 
 INPUTS_STAMP = ".inputs.json"  # the analysis' input fingerprint, next to index.html
@@ -46,6 +44,11 @@ class RenderedReport:
     figures: dict[str, Path]  # figure name -> its PNG
 
 
+def _inline(text: str) -> str:
+    """Text as HTML: escaped, `code` spans in <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=False))
+
+
 def _figure(section: Section, paths: dict[str, Path]) -> str:
     spec = section.figure
     encoded = base64.b64encode(paths[spec.name].read_bytes()).decode()
@@ -54,96 +57,41 @@ def _figure(section: Section, paths: dict[str, Path]) -> str:
             f"<figcaption>{caption}</figcaption></figure>")
 
 
-def _table(frame: pd.DataFrame, name: str, shown: list[str] | None = None) -> str:
-    body = (frame[shown] if shown else frame).to_html(index=False, border=0, classes="data", na_rep="n/a",
-                                                      float_format=lambda v: f"{v:.4g}")
-    return f'<div class="table" data-name="{name}">{body}<p class="src">tables/{name}.csv</p></div>'
+def _value(value: object) -> str:
+    """One cell of a table whose values are not all plain (the study table's AUC cells)."""
+    if isinstance(value, mb.AucCell):
+        return (f"{pm(value.auc, value.low, value.high)}<br><small>{value.trainable_params:,} params "
+                f"({value.trainable_pct:.2g}%)</small>")
+    return html.escape(str(value))
+
+
+def _table(table: Table) -> str:
+    frame = table.shown[table.columns] if table.columns else table.shown
+    if any(isinstance(v, mb.AucCell) for v in frame.to_numpy().ravel()):
+        body = frame.astype(object).map(lambda v: v if pd.isna(v) else _value(v)).to_html(
+            index=False, border=0, escape=False, classes="data", na_rep=table.empty)
+    else:
+        body = frame.to_html(index=False, border=0, classes="data", na_rep=table.empty,
+                             float_format=lambda v: f"{v:.4g}")
+    return f'<div class="table" data-name="{table.name}">{body}<p class="src">tables/{table.name}.csv</p></div>'
 
 
 def _omit(omission: Omission) -> str:
     return f'<p class="omitted"><b>{html.escape(omission.what)}</b> omitted: {html.escape(omission.reason)}</p>'
 
 
-def _study_table(s: mb.StudyTable) -> str:
-    def cell(value) -> object:
-        if not isinstance(value, mb.AucCell):
-            return value
-        return (f"{pm(value.auc, value.low, value.high)}<br><small>{value.trainable_params:,} params "
-                f"({value.trainable_pct:.2g}%)</small>")
-
-    matrix = s.matrix.astype(object).map(cell)
-    table = matrix.to_html(index=False, border=0, escape=False, classes="data", na_rep="—")
-    warning = f'<p class="warn">{html.escape(s.warning)}</p>' if s.warning else ""
-    return (f"{warning}<p>Membership inference ROC AUC of the <code>{mb.PRIMARY_ATTACK}</code> attack, ± half the "
-            f"{s.ci_level:.0%} confidence interval (mean over seeds/runs where there are several), with the number "
-            f'and share of trainable parameters.</p><div class="table" data-name="study_table">{table}'
-            '<p class="src">tables/study_table.csv</p></div>')
-
-
-def _body(section: Section, paths: dict[str, Path]) -> str:
-    """The HTML of a section that has data."""
-    fig = _figure(section, paths) if section.figure else ""
-    if isinstance(section, mb.StudyTable):
-        return _study_table(section)
-    if isinstance(section, mb.AucVsRank):
-        return (fig + _table(section.curve, "auc_vs_rank") + "<p>Saturation fit per matrix set: the plateau (± its "
-                "standard error), the extrapolated AUC at rank 0, and <code>rank_90</code>, the rank reaching 90% of "
-                "the gain; a fit that cannot be made has empty values and the reason.</p>"
-                + _table(section.fits_frame, "auc_rank_fit"))
-    if isinstance(section, mz.Copies):
-        return fig + (_omit(section.canary_omitted) if section.canary_omitted else
-                      _table(section.canary, "canary_extraction_vs_copies"))
-    if isinstance(section, mz.NgramPerplexity):
-        pooled = (_table(section.correlations, "ngram_share_vs_perplexity") if len(section.correlations) else "")
-        per_run = ("<p>Per run (the unit of finding (2)'s test; pooled p-values above overstate the evidence, the "
-                   "same records recur in every run):</p>" + _table(section.per_run, "ngram_share_vs_perplexity_per_run")
-                   if len(section.per_run) else "")
-        return fig + pooled + per_run
-    if isinstance(section, mz.Exposure):
-        return fig + _table(section.table, "exposure_vs_copies")
-    if isinstance(section, mb.AttackComparison):
-        return fig + _table(section.table, "attacks", section.shown)
-    if isinstance(section, mb.DelongTests):
-        return (f"<p>DeLong's test for the difference of two runs' AUCs ({mb.PRIMARY_ATTACK} attack) on the same "
-                "records, for adapted-matrix sets at equal rank, canary copies and seed.</p>"
-                + _table(section.tests, "delong"))
-    if isinstance(section, mb.BagOfWords):
-        return (f'<p class="{"warn" if section.separable else "ok"}">{html.escape(section.verdict)}</p>'
-                + _table(section.frame, "bag_of_words"))
-    if isinstance(section, mb.DesignComparison):
-        return f"<p>{html.escape(section.summary)}</p>" + _table(section.table, "designs")
-    if isinstance(section, mz.ExtractionRates):
-        return ("<p>Share of prompted records whose suffix was reproduced exactly, verbatim (longest common substring "
-                "ratio above <code>extraction.verbatim_threshold</code>) or with a BLEU above "
-                "<code>extraction.bleu_threshold</code>, and the mean n-gram share, per decoding, record group, model "
-                "(fine-tuned, or the base model on the same prompts as a control) and canary copies; mean over "
-                "runs.</p>" + _table(section.rates, "extraction_rates"))
-    if isinstance(section, Utility):
-        return _table(section.per_run, "utility") + (
-            "<p>Per configuration (mean over its runs): perplexity of the held-out splits under the fine-tuned "
-            "model and under the base model.</p>" + _table(section.by_config, "utility_by_config")
-            if len(section.by_config) else "")
-    if isinstance(section, Frontier):
-        return fig + _table(section.table, "frontier")
-    if isinstance(section, WallTimes):
-        return _wall_times(section)
-    return fig
-
-
-def _wall_times(s: WallTimes) -> str:
-    body = ""
-    if s.history:
-        body += ("<p>Each <code>memlens run</code> on this folder (history.jsonl; a run is recorded when it ends, "
-                 "after the report it builds: <code>memlens report</code> shows it):</p>"
-                 + _table(s.history_table, "history"))
-    if len(s.stages):
-        body += ("<p>Per-cell stage wall times (runs/&lt;run_id&gt;/timings.json, train.json):</p>"
-                 + _table(s.stages, "stage_wall_times"))
-    return body
+def _block(block: Block, section: Section, paths: dict[str, Path]) -> str:
+    if isinstance(block, Text):
+        return f'<p class="{block.style}">{_inline(block.text)}</p>' if block.style else f"<p>{_inline(block.text)}</p>"
+    if isinstance(block, Table):
+        return _table(block)
+    if isinstance(block, Figure):
+        return _figure(section, paths)
+    return _omit(block.omission)
 
 
 def _section(section: Section, paths: dict[str, Path]) -> str:
-    body = _omit(section.omitted) if section.omitted else _body(section, paths)
+    body = _omit(section.omitted) if section.omitted else "".join(_block(b, section, paths) for b in section.blocks())
     return f'<section id="{section.anchor}"><h2>{html.escape(section.title)}</h2>{body}</section>'
 
 
@@ -152,7 +100,7 @@ def _headline(h: Headline, paths: dict[str, Path]) -> str:
         return _section(h, paths)
     text = " ".join(html.escape(s) for s in h.sentences)
     body = (f'<p class="headline">{text}</p>{_figure(h, paths)}<details><summary>Every configuration</summary>'
-            f'{_table(h.configs, "headline")}</details>')
+            f'{_table(Table("headline", h.configs))}</details>')
     return f'<section id="{h.anchor}"><h2>{html.escape(h.title)}</h2>{body}</section>'
 
 
@@ -183,14 +131,9 @@ def _failures(a: StudyAnalysis) -> str:
 def _overview(a: StudyAnalysis) -> str:
     study, env, grid = a.study, a.environment, a.study.grid
     data = study.data
-    designs = sorted(set(a.runs.membership)) if len(a.runs) else list(data.membership)
-    said = {"splits": f"named splits, members <code>{html.escape(data.member_split)}</code> vs non-members "
-                      f"<code>{html.escape(data.non_member_split)}</code>",
-            "random": f"random, a fair coin per {data.coin_unit} over <code>{html.escape(', '.join(data.pool_splits))}"
-                      "</code>"}
     return (f"<p>Model <code>{html.escape(study.model.name_or_path)}</code>, data "
             f"<code>{html.escape(data.source)}</code> (membership design: "
-            f"{'; '.join(said[d] for d in designs)}). Grid: matrices "
+            f"{'; '.join(_inline(d) for d in a.describe_designs())}). Grid: matrices "
             f"{', '.join('[' + ', '.join(t) + ']' for t in grid.target_modules)}, "
             f"ranks {grid.rank}, canary copies {grid.canary_copies} ({study.canary.mode} mode), seeds {grid.seed}. "
             f"{len(a.runs)} run(s) with results; {len(a.failures)} failure(s).</p>"

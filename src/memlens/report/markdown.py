@@ -9,7 +9,6 @@ folder's PNGs are replaced) and linked relatively, so it renders on GitHub.
 from __future__ import annotations
 
 import html
-
 import shlex
 import shutil
 import time
@@ -17,10 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from memlens.config import ConfigError
+from memlens.config import RANDOM, SPLITS, ConfigError
 from memlens.report.analysis import StudyAnalysis, analyse
 from memlens.report.html import write_html
-from memlens.report.mdsections import BEYOND, FINDINGS, Document
+from memlens.report.mdsections import FINDINGS, Document, not_shown, section
 from memlens.report.mdtable import NA, fmt, is_null, md_table, seconds
 from memlens.report.timings import describe_hardware
 from memlens.store import StudyLayout, atomic_write_text
@@ -53,23 +52,17 @@ def _grid_run(a: StudyAnalysis) -> str:
 
 
 def _design_row(a: StudyAnalysis) -> str:
-    data = a.study.data
-    said = {"splits": f"`splits` (members `{data.member_split}` vs non-members `{data.non_member_split}`)",
-            "random": f"`random` (a fair coin per {data.coin_unit} over `{', '.join(data.pool_splits)}`, seed "
-                      f"{data.membership_seed}{f', groups `{data.group}`' if data.group else ''})"}
-    designs = sorted(set(a.runs.membership)) if len(a.runs) else list(data.membership)
-    return "; ".join(said[d] for d in designs) + (f". {a.design_note}" if a.design_note else "")
+    return "; ".join(a.describe_designs()) + (f". {a.design_note}" if a.design_note else "")
 
 
 def _splits_used(a: StudyAnalysis) -> str:
     """The splits that members and non-members come from, by design (the membership design row says how)."""
     data = a.study.data
-    designs = sorted(set(a.runs.membership)) if len(a.runs) else list(data.membership)
     parts = []
-    if "splits" in designs:
-        parts.append(f"members `{data.member_split}`, non-members `{data.non_member_split}` (`splits` design)")
-    if "random" in designs:
-        parts.append(f"members and non-members drawn from `{', '.join(data.pool_splits)}` (`random` design)")
+    if SPLITS in a.designs:
+        parts.append(f"members `{data.member_split}`, non-members `{data.non_member_split}` (`{SPLITS}` design)")
+    if RANDOM in a.designs:
+        parts.append(f"members and non-members drawn from `{', '.join(data.pool_splits)}` (`{RANDOM}` design)")
     return "; ".join(parts)
 
 
@@ -163,8 +156,10 @@ def render(a: StudyAnalysis, figures: dict[str, Path], folder_name: str, command
         doc.add(f"## Finding {number}: {title}", f"**Verdict: {finding.verdict}.** {reason}.", "### Evidence")
         evidence(doc)
     doc.add("## Beyond the study")
-    for section in BEYOND:
-        section(doc)
+    for part in a.sections:
+        if part.in_document:
+            section(doc, part)
+    not_shown(doc)
     _regenerate(doc, command, build_seconds, built_on)
     report = StudyLayout(a.root).report
     doc.add(f"Every table above is also a CSV in `{report / 'tables'}`; the HTML report is `{report / 'index.html'}`.")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 
 from memlens.report.analysis import StudyAnalysis
-from memlens.report.mdtable import NA, fmt, interval, is_null, md_table, pm
+from memlens.report.mdtable import fmt, is_null, md_table, pm
 from memlens.report.membership import AucCell
-from memlens.report.section import Section
+from memlens.report.section import Block, Figure, Section, Table, Text
 
 # Quoted from the 2024 study (Savine, Atif, Cappe; ../shared/docs/study.md), never computed here.
 PAPER_TABLE = """\
@@ -21,8 +21,6 @@ PAPER_TABLE = """\
 | 4 | 0.72 ± 0.02 | 0.71 ± 0.02 | 0.83 ± 0.01 | 0.80 ± 0.01 | 0.79 ± 0.01 |"""
 PAPER_NOTE = ("*For comparison only, not measured here: the 2024 study (Savine et al.) reported these MIA ROC AUCs "
               "± CI for Llama-2-7B (8-bit) fine-tuned 3 epochs on PHEE (the paper's numbers):*")
-TPR_LABELS = {"10pct": "10%", "1pct": "1%", "0_1pct": "0.1%"}
-RATE_FORMATS = {c: ".3f" for c in ("exact_rate", "verbatim_rate", "bleu_rate", "mean_ngram_share")}
 
 
 class Document:
@@ -133,87 +131,30 @@ FINDINGS = (finding_1, finding_2, finding_3)
 
 
 # --------------------------------------------------------------------------------------- beyond
-def attacks(doc: Document) -> None:
-    section = doc.a.attacks
-    doc.add("### Other membership attacks and the low-FPR regime")
-    if section.omitted:
-        doc.add(f"Not measured: {section.omitted.reason}.")
-        return
-    table = section.table
-    frame = pd.DataFrame({"attack": table.attack, "runs": table.n_runs,
-                          "AUC ± CI": [pm(*v) for v in zip(table.auc, table.auc_ci_low, table.auc_ci_high)]})
-    notes = []
-    for point, label in TPR_LABELS.items():
-        col = f"tpr_at_{point}_fpr"
-        if col not in table:
-            continue
-        frame[f"TPR at {label} FPR [CI]"] = [interval(*v) for v in
-                                             zip(table[col], table[f"{col}_low"], table[f"{col}_high"])]
-        missing = table[table[col].isna()]
-        if len(missing):
-            note = table.get(f"{col}_note")
-            why = sorted({str(n) for n in (note[missing.index] if note is not None else []) if not is_null(n)})
-            notes.append(f"- TPR at {label} FPR is {NA} for {', '.join(missing.attack)}: "
-                         f"{'; '.join(why) or 'not computed'}.")
-    doc.add("Every attack run, mean over runs (AUC ± half its Hanley-McNeil interval; TPR with its bootstrap "
-            "interval). `bag_of_words` is the model-free baseline, below.", md_table(frame))
-    if notes:
-        doc.add("\n".join(notes))
-    doc.figure(section, "attack comparison")
-
-
-def extraction(doc: Document) -> None:
-    a = doc.a
-    doc.add("### Extraction rate vs canary copies")
-    rates = a.extraction
-    if rates.omitted:
-        doc.add(f"Not measured: {rates.omitted.reason}.")
+def block(doc: Document, section: Section, item: Block) -> None:
+    """One block of a section as Markdown."""
+    if isinstance(item, Text):
+        doc.add(f"**{item.text}**" if item.style == "warn" else item.text)
+    elif isinstance(item, Table):
+        frame = item.shown[item.columns] if item.columns else item.shown
+        doc.add(md_table(frame.map(_auc_cell), item.formats))
+    elif isinstance(item, Figure):
+        doc.figure(section, section.title)
     else:
-        if len(rates.canary):
-            doc.add("The canary, prompted with the first half of its tokens (rates over runs; the base model is the "
-                    "control):", md_table(rates.canary.drop(columns=["group"]), RATE_FORMATS))
-        else:
-            doc.add("No canary extraction rows.")
-        if len(rates.others):
-            doc.add("Member and non-member records:", md_table(rates.others, RATE_FORMATS))
-    doc.figure(a.copies, "AUC and extraction vs copies")
-    if a.exposure.omitted:
-        doc.add(f"*Exposure not measured: {a.exposure.omitted.reason}.*")
-    else:
-        doc.add("Exposure of the inserted secret (bits; exact rank when the secret space was enumerated, else the "
-                "skew-normal extrapolation):", md_table(a.exposure.table, {"exposure": ".2f"}))
+        doc.add(f"*{item.omission.what}: {item.omission.reason}.*")
 
 
-def utility(doc: Document) -> None:
-    doc.add("### Utility per configuration")
-    section = doc.a.utility
-    if section.by_config.empty:
-        doc.add(f"Not measured: {_why(section, 'no test/utility perplexities in results.parquet')}.")
+def section(doc: Document, part: Section) -> None:
+    """A section of the report under its own heading: its blocks, or why it was not measured. A section that
+    does not apply to this study (e.g. a design comparison with one design) is left out."""
+    if part.omitted and not part.omissions():
         return
-    doc.add("Perplexity of the non-member (test) split and of the utility split under the fine-tuned model and under "
-            "the base model, mean over the runs of each configuration (lower is better):",
-            md_table(section.by_config, {c: ".2f" for c in ("test_ppl", "base_test_ppl", "utility_ppl",
-                                                             "base_utility_ppl")}))
-    if not doc.a.frontier.omitted:
-        doc.figure(doc.a.frontier, "frontier")
-
-
-def baseline(doc: Document) -> None:
-    doc.add("### Model-free baseline (bag of words)")
-    section = doc.a.bag_of_words
-    if section.omitted:
-        doc.add(f"Not measured: {section.omitted.reason}.")
+    doc.add(f"### {part.title}")
+    if part.omitted:
+        doc.add(f"Not measured: {part.omitted.reason}.")
         return
-    doc.add(f"**{'Biased split' if section.separable else 'Unbiased split'}.** {section.verdict}")
-
-
-def designs(doc: Document) -> None:
-    section = doc.a.designs
-    if section.omitted:
-        return  # one design: nothing to compare (the header names the design)
-    doc.add("### Membership designs: named splits vs random membership", section.summary,
-            md_table(section.table, {c: ".3f" for c in ("auc_splits", "auc_random", "difference", "z")}
-                     | {"p_value": ".3g"}))
+    for item in part.blocks():
+        block(doc, part, item)
 
 
 def not_shown(doc: Document) -> None:
@@ -221,6 +162,3 @@ def not_shown(doc: Document) -> None:
     failures = [f"- **failed cell** `{r.run_id}` (stage {r.stage}): {r.error}" for r in doc.a.failures]
     doc.add("### What this study could not show")
     doc.add("\n".join(items + failures) if items or failures else "Every section of the report could be computed.")
-
-
-BEYOND = (attacks, designs, extraction, utility, baseline, not_shown)

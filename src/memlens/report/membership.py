@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from memlens.report import scores
-from memlens.report.data import PRIMARY_ATTACK, StudyResults
+from memlens.report import record_scores
 from memlens.report.findings import QK, VO
+from memlens.report.inputs import PRIMARY_ATTACK, StudyResults
 from memlens.report.saturation import SaturationFit, fit_table
-from memlens.report.section import FigureSpec, Omission, Section
+from memlens.report.section import Block, Figure, FigureSpec, Omission, Section, Table, Text
 from memlens.store.results import UNCHANGED_NLL_TOL
 
 TPR_POINTS = ("10pct", "1pct", "0_1pct")
@@ -42,6 +42,7 @@ class AucCell:
 class StudyTable(Section):
     anchor = "table"
     title = "Rank × adapted matrices"
+    in_document = False  # finding 1's evidence
     ci_level: float = 0.95
     frame: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/study_table.csv
     matrix: pd.DataFrame = field(default_factory=pd.DataFrame)  # rank (+ varying axes) x "[matrices]": AucCell
@@ -56,6 +57,13 @@ class StudyTable(Section):
         return (f"Warning: {n} run(s) ({shown}{', ...' if n > 5 else ''}) predict what the base model does (mean NLL "
                 f"within {UNCHANGED_NLL_TOL:g} nats of the base model's on every record): training changed nothing "
                 "(e.g. too few steps for the warm-up), so their AUCs measure the base model, not memorization.")
+
+    def blocks(self) -> list[Block]:
+        intro = Text(f"Membership inference ROC AUC of the `{PRIMARY_ATTACK}` attack, ± half the {self.ci_level:.0%} "
+                     "confidence interval (mean over seeds/runs where there are several), with the number and share "
+                     "of trainable parameters.")
+        return ([Text(self.warning, "warn")] if self.warning else []) + [
+            intro, Table("study_table", self.matrix, data=self.frame, empty="—")]
 
 
 def study_table(data: StudyResults) -> StudyTable:
@@ -92,7 +100,7 @@ class RocCurves(Section):
 
 
 def roc_curves(data: StudyResults) -> RocCurves:
-    curves = scores.roc_by_targets(data, PRIMARY_ATTACK)
+    curves = record_scores.roc_by_targets(data, PRIMARY_ATTACK)
     if not curves:
         return RocCurves(omitted=Omission("ROC curves", "no per-sample membership scores of the primary attack "
                                           "(mia_scores.parquet)"))
@@ -108,6 +116,13 @@ class AucVsRank(Section):
     curve: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/auc_vs_rank.csv
     fits_frame: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/auc_rank_fit.csv
     fits: list[SaturationFit] = field(default_factory=list)
+    in_document = False  # finding 3's evidence
+
+    def blocks(self) -> list[Block]:
+        return [Figure(), Table("auc_vs_rank", self.curve),
+                Text("Saturation fit per matrix set: the plateau (± its standard error), the extrapolated AUC at rank 0, "
+                     "and `rank_90`, the rank reaching 90% of the gain; a fit that cannot be made has empty values and "
+                     "the reason."), Table("auc_rank_fit", self.fits_frame)]
 
 
 def auc_vs_rank(data: StudyResults) -> AucVsRank:
@@ -137,6 +152,12 @@ class AttackComparison(Section):
     shown: list[str] = field(default_factory=list)  # the columns the HTML page shows
     notes: dict[str, str] = field(default_factory=dict)  # column all null -> why (a run's note)
 
+    def blocks(self) -> list[Block]:
+        return [Text("Every attack run, mean over runs (AUC ± half its Hanley-McNeil interval; TPR with its bootstrap "
+                     "interval). `bag_of_words` is the model-free baseline (its own section)."),
+                Figure(), Table("attacks", attack_display(self.table), data=self.table),
+                *(Text(note) for note in tpr_notes(self.table))]
+
 
 def attack_table(mia: pd.DataFrame) -> pd.DataFrame:
     """Per attack, the mean over runs of the AUC, its interval, and the TPR at 10%, 1% and 0.1% FPR with
@@ -152,6 +173,48 @@ def attack_table(mia: pd.DataFrame) -> pd.DataFrame:
             first = mia.dropna(subset=[note]).groupby("attack")[note].first()
             table[note] = table.attack.map(first)
     return table.reset_index(drop=True)
+
+
+TPR_LABELS = {"10pct": "10%", "1pct": "1%", "0_1pct": "0.1%"}
+
+
+def _pm(mean: float, low: float, high: float) -> str:
+    if pd.isna(mean):
+        return "n/a"
+    return f"{mean:.3f}" if pd.isna(low) or pd.isna(high) else f"{mean:.3f} ± {(high - low) / 2:.3f}"
+
+
+def _interval(value: float, low: float, high: float) -> str:
+    if pd.isna(value):
+        return "n/a"
+    return f"{value:.3f}" if pd.isna(low) or pd.isna(high) else f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def attack_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The attack table as read: AUC ± half its interval, each TPR with its interval."""
+    frame = pd.DataFrame({"attack": table.attack, "runs": table.n_runs,
+                          "AUC ± CI": [_pm(*v) for v in zip(table.auc, table.auc_ci_low, table.auc_ci_high)]})
+    for point, label in TPR_LABELS.items():
+        col = f"tpr_at_{point}_fpr"
+        if col in table:
+            frame[f"TPR at {label} FPR [CI]"] = [_interval(*v) for v in
+                                                 zip(table[col], table[f"{col}_low"], table[f"{col}_high"])]
+    return frame
+
+
+def tpr_notes(table: pd.DataFrame) -> list[str]:
+    """Why a TPR is null, per operating point (e.g. too few non-members for 1% FPR)."""
+    notes = []
+    for point, label in TPR_LABELS.items():
+        col = f"tpr_at_{point}_fpr"
+        if col not in table:
+            continue
+        missing = table[table[col].isna()]
+        if len(missing):
+            note = table.get(f"{col}_note")
+            why = sorted({str(n) for n in (note[missing.index] if note is not None else []) if not pd.isna(n)})
+            notes.append(f"TPR at {label} FPR is n/a for {', '.join(missing.attack)}: {'; '.join(why) or 'not computed'}.")
+    return notes
 
 
 def attack_comparison(data: StudyResults) -> AttackComparison:
@@ -176,6 +239,12 @@ class DelongTests(Section):
     title = "Paired tests between configurations (DeLong)"
     tests: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/delong.csv
     vo_qk: pd.DataFrame = field(default_factory=pd.DataFrame)  # the [v]/[o] vs [q]/[k] tests, oriented v/o - q/k
+    in_document = False  # finding 1's evidence
+
+    def blocks(self) -> list[Block]:
+        return [Text(f"DeLong's test for the difference of two runs' AUCs ({PRIMARY_ATTACK} attack) on the same "
+                     "records, for adapted-matrix sets at equal rank, canary copies and seed."),
+                Table("delong", self.tests)]
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
@@ -183,7 +252,7 @@ class DelongTests(Section):
 
 
 def delong_tests(data: StudyResults) -> DelongTests:
-    tests, reason = scores.delong_pairs(data, PRIMARY_ATTACK) if len(data.primary()) else (
+    tests, reason = record_scores.delong_pairs(data, PRIMARY_ATTACK) if len(data.primary()) else (
         pd.DataFrame(), data.primary_missing())
     if tests.empty:
         return DelongTests(omitted=Omission("DeLong tests", reason))
@@ -206,6 +275,9 @@ class BagOfWords(Section):
     frame: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/bag_of_words.csv
     separable: bool = False  # words alone separate members from non-members: the split is biased
     verdict: str = ""
+
+    def blocks(self) -> list[Block]:
+        return [Text(self.verdict, "warn" if self.separable else "ok"), Table("bag_of_words", self.frame)]
 
 
 def bag_of_words(data: StudyResults) -> BagOfWords:
@@ -250,6 +322,10 @@ class DesignComparison(Section):
 
     def omissions(self) -> list[Omission]:
         return super().omissions() if self.applicable else []
+
+    def blocks(self) -> list[Block]:
+        formats = {c: ".3f" for c in ("auc_splits", "auc_random", "difference", "z")} | {"p_value": ".3g"}
+        return [Text(self.summary), Table("designs", self.table, formats=formats)]
 
 
 def design_comparison(data: StudyResults) -> DesignComparison:

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from memlens.report.data import StudyResults
-from memlens.report.section import FigureSpec, Omission, Section
+from memlens.report.inputs import StudyResults
+from memlens.report.section import Block, Figure, FigureSpec, Omission, Omitted, Section, Table, Text
 
 
 def finetuned_rows(extraction: pd.DataFrame) -> pd.DataFrame:
@@ -44,6 +44,11 @@ class Copies(Section):
     def omissions(self) -> list[Omission]:
         return super().omissions() + ([self.canary_omitted] if self.canary_omitted else [])
 
+    def blocks(self) -> list[Block]:
+        canary = Omitted(self.canary_omitted) if self.canary_omitted else Table("canary_extraction_vs_copies",
+                                                                                  self.canary)
+        return [Figure(), canary]
+
 
 def copies(data: StudyResults) -> Copies:
     primary, ext = data.primary(), finetuned_rows(data.extraction)
@@ -75,6 +80,14 @@ class NgramPerplexity(Section):
     correlations: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/ngram_share_vs_perplexity.csv
     members: pd.DataFrame = field(default_factory=pd.DataFrame)  # the member rows (finding 2)
     per_run: pd.DataFrame = field(default_factory=pd.DataFrame)  # correlations per run (findings.per_run_correlations)
+    in_document = False  # finding 2's evidence
+
+    def blocks(self) -> list[Block]:
+        pooled = [Table("ngram_share_vs_perplexity", self.correlations)] if len(self.correlations) else []
+        per_run = [Text("Per run (the unit of finding (2)'s test; pooled p-values above overstate the evidence, the "
+                        "same records recur in every run):"),
+                   Table("ngram_share_vs_perplexity_per_run", self.per_run)] if len(self.per_run) else []
+        return [Figure(), *pooled, *per_run]
 
     def correlation(self, perplexity: str) -> pd.Series | None:
         """The correlation row of `ppl_ft` or `ppl_base`, None when there were too few varied points."""
@@ -111,6 +124,9 @@ class Exposure(Section):
     table: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/exposure_vs_copies.csv
     base: pd.Series = field(default_factory=lambda: pd.Series(dtype=float))  # copies -> base model's exposure
 
+    def blocks(self) -> list[Block]:
+        return [Figure(), Table("exposure_vs_copies", self.table, formats={"exposure": ".2f"})]
+
 
 def exposure(data: StudyResults) -> Exposure:
     per_run = data.exposure()
@@ -134,6 +150,13 @@ class ExtractionRates(Section):
     anchor = "extraction"
     title = "Extraction rates"
     rates: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/extraction_rates.csv
+
+    def blocks(self) -> list[Block]:
+        return [Text("Share of prompted records whose suffix was reproduced exactly, verbatim (longest common "
+                     "substring ratio above `extraction.verbatim_threshold`) or with a BLEU above "
+                     "`extraction.bleu_threshold`, and the mean n-gram share, per decoding, record group, model "
+                     "(fine-tuned, or the base model on the same prompts as a control) and canary copies; mean over "
+                     "runs."), Table("extraction_rates", self.rates, formats={c: ".3f" for c in RATES})]
 
     @property
     def canary(self) -> pd.DataFrame:

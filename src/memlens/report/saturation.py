@@ -22,7 +22,8 @@ SCALE_BOUNDS = (1e-3, 1e5)
 
 
 def saturating(rank: np.ndarray, plateau: float, auc0: float, scale: float) -> np.ndarray:
-    """The fitted form: rises from `auc0` at rank 0 towards `plateau`, by e-folds of `scale` ranks."""
+    """The fitted form: rises from `auc0` at rank 0 towards `plateau`, by e-folds of `scale` ranks. `rank` (points,)
+    gives (points,)."""
     return plateau - (plateau - auc0) * np.exp(-np.asarray(rank, dtype=float) / scale)
 
 

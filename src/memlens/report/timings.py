@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from memlens.report.section import Omission, Section
+from memlens.report.section import Block, Omission, Section, Table, Text
 from memlens.store import RunFile, StudyLayout
 from memlens.store.records import HistoryEntry, TimingsRecord, TrainRecord
 from memlens.store.records import read_history as read_history_file
@@ -86,6 +86,15 @@ class WallTimes(Section):
     history_table: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/history.csv
     per_run: pd.DataFrame = field(default_factory=pd.DataFrame)  # run_id, stage, wall_s, batch_cells
     stages: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/stage_wall_times.csv
+    in_document = False  # the findings document's "How to regenerate"
+
+    def blocks(self) -> list[Block]:
+        history = [Text("Each `memlens run` on this folder (history.jsonl; a run is recorded when it ends, after the "
+                        "report it builds: `memlens report` shows it):"),
+                   Table("history", self.history_table)] if self.history else []
+        stages = [Text("Per-cell stage wall times (runs/<run_id>/timings.json, train.json):"),
+                  Table("stage_wall_times", self.stages)] if len(self.stages) else []
+        return history + stages
 
 
 def wall_times(root: Path) -> WallTimes:

@@ -67,7 +67,7 @@ class SequenceStats:
         return -self.reduce("logprob", "mean")
 
     def select(self, index: Sequence[int] | np.ndarray) -> "SequenceStats":
-        """The statistics of the sequences at `index`, in that order."""
+        """The statistics of the sequences at `index` (selected,), in that order."""
         index = np.asarray(index, dtype=np.int64)
         starts, ends = self.offsets[index], self.offsets[index + 1]
         rows = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(index) else np.zeros(0, np.int64)

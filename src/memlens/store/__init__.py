@@ -1,6 +1,5 @@
-"""Store stage: the experiment folder, atomic writes, result tables."""
+"""The store layer: the experiment folder, atomic writes, result tables."""
 
-from memlens.store.results import read_results, run_metadata, upsert_results
 from memlens.store.layout import (
     RunFile,
     StudyFile,
@@ -11,8 +10,10 @@ from memlens.store.layout import (
     atomic_write_parquet,
     atomic_write_text,
 )
+from memlens.store.results import RUN_COLUMNS, read_results, run_metadata, upsert_results
 
 __all__ = [
+    "RUN_COLUMNS",
     "read_results",
     "run_metadata",
     "upsert_results",

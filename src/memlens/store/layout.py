@@ -33,7 +33,6 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-
 from pydantic import ValidationError
 
 from memlens.config import ConfigError, StudyConfig, format_validation_error

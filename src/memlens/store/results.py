@@ -7,20 +7,20 @@ attack. Each stage adds its metric columns (e.g. auc, tpr_at_1pct_fpr for `mia`)
 
 from __future__ import annotations
 
-
 import pandas as pd
 
-from memlens.store.layout import RunFile, StudyFile, StudyLayout, atomic_write_parquet
 from memlens.config import CellConfig
+from memlens.store.layout import RunFile, StudyFile, StudyLayout, atomic_write_parquet
 from memlens.store.records import TrainRecord
 
 RESULTS_FILE = StudyFile.RESULTS
 KEY = ["run_id", "stage", "attack"]
 # The identifying columns (run_metadata's, then the key) lead, in this order; measures follow by name, so the
 # file's column order does not depend on which rows were merged first (e.g. after a killed run's recovery).
-ID_COLUMNS = ["run_id", "model", "method", "target_modules", "rank", "canary_copies", "seed", "membership",
-              "noise_multiplier",
-              "epsilon", "trainable_params", "total_params", "trainable_pct", "stage", "attack"]
+# What identifies a run (run_metadata's first columns; the report groups and labels runs by them).
+RUN_COLUMNS = ["run_id", "model", "method", "target_modules", "rank", "canary_copies", "seed", "membership",
+               "noise_multiplier"]
+ID_COLUMNS = [*RUN_COLUMNS, "epsilon", "trainable_params", "total_params", "trainable_pct", "stage", "attack"]
 # `model_unchanged` (mia rows): the fine-tuned model's mean NLL is within this of the base model's on every record,
 # so it predicts what the base model does (float noise from batching is ~1e-7 nats) and its scores measure the base.
 UNCHANGED_NLL_TOL = 1e-5

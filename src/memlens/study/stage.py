@@ -35,6 +35,7 @@ from memlens.study.provenance import record_stage_time
 from memlens.train import finetune_cell
 from memlens.train.progress import training_progress
 
+
 class Stage:
     """One per-run stage. Subclasses set the class attributes and implement :meth:`run`; every method gets the
     :class:`~memlens.context.StudyContext`, whose study, cells and records it reads instead of the disk."""

@@ -10,20 +10,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from memlens.config import ConfigError, StudyConfig
-from memlens.store import StudyFile, StudyLayout
+from memlens.attacks.bow import BOW_ATTACK
+from memlens.config import SPLITS, Design, StudyConfig
+from memlens.store import RUN_COLUMNS, StudyFile, StudyLayout
 from memlens.store.records import StatusRecord
 
 # The study's attack (P_ref / P_ft): every headline number of the report (study table, ROC, AUC vs rank,
 # copies, DeLong tests, findings, frontier, headline) uses it, and only it.
 PRIMARY_ATTACK = "ref_ratio"
-BOW_ATTACK = "bag_of_words"  # the model-free baseline's rows (memlens.attacks.mia writes them under this name)
 REPORT_INPUTS = (StudyFile.RESULTS, StudyFile.MIA_SCORES, StudyFile.EXTRACTION, StudyFile.EXPOSURE, StudyFile.STUDY)
-IDENTITY = ["run_id", "model", "method", "target_modules", "rank", "canary_copies", "seed", "membership",
-            "noise_multiplier"]
-DEFAULT_DESIGN = "splits"  # the membership design of runs made before results carried one
+DEFAULT_DESIGN: Design = SPLITS  # the membership design of runs made before results carried one
 
 
 def exposure_bits(rows: pd.DataFrame) -> pd.Series:
@@ -88,9 +85,7 @@ class StudyResults:
     @classmethod
     def load(cls, root: Path) -> StudyResults:
         layout = StudyLayout(Path(root))
-        if not layout.study_file.exists():
-            raise ConfigError(f"{layout.root}: not a memlens study folder (no {StudyFile.STUDY})")
-        study = StudyConfig.model_validate(yaml.safe_load(layout.study_file.read_text()))
+        study = layout.read_study()
         statuses = [StatusRecord.read(p) for p in sorted(layout.status_dir.glob("*.json"))
                     if not p.name.startswith("_")]  # `_report.json` is the report's own status
         results = _read(layout.results_file)
@@ -129,8 +124,8 @@ class StudyResults:
     @property
     def runs(self) -> pd.DataFrame:
         """One row per run with results: its identifying columns."""
-        return self.results.drop_duplicates("run_id")[IDENTITY] if len(self.results) else pd.DataFrame(
-            columns=IDENTITY)
+        return self.results.drop_duplicates("run_id")[RUN_COLUMNS] if len(self.results) else pd.DataFrame(
+            columns=RUN_COLUMNS)
 
     @property
     def mia(self) -> pd.DataFrame:
@@ -158,6 +153,6 @@ class StudyResults:
         `exposure` (bits, :func:`exposure_bits`)."""
         rows = self.stage("exposure")
         if rows.empty:
-            return pd.DataFrame(columns=[*IDENTITY, "exposure"])
+            return pd.DataFrame(columns=[*RUN_COLUMNS, "exposure"])
         model = np.where(rows.attack.str.endswith(":base"), "base", "finetuned")
-        return rows[IDENTITY].assign(model=model, exposure=exposure_bits(rows))
+        return rows[RUN_COLUMNS].assign(model=model, exposure=exposure_bits(rows))

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from memlens.metrics.roc import delong_test, roc_points
-from memlens.report.data import StudyResults
+from memlens.report.inputs import StudyResults
 
 PAIR_KEYS = ["rank", "canary_copies", "seed", "membership", "noise_multiplier"]
 

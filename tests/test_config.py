@@ -122,3 +122,47 @@ def test_negative_seeds_are_refused():
         load_study(raw=_raw(grid={"seed": [0, -1]}))
     with pytest.raises(ConfigError, match="data.subset_seed: Input should be greater than or equal to 0"):
         load_study(raw=_raw(data={"source": "d", "subset_seed": -1}))
+
+
+# ----------------------------------------------------------------------------------- attack settings
+OLD_MIA = {"attacks": ["loss", "min_k", "min_k_pp", "rmia_offline", "con_recall"], "min_k_fraction": 0.1,
+           "dc_pdd_clip": 0.01, "rmia_offline_a": 0.3, "rmia_gamma": 1.0, "recall_shots": 3, "conrecall_gamma": 0.5}
+
+
+def test_a_study_file_from_before_attack_settings_loads_with_its_run_ids_and_result_names():
+    """The former mia.* settings fold into the attacks that read them (non-default values only), under the
+    attacks' old result names; the mia section enters no run id, so the runs are the same."""
+    from memlens.attacks.registry import configure_attacks
+
+    old, new = load_study(raw=_raw(mia=OLD_MIA)), load_study(raw=_raw())
+    assert [c.run_id(old) for c in old.cells()] == [c.run_id(new) for c in new.cells()]
+    attacks = {a.name: a.settings for a in configure_attacks(old.mia.attacks)}
+    assert list(attacks) == ["loss", "min_k", "min_k_pp", "rmia_offline", "con_recall"]
+    assert attacks["min_k"].fraction == attacks["min_k_pp"].fraction == 0.1
+    assert attacks["rmia_offline"].a == 0.3 and attacks["rmia_offline"].gamma == 1.0  # default: left as it was
+    assert attacks["con_recall"].shots == 3 and attacks["con_recall"].gamma == 0.5
+    dumped = old.model_dump(mode="json")["mia"]
+    assert not set(dumped) & set(OLD_MIA) - {"attacks"}  # written back without the old fields
+    assert load_study(raw=_raw(mia=dumped)).mia == old.mia
+
+
+def test_one_attack_runs_at_two_settings_and_bad_settings_name_the_valid_ones():
+    import numpy as np
+
+    from memlens.attacks.registry import AttackInputs, configure_attacks, run_attacks
+    from memlens.score import SequenceStats
+
+    logprob = np.array([-1, -2, -3, -4, -5, -6, -7, -8, -9, -10], np.float32)
+    ft = SequenceStats(np.array([0, 10]), np.zeros(10, np.int64), logprob, np.zeros(10, np.float32),
+                       np.ones(10, np.float32))
+    scores = run_attacks(["min_k@0.1", "min_k@0.5", {"type": "min_k", "name": "default"}],
+                         AttackInputs(texts=["x"], ft=ft))
+    assert {k: v.tolist() for k, v in scores.items()} == {"min_k@0.1": [-10.0], "min_k@0.5": [-8.0], "default": [-9.5]}  # lowest 1, 5 and 2 tokens
+    with pytest.raises(ConfigError, match=r"mia\.attacks\[1\]: 'min_k@2': fraction: .*less than or equal to 1"):
+        configure_attacks(["loss", "min_k@2"])
+    with pytest.raises(ConfigError, match=r"'min_k@0.1'.* occur twice"):
+        configure_attacks(["min_k@0.1", {"type": "min_k", "params": {"fraction": 0.1}}])
+    with pytest.raises(ConfigError, match=r"frac: Extra inputs.*the settings of 'min_k': \{'fraction'"):
+        configure_attacks([{"type": "min_k", "params": {"frac": 0.1}}])
+    with pytest.raises(ConfigError, match=r"`name@value` sets an attack's only setting.*'con_recall' has 2"):
+        configure_attacks(["con_recall@3"])

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import special, stats
 
-from memlens.attacks.audit import run_privacy_audit
+from memlens.attacks.privacy_audit import run_privacy_audit
 from memlens.context import StudyContext
 from memlens.metrics.privacy import epsilon_lower_bound, one_run_epsilon_lower_bound, p_value_dp_audit
 from memlens.store import RunFile, StudyLayout, read_results

@@ -11,7 +11,7 @@ largest eps under which observing >= v correct guesses has probability < 1 - con
 Assumption (the bound is void without it): the member / non-member assignment of the audited records
 is an independent fair coin flip per record, made before training. memlens' default membership
 experiment (members = the `train` split, non-members = the `test` split) does NOT satisfy it, so
-:func:`memlens.attacks.audit.run_privacy_audit` reports the bound only when `dp.audit_random_split` asserts it.
+:func:`memlens.attacks.privacy_audit.run_privacy_audit` reports the bound only when `dp.audit_random_split` asserts it.
 
 Hand-written because no maintained library implements this test for PyTorch models (Google's
 jax_privacy has one for JAX); it is a few lines over scipy's binomial distribution.

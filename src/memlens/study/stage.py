@@ -19,11 +19,11 @@ import shutil
 import time
 from typing import ClassVar
 
-from memlens.attacks.audit import AUDIT_STAGE, run_privacy_audit
 from memlens.attacks.extraction import merge_study as merge_extraction
 from memlens.attacks.extraction import run_extraction
 from memlens.attacks.mia import merge_study as merge_mia
 from memlens.attacks.mia import prepare_base_cache, run_mia
+from memlens.attacks.privacy_audit import AUDIT_STAGE, run_privacy_audit
 from memlens.attacks.references import is_trained, reference_ids, remove_references, train_references
 from memlens.attacks.registry import check_attacks
 from memlens.config import CellConfig, StudyConfig

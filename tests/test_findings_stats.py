@@ -6,15 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from memlens.report.findings import (
-    MeanTest,
-    finding_perplexity,
-    finding_rank,
-    finding_value_output,
-    partial_correlation,
-    per_run_correlations,
-    steiger_z,
-)
+from memlens.report.findings import finding_perplexity, finding_rank, finding_value_output, per_run_correlations
+from memlens.report.inference import MeanTest, block_f_test, holm, partial_correlation, steiger_z
 
 
 def test_steiger_z_is_standard_normal_under_the_null_and_signed():
@@ -50,32 +43,79 @@ def test_mean_test_calls_a_negligible_difference_absent():
     assert MeanTest.of(np.array([0.05, -0.06, 0.08, -0.02])).verdict() == "inconclusive"
 
 
-def _grid(effect: float, noise: float, seeds=(0, 1, 2), ranks=(1, 4, 16), rank_slope=0.0, seed=0) -> pd.DataFrame:
+def _grid(effect, noise: float, seeds=(0, 1, 2), ranks=(1, 4, 16), rank_slope=0.0, seed=0, draws=None) -> pd.DataFrame:
+    """AUCs of q/k runs at 0.6 and v/o runs `effect` higher (a number, or rank -> effect), plus noise."""
     rng = np.random.default_rng(seed)
     rows = []
     for s in seeds:
-        for targets, shift in (("q", 0.0), ("k", 0.0), ("v", effect), ("o", effect)):
-            for rank in ranks:
-                auc = 0.6 + shift + rank_slope * np.log2(rank) ** 0.5 + rng.normal(0, noise)
-                rows.append({"method": "lora", "target_modules": targets, "rank": rank, "seed": s, "auc": auc,
-                             "canary_copies": 1, "membership": "random"})
+        for draw in draws or [None]:
+            for targets, side in (("q", 0.0), ("k", 0.0), ("v", 1.0), ("o", 1.0)):
+                for rank in ranks:
+                    shift = side * (effect[rank] if isinstance(effect, dict) else effect)
+                    auc = 0.6 + shift + rank_slope * np.log2(rank) ** 0.5 + rng.normal(0, noise)
+                    rows.append({"method": "lora", "target_modules": targets, "rank": rank, "seed": s, "auc": auc,
+                                 "canary_copies": 1, "membership": "random", **({"draw": draw} if draws else {})})
     return pd.DataFrame(rows)
 
 
-def test_finding_one_uses_seed_to_seed_variation():
+def test_finding_one_is_tested_per_rank_over_replicates():
     no_delong = pd.DataFrame()
     holds = finding_value_output(_grid(0.05, 0.005), no_delong)
-    assert holds.verdict == "holds" and "seed level" in holds.reason and "per seed 0:" in holds.reason
-    assert finding_value_output(_grid(-0.05, 0.005), no_delong).verdict == "does not hold"
-    absent = finding_value_output(_grid(0.0, 0.002), no_delong)
-    assert absent.verdict == "does not hold", absent.reason
-    assert finding_value_output(_grid(0.01, 0.08), no_delong).verdict == "inconclusive"
+    assert [f.scope for f in holds] == ["rank 1", "rank 4", "rank 16"] and all(f.number == 1 for f in holds)
+    assert all(f.verdict == "holds" for f in holds), [f.reason for f in holds]
+    assert holds[0].correction == "Holm over 3 rank(s)" and "3 replicates (seeds)" in holds[0].test
+    assert all(f.verdict == "does not hold" for f in finding_value_output(_grid(-0.05, 0.005), no_delong))
+    # absent: the difference's interval (at 1 - 0.05/3 for three ranks) lies within +-0.01 AUC; per rank that takes
+    # more replicates than pooling over ranks did
+    absent = finding_value_output(_grid(0.0, 0.002, seeds=range(6)), no_delong)
+    assert all(f.verdict == "does not hold" for f in absent), [f.reason for f in absent]
+    assert all(f.verdict == "inconclusive" for f in finding_value_output(_grid(0.01, 0.08), no_delong))
+
+
+def test_an_effect_that_changes_sign_with_rank_is_not_pooled_away():
+    """v/o below q/k at rank 1, above at ranks 8 and 64 (the calibrated llama-tiny regime's pattern): pooled over
+    ranks it would read as a weak positive; per rank it is a reversal at rank 1 and holds at the others, and the
+    rank x difference test says the difference depends on rank. Seeds x record draws are the replicates."""
+    found = finding_value_output(_grid({1: -0.033, 8: 0.039, 64: 0.08}, 0.01, ranks=(1, 8, 64), draws=(0, 1)),
+                                 pd.DataFrame())
+    verdicts = {f.scope: f.verdict for f in found}
+    assert verdicts == {"rank 1": "does not hold", "rank 8": "holds", "rank 64": "holds"}, [f.reason for f in found]
+    assert "reversed" in found[0].reason and "depends on rank" in found[0].reason
+    assert "6 replicates (seeds x record draws)" in found[0].test
+
+
+def test_holm_and_the_block_f_test_by_hand():
+    # Holm: sorted p 0.01, 0.02, 0.04 times 3, 2, 1 -> 0.03, 0.04, 0.04 (monotone), back in the original order
+    assert holm([0.04, 0.01, 0.02]).tolist() == pytest.approx([0.04, 0.03, 0.04])
+    assert holm([0.5, 0.6]).tolist() == pytest.approx([1.0, 1.0])  # capped at 1
+    # Randomized block design, 3 levels (rows) x 2 blocks (columns)
+    y = np.array([[1.0, 2.0], [2.0, 4.0], [6.0, 7.0]])
+    grand = y.mean()  # 11/3
+    ss_level = 2 * ((y.mean(axis=1) - grand) ** 2).sum()
+    ss_block = 3 * ((y.mean(axis=0) - grand) ** 2).sum()
+    ss_error = ((y - grand) ** 2).sum() - ss_level - ss_block
+    f = (ss_level / 2) / (ss_error / 2)
+    test = block_f_test(y)
+    assert (test.df_factor, test.df_error) == (2, 2) and test.f == pytest.approx(f)
+    assert test.f == pytest.approx(79.0)  # (79/3) / (1/3): the numbers once, as a check of the check
+    assert test.p_value == pytest.approx(1 / 80)  # F(2, 2) survival: 1 / (1 + F)
+    assert block_f_test(np.array([[1.0, 2.0]])) is None  # one level: nothing to test
+
+
+def test_one_replicate_uses_holm_corrected_delong_tests():
+    one = _grid({1: 0.05, 4: 0.05}, 0.0, seeds=(0,), ranks=(1, 4))
+    delong = pd.DataFrame({"set_a": ["v", "q", "o", "v"], "set_b": ["q", "o", "k", "k"], "rank": [1, 1, 4, 4],
+                           "auc_diff": [0.05, -0.05, 0.05, 0.01], "p_value": [0.001, 0.002, 0.04, 0.5]})
+    found = finding_value_output(one, delong)
+    # Holm over the 4 tests: 0.004, 0.006, 0.08, 0.5: rank 1 has 2 of 2 for v/o, rank 4 none significant
+    assert [f.verdict for f in found] == ["holds", "inconclusive"], [f.reason for f in found]
+    assert "after Holm over 4" in found[0].reason and "leave out the variation between fine-tunes" in found[0].reason
 
 
 def test_finding_three_tests_rise_and_slowing_over_seeds():
     # AUC ~ sqrt(log2 rank): rises, with smaller gains per doubling at higher ranks
     found = finding_rank(_grid(0.0, 0.002, ranks=(1, 4, 16, 64), rank_slope=0.05))
-    assert found.verdict == "holds" and "seed level" in found.reason
+    assert found.verdict == "holds" and "replicate level" in found.reason and found.number == 3
     flat = finding_rank(_grid(0.0, 0.002, ranks=(1, 4, 16, 64)))
     assert flat.verdict == "does not hold", flat.reason
     # linear in log2 rank: it rises without diminishing returns

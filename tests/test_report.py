@@ -72,7 +72,10 @@ def test_delong_table_equals_an_independent_computation(report):
 def test_findings_state_a_verdict_with_reasons(report):
     out, page = report
     findings = pd.read_csv(out / "report" / "tables" / "findings.csv")
-    assert len(findings) == 3
+    ranks = pd.read_parquet(out / "results.parquet")["rank"].nunique()
+    assert len(findings) == ranks + 2 and findings.number.tolist() == [1] * ranks + [2, 3]  # finding 1 per rank
+    assert findings[findings.number == 1].scope.tolist() == [f"rank {r}" for r in sorted(
+        pd.read_parquet(out / "results.parquet")["rank"].unique())]
     assert set(findings.verdict) <= {"holds", "does not hold", "inconclusive"}
     # two ranks only: the rank finding cannot be judged, and says why
     rank = findings[findings.title.str.startswith("(3)")].iloc[0]
@@ -92,11 +95,14 @@ def test_finding_verdicts_follow_the_numbers():
     assert finding_rank(frame.assign(auc=frame.auc[::-1].to_numpy())).verdict == "does not hold"
     delong = pd.DataFrame({"set_a": ["q"] * 4, "set_b": ["v"] * 4, "rank": [1, 2, 4, 8],
                            "auc_diff": [-0.1] * 4, "p_value": [0.001] * 4})
-    assert finding_value_output(frame, delong).verdict == "holds"
-    assert finding_value_output(frame, delong.assign(p_value=0.5)).verdict == "inconclusive"
+    def verdicts(found) -> set[str]:
+        return {f.verdict for f in found}
+
+    assert verdicts(finding_value_output(frame, delong)) == {"holds"}  # at each of the 4 ranks
+    assert verdicts(finding_value_output(frame, delong.assign(p_value=0.5))) == {"inconclusive"}
     swapped = frame.assign(target_modules=frame.target_modules.map({"q": "v", "v": "q"}))
-    assert finding_value_output(swapped, delong.assign(auc_diff=0.1)).verdict == "does not hold"
-    assert finding_value_output(frame[frame.target_modules == "q"], delong).verdict == "inconclusive"
+    assert verdicts(finding_value_output(swapped, delong.assign(auc_diff=0.1))) == {"does not hold"}
+    assert verdicts(finding_value_output(frame[frame.target_modules == "q"], delong)) == {"inconclusive"}
 
 
 def test_missing_data_is_omitted_with_a_reason(tmp_path, report):

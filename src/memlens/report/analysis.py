@@ -74,19 +74,25 @@ class StudyAnalysis:
     def describe_designs(self) -> list[str]:
         """Each design of the study in words, `code` in backticks: the one description both writers format."""
         data = self.study.data
+        if data.subset:
+            splits_records = f"; a seeded subset of {data.subset} records of each split"
+            random_records = (f"; {2 * data.subset} records drawn (seeded) from all of the pool's records, so about "
+                              f"{data.subset} a side")
+        else:
+            splits_records = random_records = "; every record"
         said = {SPLITS: f"`{SPLITS}`: named splits, members `{data.member_split}` vs non-members "
-                        f"`{data.non_member_split}`",
+                        f"`{data.non_member_split}`{splits_records}",
                 RANDOM: f"`{RANDOM}`: a fair coin per {data.coin_unit} over `{', '.join(data.pool_splits)}` (seed "
-                        f"{data.membership_seed}{f', groups `{data.group}`' if data.group else ''})"}
+                        f"{data.membership_seed}{f', groups `{data.group}`' if data.group else ''}){random_records}"}
         return [said[d] for d in self.designs]
 
     @property
     def design_note(self) -> str:
         """Which design the findings and the curves come from, when the study has several."""
         others = sorted(set(self.runs.membership) - {self.verdict_design}) if len(self.runs) else []
-        return (f"Findings, ROC, AUC vs rank, copies, perplexity and exposure use the `{self.verdict_design}` "
-                f"membership design; its runs only ({', '.join(others)} runs: study table, attacks, design "
-                "comparison)." if others else "")
+        return (f"The headline, findings, ROC, AUC vs rank, copies, perplexity and exposure use the "
+                f"`{self.verdict_design}` membership design; its runs only ({', '.join(others)} runs: study table, "
+                "attacks, DeLong tests, design comparison)." if others else "")
 
     @property
     def sections(self) -> list[Section]:
@@ -138,13 +144,13 @@ def analyse(root: Path) -> StudyAnalysis:
     verdict_tests = tests[tests.membership == design] if "membership" in tests else tests
     analysis = StudyAnalysis(
         root=layout.root, study=every.study, environment=every.environment, runs=every.runs,
-        failures=every.failures, inputs=inputs, headline=headline(every), study_table=mb.study_table(every),
+        failures=every.failures, inputs=inputs, headline=headline(data), study_table=mb.study_table(every),
         roc=mb.roc_curves(data), auc_vs_rank=mb.auc_vs_rank(data), copies=mz.copies(data), perplexity=perplexity,
         exposure=mz.exposure(data), attacks=mb.attack_comparison(every), delong=delong,
         bag_of_words=mb.bag_of_words(every), design_comparison=mb.design_comparison(every),
         extraction=mz.extraction_rates(data), utility=utility(every), frontier=frontier(every),
         wall_times=wall_times(layout.root),
-        findings=[finding_value_output(data.primary(), verdict_tests),
+        findings=[*finding_value_output(data.primary(), verdict_tests),
                   finding_perplexity(perplexity.members, perplexity.per_run),
                   finding_rank(data.primary())],
         verdict_design=design)

@@ -1,34 +1,45 @@
 """The study's three findings, tested on this study's data.
 
-Each verdict is `holds`, `does not hold` or `inconclusive`, with the numbers behind it. The thresholds
-are stated in the reason so a reader can disagree with them.
+Each verdict is `holds`, `does not hold` or `inconclusive`, with the test, the correction for the tests made
+together and the effect behind it; the thresholds are stated in the reason so a reader can disagree with them.
 
-Two levels of evidence. Record level: paired DeLong tests between runs scored on the same records, and
-rank correlations over the member records. Seed level, when the grid has at least :data:`MIN_SEEDS` seeds:
-each test's unit is one fine-tune (a configuration at one seed), so the seed-to-seed variation of training
-decides, not the number of records: a paired t-test over (configuration, seed) differences, and for
-finding (2) the correlations computed per run and combined over runs (mean Fisher z, with an interval from a
-bootstrap that resamples both the runs and the records they share). A difference whose 95% interval lies
-within +-:data:`NEGLIGIBLE_AUC` AUC is called absent.
+Two levels of evidence. Replicate level, when the grid has at least :data:`MIN_SEEDS` replicates of each
+configuration: a replicate is one fine-tune, and replicates vary everything that is random (the training seed
+and, with `grid.draw`, the record draw), so their variation decides, not the number of records: paired t-tests
+over replicates (:mod:`memlens.report.inference`). Record level, with one replicate: DeLong tests between runs
+scored on the same records, which leave the training variance out (said in the reason). A factor whose effect
+may change sign is not pooled away: finding (1) is tested at each rank, with Holm's correction over the ranks
+and a test of whether the difference depends on rank. A difference whose interval lies within
++-:data:`memlens.report.inference.NEGLIGIBLE_AUC` AUC is called absent.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-ALPHA = 0.05
+from memlens.report.inference import (
+    ALPHA,
+    MeanTest,
+    block_f_test,
+    combined_correlations,
+    holm,
+    partial_correlation,
+    steiger_z,
+)
+
 QK = ("q", "k")
 VO = ("v", "o")
-MIN_SEEDS = 2           # seed-level tests need at least this many seeds per configuration
-NEGLIGIBLE_AUC = 0.01   # a mean AUC difference whose 95% interval lies within +-this is "no difference"
+MIN_SEEDS = 2           # replicate-level tests need at least this many replicates per configuration
 MIN_RECORDS = 10        # member records with extraction results a run needs for its own correlations
-N_BOOTSTRAP = 400       # resamples (of runs and records) for the intervals of combined correlations
 # Columns that, with the matrix set, identify a configuration (whatever else the grid varies).
-CONFIG_COLUMNS = ("method", "rank", "canary_copies", "membership", "noise_multiplier", "model")
+CONFIG_COLUMNS = ("method", "rank", "canary_copies", "membership", "noise_multiplier", "model", "learning_rate")
+# What varies between fine-tunes of one configuration: the training seed and the record draw.
+REPLICATES = ("seed", "draw")
+TITLE_VO = "(1) Adapting value/output matrices memorizes more than query/key at equal rank"
 
 
 @dataclass
@@ -36,49 +47,24 @@ class Finding:
     title: str
     verdict: str  # "holds" | "does not hold" | "inconclusive"
     reason: str
+    number: int = 0               # which of the 2024 study's findings: 1, 2 or 3
+    scope: str | None = None      # where it is tested, e.g. "rank 4" (finding 1 per rank) or "matched fit"
+    test: str | None = None       # the test behind the verdict
+    correction: str | None = None  # the correction for the tests made together, if any
+    effect: str | None = None     # the effect size with its interval
 
 
-@dataclass
-class MeanTest:
-    """A one-sample t-test of paired differences (one per fine-tune pair) against 0."""
-
-    n: int
-    mean: float
-    ci_low: float
-    ci_high: float
-    p_value: float
-
-    @classmethod
-    def of(cls, diffs: np.ndarray) -> "MeanTest":
-        """The test of `diffs` (pairs,), one difference per fine-tune pair."""
-        diffs = np.asarray(diffs, float)
-        n, mean = len(diffs), float(np.mean(diffs))
-        if n < 2 or np.std(diffs) == 0:
-            return cls(n, mean, mean, mean, 0.0 if n >= 2 and mean != 0 else 1.0)
-        test = stats.ttest_1samp(diffs, 0.0)
-        ci = test.confidence_interval(1 - ALPHA)
-        return cls(n, mean, float(ci.low), float(ci.high), float(test.pvalue))
-
-    def describe(self, what: str) -> str:
-        return (f"{what}: mean {self.mean:+.4f} (95% CI {self.ci_low:+.4f} to {self.ci_high:+.4f}), paired t-test "
-                f"over {self.n} fine-tune pairs p = {self.p_value:.3g}")
-
-    def verdict(self) -> str:
-        """holds (significantly > 0), does not hold (significantly < 0, or within +-NEGLIGIBLE_AUC), else
-        inconclusive."""
-        if self.p_value < ALPHA and self.mean > 0:
-            return "holds"
-        if self.p_value < ALPHA and self.mean < 0:
-            return "does not hold"
-        if -NEGLIGIBLE_AUC < self.ci_low and self.ci_high < NEGLIGIBLE_AUC:
-            return "does not hold"
-        return "inconclusive"
+def _replicate_columns(frame: pd.DataFrame) -> list[str]:
+    return [c for c in REPLICATES if c in frame and frame[c].notna().any()]
 
 
 def _seeds(frame: pd.DataFrame) -> int:
-    if "seed" not in frame or frame.empty:
+    """The fewest replicates (distinct seeds x record draws) any (matrix set, rank) has."""
+    replicate = _replicate_columns(frame)
+    if not replicate or frame.empty:
         return 1
-    return int(frame.groupby([c for c in ("target_modules", "rank") if c in frame]).seed.nunique().min())
+    keys = [c for c in ("target_modules", "rank") if c in frame]
+    return int(frame.groupby(keys)[replicate].apply(lambda g: len(g.drop_duplicates())).min())
 
 
 def _config_columns(frame: pd.DataFrame) -> list[str]:
@@ -86,8 +72,8 @@ def _config_columns(frame: pd.DataFrame) -> list[str]:
 
 
 def vo_minus_qk(primary: pd.DataFrame) -> pd.DataFrame:
-    """Per (configuration but the matrices, seed): mean AUC of the v/o runs minus that of the q/k runs."""
-    keys = [*_config_columns(primary), "seed"]
+    """Per (configuration but the matrices, replicate): mean AUC of the v/o runs minus that of the q/k runs."""
+    keys = [*_config_columns(primary), *_replicate_columns(primary)]
     frame = primary.assign(side=np.where(primary.target_modules.isin(VO), "vo",
                                          np.where(primary.target_modules.isin(QK), "qk", None)))
     frame = frame.dropna(subset=["side"])
@@ -97,83 +83,106 @@ def vo_minus_qk(primary: pd.DataFrame) -> pd.DataFrame:
     return (wide["vo"] - wide["qk"]).rename("diff").reset_index()
 
 
-def finding_value_output(primary: pd.DataFrame, delong: pd.DataFrame) -> Finding:
-    """(1) Adapting value/output matrices memorizes more than query/key at equal rank."""
-    title = "(1) Adapting value/output matrices memorizes more than query/key at equal rank"
+def vo_qk_tests(delong: pd.DataFrame) -> pd.DataFrame:
+    """The DeLong tests between a v/o and a q/k run, oriented v/o minus q/k (`diff_vo`)."""
+    if delong.empty:
+        return delong
+    is_pair = (delong.set_a.isin(VO) & delong.set_b.isin(QK)) | (delong.set_a.isin(QK) & delong.set_b.isin(VO))
+    tests = delong[is_pair].copy()
+    tests["diff_vo"] = np.where(tests.set_a.isin(QK), -tests.auc_diff, tests.auc_diff)
+    return tests
+
+
+def finding_value_output(primary: pd.DataFrame, delong: pd.DataFrame) -> list[Finding]:
+    """(1) Adapting value/output matrices memorizes more than query/key at equal rank: one verdict per rank
+    shared by v/o and q/k runs (the effect may change sign with rank, so it is never pooled over ranks), with
+    Holm's correction over the ranks. `delong`: the verdict design's DeLong tests (with `p_holm`, Holm over the
+    design's tests)."""
     if primary.empty:
-        return Finding(title, "inconclusive", "no membership-inference results")
+        return [Finding(TITLE_VO, "inconclusive", "no membership-inference results", number=1)]
     lora = primary[primary.method == "lora"] if "method" in primary else primary
-    vo = lora[lora.target_modules.isin(VO)]
-    qk = lora[lora.target_modules.isin(QK)]
+    vo, qk = lora[lora.target_modules.isin(VO)], lora[lora.target_modules.isin(QK)]
     ranks = sorted(set(vo["rank"]) & set(qk["rank"]))
     if not ranks:
-        return Finding(title, "inconclusive", "needs single-matrix runs of [v] or [o] and of [q] or [k] at a "
-                       f"common rank; this grid has {sorted(lora.target_modules.unique())} at ranks "
-                       f"{sorted(int(r) for r in lora['rank'].unique())}")
-    per_rank = []
-    for rank in ranks:
-        a, b = vo[vo["rank"] == rank].auc.mean(), qk[qk["rank"] == rank].auc.mean()
-        per_rank.append((rank, a, b))
-    text = "; ".join(f"rank {r}: v/o {a:.3f} vs q/k {b:.3f}" for r, a, b in per_rank)
-    tests = pd.DataFrame()
-    if len(delong):
-        is_pair = (delong.set_a.isin(VO) & delong.set_b.isin(QK)) | (delong.set_a.isin(QK) & delong.set_b.isin(VO))
-        tests = delong[is_pair & delong["rank"].isin(ranks)].copy()
-        if len(tests):
-            flip = tests.set_a.isin(QK)  # orient every test as v/o minus q/k
-            tests["diff_vo"] = np.where(flip, -tests.auc_diff, tests.auc_diff)
-    record_level = ""
-    vo_sig = qk_sig = 0
-    if len(tests):
-        vo_sig = int(((tests.diff_vo > 0) & (tests.p_value < ALPHA)).sum())
-        qk_sig = int(((tests.diff_vo < 0) & (tests.p_value < ALPHA)).sum())
-        record_level = (f"paired DeLong tests (p < {ALPHA}): {vo_sig} of {len(tests)} favour v/o, {qk_sig} favour "
-                        f"q/k (median p = {tests.p_value.median():.3g})")
+        return [Finding(TITLE_VO, "inconclusive", "needs single-matrix runs of [v] or [o] and of [q] or [k] at a "
+                        f"common rank; this grid has {sorted(lora.target_modules.unique())} at ranks "
+                        f"{sorted(int(r) for r in lora['rank'].unique())}", number=1)]
     if _seeds(lora[lora.target_modules.isin(VO + QK)]) >= MIN_SEEDS:
-        diffs = vo_minus_qk(lora)
-        test = MeanTest.of(diffs["diff"].to_numpy())
-        per_seed = diffs.groupby("seed")["diff"].mean()
-        detail = (f"mean AUC {text}; seed level: {test.describe('AUC(v/o) - AUC(q/k)')}; per seed "
-                  + ", ".join(f"{int(s)}: {d:+.4f}" for s, d in per_seed.items())
-                  + (f"; record level: {record_level}" if record_level else ""))
-        verdict = test.verdict()
-        if verdict == "holds" and not (per_seed > 0).all():
-            verdict = "inconclusive"
-            detail += " (significant overall, but not in every seed)"
-        return Finding(title, verdict, detail)
-    if tests.empty:
-        return Finding(title, "inconclusive", f"mean AUC {text}; no paired DeLong test available between v/o "
-                       "and q/k runs (the same records scored under both), so the difference is untested")
-    detail = f"mean AUC {text}; {record_level}"
-    if all(a > b for _, a, b in per_rank) and vo_sig > len(tests) / 2 and qk_sig == 0:
-        return Finding(title, "holds", detail)
-    if qk_sig > 0 and qk_sig >= vo_sig or all(a <= b for _, a, b in per_rank) and vo_sig == 0:
-        return Finding(title, "does not hold", detail)
-    return Finding(title, "inconclusive", detail + " (mixed or not significant in most pairs)")
+        return _vo_qk_per_rank(lora, ranks)
+    return _vo_qk_records(lora, ranks, vo_qk_tests(delong))
+
+
+def _rank_dependence(diffs: pd.DataFrame) -> str:
+    """Whether v/o - q/k depends on rank: the block F test of rank with the replicates (and any other
+    configuration) as blocks."""
+    blocks = [c for c in diffs.columns if c not in ("rank", "diff")]
+    table = diffs.pivot_table(index="rank", columns=blocks, values="diff", aggfunc="mean") if blocks else None
+    test = block_f_test(table.to_numpy()) if table is not None else None
+    if test is None:
+        return ""
+    depends = "depends on rank" if test.p_value < ALPHA else "shows no significant dependence on rank"
+    return (f"; the difference {depends} ({test.describe('rank x (v/o - q/k), replicates as blocks')}), so it is "
+            "tested at each rank")
+
+
+def _vo_qk_per_rank(lora: pd.DataFrame, ranks: list[int]) -> list[Finding]:
+    diffs = vo_minus_qk(lora)
+    replicate = " x ".join({"seed": "seeds", "draw": "record draws"}[c] for c in _replicate_columns(lora))
+    tests = {rank: MeanTest.of(diffs[diffs["rank"] == rank]["diff"].to_numpy()) for rank in ranks}
+    tested = [r for r in ranks if tests[r].n >= MIN_SEEDS]
+    adjusted = dict(zip(tested, holm([tests[r].p_value for r in tested]))) if tested else {}
+    dependence = _rank_dependence(diffs[diffs["rank"].isin(tested)])
+    findings = []
+    for rank in ranks:
+        test, means = tests[rank], lora[lora["rank"] == rank].groupby(lora.target_modules.isin(VO)).auc.mean()
+        level = f"mean AUC v/o {means.get(True, np.nan):.3f} vs q/k {means.get(False, np.nan):.3f}"
+        if rank not in adjusted:
+            findings.append(Finding(TITLE_VO, "inconclusive", f"{level}; fewer than {MIN_SEEDS} replicates with both "
+                                    "sides at this rank", number=1, scope=f"rank {rank}"))
+            continue
+        low, high = test.interval(1 - ALPHA / len(tested))
+        verdict = test.verdict(adjusted[rank], tests=len(tested))
+        reversed_ = " (reversed: q/k memorizes more)" if verdict == "does not hold" and adjusted[rank] < ALPHA else ""
+        reason = (f"{level}; {test.describe('AUC(v/o) - AUC(q/k)')}, Holm-adjusted p = {adjusted[rank]:.3g} over "
+                  f"{len(tested)} rank(s){reversed_}{dependence}")
+        findings.append(Finding(
+            TITLE_VO, verdict, reason, number=1, scope=f"rank {rank}",
+            test=f"paired t over {test.n} replicates ({replicate})", correction=f"Holm over {len(tested)} rank(s)",
+            effect=f"{test.mean:+.3f} AUC [{low:+.3f}, {high:+.3f}] ({1 - ALPHA / len(tested):.1%} interval)"))
+    return findings
+
+
+def _vo_qk_records(lora: pd.DataFrame, ranks: list[int], tests: pd.DataFrame) -> list[Finding]:
+    """One replicate per configuration: the DeLong tests at each rank, with Holm's correction over every v/o - q/k
+    test of the design. A verdict needs a majority of a rank's tests significant one way after correction and
+    none the other way; training variance is not in these tests, which the reason says."""
+    caveat = ("; one fine-tune per configuration: these record-level tests leave out the variation between "
+              "fine-tunes (add seeds for replicate-level tests)")
+    p_holm = tests.p_holm if "p_holm" in tests else pd.Series(holm(tests.p_value), index=tests.index) \
+        if len(tests) else pd.Series(dtype=float)
+    findings = []
+    for rank in ranks:
+        means = lora[lora["rank"] == rank].groupby(lora.target_modules.isin(VO)).auc.mean()
+        level = f"mean AUC v/o {means.get(True, np.nan):.3f} vs q/k {means.get(False, np.nan):.3f}"
+        here = tests[tests["rank"] == rank] if len(tests) else tests
+        if here.empty:
+            findings.append(Finding(TITLE_VO, "inconclusive", f"{level}; no paired DeLong test between v/o and q/k runs "
+                                    f"at this rank{caveat}", number=1, scope=f"rank {rank}"))
+            continue
+        significant = p_holm[here.index] < ALPHA
+        n_vo, n_qk = int((significant & (here.diff_vo > 0)).sum()), int((significant & (here.diff_vo < 0)).sum())
+        reason = (f"{level}; paired DeLong tests after Holm over {len(tests)}: {n_vo} of {len(here)} favour v/o, "
+                  f"{n_qk} favour q/k (median raw p = {here.p_value.median():.3g}){caveat}")
+        verdict = ("holds" if n_vo > len(here) / 2 and n_qk == 0 else
+                   "does not hold" if n_qk > len(here) / 2 and n_vo == 0 else "inconclusive")
+        findings.append(Finding(TITLE_VO, verdict, reason, number=1, scope=f"rank {rank}",
+                                test=f"DeLong, {len(here)} pair(s) of runs on the same records",
+                                correction=f"Holm over {len(tests)} test(s)",
+                                effect=f"{here.diff_vo.mean():+.3f} AUC (mean over pairs)"))
+    return findings
 
 
 # ----------------------------------------------------------------------------------------- finding (2)
-def _fisher(r) -> np.ndarray:
-    """Fisher's z of correlations, clipped off +-1 (where it is infinite)."""
-    return np.arctanh(np.clip(np.asarray(r, float), -0.999999, 0.999999))
-
-
-def steiger_z(r_xy: float, r_xz: float, r_yz: float, n: int) -> float:
-    """Steiger's (1980) z for the difference between two dependent correlations sharing x, r(x, y) - r(x, z),
-    with r(y, z) between the other two (his eq. 14, pooled r). Written here: scipy has no test for
-    dependent correlations."""
-    z_xy, z_xz = _fisher([r_xy, r_xz])
-    r_mean = (r_xy + r_xz) / 2
-    psi = r_yz * (1 - 2 * r_mean ** 2) - 0.5 * r_mean ** 2 * (1 - 2 * r_mean ** 2 - r_yz ** 2)
-    covariance = psi / (1 - r_mean ** 2) ** 2
-    return float((z_xy - z_xz) * np.sqrt((n - 3) / (2 - 2 * covariance)))
-
-
-def partial_correlation(r_xy: float, r_xz: float, r_yz: float) -> float:
-    """Correlation of x and y given z, from the three pairwise correlations."""
-    return float((r_xy - r_xz * r_yz) / np.sqrt(max((1 - r_xz ** 2) * (1 - r_yz ** 2), 1e-12)))
-
-
 def per_run_correlations(members: pd.DataFrame) -> pd.DataFrame:
     """Per run: Spearman r of the n-gram share with the fine-tuned and the base perplexity, r between the two
     perplexities, the partial r(share, fine-tuned | base), and Steiger's z for r_ft - r_base (negative: the
@@ -193,63 +202,13 @@ def per_run_correlations(members: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _spearman3(x: np.ndarray) -> tuple[float, float, float]:
-    """Spearman r(share, ft), r(share, base), r(ft, base) of the columns of x (share, ft, base), computed as
-    `stats.spearmanr(x)` does (Pearson r of the ranks) without its p-values, which made it 2.5x slower in the
-    bootstrap of `combined_correlations` (~18,000 calls for 45 runs)."""
-    c = np.corrcoef(stats.rankdata(x, axis=0), rowvar=False)
-    return c[0, 1], c[0, 2], c[1, 2]
-
-
-def combined_correlations(members: pd.DataFrame, runs: pd.DataFrame, n_resamples: int = N_BOOTSTRAP,
-                          seed: int = 0) -> dict[str, tuple[float, float, float]]:
-    """Over the runs of `runs` (:func:`per_run_correlations`): the mean (as Fisher z, reported as r) of
-    r(share, fine-tuned ppl), r(share, base ppl), the partial r(share, fine-tuned | base), and the mean
-    z(r_ft) - z(r_base), each with a 95% percentile interval from a two-way bootstrap that resamples the
-    runs and, jointly in every run, the records (by sample_id): the runs score the same records, so an
-    interval over runs alone would ignore which records happened to be drawn."""
-    frame = members.dropna(subset=["ngram_share", "ppl_ft", "ppl_base"])
-    frame = frame[frame.run_id.isin(runs.run_id)]
-    record_ids = pd.Index(frame.sample_id.astype(str).unique())
-    per_run = []  # (row of each record id in the run or -1, the run's (share, ft, base) values)
-    for _, g in frame.groupby("run_id"):
-        where = np.full(len(record_ids), -1)
-        where[record_ids.get_indexer(g.sample_id.astype(str))] = np.arange(len(g))
-        per_run.append((where, g[["ngram_share", "ppl_ft", "ppl_base"]].to_numpy(float)))
-
-    def summary(r: np.ndarray) -> np.ndarray:
-        """(4,) mean Fisher z of r_ft, of r_base, of the partial r, and of their difference; `r` (runs, 3) of r_ft,
-        r_base, r_fb."""
-        z_ft, z_base = _fisher(r[:, 0]), _fisher(r[:, 1])
-        partial = [partial_correlation(*row) for row in r]
-        return np.array([z_ft.mean(), z_base.mean(), _fisher(partial).mean(), (z_ft - z_base).mean()])
-
-    point = summary(runs[["r_ft", "r_base", "r_ft_base"]].to_numpy(float))
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(n_resamples):
-        records = rng.integers(0, len(record_ids), len(record_ids))
-        rows = []
-        for k in rng.integers(0, len(per_run), len(per_run)):
-            where, values = per_run[k]
-            picked = where[records]
-            picked = picked[picked >= 0]
-            if len(picked) >= 3 and all(np.ptp(values[picked], axis=0) > 0):
-                rows.append(_spearman3(values[picked]))
-        if rows:
-            draws.append(summary(np.array(rows)))
-    low, high = np.percentile(np.array(draws), [100 * ALPHA / 2, 100 * (1 - ALPHA / 2)], axis=0)
-    names = ("r_ft", "r_base", "partial_r_ft", "z_gap")
-    out = {}
-    for i, name in enumerate(names):
-        back = (lambda v: v) if name == "z_gap" else np.tanh
-        out[name] = (float(back(point[i])), float(back(low[i])), float(back(high[i])))
-    return out
-
-
 def finding_perplexity(members: pd.DataFrame, per_run: pd.DataFrame | None = None) -> Finding:
     """(2) Lower fine-tuned perplexity goes with more verbatim reproduction; base perplexity does not.
     `per_run`: :func:`per_run_correlations` of `members`, when already computed."""
+    return replace(_finding_perplexity(members, per_run), number=2)
+
+
+def _finding_perplexity(members: pd.DataFrame, per_run: pd.DataFrame | None) -> Finding:
     title = ("(2) Records with lower perplexity under the fine-tuned model are reproduced more; "
              "base-model perplexity shows no such link")
     needed = {"ngram_share", "ppl_ft", "ppl_base"}
@@ -308,9 +267,9 @@ def _perplexity_per_run(title: str, members: pd.DataFrame, runs: pd.DataFrame) -
 
 # ----------------------------------------------------------------------------------------- finding (3)
 def rank_gains(lora: pd.DataFrame) -> pd.DataFrame:
-    """Per (matrix set, other configuration, seed) with at least 3 ranks: the AUC gain per doubling of the rank
+    """Per (matrix set, other configuration, replicate) with at least 3 ranks: the AUC gain per doubling of the rank
     in the lower and the upper half of the rank range, and over the whole range."""
-    keys = ["target_modules", *[c for c in _config_columns(lora) if c != "rank"], "seed"]
+    keys = ["target_modules", *[c for c in _config_columns(lora) if c != "rank"], *_replicate_columns(lora)]
     keys = [k for k in keys if k in lora]
     rows = []
     for key, g in lora.groupby(keys, dropna=False):
@@ -328,6 +287,10 @@ def rank_gains(lora: pd.DataFrame) -> pd.DataFrame:
 
 def finding_rank(primary: pd.DataFrame) -> Finding:
     """(3) AUC rises with LoRA rank, with diminishing returns."""
+    return replace(_finding_rank(primary), number=3)
+
+
+def _finding_rank(primary: pd.DataFrame) -> Finding:
     title = "(3) Membership AUC rises with LoRA rank, with diminishing returns"
     lora = primary[primary.method == "lora"] if len(primary) and "method" in primary else primary
     if lora.empty:
@@ -356,15 +319,21 @@ def finding_rank(primary: pd.DataFrame) -> Finding:
         if len(gains) >= 2:
             rise = MeanTest.of(gains.gain.to_numpy())
             slowing = MeanTest.of((gains.gain_low - gains.gain_high).to_numpy())
-            detail += (f"; seed level, one curve per matrix set and seed: {rise.describe('AUC(top rank) - AUC(lowest rank)')}; "
+            detail += (f"; replicate level, one curve per matrix set and replicate: "
+                       f"{rise.describe('AUC(top rank) - AUC(lowest rank)')}; "
                        f"{slowing.describe('gain per doubling, lower minus upper half of the ranks')}")
+            tested = dict(test=f"paired t over {rise.n} curves (matrix set x replicate), for the rise and for the "
+                               "slowing", correction="none needed: it holds only if both hold (an intersection-union "
+                               "test keeps its level)",
+                          effect=f"rise {rise.mean:+.3f} AUC [{rise.ci_low:+.3f}, {rise.ci_high:+.3f}]; slowing "
+                                 f"{slowing.mean:+.3f} [{slowing.ci_low:+.3f}, {slowing.ci_high:+.3f}] per doubling")
             if rise.verdict() == "holds" and slowing.verdict() == "holds":
-                return Finding(title, "holds", detail)
+                return Finding(title, "holds", detail, **tested)
             if rise.verdict() == "does not hold":
-                return Finding(title, "does not hold", detail + " (no rise with rank)")
+                return Finding(title, "does not hold", detail + " (no rise with rank)", **tested)
             if rise.verdict() == "holds" and slowing.verdict() == "does not hold":
-                return Finding(title, "does not hold", detail + " (it rises, but without diminishing returns)")
-            return Finding(title, "inconclusive", detail)
+                return Finding(title, "does not hold", detail + " (it rises, but without diminishing returns)", **tested)
+            return Finding(title, "inconclusive", detail, **tested)
     if rising == len(usable) and diminishing == len(usable):
         return Finding(title, "holds", detail)
     if rising == 0:

@@ -106,7 +106,8 @@ def _headline(h: Headline, paths: dict[str, Path]) -> str:
 
 def _findings(a: StudyAnalysis) -> str:
     items = "".join(
-        f'<li class="finding {f.verdict.replace(" ", "-")}"><b>{html.escape(f.title)}</b>: '
+        f'<li class="finding {f.verdict.replace(" ", "-")}"><b>{html.escape(f.title)}'
+        f'{html.escape(", " + f.scope) if f.scope else ""}</b>: '
         f'<span class="verdict">{f.verdict}</span>. {html.escape(f.reason)}</li>' for f in a.findings)
     return (f'<section id="findings"><h2>Findings</h2><p>Whether each finding of the 2024 study (Savine et al.) '
             f"holds in this study's data:</p>{_design_note(a)}<ul class=\"findings\">{items}</ul></section>")

@@ -81,10 +81,13 @@ def finding_1(doc: Document) -> None:
     elif delong.vo_qk.empty:
         doc.add(f"No paired DeLong test between [v]/[o] and [q]/[k]: the tested pairs are {delong.pairs}.")
     else:
+        tests = delong.vo_qk[delong.vo_qk.membership == a.verdict_design]
         doc.add(f"Paired DeLong tests (same records scored by both runs, `{a.primary_attack}` attack) between [v]/[o] "
-                "and [q]/[k] at equal rank, canary copies and seed:",
-                md_table(delong.vo_qk, {"AUC v/o": ".3f", "AUC q/k": ".3f", "v/o - q/k": "+.3f", "z": ".2f",
-                                        "p": ".3g"}))
+                f"and [q]/[k] at equal rank, canary copies and seed, in the `{a.verdict_design}` membership design "
+                f"({len(tests)} tests; `p (Holm)` corrects over every DeLong test of the design, "
+                f"{int((delong.tests.membership == a.verdict_design).sum())}):",
+                md_table(tests.drop(columns="membership"), {"AUC v/o": ".3f", "AUC q/k": ".3f", "v/o - q/k": "+.3f",
+                                                            "z": ".2f", "p": ".3g", "p (Holm)": ".3g"}))
     doc.add(PAPER_NOTE, PAPER_TABLE)
 
 

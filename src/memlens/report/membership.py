@@ -11,7 +11,8 @@ import pandas as pd
 from scipy import stats
 
 from memlens.report import record_scores
-from memlens.report.findings import QK, VO
+from memlens.report.findings import QK, vo_qk_tests
+from memlens.report.inference import holm
 from memlens.report.inputs import PRIMARY_ATTACK, StudyResults
 from memlens.report.saturation import SaturationFit, fit_table
 from memlens.report.section import Block, Figure, FigureSpec, Omission, Section, Table, Text
@@ -252,19 +253,22 @@ class DelongTests(Section):
 
 
 def delong_tests(data: StudyResults) -> DelongTests:
+    """Every DeLong test between matrix sets, with `p_holm`: Holm's correction over the tests of the same
+    membership design (the tests of one regime share records and runs, so they are many and dependent)."""
     tests, reason = record_scores.delong_pairs(data, PRIMARY_ATTACK) if len(data.primary()) else (
         pd.DataFrame(), data.primary_missing())
     if tests.empty:
         return DelongTests(omitted=Omission("DeLong tests", reason))
-    pairs = tests[(tests.set_a.isin(VO) & tests.set_b.isin(QK)) | (tests.set_a.isin(QK) & tests.set_b.isin(VO))]
+    tests["p_holm"] = tests.groupby("membership", dropna=False).p_value.transform(holm)
+    pairs = vo_qk_tests(tests)
     flip = pairs.set_a.isin(QK)  # orient every row as v/o against q/k
     vo_qk = pd.DataFrame({
-        "rank": pairs["rank"], "copies": pairs.canary_copies, "seed": pairs.seed,
+        "membership": pairs.membership, "rank": pairs["rank"], "copies": pairs.canary_copies, "seed": pairs.seed,
         "v/o": "[" + pairs.set_b.where(flip, pairs.set_a) + "]",
         "q/k": "[" + pairs.set_a.where(flip, pairs.set_b) + "]",
         "AUC v/o": pairs.auc_b.where(flip, pairs.auc_a), "AUC q/k": pairs.auc_a.where(flip, pairs.auc_b),
-        "v/o - q/k": (-pairs.auc_diff).where(flip, pairs.auc_diff), "z": (-pairs.z).where(flip, pairs.z),
-        "p": pairs.p_value, "records": pairs.n_records})
+        "v/o - q/k": pairs.diff_vo, "z": (-pairs.z).where(flip, pairs.z),
+        "p": pairs.p_value, "p (Holm)": pairs.p_holm, "records": pairs.n_records})
     return DelongTests(tests=tests, vo_qk=vo_qk)
 
 

@@ -152,3 +152,25 @@ def test_finding_two_combines_per_run_correlations_and_tests_both_halves():
     # one run: the pooled correlations, said to be pooled
     single = finding_perplexity(_members(1, 0.0, 0.3))
     assert "pooled" in single.reason
+
+
+def test_finding_two_uses_the_share_gained_over_the_base_and_says_when_it_cannot_be_tested():
+    """The outcome is what fine-tuning added on the same prompt (share under the fine-tuned model minus under the
+    base model): a record the base model also reproduces gains nothing. With no link and too few records, the
+    verdict is inconclusive and says the finding cannot be tested at this scale; the runs-only bootstrap's verdict
+    is disclosed."""
+    members = _members(4, 0.0, 0.3, n=40)
+    # the base model reproduces exactly what the fine-tuned one does, plus noise: nothing was gained by fine-tuning
+    rng = np.random.default_rng(5)
+    same = members.assign(ngram_share_base=members.ngram_share)
+    same = same.assign(ngram_gain=rng.normal(0, 0.01, len(same)))
+    runs = per_run_correlations(same)
+    assert (runs.outcome == "ngram_gain").all()
+    found = finding_perplexity(same)
+    assert found.verdict == "inconclusive", found.reason
+    assert "share gained over the base model" in found.reason
+    assert "cannot be tested at this scale" in found.reason and "about 1600 distinct member records" in found.reason
+    assert "bootstrap over runs only" in found.reason and found.effect.startswith("r_ft = ")
+    # with the gain following the fine-tuned perplexity, the relative outcome carries the finding
+    gained = members.assign(ngram_share_base=0.0, ngram_gain=members.ngram_share)
+    assert finding_perplexity(gained).verdict == "holds"

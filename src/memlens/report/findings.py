@@ -183,21 +183,34 @@ def _vo_qk_records(lora: pd.DataFrame, ranks: list[int], tests: pd.DataFrame) ->
 
 
 # ----------------------------------------------------------------------------------------- finding (2)
-def per_run_correlations(members: pd.DataFrame) -> pd.DataFrame:
-    """Per run: Spearman r of the n-gram share with the fine-tuned and the base perplexity, r between the two
-    perplexities, the partial r(share, fine-tuned | base), and Steiger's z for r_ft - r_base (negative: the
-    fine-tuned link is the stronger negative one). Runs with fewer than MIN_RECORDS varied records are left out."""
+OUTCOMES = {"ngram_gain": "n-gram share gained over the base model", "ngram_share": "n-gram share"}
+DETECTABLE_R = 0.07  # the size of correlation finding (2) was seen at (llama-tiny, 2026): the power statement's
+
+
+def outcome_of(members: pd.DataFrame) -> str:
+    """The per-record outcome finding (2) correlates with perplexity: the share of the suffix reproduced under the
+    fine-tuned model minus under the base model on the same prompt (`ngram_gain`: what fine-tuning added, off the
+    floor of records nobody reproduces), or the share alone where the base model's rows are missing."""
+    return "ngram_gain" if "ngram_gain" in members and members.ngram_gain.notna().any() else "ngram_share"
+
+
+def per_run_correlations(members: pd.DataFrame, outcome: str | None = None) -> pd.DataFrame:
+    """Per run: Spearman r of the outcome (:func:`outcome_of`) with the fine-tuned and the base perplexity, r between
+    the two perplexities, the partial r(outcome, fine-tuned | base), and Steiger's z for r_ft - r_base (negative:
+    the fine-tuned link is the stronger negative one). Runs with fewer than MIN_RECORDS varied records are left
+    out."""
+    outcome = outcome or outcome_of(members)
     rows = []
-    for run_id, g in members.dropna(subset=["ngram_share", "ppl_ft", "ppl_base"]).groupby("run_id"):
-        if len(g) < MIN_RECORDS or g.ngram_share.nunique() < 2 or g.ppl_ft.nunique() < 2 or g.ppl_base.nunique() < 2:
+    for run_id, g in members.dropna(subset=[outcome, "ppl_ft", "ppl_base"]).groupby("run_id"):
+        if len(g) < MIN_RECORDS or g[outcome].nunique() < 2 or g.ppl_ft.nunique() < 2 or g.ppl_base.nunique() < 2:
             continue
-        r_ft = stats.spearmanr(g.ngram_share, g.ppl_ft)
-        r_base = stats.spearmanr(g.ngram_share, g.ppl_base)
+        r_ft = stats.spearmanr(g[outcome], g.ppl_ft)
+        r_base = stats.spearmanr(g[outcome], g.ppl_base)
         r_fb = float(stats.spearmanr(g.ppl_ft, g.ppl_base).statistic)
         z = steiger_z(r_ft.statistic, r_base.statistic, r_fb, len(g))
-        rows.append({"run_id": run_id, "n": len(g), "r_ft": float(r_ft.statistic), "p_ft": float(r_ft.pvalue),
-                     "r_base": float(r_base.statistic), "p_base": float(r_base.pvalue), "r_ft_base": r_fb,
-                     "partial_r_ft": partial_correlation(r_ft.statistic, r_base.statistic, r_fb),
+        rows.append({"run_id": run_id, "outcome": outcome, "n": len(g), "r_ft": float(r_ft.statistic),
+                     "p_ft": float(r_ft.pvalue), "r_base": float(r_base.statistic), "p_base": float(r_base.pvalue),
+                     "r_ft_base": r_fb, "partial_r_ft": partial_correlation(r_ft.statistic, r_base.statistic, r_fb),
                      "steiger_z": z, "steiger_p": float(2 * stats.norm.sf(abs(z)))})
     return pd.DataFrame(rows)
 
@@ -211,58 +224,88 @@ def finding_perplexity(members: pd.DataFrame, per_run: pd.DataFrame | None = Non
 def _finding_perplexity(members: pd.DataFrame, per_run: pd.DataFrame | None) -> Finding:
     title = ("(2) Records with lower perplexity under the fine-tuned model are reproduced more; "
              "base-model perplexity shows no such link")
-    needed = {"ngram_share", "ppl_ft", "ppl_base"}
-    if members.empty or not needed <= set(members.columns):
+    if members.empty or not {"ngram_share", "ppl_ft", "ppl_base"} <= set(members.columns):
         return Finding(title, "inconclusive", "no extraction results on member records")
-    frame = members.dropna(subset=list(needed))
-    if len(frame) < 10 or frame.ngram_share.nunique() < 2:
-        return Finding(title, "inconclusive", f"too few member records with varied n-gram share ({len(frame)})")
-    runs = per_run if per_run is not None else (per_run_correlations(frame) if "run_id" in frame else pd.DataFrame())
+    outcome = outcome_of(members)
+    frame = members.dropna(subset=[outcome, "ppl_ft", "ppl_base"])
+    if len(frame) < 10 or frame[outcome].nunique() < 2:
+        return Finding(title, "inconclusive", f"too few member records with a varied {OUTCOMES[outcome]} "
+                       f"({len(frame)})")
+    runs = per_run if per_run is not None else (per_run_correlations(frame, outcome) if "run_id" in frame
+                                                else pd.DataFrame())
     if len(runs) >= 2:
-        return _perplexity_per_run(title, frame, runs)
-    ft = stats.spearmanr(frame.ngram_share, frame.ppl_ft)
-    base = stats.spearmanr(frame.ngram_share, frame.ppl_base)
-    detail = (f"Spearman r(n-gram share, fine-tuned ppl) = {ft.statistic:.3f} (p = {ft.pvalue:.3g}); "
-              f"r(n-gram share, base ppl) = {base.statistic:.3f} (p = {base.pvalue:.3g}); n = {len(frame)} "
+        return _perplexity_per_run(title, frame, runs, outcome)
+    ft = stats.spearmanr(frame[outcome], frame.ppl_ft)
+    base = stats.spearmanr(frame[outcome], frame.ppl_base)
+    detail = (f"Spearman r({OUTCOMES[outcome]}, fine-tuned ppl) = {ft.statistic:.3f} (p = {ft.pvalue:.3g}); "
+              f"r({OUTCOMES[outcome]}, base ppl) = {base.statistic:.3f} (p = {base.pvalue:.3g}); n = {len(frame)} "
               "member records pooled over runs (fewer than 2 runs with enough records for per-run correlations)")
     ft_link = ft.statistic < 0 and ft.pvalue < ALPHA
     base_weaker = base.pvalue >= ALPHA or abs(base.statistic) < abs(ft.statistic)
+    test = dict(test=f"Spearman r over {len(frame)} pooled records", effect=f"r_ft = {ft.statistic:+.3f}")
     if ft_link and base_weaker:
-        return Finding(title, "holds", detail)
+        return Finding(title, "holds", detail, **test)
     if not ft_link and ft.pvalue < ALPHA or ft_link and not base_weaker:
-        return Finding(title, "does not hold", detail)
-    return Finding(title, "inconclusive", detail + " (no significant link with fine-tuned perplexity)")
+        return Finding(title, "does not hold", detail, **test)
+    return Finding(title, "inconclusive", detail + " (no significant link with fine-tuned perplexity)", **test)
 
 
-def _perplexity_per_run(title: str, members: pd.DataFrame, runs: pd.DataFrame) -> Finding:
+def _perplexity_verdict(combined: dict) -> tuple[str, str]:
+    """(verdict, why) from combined correlations: the fine-tuned link negative (its interval below 0), and the base
+    link absent (its interval includes 0) or significantly weaker and the fine-tuned link surviving it."""
+    (_, ft_lo, ft_hi), (_, base_lo, base_hi) = combined["r_ft"], combined["r_base"]
+    (_, _, partial_hi), (_, _, gap_hi) = combined["partial_r_ft"], combined["z_gap"]
+    ft_link, base_absent = ft_hi < 0, base_lo <= 0 <= base_hi
+    if ft_link and (base_absent or gap_hi < 0 and partial_hi < 0):
+        why = ("the base link is absent" if base_absent else
+               "the base link is present but significantly weaker, and the fine-tuned link survives controlling for it")
+        return "holds", f"Both halves: the fine-tuned link is negative, and {why}"
+    if ft_lo > 0:
+        return "does not hold", "The fine-tuned link is positive"
+    if ft_link:
+        return "does not hold", ("First half holds; second half does not: the base-model link is present and not "
+                                 "significantly weaker than the fine-tuned one")
+    return "inconclusive", "The fine-tuned link's interval includes 0"
+
+
+def _perplexity_per_run(title: str, members: pd.DataFrame, runs: pd.DataFrame, outcome: str) -> Finding:
     """Finding (2) from per-run correlations: both halves tested over runs and records."""
     k = len(runs)
-    combined = combined_correlations(members, runs)
+    combined = combined_correlations(members, runs, outcome=outcome)
     (ft, ft_lo, ft_hi), (base, base_lo, base_hi) = combined["r_ft"], combined["r_base"]
     (partial, partial_lo, partial_hi), (gap, gap_lo, gap_hi) = combined["partial_r_ft"], combined["z_gap"]
     steiger_ft_stronger = int(((runs.steiger_z < 0) & (runs.steiger_p < ALPHA)).sum())
     ft_sig = int(((runs.r_ft < 0) & (runs.p_ft < ALPHA)).sum())
     base_sig = int((runs.p_base < ALPHA).sum())
-    detail = (f"over {k} runs ({int(runs.n.median())} member records each, median), Spearman correlations per run "
-              f"then averaged as Fisher z, with 95% intervals from a bootstrap over runs and records: r(n-gram share, "
-              f"fine-tuned ppl) = {ft:.3f} [{ft_lo:.3f}, {ft_hi:.3f}], significant (p < {ALPHA}) in {ft_sig} of {k} "
-              f"runs; r(n-gram share, base ppl) = {base:.3f} [{base_lo:.3f}, {base_hi:.3f}], significant in {base_sig} "
-              f"of {k}; partial r(share, fine-tuned ppl | base ppl) = {partial:.3f} [{partial_lo:.3f}, "
-              f"{partial_hi:.3f}]; z(r_ft) - z(r_base) = {gap:+.3f} [{gap_lo:+.3f}, {gap_hi:+.3f}]; Steiger's test "
-              f"(fine-tuned link stronger than base link) significant in {steiger_ft_stronger} of {k} runs")
-    ft_link = ft_hi < 0
-    base_absent = base_lo <= 0 <= base_hi
-    base_weaker = gap_hi < 0 and partial_hi < 0  # fine-tuned link more negative, and still there given base
-    if ft_link and (base_absent or base_weaker):
-        why = ("the base link is absent" if base_absent else
-               "the base link is present but significantly weaker, and the fine-tuned link survives controlling for it")
-        return Finding(title, "holds", f"{detail}. Both halves: the fine-tuned link is negative, and {why}")
-    if ft_lo > 0:
-        return Finding(title, "does not hold", f"{detail}. The fine-tuned link is positive")
-    if ft_link:
-        return Finding(title, "does not hold", f"{detail}. First half holds; second half does not: the base-model "
-                       "link is present and not significantly weaker than the fine-tuned one")
-    return Finding(title, "inconclusive", f"{detail}. The fine-tuned link's interval includes 0")
+    what = OUTCOMES[outcome]
+    distinct = members.sample_id.nunique() if "sample_id" in members else int(runs.n.max())
+    detail = (f"over {k} runs ({int(runs.n.median())} member records each, median; {distinct} distinct), outcome: "
+              f"the {what}; Spearman correlations per run then averaged as Fisher z, with 95% intervals from a "
+              f"bootstrap over runs and records: r({what}, fine-tuned ppl) = {ft:.3f} [{ft_lo:.3f}, {ft_hi:.3f}], "
+              f"significant (p < {ALPHA}) in {ft_sig} of {k} runs; r({what}, base ppl) = {base:.3f} [{base_lo:.3f}, "
+              f"{base_hi:.3f}], significant in {base_sig} of {k}; partial r(outcome, fine-tuned ppl | base ppl) = "
+              f"{partial:.3f} [{partial_lo:.3f}, {partial_hi:.3f}]; z(r_ft) - z(r_base) = {gap:+.3f} [{gap_lo:+.3f}, "
+              f"{gap_hi:+.3f}]; Steiger's test (fine-tuned link stronger than base link) significant in "
+              f"{steiger_ft_stronger} of {k} runs")
+    verdict, why = _perplexity_verdict(combined)
+    runs_only, _ = _perplexity_verdict(combined_correlations(members, runs, outcome=outcome, records=False))
+    disclosed = (f". Under a bootstrap over runs only (the interval this study used until it was replaced, after "
+                 f"the 2026 grids had run, because it ignores which records were drawn) the verdict is: {runs_only}")
+    needed = records_to_detect(DETECTABLE_R)
+    scale = (f". Finding (2) cannot be tested at this scale: a correlation of {DETECTABLE_R} needs about {needed} "
+             f"distinct member records for 80% power at alpha {ALPHA} (Fisher z); this study has {distinct}"
+             if verdict == "inconclusive" and distinct < needed else "")
+    return Finding(title, verdict, f"{detail}. {why}{scale}{disclosed}",
+                   test=f"Spearman r per run, combined over {k} runs; bootstrap over runs and records",
+                   correction="none: one test of each half; it holds only if both hold",
+                   effect=f"r_ft = {ft:+.3f} [{ft_lo:+.3f}, {ft_hi:+.3f}], r_base = {base:+.3f}")
+
+
+def records_to_detect(r: float, power: float = 0.8) -> int:
+    """Records needed to detect a correlation of size `r` with a two-sided test at ALPHA and `power`, from Fisher's
+    z (its standard error 1 / sqrt(n - 3)): n = ((z_{1 - alpha/2} + z_power) / atanh |r|)^2 + 3."""
+    z = (stats.norm.ppf(1 - ALPHA / 2) + stats.norm.ppf(power)) / np.arctanh(abs(r))
+    return int(np.ceil(z ** 2 + 3))
 
 
 # ----------------------------------------------------------------------------------------- finding (3)

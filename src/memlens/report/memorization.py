@@ -25,12 +25,19 @@ def decoding_choice(extraction: pd.DataFrame) -> str:
 
 
 def member_extraction(data: StudyResults) -> pd.DataFrame:
-    """Extraction rows of the fine-tuned models on member records other than the canary, one decoding."""
+    """Extraction rows of the fine-tuned models on member records other than the canary, one decoding, with the
+    base model's n-gram share on the same prompt (`ngram_share_base`) and the difference (`ngram_gain`)."""
     ext = finetuned_rows(data.extraction)
     if ext.empty:
         return pd.DataFrame()
     members = ext[ext.is_member.astype(bool) & ~ext.is_canary.astype(bool)]
-    return members[members.decoding == decoding_choice(ext)] if len(members) else members
+    if members.empty:
+        return members
+    members = members[members.decoding == decoding_choice(ext)]
+    keys = ["run_id", "sample_id", "decoding"]
+    base = data.extraction[data.extraction.model == "base"][[*keys, "ngram_share"]]
+    members = members.merge(base.rename(columns={"ngram_share": "ngram_share_base"}), on=keys, how="left")
+    return members.assign(ngram_gain=members.ngram_share - members.ngram_share_base)
 
 
 @dataclass(kw_only=True)
@@ -84,8 +91,9 @@ class NgramPerplexity(Section):
 
     def blocks(self) -> list[Block]:
         pooled = [Table("ngram_share_vs_perplexity", self.correlations)] if len(self.correlations) else []
-        per_run = [Text("Per run (the unit of finding (2)'s test; pooled p-values above overstate the evidence, the "
-                        "same records recur in every run):"),
+        per_run = [Text("Per run (the unit of finding (2)'s test, whose outcome is the share gained over the base "
+                        "model on the same prompt; pooled p-values above overstate the evidence, the same records "
+                        "recur in every run):"),
                    Table("ngram_share_vs_perplexity_per_run", self.per_run)] if len(self.per_run) else []
         return [Figure(), *pooled, *per_run]
 

@@ -174,3 +174,35 @@ def test_finding_two_uses_the_share_gained_over_the_base_and_says_when_it_cannot
     # with the gain following the fine-tuned perplexity, the relative outcome carries the finding
     gained = members.assign(ngram_share_base=0.0, ngram_gain=members.ngram_share)
     assert finding_perplexity(gained).verdict == "holds"
+
+
+def _ladder(fit_of_vo: float, seeds=(0, 1, 2)) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Primary rows and utility rows of q/k and v/o runs at 3 learning rates. AUC is one function of the held-out
+    perplexity gain for both sides; v/o runs reach `fit_of_vo` times the gain of q/k runs at the same rate."""
+    rng = np.random.default_rng(7)
+    primary, utility = [], []
+    for seed in seeds:
+        for targets, scale in (("q", 1.0), ("k", 1.0), ("v", fit_of_vo), ("o", fit_of_vo)):
+            for lr in (1e-3, 3e-3, 1e-2):
+                gain = scale * {1e-3: 0.02, 3e-3: 0.05, 1e-2: 0.10}[lr] + rng.normal(0, 0.002)
+                run = f"{targets}-{lr}-{seed}"
+                primary.append({"run_id": run, "method": "lora", "target_modules": targets, "rank": 4, "seed": seed,
+                                "learning_rate": lr, "auc": 0.5 + 2.0 * gain + rng.normal(0, 0.003)})
+                utility.append({"run_id": run, "utility_ppl": 100 * (1 - gain), "base_utility_ppl": 100.0})
+    return pd.DataFrame(primary), pd.DataFrame(utility)
+
+
+def test_matched_fit_separates_what_is_learned_from_what_is_memorized():
+    """v/o learn twice as much at each learning rate, and AUC follows what was learned: at equal rank v/o memorize
+    more, at matched fit they do not (the two comparisons test two claims)."""
+    from memlens.report.findings import finding_matched_fit
+
+    primary, utility = _ladder(2.0)
+    per_rank = finding_value_output(primary, pd.DataFrame())
+    assert [f.verdict for f in per_rank] == ["holds"]  # equal rank: v/o above q/k
+    matched = finding_matched_fit(primary, utility)
+    assert matched.scope == "matched fit" and matched.verdict == "does not hold", matched.reason
+    assert abs(float(matched.effect.split()[0])) < 0.01 and "for what is learned" in matched.reason
+    shifted = primary.assign(auc=primary.auc + 0.05 * primary.target_modules.isin(["v", "o"]))
+    assert finding_matched_fit(shifted, utility).verdict == "holds"  # v/o above at every gain
+    assert finding_matched_fit(primary.drop(columns="learning_rate"), utility).verdict == "inconclusive"

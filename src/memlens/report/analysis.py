@@ -20,6 +20,7 @@ from memlens.report import membership as mb
 from memlens.report import memorization as mz
 from memlens.report.findings import (
     Finding,
+    finding_matched_fit,
     finding_perplexity,
     finding_rank,
     finding_value_output,
@@ -151,6 +152,7 @@ def analyse(root: Path) -> StudyAnalysis:
         extraction=mz.extraction_rates(data), utility=utility(every), frontier=frontier(every),
         wall_times=wall_times(layout.root),
         findings=[*finding_value_output(data.primary(), verdict_tests),
+                  finding_matched_fit(data.primary(), data.stage("utility")),
                   finding_perplexity(perplexity.members, perplexity.per_run),
                   finding_rank(data.primary())],
         verdict_design=design)

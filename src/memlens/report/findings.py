@@ -182,6 +182,66 @@ def _vo_qk_records(lora: pd.DataFrame, ranks: list[int], tests: pd.DataFrame) ->
     return findings
 
 
+def utility_gain(primary: pd.DataFrame, utility: pd.DataFrame) -> pd.DataFrame:
+    """The primary attack's rows with each run's fit: `gain` = 1 - utility-split perplexity under the fine-tuned
+    model / under the base model (what fine-tuning gained on held-out text)."""
+    if primary.empty or utility.empty or not {"utility_ppl", "base_utility_ppl"} <= set(utility.columns):
+        return pd.DataFrame()
+    fit = utility.assign(gain=1 - utility.utility_ppl / utility.base_utility_ppl)[["run_id", "gain"]]
+    return primary.merge(fit, on="run_id", how="inner").dropna(subset=["gain", "auc"])
+
+
+MATCHED_POINTS = 20  # gains at which the two sides' AUC curves are compared, over their common range
+
+
+def _matched_difference(points: pd.DataFrame) -> float | None:
+    """Mean over a grid of gains in the two sides' common range of AUC(v/o at that gain) - AUC(q/k at that gain),
+    each side's AUC interpolated linearly between its runs sorted by gain; None without a common range."""
+    sides = {side: g.groupby("gain").auc.mean().sort_index() for side, g in points.groupby("side")}
+    if set(sides) != {"vo", "qk"} or min(len(c) for c in sides.values()) < 2:
+        return None
+    low, high = max(c.index.min() for c in sides.values()), min(c.index.max() for c in sides.values())
+    if not high > low:
+        return None
+    grid = np.linspace(low, high, MATCHED_POINTS)
+    vo, qk = (np.interp(grid, sides[s].index.to_numpy(), sides[s].to_numpy()) for s in ("vo", "qk"))
+    return float(np.mean(vo - qk))
+
+
+def finding_matched_fit(primary: pd.DataFrame, utility: pd.DataFrame) -> Finding:
+    """(1) at matched fit: v/o against q/k at equal held-out perplexity gain rather than at equal rank. Equal rank
+    asks whether v/o memorize more per trainable parameter; matched fit asks whether they memorize more for what
+    they learn (v/o adapters lower held-out perplexity more at the same rank and learning rate, so part of their
+    AUC may be fit). Per replicate, each side's AUC against its runs' gains (a learning-rate ladder, and ranks) is
+    interpolated and compared over the gains both reach; a paired t over replicates tests the mean difference."""
+    scope = "matched fit"
+    points = utility_gain(primary[primary.method == "lora"] if "method" in primary else primary, utility)
+    if points.empty:
+        return Finding(TITLE_VO, "inconclusive", "no run has both a primary-attack AUC and a utility-split perplexity "
+                       "(data.utility_split)", number=1, scope=scope)
+    points = points[points.target_modules.isin(VO + QK)].assign(
+        side=lambda f: np.where(f.target_modules.isin(VO), "vo", "qk"))
+    levels = points.learning_rate.nunique() if "learning_rate" in points else 1
+    if levels < 2:
+        return Finding(TITLE_VO, "inconclusive", "needs a learning-rate ladder (grid.learning_rate with 2 or more "
+                       "values) so each matrix set reaches several fits", number=1, scope=scope)
+    replicate = _replicate_columns(points)
+    diffs = [d for _, g in points.groupby(replicate or (lambda _: 0)) if (d := _matched_difference(g)) is not None]
+    if len(diffs) < MIN_SEEDS:
+        return Finding(TITLE_VO, "inconclusive", f"the utility gains of v/o and q/k runs overlap in {len(diffs)} "
+                       f"replicate(s); a test needs {MIN_SEEDS}", number=1, scope=scope)
+    test = MeanTest.of(np.array(diffs))
+    gains = points.groupby("side").gain.agg(["min", "max"])
+    reason = (f"held-out perplexity gain reached: v/o {gains.loc['vo', 'min']:.3f}-{gains.loc['vo', 'max']:.3f}, "
+              f"q/k {gains.loc['qk', 'min']:.3f}-{gains.loc['qk', 'max']:.3f} over {levels} learning rates; "
+              f"{test.describe('AUC(v/o) - AUC(q/k) at equal gain')}; this tests memorization for what is learned, "
+              "the per-rank verdicts test it per trainable parameter")
+    return Finding(TITLE_VO, test.verdict(), reason, number=1, scope=scope,
+                   test=f"paired t over {test.n} replicates of curves interpolated at {MATCHED_POINTS} common gains",
+                   correction="none: one test (a separate claim from the per-rank family)",
+                   effect=f"{test.mean:+.3f} AUC [{test.ci_low:+.3f}, {test.ci_high:+.3f}]")
+
+
 # ----------------------------------------------------------------------------------------- finding (2)
 OUTCOMES = {"ngram_gain": "n-gram share gained over the base model", "ngram_share": "n-gram share"}
 DETECTABLE_R = 0.07  # the size of correlation finding (2) was seen at (llama-tiny, 2026): the power statement's

@@ -277,10 +277,11 @@ def selected_stages(study: StudyConfig, only: list[str] | None) -> list[Stage]:
     wanted = set(only) | {b for s in STAGES if s.name in only for b in s.brings}
     chosen = [s for s in enabled_stages(study) if s.name in wanted]
     for stage in (s for s in STAGES if s.name in only and not s.enabled(study)):
-        said = f"{stage.name} is disabled in this study ({_settings(study, stage.switches)})"
+        switches = f" ({_settings(study, stage.switches)})" if stage.switches else ""
+        said = f"{stage.name} is disabled in this study{switches}"
         if not any(s.name in only for s in chosen):
-            raise ConfigError(f"{said}: nothing to run; turn it on ({' and '.join(stage.switches)}) or run another "
-                              f"stage: {[s.name for s in enabled_stages(study)]}")
+            raise ConfigError(f"{said}: nothing to run; turn it on in the study file or run another stage: "
+                              f"{[s.name for s in enabled_stages(study)]}")
         log.warning("%s: not run", said)
     return chosen
 

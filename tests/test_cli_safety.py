@@ -3,6 +3,8 @@ user wrote (record texts, config values, errors) is read as Rich markup."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -156,3 +158,48 @@ def test_full_fine_tuning_of_an_8bit_base_is_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="load_in_8bit"):
         run_study(study, show_progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ refused before the folder is claimed (issue 28)
+def test_a_stage_that_cannot_run_says_why_and_exits_non_zero(tmp_path):
+    study = normalise_study(make_study(tmp_path / "out", data={"subset": 16}, extraction={"enabled": False}))
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study.model_dump(mode="json")))
+    layout = StudyLayout(study.out_dir)
+    for command, said in ((["attack", "mia"], "mia needs finetune, which no cell of"),
+                          (["run", "--only", "references"], "references is disabled in this study (mia.enabled: "
+                                                            "True, mia.references: 0)"),
+                          (["attack", "extraction"], "extraction is disabled in this study (extraction.enabled: "
+                                                     "False)")):
+        result = CliRunner().invoke(app, [*command, str(path)], env={"COLUMNS": "400"})
+        assert result.exit_code == 2 and said in result.output, result.output
+        assert not layout.study_file.exists()  # nothing claimed the folder
+    assert "run `memlens finetune STUDY` first" in CliRunner().invoke(app, ["attack", "mia", str(path)]).output
+
+
+def test_data_a_cell_cannot_use_is_refused_once_before_any_fine_tune(tmp_path):
+    from memlens.config import ConfigError
+    from memlens.runner import run_study
+
+    # data.group names a column the utility split lacks: refused before study.yaml is written
+    for split, rows in (("train", 6), ("test", 6), ("dev", 3)):
+        records = [{"id": f"{split}{i}", "context": f"{split} record number {i}", **({"doc": f"d{i // 2}"}
+                    if split != "dev" else {})} for i in range(rows)]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="data.group: 'doc' is not a column of split 'dev'"):
+        run_study(make_study(out, data={"source": str(tmp_path), "group": "doc", "subset": None}), show_progress=False)
+    assert not (out / "study.yaml").exists()  # so the corrected study is not refused as another configuration
+    # one record per side: the bag-of-words check cannot fold them (was: a failed cell after fine-tuning)
+    with pytest.raises(ConfigError, match=r"mia.bag_of_words_baseline: .*needs at least 2 members and 2 non-members "
+                                          r"\(it has 1 and 1\)"):
+        run_study(make_study(out, data={"subset": 1}), show_progress=False)
+    assert not (out / "study.yaml").exists()
+    # records over data.max_length: said once, naming the longest record, before any fine-tune
+    study = normalise_study(make_study(out, data={"max_length": 16}))
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["run", str(path), "--no-progress"], env={"COLUMNS": "400"})
+    assert result.exit_code == 2 and result.output.count("data.max_length:") == 1, result.output
+    assert "training record(s) exceed 16 tokens (longest" in result.output and ", record '" in result.output
+    assert not (out / "study.yaml").exists() and not (out / "runs").exists()

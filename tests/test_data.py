@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -101,3 +103,22 @@ def test_insert_canary_adds_copies_of_a_secret_record(members):
     assert ts.members.is_canary.sum() == 1 and len(ts.members) == len(members) + 1
     given = build_training_set(members, CanaryConfig(mode="insert", text="My secret is 1234."), copies=2, seed=0)
     assert given.canary.secret is None and given.texts.count("My secret is 1234.") == 2
+
+
+def test_a_record_without_its_document_is_refused_in_both_forms_of_data_group(tmp_path):
+    """A null or missing group would put every such record in one document (one coin): refused, as an id that
+    names no document is in the regular-expression form."""
+    train = [{"id": "1_a", "context": "alpha", "doc": "1"}, {"id": "2_b", "context": "beta", "doc": None},
+             {"id": "x", "context": "gamma"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (tmp_path / "test.jsonl").write_text(json.dumps({"id": "3_c", "context": "delta", "doc": "3"}) + "\n")
+    with pytest.raises(ConfigError, match=r"data.group: .*train.jsonl line 2: the record has no 'doc' \(missing or "
+                                          r"null; 2 record\(s\) of split 'train' in all\)"):
+        load_study_data(DataConfig(source=str(tmp_path), utility_split=None, group="doc"))
+    with pytest.raises(ConfigError, match=r"data.group: the id 'x' of split 'train' .* does not match"):
+        load_study_data(DataConfig(source=str(tmp_path), utility_split=None, group=r"^(\d+)_"))
+    train[1]["doc"], train[2]["doc"], train[2]["id"] = "2", "2", "2_c"
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    for group in ("doc", r"^(\d+)_"):
+        data = load_study_data(DataConfig(source=str(tmp_path), utility_split=None, group=group))
+        assert data.members.group.tolist() == ["1", "2", "2"]

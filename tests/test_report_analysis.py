@@ -229,3 +229,26 @@ def test_design_comparison_measures_what_the_named_splits_add(tmp_path):
     assert "designs" in a.tables()
     same = analyse(synthetic_study(tmp_path / "one"))
     assert same.design_comparison.omitted and same.design_note == "" and same.verdict_design == "splits"
+
+
+def test_without_results_the_report_shows_the_failures_or_that_there_is_nothing_yet(study):
+    """Every cell failed, nothing ran yet, or the merged files were deleted: `memlens report` writes a page with
+    the Failures section when there are failures, else says there is nothing to report yet (was a KeyError)."""
+    from typer.testing import CliRunner
+
+    from memlens.cli import app
+
+    layout = StudyLayout(study)
+    for name in (StudyFile.RESULTS, StudyFile.MIA_SCORES, StudyFile.EXTRACTION):
+        layout.study_level(name).unlink()
+    result = CliRunner().invoke(app, ["report", str(study)])
+    assert result.exit_code == 0, result.output
+    page = (layout.report / "index.html").read_text()
+    assert "Nothing to report yet: no run has results, and 1 cell(s) failed (below)." in page
+    assert 'id="failures"' in page and "v-r8-c1-s0-failed" in page and "RuntimeError: boom" in page
+    assert 'id="table"' not in page and 'id="findings"' not in page  # no wall of empty sections
+    for record in layout.status_dir.glob("*.json"):
+        record.unlink()
+    assert CliRunner().invoke(app, ["report", str(study)]).exit_code == 0
+    page = (layout.report / "index.html").read_text()
+    assert "Nothing to report yet: no run has results in results.parquet." in page and 'id="failures"' not in page

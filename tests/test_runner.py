@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import duckdb
@@ -11,12 +12,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from memlens.attacks.references import is_trained
 from memlens.cli import app
 from memlens.config import load_study
 from memlens.context import StudyContext
 from memlens.executors import get_executor
+from memlens.report import analyse
 from memlens.runner import run_study
-from memlens.store import StudyLayout
+from memlens.store import StudyLayout, read_results
 from memlens.store.lock import StudyLock, StudyLockedError
 from memlens.study import (
     CellOutcome,
@@ -27,6 +30,7 @@ from memlens.study import (
     read_status,
     study_status,
 )
+from memlens.study.cell import study_problems
 from tests.conftest import make_study
 from tests.test_runner_shared import GRID, shared_study, shared_study_raw
 
@@ -153,7 +157,7 @@ def test_cli_run_reports_a_failed_cell_and_keeps_going(tmp_path):
     record = read_status(layout, bad)
     assert record.state == "failed" and record.stage == "finetune"
     assert "c_attn" in record.error and "Traceback" in record.traceback
-    assert bad in result.output
+    assert bad in result.output and result.output.count(f"failed {bad}") == 1  # said once
     status = CliRunner().invoke(app, ["status", str(study.out_dir)])
     assert status.exit_code == 0 and "failed" in status.output
     frame = study_status(study.out_dir).set_index("run_id")
@@ -183,3 +187,132 @@ def test_executor_registry():
     assert type(get_executor(make_study(Path("unused")).executor)).__name__ == "LocalExecutor"
     outcome = CellOutcome.from_dict({"run_id": "r", "state": "failed", "error": "x", "stages_done": ["finetune"]})
     assert outcome.to_dict() == {"run_id": "r", "state": "failed", "error": "x", "stages_done": ["finetune"]}
+
+
+# ------------------------------------------------------------------------------- damaged files (issue 28)
+def _tiny(out: Path):
+    """One cell (fine-tune, mia, extraction with an inserted secret) on 16 records, two training steps."""
+    return normalise_study(make_study(out, data={"subset": 16}, train={"max_steps": 2}, canary={"mode": "insert"},
+                                      extraction={"members": 2, "non_members": 2, "exposure_candidates": 20,
+                                                  "max_new_tokens": 8, "decodings": [{"name": "greedy"}]}))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A small finished study folder that each damaged-file test copies."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    assert run_study(_tiny(out), show_progress=False, report=False).ok
+    return out
+
+
+def _copy(finished, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    layout = StudyLayout(out)
+    (run_id,) = layout.finished_runs()
+    return _tiny(out), layout, run_id
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
+    keys = [c for c in ("run_id", "stage", "attack", "sample_id", "model", "decoding") if c in frame]
+    return frame.sort_values(keys).reset_index(drop=True)[sorted(frame.columns)]
+
+
+MERGED = ("results.parquet", "mia_scores.parquet", "extraction.parquet", "exposure.parquet")
+
+
+def test_truncated_merged_files_are_flagged_then_rebuilt_from_the_runs(finished, tmp_path):
+    study, layout, _ = _copy(finished, tmp_path)
+    before = {name: pd.read_parquet(layout.root / name) for name in MERGED}
+    for name in MERGED:
+        _truncate(layout.root / name)
+    problems = study_problems(layout.root)
+    assert len(problems) == len(MERGED) and all("memlens run" in p for p in problems)
+    assert {name for name in MERGED if any(str(layout.root / name) in p for p in problems)} == set(MERGED)
+    shown = CliRunner().invoke(app, ["status", str(layout.root)], env={"COLUMNS": "400"})
+    assert shown.exit_code == 0 and "damaged: " in shown.output and "results.parquet" in shown.output
+    report = CliRunner().invoke(app, ["report", str(layout.root)])  # read, never guessed: one line saying how
+    assert report.exit_code == 2 and "results.parquet cannot be read" in report.output
+    assert "Traceback" not in report.output and "memlens run" in report.output
+
+    assert run_study(study, show_progress=False, report=False).ok
+    for name, frame in before.items():
+        pd.testing.assert_frame_equal(_sorted(pd.read_parquet(layout.root / name)), _sorted(frame))
+    assert study_problems(layout.root) == []
+
+
+@pytest.mark.parametrize("name, stage", [("mia_scores.parquet", "mia"), ("extraction_results.parquet", "extraction")])
+def test_a_truncated_per_run_file_makes_its_stage_damaged_and_run_redoes_it(finished, tmp_path, name, stage):
+    study, layout, run_id = _copy(finished, tmp_path)
+    rows = read_results(layout)
+    _truncate(layout.run_file(run_id, name))
+    row = study_status(layout.root).set_index("run_id").loc[run_id]
+    assert row[stage] == "damaged" and row.finetune == "done"
+    assert str(layout.run_file(run_id, name)) in row.error and f"redoes the {stage} stage" in row.error
+
+    assert run_study(study, show_progress=False, report=False).ok
+    assert pd.read_parquet(layout.run_file(run_id, name)).shape[0] > 0
+    assert (study_status(layout.root)[["finetune", "mia", "extraction"]] == "done").all().all()
+    again = read_results(layout)
+    assert again.groupby("stage").size().to_dict() == rows.groupby("stage").size().to_dict()
+
+
+def _garbage(path: Path) -> None:
+    path.write_text("garbage\n")
+
+
+@pytest.mark.parametrize("name, damage", [("cell.json", _garbage), ("train.json", _garbage),
+                                          ("members.parquet", _truncate),
+                                          ("adapter/adapter_model.safetensors", Path.unlink)])
+def test_a_damaged_fine_tune_is_named_with_the_one_command_that_redoes_it(finished, tmp_path, name, damage):
+    study, layout, run_id = _copy(finished, tmp_path)
+    run_dir = layout.run_dir(run_id)
+    damage(run_dir / name)
+    row = study_status(layout.root).set_index("run_id").loc[run_id]
+    assert row.finetune == "damaged" and name in row.error and f"rm -r {run_dir}" in row.error
+
+    summary = run_study(study, show_progress=False, report=False)
+    (outcome,) = summary.failed  # one error naming the file and how to redo the cell; nothing deleted unasked
+    last = outcome.error.strip().splitlines()[-1]
+    assert "CorruptArtifactError" in last and name in last and f"rm -r {run_dir}" in last
+    assert (run_dir / "mia_results.parquet").exists() and (layout.root / "results.parquet").exists()
+    assert any(f.run_id == run_id and name in f.error for f in analyse(layout.root).failures)  # in the report
+    if name.startswith("adapter/"):  # the command it names repairs it
+        shutil.rmtree(run_dir)
+        assert run_study(study, show_progress=False, report=False).ok
+        assert (study_status(layout.root)[["finetune", "mia", "extraction"]] == "done").all().all()
+
+
+def test_garbage_status_environment_and_reference_records_do_not_mislead(finished, tmp_path):
+    study, layout, run_id = _copy(finished, tmp_path)
+    _garbage(layout.status_file(run_id))
+    _garbage(layout.environment_file)
+    status = study_status(layout.root)
+    assert (status[["finetune", "mia", "extraction"]] == "done").all().all() and status.error.isna().all()
+    assert analyse(layout.root).environment.device is None  # not recorded, not a crash
+    assert run_study(study, show_progress=False, report=False).ok
+    assert json.loads(layout.environment_file.read_text())["device"] == "cpu"
+    stray = layout.runs / "q-r9-c1-s0-of-another-grid"  # a run outside the grid: its cell.json says which cell
+    shutil.copytree(layout.run_dir(run_id), stray)
+    _garbage(stray / "cell.json")
+    (problem,) = study_problems(layout.root)
+    assert str(stray / "cell.json") in problem and f"rm -r {stray}" in problem
+    reference = layout.references.run_file("ref-x", "reference.json")
+    reference.parent.mkdir(parents=True)
+    _garbage(reference)
+    assert not is_trained(layout, "ref-x")  # trained (its reference.json written) again by the next run
+
+
+def test_a_study_whose_every_cell_failed_still_gets_its_report(tmp_path):
+    study = normalise_study(make_study(tmp_path / "out", grid={"target_modules": [["c_attn"]]}, data={"subset": 16}))
+    result = CliRunner().invoke(app, ["run", str(_write(study, tmp_path)), "--no-progress"])
+    assert result.exit_code == 1 and "report failed" not in result.output, result.output
+    (run_id,) = (c.run_id(study) for c in study.cells())
+    assert result.output.count(f"failed {run_id}") == 1  # said once
+    page = (study.out_dir / "report" / "index.html").read_text()
+    assert "Nothing to report yet" in page and 'id="failures"' in page and run_id in page
+    assert 'id="table"' not in page  # no section of empty omissions

@@ -24,7 +24,7 @@ from memlens.docs import config_reference_markdown
 from memlens.runner import FORCEABLE, StudySummary, run_study, write_report
 from memlens.store import StudyLayout
 from memlens.store.lock import StudyLockedError
-from memlens.study.cell import study_status
+from memlens.study.cell import study_problems, study_status
 from memlens.study.stage import STAGE_NAMES
 from memlens.study.status import REPORT_FAILURE, read_status
 
@@ -33,7 +33,7 @@ attack_app = typer.Typer(no_args_is_help=True, help="Run one attack stage on a s
 app.add_typer(attack_app, name="attack")
 console = Console(stderr=True, soft_wrap=True)  # long paths and errors stay on one line
 STATE_COLOURS = {"done": "green", "running": "cyan", "failed": "red", "interrupted": "yellow", "pending": "white",
-                 "disabled": "dim"}
+                 "disabled": "dim", "damaged": "red"}
 
 StudyArg = Annotated[Path, typer.Argument(help="Study YAML file.", exists=True, dir_okay=False)]
 FolderArg = Annotated[Path, typer.Argument(help="Study output folder.", exists=True, file_okay=False)]
@@ -163,7 +163,7 @@ def _print_summary(summary: StudySummary) -> None:
 def status(out: FolderArg) -> None:
     """Which cells and stages are done, running, failed (with the error) or pending."""
     try:
-        frame = study_status(out)
+        frame, problems = study_status(out), study_problems(out)
     except ConfigError as exc:
         _fail(exc)
     table = Table(title=Text(f"memlens study {out}"))
@@ -183,6 +183,8 @@ def status(out: FolderArg) -> None:
         out_console.print(Text(f"report: {index if index.exists() else 'pending'}"), highlight=False)
     counts = frame[list(STAGE_NAMES)].stack().value_counts().to_dict()
     out_console.print(Text("stages: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))), highlight=False)
+    for problem in problems:
+        out_console.print(Text.assemble(("damaged: ", "red"), problem), highlight=False)
 
 
 @app.command()

@@ -32,8 +32,10 @@ class StudyContext:
 
     @classmethod
     def of_folder(cls, out: str | Path, show_progress: bool = False) -> StudyContext:
-        """The context of the study a folder holds (its `study.yaml`)."""
-        return cls(StudyLayout(Path(out)).read_study(), show_progress=show_progress)
+        """The context of the study a folder holds (its `study.yaml`), in that folder even when the study was
+        written elsewhere (a moved or copied folder: its `out` names where it was made)."""
+        study = StudyLayout(Path(out)).read_study()
+        return cls(study.model_copy(update={"out": str(out)}), show_progress=show_progress)
 
     @property
     def layout(self) -> StudyLayout:

@@ -2,10 +2,12 @@
 
 This is the main path of memlens, in order:
 
-1. refuse a bad request before any work: unknown stages, a folder written by another process (the study
-   lock), a folder holding another configuration (:mod:`memlens.study.compat`), a model whose context is
-   shorter than `data.max_length`;
-2. write the resolved `study.yaml` and `environment.json`;
+1. refuse a bad request before any work: unknown stages, a disabled stage asked for alone or one whose needed
+   stage no cell has done (`--only`), the stages' checks (settings, and the data: records, groups, lengths,
+   the bag-of-words folds), a folder written by another process (the study lock), a folder holding another
+   configuration (:mod:`memlens.study.compat`), a model whose context is shorter than `data.max_length`;
+2. write the resolved `study.yaml` and `environment.json`; remove damaged study-level files (rebuilt in 4)
+   and make a stage pending where its per-run files are damaged (:func:`~memlens.study.stage.repair_damaged`);
 3. hand the cells with stages left to do to the executor (local or Ray), which runs the
    :data:`~memlens.study.stage.STAGES` (fine-tune, reference adapters when `mia.references` > 0, membership
    inference, extraction) and records each cell's status (:mod:`memlens.study.status`) and stage wall times;
@@ -37,12 +39,13 @@ from memlens.models import check_max_length
 from memlens.report import build_report, report_is_current
 from memlens.report.markdown import write_findings
 from memlens.store import StudyLayout, atomic_write_json, atomic_write_parquet, atomic_write_text
+from memlens.store.integrity import discard_damaged_study_files
 from memlens.store.lock import StudyLock
 from memlens.store.records import HistoryEntry
 from memlens.study.cell import normalise_study
 from memlens.study.compat import check_compatible
 from memlens.study.provenance import append_history, environment_info, invocation, now
-from memlens.study.stage import STAGE_NAMES, STAGES, enabled_stages, selected_stages
+from memlens.study.stage import STAGE_NAMES, STAGES, check_needs, enabled_stages, repair_damaged, selected_stages
 from memlens.study.status import REPORT_FAILURE, CellEvent, CellOutcome, read_status, remove_status, write_status
 
 REPORT = "report"
@@ -94,9 +97,9 @@ def run_study(study: StudyConfig, *, force: list[str] | None = None, only: list[
         _check_stage_names(only_list, "--only", STAGE_NAMES)
     check_max_length(study.model, study.data.max_length)
     ctx = StudyContext(study, show_progress=show_progress)
-    for stage in enabled_stages(study):
-        stage.check(ctx)
     stages = selected_stages(study, only_list)
+    for stage in enabled_stages(study):
+        stage.check(ctx)  # the data too: nothing claims the folder before every check passed
     if only_list is not None:
         only_list = [s.name for s in stages]  # with the stages they bring along (mia: its references)
     layout = ctx.layout
@@ -105,15 +108,18 @@ def run_study(study: StudyConfig, *, force: list[str] | None = None, only: list[
     summary = StudySummary(out=layout.root)
     with StudyLock(layout.root):
         check_compatible(study, layout, force)
+        check_needs(ctx, stages, force)  # `--only mia` where no cell is fine-tuned: nothing could run
         started, start = now(), time.perf_counter()
         environment, error, tally = environment_info(study), None, {"cells_total": None, "cells_run": 0}
         try:
+            discard_damaged_study_files(layout)  # rebuilt below by the merges
             atomic_write_json(layout.environment_file, environment)
             if not layout.study_file.exists() or layout.study_file.read_text() != dump_study(study):
                 atomic_write_text(layout.study_file, dump_study(study))  # the report's and compat's input
             _record_membership(ctx)
             cells = list(ctx.cells.items())
             _invalidate(ctx, [r for r, _ in cells], force)
+            repair_damaged(ctx, [r for r, _ in cells])
             todo = [c for r, c in cells if not all(s.done(ctx, r) for s in stages)]
             tally.update(cells_total=len(cells), cells_run=len(todo))
             summary.outcomes += _already_done(ctx, cells, stages, only_list)
@@ -224,12 +230,9 @@ class _Progress:
         if event.state == "running":
             stage = next((s for s in STAGE_NAMES if s not in event.stages_done), "")
             self.progress.update(self.task, description=f"{stage} {event.run_id}")
-        else:
+        else:  # a failure is counted here and said once, by the summary (`memlens status` shows it meanwhile)
             self.failed += event.state == "failed"
             self.progress.update(self.task, advance=1, failed=self.failed)
-            if event.state == "failed":
-                last = (event.error or "").strip().splitlines()[-1:] or [""]
-                self.progress.console.print(f"failed {event.run_id}: {last[0]}", markup=False, highlight=False)
         if self.forward:
             self.forward(event)
 

@@ -44,6 +44,23 @@ def _cv_auc(texts: list[str], labels: np.ndarray, cv, groups: np.ndarray | None)
     return auc(labels, scores)
 
 
+def baseline_folds(n_members: int, n_non_members: int, member_groups: Sequence[str] | None = None,
+                   non_member_groups: Sequence[str] | None = None, folds: int = 5) -> tuple[int, int | None]:
+    """(random folds, grouped folds: None without groups) of the baseline's cross-validation over these records;
+    a ValueError when a side has fewer than 2 records (or, grouped, 2 documents): checked before any work."""
+    folds = min(folds, n_members, n_non_members)
+    if folds < 2:
+        raise ValueError(f"the bag-of-words baseline needs at least 2 members and 2 non-members (it has "
+                         f"{n_members} and {n_non_members})")
+    if member_groups is None or non_member_groups is None:
+        return folds, None
+    sides = len(set(member_groups)), len(set(non_member_groups))
+    if min(folds, *sides) < 2:
+        raise ValueError(f"the grouped bag-of-words baseline needs at least 2 groups on each side (it has {sides[0]} "
+                         f"and {sides[1]})")
+    return folds, min(folds, *sides)
+
+
 def bag_of_words_baseline(members: Sequence[str], non_members: Sequence[str], *,
                           member_groups: Sequence[str] | None = None, non_member_groups: Sequence[str] | None = None,
                           folds: int = 5, seed: int = 0, level: float = 0.95) -> dict:
@@ -54,20 +71,15 @@ def bag_of_words_baseline(members: Sequence[str], non_members: Sequence[str], *,
     `n_groups`, `biased_split` (True when `auc` is clearly above chance) and a `note` in words."""
     texts = list(members) + list(non_members)
     labels = np.r_[np.ones(len(members), dtype=int), np.zeros(len(non_members), dtype=int)]
-    folds = min(folds, len(members), len(non_members))
-    if folds < 2:
-        raise ValueError("the bag-of-words baseline needs at least 2 members and 2 non-members")
+    folds, group_folds = baseline_folds(len(members), len(non_members), member_groups, non_member_groups, folds)
     random_auc = _cv_auc(texts, labels, StratifiedKFold(folds, shuffle=True, random_state=seed), None)
-    grouped = member_groups is not None and non_member_groups is not None
+    grouped = group_folds is not None
     grouped_auc, n_groups = float("nan"), None
     if grouped:
         # A group on both sides (a document split by a record-level coin) gets one label per record: keep the
         # records' own labels, and group ids distinct per side so no fold needs both halves of one group.
         groups = np.array([f"m:{g}" for g in member_groups] + [f"n:{g}" for g in non_member_groups])
         n_groups = len(set(groups))
-        group_folds = min(folds, len(set(groups[labels == 1])), len(set(groups[labels == 0])))
-        if group_folds < 2:
-            raise ValueError("the grouped bag-of-words baseline needs at least 2 groups on each side")
         grouped_auc = _cv_auc(texts, labels, StratifiedGroupKFold(group_folds, shuffle=True, random_state=seed),
                               groups)
     value = grouped_auc if grouped else random_auc
@@ -90,4 +102,4 @@ def bag_of_words_baseline(members: Sequence[str], non_members: Sequence[str], *,
             "n_members": len(members), "n_non_members": len(non_members), "biased_split": biased, "note": note}
 
 
-__all__ = ["BIASED_AUC", "bag_of_words_baseline"]
+__all__ = ["BIASED_AUC", "bag_of_words_baseline", "baseline_folds"]

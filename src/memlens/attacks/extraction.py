@@ -39,6 +39,7 @@ from memlens.models import AdapterBank, load_base_model, resolve_device
 from memlens.score import token_stats
 from memlens.store import RunFile, StudyFile, StudyLayout, atomic_write_parquet, run_metadata, upsert_results
 from memlens.store.lock import write_lock
+from memlens.store.records import TrainRecord
 from memlens.train import read_members, read_train_info
 
 log = logging.getLogger(__name__)
@@ -236,8 +237,8 @@ def merge_study(ctx: StudyContext) -> None:
         _merge_study_files(layout)
         parts = []
         for run_id in layout.runs_with(RunFile.EXTRACTION_RESULTS):
-            if run_id not in ctx.cells:  # not a run of this study
-                continue
+            if run_id not in ctx.cells or TrainRecord.read(layout.run_file(run_id, RunFile.TRAIN)) is None:
+                continue  # not a run of this study, or a damaged one (its cell fails, naming the file)
             exposure = layout.run_file(run_id, RunFile.EXPOSURE)
             meta = run_metadata(layout, run_id, ctx.cells[run_id], ctx.study.model.name_or_path)
             parts.append(_result_rows(meta, pd.read_parquet(layout.run_file(run_id, RunFile.EXTRACTION_RESULTS)),

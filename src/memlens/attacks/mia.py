@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from memlens.attacks.bow import BOW_ATTACK, bag_of_words_baseline
+from memlens.attacks.bow import BOW_ATTACK, bag_of_words_baseline, baseline_folds
 from memlens.attacks.likelihood import token_log_frequencies
 from memlens.attacks.recall import draw_prefix, prefix_text, tail_mean_logprob, with_prefix
 from memlens.attacks.references import Reference, ReferenceStatistics, in_matrix, load_references, population
@@ -289,6 +289,22 @@ def _prefixed(scorer: Scorer, data: RunData, record_ids: list[list[int]], attack
                                             np.zeros(len(data.non_members), bool)]
         out[(need, shots)] = with_prefix(scorer.tokenize([prefix_text(prefix)])[0], record_ids, bos)
     return out, in_member_prefix
+
+
+def check_membership_records(ctx: StudyContext) -> None:
+    """Refuse, before any fine-tune, a membership design whose records the bag-of-words check cannot fold
+    (`mia.bag_of_words_baseline`: 2 members and 2 non-members at least, 2 documents a side with groups)."""
+    if not ctx.study.mia.bag_of_words_baseline:
+        return
+    for design, data in ctx.designs().items():
+        grouped = "group" in data.members and "group" in data.non_members
+        try:
+            baseline_folds(len(data.members), len(data.non_members), data.members.group if grouped else None,
+                           data.non_members.group if grouped else None)
+        except ValueError as exc:
+            raise ConfigError(f"mia.bag_of_words_baseline: {exc} in the `{design}` membership design (data.subset: "
+                              f"{ctx.study.data.subset}); use more records (data.subset, data.pool) or set "
+                              "mia.bag_of_words_baseline: false") from None
 
 
 def _bow_row(members: pd.DataFrame, non_members: pd.DataFrame, mia: MIAConfig, cache_dir: Path | None) -> dict:

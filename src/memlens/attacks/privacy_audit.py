@@ -44,9 +44,9 @@ def run_privacy_audit(ctx: StudyContext, cells: list[CellConfig] | None = None,
     rows = []
     for run_id, cell in ctx.runs(cells):
         scores_path = layout.run_file(run_id, RunFile.MIA_SCORES)
-        if not scores_path.exists():
+        train = TrainRecord.read(layout.run_file(run_id, RunFile.TRAIN))
+        if not scores_path.exists() or train is None:  # a damaged train.json fails its cell, naming it
             continue
-        train = TrainRecord.load(layout.run_file(run_id, RunFile.TRAIN))
         dp = train.dp or {}
         scores = pd.read_parquet(scores_path)
         if attack not in scores:

@@ -56,6 +56,7 @@ from memlens.config import CanaryConfig, CellConfig, ConfigError, StudyConfig, s
 from memlens.data import StudyData
 from memlens.data.designs import coin
 from memlens.store import RunFile, StudyLayout, atomic_write_parquet
+from memlens.store.integrity import unreadable
 from memlens.store.records import ReferenceRecord, TrainRecord
 from memlens.train import finetune_cell, read_members
 
@@ -112,8 +113,10 @@ def reference_data(study: StudyConfig, data: StudyData, k: int) -> tuple[StudyDa
 
 # ------------------------------------------------------------------------------------- training
 def is_trained(layout: StudyLayout, ref_id: str) -> bool:
-    """Whether the reference `ref_id` is complete (its reference.json is written last)."""
-    return layout.references.run_file(ref_id, RunFile.REFERENCE).exists()
+    """Whether the reference `ref_id` is complete (its reference.json is written last, and reads: a damaged one is
+    written again from the reference's train.json by the next `memlens run`)."""
+    path = layout.references.run_file(ref_id, RunFile.REFERENCE)
+    return path.exists() and unreadable(path) is None
 
 
 @contextlib.contextmanager

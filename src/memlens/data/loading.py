@@ -270,6 +270,8 @@ def _normalise(frame: pd.DataFrame, cfg: DataConfig, split: str, origin: _Origin
         dup = out.sample_id[out.sample_id.duplicated()].iloc[0]
         raise ConfigError(f"data.id_field: id {dup!r} occurs twice in split {split!r} ({origin.label}); ids must "
                           "be unique (set id_field: null to number records)")
+    if cfg.group is not None and cfg.group in frame.columns:
+        _check_groups(frame, cfg, split, origin)
     groups = group_column(out, frame, cfg, f"split {split!r} ({origin.label})")
     if groups is not None:
         out["group"] = groups.values
@@ -320,6 +322,17 @@ def _check_ids(frame: pd.DataFrame, cfg: DataConfig, origin: _Origin) -> None:
         raise ConfigError(f"data.id_field: {where}: the record has no {cfg.id_field!r} (missing or null; "
                           f"{len(bad)} record(s) in all); give every record an id, or set data.id_field: null to "
                           "number records")
+
+
+def _check_groups(frame: pd.DataFrame, cfg: DataConfig, split: str, origin: _Origin) -> None:
+    """Every record names its document in the `data.group` column, as the regex form requires of every id: a null
+    one would put all such records into one document (one coin) without a word."""
+    bad = [i for i, value in enumerate(frame[cfg.group].tolist()) if _is_null(value)]
+    if bad:
+        where = origin.where(int(frame.index[bad[0]]))
+        raise ConfigError(f"data.group: {where}: the record has no {cfg.group!r} (missing or null; {len(bad)} record(s) "
+                          f"of split {split!r} in all); every record must name its document: fill it in, or set "
+                          "data.group to another column or a regular expression over the id")
 
 
 def _clean(frame: pd.DataFrame, split: str, report: list[str]) -> pd.DataFrame:

@@ -114,6 +114,18 @@ class StudyAnalysis:
         return self.environment.hardware or (history[-1].hardware if history else None)
 
     @property
+    def nothing_yet(self) -> str | None:
+        """Why the report has nothing to show, said instead of its sections (no run has results); None when it has."""
+        if len(self.runs):
+            return None
+        if self.failures:
+            return f"Nothing to report yet: no run has results, and {len(self.failures)} cell(s) failed (below)."
+        finished = len(StudyLayout(self.root).finished_runs())
+        todo = (f"{finished} fine-tuned run(s) are in runs/: `memlens run` completes them and gathers their results."
+                if finished else "`memlens run` on the study file runs it.")
+        return f"Nothing to report yet: no run has results in results.parquet. {todo}"
+
+    @property
     def failures_frame(self) -> pd.DataFrame:
         return pd.DataFrame([{"run_id": r.run_id, "stage": r.stage, "error": r.error, "updated": r.updated}
                              for r in self.failures], columns=["run_id", "stage", "error", "updated"])

@@ -120,8 +120,9 @@ def _design_note(a: StudyAnalysis) -> str:
 def _failures(a: StudyAnalysis) -> str:
     if not a.failures:
         return '<section id="failures"><h2>Failures</h2><p class="ok">No cell failed.</p></section>'
-    parts = [f'<p class="warn">{len(a.failures)} failure(s); their results are missing from every figure and table '
-             "above. Fix the cause and rerun <code>memlens run</code> (finished stages are kept).</p>"]
+    missing = "" if a.nothing_yet else "; their results are missing from every figure and table above"
+    parts = [f'<p class="warn">{len(a.failures)} failure(s){missing}. Fix the cause and rerun <code>memlens run</code> '
+             "(finished stages are kept).</p>"]
     for record in a.failures:
         parts.append(f'<details class="failure"><summary><code>{html.escape(record.run_id)}</code>, stage '
                      f"<b>{html.escape(str(record.stage))}</b>: {html.escape(str(record.error))}</summary>"
@@ -143,15 +144,21 @@ def _overview(a: StudyAnalysis) -> str:
 
 
 def page(a: StudyAnalysis, paths: dict[str, Path]) -> str:
-    """The whole page; `paths` are the written figures (name -> PNG), inlined."""
+    """The whole page; `paths` are the written figures (name -> PNG), inlined. With no run's results: the
+    overview, why there is nothing to report yet, and the failures when there are."""
     name = html.escape(a.study.name)
+    head = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>memlens report: {name}</title>"
+            f"<style>{CSS}</style></head><body><h1>memlens report: {name}</h1>"
+            f"<p class=\"src\">generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}</p>")
+    if a.nothing_yet:
+        failures = _failures(a) if a.failures else ""
+        return (f'{head}{_overview(a)}<section id="nothing"><p class="omitted">{_inline(a.nothing_yet)}</p></section>'
+                f"{failures}</body></html>")
     nav = "".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in a.sections)
     body = "".join(_section(s, paths) for s in a.sections)
-    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>memlens report: {name}</title>"
-            f"<style>{CSS}</style></head><body><h1>memlens report: {name}</h1>"
-            f"<p class=\"src\">generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}</p>{_headline(a.headline, paths)}"
-            f'{_overview(a)}<nav><a href="#headline">Headline</a><a href="#findings">Findings</a>{nav}'
-            f'<a href="#failures">Failures</a></nav>{_findings(a)}{body}{_failures(a)}</body></html>')
+    return (f'{head}{_headline(a.headline, paths)}{_overview(a)}<nav><a href="#headline">Headline</a><a '
+            f'href="#findings">Findings</a>{nav}<a href="#failures">Failures</a></nav>{_findings(a)}{body}'
+            f"{_failures(a)}</body></html>")
 
 
 def write_html(a: StudyAnalysis) -> RenderedReport:

@@ -14,6 +14,7 @@ import pandas as pd
 from memlens.attacks.bow import BOW_ATTACK
 from memlens.config import SPLITS, Design, StudyConfig
 from memlens.store import RUN_COLUMNS, StudyFile, StudyLayout
+from memlens.store.integrity import read_study_parquet
 from memlens.store.records import StatusRecord
 
 # The study's attack (P_ref / P_ft): every headline number of the report (study table, ROC, AUC vs rank,
@@ -46,7 +47,12 @@ class Environment:
 
     @classmethod
     def read(cls, path: Path) -> Environment:
-        raw = json.loads(Path(path).read_text()) if Path(path).exists() else {}
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, ValueError):  # absent, or damaged (`memlens run` writes it again): not recorded
+            raw = {}
+        if not isinstance(raw, dict):
+            raw = {}
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if raw.get(k) is not None})
 
     def versions(self, names=("memlens", "torch", "transformers", "peft"), file_order: bool = False) -> str:
@@ -66,8 +72,10 @@ def inputs_fingerprint(layout: StudyLayout) -> dict:
     return fingerprint
 
 
-def _read(path: Path) -> pd.DataFrame:
-    return pd.read_parquet(path) if path.exists() else pd.DataFrame()
+def _read(layout: StudyLayout, name: str) -> pd.DataFrame:
+    """A study-level parquet file (empty when absent; unreadable: an error saying that `memlens run` rebuilds it)."""
+    frame = read_study_parquet(layout, layout.study_level(name))
+    return pd.DataFrame() if frame is None else frame
 
 
 @dataclass
@@ -88,12 +96,11 @@ class StudyResults:
         study = layout.read_study()
         statuses = [StatusRecord.read(p) for p in sorted(layout.status_dir.glob("*.json"))
                     if not p.name.startswith("_")]  # `_report.json` is the report's own status
-        results = _read(layout.results_file)
+        results = _read(layout, StudyFile.RESULTS)
         if len(results) and "membership" not in results:
             results["membership"] = DEFAULT_DESIGN
         return cls(root=layout.root, study=study, results=results,
-                   mia_scores=_read(layout.study_level(StudyFile.MIA_SCORES)),
-                   extraction=_read(layout.study_level(StudyFile.EXTRACTION)),
+                   mia_scores=_read(layout, StudyFile.MIA_SCORES), extraction=_read(layout, StudyFile.EXTRACTION),
                    environment=Environment.read(layout.environment_file),
                    failures=[s for s in statuses if s is not None and s.state == "failed"])
 

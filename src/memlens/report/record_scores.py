@@ -33,6 +33,8 @@ def roc_by_targets(data: StudyResults, attack: str) -> dict[str, list[tuple[np.n
     """{adapted matrices: [(fpr, tpr) per run]} for `attack`."""
     frame = _run_scores(data, attack)
     curves: dict[str, list] = {}
+    if frame.empty:  # no scores, or no run with results to join them to
+        return curves
     for (targets, _run), g in frame.groupby(["target_modules", "run_id"]):
         if g.label.nunique() < 2 or not np.isfinite(g.score).all():
             continue

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, RootModel
+from pydantic import BaseModel, ConfigDict, RootModel, ValidationError
 
 from memlens.config import CellConfig
 from memlens.store.layout import atomic_write_json, atomic_write_text
@@ -32,6 +32,12 @@ class Record(BaseModel):
         path = Path(path)
         try:
             return cls.model_validate_json(path.read_bytes())
+        except ValidationError as exc:  # said in one line: the first problem (e.g. invalid JSON, a missing field)
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            more = f"; {exc.error_count() - 1} more" if exc.error_count() > 1 else ""
+            raise ValueError(f"{path}: not a valid {cls.__name__} ({first['msg']}{f' at {where}' if where else ''}"
+                             f"{more})") from None
         except ValueError as exc:
             raise ValueError(f"{path}: not a valid {cls.__name__} ({exc})") from None
 

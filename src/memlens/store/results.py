@@ -10,6 +10,7 @@ from __future__ import annotations
 import pandas as pd
 
 from memlens.config import CellConfig
+from memlens.store.integrity import read_study_parquet
 from memlens.store.layout import RunFile, StudyFile, StudyLayout, atomic_write_parquet
 from memlens.store.records import TrainRecord
 
@@ -50,8 +51,9 @@ def run_metadata(layout: StudyLayout, run_id: str, spec: CellConfig, model: str)
 
 
 def read_results(layout: StudyLayout) -> pd.DataFrame:
-    path = layout.results_file
-    return pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=KEY)
+    """results.parquet (no rows when absent); an unreadable file is a CorruptArtifactError saying how to rebuild it."""
+    frame = read_study_parquet(layout, layout.results_file)
+    return pd.DataFrame(columns=KEY) if frame is None else frame
 
 
 def upsert_results(layout: StudyLayout, rows: pd.DataFrame) -> pd.DataFrame:

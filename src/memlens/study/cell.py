@@ -8,7 +8,10 @@ import pandas as pd
 
 from memlens.config import CellConfig, StudyConfig
 from memlens.context import StudyContext
+from memlens.store import RunFile
+from memlens.store.integrity import damaged_study_files, rebuilt_file_message
 from memlens.store.lock import StudyLock
+from memlens.store.records import CellRecord
 from memlens.study.stage import STAGE_NAMES, STAGES, enabled_stages, execute
 from memlens.study.status import REPORT_FAILURE, CellOutcome, read_status, write_status
 
@@ -49,11 +52,10 @@ def run_cell(study_dict: dict, cell_dict: dict, only: list[str] | None = None) -
     return CellOutcome(run_id, state, None, done).to_dict()
 
 
-
-
 def study_status(out: Path) -> pd.DataFrame:
     """One row per cell: run_id, one column per stage (done / running / failed / pending / interrupted /
-    disabled) and the error of a failed stage. Reads only files: works while a run (local or Ray) is going on."""
+    damaged / disabled) and the error of a failed stage, or what is damaged and how it is repaired. Reads only
+    files: works while a run (local or Ray) is going on."""
     ctx = StudyContext.of_folder(out)
     study, layout = ctx.study, ctx.layout
     live = StudyLock(layout.root).is_held()
@@ -63,22 +65,43 @@ def study_status(out: Path) -> pd.DataFrame:
     cells = ctx.cells
     for run_id in list(cells) + [r for r in status_ids if r not in cells]:
         record = read_status(layout, run_id)
-        row = {"run_id": run_id}
+        failed = record is not None and record.state == "failed"
+        row, damages = {"run_id": run_id}, []
         for stage in STAGES:
             running_here = record is not None and record.stage == stage.name
+            damage = stage.damage(ctx, run_id) if stage.name in enabled else None
             if stage.name not in enabled:
                 row[stage.name] = "disabled"
+            elif damage:
+                row[stage.name] = "damaged"
+                damages.append(damage)
             elif stage.done(ctx, run_id):
                 row[stage.name] = "done"
-            elif running_here and record.state == "failed":
+            elif running_here and failed:
                 row[stage.name] = "failed"
             elif running_here and record.state == "running":
                 row[stage.name] = "running" if live else "interrupted"
             else:
                 row[stage.name] = "pending"
-        row["error"] = record.error if record is not None and record.state == "failed" else None
+        row["error"] = " ".join(damages) if damages else record.error if failed else None
         rows.append(row)
     return pd.DataFrame(rows, columns=["run_id", *STAGE_NAMES, "error"])
 
 
-__all__ = ["normalise_study", "run_cell", "study_status"]
+def study_problems(out: Path) -> list[str]:
+    """What is damaged in the folder beyond the cells' stages (:func:`study_status` shows those), each with what
+    repairs it: study-level files that cannot be read, and finished runs outside the grid whose cell.json cannot
+    be read (which cell they are cannot be told)."""
+    ctx = StudyContext.of_folder(out)
+    layout = ctx.layout
+    problems = [rebuilt_file_message(layout, path, why) for path, why in damaged_study_files(layout).items()]
+    for run_id in (r for r in layout.finished_runs() if r not in ctx.cells):
+        try:
+            CellRecord.load(layout.run_file(run_id, RunFile.CELL))
+        except (OSError, ValueError) as exc:
+            problems.append(f"{exc}. This run cannot be matched to a cell of the study, so status and the stages "
+                            f"skip it: remove it (`rm -r {layout.run_dir(run_id)}`) or restore its cell.json")
+    return problems
+
+
+__all__ = ["normalise_study", "run_cell", "study_problems", "study_status"]

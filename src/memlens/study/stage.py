@@ -2,8 +2,11 @@
 its config section, and how to run, merge and invalidate it.
 
 A stage is *done* for a run when its marker file exists in `runs/<run_id>/` (written last and atomically),
-so a rerun after a kill redoes only what was not finished. Adding a stage is one :class:`Stage` subclass
-appended to :data:`STAGES`; the runner, the executors, `memlens status` and `--force` read it from there.
+so a rerun after a kill redoes only what was not finished. A per-run file that no longer reads (truncated,
+overwritten: :meth:`Stage.damage`) makes its stage `damaged` in `memlens status` and pending for `memlens run`,
+which redoes it; a damaged fine-tune fails its cell instead, naming the file and how to redo that cell.
+Adding a stage is one :class:`Stage` subclass appended to :data:`STAGES`; the runner, the executors,
+`memlens status` and `--force` read it from there.
 
     finetune    runs/<run_id>/ (the folder appears complete, by rename; marker train.json)
     references  references/runs/<ref_run_id>/ of the run's recipe (mia.references > 0; done when every one
@@ -14,26 +17,32 @@ appended to :data:`STAGES`; the runner, the executors, `memlens status` and `--f
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
+from functools import reduce
 from typing import ClassVar
 
 from memlens.attacks.extraction import merge_study as merge_extraction
 from memlens.attacks.extraction import run_extraction
+from memlens.attacks.mia import check_membership_records, prepare_base_cache, run_mia
 from memlens.attacks.mia import merge_study as merge_mia
-from memlens.attacks.mia import prepare_base_cache, run_mia
 from memlens.attacks.privacy_audit import AUDIT_STAGE, run_privacy_audit
-from memlens.attacks.references import is_trained, reference_ids, remove_references, train_references
+from memlens.attacks.references import is_trained, population, reference_ids, remove_references, train_references
 from memlens.attacks.registry import check_attacks
-from memlens.config import CellConfig, StudyConfig
+from memlens.config import CellConfig, ConfigError, StudyConfig
 from memlens.context import StudyContext
 from memlens.models import check_quantized
 from memlens.store import RunFile, atomic_write_parquet, read_results
+from memlens.store.integrity import CorruptArtifactError, missing_files, redo_cell_advice, unreadable
 from memlens.store.lock import write_lock
+from memlens.store.records import CellRecord, TrainRecord
 from memlens.study.provenance import record_stage_time
-from memlens.train import finetune_cell
+from memlens.train import check_training_records, finetune_cell, tokenize_records
 from memlens.train.progress import training_progress
+
+log = logging.getLogger(__name__)
 
 
 class Stage:
@@ -48,6 +57,8 @@ class Stage:
     result_stages: ClassVar[tuple[str, ...]] = ()  # `stage` values of its rows in results.parquet
     section: ClassVar[str | None] = None           # config section it reads beyond the fine-tuned model
     batched: ClassVar[bool] = True                 # runs once for many cells (sharing a loaded base model)
+    redo_damaged: ClassVar[bool] = True            # `memlens run` redoes it where its per-run files are damaged
+    switches: ClassVar[tuple[str, ...]] = ()       # the study fields that turn it on (enabled reads them)
 
     def enabled(self, study: StudyConfig) -> bool:
         return True
@@ -60,7 +71,18 @@ class Stage:
         model's scores); a process that runs the stage for many cells at once needs no call."""
 
     def done(self, ctx: StudyContext, run_id: str) -> bool:
-        return ctx.layout.run_file(run_id, self.marker).exists()
+        """Its marker exists and none of its per-run files is damaged."""
+        return ctx.layout.run_file(run_id, self.marker).exists() and self.damage(ctx, run_id) is None
+
+    def damage(self, ctx: StudyContext, run_id: str) -> str | None:
+        """What is wrong with the per-run files this stage wrote for `run_id` (a truncated or overwritten file),
+        with what repairs it; None when they read (or are not there yet)."""
+        names = dict.fromkeys((self.marker, *self.files))
+        found = [(path, why) for path in (ctx.layout.run_file(run_id, n) for n in names) if (why := unreadable(path))]
+        if not found:
+            return None
+        said = "; ".join(f"{path} cannot be read ({why})" for path, why in found)
+        return f"{said}. `memlens run` redoes the {self.name} stage of this run (its other stages are kept)"
 
     def run(self, ctx: StudyContext, cells: list[CellConfig]) -> None:
         raise NotImplementedError
@@ -89,13 +111,40 @@ class FinetuneStage(Stage):
     name = "finetune"
     marker = RunFile.TRAIN
     batched = False  # one cell at a time: each run's wall time is its own
+    redo_damaged = False  # a damaged run is named with how to redo it, never deleted unasked (see damage)
 
     def check(self, ctx: StudyContext) -> None:
-        check_quantized(ctx.study)  # an 8-bit base: LoRA only, no DP
+        """An 8-bit base (LoRA only, no DP); every design's records load and check (data.group, the random
+        design's coins...); each cell's canary copies fit and its training records fit data.max_length."""
+        check_quantized(ctx.study)
+        check_training_records(ctx.study, ctx.study.cells(), ctx.data, ctx.tokenizer())
+
+    def damage(self, ctx: StudyContext, run_id: str) -> str | None:
+        """A finished run whose cell.json, train.json or members.parquet cannot be read, or that lacks a file
+        of its adapter (model) listed in train.json; with how to redo that cell. Its files are what every
+        later stage reads, so this run is not repaired in place: its folder goes only when the user says so."""
+        layout = ctx.layout
+        run_dir = layout.run_dir(run_id)
+        if not run_dir.is_dir():
+            return None
+        problems, records = [], {}
+        for record, name in ((CellRecord, RunFile.CELL), (TrainRecord, RunFile.TRAIN)):
+            try:
+                records[name] = record.load(layout.run_file(run_id, name))
+            except (OSError, ValueError) as exc:
+                problems.append(str(exc))
+        if why := unreadable(layout.run_file(run_id, RunFile.MEMBERS)):
+            problems.append(f"{layout.run_file(run_id, RunFile.MEMBERS)} cannot be read ({why})")
+        artifacts = records[RunFile.TRAIN].artifacts if RunFile.TRAIN in records else None
+        if artifacts and (missing := missing_files(run_dir, artifacts)):
+            problems.append(f"{run_dir}: {', '.join(missing)} missing (listed in train.json)")
+        return f"{'; '.join(problems)}. {redo_cell_advice(run_dir)}" if problems else None
 
     def run(self, ctx: StudyContext, cells: list[CellConfig]) -> None:
         progress = None if ctx.show_progress else training_progress(disable=True)
         for cell in cells:
+            if damage := self.damage(ctx, cell.run_id(ctx.study)):
+                raise CorruptArtifactError(damage)
             finetune_cell(ctx.study, cell, ctx.data(cell.membership), ctx.layout, ctx.tokenizer(), progress=progress)
 
     def invalidate(self, ctx: StudyContext, run_ids: list[str]) -> None:
@@ -121,9 +170,20 @@ class ReferencesStage(Stage):
     needs = ("finetune",)
     marker = "references/runs/<ref_run_id>/reference.json"  # shared by a recipe's runs: see done()
     batched = False
+    switches = ("mia.enabled", "mia.references")
 
     def enabled(self, study: StudyConfig) -> bool:
         return study.mia.enabled and study.mia.references > 0
+
+    def check(self, ctx: StudyContext) -> None:
+        """A reference trains on half of its design's members and non-members: each must fit data.max_length."""
+        for data in ctx.designs().values():
+            records = population(data)
+            tokenize_records(records.text.tolist(), ctx.tokenizer(), ctx.study.data.max_length,
+                             records.sample_id.tolist())
+
+    def damage(self, ctx: StudyContext, run_id: str) -> str | None:
+        return None  # a reference whose reference.json is unreadable is not trained (is_trained): trained again
 
     def done(self, ctx: StudyContext, run_id: str) -> bool:
         """Every reference of the run's recipe is trained."""
@@ -151,6 +211,7 @@ class MIAStage(Stage):
     files = (RunFile.MIA_SCORES, RunFile.MIA_RESULTS)
     result_stages = ("mia", "utility", AUDIT_STAGE)
     section = "mia"
+    switches = ("mia.enabled",)
     brings = ("references",)  # `memlens attack mia` trains the references first when the study has them
 
     def enabled(self, study: StudyConfig) -> bool:
@@ -158,6 +219,7 @@ class MIAStage(Stage):
 
     def check(self, ctx: StudyContext) -> None:
         check_attacks(ctx.study)
+        check_membership_records(ctx)  # the bag-of-words check's folds
 
     def prepare(self, ctx: StudyContext, cells: list[CellConfig]) -> None:
         if not all(self.done(ctx, c.run_id(ctx.study)) for c in cells):
@@ -179,6 +241,7 @@ class ExtractionStage(Stage):
     files = (RunFile.EXTRACTION, RunFile.EXTRACTION_RESULTS, RunFile.EXPOSURE)
     result_stages = ("extraction", "exposure")
     section = "extraction"
+    switches = ("extraction.enabled",)
 
     def enabled(self, study: StudyConfig) -> bool:
         return study.extraction.enabled
@@ -207,11 +270,54 @@ def enabled_stages(study: StudyConfig) -> list[Stage]:
 
 
 def selected_stages(study: StudyConfig, only: list[str] | None) -> list[Stage]:
-    """The enabled stages of `only` (all when None), with the stages each of them brings along, in order."""
+    """The enabled stages of `only` (all when None), with the stages each of them brings along, in order. A
+    disabled stage asked for is said (a warning); when no stage asked for is enabled, a ConfigError."""
     if only is None:
         return enabled_stages(study)
     wanted = set(only) | {b for s in STAGES if s.name in only for b in s.brings}
-    return [s for s in enabled_stages(study) if s.name in wanted]
+    chosen = [s for s in enabled_stages(study) if s.name in wanted]
+    for stage in (s for s in STAGES if s.name in only and not s.enabled(study)):
+        switches = f" ({_settings(study, stage.switches)})" if stage.switches else ""
+        said = f"{stage.name} is disabled in this study{switches}"
+        if not any(s.name in only for s in chosen):
+            raise ConfigError(f"{said}: nothing to run; turn it on in the study file or run another stage: "
+                              f"{[s.name for s in enabled_stages(study)]}")
+        log.warning("%s: not run", said)
+    return chosen
+
+
+def _settings(study: StudyConfig, fields: tuple[str, ...]) -> str:
+    """`mia.enabled: True, mia.references: 0`: the values of these study fields."""
+    return ", ".join(f"{path}: {reduce(getattr, path.split('.'), study)}" for path in fields)
+
+
+def check_needs(ctx: StudyContext, stages: list[Stage], force: list[str] | tuple[str, ...] = ()) -> None:
+    """Refuse a request (`--only`, `memlens attack mia`) that cannot run anywhere: a stage of it needs a stage
+    left out of it that no cell has done (or that `force` redoes). Cells that have it done run; others wait."""
+    chosen = {s.name for s in stages}
+    for stage in stages:
+        for need in (n for n in stage.needs if n not in chosen):
+            needed = get_stage(need)
+            if need in force or not any(needed.done(ctx, run_id) for run_id in ctx.cells):
+                command = "memlens finetune STUDY" if need == "finetune" else f"memlens run STUDY --only {need}"
+                raise ConfigError(f"{stage.name} needs {need}, which no cell of {ctx.layout.root} has done: run "
+                                  f"`{command}` first (or `memlens run STUDY` for every stage)")
+
+
+def repair_damaged(ctx: StudyContext, run_ids: list[str]) -> list[str]:
+    """Make a stage pending again for the runs whose files of it are damaged (truncated, overwritten), so this
+    run redoes it as after a kill; returns what was found. A damaged fine-tune is left alone (`redo_damaged`):
+    its cell then fails, naming the files and how to redo it."""
+    found = []
+    for stage in enabled_stages(ctx.study):
+        if not stage.redo_damaged:
+            continue
+        for run_id in run_ids:
+            if damage := stage.damage(ctx, run_id):
+                log.warning("%s", damage)
+                stage.invalidate(ctx, [run_id])
+                found.append(damage)
+    return found
 
 
 def preparing(stages: list[Stage]) -> list[Stage]:
@@ -232,4 +338,4 @@ def execute(stage: Stage, ctx: StudyContext, cells: list[CellConfig]) -> None:
 
 
 __all__ = ["STAGES", "STAGE_NAMES", "ExtractionStage", "FinetuneStage", "MIAStage", "ReferencesStage", "Stage",
-           "enabled_stages", "execute", "get_stage", "preparing", "selected_stages"]
+           "check_needs", "enabled_stages", "execute", "get_stage", "preparing", "repair_damaged", "selected_stages"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from rich.progress import Progress
 
-from memlens.config import CellConfig, ConfigError, StudyConfig, dump_study
+from memlens.config import CellConfig, ConfigError, Design, StudyConfig, dump_study
 from memlens.data import StudyData, build_training_set
 from memlens.models import (
     check_quantized,
@@ -43,17 +43,37 @@ with quiet_bitsandbytes_import():  # PEFT (and transformers' Trainer, through it
 log = logging.getLogger(__name__)
 
 
-def tokenize_records(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[list[int]]:
-    """Token ids of each record (with the tokenizer's bos). Records over `max_length` are refused:
-    truncating them would silently train on a different text than the one attacked."""
+def tokenize_records(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int,
+                     names: Sequence[str] | None = None) -> list[list[int]]:
+    """Token ids of each record (with the tokenizer's bos). Records over `max_length` are refused (the longest
+    named by its entry of `names`, the records' ids, when given): truncating them would silently train on a
+    different text than the one attacked."""
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
     too_long = [i for i, seq in enumerate(ids) if len(seq) > max_length]
     if too_long:
+        longest = max(too_long, key=lambda i: len(ids[i]))
+        which = f", record {names[longest]!r}" if names is not None else ""
         raise ConfigError(
             f"data.max_length: {len(too_long)} training record(s) exceed {max_length} tokens "
-            f"(longest {max(len(ids[i]) for i in too_long)}); raise data.max_length or shorten them"
+            f"(longest {len(ids[longest])}{which}); raise data.max_length or shorten them"
         )
     return ids
+
+
+def check_training_records(study: StudyConfig, cells: Sequence[CellConfig], data_of: Callable[[Design], StudyData],
+                           tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse, before any fine-tune, what would stop one of `cells` at its start: more canary copies than member
+    records (repeat mode) or a training record, the canary included, over `data.max_length` tokens. `data_of(design)`
+    gives a design's records. Each problem is said once for all the cells: their records are tokenized once."""
+    names: dict[str, str] = {}  # training text -> its record id
+    for cell in cells:
+        try:
+            training = build_training_set(data_of(cell.membership).members, study.canary, cell.canary_copies, cell.seed)
+        except ValueError as exc:  # grid.canary_copies beyond the member records
+            raise ConfigError(str(exc)) from None
+        for sample_id, text in zip(training.members.sample_id, training.members.text):
+            names.setdefault(text, str(sample_id))
+    tokenize_records(list(names), tokenizer, study.data.max_length, list(names.values()))
 
 
 def _precision_flags(precision: str, device: torch.device) -> dict:

@@ -245,6 +245,21 @@ def test_truncated_merged_files_are_flagged_then_rebuilt_from_the_runs(finished,
     assert study_problems(layout.root) == []
 
 
+def test_damaged_caches_are_computed_again_with_the_same_results(finished, tmp_path, caplog):
+    """The base-model scores, the bag-of-words check and the extraction control are caches: truncated, each is
+    named in a warning, removed and computed again; the results do not change."""
+    study, layout, _ = _copy(finished, tmp_path)
+    caches = sorted(p for p in layout.cache.iterdir() if p.is_file())
+    assert {p.suffix for p in caches} >= {".npz", ".json", ".parquet"}, caches
+    before = read_results(layout)
+    for path in caches:
+        _truncate(path)
+    assert run_study(study, force=["mia", "extraction"], show_progress=False, report=False).ok
+    assert all(f"{path}: unreadable cache file" in caplog.text for path in caches)
+    measured = [c for c in before.columns if c not in ("mia_wall_time_s",)]
+    pd.testing.assert_frame_equal(_sorted(read_results(layout)[measured]), _sorted(before[measured]))
+
+
 @pytest.mark.parametrize("name, stage", [("mia_scores.parquet", "mia"), ("extraction_results.parquet", "extraction")])
 def test_a_truncated_per_run_file_makes_its_stage_damaged_and_run_redoes_it(finished, tmp_path, name, stage):
     study, layout, run_id = _copy(finished, tmp_path)

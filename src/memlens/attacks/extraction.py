@@ -37,7 +37,15 @@ from memlens.data import Canary
 from memlens.metrics.text import extraction_rates, pair_metrics, tfidf_cosines
 from memlens.models import AdapterBank, load_base_model, resolve_device
 from memlens.score import token_stats
-from memlens.store import RunFile, StudyFile, StudyLayout, atomic_write_parquet, run_metadata, upsert_results
+from memlens.store import (
+    RunFile,
+    StudyFile,
+    StudyLayout,
+    atomic_write_parquet,
+    read_cache,
+    run_metadata,
+    upsert_results,
+)
 from memlens.store.lock import write_lock
 from memlens.store.records import TrainRecord
 from memlens.train import read_members, read_train_info
@@ -145,7 +153,8 @@ def base_control(layout: StudyLayout, study: StudyConfig, bank: AdapterBank, pro
                        "prefix_len": cfg.prefix_len, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
                        "decodings": [asdict(d) for d in decodings], "vocab": len(tokenizer)})[:16]
     path = layout.cache / f"extraction-base-{key}.parquet"
-    cached = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["text_key", "decoding"])
+    cached = read_cache(path, pd.read_parquet)
+    cached = cached if cached is not None else pd.DataFrame(columns=["text_key", "decoding"])
     have = set(cached.text_key[cached.decoding == decodings[-1].name]) if len(cached) else set()
     missing = [p for p in prompts if _text_key(p.key) not in have]
     if missing:
@@ -157,7 +166,7 @@ def base_control(layout: StudyLayout, study: StudyConfig, bank: AdapterBank, pro
                               for name, frame in fresh.items()], ignore_index=True)
         new_rows["generated_ids"] = new_rows.generated_ids.map(lambda ids: [int(i) for i in ids])
         with write_lock(layout.root):  # other processes may have added entries meanwhile: merge, not replace
-            current = pd.read_parquet(path) if path.exists() else None
+            current = read_cache(path, pd.read_parquet)
             keep = current[~current.text_key.isin(new_rows.text_key)] if current is not None else None
             merged = pd.concat([f for f in (keep, new_rows) if f is not None and len(f)], ignore_index=True)
             atomic_write_parquet(path, merged)

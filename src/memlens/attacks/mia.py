@@ -70,6 +70,7 @@ from memlens.store import (
     StudyLayout,
     atomic_write_json,
     atomic_write_parquet,
+    read_cache,
     run_metadata,
     upsert_results,
 )
@@ -316,8 +317,9 @@ def _bow_row(members: pd.DataFrame, non_members: pd.DataFrame, mia: MIAConfig, c
     key = stable_hash({"kind": "bow", "m": members.text.tolist(), "n": non_members.text.tolist(), "mg": m_groups,
                        "ng": n_groups, "level": mia.ci_level, "version": 2})[:24]
     path = cache_dir / f"bow-{key}.json" if cache_dir else None
-    if path is not None and path.exists():
-        return json.loads(path.read_text())
+    cached = read_cache(path, lambda p: json.loads(p.read_text())) if path is not None else None
+    if cached is not None:
+        return cached
     row = bag_of_words_baseline(members.text.tolist(), non_members.text.tolist(), member_groups=m_groups,
                                 non_member_groups=n_groups, level=mia.ci_level)
     if path is not None:

@@ -55,7 +55,7 @@ from rich.progress import Progress
 from memlens.config import CanaryConfig, CellConfig, ConfigError, StudyConfig, stable_hash
 from memlens.data import StudyData
 from memlens.data.designs import coin
-from memlens.store import RunFile, StudyLayout, atomic_write_parquet
+from memlens.store import RunFile, StudyLayout, atomic_write_parquet, read_cache
 from memlens.store.integrity import unreadable
 from memlens.store.records import ReferenceRecord, TrainRecord
 from memlens.train import finetune_cell, read_members
@@ -256,7 +256,9 @@ class ReferenceStatistics:
         if ref.run_id not in self._known:
             known: dict[str, float] = {}
             for path in sorted(ref.run_dir.glob(RunFile.reference_scores(self._settings_key(ref)))):
-                frame = pd.read_parquet(path)
+                frame = read_cache(path, pd.read_parquet)
+                if frame is None:
+                    continue
                 known.update(zip(frame.text_key, frame.mean_ll.astype(float)))
             self._known[ref.run_id] = known
         return self._known[ref.run_id]

@@ -18,7 +18,7 @@ import numpy as np
 
 from memlens.config import ModelConfig, stable_hash
 from memlens.score.engine import SequenceStats
-from memlens.store import atomic_write_bytes
+from memlens.store import atomic_write_bytes, read_cache
 
 
 def tokens_hash(sequences: Sequence[Sequence[int]]) -> str:
@@ -54,9 +54,14 @@ def cached_token_stats(cache_dir: Path | None, key_parts: dict,
     if cache_dir is None:
         return compute(), False
     path = cache_path(cache_dir, key_parts)
-    if path.exists():
-        with np.load(path, allow_pickle=False) as arrays:
-            return SequenceStats.from_arrays(arrays), True
+
+    def load(p: Path) -> SequenceStats:
+        with np.load(p, allow_pickle=False) as arrays:
+            return SequenceStats.from_arrays(arrays)
+
+    cached = read_cache(path, load)
+    if cached is not None:
+        return cached, True
     stats = compute()
     buffer = io.BytesIO()
     np.savez(buffer, **stats.to_arrays(), key=np.array(json.dumps(key_parts, sort_keys=True, default=str)))

@@ -9,6 +9,7 @@ from memlens.store.layout import (
     atomic_write_json,
     atomic_write_parquet,
     atomic_write_text,
+    read_cache,
 )
 from memlens.store.results import RUN_COLUMNS, read_results, run_metadata, upsert_results
 
@@ -25,4 +26,5 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_parquet",
     "atomic_write_text",
+    "read_cache",
 ]

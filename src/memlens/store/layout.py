@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -36,6 +37,8 @@ import yaml
 from pydantic import ValidationError
 
 from memlens.config import ConfigError, StudyConfig, format_validation_error
+
+log = logging.getLogger(__name__)
 
 
 class RunFile:
@@ -213,6 +216,21 @@ def _share_like_open(fd_or_path, directory: bool = False) -> None:
         os.fchmod(fd_or_path, mode)
     else:
         os.chmod(fd_or_path, mode)
+
+
+def read_cache(path: Path, reader):
+    """`reader(path)` of a cache file (something memlens can always compute again), or None when it is missing or
+    unreadable (a truncated copy, a full disk): an unreadable one is removed and named in a warning, and the
+    caller computes it again."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return reader(path)
+    except Exception as exc:  # any reader's failure on a damaged file: the cache is only ever a shortcut
+        log.warning("%s: unreadable cache file (%s: %s); removed, computed again", path, type(exc).__name__, exc)
+        path.unlink(missing_ok=True)
+        return None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -137,7 +137,8 @@ def test_command_audits_a_plain_peft_adapter(plain, tmp_path):
     assert page.index("Does this model leak?") < page.index("Attack comparison")  # the first screen comes first
     for text in (page, markdown):
         assert "Does this model leak?" in text and "Canaries" in text and "bag of words" in text
-    assert card.startswith("## Privacy evaluation") and "### Caveats" in card and "Verdict: leaks" in card
+    assert card.startswith("## Privacy evaluation") and "Verdict: leaks" in card
+    assert all(f"### {part}" in card for part in ("Testing data", "Metrics", "Results", "Limitations"))
     assert f"{mia.loc['ref_ratio', 'auc']:.3f}" in card
     # the report is the study's report code: `memlens report` rebuilds it from the folder
     (out / "report" / "index.html").unlink()
@@ -195,6 +196,21 @@ def test_a_study_run_folder_gives_the_studys_numbers(plain, tmp_path):
     # the audit's one pass holds the lowercased texts too: other batches, the same perplexity to float rounding
     assert audited.loc["perplexity", "test_ppl"] == pytest.approx(rows.loc["perplexity", "test_ppl"], rel=1e-6)
     assert "lowercase" in audited.index and "recall" not in audited.index  # every attack the inputs allow
+
+
+def test_an_8bit_base(plain, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="load_in_8bit needs bitsandbytes: pip install 'memlens[int8]'")
+    root = plain["root"]
+    summary = memlens.audit(target=str(plain["adapter"]), members=str(root / "members.jsonl"),
+                            non_members=str(root / "non_members.jsonl"), text_field="context", load_in_8bit=True,
+                            device="cpu", out=str(tmp_path / "int8"), show_progress=False,
+                            overrides=["mia.attacks=[ref_ratio]", "mia.bootstrap=0", "extraction.enabled=false",
+                                       "mia.bag_of_words_baseline=false"])
+    assert summary.report.analysis.record.base["load_in_8bit"]
+    auc = summary.results.set_index("attack").loc["ref_ratio", "auc"]
+    data = plain["data"]
+    assert auc == pytest.approx(_recomputed_ref_ratio_auc(plain["adapter"], data.members.text.tolist(),
+                                                          data.non_members.text.tolist()), abs=0.05)
 
 
 def test_validity_rules(plain, tmp_path):

@@ -191,7 +191,10 @@ def _references(cfg: AuditConfig, study: StudyConfig, target: Target, records: A
     """(records, references) mean token log-likelihoods under `cfg.references` reference models and whether each
     record was in each one's training half, training the missing ones (kept in `<out>/references/`)."""
     keep = ["sample_id", "text", *(["group"] if "group" in records.members and "group" in records.non_members else [])]
-    population = StudyData(members=records.members[~records.members.is_canary.astype(bool)][keep]
+    # the population: members and non-members, without inserted canaries (as a study's references: a repeated
+    # training record is one of them, an inserted secret is not)
+    inserted = {c.sample_id for c in records.canaries if c.mode == "insert"} | set(records.inserted)
+    population = StudyData(members=records.members[~records.members.sample_id.isin(inserted)][keep]
                            .reset_index(drop=True), non_members=records.non_members[keep], utility=None)
     cell = _cell(target)
     train_references(study, [cell], lambda design: population, layout, scorer.tokenizer, progress)

@@ -73,13 +73,16 @@ class CanaryResults(Section):
     threshold_bits: float = math.nan
 
     def blocks(self) -> list[Block]:
-        return [Text(f"Exposure (Carlini et al. 2019): log2 of the number of random secrets of the canary's format "
-                     f"over the secret's rank among them (1 = most likely), exact when every secret was ranked, else "
-                     f"estimated from a sample. Exposed: at least {self.threshold_bits:.1f} bits, a rank a secret the "
-                     f"model never saw reaches with probability below {EXPOSED_P:g} over the canaries. "
-                     f"`{PRIMARY_ATTACK}` quantile: the share of non-members whose membership score is below the "
-                     "canary's."), Table("canaries", self.table,
-                                         formats={c: ".2f" for c in ("exposure", "exposure_base")})]
+        quantile = Text(f"`{PRIMARY_ATTACK}` quantile: the share of non-members whose membership score is below the "
+                        "canary's (the canaries are not counted in the membership AUC).")
+        exposure = Text(f"Exposure (Carlini et al. 2019): log2 of the number of random secrets of the canary's format "
+                        f"over the secret's rank among them (1 = most likely), exact when every secret was ranked, "
+                        f"else estimated from a sample. Exposed: at least {self.threshold_bits:.1f} bits, a rank a "
+                        f"secret the model never saw reaches with probability below {EXPOSED_P:g} over the "
+                        "canaries.") if "exposure" in self.table else Text(
+            "No exposure: no canary has a `secret` column (or `extraction.exposure` is false).")
+        return [exposure, quantile, Table("canaries", self.table,
+                                          formats={c: ".2f" for c in ("exposure", "exposure_base")})]
 
 
 # ------------------------------------------------------------------------------------- analysis
@@ -113,6 +116,12 @@ class AuditAnalysis:
         for section in self.sections:
             tables.update(section.tables())
         return tables
+
+
+def _count(n: int, noun: str) -> str:
+    """`1 canary`, `2 canaries`, `0 members`."""
+    plural = noun[:-1] + "ies" if noun.endswith("y") else noun + "s"
+    return f"{n} {noun if n == 1 else plural}"
 
 
 def _metric_row(mia: pd.DataFrame, attack: str) -> pd.Series | None:
@@ -243,8 +252,8 @@ def leak_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResult
     verdict = _verdict(member, exposed, separable)
     sentences, caveats = [_first_sentence(verdict, member, primary, level)], []
     if with_secret:
-        sentences.append(f"{exposed} of {with_secret} canar{'y' if with_secret == 1 else 'ies'} with a secret "
-                         f"{'is' if exposed == 1 else 'are'} exposed (at least {canaries.threshold_bits:.1f} bits).")
+        sentences.append(f"{exposed} of {_count(with_secret, 'canary')} with a secret {'is' if exposed == 1 else 'are'} "
+                         f"exposed (at least {canaries.threshold_bits:.1f} bits).")
     rates, decoding = _extraction_measures(data)
     if "members" in rates:
         sentences.append(f"Prompted with the first half of a member record, it completes "
@@ -278,8 +287,8 @@ def leak_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResult
          None if with_secret else "no canary with a secret" if record.n_canaries else "no canaries given"),
         (f"members extracted verbatim ({decoding or 'none'})", f"{rates['members']:.3f}" if "members" in rates else None,
          f"base model {rates['base']:.3f}" if "base" in rates else "extraction not run"),
-        ("records", f"{record.n_members} members, {record.n_non_members} non-members, {record.n_canaries} canaries",
-         None),
+        ("records", f"{_count(record.n_members, 'member')}, {_count(record.n_non_members, 'non-member')}, "
+                    f"{_count(record.n_canaries, 'canary')}", None),
     ], columns=["measure", "value", "note"])
     return LeakSummary(verdict=verdict, sentences=sentences, warning=warning, measures=measures, caveats=caveats)
 
@@ -329,23 +338,42 @@ class AuditReport:
     analysis: AuditAnalysis
 
 
-def _what(a: AuditAnalysis) -> list[str]:
-    """What was measured, in Markdown sentences (the overview of the HTML page, the model card's)."""
+@dataclass(frozen=True)
+class Overview:
+    """What was measured, in Markdown sentences: the model, the records, the methods, what did not run."""
+
+    model: str
+    records: list[str]
+    methods: list[str]
+    notes: list[str]
+
+    @property
+    def lines(self) -> list[str]:
+        return [self.model, *self.records, *self.methods, *self.notes]
+
+
+def overview(a: AuditAnalysis) -> Overview:
+    """The audit's overview (the HTML page's, the Markdown's and the model card's)."""
     r = a.record
     model = (f"LoRA adapter `{r.target}` (rank {r.rank}, on {', '.join(r.target_modules)})" if r.method == "lora"
              else f"full fine-tuned model `{r.target}`")
     eight = " in 8 bits" if r.base.get("load_in_8bit") else ""
-    lines = [f"The model: {model}, base model `{r.base['name_or_path']}`{eight}, which is also the reference model "
-             "of the ratio attacks" + (" (the adapter disabled)." if r.method == "lora" else "."),
-             f"Members: {r.n_members} records known to be in the training set (`{r.sources.get('members')}`). "
-             f"Non-members: {r.n_non_members} records known not to be (`{r.sources.get('non_members')}`)."]
+    records = [f"Members: {r.n_members} records known to be in the training set (`{r.sources.get('members')}`).",
+               f"Non-members: {r.n_non_members} records of the same distribution known not to be "
+               f"(`{r.sources.get('non_members')}`)."]
     if r.n_canaries:
-        lines.append(f"Canaries: {r.n_canaries} records inserted in the training set (`{r.sources.get('canaries')}`), "
-                     "scored apart from the members.")
+        records.append(f"Canaries: {_count(r.n_canaries, 'record')} inserted in the training set "
+                       f"(`{r.sources.get('canaries', 'the run folder')}`), scored apart from the members.")
     refs = f", with {r.references} reference models trained on random halves of the records" if r.references else ""
-    lines.append(f"Membership attacks: {', '.join(f'`{x}`' for x in r.attacks)}{refs}; prompted-prefix extraction "
-                 f"on up to {r.extraction.get('members')} members and {r.extraction.get('non_members')} non-members.")
-    return lines + r.notes
+    methods = [f"Membership inference: {', '.join(f'`{x}`' for x in r.attacks)}{refs}; the bag-of-words check "
+               "between the two files."]
+    if r.extraction.get("enabled", True):
+        methods.append(f"Prompted-prefix extraction: the first half of up to {r.extraction.get('members')} members, "
+                       f"{r.extraction.get('non_members')} non-members and every canary, continued by the model and by "
+                       "the base model; canary exposure (Carlini et al. 2019).")
+    return Overview(model=f"The model: {model}, base model `{r.base['name_or_path']}`{eight}, also the reference model "
+                          "of the ratio attacks" + (" (the adapter disabled)." if r.method == "lora" else "."),
+                    records=records, methods=methods, notes=list(r.notes))
 
 
 def audit_page(a: AuditAnalysis, paths: dict[str, Path]) -> str:
@@ -354,7 +382,7 @@ def audit_page(a: AuditAnalysis, paths: dict[str, Path]) -> str:
 
     name = html.escape(a.record.name)
     nav = "".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in a.sections)
-    overview = "".join(f"<p>{inline_html(line)}</p>" for line in _what(a))
+    said = "".join(f"<p>{inline_html(line)}</p>" for line in overview(a).lines)
     env = a.environment
     source = (f'<p class="src">Device {html.escape(str(env.device))}; {html.escape(env.versions(file_order=True))}; '
               f"memlens git {html.escape(str(env.git_commit))}; audit wall time {a.record.wall_time_s or 0:.0f} s.</p>")
@@ -362,43 +390,46 @@ def audit_page(a: AuditAnalysis, paths: dict[str, Path]) -> str:
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>memlens audit: {name}</title>'
             f"<style>{CSS}</style></head><body><h1>memlens audit: {name}</h1>"
             f"<p class=\"src\">generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}</p>{section_html(a.leak, paths)}"
-            f"{overview}{source}<nav>{nav}</nav>{body}</body></html>")
+            f"{said}{source}<nav>{nav}</nav>{body}</body></html>")
 
 
 def audit_markdown(a: AuditAnalysis, figures: dict[str, Path]) -> str:
     """The same analysis as Markdown, figures linked from `figures/` (next to it in report/)."""
     doc = Document(a, "figures", figures)
-    doc.add(f"# memlens audit: {a.record.name}", "\n".join(f"- {line}" for line in _what(a)))
+    doc.add(f"# memlens audit: {a.record.name}", "\n".join(f"- {line}" for line in overview(a).lines))
     for part in a.sections:
         section_markdown(doc, part)
     return "\n".join(doc.lines).rstrip() + "\n"
 
 
 def model_card(a: AuditAnalysis) -> str:
-    """A "Privacy evaluation" section for the model's README (Hugging Face model-card style): what was measured,
-    on which records, with which attacks, the figures and the caveats."""
-    leak, r = a.leak, a.record
+    """A "Privacy evaluation" section for the model's README, laid out as a Hugging Face model card's evaluation
+    (testing data, metrics, results, summary) with its limitations: what was measured, on which records, with
+    which attacks, the figures and the caveats."""
+    leak, said = a.leak, overview(a)
     lines = ["## Privacy evaluation", "",
-             f"*Measured with memlens (`memlens audit`) on {time.strftime('%Y-%m-%d')}. "
-             "The numbers below are computed from the audit's files; rerun the audit to update them.*", "",
-             "### What was measured", "",
-             "Whether the model memorized its fine-tuning data: membership inference (can an attacker tell records "
-             "used in fine-tuning from records that were not?), prompted-prefix extraction (given the first half of a "
-             "training record, does the model complete the rest?)" + (" and the exposure of inserted canaries." if
-                                                                      r.n_canaries else "."), "",
-             *(f"- {line}" for line in _what(a)), ""]
+             f"*Measured with memlens (`memlens audit`) on {time.strftime('%Y-%m-%d')}: whether the model memorized "
+             "its fine-tuning data. Every number below is computed from the audit's files; rerun the audit to update "
+             "them.*", "", said.model, "",
+             "### Testing data", "", *(f"- {line}" for line in said.records), "",
+             "### Metrics", "",
+             "- Can an attacker tell records used in fine-tuning from records that were not? The ROC AUC of each "
+             "membership attack (0.5 is chance) with its interval, and the true positive rate at 1% and 0.1% false "
+             "positive rate (an attacker who must rarely be wrong).",
+             *(f"- {line}" for line in said.methods), *(f"- {note}" for note in said.notes), "",
+             "### Results", ""]
     if leak.omitted:
-        lines += ["### Results", "", f"Not measured: {leak.omitted.reason}.", ""]
+        lines += [f"Not measured: {leak.omitted.reason}.", ""]
     else:
-        lines += ["### Results", "", f"**Verdict: {leak.verdict}.** " + " ".join(leak.sentences), "",
-                  md_table(leak.measures[leak.measures.measure != "verdict"]), ""]
+        lines += [md_table(leak.measures[leak.measures.measure != "verdict"]), ""]
         if len(a.canaries.table):
             lines += [md_table(a.canaries.table, {"exposure": ".2f", "exposure_base": ".2f"}), ""]
+        lines += ["#### Summary", "", f"**Verdict: {leak.verdict}.** " + " ".join(leak.sentences), ""]
     caveats = ([leak.warning] if leak.warning else []) + list(leak.caveats) + [
         "Members and non-members were declared by whoever ran the audit; whatever else differs between the two sets "
-        "(source, date, topic) adds to the AUC: the bag-of-words check above tests the words.",
+        "(source, date, topic) adds to the AUC: the bag-of-words check tests their words.",
         "An AUC near 0.5 on average can hide a few records that are memorized: see TPR at low FPR and the canaries."]
-    lines += ["### Caveats", "", *(f"- {c}" for c in caveats), ""]
+    lines += ["### Limitations", "", *(f"- {c}" for c in caveats), ""]
     return "\n".join(lines)
 
 
@@ -417,6 +448,6 @@ def write_audit_report(root: Path) -> AuditReport:
     return AuditReport(index=index, markdown=markdown, model_card=card, analysis=a)
 
 
-__all__ = ["AuditAnalysis", "AuditReport", "CanaryResults", "LeakSummary", "analyse_audit", "audit_markdown",
-           "audit_page", "canary_table", "exposure_threshold", "leak_summary", "load_audit_results", "model_card",
-           "write_audit_report"]
+__all__ = ["AuditAnalysis", "AuditReport", "CanaryResults", "LeakSummary", "Overview", "analyse_audit",
+           "audit_markdown", "audit_page", "canary_table", "exposure_threshold", "leak_summary", "load_audit_results",
+           "model_card", "overview", "write_audit_report"]

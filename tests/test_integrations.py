@@ -64,12 +64,12 @@ def test_callback_logs_membership_inside_a_trainer(tmp_path, records):
                            LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
                                       task_type="CAUSAL_LM"))
     recorder = Recorder()
-    callback = MemlensCallback(members=members, non_members=non_members, canaries=[CANARY], every=2,
+    callback = MemlensCallback(members=members, non_members=non_members, canaries=[CANARY], every=1,
                                exposure_candidates=20)
-    trainer = _trainer(tmp_path, model, tokenizer, members + [CANARY["text"]] * 4, [recorder, callback], max_steps=4)
+    trainer = _trainer(tmp_path, model, tokenizer, members + [CANARY["text"]] * 4, [recorder, callback], max_steps=2)
     trainer.train()
     logged = [entry for entry in recorder.logs if "memlens/auc" in entry]
-    # a callback given before it (as report_to's are) sees the metrics: logged after steps 2 and 4
+    # a callback given before it (as report_to's are) sees the metrics: logged after steps 1 and 2
     assert len(logged) == 2 and len(callback.seconds) == 2
     last = logged[-1]
     assert {"memlens/auc", "memlens/tpr_at_1pct_fpr", "memlens/auc/loss", "memlens/auc/ref_ratio",

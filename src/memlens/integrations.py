@@ -8,7 +8,7 @@ measures membership leakage of the model being trained, as it trains.
 At each evaluation (every epoch, or every N optimizer steps) it scores the members and non-members with the model
 being trained (put in eval mode, no copy, training mode restored; no gradient), and the base model's scores as
 the reference of the ratio attacks: a PEFT model's base through `disable_adapter` (frozen during LoRA training,
-so scored once), else the model itself as it was when training began. It runs the study's attacks on these
+so scored once, when training begins), else the model itself as it was when training began. It runs the study's attacks on these
 statistics (:mod:`memlens.attacks.registry`) and adds to the Trainer's logs, so `report_to` carries them to
 TensorBoard or W&B: `memlens/auc` and `memlens/tpr_at_1pct_fpr` (the primary attack, `ref_ratio`; `loss` without
 a reference), `memlens/auc/<attack>` for each attack, and `memlens/canary_exposure` (mean over the canaries with a
@@ -83,7 +83,8 @@ class MemlensCallback(TrainerCallback):
     frames with a text column, or files / `hub:NAME:SPLIT` as `memlens audit` reads them); `canaries`: records
     inserted in the training set with a `secret` (and optionally `secret_format`, `copies`, `id`) for exposure;
     `every`: `"epoch"` or a number of optimizer steps; `stop_above`: stop training once the primary AUC is above
-    it. `tokenizer`: the Trainer's `processing_class` by default. `seconds` holds the wall time of each evaluation.
+    it. `tokenizer`: the Trainer's `processing_class` by default. `seconds` holds the wall time of each evaluation,
+    `reference_seconds` that of the base model's scores (once, when training begins).
     """
 
     def __init__(self, members, non_members, canaries=None, *, every: str | int = "epoch",
@@ -104,6 +105,7 @@ class MemlensCallback(TrainerCallback):
         self.exposure_candidates, self.seed = exposure_candidates, seed
         self.labels = np.r_[np.ones(len(self.members), bool), np.zeros(len(self.non_members), bool)]
         self.seconds: list[float] = []  # wall time of each evaluation
+        self.reference_seconds = 0.0  # wall time of the base model's scores, before the first step
         self.history: list[dict[str, float]] = []  # every evaluation's metrics, with its step
         self._ids: list[list[int]] | None = None
         self._reference: SequenceStats | None = None
@@ -216,6 +218,7 @@ class MemlensCallback(TrainerCallback):
         return state.global_step > 0 and state.global_step % self.every == 0
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        start = time.perf_counter()
         self._before_reporters()
         self.tokenizer = self.tokenizer or processing_class
         if self.tokenizer is None:
@@ -223,14 +226,15 @@ class MemlensCallback(TrainerCallback):
                               "MemlensCallback(tokenizer=...)")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        if not hasattr(model, "disable_adapter"):  # the model before its first step is the reference
-            was = model.training
-            model.eval()
-            try:
-                with torch.inference_mode():
-                    self._reference_stats(model, self.tokenizer, state.global_step)
-            finally:
-                model.train(was)
+        # the reference, before the first step: a one-off cost, outside every epoch
+        was = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                self._reference_stats(model, self.tokenizer, state.global_step)
+        finally:
+            model.train(was)
+        self.reference_seconds = time.perf_counter() - start
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if not self._due(state):

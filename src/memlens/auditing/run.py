@@ -285,8 +285,12 @@ def audit(config: AuditConfig | str | Path | None = None, *, overrides: list[str
     records = load_audit_records(cfg, target)
     mia, notes = resolve_mia(cfg, target, records)
     study = _recipe(cfg, target, mia)
-    check_attack_inputs(mia.attacks, mia.reference_corpus, references=cfg.references,
-                        utility=records.utility is not None)  # bad settings refused before any model is loaded
+    try:  # bad settings refused before any model is loaded, in the audit's words
+        check_attack_inputs(mia.attacks, mia.reference_corpus, references=cfg.references,
+                            utility=records.utility is not None)
+    except ConfigError as exc:
+        raise renamed_fields(exc, {"mia.references": "audit.references", "mia.attacks": "audit.mia.attacks",
+                                   "mia.reference_corpus": "audit.mia.reference_corpus"}) from None
     layout = StudyLayout(cfg.out_dir)
     _check_folder(layout)
     with scoring_progress(show_progress) as progress:

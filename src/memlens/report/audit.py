@@ -54,7 +54,9 @@ class LeakSummary(Section):
     caveats: list[str] = field(default_factory=list)
 
     def blocks(self) -> list[Block]:
-        return [*([Text(self.warning, "warn")] if self.warning else []), Text(" ".join(self.sentences)),
+        said = Text(f"Verdict: {self.verdict}. " + " ".join(self.sentences),
+                    "ok" if self.verdict == "no measurable leak" else "warn")
+        return [*([Text(self.warning, "warn")] if self.warning else []), said,
                 Table("leak", self.measures, empty="n/a"), *(Text(c, "src") for c in self.caveats)]
 
     def value(self, measure: str) -> object:
@@ -129,8 +131,9 @@ def _metric_row(mia: pd.DataFrame, attack: str) -> pd.Series | None:
     return rows.iloc[0] if len(rows) else None
 
 
-def _auc(row: pd.Series, level: float) -> str:
-    return f"{row.auc:.3f} ({level:.0%} CI {row.auc_ci_low:.3f}-{row.auc_ci_high:.3f}, `{row.attack}`)"
+def _auc(row: pd.Series, level: float, code: str = "`") -> str:
+    """`0.912 (95% CI 0.85-0.97, `ref_ratio`)`; `code=""` for a table cell (no code spans there)."""
+    return f"{row.auc:.3f} ({level:.0%} CI {row.auc_ci_low:.3f}-{row.auc_ci_high:.3f}, {code}{row.attack}{code})"
 
 
 def _tpr(row: pd.Series | None, point: str) -> tuple[object, str | None]:
@@ -279,10 +282,10 @@ def leak_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResult
     measures = pd.DataFrame([
         ("verdict", verdict, None),
         (f"membership AUC ({primary.attack if primary is not None else 'none'})",
-         _auc(primary, level) if primary is not None else None, None),
-        ("best membership AUC", _auc(best, level), f"{mia.attack.nunique()} attacks"),
-        (f"TPR at 1% FPR (`{best.attack}`)", tpr1, tpr1_note),
-        (f"TPR at 0.1% FPR (`{best.attack}`)", tpr01, tpr01_note),
+         _auc(primary, level, code="") if primary is not None else None, None),
+        ("best membership AUC", _auc(best, level, code=""), f"{mia.attack.nunique()} attacks"),
+        (f"TPR at 1% FPR ({best.attack})", tpr1, tpr1_note),
+        (f"TPR at 0.1% FPR ({best.attack})", tpr01, tpr01_note),
         ("canaries exposed", f"{exposed} of {with_secret}" if with_secret else None,
          None if with_secret else "no canary with a secret" if record.n_canaries else "no canaries given"),
         (f"members extracted verbatim ({decoding or 'none'})", f"{rates['members']:.3f}" if "members" in rates else None,

@@ -199,6 +199,20 @@ def test_a_study_run_folder_gives_the_studys_numbers(plain, tmp_path):
     assert "lowercase" in audited.index and "recall" not in audited.index  # every attack the inputs allow
 
 
+def test_a_full_model_against_its_base(plain, tmp_path):
+    """A full model folder (here the base itself: nothing was fine-tuned) is loaded beside the base and attacked;
+    the rows say its scores measure the base model."""
+    root = plain["root"]
+    summary = memlens.audit(target=str(LLAMA_TINY), base=str(LLAMA_TINY), members=str(root / "members.jsonl"),
+                            non_members=str(root / "non_members.jsonl"), text_field="context",
+                            out=str(tmp_path / "full"), show_progress=False,
+                            overrides=["mia.attacks=[loss, ref_ratio]", "mia.bootstrap=0", "extraction.enabled=false"])
+    mia = summary.results[summary.results.stage == "mia"].set_index("attack")
+    assert mia.loc["ref_ratio", "method"] == "full" and mia.loc["ref_ratio", "target_modules"] == "all"
+    assert bool(mia.loc["ref_ratio", "model_unchanged"]) and "measure the base model" in mia.loc["ref_ratio", "note"]
+    assert "measure the base model" in summary.report.analysis.leak.warning  # said on the first screen
+
+
 def test_validity_rules(plain, tmp_path):
     root = plain["root"]
     shared, first = tmp_path / "shared.jsonl", (root / "members.jsonl").read_text().splitlines()[0]

@@ -268,6 +268,9 @@ def leak_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResult
         warning = (f"Read this first: {bow_text} The membership AUC then measures how the member and non-member "
                    "files differ as well as what the model memorized: draw the non-members from the same source as "
                    "the members.")
+    if primary is not None and bool(primary.get("model_unchanged", False)):
+        note = str(primary.get("note"))
+        warning = " ".join(filter(None, [warning, f"{note[:1].upper()}{note[1:]}."]))
     if verdict == "no measurable leak":
         caveats.append("No measurable leak is not a guarantee: a stronger attack, more records or other data may "
                        "show one; only differential privacy bounds what any attack can learn.")

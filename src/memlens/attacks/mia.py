@@ -63,6 +63,7 @@ from memlens.context import StudyContext
 from memlens.data import StudyData
 from memlens.metrics.roc import membership_metrics
 from memlens.models import AdapterBank, load_base_model, load_tokenizer, resolve_device, resolve_dtype
+from memlens.models.adapters import PEFT_CONFIG
 from memlens.score import SequenceStats, cached_token_stats, model_fingerprint, perplexity, token_stats, tokens_hash
 from memlens.store import (
     RunFile,
@@ -434,7 +435,7 @@ def run_mia(ctx: StudyContext, cells: Sequence[CellConfig] | None = None, *, for
                 run_data.ref_models = ref_stats.matrix(refs, texts, also=population(data).text.tolist())
                 run_data.ref_in = in_matrix(refs, texts)
             scores, utility = score_run(scorer, run_id, run_data, base, attacks, freq,
-                                         _split_names(study, cell.membership))
+                                        _split_names(study, cell.membership))
             bow = bow_row(members, data.non_members, study.mia, layout.cache) if study.mia.bag_of_words_baseline else None
             utility["mia_wall_time_s"] = time.perf_counter() - start
             meta = run_metadata(layout, run_id, cell, study.model.name_or_path)
@@ -481,7 +482,6 @@ def attack_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attac
     return scores, result_rows(counted, utility, attacks, scorer.mia, meta, bow)
 
 
-
 def _as_frame(records, split: str, is_member: bool) -> pd.DataFrame:
     if isinstance(records, pd.DataFrame):
         frame = records.copy()
@@ -502,7 +502,8 @@ def attack_models(model: str | ModelConfig, adapters: dict[str, str | Path] | Se
                   show_progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Membership inference without a study file.
 
-    `model`: base model path/id (or a ModelConfig); `adapters`: {name: run folder or adapter folder}
+    `model`: base model path/id (or a ModelConfig); `adapters`: {name: run folder or adapter folder (memlens' or
+    plain PEFT's)}
     or a list of folders (named by folder name); `members` / `non_members` / `utility`: lists of texts
     or frames with `text` (and optionally `sample_id`, `is_canary`, and `group`, the document of each record,
     for the bag-of-words check's grouped folds). Returns (per-record scores, result rows of stages `mia` and
@@ -537,9 +538,12 @@ def attack_models(model: str | ModelConfig, adapters: dict[str, str | Path] | Se
                if mia.bag_of_words_baseline else None)
         for name, path in adapters.items():
             path = Path(path)
-            scorer.bank.add(name, path.parent if path.name == "adapter" else path)
-            scores, rows = attack_run(scorer, name, data, base, attacks, {"run_id": name, "model": model_cfg.name_or_path},
-                                      token_log_freq=freq, bow=bow)
+            if (path / PEFT_CONFIG).is_file() and not (path.parent / RunFile.TRAIN).is_file():
+                scorer.bank.add_adapter(name, path)  # an adapter saved by plain PEFT
+            else:  # a run folder, or its adapter/ (its checksums are verified)
+                scorer.bank.add(name, path.parent if path.name == "adapter" else path)
+            meta = {"run_id": name, "model": model_cfg.name_or_path}
+            scores, rows = attack_run(scorer, name, data, base, attacks, meta, token_log_freq=freq, bow=bow)
             scores_parts.append(scores)
             result_parts.append(rows)
             progress.advance(task)

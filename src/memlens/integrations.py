@@ -46,10 +46,16 @@ ATTACKS = ("loss", "ref_ratio", "ref_llr", "zlib", "min_k")  # one pass each way
 PREFIX = "memlens"
 
 
+def _names(what: str) -> dict[str, str]:
+    """The study fields data loading names, as this callback's arguments."""
+    return {"data.source": f"MemlensCallback({what}s=...)", "data.text_field": "MemlensCallback(text_field=...)",
+            "data.id_field": "the file's `id` column", "data.group": "groups"}
+
+
 def _texts(records, what: str, text_field: str) -> list[str]:
     """Texts from a list of strings, a frame with a text column, or a file / hub split (memlens' readers)."""
     if isinstance(records, (str, Path)):
-        return read_records(str(records), what=what, text_field=text_field).text.tolist()
+        return read_records(str(records), what=what, text_field=text_field, names=_names(what)).text.tolist()
     if isinstance(records, pd.DataFrame):
         column = text_field if text_field in records else "text"
         if column not in records:
@@ -67,13 +73,14 @@ def _canaries(records, text_field: str) -> list[Canary]:
         return []
     if isinstance(records, (str, Path)):
         frame = read_records(str(records), what="canary", text_field=text_field,
-                             keep=("copies", "secret", "secret_format"))
+                             keep=("copies", "secret", "secret_format"), names=_names("canarie"))
     else:
         frame = pd.DataFrame(list(records) if not isinstance(records, pd.DataFrame) else records)
         frame = frame.rename(columns={text_field: "text", "id": "sample_id"})
         if "sample_id" not in frame:
             frame["sample_id"] = [f"canary-{i}" for i in range(len(frame))]
-    return [canary_from_record(row, f"canary {row.sample_id!r}") for _, row in frame.iterrows()]
+    return [canary_from_record(row, f"canary {row.sample_id!r}", field="MemlensCallback(canaries=...)")
+            for _, row in frame.iterrows()]
 
 
 class MemlensCallback(TrainerCallback):

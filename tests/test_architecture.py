@@ -4,6 +4,7 @@ API is what the README says, and the README's Python example runs."""
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 import subprocess
 import sys
@@ -83,8 +84,10 @@ def test_lower_floors_do_not_import_upper_floors():
 
 
 def test_public_api_and_version():
+    importlib.import_module("memlens.auditing")  # importing the workflow's package leaves the function memlens.audit
+
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", memlens.__version__)
-    for name in ("load_study", "run_study", "attack_models", "build_report", "study_status", "StudyConfig"):
+    for name in ("load_study", "run_study", "attack_models", "audit", "build_report", "study_status", "StudyConfig"):
         assert callable(getattr(memlens, name)), name
     assert set(memlens.__all__) >= {"__version__", "load_study", "run_study", "attack_models", "build_report"}
 

@@ -50,7 +50,7 @@ def test_examples_match_the_study_setting():
 
 def test_commands_are_listed():
     result = CliRunner().invoke(app, ["--help"])
-    for command in ("run", "status", "report", "demo", "finetune", "attack", "config-reference"):
+    for command in ("run", "status", "report", "demo", "finetune", "attack", "audit", "config-reference"):
         assert command in result.output
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from memlens.attacks.mia import Scorer, _result_rows, run_mia
+from memlens.attacks.mia import Scorer, result_rows, run_mia
 from memlens.attacks.recall import draw_prefix, prefix_text, tail_mean_logprob, with_prefix
 from memlens.attacks.registry import ATTACKS, AttackInputs, check_attack_inputs, configure_attacks, run_attacks
 from memlens.config import ConfigError, MIAConfig
@@ -68,7 +68,7 @@ def test_partial_scores_are_left_out_of_the_metrics_with_a_note():
     scores = pd.DataFrame({"is_member": np.arange(n) < 30, "is_canary": False, "con_recall": rng.normal(size=n),
                            "nll_ft": rng.uniform(2, 3, n), "nll_ref": rng.uniform(3, 4, n)})
     scores.loc[[0, 1, 2], "con_recall"] = np.nan
-    rows = _result_rows(scores, {}, configure_attacks(["con_recall"]), MIAConfig(bootstrap=0), {"run_id": "r"}, None)
+    rows = result_rows(scores, {}, configure_attacks(["con_recall"]), MIAConfig(bootstrap=0), {"run_id": "r"}, None)
     row = rows[rows.attack == "con_recall"].iloc[0]
     assert row.n_members == 27 and row.n_non_members == 30 and "3 member(s) left unscored" in row.note
     assert not row.model_unchanged and "base model" not in row.note

@@ -8,6 +8,7 @@ The Python API (the same engine as the `memlens` command line)::
     summary = memlens.run_study(study)            # fine-tune -> attack -> report, resumable
     report = memlens.build_report(summary.out)    # rebuild report/index.html
     scores, results = memlens.attack_models(base, {"name": adapter_dir}, members, non_members)
+    audited = memlens.audit(target="my-adapter", members="train.jsonl", non_members="held-out.jsonl")
 
 Names are imported on first use, so `import memlens` stays light (no torch until a function needs it).
 """
@@ -32,6 +33,7 @@ _API = {
     "write_report": "memlens.runner",
     "study_status": "memlens.study.cell",
     "attack_models": "memlens.attacks.mia",
+    "audit": "memlens.auditing",
     "build_report": "memlens.report",
     "StudyLayout": "memlens.store",
 }

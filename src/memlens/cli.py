@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from memlens.auditing import audit as run_audit
 from memlens.config import ConfigError, StudyConfig, load_study
 from memlens.demo import run_demo
 from memlens.docs import config_reference_markdown
@@ -231,6 +232,60 @@ def demo(
     _print_summary(summary)
     if not summary.ok:
         raise typer.Exit(1)
+
+
+def _option(name: str, help_: str):
+    return typer.Option(name, help=help_)
+
+
+@app.command()
+def audit(
+    config: Annotated[Optional[Path], typer.Argument(
+        help="YAML file whose `audit:` section holds the fields below (the options override it).", exists=True,
+        dir_okay=False)] = None,
+    target: Annotated[Optional[str], _option("--target", "PEFT adapter folder, full model folder or hub id, or a "
+                                             "memlens run folder.")] = None,
+    base: Annotated[Optional[str], _option("--base", "Base model (default: the adapter's base_model_name_or_path, a "
+                                           "run folder's study model); required for a full model.")] = None,
+    members: Annotated[Optional[str], _option("--members", "Records known to be in the training set: .jsonl, .csv, "
+                                              ".parquet, .txt (one a line) or hub:NAME:SPLIT.")] = None,
+    non_members: Annotated[Optional[str], _option("--non-members", "Records known not to be in it (same "
+                                                  "formats).")] = None,
+    canaries: Annotated[Optional[str], _option("--canaries", "Records inserted in the training set (a `copies` "
+                                               "column if repeated, a `secret` column for exposure).")] = None,
+    text_field: Annotated[Optional[str], _option("--text-field", "Column holding each record's text (default "
+                                                 "text).")] = None,
+    group: Annotated[Optional[str], _option("--group", "Document groups of the bag-of-words check: a column or a "
+                                            "regex over the id.")] = None,
+    out: OutOpt = None,
+    references: Annotated[Optional[int], _option("--references", "Reference models to train for LiRA and RMIA "
+                                                 "(needs --train-config).")] = None,
+    train_config: Annotated[Optional[str], _option("--train-config", "YAML file of the optimiser settings the target "
+                                                   "was trained with (the study's train fields).")] = None,
+    load_in_8bit: Annotated[Optional[bool], typer.Option("--load-in-8bit/--no-8bit", help="Load the base model in "
+                                                         "8 bits (bitsandbytes).")] = None,
+    set_: SetOpt = None,
+    no_progress: NoProgressOpt = False,
+) -> None:
+    """Audit a model you already fine-tuned: membership inference, extraction and canaries against records known
+    to be in its training set and records known not to be; writes results, report and model-card.md."""
+    fields = {"target": target, "base": base, "members": members, "non_members": non_members, "canaries": canaries,
+              "text_field": text_field, "group": group, "out": str(out) if out else None, "references": references,
+              "train_config": train_config, "load_in_8bit": load_in_8bit}
+    try:
+        summary = run_audit(config, overrides=set_, show_progress=not no_progress and not _State.quiet, **fields)
+    except (ConfigError, StudyLockedError) as exc:
+        _fail(exc)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        _fail_disk(exc)
+    leak = summary.report.analysis.leak
+    if not leak.omitted:
+        say(f"verdict: {leak.verdict}. {' '.join(leak.sentences)}")
+    typer.echo(f"report: {summary.report.index}")
+    typer.echo(f"markdown: {summary.report.markdown}")
+    typer.echo(f"model card: {summary.model_card}")
 
 
 @app.command("config-reference")

@@ -8,7 +8,7 @@ import re
 from pydantic import BaseModel
 
 from memlens.attacks.registry import ATTACKS
-from memlens.config import StudyConfig
+from memlens.config import AuditConfig, StudyConfig
 
 
 def _type_name(annotation) -> str:
@@ -28,18 +28,35 @@ def _default_cell(field) -> str:
     return f"`{json.dumps(default)}`"
 
 
+def _field_rows(fields: dict) -> list[str]:
+    """A table of fields: key, type, default, description."""
+    lines = ["| key | type | default | description |", "|---|---|---|---|"]
+    for key, sub in fields.items():
+        typ = _type_name(sub.annotation).replace("|", "\\|")
+        desc = (sub.description or "").replace("|", "\\|")
+        lines.append(f"| `{key}` | `{typ}` | {_default_cell(sub)} | {desc} |")
+    return lines
+
+
+def _audit_reference() -> list[str]:
+    """The `audit:` file (and `memlens audit` options): its own fields, then its `mia` and `extraction` sections,
+    the study's."""
+    own = {k: f for k, f in AuditConfig.model_fields.items() if k not in ("mia", "extraction")}
+    return ["### The audit file (`audit:`)", "", "`memlens audit [FILE]` reads these fields from the file's `audit:` "
+            "section, and `memlens.audit(...)` takes them as keywords; the first ones are also command-line options "
+            "(`--non-members` for `non_members`), and `--set key=value` sets any (`--set mia.bootstrap=200`). `mia` and `extraction` are the study's sections above; `mia.attacks` defaults to "
+            "every attack the audit's inputs allow.", "", *_field_rows(own), ""]
+
+
 def config_reference_markdown() -> str:
-    """One table per section of the study file: key, type, default, description."""
+    """One table per section of the study file (key, type, default, description), the attacks, and the audit
+    file's fields."""
     top, lines = [], []
     for section, field in StudyConfig.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             lines += [f"### `{section}`", "", annotation.__doc__.strip().splitlines()[0], "",
-                      "| key | type | default | description |", "|---|---|---|---|"]
-            for key, sub in annotation.model_fields.items():
-                typ = _type_name(sub.annotation).replace("|", "\\|")
-                desc = (sub.description or "").replace("|", "\\|")
-                lines.append(f"| `{key}` | `{typ}` | {_default_cell(sub)} | {desc} |")
+                      *_field_rows(annotation.model_fields)]
             lines.append("")
         else:
             desc = field.description or ""
@@ -54,7 +71,7 @@ def config_reference_markdown() -> str:
         description = " ".join(attack.description.split())
         cells = (f"`{name}`", needs, settings, description)
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join([*top, "", *lines])
+    return "\n".join([*top, "", *lines, "", *_audit_reference()]).rstrip("\n")
 
 
 __all__ = ["config_reference_markdown"]

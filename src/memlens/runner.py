@@ -198,8 +198,11 @@ def write_report(out: Path, markdown: Path | None = None, *, command: str | None
     """(Re)build the HTML report of the study in `out` under its lock, and with `markdown` also the
     findings document there. Returns (index.html, findings document or None)."""
     layout = StudyLayout(Path(out))
-    if not layout.study_file.exists():
+    if not layout.study_file.exists() and not layout.is_audit:
         raise ConfigError(f"{out}: not a memlens study folder (no {layout.study_file.name})")
+    if layout.is_audit and markdown is not None:
+        raise ConfigError(f"--markdown: {out} is an audit folder, whose Markdown report is report/index.md "
+                          "(rewritten with the HTML)")
     with StudyLock(layout.root):
         if markdown is None:
             return build_report(layout.root), None

@@ -229,6 +229,67 @@ def aggregate(rows: pd.DataFrame, targets: pd.DataFrame, prompts: dict[str, Prom
     return pd.DataFrame(out)
 
 
+# ------------------------------------------------------------------------------------------- one model
+def resolve_decodings(cfg: ExtractionConfig) -> list[Decoding]:
+    """`extraction.decodings` resolved (temperature floor applied); names must be unique."""
+    decodings = [resolve_decoding(d, cfg.min_temperature, f"extraction.decodings[{i}]")
+                 for i, d in enumerate(cfg.decodings)]
+    names = [d.name for d in decodings]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"extraction.decodings: names must be unique, got {names}")
+    return decodings
+
+
+def attackable(prompts: dict[str, Prompt | None], cfg: ExtractionConfig) -> list[Prompt]:
+    """The prompts that leave a suffix to generate, in order; none is an error naming the setting."""
+    attacked = [p for p in prompts.values() if p is not None]
+    if not attacked:
+        raise ConfigError(f"extraction.prefix_len: every record has at most {cfg.prefix_len} tokens, leaving "
+                          "nothing to generate; lower prefix_len or use split: midpoint")
+    return attacked
+
+
+def exposed_canaries(canaries: list[Canary], cfg: ExtractionConfig) -> list[Canary]:
+    """The canaries whose exposure is measured, in order: those with a secret, when `extraction.exposure`."""
+    return [c for c in canaries if cfg.exposure and c.secret is not None]
+
+
+def extract_model(name: str, bank: AdapterBank, targets: pd.DataFrame, prompts: dict[str, Prompt | None],
+                  decodings: list[Decoding], cfg: ExtractionConfig, tokenizer, ppl_base: dict[str, float],
+                  base_generations: dict[str, pd.DataFrame], progress: Progress | None,
+                  canaries: list[Canary] = (), base_exposure: dict[str, dict] | None = None
+                  ) -> tuple[pd.DataFrame, list[dict]]:
+    """Prompted-prefix extraction by the model attached to `bank` as `name` on `targets` (select_targets'
+    frame), with the base model's control (`ppl_base`, `base_generations`: base_control's) and the exposure of
+    each canary that has a secret (with `extraction.exposure`) under both models; `base_exposure` caches the
+    base model's by canary across models. Returns (one row per model, record and decoding; exposure rows: under
+    the model then the base, for each of :func:`exposed_canaries` in order)."""
+    pad = tokenizer.pad_token_id
+    attacked = [prompts[t] for t in dict.fromkeys(targets.text) if prompts[t] is not None]
+    secret = exposed_canaries(canaries, cfg)
+    pools = {c.text: draw_candidates(c.secret_format, c.secret, cfg.exposure_candidates, cfg.seed) for c in secret}
+    kwargs = dict(n_candidates=cfg.exposure_candidates, seed=cfg.seed, batch_size=cfg.batch_size, pad_token_id=pad)
+    with torch.inference_mode(), bank.use(name) as model:
+        ppl_ft = full_ppl(model, attacked, pad, cfg.batch_size)
+        ft_generations = generate_all(model, attacked, decodings, cfg, tokenizer, progress, name)
+        exposed = [measure_exposure(model, tokenizer, c, candidates=pools[c.text], **kwargs).to_dict() for c in secret]
+    base_exposure = {} if base_exposure is None else base_exposure
+    exposure_rows = []
+    for canary, finetuned in zip(secret, exposed):
+        key = f"{canary.text}\x00{canary.copies}"
+        if key not in base_exposure:
+            with torch.inference_mode(), bank.use(None) as model:
+                base_exposure[key] = measure_exposure(model, tokenizer, canary, candidates=pools[canary.text],
+                                                      **kwargs).to_dict()
+        exposure_rows += [{"run_id": name, "model": "finetuned", **finetuned},
+                          {"run_id": name, "model": "base", **base_exposure[key]}]
+    rows = pd.concat([
+        score_rows(name, "finetuned", targets, prompts, ft_generations, ppl_base, ppl_ft, tokenizer, cfg),
+        score_rows(name, "base", targets, prompts, base_generations, ppl_base, ppl_ft, tokenizer, cfg),
+    ], ignore_index=True)
+    return rows, exposure_rows
+
+
 # ------------------------------------------------------------------------------------------- stage
 def _merge_study_files(layout: StudyLayout) -> None:
     for run_name, study_name in ((RunFile.EXTRACTION, StudyFile.EXTRACTION), (RunFile.EXPOSURE, StudyFile.EXPOSURE)):
@@ -250,14 +311,15 @@ def merge_study(ctx: StudyContext) -> None:
                 continue  # not a run of this study, or a damaged one (its cell fails, naming the file)
             exposure = layout.run_file(run_id, RunFile.EXPOSURE)
             meta = run_metadata(layout, run_id, ctx.cells[run_id], ctx.study.model.name_or_path)
-            parts.append(_result_rows(meta, pd.read_parquet(layout.run_file(run_id, RunFile.EXTRACTION_RESULTS)),
+            parts.append(extraction_result_rows(meta, pd.read_parquet(layout.run_file(run_id, RunFile.EXTRACTION_RESULTS)),
                                       pd.read_parquet(exposure) if exposure.exists() else None))
         if parts:
             upsert_results(layout, pd.concat(parts, ignore_index=True))
 
 
-def _result_rows(meta: dict, results: pd.DataFrame, exposure: pd.DataFrame | None) -> pd.DataFrame:
-    """The results.parquet rows of one run's extraction (and exposure) results; `meta` its identifying columns."""
+def extraction_result_rows(meta: dict, results: pd.DataFrame, exposure: pd.DataFrame | None) -> pd.DataFrame:
+    """The results.parquet rows of one run's extraction (and exposure) results; `meta` its identifying columns.
+    An exposure row with a `canary_id` (a model audited with several canaries) is named `exposure@<canary_id>`."""
     rows = []
     for rec in results.to_dict("records"):
         suffix = "" if rec["model"] == "finetuned" else ":base"
@@ -268,7 +330,8 @@ def _result_rows(meta: dict, results: pd.DataFrame, exposure: pd.DataFrame | Non
         for rec in exposure.to_dict("records"):
             suffix = "" if rec["model"] == "finetuned" else ":base"
             rec = {k: v for k, v in rec.items() if k not in ("run_id", "model")}
-            rows.append({**meta, "stage": "exposure", "attack": f"exposure{suffix}", **rec})
+            canary = f"@{rec['canary_id']}" if rec.get("canary_id") else ""
+            rows.append({**meta, "stage": "exposure", "attack": f"exposure{canary}{suffix}", **rec})
     return pd.DataFrame(rows)
 
 
@@ -286,14 +349,8 @@ def run_extraction(ctx: StudyContext, cells: list[CellConfig] | None = None, for
         with write_lock(layout.root):
             _merge_study_files(layout)
         return pd.DataFrame()
-    decodings = [resolve_decoding(d, cfg.min_temperature, f"extraction.decodings[{i}]")
-                 for i, d in enumerate(cfg.decodings)]
-    names = [d.name for d in decodings]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"extraction.decodings: names must be unique, got {names}")
-
+    decodings = resolve_decodings(cfg)
     tokenizer = ctx.tokenizer()
-    pad = tokenizer.pad_token_id
     base = load_base_model(study.model, resolve_device(study.model.device))
     bank = AdapterBank(base)
 
@@ -301,10 +358,7 @@ def run_extraction(ctx: StudyContext, cells: list[CellConfig] | None = None, for
                for r, cell in todo}
     all_texts = sorted({t for frame in targets.values() for t in frame.text})
     prompts = build_prompts(all_texts, tokenizer, cfg)
-    attacked = [prompts[t] for t in all_texts if prompts[t] is not None]
-    if not attacked:
-        raise ConfigError(f"extraction.prefix_len: every record has at most {cfg.prefix_len} tokens, leaving "
-                          "nothing to generate; lower prefix_len or use split: midpoint")
+    attacked = attackable(prompts, cfg)
 
     upserted = []
     with Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -318,28 +372,9 @@ def run_extraction(ctx: StudyContext, cells: list[CellConfig] | None = None, for
             run_dir = layout.run_dir(run_id)
             canary = Canary(**read_train_info(run_dir).canary)
             run_targets = targets[run_id]
-            run_prompts = [prompts[t] for t in dict.fromkeys(run_targets.text) if prompts[t] is not None]
             bank.add(run_id, run_dir)
-            with torch.inference_mode(), bank.use(run_id) as model:
-                ppl_ft = full_ppl(model, run_prompts, pad, cfg.batch_size)
-                ft_generations = generate_all(model, run_prompts, decodings, cfg, tokenizer, progress, run_id)
-                exposure_rows = []
-                if cfg.exposure and canary.secret is not None:
-                    pool = draw_candidates(canary.secret_format, canary.secret, cfg.exposure_candidates, cfg.seed)
-                    kwargs = dict(n_candidates=cfg.exposure_candidates, seed=cfg.seed, batch_size=cfg.batch_size,
-                                  pad_token_id=pad, candidates=pool)
-                    exposure_rows.append({"run_id": run_id, "model": "finetuned",
-                                          **measure_exposure(model, tokenizer, canary, **kwargs).to_dict()})
-            if exposure_rows:
-                key = f"{canary.text}\x00{canary.copies}"
-                if key not in base_exposure:
-                    with torch.inference_mode(), bank.use(None) as model:
-                        base_exposure[key] = measure_exposure(model, tokenizer, canary, **kwargs).to_dict()
-                exposure_rows.append({"run_id": run_id, "model": "base", **base_exposure[key]})
-            rows = pd.concat([
-                score_rows(run_id, "finetuned", run_targets, prompts, ft_generations, ppl_base, ppl_ft, tokenizer, cfg),
-                score_rows(run_id, "base", run_targets, prompts, base_generations, ppl_base, ppl_ft, tokenizer, cfg),
-            ], ignore_index=True)
+            rows, exposure_rows = extract_model(run_id, bank, run_targets, prompts, decodings, cfg, tokenizer, ppl_base,
+                                                base_generations, progress, [canary], base_exposure)
             results = aggregate(rows, run_targets, prompts, cfg)
             exposure = pd.DataFrame(exposure_rows) if exposure_rows else None
             atomic_write_parquet(run_dir / RunFile.EXTRACTION, rows)
@@ -348,7 +383,7 @@ def run_extraction(ctx: StudyContext, cells: list[CellConfig] | None = None, for
             else:
                 (run_dir / RunFile.EXPOSURE).unlink(missing_ok=True)  # stale from an earlier configuration
             atomic_write_parquet(run_dir / RunFile.EXTRACTION_RESULTS, results)  # last: marks the run done
-            run_rows = _result_rows(run_metadata(layout, run_id, cell, study.model.name_or_path), results, exposure)
+            run_rows = extraction_result_rows(run_metadata(layout, run_id, cell, study.model.name_or_path), results, exposure)
             with write_lock(layout.root):  # several workers of one study may finish at once
                 upsert_results(layout, run_rows)
             upserted.append(run_rows)

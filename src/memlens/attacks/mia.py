@@ -63,6 +63,7 @@ from memlens.context import StudyContext
 from memlens.data import StudyData
 from memlens.metrics.roc import membership_metrics
 from memlens.models import AdapterBank, load_base_model, load_tokenizer, resolve_device, resolve_dtype
+from memlens.models.adapters import PEFT_CONFIG
 from memlens.score import SequenceStats, cached_token_stats, model_fingerprint, perplexity, token_stats, tokens_hash
 from memlens.store import (
     RunFile,
@@ -186,7 +187,9 @@ class RunData:
     ref_in: np.ndarray | None = None
 
 
-def _token_log_freq(scorer: Scorer) -> np.ndarray | None:
+def token_log_freq(scorer: Scorer) -> np.ndarray | None:
+    """(vocabulary,) log token frequencies of `mia.reference_corpus` under the scorer's tokenizer (DC-PDD), or
+    None when no corpus is set."""
     path = scorer.mia.reference_corpus
     if path is None:
         return None
@@ -200,10 +203,12 @@ def _token_log_freq(scorer: Scorer) -> np.ndarray | None:
     return token_log_frequencies(scorer.tokenize(lines), vocab)
 
 
-def _score_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attacks: list[ConfiguredAttack],
-               token_log_freq: np.ndarray | None, split_names: tuple[str, str]) -> tuple[pd.DataFrame, dict]:
-    """Score one attached run: per-record scores (frame) and utility perplexities (dict); `token_log_freq`
-    (vocabulary,) for DC-PDD."""
+def score_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attacks: list[ConfiguredAttack],
+              token_log_freq: np.ndarray | None, split_names: tuple[str, str]) -> tuple[pd.DataFrame, dict]:
+    """Score the model attached to `scorer`'s bank as `name` on `data`: per-record scores (a frame of the
+    `mia_scores.parquet` schema: run_id, sample_id, split, is_member, is_canary, one column per attack, n_tokens,
+    nll_ft, nll_ref) and utility perplexities (dict); `base` gives the base model's statistics of the texts,
+    `token_log_freq` (vocabulary,) is DC-PDD's, `split_names` the `split` values of members and non-members."""
     texts = data.members.text.tolist() + data.non_members.text.tolist()
     n, n_members = len(texts), len(data.members)
     inputs, ft_utility = _passes(scorer, name, data, attacks)
@@ -308,7 +313,7 @@ def check_membership_records(ctx: StudyContext) -> None:
                               "mia.bag_of_words_baseline: false") from None
 
 
-def _bow_row(members: pd.DataFrame, non_members: pd.DataFrame, mia: MIAConfig, cache_dir: Path | None) -> dict:
+def bow_row(members: pd.DataFrame, non_members: pd.DataFrame, mia: MIAConfig, cache_dir: Path | None) -> dict:
     """Bag-of-words baseline on these records (folds grouped by document when they have a `group`), cached on
     disk: it depends on the texts and groups only, so cells with the same members share it."""
     groups = ("group" in members and "group" in non_members) or None
@@ -327,8 +332,12 @@ def _bow_row(members: pd.DataFrame, non_members: pd.DataFrame, mia: MIAConfig, c
     return row
 
 
-def _result_rows(scores: pd.DataFrame, utility: dict, attacks: list[ConfiguredAttack], mia: MIAConfig, meta: dict,
-                 bow: dict | None) -> pd.DataFrame:
+def result_rows(scores: pd.DataFrame, utility: dict, attacks: list[ConfiguredAttack], mia: MIAConfig, meta: dict,
+                bow: dict | None) -> pd.DataFrame:
+    """The `results.parquet` rows of one scored run (:func:`score_run`'s frame and utility): stage `mia`, one row
+    per attack (AUC, TPRs with intervals, the operating point, where its canary ranks) and the bag-of-words
+    baseline `bow` (:func:`bow_row`) when given; stage `utility`, the perplexities. `meta`: the run's
+    identifying columns."""
     labels = scores.is_member.to_numpy()
     canary = scores.is_canary.to_numpy()
     unchanged = unchanged_model_note(scores)
@@ -376,7 +385,8 @@ def unchanged_model_note(scores: pd.DataFrame) -> str | None:
 
 
 @contextlib.contextmanager
-def _progress(show: bool) -> Iterator[Progress]:
+def scoring_progress(show: bool) -> Iterator[Progress]:
+    """The membership stage's progress display on stderr (disabled unless `show`)."""
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not show, transient=False, console=Console(stderr=True)) as progress:
         yield progress
@@ -406,7 +416,7 @@ def _split_names(study: StudyConfig, design: Design) -> tuple[str, str]:
 def prepare_base_cache(ctx: StudyContext) -> None:
     """Compute and cache the base-model scores of the study's datasets (run by a distributed driver
     before fanning out, so workers only read them)."""
-    with _progress(ctx.show_progress) as progress:
+    with scoring_progress(ctx.show_progress) as progress:
         scorer = Scorer(ctx.study.model, ctx.study.mia, ctx.layout.cache, progress)
         BaseScores(scorer, _base_datasets(ctx.designs()))
 
@@ -422,11 +432,11 @@ def run_mia(ctx: StudyContext, cells: Sequence[CellConfig] | None = None, *, for
     todo = ctx.pending(RunFile.MIA_RESULTS, cells, force)
     if not todo:
         return pd.DataFrame()
-    with _progress(ctx.show_progress) as progress:
+    with scoring_progress(ctx.show_progress) as progress:
         scorer = Scorer(study.model, study.mia, layout.cache, progress)
         designs = ctx.designs()
         base = BaseScores(scorer, _base_datasets(designs))
-        freq = _token_log_freq(scorer)
+        freq = token_log_freq(scorer)
         ref_stats = scorer.reference_statistics() if "references" in needs_of(attacks) else None
         runs_task = progress.add_task("membership inference", total=len(todo))
         all_rows = []
@@ -442,12 +452,12 @@ def run_mia(ctx: StudyContext, cells: Sequence[CellConfig] | None = None, *, for
                 texts = members.text.tolist() + data.non_members.text.tolist()
                 run_data.ref_models = ref_stats.matrix(refs, texts, also=population(data).text.tolist())
                 run_data.ref_in = in_matrix(refs, texts)
-            scores, utility = _score_run(scorer, run_id, run_data, base, attacks, freq,
-                                         _split_names(study, cell.membership))
-            bow = _bow_row(members, data.non_members, study.mia, layout.cache) if study.mia.bag_of_words_baseline else None
+            scores, utility = score_run(scorer, run_id, run_data, base, attacks, freq,
+                                        _split_names(study, cell.membership))
+            bow = bow_row(members, data.non_members, study.mia, layout.cache) if study.mia.bag_of_words_baseline else None
             utility["mia_wall_time_s"] = time.perf_counter() - start
             meta = run_metadata(layout, run_id, cell, study.model.name_or_path)
-            rows = _result_rows(scores, utility, attacks, study.mia, meta, bow)
+            rows = result_rows(scores, utility, attacks, study.mia, meta, bow)
             atomic_write_parquet(run_dir / RunFile.MIA_SCORES, scores)
             atomic_write_parquet(run_dir / RunFile.MIA_RESULTS, rows)  # written last: marks the stage done
             all_rows.append(rows)
@@ -477,6 +487,19 @@ def merge_study(layout: StudyLayout) -> None:
 
 
 # ------------------------------------------------------------------------------------- direct API
+def attack_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attacks: list[ConfiguredAttack],
+               meta: dict, *, token_log_freq: np.ndarray | None = None, bow: dict | None = None,
+               split_names: tuple[str, str] = ("member", "non_member"),
+               scored_in_metrics: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Membership inference on the model attached to `scorer`'s bank as `name`, without a study: (per-record
+    scores, result rows of stages `mia` and `utility`), as `run_mia` writes them. `meta` are the rows' identifying
+    columns; `scored_in_metrics` (records,) bool, when given, keeps only those records in the metrics (every
+    record is scored and returned)."""
+    scores, utility = score_run(scorer, name, data, base, attacks, token_log_freq, split_names)
+    counted = scores if scored_in_metrics is None else scores[scored_in_metrics].reset_index(drop=True)
+    return scores, result_rows(counted, utility, attacks, scorer.mia, meta, bow)
+
+
 def _as_frame(records, split: str, is_member: bool) -> pd.DataFrame:
     if isinstance(records, pd.DataFrame):
         frame = records.copy()
@@ -497,7 +520,8 @@ def attack_models(model: str | ModelConfig, adapters: dict[str, str | Path] | Se
                   show_progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Membership inference without a study file.
 
-    `model`: base model path/id (or a ModelConfig); `adapters`: {name: run folder or adapter folder}
+    `model`: base model path/id (or a ModelConfig); `adapters`: {name: run folder or adapter folder (memlens' or
+    plain PEFT's)}
     or a list of folders (named by folder name); `members` / `non_members` / `utility`: lists of texts
     or frames with `text` (and optionally `sample_id`, `is_canary`, and `group`, the document of each record,
     for the bag-of-words check's grouped folds). Returns (per-record scores, result rows of stages `mia` and
@@ -519,23 +543,26 @@ def attack_models(model: str | ModelConfig, adapters: dict[str, str | Path] | Se
         adapters = {Path(p).name: p for p in adapters}
     data = RunData(_as_frame(members, "member", True), _as_frame(non_members, "non_member", False),
                    _as_frame(utility, "utility", False) if utility is not None else None)
-    with _progress(show_progress) as progress:
+    with scoring_progress(show_progress) as progress:
         scorer = Scorer(model_cfg, mia, Path(cache_dir) if cache_dir else None, progress)
         datasets = {"members": data.members.text.tolist(), "non_members": data.non_members.text.tolist()}
         if data.utility is not None:
             datasets["utility"] = data.utility.text.tolist()
         base = BaseScores(scorer, datasets)
-        freq = _token_log_freq(scorer)
+        freq = token_log_freq(scorer)
         task = progress.add_task("membership inference", total=len(adapters))
         scores_parts, result_parts = [], []
-        bow = (_bow_row(data.members, data.non_members, mia, Path(cache_dir) if cache_dir else None)
+        bow = (bow_row(data.members, data.non_members, mia, Path(cache_dir) if cache_dir else None)
                if mia.bag_of_words_baseline else None)
         for name, path in adapters.items():
             path = Path(path)
-            scorer.bank.add(name, path.parent if path.name == "adapter" else path)
-            scores, util = _score_run(scorer, name, data, base, attacks, freq, ("member", "non_member"))
+            if (path / PEFT_CONFIG).is_file() and not (path.parent / RunFile.TRAIN).is_file():
+                scorer.bank.add_adapter(name, path)  # an adapter saved by plain PEFT
+            else:  # a run folder, or its adapter/ (its checksums are verified)
+                scorer.bank.add(name, path.parent if path.name == "adapter" else path)
             meta = {"run_id": name, "model": model_cfg.name_or_path}
+            scores, rows = attack_run(scorer, name, data, base, attacks, meta, token_log_freq=freq, bow=bow)
             scores_parts.append(scores)
-            result_parts.append(_result_rows(scores, util, attacks, mia, meta, bow))
+            result_parts.append(rows)
             progress.advance(task)
     return pd.concat(scores_parts, ignore_index=True), pd.concat(result_parts, ignore_index=True)

@@ -1,7 +1,8 @@
 """Typed study configuration: the schema (:mod:`~memlens.config.schema`), reading and writing study files
 (:mod:`~memlens.config.loading`) and the wording of their errors (:mod:`~memlens.config.errors`)."""
 
-from memlens.config.errors import ConfigError, format_validation_error
+from memlens.config.audit import AuditConfig, AuditMIAConfig, audit_study, load_audit, read_train_config
+from memlens.config.errors import ConfigError, format_validation_error, renamed_fields
 from memlens.config.loading import apply_overrides, dump_study, hub_offline, load_study, looks_like_local_path
 from memlens.config.schema import (
     DEFAULT_MIA_ATTACKS,
@@ -29,7 +30,7 @@ from memlens.config.schema import (
     stable_hash,
 )
 
-__all__ = ["DEFAULT_MIA_ATTACKS", "LEGACY_ATTACK_SETTINGS", "AttackSpec", "DESIGNS", "DESIGN_FIELDS", "MATRIX_NAMES", "RANDOM", "SPLITS", "CanaryConfig", "CellConfig", "ConfigError",
+__all__ = ["AuditConfig", "AuditMIAConfig", "audit_study", "load_audit", "read_train_config", "renamed_fields", "DEFAULT_MIA_ATTACKS", "LEGACY_ATTACK_SETTINGS", "AttackSpec", "DESIGNS", "DESIGN_FIELDS", "MATRIX_NAMES", "RANDOM", "SPLITS", "CanaryConfig", "CellConfig", "ConfigError",
            "DPConfig", "DataConfig", "DecodingConfig", "Design", "ExecutorConfig", "ExtractionConfig", "GridConfig",
            "LoraConfig", "MIAConfig", "ModelConfig", "StudyConfig", "TrainConfig", "apply_overrides", "dump_study",
            "format_validation_error", "hub_offline", "load_study", "looks_like_local_path", "stable_hash"]

@@ -3,6 +3,7 @@ errors (one line per problem naming the field path, what is wrong and the valid 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -16,33 +17,34 @@ class ConfigError(ValueError):
     """A study file or override that cannot be used; the message names the field and the fix."""
 
 
-def format_validation_error(err: ValidationError, source: str, overrides: list[str] | None = None) -> str:
+def format_validation_error(err: ValidationError, source: str, overrides: list[str] | None = None, *,
+                            model: type[BaseModel] = StudyConfig, what: str = "study") -> str:
     """One line per problem: `<file>: <field.path>: <what is wrong>`. `overrides` (the `--set key=value`
-    items that were applied) lets a problem in an overridden field name the override and its fix."""
+    items that were applied) lets a problem in an overridden field name the override and its fix; `model` is
+    the validated model (a study, or an audit: `what`)."""
     set_by = {}
     for item in overrides or []:
         key, _, value = item.partition("=")
         set_by[key.strip()] = value
-    lines = [f"{source}: invalid study configuration"]
+    lines = [f"{source}: invalid {what} configuration"]
     for problem in err.errors():
         loc = tuple(problem["loc"])
         path = ".".join(str(p) for p in loc) or "(top level)"
         msg = problem["msg"]
         if problem["type"] == "extra_forbidden":
-            msg = f"unknown key; valid keys here: {_valid_keys(loc)}"
+            msg = f"unknown key; valid keys here: {_valid_keys(loc, model)}"
         elif problem["type"] == "missing":
-            msg = _missing_message(loc)
+            msg = _missing_message(loc, model)
         elif problem["type"] == "list_type":
-            msg = _list_message(loc, problem.get("input"), set_by)
+            msg = _list_message(loc, problem.get("input"), set_by, model)
         elif problem["type"] == "value_error":  # our own validators' text, without pydantic's label
             msg = msg.removeprefix("Value error, ")
         lines.append(f"  {path}: {msg}")
     return "\n".join(lines)
 
 
-def _field_at(loc: tuple) -> FieldInfo | None:
+def _field_at(loc: tuple, model: type[BaseModel] = StudyConfig) -> FieldInfo | None:
     """The field a validation error's location points at (None inside lists or dicts)."""
-    model: type[BaseModel] = StudyConfig
     field = None
     for i, part in enumerate(loc):
         field = model.model_fields.get(str(part))
@@ -66,9 +68,9 @@ def _description(field: FieldInfo | None) -> str:
 _REQUIRED_IN_SECTION = {"data": "source", "model": "name_or_path"}
 
 
-def _missing_message(loc: tuple) -> str:
-    field = _field_at(loc)
-    if len(loc) == 1 and str(loc[0]) in _REQUIRED_IN_SECTION:
+def _missing_message(loc: tuple, model: type[BaseModel] = StudyConfig) -> str:
+    field = _field_at(loc, model)
+    if model is StudyConfig and len(loc) == 1 and str(loc[0]) in _REQUIRED_IN_SECTION:
         section = str(loc[0])
         key = _REQUIRED_IN_SECTION[section]
         inner = _field_at((section, key))
@@ -77,7 +79,7 @@ def _missing_message(loc: tuple) -> str:
     return f"required; {description}" if description else "required"
 
 
-def _list_message(loc: tuple, value: Any, set_by: dict[str, str]) -> str:
+def _list_message(loc: tuple, value: Any, set_by: dict[str, str], model: type[BaseModel] = StudyConfig) -> str:
     msg = f"expected a list, got {value!r}"
     field_loc = loc
     while field_loc and isinstance(field_loc[-1], int):  # an item of a list of lists: its field
@@ -88,13 +90,14 @@ def _list_message(loc: tuple, value: Any, set_by: dict[str, str]) -> str:
             whole = yaml.safe_load(set_by[path])
         except yaml.YAMLError:
             whole = set_by[path]
-        suggestion = _as_list(field_loc, whole) if field_loc == loc else _as_list(field_loc, whole, wrap=False)
+        suggestion = (_as_list(field_loc, whole, model=model) if field_loc == loc
+                      else _as_list(field_loc, whole, wrap=False, model=model))
         if suggestion is not None:
             return f"{msg} (from --set {path}={set_by[path]}); write: --set '{path}={suggestion}'"
         return msg
     if field_loc != loc:
         return f"{msg}; every item of {path} is a list itself, e.g. {_flow([value])}"
-    suggestion = _as_list(loc, value)
+    suggestion = _as_list(loc, value, model=model)
     return f"{msg}; write a list, e.g. {path.rsplit('.', 1)[-1]}: {suggestion}" if suggestion else msg
 
 
@@ -102,10 +105,10 @@ def _flow(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip()
 
 
-def _as_list(loc: tuple, value: Any, wrap: bool = True) -> str | None:
+def _as_list(loc: tuple, value: Any, wrap: bool = True, model: type[BaseModel] = StudyConfig) -> str | None:
     """The value turned into the list the field takes, as YAML flow text (`4` -> `[4]`, `q` -> `[[q]]`,
     `[q]` -> `[[q]]`), if one fits."""
-    field = _field_at(loc)
+    field = _field_at(loc, model)
     if field is None:
         return None
     candidates = [[value], [[value]]] if wrap else []
@@ -127,8 +130,7 @@ def _as_list(loc: tuple, value: Any, wrap: bool = True) -> str | None:
     return None
 
 
-def _valid_keys(loc: tuple) -> list[str]:
-    model: type[BaseModel] = StudyConfig
+def _valid_keys(loc: tuple, model: type[BaseModel] = StudyConfig) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None) if field else None
@@ -145,3 +147,12 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
     text = ", ".join(p for p in parts if p) or str(exc).splitlines()[0]
     mark = getattr(exc, "problem_mark", None)
     return f"{text} at column {mark.column + 1}" if mark is not None else text
+
+
+def renamed_fields(err: ConfigError, names: dict[str, str]) -> ConfigError:
+    """`err` with the study fields its message names replaced by another configuration's (`names`: study field ->
+    its own, e.g. `data.text_field` -> `audit.text_field`): the study's checks, said in the words of the file the
+    user wrote. Only whole field names are replaced."""
+    pattern = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in sorted(names, key=len, reverse=True))
+                         + r")(?![\w])")
+    return ConfigError(pattern.sub(lambda m: names[m.group(1)], str(err)))

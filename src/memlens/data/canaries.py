@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from memlens.config import CanaryConfig
+from memlens.config import CanaryConfig, ConfigError
 
 _ALPHABETS = {"digits": string.digits, "hex": "0123456789abcdef"}
 
@@ -85,3 +85,42 @@ def build_training_set(members: pd.DataFrame, cfg: CanaryConfig, copies: int, se
                                   pd.DataFrame({"sample_id": ["canary"], "text": [text], "is_canary": [True]})],
                                  ignore_index=True)
     return TrainingSet(texts=texts, members=member_frame, canary=canary)
+
+
+# ------------------------------------------------------------------------------------- inserted by a user
+def _secret_format(secret: str, given: object, where: str, field: str) -> str:
+    if isinstance(given, str) and given.strip():
+        kind, _, length = given.partition(":")
+        if kind not in ("digits", "hex") or not length.isdigit() or int(length) != len(secret):
+            raise ConfigError(f"{field}: {where}: secret_format {given!r} must be digits:N or hex:N with N the "
+                              f"secret's length ({len(secret)})")
+        return given
+    if secret.isdigit():
+        return f"digits:{len(secret)}"
+    if all(c in string.hexdigits.lower() for c in secret):
+        return f"hex:{len(secret)}"
+    raise ConfigError(f"{field}: {where}: the secret {secret!r} is neither digits nor lowercase hex; exposure "
+                      "ranks it among random secrets of its alphabet: give a secret_format (digits:N, hex:N) it fits")
+
+
+def canary_from_record(row: pd.Series, where: str, field: str = "audit.canaries") -> Canary:
+    """A canary the user inserted in a training set, from its record (sample_id, text; optional copies, secret,
+    secret_format: a `digits:N` / `hex:N` format, inferred from the secret when absent); errors name `field` and
+    `where` (the record)."""
+    copies = row.get("copies", 1)
+    try:
+        copies = int(copies) if not pd.isna(copies) else 1
+    except (TypeError, ValueError):
+        raise ConfigError(f"{field}: {where}: copies {copies!r} is not a whole number") from None
+    if copies < 1:
+        raise ConfigError(f"{field}: {where}: copies is {copies}; a canary is in the training set 1 or more "
+                          "times")
+    secret = row.get("secret")
+    if secret is None or pd.isna(secret) or not str(secret):
+        return Canary(sample_id=str(row.sample_id), text=row.text, copies=copies, mode="insert")
+    secret = str(secret)
+    if secret not in row.text:
+        raise ConfigError(f"{field}: {where}: the secret {secret!r} does not occur in its text")
+    return Canary(sample_id=str(row.sample_id), text=row.text, copies=copies, mode="insert", secret=secret,
+                  secret_format=_secret_format(secret, row.get("secret_format"), where, field),
+                  prefix=row.text[:row.text.index(secret)])

@@ -20,6 +20,7 @@ from memlens.config import (
     Design,
     hub_offline,
     looks_like_local_path,
+    renamed_fields,
     stable_hash,
 )
 from memlens.data.designs import group_column, random_split
@@ -77,6 +78,8 @@ class _Origin:
         suffix = self.path.suffix.lower() if self.path is not None else ""
         if suffix in (".jsonl", ".json"):
             return f"{self.label} line {self.line_of(position)}"
+        if suffix == ".txt":  # one record a line: the frame's index is the line's position
+            return f"{self.label} line {position + 1}"
         if suffix == ".csv":
             return f"{self.label} data row {position + 1} (after the header)"
         return f"{self.label} record {position} (counting from 0)"
@@ -422,3 +425,75 @@ def membership_assignments(cfg: DataConfig, data: StudyData) -> pd.DataFrame:
     if data.assignment is None:
         raise ValueError(f"the {data.design!r} design has no coins")
     return data.assignment.assign(design=RANDOM, seed=cfg.membership_seed, unit=cfg.coin_unit)
+
+
+# ------------------------------------------------------------------------------------- one file of records
+HUB_PREFIX = "hub:"
+
+
+def _text_lines(path: Path, text_field: str) -> pd.DataFrame:
+    """A text file, one record a line (blank lines hold none): the frame's index is each line's position."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(_utf8_problem(path, exc)) from None
+    kept = [(n, line) for n, line in enumerate(lines) if line.strip()]
+    return pd.DataFrame({text_field: [line for _, line in kept]}, index=[n for n, _ in kept])
+
+
+def _one_source(source: str, cfg: DataConfig) -> tuple[pd.DataFrame, _Origin]:
+    """The raw frame of a file or a `hub:NAME:SPLIT` split, and where it came from."""
+    if source.startswith(HUB_PREFIX):
+        name, _, split = source[len(HUB_PREFIX):].rpartition(":")
+        if not name or not split:
+            raise ConfigError(f"data.source: {source!r}: a hub split is written hub:NAME:SPLIT, e.g. "
+                              "hub:sarus-tech/phee:train")
+        return _hub_splits(cfg.model_copy(update={"source": name}), Path(name), [split])[split]
+    path = Path(source).expanduser()
+    if not path.is_file():
+        kind = "a folder, not a file" if path.is_dir() else "not found"
+        raise ConfigError(f"data.source: {source} is {kind} (looked for {os.path.abspath(path)}); give a .jsonl, "
+                          ".csv, .parquet or .txt file (one record a line), or hub:NAME:SPLIT")
+    if path.suffix.lower() == ".txt":
+        return _text_lines(path, cfg.text_field), _Origin(str(path), path)
+    return _read_file(path), _Origin(str(path), path)
+
+
+def _missing_text_field(frame: pd.DataFrame, cfg: DataConfig, origin: _Origin) -> str:
+    """No record has the text field: the first record's place and fields, or the file's columns."""
+    raw = origin.record(0) if len(frame) else None
+    if raw is not None:
+        return (f"data.text_field: {origin.where(0)}: the record has no {cfg.text_field!r} field (its fields: "
+                f"{sorted(raw)}), nor does any other; set data.text_field to the field that holds the text")
+    return (f"data.text_field: {origin.label}: no column {cfg.text_field!r}; its columns: {list(frame.columns)}; "
+            "set data.text_field to the column that holds the text")
+
+
+def read_records(source: str, *, what: str, text_field: str = "text", id_field: str | None = "id",
+                 group: str | None = None, keep: tuple[str, ...] = (),
+                 names: dict[str, str] | None = None) -> pd.DataFrame:
+    """The records of one file (JSON lines, CSV, parquet, or text with one record a line) or hub split
+    (`hub:NAME:SPLIT`, through `datasets`, which honours HF_HUB_OFFLINE), checked as a study's splits are: a
+    record without a text names its file, line and field. Ids come from `id_field` where the file has that
+    column (else `<what>-<row>`), groups from `group` (a column or a regex over the id); blank and repeated
+    texts are dropped (said once). Returns sample_id, text[, group] and the `keep` columns the file has.
+    `names` rewords the study fields the messages name (`data.text_field` -> the caller's own field)."""
+    try:
+        cfg = DataConfig(source=source, text_field=text_field, id_field=id_field, group=group, utility_split=None)
+        frame, origin = _one_source(source, cfg)
+        if frame.empty:
+            raise ConfigError(f"data.source: {origin.label} holds no records")
+        if text_field not in frame.columns:
+            raise ConfigError(_missing_text_field(frame, cfg, origin))
+        if id_field is not None and id_field not in frame.columns:
+            cfg = cfg.model_copy(update={"id_field": None})
+        out = _normalise(frame, cfg, what, origin)
+    except ConfigError as exc:
+        raise renamed_fields(exc, names) if names else exc from None
+    for column in keep:
+        if column in frame.columns:
+            out[column] = frame[column].to_numpy()
+    report: list[str] = []
+    out = _clean(out, what, report)
+    _warn_once(cfg, report)
+    return out

@@ -1,6 +1,6 @@
 """The models layer: load base models, name their matrices, attach and swap adapters."""
 
-from memlens.models.adapters import AdapterBank, save_adapter
+from memlens.models.adapters import AdapterBank, check_adapter_fits, read_peft_config, save_adapter
 from memlens.models.loading import (
     check_max_length,
     check_quantized,
@@ -27,6 +27,8 @@ __all__ = [
     "check_quantized",
     "count_parameters",
     "save_adapter",
+    "check_adapter_fits",
+    "read_peft_config",
     "TargetPlan",
     "available_matrices",
     "load_base_model",

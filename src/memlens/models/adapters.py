@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from memlens.config import ConfigError
 from memlens.models.loading import no_hf_progress_bars, quiet_bitsandbytes_import
 from memlens.models.targets import split_fused_modules
 
@@ -29,6 +30,8 @@ from memlens.store.records import TrainRecord
 ADAPTER_DIR = RunFile.ADAPTER
 FULL_MODEL_DIR = RunFile.FULL_MODEL
 ADAPTER_META = "memlens_adapter.json"
+PEFT_CONFIG = "adapter_config.json"  # what PEFT writes next to an adapter's weights
+PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
 @contextlib.contextmanager
@@ -59,6 +62,76 @@ def read_adapter_meta(path: Path) -> dict:
     return json.loads(meta.read_text()) if meta.exists() else {"fused_suffixes": []}
 
 
+def read_peft_config(folder: Path) -> dict:
+    """The adapter_config.json of a PEFT adapter folder (r, lora_alpha, target_modules, base_model_name_or_path...)."""
+    return json.loads((Path(folder) / PEFT_CONFIG).read_text())
+
+
+def _features(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a linear-like layer (Linear, 8-bit Linear, GPT-2's Conv1D, a fused slice)."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and weight is not None:  # weight (in, out)
+        return int(weight.shape[0]), int(weight.shape[1])
+    return None
+
+
+def check_adapter_fits(model: torch.nn.Module, adapter: Path, base_label: str) -> None:
+    """Refuse a LoRA adapter whose matrices do not fit `model`'s layers (another base model, another size),
+    naming the layer, both shapes, the adapter and the base (`base_label`), before PEFT loads it. Reads only
+    the tensors' shapes from the safetensors header. Shapes: lora_A (rank, in features), lora_B (out features,
+    rank); embeddings' lora_embedding_A (rank, vocabulary), lora_embedding_B (width, rank)."""
+    from safetensors import safe_open
+
+    adapter = Path(adapter)
+    weights = adapter / PEFT_WEIGHTS
+    if not weights.is_file():
+        raise ConfigError(f"{adapter}: no {PEFT_WEIGHTS} (memlens loads only safetensors adapters; save it with "
+                          "model.save_pretrained(folder, safe_serialization=True))")
+    named = dict(model.named_modules())
+    trained_on = read_peft_config(adapter).get("base_model_name_or_path") or "a base it does not name"
+    with safe_open(str(weights), framework="pt") as handle:
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    for key, shape in sorted(shapes.items()):
+        path, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+        if not path:
+            continue
+        module = named.get(path)
+        if module is None:
+            raise ConfigError(f"the adapter {adapter} does not fit the base model {base_label}: it adapts the layer "
+                              f"{path!r}, which that base does not have (the adapter was trained on {trained_on}); "
+                              "give the base it was trained on (--base)")
+        mismatch = _mismatch(module, kind, shape)
+        if mismatch:
+            raise ConfigError(f"the adapter {adapter} does not fit the base model {base_label}: its layer {path!r} has "
+                              f"{mismatch} (the adapter was trained on {trained_on}); give the base it was trained "
+                              "on (--base)")
+
+
+def _mismatch(module: torch.nn.Module, kind: str, shape: tuple[int, ...]) -> str | None:
+    """How a LoRA tensor of `shape` and `kind` (`A.weight`, `B.weight`, `embedding_A`, `embedding_B`; others are
+    not checked) fails to fit `module`, in words; None when it fits."""
+    if kind.startswith("embedding_"):
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            return None
+        vocabulary, width = weight.shape
+        if kind.startswith("embedding_A") and shape[1] != vocabulary:
+            return f"a vocabulary of {shape[1]} in the adapter and of {vocabulary} in that base"
+        if kind.startswith("embedding_B") and shape[0] != width:
+            return f"width {shape[0]} in the adapter and {width} in that base"
+        return None
+    features = _features(module)
+    if features is None:
+        return None
+    if kind.startswith("A") and shape[1] != features[0]:
+        return f"{shape[1]} input features in the adapter and {features[0]} in that base"
+    if kind.startswith("B") and shape[0] != features[1]:
+        return f"{shape[0]} output features in the adapter and {features[1]} in that base"
+    return None
+
+
 class AdapterBank:
     """One base model in memory with any number of fine-tuned runs attached to it.
 
@@ -71,7 +144,7 @@ class AdapterBank:
     def __init__(self, base: PreTrainedModel):
         self.base = base
         self.model: torch.nn.Module = base  # becomes a PeftModel once a LoRA run is added
-        self._full: dict[str, Path] = {}
+        self._full: dict[str, Path | str] = {}
         self._lora: set[str] = set()
 
     @property
@@ -91,7 +164,15 @@ class AdapterBank:
         if not adapter.is_dir():
             raise FileNotFoundError(f"{run_dir} holds neither {ADAPTER_DIR}/ nor {FULL_MODEL_DIR}/: "
                                     "is its fine-tune finished?")
+        self.add_adapter(name, adapter)
+
+    def add_adapter(self, name: str, adapter: Path, base_label: str | None = None) -> None:
+        """Attach a PEFT adapter folder (adapter_config.json and safetensors weights, saved by memlens or by plain
+        PEFT) under `name`; one whose matrices do not fit the base is refused (:func:`check_adapter_fits`),
+        naming the base as `base_label` (default: its name_or_path)."""
+        adapter = Path(adapter)
         split_fused_modules(self.base, read_adapter_meta(adapter)["fused_suffixes"])
+        check_adapter_fits(self.base, adapter, base_label or str(getattr(self.base, "name_or_path", "")))
         if isinstance(self.model, PeftModel):
             self.model.load_adapter(str(adapter), adapter_name=name)
         else:
@@ -99,6 +180,11 @@ class AdapterBank:
                 self.model = PeftModel.from_pretrained(self.base, str(adapter), adapter_name=name)
         self.model.eval()
         self._lora.add(name)
+
+    def add_model(self, name: str, source: str | Path) -> None:
+        """Register a full fine-tuned model (a folder of safetensors weights, or a hub id) under `name`: loaded
+        by :meth:`use` while it is active, in the base model's dtype, on its device."""
+        self._full[name] = source
 
     @contextlib.contextmanager
     def use(self, name: str | None) -> Iterator[torch.nn.Module]:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from memlens.report.analysis import analyse
+from memlens.report.audit import write_audit_report
 from memlens.report.html import INPUTS_STAMP, RenderedReport, write_html
 from memlens.report.inputs import inputs_fingerprint
 from memlens.store import StudyLayout
@@ -17,7 +18,10 @@ def build(root: Path) -> RenderedReport:
 
 
 def build_report(root: Path) -> Path:
-    """Write `<root>/report/` from the study folder's files; returns the path of index.html."""
+    """Write `<root>/report/` from the study folder's files (an audit folder's: its report and model card, see
+    :mod:`memlens.report.audit`); returns the path of index.html."""
+    if StudyLayout(Path(root)).is_audit:
+        return write_audit_report(root).index
     return build(root).index
 
 

@@ -44,7 +44,7 @@ class RenderedReport:
     figures: dict[str, Path]  # figure name -> its PNG
 
 
-def _inline(text: str) -> str:
+def inline_html(text: str) -> str:
     """Text as HTML: escaped, `code` spans in <code>."""
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=False))
 
@@ -82,7 +82,8 @@ def _omit(omission: Omission) -> str:
 
 def _block(block: Block, section: Section, paths: dict[str, Path]) -> str:
     if isinstance(block, Text):
-        return f'<p class="{block.style}">{_inline(block.text)}</p>' if block.style else f"<p>{_inline(block.text)}</p>"
+        style = f' class="{block.style}"' if block.style else ""
+        return f"<p{style}>{inline_html(block.text)}</p>"
     if isinstance(block, Table):
         return _table(block)
     if isinstance(block, Figure):
@@ -90,14 +91,15 @@ def _block(block: Block, section: Section, paths: dict[str, Path]) -> str:
     return _omit(block.omission)
 
 
-def _section(section: Section, paths: dict[str, Path]) -> str:
+def section_html(section: Section, paths: dict[str, Path]) -> str:
+    """One section as HTML: its blocks (its figure inlined from `paths`), or why it is omitted."""
     body = _omit(section.omitted) if section.omitted else "".join(_block(b, section, paths) for b in section.blocks())
     return f'<section id="{section.anchor}"><h2>{html.escape(section.title)}</h2>{body}</section>'
 
 
 def _headline(h: Headline, paths: dict[str, Path]) -> str:
     if h.omitted:
-        return _section(h, paths)
+        return section_html(h, paths)
     text = " ".join(html.escape(s) for s in h.sentences)
     body = (f'<p class="headline">{text}</p>{_figure(h, paths)}<details><summary>Every configuration</summary>'
             f'{_table(Table("headline", h.configs))}</details>')
@@ -135,7 +137,7 @@ def _overview(a: StudyAnalysis) -> str:
     data = study.data
     return (f"<p>Model <code>{html.escape(study.model.name_or_path)}</code>, data "
             f"<code>{html.escape(data.source)}</code> (membership design: "
-            f"{'; '.join(_inline(d) for d in a.describe_designs())}). Grid: matrices "
+            f"{'; '.join(inline_html(d) for d in a.describe_designs())}). Grid: matrices "
             f"{', '.join('[' + ', '.join(t) + ']' for t in grid.target_modules)}, "
             f"ranks {grid.rank}, canary copies {grid.canary_copies} ({study.canary.mode} mode), seeds {grid.seed}. "
             f"{len(a.runs)} run(s) with results; {len(a.failures)} failure(s).</p>"
@@ -152,31 +154,43 @@ def page(a: StudyAnalysis, paths: dict[str, Path]) -> str:
             f"<p class=\"src\">generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}</p>")
     if a.nothing_yet:
         failures = _failures(a) if a.failures else ""
-        return (f'{head}{_overview(a)}<section id="nothing"><p class="omitted">{_inline(a.nothing_yet)}</p></section>'
+        return (f'{head}{_overview(a)}<section id="nothing"><p class="omitted">{inline_html(a.nothing_yet)}</p></section>'
                 f"{failures}</body></html>")
     nav = "".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in a.sections)
-    body = "".join(_section(s, paths) for s in a.sections)
+    body = "".join(section_html(s, paths) for s in a.sections)
     return (f'{head}{_headline(a.headline, paths)}{_overview(a)}<nav><a href="#headline">Headline</a><a '
             f'href="#findings">Findings</a>{nav}<a href="#failures">Failures</a></nav>{_findings(a)}{body}'
             f"{_failures(a)}</body></html>")
 
 
-def write_html(a: StudyAnalysis) -> RenderedReport:
-    """Write `<root>/report/` (index.html, figures/, tables/) from the analysis."""
-    out = StudyLayout(a.root).report
+def write_sections(out: Path, sections: list[Section], tables: dict[str, pd.DataFrame]) -> dict[str, Path]:
+    """Write `out/tables/<name>.csv` (`tables`) and `out/figures/<name>.png` (the figures of `sections`), removing
+    those of an earlier build; returns the figures' paths by name."""
     for folder in (out / "figures", out / "tables"):
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.iterdir():  # a figure or table that can no longer be made must not linger
             stale.unlink()
-    for name, frame in a.tables().items():
+    for name, frame in tables.items():
         frame.to_csv(out / "tables" / f"{name}.csv", index=False)
     paths = {}
-    for section in (a.headline, *a.sections):
+    for section in sections:
         if section.figure and not section.omitted:
             fig, dpi = figures.draw(section)
             paths[section.figure.name] = figures.save(fig, out / "figures" / f"{section.figure.name}.png", dpi)
+    return paths
+
+
+def write_index(out: Path, html_page: str, inputs: dict) -> Path:
+    """`out/index.html` and the fingerprint of the inputs it was built from (report_is_current compares it)."""
     index = out / "index.html"
-    atomic_write_text(index, page(a, paths))
-    atomic_write_json(out / INPUTS_STAMP, a.inputs)
+    atomic_write_text(index, html_page)
+    atomic_write_json(out / INPUTS_STAMP, inputs)
     os.utime(index)
-    return RenderedReport(index=index, figures=paths)
+    return index
+
+
+def write_html(a: StudyAnalysis) -> RenderedReport:
+    """Write `<root>/report/` (index.html, figures/, tables/) from the analysis."""
+    out = StudyLayout(a.root).report
+    paths = write_sections(out, [a.headline, *a.sections], a.tables())
+    return RenderedReport(index=write_index(out, page(a, paths), a.inputs), figures=paths)

@@ -85,6 +85,10 @@ class StudyFile:
     LOCK = ".memlens.lock"
     WRITE_LOCK = ".write.lock"
     SHARED_CHECK = ".memlens-ray-check"  # a cluster driver's token: every node must read it (shared folder)
+    # an audit folder (`memlens audit`): one measured model instead of a study's grid
+    AUDIT = "audit.yaml"               # the audit's configuration, as given (`memlens audit audit.yaml` reruns it)
+    AUDIT_RECORD = "audit.json"        # what the audit resolved and measured (target, base, records, settings)
+    MODEL_CARD = "model-card.md"       # the "Privacy evaluation" section for the model's README
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,15 @@ class StudyLayout:
     @property
     def membership_file(self) -> Path:
         return self.root / StudyFile.MEMBERSHIP
+
+    @property
+    def audit_file(self) -> Path:
+        return self.root / StudyFile.AUDIT
+
+    @property
+    def is_audit(self) -> bool:
+        """Whether the folder holds an audit (`memlens audit`) rather than a study."""
+        return (self.root / StudyFile.AUDIT_RECORD).exists()
 
     def read_study(self) -> StudyConfig:
         """The study this folder holds (`study.yaml`, as written: floats stay floats, so run ids hash the same);

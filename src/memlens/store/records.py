@@ -102,6 +102,32 @@ class ReferenceRecord(Record):
     wall_time_s: float | None = None  # training wall time (train.json's)
 
 
+class AuditRecord(Record):
+    """`audit.json` of an audit folder: what `memlens audit` resolved and measured, written with its results (the
+    report and the model card read it)."""
+
+    name: str
+    target: str                  # as given
+    kind: str                    # adapter | model | run
+    run_id: str                  # the target's run_id in the results
+    base: dict[str, Any]         # the base model's ModelConfig
+    method: str                  # lora | full
+    target_modules: list[str]
+    rank: int
+    sources: dict[str, str]      # members / non_members / canaries -> where the records came from
+    n_members: int               # counted in the membership metrics (inserted canaries are not)
+    n_non_members: int
+    n_canaries: int
+    attacks: list[str]           # result names of the membership attacks run
+    references: int = 0
+    group: str | None = None
+    mia: dict[str, Any]          # the MIAConfig and ExtractionConfig the audit ran with
+    extraction: dict[str, Any]
+    notes: list[str] = []        # what the audit could not run, and why
+    wall_time_s: float | None = None
+    written: str | None = None
+
+
 class StatusRecord(Record):
     """`status/<run_id>.json`: a cell's state, its stage and, when it failed, the error and traceback."""
 

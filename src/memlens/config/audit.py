@@ -1,0 +1,173 @@
+"""The audit's configuration: what `memlens audit`, an `audit:` YAML file and `memlens.audit(...)` take.
+
+An audit measures a model someone already fine-tuned (a PEFT adapter, a full model, or a memlens run folder)
+on records known to be members and records known not to be. Its fields are the command's options; the
+`mia` and `extraction` sections are the study's own (:class:`MIAConfig`, :class:`ExtractionConfig`), except
+that `mia.attacks` defaults to every attack the audit's inputs can feed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from memlens.config.errors import ConfigError, format_validation_error
+from memlens.config.loading import apply_overrides
+from memlens.config.schema import (
+    AttackSpec,
+    CanaryConfig,
+    DataConfig,
+    ExtractionConfig,
+    LoraConfig,
+    MIAConfig,
+    ModelConfig,
+    StudyConfig,
+    TrainConfig,
+)
+
+AUDIT_SECTION = "audit"
+
+
+class AuditMIAConfig(MIAConfig):
+    """Membership inference of the audit: the study's `mia` settings, with every attack by default."""
+
+    attacks: list[str | AttackSpec] | None = Field(
+        None, description="Attacks to run (as `mia.attacks` of a study); `null`: every registered attack the audit "
+        "can feed: those reading the target and the base model (`loss`, `ref_ratio`, `zlib`, `min_k`...), "
+        "`dc_pdd` when `mia.reference_corpus` is set, ReCaLL when there is a utility split (a memlens run folder's), "
+        "and LiRA / RMIA when `references` are trained.")
+
+
+class AuditConfig(BaseModel):
+    """One audit of a fine-tuned model."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+
+    name: str = Field("audit", description="Name shown in the report and the model card.")
+    target: str = Field(..., description="The model audited: a PEFT adapter folder (its adapter_config.json names "
+                        "the base), a full fine-tuned model folder or hub id (`base` is then required), or a memlens "
+                        "run folder (`<out>/runs/<run_id>`: its study gives the base, the members and non-members).")
+    base: str | None = Field(None, description="The base model (folder or hub id): the reference of the ratio "
+                             "attacks. `null`: the adapter's `base_model_name_or_path`, or a run folder's study model.")
+    members: str | None = Field(None, description="Records known to be in the training set: a .jsonl, .csv, "
+                                ".parquet or .txt file (one record a line), or `hub:NAME:SPLIT`. Optional for a "
+                                "run folder (its members.parquet).")
+    non_members: str | None = Field(None, description="Records of the same distribution known not to be in it "
+                                    "(same formats). Optional for a run folder (its study's non-members).")
+    canaries: str | None = Field(None, description="Records the user inserted in the training set (same formats): "
+                                 "a `copies` column if repeated, and a `secret` column (the random part of the text, "
+                                 "`secret_format` `digits:N` / `hex:N` or inferred from it) for exposure.")
+    text_field: str = Field("text", description="Column (or JSON key) of each record's text.")
+    id_field: str | None = Field("id", description="Column of each record's id, where the file has it; records "
+                                 "are numbered `<file kind>-<row>` otherwise.")
+    group: str | None = Field(None, description="Document groups for the bag-of-words check's folds: a column, or a "
+                              "regular expression over the id whose first group is the document.")
+    out: str | None = Field(None, description="Output folder; `null`: `memlens-out/audit-<target folder name>`.")
+    references: int = Field(0, ge=0, description="Reference models for LiRA and RMIA, each trained with the "
+                            "target's recipe (its LoRA settings and `train_config`) on a seeded random half of "
+                            "members + non-members (`0`: none; 2 or more).")
+    train_config: str | None = Field(None, description="YAML file of the optimiser settings the target was trained "
+                                     "with (the study's `train` fields, at the top level or under `train:`); needed "
+                                     "by `references` unless the target is a memlens run folder.")
+    load_in_8bit: bool = Field(False, description="Load the base model in 8 bits (bitsandbytes), as studies do.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype of the "
+                                                                      "base (and full) model.")
+    device: str = Field("auto", description="`auto`, `cpu`, `cuda`, `cuda:1`, `mps`...")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off by default.")
+    mia: AuditMIAConfig = Field(default_factory=AuditMIAConfig, description="Membership-inference settings (the "
+                                "study's `mia` section; `references` is the field above).")
+    extraction: ExtractionConfig = Field(default_factory=ExtractionConfig, description="Prompted-prefix "
+                                         "extraction on a sample of members and exposure of the canaries (the "
+                                         "study's `extraction` section).")
+
+    @field_validator("references")
+    @classmethod
+    def _two_or_more(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("one reference gives every record only IN or only OUT statistics; use 0 (off) or >= 2")
+        return value
+
+    @model_validator(mode="after")
+    def _references_in_one_place(self) -> AuditConfig:
+        if self.mia.references:
+            raise ValueError("mia.references: set the audit's top-level `references` instead")
+        return self
+
+    @property
+    def out_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        name = Path(self.target.rstrip("/")).name or "model"
+        return Path("memlens-out") / f"audit-{name}"
+
+
+def audit_study(cfg: AuditConfig, base: ModelConfig, mia: MIAConfig, extraction: ExtractionConfig, *,
+                lora: LoraConfig | None = None, train: TrainConfig | None = None) -> StudyConfig:
+    """The audit seen as a study of one run, in memory (nothing is written as a study): what the study's code it
+    shares reads, the report's sections (mia, extraction settings), the base-model extraction cache (the model)
+    and reference models (the recipe: `lora`, `train`, `data.max_length`, the document groups)."""
+    data = DataConfig(source=cfg.members or cfg.target, text_field=cfg.text_field, id_field=cfg.id_field,
+                      group=cfg.group, utility_split=None)
+    return StudyConfig(name=cfg.name, out=str(cfg.out_dir), data=data, model=base, lora=lora or LoraConfig(),
+                       train=train or TrainConfig(), canary=CanaryConfig(mode="insert"), mia=mia,
+                       extraction=extraction)
+
+
+def read_train_config(path: str | Path) -> TrainConfig:
+    """The optimiser settings of `audit.train_config`: the study's `train` fields, at the top level or under
+    `train:`; errors name the file and the field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"audit.train_config: file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"audit.train_config: {path} is not valid YAML ({exc})") from None
+    if isinstance(raw, dict) and set(raw) == {"train"}:
+        raw = raw["train"]
+    if not isinstance(raw, dict):
+        raise ConfigError(f"audit.train_config: {path} must be a mapping of training settings (epochs, "
+                          "learning_rate, batch_size...)")
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"  train.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ConfigError("\n".join([f"audit.train_config: {path}: invalid training settings "
+                                     f"(valid keys: {sorted(TrainConfig.model_fields)})", *lines])) from None
+
+
+def load_audit(path: str | Path | None = None, overrides: list[str] | None = None,
+               raw: dict[str, Any] | None = None, **fields: Any) -> AuditConfig:
+    """An audit from a YAML file whose `audit:` section holds the fields (or a dict of them), `--set`-style
+    `overrides` (`mia.bootstrap=100`) and `fields` given directly (the command's options, those not None),
+    validated; every error names the file and the field."""
+    source = str(path) if path else "<audit>"
+    if raw is None:
+        raw = {}
+        if path is not None:
+            try:
+                document = yaml.safe_load(Path(path).read_text()) or {}
+            except FileNotFoundError:
+                raise ConfigError(f"audit file not found: {path}") from None
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            if not isinstance(document, dict) or set(document) != {AUDIT_SECTION}:
+                keys = sorted(document) if isinstance(document, dict) else type(document).__name__
+                raise ConfigError(f"{path}: an audit file holds one section, `{AUDIT_SECTION}:`, with the audit's "
+                                  f"fields; found {keys}")
+            raw = document[AUDIT_SECTION] or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: `{AUDIT_SECTION}` must be a mapping of fields (target, members, ...)")
+    raw = apply_overrides(dict(raw), overrides or [])
+    raw.update({key: value for key, value in fields.items() if value is not None})
+    try:
+        return AuditConfig.model_validate(raw)
+    except ValidationError as err:
+        message = format_validation_error(err, source, overrides, model=AuditConfig, what="audit")
+        raise ConfigError(message.replace("\n  ", f"\n  {AUDIT_SECTION}.")) from None
+
+
+__all__ = ["AUDIT_SECTION", "AuditConfig", "AuditMIAConfig", "audit_study", "load_audit", "read_train_config"]

@@ -1,0 +1,459 @@
+"""The report of an audit folder (`memlens audit`): one analysis, rendered three ways.
+
+:func:`analyse_audit` reads the folder (its results in the study schema, `audit.yaml`, `audit.json`) into an
+:class:`AuditAnalysis`: a first screen that answers "does this model leak" (:class:`LeakSummary`), the canaries
+(:class:`CanaryResults`), and the study report's sections that apply to one run (attacks compared, ROC, the
+bag-of-words check, extraction rates, n-gram share vs perplexity, utility). :func:`write_audit_report` renders it
+as `report/index.html` (the study report's HTML), `report/index.md` (Markdown, figures linked) and
+`model-card.md`, a "Privacy evaluation" section in the style of a Hugging Face model card.
+
+The verdict reads three measures: the membership AUC of the primary attack (:data:`PRIMARY_ATTACK`, its interval
+above 0.5), the canaries' exposure (a secret ranked above all but a share `EXPOSED_P / canaries` of random secrets
+of its format: under a model that did not learn it, its rank is uniform, so that share is a p-value, Bonferroni
+over the canaries) and, when words alone separate the two files, the bag-of-words check, which then heads it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from memlens.config import AuditConfig, ExtractionConfig, MIAConfig, ModelConfig, audit_study
+from memlens.report import membership as mb
+from memlens.report import memorization as mz
+from memlens.report.frontier import Utility, utility
+from memlens.report.html import CSS, inline_html, section_html, write_index, write_sections
+from memlens.report.inputs import PRIMARY_ATTACK, Environment, StudyResults, inputs_fingerprint
+from memlens.report.mdsections import Document
+from memlens.report.mdsections import section as section_markdown
+from memlens.report.mdtable import md_table
+from memlens.report.section import Block, Omission, Section, Table, Text
+from memlens.store import StudyFile, StudyLayout, atomic_write_text
+from memlens.store.records import AuditRecord
+
+EXPOSED_P = 0.01  # a canary is exposed when its secret's rank p-value is below this over the number of canaries
+FALLBACK_ATTACK = "loss"  # the verdict's attack when the primary did not run
+
+
+# ------------------------------------------------------------------------------------- sections
+@dataclass(kw_only=True)
+class LeakSummary(Section):
+    """The first screen: does this model leak, with the few numbers that say so."""
+
+    anchor = "leak"
+    title = "Does this model leak?"
+    verdict: str = "inconclusive"  # leaks | no measurable leak | inconclusive
+    sentences: list[str] = field(default_factory=list)
+    warning: str | None = None  # the bag-of-words check, when words alone separate the files
+    measures: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/leak.csv: measure, value, note
+    caveats: list[str] = field(default_factory=list)
+
+    def blocks(self) -> list[Block]:
+        said = Text(f"Verdict: {self.verdict}. " + " ".join(self.sentences),
+                    "ok" if self.verdict == "no measurable leak" else "warn")
+        return [*([Text(self.warning, "warn")] if self.warning else []), said,
+                Table("leak", self.measures, empty="n/a"), *(Text(c, "src") for c in self.caveats)]
+
+    def value(self, measure: str) -> object:
+        rows = self.measures[self.measures.measure == measure]
+        return rows.value.iloc[0] if len(rows) else None
+
+
+@dataclass(kw_only=True)
+class CanaryResults(Section):
+    """Each canary: its copies, exposure under the model and the base model, whether exposed, where its membership
+    score ranks among the non-members', and how much of it the model completes from its first half."""
+
+    anchor = "canaries"
+    title = "Canaries"
+    table: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/canaries.csv
+    threshold_bits: float = math.nan
+
+    def blocks(self) -> list[Block]:
+        quantile = Text(f"`{PRIMARY_ATTACK}` quantile: the share of non-members whose membership score is below the "
+                        "canary's (the canaries are not counted in the membership AUC).")
+        exposure = Text(f"Exposure (Carlini et al. 2019): log2 of the number of random secrets of the canary's format "
+                        f"over the secret's rank among them (1 = most likely), exact when every secret was ranked, "
+                        f"else estimated from a sample. Exposed: at least {self.threshold_bits:.1f} bits, a rank a "
+                        f"secret the model never saw reaches with probability below {EXPOSED_P:g} over the "
+                        "canaries.") if "exposure" in self.table else Text(
+            "No exposure: no canary has a `secret` column (or `extraction.exposure` is false).")
+        return [exposure, quantile, Table("canaries", self.table,
+                                          formats={c: ".2f" for c in ("exposure", "exposure_base")})]
+
+
+# ------------------------------------------------------------------------------------- analysis
+@dataclass
+class AuditAnalysis:
+    """Everything an audit's report says, computed once from its folder; no file is written."""
+
+    root: Path
+    config: AuditConfig
+    record: AuditRecord
+    data: StudyResults
+    environment: Environment
+    inputs: dict
+    leak: LeakSummary
+    canaries: CanaryResults
+    attacks: mb.AttackComparison
+    roc: mb.RocCurves
+    bag_of_words: mb.BagOfWords
+    extraction: mz.ExtractionRates
+    perplexity: mz.NgramPerplexity
+    utility: Utility
+    seconds: float = 0.0
+
+    @property
+    def sections(self) -> list[Section]:
+        """Every section in the report's order (the declared order of the fields), the first screen first."""
+        return [s for s in (getattr(self, f.name) for f in fields(self)) if isinstance(s, Section)]
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        tables: dict[str, pd.DataFrame] = {}
+        for section in self.sections:
+            tables.update(section.tables())
+        return tables
+
+
+def _count(n: int, noun: str) -> str:
+    """`1 canary`, `2 canaries`, `0 members`."""
+    plural = noun[:-1] + "ies" if noun.endswith("y") else noun + "s"
+    return f"{n} {noun if n == 1 else plural}"
+
+
+def _metric_row(mia: pd.DataFrame, attack: str) -> pd.Series | None:
+    rows = mia[mia.attack == attack]
+    return rows.iloc[0] if len(rows) else None
+
+
+def _auc(row: pd.Series, level: float, code: str = "`") -> str:
+    """`0.912 (95% CI 0.85-0.97, `ref_ratio`)`; `code=""` for a table cell (no code spans there)."""
+    return f"{row.auc:.3f} ({level:.0%} CI {row.auc_ci_low:.3f}-{row.auc_ci_high:.3f}, {code}{row.attack}{code})"
+
+
+def _tpr(row: pd.Series | None, point: str) -> tuple[object, str | None]:
+    if row is None:
+        return None, "no membership results"
+    value = row.get(f"tpr_at_{point}_fpr")
+    if value is None or pd.isna(value):
+        return None, str(row.get(f"tpr_at_{point}_fpr_note") or "not computed")
+    low, high = row.get(f"tpr_at_{point}_fpr_low"), row.get(f"tpr_at_{point}_fpr_high")
+    interval = f" [{low:.3f}, {high:.3f}]" if low is not None and not pd.isna(low) else ""
+    return f"{value:.3f}{interval}", None
+
+
+def exposure_threshold(n_canaries: int) -> float:
+    """Bits of exposure a secret must reach to count as exposed: log2(canaries / EXPOSED_P)."""
+    return math.log2(max(n_canaries, 1) / EXPOSED_P)
+
+
+def canary_table(data: StudyResults, record: AuditRecord) -> pd.DataFrame:
+    """One row per canary with a secret (exposure, under the model and the base model) and per canary without
+    (membership and extraction only)."""
+    scores = data.mia_scores
+    canaries = scores[scores.is_canary.astype(bool)] if len(scores) else scores
+    if canaries.empty:
+        return pd.DataFrame()
+    primary = PRIMARY_ATTACK if PRIMARY_ATTACK in scores else FALLBACK_ATTACK
+    non_members = scores.loc[~scores.is_member.astype(bool), primary].to_numpy()
+    table = pd.DataFrame({"canary": canaries.sample_id.to_numpy(),
+                          f"{primary}_quantile": [(non_members < v).mean() for v in canaries[primary]]})
+    exposure = data.stage("exposure")
+    if len(exposure):
+        ids = exposure.canary_id if "canary_id" in exposure else pd.Series(table.canary.iloc[0], index=exposure.index)
+        base = exposure.attack.str.endswith(":base")
+        finetuned = exposure[~base].assign(canary=ids[~base])
+        based = exposure[base].assign(canary=ids[base])[["canary", "exposure_rank"]]
+        frame = finetuned[["canary", "copies", "secret_format", "n_candidates", "enumerated", "secret_rank",
+                           "exposure_rank"]].merge(based.rename(columns={"exposure_rank": "exposure_base"}),
+                                                   on="canary", how="left")
+        table = table.merge(frame.rename(columns={"exposure_rank": "exposure"}), on="canary", how="left")
+        table["exposed"] = table.exposure >= exposure_threshold(int(table.exposure.notna().sum()))
+    ext = mz.finetuned_rows(data.extraction)
+    if len(ext):
+        greedy = ext[ext.is_canary.astype(bool) & (ext.decoding == mz.decoding_choice(ext))]
+        table = table.merge(greedy[["sample_id", "ngram_share", "exact_match"]].rename(
+            columns={"sample_id": "canary", "ngram_share": "suffix_ngram_share"}), on="canary", how="left")
+    return table
+
+
+def canaries_section(data: StudyResults, record: AuditRecord) -> CanaryResults:
+    if not record.n_canaries:
+        return CanaryResults(omitted=Omission("canaries", "no canaries were given (--canaries: records inserted in "
+                                              "the training set)"))
+    table = canary_table(data, record)
+    n = int(table.exposure.notna().sum()) if "exposure" in table else 0
+    return CanaryResults(table=table, threshold_bits=exposure_threshold(n))
+
+
+def _extraction_measures(data: StudyResults) -> tuple[dict[str, float], str]:
+    """Members' verbatim extraction rate under the model, under the base model on the same prompts, and the
+    non-members' under the model (greedy decoding when it ran); and the decoding."""
+    rows = data.stage("extraction")
+    if rows.empty:
+        return {}, ""
+    decodings = rows.attack.str.split(":").str[1]
+    decoding = "greedy" if (decodings == "greedy").any() else sorted(decodings)[0]
+    rates = {}
+    for label, attack in (("members", f"extract:{decoding}:members"), ("base", f"extract:{decoding}:members:base"),
+                          ("non_members", f"extract:{decoding}:non_members")):
+        found = rows[rows.attack == attack]
+        if len(found):
+            rates[label] = float(found.verbatim_rate.iloc[0])
+            rates[f"{label}_n"] = int(found.n.iloc[0])
+    return rates, decoding
+
+
+def _membership(primary: pd.Series | None) -> bool | None:
+    """Whether the verdict's attack tells members from non-members better than chance (its interval above 0.5)."""
+    return None if primary is None else bool(primary.auc_ci_low > 0.5)
+
+
+def _verdict(member: bool | None, exposed: int, separable: bool) -> str:
+    """`leaks` (a canary exposed, or membership above chance between files words do not separate), `inconclusive`
+    (membership above chance between files words separate, or no membership result) or `no measurable leak`."""
+    if exposed or (member and not separable):
+        return "leaks"
+    return "inconclusive" if member or member is None else "no measurable leak"
+
+
+def _first_sentence(verdict: str, member: bool | None, primary: pd.Series | None, level: float) -> str:
+    if primary is None:
+        return "No membership attack ran."
+    auc = _auc(primary, level)
+    if member and verdict == "leaks":
+        return (f"Yes: an attacker tells its training records from others better than chance, membership AUC {auc}, "
+                "its interval above 0.5.")
+    if member:
+        return (f"Membership AUC {auc} is above chance, but words alone separate the two files, so it may measure "
+                "how they differ rather than what the model memorized.")
+    lead = "Yes, through its canaries. " if verdict == "leaks" else ""
+    return (f"{lead}Membership inference does not tell its training records from others better than chance at this "
+            f"sample size: AUC {auc}.")
+
+
+def leak_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResults) -> LeakSummary:
+    """The first screen (see the module's docstring for the verdict's rules)."""
+    mia, level = data.mia, data.study.mia.ci_level
+    if mia.empty:
+        return LeakSummary(omitted=Omission("the first screen", "no membership-inference results"))
+    primary = _metric_row(mia, PRIMARY_ATTACK) if PRIMARY_ATTACK in set(mia.attack) else _metric_row(mia,
+                                                                                                     FALLBACK_ATTACK)
+    # the best AUC; among equal ones the verdict's attack, then by name
+    best = mia.assign(_own=mia.attack != (primary.attack if primary is not None else None)).sort_values(
+        ["auc", "_own", "attack"], ascending=[False, True, True]).iloc[0]
+    member = _membership(primary)
+    exposed = int(canaries.table.exposed.sum()) if "exposed" in canaries.table else 0
+    with_secret = int(canaries.table.exposure.notna().sum()) if "exposure" in canaries.table else 0
+    bow = data.bag_of_words
+    separable, bow_text = mb.bow_verdict(bow) if len(bow) else (False, "")
+    verdict = _verdict(member, exposed, separable)
+    sentences, caveats = [_first_sentence(verdict, member, primary, level)], []
+    if with_secret:
+        sentences.append(f"{exposed} of {_count(with_secret, 'canary')} with a secret {'is' if exposed == 1 else 'are'} "
+                         f"exposed (at least {canaries.threshold_bits:.1f} bits).")
+    rates, decoding = _extraction_measures(data)
+    if "members" in rates:
+        sentences.append(f"Prompted with the first half of a member record, it completes "
+                         f"{rates['members']:.1%} of {rates['members_n']} verbatim ({decoding} decoding; the base model "
+                         f"{rates.get('base', math.nan):.1%} on the same prompts, non-members "
+                         f"{rates.get('non_members', math.nan):.1%}).")
+    warning = None
+    if separable:
+        warning = (f"Read this first: {bow_text} The membership AUC then measures how the member and non-member "
+                   "files differ as well as what the model memorized: draw the non-members from the same source as "
+                   "the members.")
+    if primary is not None and bool(primary.get("model_unchanged", False)):
+        note = str(primary.get("note"))
+        warning = " ".join(filter(None, [warning, f"{note[:1].upper()}{note[1:]}."]))
+    if verdict == "no measurable leak":
+        caveats.append("No measurable leak is not a guarantee: a stronger attack, more records or other data may "
+                       "show one; only differential privacy bounds what any attack can learn.")
+    if primary is not None and best.attack != primary.attack:
+        caveats.append(f"Best AUC: the highest of {mia.attack.nunique()} attacks on the same records, so above what "
+                       f"one attack chosen in advance would show; the verdict uses `{primary.attack}`.")
+    if record.n_non_members < 1000:
+        caveats.append(f"TPR at 1% FPR needs at least 100 non-members and at 0.1% FPR 1,000; this audit has "
+                       f"{record.n_non_members}: a point it cannot estimate is null (with the reason), not zero.")
+    tpr1, tpr1_note = _tpr(best, "1pct")
+    tpr01, tpr01_note = _tpr(best, "0_1pct")
+    measures = pd.DataFrame([
+        ("verdict", verdict, None),
+        (f"membership AUC ({primary.attack if primary is not None else 'none'})",
+         _auc(primary, level, code="") if primary is not None else None, None),
+        ("best membership AUC", _auc(best, level, code=""), f"{mia.attack.nunique()} attacks"),
+        (f"TPR at 1% FPR ({best.attack})", tpr1, tpr1_note),
+        (f"TPR at 0.1% FPR ({best.attack})", tpr01, tpr01_note),
+        ("canaries exposed", f"{exposed} of {with_secret}" if with_secret else None,
+         None if with_secret else "no canary with a secret" if record.n_canaries else "no canaries given"),
+        (f"members extracted verbatim ({decoding or 'none'})", f"{rates['members']:.3f}" if "members" in rates else None,
+         f"base model {rates['base']:.3f}" if "base" in rates else "extraction not run"),
+        ("records", f"{_count(record.n_members, 'member')}, {_count(record.n_non_members, 'non-member')}, "
+                    f"{_count(record.n_canaries, 'canary')}", None),
+    ], columns=["measure", "value", "note"])
+    return LeakSummary(verdict=verdict, sentences=sentences, warning=warning, measures=measures, caveats=caveats)
+
+
+def load_audit_results(root: Path) -> tuple[AuditConfig, AuditRecord, StudyResults]:
+    """The audit folder's configuration, record and results (its study view: :func:`audit_study`)."""
+    layout = StudyLayout(Path(root))
+    record = AuditRecord.load(layout.root / StudyFile.AUDIT_RECORD)
+    raw = yaml.safe_load(layout.audit_file.read_text()) or {}
+    config = AuditConfig.model_validate(raw.get("audit", raw))
+    study = audit_study(config, ModelConfig.model_validate(record.base), MIAConfig.model_validate(record.mia),
+                        ExtractionConfig.model_validate(record.extraction))
+    results = pd.read_parquet(layout.results_file) if layout.results_file.exists() else pd.DataFrame()
+
+    def read(name: str) -> pd.DataFrame:
+        path = layout.study_level(name)
+        return pd.read_parquet(path) if path.exists() else pd.DataFrame()
+
+    data = StudyResults(root=layout.root, study=study, results=results, mia_scores=read(StudyFile.MIA_SCORES),
+                        extraction=read(StudyFile.EXTRACTION), environment=Environment.read(layout.environment_file))
+    return config, record, data
+
+
+def analyse_audit(root: Path) -> AuditAnalysis:
+    """The analysis of the audit folder `root` (reads its files; writes nothing)."""
+    start = time.perf_counter()
+    config, record, data = load_audit_results(root)
+    canaries = canaries_section(data, record)
+    analysis = AuditAnalysis(
+        root=data.root, config=config, record=record, data=data, environment=data.environment,
+        inputs=inputs_fingerprint(StudyLayout(data.root)), leak=leak_summary(data, record, canaries),
+        canaries=canaries, attacks=mb.attack_comparison(data), roc=mb.roc_curves(data),
+        bag_of_words=mb.bag_of_words(data), extraction=mz.extraction_rates(data), perplexity=mz.ngram_perplexity(data),
+        utility=utility(data))
+    analysis.seconds = time.perf_counter() - start
+    return analysis
+
+
+# ------------------------------------------------------------------------------------- rendering
+@dataclass
+class AuditReport:
+    """The files an audit's report is: HTML, Markdown (same analysis) and the model card."""
+
+    index: Path
+    markdown: Path
+    model_card: Path
+    analysis: AuditAnalysis
+
+
+@dataclass(frozen=True)
+class Overview:
+    """What was measured, in Markdown sentences: the model, the records, the methods, what did not run."""
+
+    model: str
+    records: list[str]
+    methods: list[str]
+    notes: list[str]
+
+    @property
+    def lines(self) -> list[str]:
+        return [self.model, *self.records, *self.methods, *self.notes]
+
+
+def overview(a: AuditAnalysis) -> Overview:
+    """The audit's overview (the HTML page's, the Markdown's and the model card's)."""
+    r = a.record
+    model = (f"LoRA adapter `{r.target}` (rank {r.rank}, on {', '.join(r.target_modules)})" if r.method == "lora"
+             else f"full fine-tuned model `{r.target}`")
+    eight = " in 8 bits" if r.base.get("load_in_8bit") else ""
+    records = [f"Members: {r.n_members} records known to be in the training set (`{r.sources.get('members')}`).",
+               f"Non-members: {r.n_non_members} records of the same distribution known not to be "
+               f"(`{r.sources.get('non_members')}`)."]
+    if r.n_canaries:
+        records.append(f"Canaries: {_count(r.n_canaries, 'record')} inserted in the training set "
+                       f"(`{r.sources.get('canaries', 'the run folder')}`), scored apart from the members.")
+    refs = f", with {r.references} reference models trained on random halves of the records" if r.references else ""
+    methods = [f"Membership inference: {', '.join(f'`{x}`' for x in r.attacks)}{refs}; the bag-of-words check "
+               "between the two files."]
+    if r.extraction.get("enabled", True):
+        methods.append(f"Prompted-prefix extraction: the first half of up to {r.extraction.get('members')} members, "
+                       f"{r.extraction.get('non_members')} non-members and every canary, continued by the model and by "
+                       "the base model; canary exposure (Carlini et al. 2019).")
+    return Overview(model=f"The model: {model}, base model `{r.base['name_or_path']}`{eight}, also the reference model "
+                          "of the ratio attacks" + (" (the adapter disabled)." if r.method == "lora" else "."),
+                    records=records, methods=methods, notes=list(r.notes))
+
+
+def audit_page(a: AuditAnalysis, paths: dict[str, Path]) -> str:
+    """The audit's HTML page (the study report's style and section renderer)."""
+    import html
+
+    name = html.escape(a.record.name)
+    nav = "".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in a.sections)
+    said = "".join(f"<p>{inline_html(line)}</p>" for line in overview(a).lines)
+    env = a.environment
+    source = (f'<p class="src">Device {html.escape(str(env.device))}; {html.escape(env.versions(file_order=True))}; '
+              f"memlens git {html.escape(str(env.git_commit))}; audit wall time {a.record.wall_time_s or 0:.0f} s.</p>")
+    body = "".join(section_html(s, paths) for s in a.sections[1:])
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>memlens audit: {name}</title>'
+            f"<style>{CSS}</style></head><body><h1>memlens audit: {name}</h1>"
+            f"<p class=\"src\">generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}</p>{section_html(a.leak, paths)}"
+            f"{said}{source}<nav>{nav}</nav>{body}</body></html>")
+
+
+def audit_markdown(a: AuditAnalysis, figures: dict[str, Path]) -> str:
+    """The same analysis as Markdown, figures linked from `figures/` (next to it in report/)."""
+    doc = Document(a, "figures", figures)
+    doc.add(f"# memlens audit: {a.record.name}", "\n".join(f"- {line}" for line in overview(a).lines))
+    for part in a.sections:
+        section_markdown(doc, part)
+    return "\n".join(doc.lines).rstrip() + "\n"
+
+
+def model_card(a: AuditAnalysis) -> str:
+    """A "Privacy evaluation" section for the model's README, laid out as a Hugging Face model card's evaluation
+    (testing data, metrics, results, summary) with its limitations: what was measured, on which records, with
+    which attacks, the figures and the caveats."""
+    leak, said = a.leak, overview(a)
+    lines = ["## Privacy evaluation", "",
+             f"*Measured with memlens (`memlens audit`) on {time.strftime('%Y-%m-%d')}: whether the model memorized "
+             "its fine-tuning data. Every number below is computed from the audit's files; rerun the audit to update "
+             "them.*", "", said.model, "",
+             "### Testing data", "", *(f"- {line}" for line in said.records), "",
+             "### Metrics", "",
+             "- Can an attacker tell records used in fine-tuning from records that were not? The ROC AUC of each "
+             "membership attack (0.5 is chance) with its interval, and the true positive rate at 1% and 0.1% false "
+             "positive rate (an attacker who must rarely be wrong).",
+             *(f"- {line}" for line in said.methods), *(f"- {note}" for note in said.notes), "",
+             "### Results", ""]
+    if leak.omitted:
+        lines += [f"Not measured: {leak.omitted.reason}.", ""]
+    else:
+        lines += [md_table(leak.measures[leak.measures.measure != "verdict"]), ""]
+        if len(a.canaries.table):
+            lines += [md_table(a.canaries.table, {"exposure": ".2f", "exposure_base": ".2f"}), ""]
+        lines += ["#### Summary", "", f"**Verdict: {leak.verdict}.** " + " ".join(leak.sentences), ""]
+    caveats = ([leak.warning] if leak.warning else []) + list(leak.caveats) + [
+        "Members and non-members were declared by whoever ran the audit; whatever else differs between the two sets "
+        "(source, date, topic) adds to the AUC: the bag-of-words check tests their words.",
+        "An AUC near 0.5 on average can hide a few records that are memorized: see TPR at low FPR and the canaries."]
+    lines += ["### Limitations", "", *(f"- {c}" for c in caveats), ""]
+    return "\n".join(lines)
+
+
+def write_audit_report(root: Path) -> AuditReport:
+    """Write `report/index.html`, `report/index.md` (with report/figures/ and report/tables/) and `model-card.md`
+    from the audit folder's files."""
+    a = analyse_audit(root)
+    layout = StudyLayout(a.root)
+    out = layout.report
+    paths = write_sections(out, a.sections, a.tables())
+    index = write_index(out, audit_page(a, paths), a.inputs)
+    markdown = out / "index.md"
+    atomic_write_text(markdown, audit_markdown(a, paths))
+    card = layout.root / StudyFile.MODEL_CARD
+    atomic_write_text(card, model_card(a))
+    return AuditReport(index=index, markdown=markdown, model_card=card, analysis=a)
+
+
+__all__ = ["AuditAnalysis", "AuditReport", "CanaryResults", "LeakSummary", "Overview", "analyse_audit",
+           "audit_markdown", "audit_page", "canary_table", "exposure_threshold", "leak_summary", "load_audit_results",
+           "model_card", "overview", "write_audit_report"]

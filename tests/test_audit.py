@@ -1,0 +1,252 @@
+"""`memlens audit` on an adapter trained with plain PEFT (no memlens code): the command, the Python call, a
+plain transformers recomputation of its AUC, the same adapter as a study's run, and the validity rules."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+import memlens
+from memlens.attacks.mia import run_mia
+from memlens.auditing.target import resolve_target
+from memlens.cli import app
+from memlens.config import ConfigError, dump_study, load_audit
+from memlens.context import StudyContext
+from memlens.data import load_study_data
+from memlens.store import RUN_COLUMNS, StudyLayout
+from memlens.store.records import CellRecord, TrainRecord
+
+from .conftest import LLAMA_SMALL, LLAMA_TINY, PHEE, make_study
+
+CANARY = "Patient MRN 4812093377 was given 40 mg of the study drug and developed a rash."
+METRICS = ["auc", "auc_ci_low", "auc_ci_high", "auc_boot_low", "auc_boot_high", "tpr_at_10pct_fpr", "op_threshold",
+           "op_tpr", "n_members", "n_non_members"]
+
+
+def _train_plain_peft(texts: list[str], folder) -> None:
+    """LoRA on q and v with transformers' Trainer and PEFT alone, a high learning rate so that it memorizes."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+
+    set_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA_TINY)
+    model = AutoModelForCausalLM.from_pretrained(LLAMA_TINY, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                             task_type="CAUSAL_LM"))
+    args = TrainingArguments(output_dir=str(folder.parent / "trainer"), num_train_epochs=2, learning_rate=2e-2,
+                             per_device_train_batch_size=8, save_strategy="no", report_to=[], use_cpu=True,
+                             disable_tqdm=True, logging_strategy="no", seed=0)
+    Trainer(model=model, args=args, train_dataset=Dataset.from_dict(tokenizer(texts)),
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False)).train()
+    model.save_pretrained(str(folder))
+
+
+def _recomputed_ref_ratio_auc(adapter, members: list[str], non_members: list[str]) -> float:
+    """The base-ratio attack's AUC with plain transformers + PEFT: mean NLL under the base over mean NLL under the
+    adapter, one record at a time."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA_TINY)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(LLAMA_TINY, dtype=torch.float32),
+                                      str(adapter)).eval()
+
+    def nll(text: str) -> float:
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        return float(model(input_ids=ids, labels=ids).loss)
+
+    texts = members + non_members
+    with torch.inference_mode():
+        tuned = np.array([nll(t) for t in texts])
+        with model.disable_adapter():
+            base = np.array([nll(t) for t in texts])
+    return roc_auc_score([1] * len(members) + [0] * len(non_members), base / tuned)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """A plain-PEFT adapter trained on 24 PHEE training records (the members of a small study's `splits` design),
+    and the files of its members, non-members (24 test records) and one canary."""
+    root = tmp_path_factory.mktemp("audit")
+    study = make_study(root / "study", data={"subset": 24, "utility_split": None},
+                       grid={"target_modules": [["q", "v"]], "rank": [8]},
+                       mia={"bootstrap": 20}, extraction={"enabled": False})
+    data = load_study_data(study.data)
+    adapter = root / "my-adapter"
+    _train_plain_peft(data.members.text.tolist(), adapter)
+    for name, frame in (("members", data.members), ("non_members", data.non_members)):
+        frame.rename(columns={"sample_id": "id", "text": "context"}).to_json(root / f"{name}.jsonl", orient="records",
+                                                                            lines=True)
+    (root / "canaries.jsonl").write_text(json.dumps({"id": "mrn", "context": CANARY, "secret": "4812093377",
+                                                     "copies": 4}) + "\n")
+    return {"root": root, "study": study, "data": data, "adapter": adapter}
+
+
+def _args(plain, out, *extra: str) -> list[str]:
+    root = plain["root"]
+    return ["audit", "--target", str(plain["adapter"]), "--members", str(root / "members.jsonl"), "--non-members",
+            str(root / "non_members.jsonl"), "--text-field", "context", "--out", str(out), "--no-progress", *extra]
+
+
+def test_command_audits_a_plain_peft_adapter(plain, tmp_path):
+    out = tmp_path / "audit"
+    result = CliRunner().invoke(app, _args(plain, out, "--canaries", str(plain["root"] / "canaries.jsonl"),
+                                           "--group", r"^(\d+)_", "--set", "mia.bootstrap=20", "--set",
+                                           "extraction.members=4", "--set", "extraction.non_members=4", "--set",
+                                           "extraction.exposure_candidates=50"))
+    assert result.exit_code == 0, result.output
+    assert f"model card: {out / 'model-card.md'}" in result.output
+    results = pd.read_parquet(out / "results.parquet")
+    assert set(RUN_COLUMNS) <= set(results.columns)
+    mia = results[results.stage == "mia"].set_index("attack")
+    # every attack that needs no reference model or corpus, and the bag-of-words check (grouped folds)
+    assert {"loss", "ref_ratio", "ref_llr", "zlib", "lowercase", "min_k", "min_k_pp", "bag_of_words"} <= set(mia.index)
+    assert bool(mia.loc["bag_of_words", "grouped"])
+    data = plain["data"]
+    recomputed = _recomputed_ref_ratio_auc(plain["adapter"], data.members.text.tolist(), data.non_members.text.tolist())
+    assert mia.loc["ref_ratio", "auc"] == pytest.approx(recomputed, abs=0.005)
+    assert mia.loc["ref_ratio", "auc"] > 0.8 and mia.loc["ref_ratio", "n_members"] == 24  # the canary is apart
+    # 24 non-members: the low-FPR points are null with the reason, never 0
+    assert np.isnan(mia.loc["ref_ratio", "tpr_at_1pct_fpr"]) and "needs >= 100" in mia.loc["ref_ratio",
+                                                                                          "tpr_at_1pct_fpr_note"]
+    scores = pd.read_parquet(out / "mia_scores.parquet")
+    assert scores.is_canary.sum() == 1 and len(scores) == 49 and {"ref_ratio", "nll_ft", "nll_ref"} <= set(scores)
+    exposure = results[results.stage == "exposure"].set_index("attack")
+    assert set(exposure.index) == {"exposure@canary:mrn", "exposure@canary:mrn:base"}
+    assert exposure.loc["exposure@canary:mrn", "copies"] == 4
+    assert {"extract:greedy:canary", "extract:greedy:members", "extract:greedy:members:base"} <= set(
+        results[results.stage == "extraction"].attack)
+    page = (out / "report" / "index.html").read_text()
+    markdown = (out / "report" / "index.md").read_text()
+    card = (out / "model-card.md").read_text()
+    assert page.index("Does this model leak?") < page.index("Attack comparison")  # the first screen comes first
+    for text in (page, markdown):
+        assert "Does this model leak?" in text and "Canaries" in text and "bag of words" in text
+    assert card.startswith("## Privacy evaluation") and "Verdict: leaks" in card
+    assert all(f"### {part}" in card for part in ("Testing data", "Metrics", "Results", "Limitations"))
+    assert f"{mia.loc['ref_ratio', 'auc']:.3f}" in card
+    # the report is the study's report code: `memlens report` rebuilds it from the folder
+    (out / "report" / "index.html").unlink()
+    assert CliRunner().invoke(app, ["report", str(out)]).exit_code == 0 and (out / "report" / "index.html").exists()
+
+
+def test_python_call_with_an_audit_file_and_reference_models(plain, tmp_path):
+    root = plain["root"]
+    (tmp_path / "train.yaml").write_text("train: {epochs: 1, learning_rate: 0.02, batch_size: 8, grad_accum: 1, "
+                                         "warmup_steps: 0}\n")
+    (tmp_path / "audit.yaml").write_text(
+        f"audit:\n  target: {plain['adapter']}\n  members: {root / 'members.jsonl'}\n  non_members: "
+        f"{root / 'non_members.jsonl'}\n  text_field: context\n  out: {tmp_path / 'out'}\n  references: 2\n"
+        f"  train_config: {tmp_path / 'train.yaml'}\n  extraction: {{enabled: false}}\n"
+        "  mia: {bootstrap: 20, attacks: [ref_ratio, lira, lira_offline, rmia, rmia_offline]}\n")
+    summary = memlens.audit(tmp_path / "audit.yaml", show_progress=False)
+    mia = summary.results[summary.results.stage == "mia"].set_index("attack")
+    assert {"lira", "lira_offline", "rmia", "rmia_offline", "ref_ratio", "bag_of_words"} == set(mia.index)
+    assert len(StudyLayout(summary.out).references.finished_runs()) == 2  # trained with the adapter's recipe
+    assert summary.report.analysis.leak.verdict == "leaks"
+    assert (summary.out / "audit.yaml").exists() and summary.model_card.exists()
+
+
+def _study_run(plain) -> tuple:
+    """The plain-PEFT adapter as the one run of a small study (its cell: [q, v] at rank 8)."""
+    study, data = plain["study"], plain["data"]
+    layout = StudyLayout(study.out_dir)
+    cell = study.cells()[0]
+    run_id = cell.run_id(study)
+    run_dir = layout.run_dir(run_id)
+    if not run_dir.exists():
+        shutil.copytree(plain["adapter"], run_dir / "adapter")
+        members = data.members.assign(is_canary=data.members.index == 0)
+        members.to_parquet(run_dir / "members.parquet")
+        CellRecord.model_validate({"run_id": run_id, **cell.determinants(study)}).save(run_dir / "cell.json")
+        first = members.iloc[0]
+        TrainRecord(run_id=run_id, seed=0, trainable_params=24576, total_params=1, trainable_pct=1.0,
+                    canary={"sample_id": first.sample_id, "text": first.text, "copies": 1, "mode": "repeat"}).save(
+            run_dir / "train.json")
+        layout.study_file.write_text(dump_study(study))
+    return study, run_dir
+
+
+def test_a_study_run_folder_gives_the_studys_numbers(plain, tmp_path):
+    study, run_dir = _study_run(plain)
+    rows = run_mia(StudyContext(study)).set_index("attack")
+    summary = memlens.audit(target=str(run_dir), out=str(tmp_path / "run-audit"), show_progress=False)
+    audited = summary.results.set_index("attack")
+    # the same records in one pass with the lowercased ones too: other batches, the same scores to float rounding
+    for attack in study.mia.attacks:
+        for column in METRICS:
+            assert audited.loc[attack, column] == pytest.approx(rows.loc[attack, column], rel=1e-6), (attack, column)
+    for column in RUN_COLUMNS:  # the study's identifying columns
+        a, b = audited.loc["ref_ratio", column], rows.loc["ref_ratio", column]
+        assert a == b or (pd.isna(a) and pd.isna(b)), column
+    assert audited.loc["perplexity", "test_ppl"] == pytest.approx(rows.loc["perplexity", "test_ppl"], rel=1e-6)
+    assert "lowercase" in audited.index and "recall" not in audited.index  # every attack the inputs allow
+
+
+def test_a_full_model_against_its_base(plain, tmp_path):
+    """A full model folder (here the base itself: nothing was fine-tuned) is loaded beside the base and attacked;
+    the rows say its scores measure the base model."""
+    root = plain["root"]
+    summary = memlens.audit(target=str(LLAMA_TINY), base=str(LLAMA_TINY), members=str(root / "members.jsonl"),
+                            non_members=str(root / "non_members.jsonl"), text_field="context",
+                            out=str(tmp_path / "full"), show_progress=False,
+                            overrides=["mia.attacks=[loss, ref_ratio]", "mia.bootstrap=0", "extraction.enabled=false"])
+    mia = summary.results[summary.results.stage == "mia"].set_index("attack")
+    assert mia.loc["ref_ratio", "method"] == "full" and mia.loc["ref_ratio", "target_modules"] == "all"
+    assert bool(mia.loc["ref_ratio", "model_unchanged"]) and "measure the base model" in mia.loc["ref_ratio", "note"]
+    assert "measure the base model" in summary.report.analysis.leak.warning  # said on the first screen
+
+
+def test_validity_rules(plain, tmp_path):
+    root = plain["root"]
+    shared, first = tmp_path / "shared.jsonl", (root / "members.jsonl").read_text().splitlines()[0]
+    shared.write_text(first + "\n" + (root / "non_members.jsonl").read_text())
+    common = {"target": str(plain["adapter"]), "members": str(root / "members.jsonl"), "text_field": "context",
+              "out": str(tmp_path / "out")}
+    example = re.escape(json.loads(first)["context"][:40])
+    with pytest.raises(ConfigError, match=rf"audit: 1 text\(s\) occur in both the members .* \(e\.g\. '{example}"):
+        memlens.audit(**common, non_members=str(shared), show_progress=False)
+    lacking = tmp_path / "lacking.jsonl"
+    lacking.write_text('{"id": "a", "context": "one"}\n{"id": "b", "body": "two"}\n')
+    with pytest.raises(ConfigError, match=rf"audit.text_field: {lacking} line 2: the record has no 'context' field"):
+        memlens.audit(**common, non_members=str(lacking), show_progress=False)
+    with pytest.raises(ConfigError, match=r"does not fit the base model .*llama-small: its layer "
+                                          r"'model.layers.0.self_attn.q_proj' has 192 input features in the adapter and "
+                                          r"384 in that base"):
+        memlens.audit(**common, non_members=str(root / "non_members.jsonl"), base=str(LLAMA_SMALL),
+                      show_progress=False)
+    with pytest.raises(ConfigError, match=r"audit.base: the target .* is a full model; give the model it was "
+                                          "fine-tuned from"):
+        memlens.audit(**{**common, "target": str(LLAMA_TINY)}, non_members=str(root / "non_members.jsonl"))
+    with pytest.raises(ConfigError, match=r"audit.non_members: 'owner/phee' is read as a hub dataset id, but "
+                                          r"HF_HUB_OFFLINE=1 \(offline\)"):
+        memlens.audit(**common, non_members="hub:owner/phee:test")
+    with pytest.raises(ConfigError, match=r"audit.target: 'owner/model' is read as a hub model id, but "
+                                          r"HF_HUB_OFFLINE=1 \(offline\)"):
+        memlens.audit(**{**common, "target": "owner/model"}, base=str(LLAMA_TINY),
+                      non_members=str(root / "non_members.jsonl"))
+    assert not (tmp_path / "out").exists()  # every refusal came before anything was written
+    # an 8-bit base is the study's ModelConfig setting (its loading is tests/test_8bit.py's)
+    int8 = resolve_target(load_audit(raw={**common, "load_in_8bit": True}))
+    assert int8.base.load_in_8bit and int8.base.name_or_path == str(LLAMA_TINY) and int8.rank == 8
+    with pytest.raises(ConfigError, match="audit.train_config: references are trained with the target's recipe"):
+        memlens.audit(**common, non_members=str(root / "non_members.jsonl"), references=2)
+    result = CliRunner().invoke(app, ["audit", "--target", str(plain["adapter"]), "--members", str(PHEE / "x.jsonl"),
+                                      "--non-members", str(root / "non_members.jsonl"), "--no-progress"])
+    assert result.exit_code == 2 and "audit.members:" in result.output and "x.jsonl is not found" in result.output

@@ -70,8 +70,15 @@ class StackPlan:
     replay: dict[tuple[int, str], object] = field(default_factory=dict)
 
     def start_pass(self, spans: list[AdapterSpan]) -> None:
+        """The spans of the next forward: end to end from token 0, in order."""
+        if [s.start for s in spans] != [sum(s.tokens for s in spans[:i]) for i in range(len(spans))]:
+            raise ValueError("stacked LoRA: the spans must lie end to end from token 0, in order")
         self.spans = spans
         self.replay = {}
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.spans)
 
 
 def lora_layers(model: torch.nn.Module) -> list[LoraLayer]:
@@ -111,17 +118,18 @@ def _stacked_forward(module: LoraLayer, plan: StackPlan, x: torch.Tensor, *args,
     eight_bit = not isinstance(module, LoraLinear)
     convert = not eight_bit or not torch.is_autocast_enabled()
     flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] != plan.tokens:
+        raise RuntimeError(f"stacked LoRA: the spans cover {plan.tokens} tokens, the batch has {flat.shape[0]}")
     updates = []
-    for span in plan.spans:
+    # split, not a slice per span: the backward of one split is one concatenation, that of a slice a zero-filled
+    # tensor of the whole batch per span
+    for span, xa in zip(plan.spans, torch.split(flat, [span.tokens for span in plan.spans])):
         lora_A, lora_B = module.lora_A[span.name], module.lora_B[span.name]
-        xa = flat[span.start:span.stop]
         if convert:
             xa = module._cast_input_dtype(xa, lora_A.weight.dtype)
         update = lora_B(lora_A(_dropped(module, span, xa, plan))) * module.scaling[span.name]
         updates.append(update.to(result_dtype) if eight_bit and convert else update)
     stacked = torch.cat(updates) if len(updates) > 1 else updates[0]
-    if stacked.shape[0] != flat.shape[0]:
-        raise RuntimeError(f"stacked LoRA: the spans cover {stacked.shape[0]} tokens, the batch has {flat.shape[0]}")
     result = result + stacked.reshape(*result.shape[:-1], -1)
     return result if eight_bit else result.to(result_dtype)
 

@@ -247,26 +247,28 @@ class Lockstep:
             spans.append(AdapterSpan(name, start, size, rng=self.streams[name]))
             start += size
         first = requests[0][1].trainer
-        loss_function = self.model.loss_function
-        vocab = self.model.config.vocab_size
+        causal_lm = self.model.get_base_model()
+        head, vocab = causal_lm.get_output_embeddings(), causal_lm.config.vocab_size
         self.model.train()
         losses, terms = {}, []
         with self._group_stream.active():
             with first.accelerator.autocast():
                 self.plan.start_pass(spans)
-                logits = self.model(**inputs).logits
-                for (name, request), span, labels in zip(requests, spans, shifted):
+                hidden = causal_lm.get_decoder()(**inputs).last_hidden_state
+                # The causal LM's head and loss per adapter, on its own tokens: the logits of the whole stack in one
+                # tensor would leave the cache (and a slice's backward zero-fills a gradient of all of them).
+                for (name, request), part, labels in zip(requests, torch.split(hidden, sizes, dim=1), shifted):
                     trainer = request.trainer
                     num_items = request.num_items if trainer.model_accepts_loss_kwargs else None
-                    loss = loss_function(logits=logits[:, span.start:span.stop], labels=None, shift_labels=labels,
-                                         vocab_size=vocab, num_items_in_batch=num_items)
+                    loss = causal_lm.loss_function(logits=head(part), labels=None, shift_labels=labels,
+                                                   vocab_size=vocab, num_items_in_batch=num_items)
                     if not _scaled_for_accumulation(trainer, num_items):
                         loss = loss / trainer.current_gradient_accumulation_steps
                     losses[name] = loss.detach()
                     accelerator = trainer.accelerator
                     term = loss / accelerator.gradient_accumulation_steps
                     terms.append(accelerator.scaler.scale(term) if accelerator.scaler is not None else term)
-            del logits
+            del hidden
             torch.stack(terms).sum().backward()
         return losses
 

@@ -48,6 +48,7 @@ from memlens.store import StudyLayout, atomic_dir
 from memlens.train.finetune import (
     cell_training,
     finetune_cell,
+    frozen_heap,
     lora_config,
     make_trainer,
     precision_flags,
@@ -86,12 +87,12 @@ def alone_reason(study: StudyConfig, cell: CellConfig) -> str | None:
 
 
 def _model_reason(study: StudyConfig) -> str | None:
-    if study.model.attn_implementation.startswith("flash_attention"):
-        return None  # flash-attn's own variable-length path, from the position ids
+    """The architectures a stacked pass is written for: decoder, then the head's logits (no softcapping or scaling),
+    and variable-length attention (memlens', or flash-attn's when the model is loaded with it)."""
     config = load_model_config(study.model)
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES or getattr(config, "sliding_window", None) \
-            or getattr(config, "use_sliding_window", False):
+    windowed = getattr(config, "sliding_window", None) or getattr(config, "use_sliding_window", False)
+    if model_type not in SUPPORTED_MODEL_TYPES or windowed and not study.model.attn_implementation.startswith("flash"):
         return (f"model type {model_type!r} has no variable-length attention in memlens (supported: "
                 f"{sorted(SUPPORTED_MODEL_TYPES)}, without sliding window)")
     return None
@@ -246,7 +247,8 @@ class _Group:
                                                                          self.precision, True))
                 log.info("training %d adapters together: %s", len(trainers), ", ".join(self.run_ids))
                 self.start = time.perf_counter()
-                lockstep.run(trainers)
+                with frozen_heap():
+                    lockstep.run(trainers)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

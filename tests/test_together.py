@@ -226,3 +226,42 @@ def test_gpt2_fused_slices_train_together(tmp_path):
         assert weights and all(".attn.c_attn.q.lora_" in k for k in weights)
         assert read_train_info(run).to_json()["together"]["size"] == 2
         assert all(np.isfinite(p["loss"]) for p in read_train_info(run).loss_curve)
+
+
+def test_references_train_in_groups_each_holding_its_lock(tmp_path, monkeypatch):
+    """`train.together: 2` and 3 references: references 0 and 1 train together, each one's lock held meanwhile, then
+    reference 2 alone."""
+    import fcntl
+    import os
+
+    from memlens.attacks import references as refs_module
+
+    study = make_study(tmp_path / "study", mia={"references": 3, "attacks": ["ref_ratio", "lira"]},
+                       train={"together": 2})
+    layout, cell = StudyLayout(study.out_dir), study.cells()[0]
+    ids = refs_module.reference_ids(study, cell)
+    groups = []
+
+    def locked(ref_id) -> bool:
+        fd = os.open(layout.references.lock_file(ref_id), os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def fake_group(study, members, data_of, layout, tokenizer=None, progress=None):
+        groups.append([k for _, k in members])
+        assert all(locked(ids[k]) for _, k in members)
+        for _, k in members:
+            layout.references.run_dir(ids[k]).mkdir(parents=True)
+            (layout.references.run_dir(ids[k]) / RunFile.REFERENCE).write_text("{}")
+
+    monkeypatch.setattr(refs_module, "train_reference_group", fake_group)
+    monkeypatch.setattr(refs_module, "train_reference",
+                        lambda study, cell, k, data, layout, tokenizer=None, progress=None:
+                        fake_group(study, [(cell, k)], None, layout))
+    assert refs_module.train_references(study, [cell], lambda design: None, layout) == ids
+    assert groups == [[0, 1], [2]]

@@ -191,7 +191,7 @@ def train_references(study: StudyConfig, cells: Sequence[CellConfig], data_of: C
                 claimed = [r for r in group
                            if locks.enter_context(_lock(layout.references.lock_file(r), blocking=False))]
                 fresh = [r for r in claimed if not is_trained(layout, r)]
-                if len(fresh) == 1:
+                if len(fresh) == 1:  # alone (train.together 1, DP, full fine-tuning...) or the last of a group
                     cell, k = todo[fresh[0]]
                     train_reference(study, cell, k, data_of(cell.membership), layout, tokenizer, progress)
                 elif fresh:

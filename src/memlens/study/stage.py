@@ -106,9 +106,8 @@ class FinetuneStage(Stage):
 
     def run(self, ctx: StudyContext, cells: list[CellConfig]) -> None:
         progress = None if ctx.show_progress else training_progress(disable=True)
-        for group in training_groups(ctx.study, cells):
-            finetune_group(ctx.study, [(c, ctx.data(c.membership)) for c in group], ctx.layout, ctx.tokenizer(),
-                           progress=progress)
+        finetune_group(ctx.study, [(c, ctx.data(c.membership)) for c in cells], ctx.layout, ctx.tokenizer(),
+                       progress=progress)
 
     def invalidate(self, ctx: StudyContext, run_ids: list[str]) -> None:
         """Remove the runs: renamed to a temp name first (atomic), then deleted."""

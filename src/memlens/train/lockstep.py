@@ -175,7 +175,8 @@ class Lockstep:
 
     `model`: the PEFT model holding every adapter (its LoRA layers patched by `stacked_adapters`, whose `plan` is
     given); `streams`: each adapter's random stream; `on_done(adapter)`: called on the adapter's thread when its
-    Trainer has finished (saving its files), while the others may still train."""
+    Trainer has finished (saving its files), while the others may still train; `group_seed`: the seed of the stream
+    the base model's own dropout draws from in a stacked pass."""
 
     def __init__(self, model: torch.nn.Module, plan: StackPlan, streams: dict[str, RandomStream],
                  on_done: Callable[[str], None], group_seed: int = 0):
@@ -187,7 +188,6 @@ class Lockstep:
         self._requests: dict[str, _Request] = {}
         self._losses: dict[str, torch.Tensor] = {}
         self._errors: list[tuple[str, BaseException]] = []
-        self.passes = 0
 
     # --------------------------------------------------------------------------- called on the adapters' threads
     def step(self, adapter: str, trainer: AdapterTrainer, inputs: dict, num_items) -> torch.Tensor:
@@ -234,7 +234,6 @@ class Lockstep:
             return
         requests = [(name, self._requests.pop(name)) for name in self.trainers if name in self._requests]
         self._losses.update(self._stacked_pass(requests))
-        self.passes += 1
         self._cv.notify_all()
 
     def _stacked_pass(self, requests: list[tuple[str, _Request]]) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ folder with the files, run id, checksums and records of a run trained alone (tra
 group's size and the run ids trained with it). A killed group leaves the finished runs complete and no trace of
 the others (atomic folders), which the next run trains again.
 
-Cells that cannot share a pass train one at a time, and the stage says so in the log (:func:`alone_reason`):
+Cells that cannot share a pass train one at a time, and the stage says so in the log (:func:`training_groups`):
 full fine-tuning (the whole model is the adapter), DP-SGD (per-sample gradients of one model), LoRA biases (the
 base model's biases would be shared), and base models without variable-length attention.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
-from memlens.config import CellConfig, StudyConfig
+from memlens.config import CellConfig, StudyConfig, stable_hash
 from memlens.data import StudyData
 from memlens.models import (
     check_quantized,
@@ -71,10 +71,8 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------- who trains together
-def alone_reason(study: StudyConfig, cell: CellConfig) -> str | None:
-    """Why `cell` trains one at a time even with `train.together` > 1 (None: it can join a group)."""
-    if study.train.together <= 1:
-        return None
+def _cell_reason(study: StudyConfig, cell: CellConfig) -> str | None:
+    """Why `cell` trains one at a time whatever `train.together` (None: it can join a group)."""
     if cell.method != "lora":
         return "full fine-tuning"
     if cell.noise_multiplier is not None:
@@ -83,7 +81,7 @@ def alone_reason(study: StudyConfig, cell: CellConfig) -> str | None:
         return f"lora.bias {study.lora.bias} (the base model's biases would be shared by the group)"
     if study.train.packed_attention == "block_mask":
         return "train.packed_attention block_mask (a group's pass needs variable-length attention)"
-    return _model_reason(study)
+    return None
 
 
 def _model_reason(study: StudyConfig) -> str | None:
@@ -107,8 +105,9 @@ def training_groups(study: StudyConfig, cells: Sequence[CellConfig], *,
     by_matrices: dict[tuple[str, ...], list[CellConfig]] = {}
     groups: list[list[CellConfig]] = []
     alone: dict[str, list[str]] = {}
+    model_reason = _model_reason(study) if size > 1 and cells else None
     for cell in cells:
-        reason = alone_reason(study, cell)
+        reason = (_cell_reason(study, cell) or model_reason) if size > 1 else None
         if reason is not None:
             alone.setdefault(reason, []).append(cell.run_id(study))
             groups.append([cell])
@@ -176,20 +175,25 @@ def _enable_checkpointing(model: torch.nn.Module, args) -> None:
 def finetune_group(study: StudyConfig, cells: Sequence[tuple[CellConfig, StudyData]], layout: StudyLayout,
                    tokenizer: PreTrainedTokenizerBase | None = None, *, progress: Progress | None = None,
                    base_model: PreTrainedModel | None = None) -> list[Path]:
-    """Train `cells` (each with its records) together and write each `<runs>/<run_id>/`; returns the folders, in
-    order. Finished runs are left as they are; one cell left (or a cell that cannot join a group) trains alone
-    through :func:`~memlens.train.finetune.finetune_cell`."""
-    todo = [(c, d) for c, d in cells if not layout.run_dir(c.run_id(study)).is_dir()]
-    if len(todo) <= 1 or any(alone_reason(study, c) for c, _ in todo):
-        return [finetune_cell(study, c, d, layout, tokenizer, progress=progress, base_model=base_model)
-                for c, d in cells]
-    if len({tuple(c.target_modules) for c, _ in todo}) > 1:
-        raise ValueError(f"train.together: a group shares its matrices; got {[c.target_modules for c, _ in todo]}")
-    for cell, _ in todo:
-        check_quantized(study, cell)
-    tokenizer = tokenizer or load_tokenizer(study.model)
-    _Group(study, todo, layout, tokenizer, base_model).train(progress)
-    return [layout.run_dir(c.run_id(study)) for c, _ in cells]
+    """Train `cells` (each with its records) in training groups (:func:`training_groups`: up to `train.together`
+    cells sharing their matrices in one pass; a cell left alone through :func:`~memlens.train.finetune.finetune_cell`)
+    and write each `<runs>/<run_id>/`; returns the folders, in order. Finished runs are left as they are.
+    `base_model`: a loaded model to train on instead of `study.model` (modified in place: one group only)."""
+    records = {cell.run_id(study): data for cell, data in cells}
+    todo = [cell for cell, _ in cells if not layout.run_dir(cell.run_id(study)).is_dir()]
+    groups = training_groups(study, todo)
+    if base_model is not None and len(groups) > 1:
+        raise ValueError(f"finetune_group: a base_model trains one group; these cells make {len(groups)}")
+    tokenizer = tokenizer or (load_tokenizer(study.model) if todo else None)
+    for group in groups:
+        if len(group) == 1:
+            finetune_cell(study, group[0], records[group[0].run_id(study)], layout, tokenizer, progress=progress,
+                          base_model=base_model)
+            continue
+        for cell in group:
+            check_quantized(study, cell)
+        _Group(study, [(c, records[c.run_id(study)]) for c in group], layout, tokenizer, base_model).train(progress)
+    return [layout.run_dir(cell.run_id(study)) for cell, _ in cells]
 
 
 class _Group:
@@ -240,7 +244,8 @@ class _Group:
         try:
             with stacked_adapters(self.model) as plan, progress_or_own(progress) as display, \
                     _group_attention(self.model) as self.attention:
-                lockstep = Lockstep(self.model, plan, {}, self._save, group_seed=self.cells[0][0].seed)
+                group_seed = int(stable_hash(self.run_ids)[:8], 16)  # no adapter's: its own stream is its seed's
+                lockstep = Lockstep(self.model, plan, {}, self._save, group_seed=group_seed)
                 trainers = self._trainers(lockstep, scratch, display)
                 if self.checkpointing:
                     _enable_checkpointing(self.model, training_arguments(tcfg, self.cells[0][0], scratch, self.device,
@@ -290,4 +295,4 @@ class _Group:
         log.info("finished %s in %.1fs (%d adapters together)", self.run_ids[i], wall, len(self.cells))
 
 
-__all__ = ["AdapterParameters", "alone_reason", "finetune_group", "training_groups"]
+__all__ = ["AdapterParameters", "finetune_group", "training_groups"]

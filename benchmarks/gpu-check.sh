@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The three GPU benchmarks at the Llama-2-7B shape (random weights: nothing downloaded), in under 8 minutes,
+# The four GPU benchmarks at the Llama-2-7B shape (random weights: nothing downloaded), in under 10 minutes,
 # with a short table of the figures (GPU name first) printed and written to a file.
 #
 #   bash benchmarks/gpu-check.sh [--wheels DIR] [--shared DIR] [--python PY] [--out FILE] [--budget S]
@@ -11,8 +11,8 @@
 #   --python PY    interpreter (default $PYTHON, else python3)
 #   --out FILE     the table (default $OUT/gpu-check.txt when $OUT is set, else gpu-check.txt); each
 #                  benchmark's full log goes next to it (gpu-check-<name>.log)
-#   --budget S     seconds for the whole check (default 470); each benchmark gets its own limit within it
-#   --cpu-test     exercise this script on a machine without a GPU: the same three benchmarks on CPU at the
+#   --budget S     seconds for the whole check (default 580); each benchmark gets its own limit within it
+#   --cpu-test     exercise this script on a machine without a GPU: the same four benchmarks on CPU at the
 #                  tiny shape (for testing the script itself; the figures mean nothing)
 #
 # memlens runs from src/ (PYTHONPATH=src), not installed. Exits 2 when no GPU is visible, 3 when packages
@@ -21,7 +21,7 @@ set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 START=$(date +%s)
-WHEELS="" SHARED_DIR="" PY="${PYTHON:-python3}" TABLE="" BUDGET=470 CPU_TEST=0
+WHEELS="" SHARED_DIR="" PY="${PYTHON:-python3}" TABLE="" BUDGET=580 CPU_TEST=0
 if [[ -n "${OUT:-}" ]]; then TABLE="$OUT/gpu-check.txt"; else TABLE="gpu-check.txt"; fi
 
 usage() { sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
@@ -149,6 +149,11 @@ MIA_ARGS=(--repeats 2); [[ $CPU_TEST -eq 1 ]] && MIA_ARGS+=(--records 100)
 run_step mia 150 "$PY" benchmarks/mia_throughput.py "${DEV[@]}" "${MIA_ARGS[@]}"
 # greedy generation: batch 64, 32 new tokens, dynamic and static KV cache (3 repeats each after a warm-up)
 run_step generation 80 "$PY" benchmarks/generation_throughput.py "${DEV[@]}" --repeats 3
+# multi-adapter training (train.together): 8 rank-8 adapters on q,v in one pass vs one adapter alone, real tokens/s,
+# the same micro-batches (64 PHEE records each, 16 x 4 per step, 3 steps)
+# (and the LoRA update alone at the 7B width: each adapter's own matmuls vs ranks and tokens padded into one bmm)
+run_step multi_adapter 110 "$PY" benchmarks/multi_adapter_throughput.py "${DEV[@]}" --parts adapters layouts \
+  --adapters 8 --rank 8 --records 64 --max-steps 3
 
 # ------------------------------------------------------------------------------------- the table
 grab() { sed -n "$2" "$LOGDIR/gpu-check-$1.log" 2>/dev/null | head -1; }
@@ -167,6 +172,10 @@ RECS=$(grab mia 's/.*: \([0-9]* records ([0-9]* tokens)\).*/\1/p')
 DYN=$(grab generation 's/^dynamic cache *: *\([0-9.]*\) s\/batch *\([0-9.]*\) sequences\/s *\([0-9]*\) new tok\/s.*/\2 seq\/s (\3 new tok\/s)/p')
 STATIC=$(grab generation 's/^static cache *: *\([0-9.]*\) s\/batch *\([0-9.]*\) sequences\/s *\([0-9]*\) new tok\/s.*/\2 seq\/s (\3 new tok\/s)/p')
 BOUND=$(grab generation 's/^decode bound.*: ~\([0-9]*\) sequences\/s.*/~\1 seq\/s/p')
+ONE=$(grab multi_adapter 's/^  one adapter alone *: *\([0-9]*\) real tok\/s.*/\1 real tok\/s/p')
+EIGHT=$(grab multi_adapter 's/^  8 adapters together *: *\([0-9]*\) real tok\/s.*/\1 real tok\/s/p')
+MULTI=$(grab multi_adapter 's/^ratio: \([0-9.]*\) x.*/\1x/p')
+LAYOUT=$(grab multi_adapter 's/^  mixed ranks[^:]*: \(.*\)/\1/p')
 COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "?")
 row() { printf '%-34s %s\n' "$1" "${2:--}"; }
 {
@@ -183,6 +192,10 @@ row() { printf '%-34s %s\n' "$1" "${2:--}"; }
   row "  dynamic KV cache" "$DYN"
   row "  static KV cache" "$STATIC"
   row "  decode bound (weights/bandwidth)" "$BOUND"
+  row "multi-adapter, $SHAPE [${STATUS[multi_adapter]:-not run}]" "q,v rank 8, 64 records each, 3 steps"
+  row "  one adapter alone" "$ONE"
+  row "  8 adapters together" "${EIGHT:+$EIGHT = ${MULTI:-?} the tokens/s of one alone}"
+  row "  LoRA update, ranks 1-64" "$LAYOUT"
   row "wall time" "$(( $(date +%s) - START ))s (budget ${BUDGET}s); logs: $LOGDIR/gpu-check-*.log"
 } | tee "$TABLE"
 exit $FAILED

@@ -24,6 +24,7 @@ Prints both wall times, the split by stage (fine-tune / MIA / extraction) and th
     python benchmarks/study_throughput.py                 # 200 records per split, 20 extraction records
     python benchmarks/study_throughput.py --quick         # 64 records per split, 8 extraction records
     python benchmarks/study_throughput.py --records 300 --out /tmp/study-bench
+    python benchmarks/study_throughput.py --together 2    # memlens trains [q] r1+r4 and [v] r1+r4 in pairs
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def study_raw(out: Path, records: int, extract: int, train: dict | None = None) 
 
 
 # ------------------------------------------------------------------------------------------ memlens
-def memlens_arm(out: Path, records: int, extract: int) -> dict:
-    study = load_study(raw=study_raw(out, records, extract))
+def memlens_arm(out: Path, records: int, extract: int, together: int = 1) -> dict:
+    study = load_study(raw=study_raw(out, records, extract, {"together": together}))
     start = time.perf_counter()
     summary = run_study(study, report=False, show_progress=False)
     total = time.perf_counter() - start
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extract", type=int, default=None,
                         help="training records attacked by extraction besides the canary (default 20)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each arm, alternating (default 1)")
+    parser.add_argument("--together", type=int, default=1,
+                        help="memlens' train.together: its cells sharing matrices train in one pass (default 1)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of both arms (default: torch's, one per core). On a machine shared "
                         "with other work, 1 avoids the spinning of idle threads waiting for a busy core")
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         if root.exists() and any(root.iterdir()):
             parser.error(f"{root} is not empty: give a new --out (study folders are never overwritten)")
     print(f"llama-tiny, PHEE {records} records per split, 4 cells ([q],[v] x r1,r4), 1 epoch, "
-          f"extraction: canary + {extract} records; torch threads {torch.get_num_threads()}, "
+          f"extraction: canary + {extract} records; memlens train.together {args.together}; "
+          f"torch threads {torch.get_num_threads()}, "
           f"{args.repeats} repeat(s), load average {os.getloadavg()[0]:.1f}", flush=True)
     runs: dict[str, list[dict]] = {"memlens": [], "baseline": []}
     try:
@@ -206,7 +210,10 @@ def main(argv: list[str] | None = None) -> None:
             order = ("memlens", "baseline") if repeat % 2 == 0 else ("baseline", "memlens")
             for arm in order:
                 folder = root / f"{arm}-{repeat}"
-                result = (memlens_arm if arm == "memlens" else baseline_arm)(folder, records, extract)
+                if arm == "memlens":
+                    result = memlens_arm(folder, records, extract, args.together)
+                else:
+                    result = baseline_arm(folder, records, extract)
                 result["load_average"] = os.getloadavg()[0]
                 runs[arm].append(result)
                 print(f"  {arm:8s} repeat {repeat}: {result['total_s']:6.1f} s  (" + ", ".join(

@@ -265,3 +265,26 @@ def test_killed_driver_then_rerun_finishes_each_cell_once(ray_instance, tmp_path
     assert_each_cell_once(layout, [first, second])
     for run_id in (first, second):
         assert read_status(layout, run_id).state == "done"
+
+
+def test_a_worker_trains_a_group_as_the_local_executor_does(ray_instance, tmp_path):
+    """`train.together: 2`: a Ray task gets a training group ([q] seeds 0 and 1), its adapters trained in one pass,
+    bit for bit what the local executor's group trains."""
+    def together(out, executor):
+        study = tiny_study(out, executor=executor, target_modules=[["q"]])
+        return study.model_copy(update={"train": study.train.model_copy(update={"together": 2})})
+
+    local, remote = together(tmp_path / "local", None), together(tmp_path / "ray", {"max_concurrent": 2})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the Ray workers
+    try:
+        assert run_study(local, only=["finetune"], report=False, show_progress=False).ok
+    finally:
+        torch.set_num_threads(threads)
+    summary = run_study(remote, only=["finetune"], report=False, show_progress=False)
+    assert summary.ok and {o.state for o in summary.outcomes} == {"pending"}  # mia and extraction left
+    run_ids = [c.run_id(remote) for c in remote.cells()]
+    for run_id in run_ids:
+        a, b = run_files(StudyLayout(local.out_dir), run_id), run_files(StudyLayout(remote.out_dir), run_id)
+        assert a["train"]["together"] == b["train"]["together"] and a["train"]["together"]["size"] == 2
+        assert_same_run(a, b)

@@ -73,9 +73,10 @@ def test_findings_state_a_verdict_with_reasons(report):
     out, page = report
     findings = pd.read_csv(out / "report" / "tables" / "findings.csv")
     ranks = pd.read_parquet(out / "results.parquet")["rank"].nunique()
-    assert len(findings) == ranks + 2 and findings.number.tolist() == [1] * ranks + [2, 3]  # finding 1 per rank
+    # finding 1 per rank, and at matched fit
+    assert len(findings) == ranks + 3 and findings.number.tolist() == [1] * (ranks + 1) + [2, 3]
     assert findings[findings.number == 1].scope.tolist() == [f"rank {r}" for r in sorted(
-        pd.read_parquet(out / "results.parquet")["rank"].unique())]
+        pd.read_parquet(out / "results.parquet")["rank"].unique())] + ["matched fit"]
     assert set(findings.verdict) <= {"holds", "does not hold", "inconclusive"}
     # two ranks only: the rank finding cannot be judged, and says why
     rank = findings[findings.title.str.startswith("(3)")].iloc[0]

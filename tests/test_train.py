@@ -13,7 +13,7 @@ from memlens.models import AdapterBank, load_base_model, load_tokenizer
 from memlens.store import StudyLayout
 from memlens.train import finetune_cell, read_members, read_train_info, tokenize_records
 from memlens.train.collate import CausalLMCollator
-from memlens.train.finetune import _use_checkpointing, estimate_training_bytes, step_shape
+from memlens.train.finetune import estimate_training_bytes, step_shape, use_checkpointing
 from tests.conftest import GPT2_SMALL, PHEE, make_study
 
 SUBSET = 32
@@ -186,7 +186,7 @@ def test_checkpointing_auto_is_off_on_cpu_and_the_estimate_grows_with_the_step(l
     study, _ = llama_runs["packed"]
     model = load_base_model(study.model)
     cpu = torch.device("cpu")
-    assert not _use_checkpointing("auto", model, cpu, 64, 1024) and _use_checkpointing("on", model, cpu, 1, 8)
+    assert not use_checkpointing("auto", model, cpu, 64, 1024) and use_checkpointing("on", model, cpu, 1, 8)
     small, large = estimate_training_bytes(model, 1, 256), estimate_training_bytes(model, 4, 1024)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     assert weights < small < large

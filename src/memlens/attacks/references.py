@@ -6,7 +6,9 @@ model, data and membership design). Reference k of the recipe of cell `c`:
 
 - is `finetune_cell` unchanged, run for ``c.model_copy(update={"seed": REF_SEED + k, "canary_copies": 1})``
   under the study with a plain canary (``CanaryConfig(mode="repeat")``: one copy of a repeated record leaves
-  the training set as it is, and no secret is inserted), so it trains with the cell's own recipe;
+  the training set as it is, and no secret is inserted), so it trains with the cell's own recipe (with
+  `train.together` > 1, up to that many references train together, each as it would alone:
+  :mod:`memlens.train.together`);
 - trains on its IN half of the *population*, the records of the cell's membership experiment (members and
   non-members of its design; an inserted canary is not among them): a fair coin per record, seeded by
   REF_SEED + k (:func:`memlens.data.designs.coin`), independent of the target's membership. Every
@@ -23,10 +25,11 @@ matrices, epochs, DP...) gives new run_ids: new references. A folder is complete
 so training resumes after a kill; its cost is its `train.json` (`wall_time_s`) and the `references` stage's
 wall time in the runs' `timings.json`.
 
-Concurrency: the references stage runs per cell, so two Ray workers with cells of one recipe would train
-the same references. Training a reference holds its lock file (``<out>/references/.locks/<id>.lock``, POSIX
-`flock`, released by the kernel if the worker dies): a worker skips the references another one is training,
-trains the others, then waits for the rest. Without the lock two workers would train the same adapter twice
+Concurrency: the references stage runs per cell (per group of cells with `train.together`), so two Ray workers
+with cells of one recipe would train the same references. Training a reference holds its lock file
+(``<out>/references/.locks/<id>.lock``, POSIX `flock`, released by the kernel if the worker dies; a group of
+references holds each one's): a worker skips the references another one is training, trains the others, then
+waits for the rest. Without the lock two workers would train the same adapter twice
 and, worse, `atomic_dir` of the second would delete the first's temporary folder while it is being written.
 
 Scoring (:class:`ReferenceStatistics`): each reference adapter is attached to the membership stage's base
@@ -58,7 +61,8 @@ from memlens.data.designs import coin
 from memlens.store import RunFile, StudyLayout, atomic_write_parquet, read_cache
 from memlens.store.integrity import unreadable
 from memlens.store.records import ReferenceRecord, TrainRecord
-from memlens.train import finetune_cell, read_members
+from memlens.train import read_members
+from memlens.train.together import finetune_group, training_groups
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +145,31 @@ def _lock(path: Path, blocking: bool) -> Iterator[bool]:
 def train_reference(study: StudyConfig, cell: CellConfig, k: int, data: StudyData, layout: StudyLayout,
                     tokenizer=None, progress: Progress | None = None) -> Path:
     """Train the k-th reference of `cell`'s recipe (the caller holds its lock); returns its folder."""
-    ref_study, ref_cell = reference_study(study), reference_cell(cell, k)
-    ref_data, record = reference_data(study, data, k)
-    run_dir = finetune_cell(ref_study, ref_cell, ref_data, layout.references, tokenizer, progress=progress)
-    train = TrainRecord.load(run_dir / RunFile.TRAIN)
-    record = record.model_copy(update={"run_id": run_dir.name, "wall_time_s": train.wall_time_s})
-    ReferenceRecord.model_validate(record.model_dump()).save(run_dir / RunFile.REFERENCE)
-    return run_dir
+    return train_reference_group(study, [(cell, k)], lambda design: data, layout, tokenizer, progress)[0]
+
+
+def train_reference_group(study: StudyConfig, members: Sequence[tuple[CellConfig, int]],
+                          data_of: Callable[[str], StudyData], layout: StudyLayout, tokenizer=None,
+                          progress: Progress | None = None) -> list[Path]:
+    """Train the references `(cell, k)` of `members` together (`train.together`; the caller holds their locks);
+    returns their folders, each with its reference.json."""
+    ref_study = reference_study(study)
+    drawn = [(reference_cell(cell, k), *reference_data(study, data_of(cell.membership), k)) for cell, k in members]
+    run_dirs = finetune_group(ref_study, [(ref_cell, ref_data) for ref_cell, ref_data, _ in drawn],
+                              layout.references, tokenizer, progress=progress)
+    for run_dir, (_, _, record) in zip(run_dirs, drawn):
+        train = TrainRecord.load(run_dir / RunFile.TRAIN)
+        record = record.model_copy(update={"run_id": run_dir.name, "wall_time_s": train.wall_time_s})
+        ReferenceRecord.model_validate(record.model_dump()).save(run_dir / RunFile.REFERENCE)
+    return run_dirs
+
+
+def _claimable(study: StudyConfig, todo: dict[str, tuple[CellConfig, int]], announce: bool = False) -> list[list[str]]:
+    """The references left, in the groups they train in (`train.together`; one by one when 1). `announce`: log
+    those that train one at a time although `train.together` > 1."""
+    ref_study = reference_study(study)
+    ref_cells = [reference_cell(cell, k) for cell, k in todo.values()]
+    return [[c.run_id(ref_study) for c in group] for group in training_groups(ref_study, ref_cells, announce=announce)]
 
 
 def train_references(study: StudyConfig, cells: Sequence[CellConfig], data_of: Callable[[str], StudyData],
@@ -155,25 +177,33 @@ def train_references(study: StudyConfig, cells: Sequence[CellConfig], data_of: C
                      wait_s: float = 1.0) -> list[str]:
     """Train the missing references of `cells`' recipes; returns the run_ids of those this call trained.
 
-    `data_of(design)` gives the records of a membership design. A reference another process is training
-    (its lock is held) is skipped while others remain, then waited for."""
+    `data_of(design)` gives the records of a membership design. References of recipes sharing the adapted
+    matrices train together, `train.together` at a time. A reference another process is training (its lock is
+    held) is skipped while others remain, then waited for."""
     todo: dict[str, tuple[CellConfig, int]] = {}
     for cell in cells:
         for k, ref_id in enumerate(reference_ids(study, cell)):
             if not is_trained(layout, ref_id):
                 todo.setdefault(ref_id, (cell, k))
     trained: list[str] = []
+    announce = True
     while todo:
         progressed = False
-        for ref_id, (cell, k) in list(todo.items()):
-            with _lock(layout.references.lock_file(ref_id), blocking=False) as held:
-                if not held:
-                    continue
-                if not is_trained(layout, ref_id):
+        for group in _claimable(study, todo, announce):
+            with contextlib.ExitStack() as locks:
+                claimed = [r for r in group
+                           if locks.enter_context(_lock(layout.references.lock_file(r), blocking=False))]
+                fresh = [r for r in claimed if not is_trained(layout, r)]
+                if len(fresh) == 1:  # alone (train.together 1, DP, full fine-tuning...) or the last of a group
+                    cell, k = todo[fresh[0]]
                     train_reference(study, cell, k, data_of(cell.membership), layout, tokenizer, progress)
-                    trained.append(ref_id)
-                del todo[ref_id]
-                progressed = True
+                elif fresh:
+                    train_reference_group(study, [todo[r] for r in fresh], data_of, layout, tokenizer, progress)
+                trained.extend(fresh)
+                for ref_id in claimed:
+                    del todo[ref_id]
+                    progressed = True
+        announce = False
         if todo and not progressed:  # every one left is being trained elsewhere: wait for one of them
             ref_id = next(iter(todo))
             log.info("waiting for reference %s, trained by another process", ref_id)
@@ -288,4 +318,4 @@ class ReferenceStatistics:
 
 __all__ = ["REF_SEED", "Reference", "ReferenceStatistics", "coin_unit", "in_matrix", "is_trained", "load_references",
            "population", "reference_cell", "reference_data", "reference_ids", "reference_study", "remove_references",
-           "train_reference", "train_references"]
+           "train_reference", "train_reference_group", "train_references"]

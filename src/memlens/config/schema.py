@@ -307,6 +307,14 @@ class TrainConfig(_Strict):
         "canary copies); recorded in train.json.",
     )
     logging_steps: int = Field(5, ge=1, description="Record the training loss every N steps.")
+    together: int = Field(
+        1, ge=1, description="Train up to N LoRA adapters in one pass over the base model: grid cells that share "
+        "the adapted matrices (their ranks, seeds, copies and records may differ), and a recipe's reference "
+        "adapters. Each keeps its own seed, data order, optimizer, schedule and files: the same run (run id, "
+        "records) as alone, its tensors equal to float rounding when the base model has no dropout of its own. "
+        "Full fine-tuning, DP-SGD, LoRA biases and models without variable-length attention train one at a time "
+        "(said in the log). `1`: one at a time.",
+    )
 
 
 class DPConfig(_Strict):
@@ -576,8 +584,8 @@ class CellConfig(_Strict):
             "model": study.model.model_dump(exclude={"device"}),
             "data": study.data.model_dump(exclude={"utility_split", *DESIGN_FIELDS}),
             "canary": study.canary.model_dump(),
-            # packed_attention: the same computation either way (to float rounding), only faster
-            "train": study.train.model_dump(exclude={"logging_steps", "packed_attention"}),
+            # packed_attention, together: the same computation either way (to float rounding), only faster
+            "train": study.train.model_dump(exclude={"logging_steps", "packed_attention", "together"}),
         }
         if self.method == "lora":
             determinants["lora"] = study.lora.model_dump()

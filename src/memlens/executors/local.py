@@ -64,8 +64,7 @@ class _BatchedRun:
                     self.blocked.add(run_id)
                 else:
                     pending.append(run_id)
-            groups = [pending] if stage.batched else [[r] for r in pending]
-            for group in filter(None, groups):
+            for group in stage.groups(self.ctx, pending):
                 self._run_group(stage, group)
         return [self._outcome(run_id) for run_id in self.cells]
 

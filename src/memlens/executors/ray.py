@@ -8,9 +8,10 @@ folder must be on storage every node sees (NFS, Lustre...; see docs/cluster.md).
 2. runs the stages' shared preparation once (:meth:`~memlens.study.stage.Stage.prepare`, e.g. the membership
    stage's base-model scores; itself one Ray task with a cell's resources, so it runs where the GPUs are), so
    no cell recomputes it;
-3. keeps at most `executor.max_concurrent` cells in flight, each with `num_cpus` / `num_gpus` /
-   `memory_gb`; a task whose worker dies (killed, OOM, node lost) is retried by Ray up to
-   `executor.max_retries` times and resumes from the files already written;
+3. keeps at most `executor.max_concurrent` tasks in flight, each with `num_cpus` / `num_gpus` / `memory_gb`: a
+   task is one cell, or with `train.together` > 1 a group of cells whose adapters train together in one pass
+   (:func:`group_task`: the group's stages run batched in the worker); a task whose worker dies (killed, OOM,
+   node lost) is retried by Ray up to `executor.max_retries` times and resumes from the files already written;
 4. returns the outcomes; the runner then rebuilds the study-level files from the per-run files (the
    driver sees the shared study folder too, and merging needs no model).
 
@@ -33,10 +34,12 @@ from pathlib import Path
 
 from memlens.config import CellConfig, ConfigError, ExecutorConfig, StudyConfig
 from memlens.context import StudyContext
+from memlens.executors.local import LocalExecutor
 from memlens.store import StudyFile, StudyLayout, atomic_write_text
 from memlens.study.cell import normalise_study, run_cell
 from memlens.study.stage import get_stage, preparing, selected_stages
 from memlens.study.status import CellEvent, CellOutcome, read_status, write_status
+from memlens.train.together import training_groups
 
 INSTALL_HINT = "executor.kind: ray needs Ray, which is not installed: pip install 'memlens[ray]'"
 # Ray task name of a cell; Ray also titles the worker process `ray::memlens-cell:<run_id>` while it runs.
@@ -109,6 +112,19 @@ def cell_task(study_dict: dict, cell_dict: dict, workdir: str | None, only: list
     _enter_workdir(workdir)
     _check_shared_folder(study_dict, token)
     return run_cell(study_dict, cell_dict, only)
+
+
+def group_task(study_dict: dict, cell_dicts: list[dict], workdir: str | None, only: list[str] | None = None,
+               token: str | None = None) -> list[dict]:
+    """Body of a group's Ray task (`train.together` > 1: cells whose adapters train together): the group's cells
+    through the local executor's batched run in this worker (each stage once for the group, the adapters in one
+    pass; a stage that fails for the group is rerun cell by cell, so each failure is the cell's own); one outcome
+    per cell, as :func:`cell_task` returns for one."""
+    _enter_workdir(workdir)
+    _check_shared_folder(study_dict, token)
+    ctx = StudyContext(normalise_study(StudyConfig.model_validate(study_dict)))
+    cells = [CellConfig.model_validate(c) for c in cell_dicts]
+    return [outcome.to_dict() for outcome in LocalExecutor().run(ctx, cells, lambda event: None, only)]
 
 
 def prepare_task(study_dict: dict, cell_dicts: list[dict], stages: list[str], workdir: str | None,
@@ -215,49 +231,65 @@ class RayExecutor:
             ray.get(ray.remote(prepare_task).options(name=PREPARE_TASK, **opts).remote(
                 study_dict, [c.model_dump(mode="json") for c in cells], prepare, workdir, token))
 
-        remote_cell = ray.remote(cell_task)
-        pending = list(cells)
-        limit = self.cfg.max_concurrent or len(cells)
-        in_flight: dict = {}  # ObjectRef -> cell
+        remote_cell, remote_group = ray.remote(cell_task), ray.remote(group_task)
+        pending = _units(study, cells)
+        limit = self.cfg.max_concurrent or len(pending)
+        in_flight: dict = {}  # ObjectRef -> the cells of its task
         outcomes: dict[str, CellOutcome] = {}
         try:
             while pending or in_flight:
                 while pending and len(in_flight) < limit:
-                    cell = pending.pop(0)
-                    run_id = cell.run_id(study)
-                    ref = remote_cell.options(name=TASK_PREFIX + run_id, **opts).remote(
-                        study_dict, cell.model_dump(mode="json"), workdir, only, token)
-                    in_flight[ref] = cell
-                    on_event(CellEvent(run_id, "running"))  # handed to Ray (it may queue it for resources)
+                    unit = pending.pop(0)
+                    run_ids = [c.run_id(study) for c in unit]
+                    if len(unit) == 1:
+                        ref = remote_cell.options(name=TASK_PREFIX + run_ids[0], **opts).remote(
+                            study_dict, unit[0].model_dump(mode="json"), workdir, only, token)
+                    else:
+                        ref = remote_group.options(name=f"{TASK_PREFIX}{run_ids[0]}+{len(unit) - 1}", **opts).remote(
+                            study_dict, [c.model_dump(mode="json") for c in unit], workdir, only, token)
+                    in_flight[ref] = unit
+                    for run_id in run_ids:  # handed to Ray (it may queue it for resources)
+                        on_event(CellEvent(run_id, "running"))
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
                 for ref in ready:
-                    cell = in_flight.pop(ref)
-                    outcome = self._collect(study, cell, ref)
-                    outcomes[outcome.run_id] = outcome
-                    on_event(outcome)
+                    for outcome in self._collect(study, in_flight.pop(ref), ref):
+                        outcomes[outcome.run_id] = outcome
+                        on_event(outcome)
         except BaseException:  # Ctrl-C or a failing callback: stop the cells still running, then raise
             for ref in in_flight:
                 ray.cancel(ref, force=True)
             raise
         return [outcomes[c.run_id(study)] for c in cells]
 
-    def _collect(self, study: StudyConfig, cell: CellConfig, ref) -> CellOutcome:
-        """The task's outcome; a task Ray could not complete (worker died more than max_retries times,
-        node lost, cancelled, unpicklable result) is recorded as failed in the cell's status file."""
+    def _collect(self, study: StudyConfig, cells: list[CellConfig], ref) -> list[CellOutcome]:
+        """The outcomes of a task's cells; a task Ray could not complete (worker died more than max_retries times,
+        node lost, cancelled, unpicklable result) fails each of its cells, recorded in the cell's status file."""
         ray = self.ray
         layout = StudyLayout(study.out_dir)
-        run_id = cell.run_id(study)
+        run_ids = [c.run_id(study) for c in cells]
         try:
-            outcome = CellOutcome.from_dict(ray.get(ref))
+            result = ray.get(ref)
         except ray.exceptions.RayError as exc:
-            last = read_status(layout, run_id)
-            stage, done = (last.stage, list(last.stages_done)) if last is not None else (None, [])
-            record = write_status(layout, run_id, "failed", cell=cell, stage=stage, stages_done=done, error=exc)
-            return CellOutcome(run_id, "failed", record.traceback, done)
-        if outcome.run_id != run_id:  # the worker hashed the cell differently: another memlens version?
-            raise RuntimeError(f"a Ray worker ran cell {run_id} as {outcome.run_id}: the driver and the workers "
-                               "must run the same memlens version (see docs/cluster.md)")
-        return outcome
+            return [_task_failed(layout, cell, run_id, exc) for cell, run_id in zip(cells, run_ids)]
+        outcomes = [CellOutcome.from_dict(r) for r in (result if isinstance(result, list) else [result])]
+        if [o.run_id for o in outcomes] != run_ids:  # the worker hashed the cells differently: another version?
+            raise RuntimeError(f"a Ray worker ran cells {run_ids} as {[o.run_id for o in outcomes]}: the driver and "
+                               "the workers must run the same memlens version (see docs/cluster.md)")
+        return outcomes
+
+
+def _task_failed(layout: StudyLayout, cell: CellConfig, run_id: str, exc: Exception) -> CellOutcome:
+    last = read_status(layout, run_id)
+    stage, done = (last.stage, list(last.stages_done)) if last is not None else (None, [])
+    record = write_status(layout, run_id, "failed", cell=cell, stage=stage, stages_done=done, error=exc)
+    return CellOutcome(run_id, "failed", record.traceback, done)
+
+
+def _units(study: StudyConfig, cells: list[CellConfig]) -> list[list[CellConfig]]:
+    """The cells of each task: one, or a training group (`train.together` > 1, cells sharing their matrices)."""
+    if study.train.together <= 1:
+        return [[cell] for cell in cells]
+    return training_groups(study, cells, announce=True)
 
 
 __all__ = ["INSTALL_HINT", "SHARED_CHECK_FILE", "TASK_PREFIX", "RayExecutor", "StudyFolderNotShared", "import_ray"]

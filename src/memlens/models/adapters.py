@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,15 +47,25 @@ def quiet_peft_wrap() -> Iterator[None]:
         yield
 
 
-def save_adapter(model: torch.nn.Module, path: Path, fused_suffixes: list[str]) -> None:
-    """Save a PEFT model's active adapter (safetensors) with the fused splits it needs."""
+def save_adapter(model: torch.nn.Module, path: Path, fused_suffixes: list[str], adapter_name: str | None = None) -> None:
+    """Save a PEFT model's adapter (safetensors) with the fused splits it needs: the model's only adapter, or
+    `adapter_name` of a model holding several, in the same files as if it were the only one."""
     path.mkdir(parents=True, exist_ok=True)
     for config in getattr(model, "peft_config", {}).values():
         # PEFT keeps target_modules as a set and writes it in hash order, which changes with every process's
         # PYTHONHASHSEED: sorted, the same adapter is the same file (and checksum) in every process.
         if isinstance(config.target_modules, (set, frozenset)):
             config.target_modules = sorted(config.target_modules)
-    model.save_pretrained(str(path), safe_serialization=True)
+    if adapter_name is None:
+        model.save_pretrained(str(path), safe_serialization=True)
+    else:  # PEFT writes a named adapter to <dir>/<name>/ and the model card to <dir>/
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[adapter_name])
+            for file in (Path(tmp) / adapter_name).iterdir():
+                os.replace(file, path / file.name)
+            for file in Path(tmp).iterdir():
+                if file.is_file():
+                    os.replace(file, path / file.name)
     (path / ADAPTER_META).write_text(json.dumps({"fused_suffixes": fused_suffixes}, indent=2))
 
 

@@ -46,6 +46,8 @@ class _Group:
 class _Plan:
     position_ids: torch.Tensor  # kept alive so that the identity check below cannot see a recycled tensor
     groups: list[_Group]
+    index: torch.Tensor  # every group's `index`, flattened end to end: one gather for all groups
+    targets: torch.Tensor  # every group's `targets`, end to end: one scatter back
 
 
 _last_plan: _Plan | None = None
@@ -86,7 +88,8 @@ def _plan(position_ids: torch.Tensor, batch: int) -> _Plan:
         index = starts[:, None] + torch.minimum(offsets[None, :], lengths[:, None] - 1)
         groups.append(_Group(index=index, valid=valid, targets=index[valid]))
         i = j
-    _last_plan = _Plan(position_ids=position_ids, groups=groups)
+    _last_plan = _Plan(position_ids=position_ids, groups=groups, index=torch.cat([g.index.reshape(-1) for g in groups]),
+                       targets=torch.cat([g.targets for g in groups]))
     return _last_plan
 
 
@@ -107,13 +110,18 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     q = query.transpose(1, 2).reshape(batch * tokens, heads, head_dim)
     k = key.transpose(1, 2).reshape(batch * tokens, kv_heads, head_dim)
     v = value.transpose(1, 2).reshape(batch * tokens, kv_heads, head_dim)
-    out = q.new_empty(batch * tokens, heads, value.shape[-1])
-    for group in plan.groups:
+    # One gather for every group and one scatter back: a gather or scatter per group would cost, in the backward, a
+    # zero-filled gradient of the whole batch per group (many groups when many records of many lengths are packed).
+    sizes = [g.index.numel() for g in plan.groups]
+    gathered = [t[plan.index].split(sizes) for t in (q, k, v)]
+    outs = []
+    for group, qs, ks, vs in zip(plan.groups, *gathered):
         # (records, heads, width, head_dim)
-        qg, kg, vg = (t[group.index].transpose(1, 2) for t in (q, k, v))
+        qg, kg, vg = (t.view(*group.index.shape, *t.shape[1:]).transpose(1, 2) for t in (qs, ks, vs))
         og = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, scale=scaling, is_causal=True,
                                             enable_gqa=kv_heads != heads)
-        out = out.index_copy(0, group.targets, og.transpose(1, 2)[group.valid])
+        outs.append(og.transpose(1, 2)[group.valid])
+    out = q.new_empty(batch * tokens, heads, value.shape[-1]).index_copy(0, plan.targets, torch.cat(outs))
     return out.reshape(batch, tokens, heads, -1), None
 
 

@@ -39,8 +39,9 @@ from memlens.store.integrity import CorruptArtifactError, missing_files, redo_ce
 from memlens.store.lock import write_lock
 from memlens.store.records import CellRecord, TrainRecord
 from memlens.study.provenance import record_stage_time
-from memlens.train import check_training_records, finetune_cell, tokenize_records
+from memlens.train import check_training_records, tokenize_records
 from memlens.train.progress import training_progress
+from memlens.train.together import finetune_group, training_groups
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,11 @@ class Stage:
         said = "; ".join(f"{path} cannot be read ({why})" for path, why in found)
         return f"{said}. `memlens run` redoes the {self.name} stage of this run (its other stages are kept)"
 
+    def groups(self, ctx: StudyContext, run_ids: list[str]) -> list[list[str]]:
+        """How a process runs this stage for `run_ids`: each list is one call of :meth:`run` (all at once when
+        batched, else one by one; the stages that train adapters group them by `train.together`)."""
+        return [list(run_ids)] if self.batched and run_ids else [[r] for r in run_ids]
+
     def run(self, ctx: StudyContext, cells: list[CellConfig]) -> None:
         raise NotImplementedError
 
@@ -110,7 +116,7 @@ class Stage:
 class FinetuneStage(Stage):
     name = "finetune"
     marker = RunFile.TRAIN
-    batched = False  # one cell at a time: each run's wall time is its own
+    batched = False  # one cell at a time (each run's wall time its own), or groups of `train.together`
     redo_damaged = False  # a damaged run is named with how to redo it, never deleted unasked (see damage)
 
     def check(self, ctx: StudyContext) -> None:
@@ -140,12 +146,19 @@ class FinetuneStage(Stage):
             problems.append(f"{run_dir}: {', '.join(missing)} missing (listed in train.json)")
         return f"{'; '.join(problems)}. {redo_cell_advice(run_dir)}" if problems else None
 
+    def groups(self, ctx: StudyContext, run_ids: list[str]) -> list[list[str]]:
+        """Cells sharing model and matrices, up to `train.together` per group (one per group when 1); the cells
+        that train one at a time although `train.together` > 1 are named in the log, with why."""
+        cells = [ctx.cells[r] for r in run_ids]
+        return [[c.run_id(ctx.study) for c in group] for group in training_groups(ctx.study, cells, announce=True)]
+
     def run(self, ctx: StudyContext, cells: list[CellConfig]) -> None:
         progress = None if ctx.show_progress else training_progress(disable=True)
         for cell in cells:
             if damage := self.damage(ctx, cell.run_id(ctx.study)):
                 raise CorruptArtifactError(damage)
-            finetune_cell(ctx.study, cell, ctx.data(cell.membership), ctx.layout, ctx.tokenizer(), progress=progress)
+        finetune_group(ctx.study, [(c, ctx.data(c.membership)) for c in cells], ctx.layout, ctx.tokenizer(),
+                       progress=progress)
 
     def invalidate(self, ctx: StudyContext, run_ids: list[str]) -> None:
         """Remove the runs: renamed to a temp name first (atomic), then deleted."""
@@ -162,9 +175,10 @@ class FinetuneStage(Stage):
 class ReferencesStage(Stage):
     """The reference adapters of LiRA / RMIA (:mod:`memlens.attacks.references`): `mia.references` fine-tunes per
     recipe, trained the first time a cell of that recipe gets here and shared by the others (their stage is then
-    done at once). Runs per cell like `finetune`, so the local and Ray executors need nothing else; two Ray
-    workers with cells of one recipe split its references between them (a lock per reference) rather than train
-    one twice. Its cost: each reference's train.json, and this stage's time in the runs' timings.json."""
+    done at once). Runs per cell like `finetune` (with `train.together` > 1, for all its cells at once: their
+    recipes' references train `train.together` at a time); two Ray workers with cells of one recipe split its
+    references between them (a lock per reference) rather than train one twice. Its cost: each reference's
+    train.json, and this stage's time in the runs' timings.json."""
 
     name = "references"
     needs = ("finetune",)
@@ -189,6 +203,10 @@ class ReferencesStage(Stage):
         """Every reference of the run's recipe is trained."""
         cell = ctx.cells.get(run_id)
         return cell is not None and all(is_trained(ctx.layout, ref_id) for ref_id in reference_ids(ctx.study, cell))
+
+    def groups(self, ctx: StudyContext, run_ids: list[str]) -> list[list[str]]:
+        """With `train.together` > 1, every cell at once: the references of all their recipes are grouped."""
+        return [list(run_ids)] if ctx.study.train.together > 1 and run_ids else super().groups(ctx, run_ids)
 
     def run(self, ctx: StudyContext, cells: list[CellConfig]) -> None:
         progress = None if ctx.show_progress else training_progress(disable=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +17,7 @@ from rich.progress import Progress
 
 from memlens.config import CellConfig, ConfigError, Design, StudyConfig, dump_study
 from memlens.data import StudyData, build_training_set
+from memlens.data.canaries import TrainingSet
 from memlens.models import (
     check_quantized,
     count_parameters,
@@ -76,7 +79,7 @@ def check_training_records(study: StudyConfig, cells: Sequence[CellConfig], data
     tokenize_records(list(names), tokenizer, study.data.max_length, list(names.values()))
 
 
-def _precision_flags(precision: str, device: torch.device) -> dict:
+def precision_flags(precision: str, device: torch.device) -> dict:
     """Trainer mixed-precision flags: `auto` is bf16 on GPUs that have it, else fp32 (CPU: fp32, since
     bf16 autocast there is slower on most CPUs and lossy). fp16 (the study's recipe) needs CUDA."""
     cuda = device.type == "cuda"
@@ -120,7 +123,7 @@ def estimate_training_bytes(model: torch.nn.Module, rows: int, width: int) -> in
     return weights + trainable + activations + logits + mask
 
 
-def _use_checkpointing(mode: str, model: torch.nn.Module, device: torch.device, rows: int, width: int) -> bool:
+def use_checkpointing(mode: str, model: torch.nn.Module, device: torch.device, rows: int, width: int) -> bool:
     """`auto`: only on a GPU whose free memory the estimate does not fit with a 20% margin; CPU memory is
     rarely the limit and recomputation costs a third more compute, so never there."""
     if mode != "auto":
@@ -133,7 +136,7 @@ def _use_checkpointing(mode: str, model: torch.nn.Module, device: torch.device, 
     return need * 1.2 > free
 
 
-class _TokenCounter:
+class TokenCounter:
     """Wraps a collator to count real (non-pad) tokens and tensor slots it produced."""
 
     def __init__(self, collate):
@@ -144,6 +147,58 @@ class _TokenCounter:
         self.real += sum(len(f["input_ids"]) for f in features)
         self.slots += batch["input_ids"].numel()
         return batch
+
+
+@dataclass
+class CellTraining:
+    """What one cell trains on: its training set (canary planted), the texts after deduplication, their tokens."""
+
+    training: TrainingSet
+    texts: list[str]
+    input_ids: list[list[int]]
+
+    @property
+    def duplicates_dropped(self) -> int:
+        return len(self.training.texts) - len(self.texts)
+
+
+def cell_training(study: StudyConfig, cell: CellConfig, data: StudyData,
+                  tokenizer: PreTrainedTokenizerBase) -> CellTraining:
+    """The cell's training records, deduplicated when `train.deduplicate`, tokenized."""
+    training = build_training_set(data.members, study.canary, cell.canary_copies, cell.seed)
+    texts = training.texts
+    if study.train.deduplicate:
+        texts = list(dict.fromkeys(texts))  # first occurrence kept, order preserved
+    return CellTraining(training, texts, tokenize_records(texts, tokenizer, study.data.max_length))
+
+
+def lora_config(study: StudyConfig, cell: CellConfig, module_names: list[str]) -> PeftLoraConfig:
+    """PEFT's configuration of the cell's adapter."""
+    lcfg = study.lora
+    return PeftLoraConfig(r=cell.rank, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, bias=lcfg.bias,
+                          target_modules=module_names, task_type="CAUSAL_LM")
+
+
+def run_info(study: StudyConfig, cell: CellConfig, data: StudyData, device: torch.device, trainable: int, total: int,
+             inputs: CellTraining) -> dict:
+    """The start of the run's train.json: what is known before training."""
+    return {"run_id": cell.run_id(study), "seed": cell.seed, "data_hash": data.data_hash, "device": str(device),
+            "trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total,
+            "n_train_records": len(inputs.input_ids), "canary": inputs.training.canary.to_dict(),
+            "deduplicate": study.train.deduplicate, "duplicates_dropped": inputs.duplicates_dropped}
+
+
+def write_run(tmp: Path, study: StudyConfig, cell: CellConfig, inputs: CellTraining, info: dict,
+              save_weights: Callable[[Path], None]) -> None:
+    """Fill the run's temporary folder: the weights (`save_weights(tmp)`), their checksums, cell.json, train.json,
+    members.parquet and study.yaml."""
+    info["final_loss"] = info["loss_curve"][-1]["loss"] if info["loss_curve"] else None
+    save_weights(tmp)
+    info["artifacts"] = digest_files(tmp, ADAPTER_DIR if cell.method == "lora" else FULL_MODEL_DIR)
+    CellRecord.model_validate({"run_id": info["run_id"], **cell.determinants(study)}).save(tmp / RunFile.CELL)
+    TrainRecord.model_validate(info).save(tmp / RunFile.TRAIN)
+    atomic_write_parquet(tmp / RunFile.MEMBERS, inputs.training.members)
+    atomic_write_text(tmp / RunFile.STUDY, dump_study(study))
 
 
 def finetune_cell(study: StudyConfig, cell: CellConfig, data: StudyData, layout: StudyLayout,
@@ -161,13 +216,8 @@ def finetune_cell(study: StudyConfig, cell: CellConfig, data: StudyData, layout:
     check_quantized(study, cell)
     tokenizer = tokenizer or load_tokenizer(study.model)
     device = resolve_device(study.model.device)
-    tcfg = study.train
-    training = build_training_set(data.members, study.canary, cell.canary_copies, cell.seed)
-    texts = training.texts
-    if tcfg.deduplicate:
-        texts = list(dict.fromkeys(texts))  # first occurrence kept, order preserved
-    input_ids = tokenize_records(texts, tokenizer, study.data.max_length)
-    precision = _precision_flags(tcfg.precision, device)
+    inputs = cell_training(study, cell, data, tokenizer)
+    precision = precision_flags(study.train.precision, device)
 
     set_seed(cell.seed)  # same RNG state before adapter init -> bit-identical adapters
     model = base_model if base_model is not None else load_base_model(study.model, device)
@@ -177,76 +227,64 @@ def finetune_cell(study: StudyConfig, cell: CellConfig, data: StudyData, layout:
         plan = plan_targets(model, cell.target_modules)
         fused = plan.fused_suffixes
         split_fused_modules(model, fused)
-        lcfg = study.lora
         if getattr(model, "is_loaded_in_8bit", False):
             # PEFT's recipe for a quantized base: layer norms and the head in float32, inputs that require
             # gradients; activation checkpointing stays the Trainer's (train.gradient_checkpointing).
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         with quiet_peft_wrap():
-            model = get_peft_model(model, PeftLoraConfig(
-                r=cell.rank, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, bias=lcfg.bias,
-                target_modules=plan.module_names, task_type="CAUSAL_LM",
-            ))
+            model = get_peft_model(model, lora_config(study, cell, plan.module_names))
     trainable, total = count_parameters(model)
 
     with atomic_dir(final) as tmp:
-        info: dict = {"run_id": run_id, "seed": cell.seed, "data_hash": data.data_hash, "device": str(device),
-                      "trainable_params": trainable, "total_params": total,
-                      "trainable_pct": 100.0 * trainable / total,
-                      "n_train_records": len(input_ids), "canary": training.canary.to_dict(),
-                      "deduplicate": tcfg.deduplicate, "duplicates_dropped": len(training.texts) - len(texts)}
+        info = run_info(study, cell, data, device, trainable, total, inputs)
         start = time.perf_counter()
         if cell.noise_multiplier is not None:
             # DP-SGD needs per-sample gradients: Opacus' own loop (memlens.train.dp), not the Trainer.
             from memlens.train.dp import train_with_dp
 
-            dp = train_with_dp(model, input_ids, study, cell, pad_token_id=tokenizer.pad_token_id, device=device)
+            dp = train_with_dp(model, inputs.input_ids, study, cell, pad_token_id=tokenizer.pad_token_id,
+                               device=device)
             wall = time.perf_counter() - start
             info.update(dp=dp, loss_curve=dp["loss_curve"], steps=dp["steps"], packing="dp",
                         gradient_checkpointing=False, precision="fp32", train_tokens_per_s=None)
         else:
-            info.update(_train_with_trainer(model, input_ids, study, cell, tokenizer, device, precision,
+            info.update(_train_with_trainer(model, inputs.input_ids, study, cell, tokenizer, device, precision,
                                             tmp, progress))
             wall = time.perf_counter() - start
-        info["final_loss"] = info["loss_curve"][-1]["loss"] if info["loss_curve"] else None
         info["wall_time_s"] = wall
         model.eval()
-        if cell.method == "lora":
-            save_adapter(model, tmp / ADAPTER_DIR, fused)
-        else:
-            model.save_pretrained(str(tmp / FULL_MODEL_DIR), safe_serialization=True)
-        info["artifacts"] = digest_files(tmp, ADAPTER_DIR if cell.method == "lora" else FULL_MODEL_DIR)
-        CellRecord.model_validate({"run_id": run_id, **cell.determinants(study)}).save(tmp / RunFile.CELL)
-        TrainRecord.model_validate(info).save(tmp / RunFile.TRAIN)
-        atomic_write_parquet(tmp / RunFile.MEMBERS, training.members)
-        atomic_write_text(tmp / RunFile.STUDY, dump_study(study))
+
+        def save_weights(folder: Path) -> None:
+            if cell.method == "lora":
+                save_adapter(model, folder / ADAPTER_DIR, fused)
+            else:
+                model.save_pretrained(str(folder / FULL_MODEL_DIR), safe_serialization=True)
+
+        write_run(tmp, study, cell, inputs, info, save_weights)
     log.info("finished %s in %.1fs", run_id, wall)
     return final
 
 
-def _train_with_trainer(model, input_ids: list[list[int]], study: StudyConfig, cell: CellConfig,
-                        tokenizer: PreTrainedTokenizerBase, device: torch.device, precision: dict, tmp: Path,
-                        progress: Progress | None) -> dict:
-    """Train with the HF Trainer in the configured packing mode; returns what train.json records."""
-    tcfg = study.train
-    packed = tcfg.packing == "packed"
+def training_collator(tcfg, pad_token_id: int) -> TokenCounter:
+    """The micro-batch collator of the configured packing mode, counting the tokens it produces."""
     # Packed micro-batches hold the same batch_size records as `padded` ones (same sampler, same seed), packed
     # into rows instead of padded; the Trainer's token-count normalisation over the grad_accum micro-batches
     # makes each step's loss and gradient those of the padded recipe. Packing a whole step into one forward
     # was measured slower on CPU: the step's logits outgrow the cache (for more per forward on a GPU, raise
     # batch_size and lower grad_accum: a step then sees the same records).
-    collate = PackedCollator(tokenizer.pad_token_id, tcfg.pack_tokens) if packed else \
-        CausalLMCollator(tokenizer.pad_token_id)
-    per_device, accum = tcfg.batch_size, tcfg.grad_accum
-    rows, width = step_shape([len(x) for x in input_ids], per_device, tcfg.packing, tcfg.pack_tokens)
-    checkpointing = _use_checkpointing(tcfg.gradient_checkpointing, model, device, rows, width)
-    counter = _TokenCounter(collate)
-    args = TrainingArguments(
-        output_dir=str(tmp / "trainer"),
+    packed = tcfg.packing == "packed"
+    return TokenCounter(PackedCollator(pad_token_id, tcfg.pack_tokens) if packed else CausalLMCollator(pad_token_id))
+
+
+def training_arguments(tcfg, cell: CellConfig, output_dir: Path, device: torch.device, precision: dict,
+                       checkpointing: bool) -> TrainingArguments:
+    """The Trainer's arguments of a cell (its seed seeds the adapter's data order)."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
         num_train_epochs=tcfg.epochs,
         max_steps=tcfg.max_steps or -1,
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=accum,
+        per_device_train_batch_size=tcfg.batch_size,
+        gradient_accumulation_steps=tcfg.grad_accum,
         learning_rate=tcfg.learning_rate,
         weight_decay=tcfg.weight_decay,
         warmup_steps=tcfg.warmup_steps,
@@ -266,17 +304,21 @@ def _train_with_trainer(model, input_ids: list[list[int]], study: StudyConfig, c
         log_level="warning",
         **precision,
     )
+
+
+def make_trainer(model: torch.nn.Module, args: TrainingArguments, input_ids: list[list[int]], collate: TokenCounter,
+                 tokenizer: PreTrainedTokenizerBase, trainer_class: type[Trainer] = Trainer, **kwargs) -> Trainer:
+    """A Trainer of `input_ids` without the printed log dicts (`trainer_class`: a subclass, with its `kwargs`)."""
     dataset = [{"input_ids": ids} for ids in input_ids]
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=counter,
-                      processing_class=tokenizer)
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, data_collator=collate,
+                            processing_class=tokenizer, **kwargs)
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
-    with progress_or_own(progress) as display:
-        trainer.add_callback(RichProgressCallback(display, cell.run_id(study)))
-        with _packed_attention(model, tcfg) as attention:
-            start = time.perf_counter()
-            trainer.train()
-            wall = time.perf_counter() - start
-    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    return trainer
+
+
+def train_summary(trainer: Trainer, collate: TokenCounter, tcfg, attention: str, checkpointing: bool,
+                  precision: dict, wall: float) -> dict:
+    """What train.json records of a Trainer run."""
     curve = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     return {
         "loss_curve": curve,
@@ -285,10 +327,43 @@ def _train_with_trainer(model, input_ids: list[list[int]], study: StudyConfig, c
         "attention": attention,
         "gradient_checkpointing": checkpointing,
         "precision": "bf16" if precision["bf16"] else "fp16" if precision["fp16"] else "fp32",
-        "real_tokens": counter.real,
-        "padding_fraction": 1.0 - counter.real / counter.slots if counter.slots else None,
-        "train_tokens_per_s": counter.real / wall,
+        "real_tokens": collate.real,
+        "padding_fraction": 1.0 - collate.real / collate.slots if collate.slots else None,
+        "train_tokens_per_s": collate.real / wall,
     }
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """`gc.freeze()` for the block. The Trainer's `accelerator.free_memory()` runs a full `gc.collect()` at the start
+    of every `train()`: 0.5 s over the objects of torch's and transformers' imports (cProfile, 2 cores), a third of
+    a 64-record llama-tiny fine-tune. Frozen, the objects that exist before training are not scanned; those made
+    during training still are."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _train_with_trainer(model, input_ids: list[list[int]], study: StudyConfig, cell: CellConfig,
+                        tokenizer: PreTrainedTokenizerBase, device: torch.device, precision: dict, tmp: Path,
+                        progress: Progress | None) -> dict:
+    """Train with the HF Trainer in the configured packing mode; returns what train.json records."""
+    tcfg = study.train
+    rows, width = step_shape([len(x) for x in input_ids], tcfg.batch_size, tcfg.packing, tcfg.pack_tokens)
+    checkpointing = use_checkpointing(tcfg.gradient_checkpointing, model, device, rows, width)
+    counter = training_collator(tcfg, tokenizer.pad_token_id)
+    args = training_arguments(tcfg, cell, tmp / "trainer", device, precision, checkpointing)
+    trainer = make_trainer(model, args, input_ids, counter, tokenizer)
+    with progress_or_own(progress) as display:
+        trainer.add_callback(RichProgressCallback(display, cell.run_id(study)))
+        with _packed_attention(model, tcfg) as attention, frozen_heap():
+            start = time.perf_counter()
+            trainer.train()
+            wall = time.perf_counter() - start
+    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    return train_summary(trainer, counter, tcfg, attention, checkpointing, precision, wall)
 
 
 @contextmanager

@@ -32,7 +32,7 @@ from memlens.models import check_quantized
 from memlens.store import RunFile, atomic_write_parquet, read_results
 from memlens.store.lock import write_lock
 from memlens.study.provenance import record_stage_time
-from memlens.train import finetune_cell
+from memlens.train import finetune_cell, merge_audit_canaries
 from memlens.train.progress import training_progress
 
 
@@ -98,6 +98,9 @@ class FinetuneStage(Stage):
         for cell in cells:
             finetune_cell(ctx.study, cell, ctx.data(cell.membership), ctx.layout, ctx.tokenizer(), progress=progress)
 
+    def merge(self, ctx: StudyContext) -> None:
+        merge_audit_canaries(ctx.layout, {r: c.membership for r, c in ctx.runs()})  # dp.audit_canaries' coins
+
     def invalidate(self, ctx: StudyContext, run_ids: list[str]) -> None:
         """Remove the runs: renamed to a temp name first (atomic), then deleted."""
         layout = ctx.layout
@@ -148,7 +151,7 @@ class MIAStage(Stage):
     name = "mia"
     needs = ("finetune",)
     marker = RunFile.MIA_RESULTS
-    files = (RunFile.MIA_SCORES, RunFile.MIA_RESULTS)
+    files = (RunFile.MIA_SCORES, RunFile.CANARY_SCORES, RunFile.MIA_RESULTS)
     result_stages = ("mia", "utility", AUDIT_STAGE)
     section = "mia"
     brings = ("references",)  # `memlens attack mia` trains the references first when the study has them

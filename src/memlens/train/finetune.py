@@ -15,6 +15,7 @@ from rich.progress import Progress
 
 from memlens.config import CellConfig, ConfigError, StudyConfig, dump_study
 from memlens.data import StudyData, build_training_set
+from memlens.data.audit_canaries import insert_canaries, study_canaries
 from memlens.models import (
     check_quantized,
     count_parameters,
@@ -28,7 +29,7 @@ from memlens.models import (
 )
 from memlens.models.adapters import ADAPTER_DIR, FULL_MODEL_DIR, quiet_peft_wrap
 from memlens.models.varlen import SUPPORTED_MODEL_TYPES, supports_varlen, varlen_attention
-from memlens.store import RunFile, StudyLayout, atomic_dir, atomic_write_parquet, atomic_write_text
+from memlens.store import RunFile, StudyFile, StudyLayout, atomic_dir, atomic_write_parquet, atomic_write_text
 from memlens.store.integrity import digest_files
 from memlens.store.records import CellRecord, TrainRecord
 from memlens.train.collate import CausalLMCollator, PackedCollator, pack_rows
@@ -143,7 +144,10 @@ def finetune_cell(study: StudyConfig, cell: CellConfig, data: StudyData, layout:
     device = resolve_device(study.model.device)
     tcfg = study.train
     training = build_training_set(data.members, study.canary, cell.canary_copies, cell.seed)
-    texts = training.texts
+    # the designed canaries of the one-run audit (dp.audit_canaries): those whose coin says so are trained on
+    audit = study_canaries(study.dp, tokenizer, data.members.text.tolist())
+    planted = insert_canaries(training.texts, audit, study.dp.audit_copies)
+    texts = planted
     if tcfg.deduplicate:
         texts = list(dict.fromkeys(texts))  # first occurrence kept, order preserved
     input_ids = tokenize_records(texts, tokenizer, study.data.max_length)
@@ -174,7 +178,11 @@ def finetune_cell(study: StudyConfig, cell: CellConfig, data: StudyData, layout:
                       "trainable_params": trainable, "total_params": total,
                       "trainable_pct": 100.0 * trainable / total,
                       "n_train_records": len(input_ids), "canary": training.canary.to_dict(),
-                      "deduplicate": tcfg.deduplicate, "duplicates_dropped": len(training.texts) - len(texts)}
+                      "deduplicate": tcfg.deduplicate, "duplicates_dropped": len(planted) - len(texts)}
+        if audit is not None:
+            info["audit_canaries"] = {"canaries": len(audit), "inserted": int(audit.is_member.sum()),
+                                      "copies": study.dp.audit_copies, "design": list(study.dp.audit_design),
+                                      "seed": study.dp.audit_seed}
         start = time.perf_counter()
         if cell.noise_multiplier is not None:
             # DP-SGD needs per-sample gradients: Opacus' own loop (memlens.train.dp), not the Trainer.
@@ -199,6 +207,8 @@ def finetune_cell(study: StudyConfig, cell: CellConfig, data: StudyData, layout:
         CellRecord.model_validate({"run_id": run_id, **cell.determinants(study)}).save(tmp / RunFile.CELL)
         TrainRecord.model_validate(info).save(tmp / RunFile.TRAIN)
         atomic_write_parquet(tmp / RunFile.MEMBERS, training.members)
+        if audit is not None:
+            atomic_write_parquet(tmp / RunFile.AUDIT_CANARIES, audit)
         atomic_write_text(tmp / RunFile.STUDY, dump_study(study))
     log.info("finished %s in %.1fs", run_id, wall)
     return final
@@ -303,3 +313,20 @@ def read_train_info(run_dir: Path) -> TrainRecord:
 def read_members(run_dir: Path) -> pd.DataFrame:
     """Distinct member records the run trained on: sample_id, text, is_canary."""
     return pd.read_parquet(Path(run_dir) / RunFile.MEMBERS)
+
+
+def merge_audit_canaries(layout: StudyLayout, designs: dict[str, str]) -> None:
+    """Write `<out>/audit_canaries.parquet`: the designed canaries of the runs `designs` (run id -> membership design)
+    and their coins, once per design (every run of a design has the same ones), with a `membership` column; rewritten
+    only when it changes, and left alone when no run has canaries."""
+    parts = {}
+    for run_id, design in designs.items():
+        path = layout.run_file(run_id, RunFile.AUDIT_CANARIES)
+        if design not in parts and path.exists():
+            parts[design] = pd.read_parquet(path).assign(membership=design)
+    if not parts:
+        return
+    frame = pd.concat(parts.values(), ignore_index=True)
+    target = layout.study_level(StudyFile.AUDIT_CANARIES)
+    if not (target.exists() and pd.read_parquet(target).equals(frame)):
+        atomic_write_parquet(target, frame)

@@ -54,6 +54,9 @@ def test_canaries_are_reproducible_from_the_seed_and_each_family_is_what_it_says
             assert not set(ids) & used  # tokens these records never use
         if row.family == "rare_bigram":
             assert set(ids) <= used and not set(zip(ids, ids[1:])) & pairs  # used tokens, unused pairs
+    rare = [t for text in canaries.text[canaries.family == "rare_unigram"]
+            for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    assert len(set(rare)) == len(rare)  # dealt: no token shared while unused ones remain
 
 
 def test_new_token_family_needs_a_tokenizer_with_unused_tokens(tokenizer, texts):

@@ -6,9 +6,10 @@ membership inference measures leakage at low FPR and bounds epsilon in one run (
 A canary is the text of :data:`CANARY_TOKENS` tokens drawn from one family (`dp.audit_design`; the canaries
 are dealt to the families in turn):
 
-- `rare_unigram`: tokens the training records never use, or use least (the rarest 5% of the candidate tokens,
-  at least 8 per canary position), drawn uniformly. Fine-tuning that does not see them pushes their probability
-  down; a canary that is trained on pushes it up.
+- `rare_unigram`: tokens the training records never use (or, when fewer than 8 per canary position are unused,
+  the rarest 5% of the candidates), dealt from a shuffled deck so that canaries share a token only once the deck
+  is spent: fine-tuning that never sees a token pushes its probability down, and a canary trained on pushes its
+  own tokens up, which another canary's held-out tokens then do not share.
 - `rare_bigram`: common tokens (the most used quarter of the candidates the records do use) in pairs the
   records never use: each next token is drawn among the common ones until the pair (previous, next) is one the
   training records do not contain. Every token is in distribution, their sequence is not.
@@ -89,12 +90,15 @@ class _Vocabulary:
         # rarest first, ties in a seeded random order (the same for every family and cell of the study)
         tiebreak = np.random.default_rng([seed, 0xCA]).permutation(len(self.candidates))
         self.by_rarity = self.candidates[np.lexsort((tiebreak, self.counts[self.candidates]))]
+        self.deck: list[int] = []  # rare_unigram's tokens still to deal
 
     def pool(self, family: str) -> np.ndarray:
         if family == "random":
             return self.candidates
         if family == "rare_unigram":
-            return self.by_rarity[:max(8 * CANARY_TOKENS, len(self.candidates) // 20)]
+            unused = self.by_rarity[self.counts[self.by_rarity] == 0]
+            return unused if len(unused) >= 8 * CANARY_TOKENS else \
+                self.by_rarity[:max(8 * CANARY_TOKENS, len(self.candidates) // 20)]
         if family == "rare_bigram":
             seen = self.by_rarity[self.counts[self.by_rarity] > 0][::-1]  # most used first
             common = seen[:max(8 * CANARY_TOKENS, len(seen) // 4)]
@@ -112,6 +116,11 @@ class _Vocabulary:
 
     def draw(self, family: str, pool: np.ndarray, rng: np.random.Generator) -> list[int]:
         """The tokens of one canary of `family`, drawn from `pool` (tokens,): the family's candidate token ids."""
+        if family == "rare_unigram":  # dealt from a deck of the pool, reshuffled when spent
+            while len(self.deck) < CANARY_TOKENS:
+                self.deck += [int(t) for t in rng.permutation(pool)]
+            tokens, self.deck = self.deck[:CANARY_TOKENS], self.deck[CANARY_TOKENS:]
+            return tokens
         if family != "rare_bigram":
             return [int(t) for t in rng.choice(pool, CANARY_TOKENS)]
         tokens = [int(rng.choice(pool))]

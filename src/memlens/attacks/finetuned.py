@@ -4,9 +4,9 @@ the one scoring pass and need no training. Registered in :mod:`memlens.attacks.r
 
 Written from the equations as memlens' issue 26 states them, read beside the EZ-MIA authors' scoring function
 (as forked in SirbayC/ez-mia and ported in LeakPro) and LeakPro's EZ-MIA and WBC attacks (aidotse/LeakPro pull
-requests #454 and #461). Only the papers' abstracts were available, not their full text: the equation numbers
-are not cited, the sections are, and where an implementation departs from the stated equation the docstring
-says which one memlens follows and why.
+requests #454 and #461). Only the papers' abstracts were available here, not their full text: the sections cited
+are those LeakPro's port cites (equation numbers are not), and where an implementation departs from the stated
+equation the docstring says which one memlens follows and why.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def _segment_sums(stats: SequenceStats, values: np.ndarray) -> np.ndarray:
           "p_ft(x_t) - log p_base(x_t); the paper's EZ = P / N, reported as P / (P + N) = EZ / (1 + EZ) (same "
           "ranking; N = 0 < P, EZ = +inf, gives 1; no shift at all, 0/0, gives 1/2).")
 def ez_mia(x: AttackInputs, s: AttackSettings) -> np.ndarray:
-    """EZ-MIA, the Error Zone score (Ilic, Stanojevic & Cvejoski 2026, arXiv:2601.12104, Section 3), per record:
+    """EZ-MIA, the Error Zone score (Ilic, Stanojevic & Cvejoski 2026, arXiv:2601.12104, Sections 3.3-3.4), per
+    record:
 
         d_t  = log p_ft(x_t | x_<t) - log p_base(x_t | x_<t)          (the shift fine-tuning gave token t)
         E    = {t : argmax_v p_ft(v | x_<t) != x_t}                    (error positions of the fine-tuned model)
@@ -107,7 +108,7 @@ def window_share(deltas: np.ndarray, w: int) -> float:
           "model's; the mean over W.")
 def wbc(x: AttackInputs, s: WbcSettings) -> np.ndarray:
     """WBC, Window-Based Comparison (Chen, Du, Zhang, Kundu, Fleming, Ribeiro & Li 2026, arXiv:2601.02751,
-    Section 4), per record of n scored tokens:
+    Sections 4.1.3-4.1.4), per record of n scored tokens:
 
         Delta_t = loss_base(x_t) - loss_ft(x_t) = log p_ft(x_t) - log p_base(x_t)
         S_i(w)  = sum over t = i .. i + w - 1 of Delta_t                        (a window's loss difference)

@@ -5,6 +5,10 @@
 - Mahloujifar, Melis & Chaudhuri 2024, "Auditing f-Differential Privacy in One Run", ICML 2025,
   arXiv:2410.22235 (`eps_lower_gdp`): the f-DP analysis of the same guesses with the Gaussian trade-off
   curve (mu-GDP, Dong, Roth & Su 2019), then mu converted to eps at the same delta (:func:`gdp_lower_bound`).
+  It tests the hypothesis "training is mu-GDP": exact for the Gaussian mechanism, and DP-SGD's composition of
+  many subsampled Gaussian steps is close to Gaussian (the central limit theorem of f-DP), so it is tighter than
+  the (eps, delta) analysis when the guesses are good; near chance level the two are about equal (either can be
+  the larger by a few thousandths).
 
 Setting: m audited records, each included in training independently with probability 1/2. After
 training the auditor scores every record (higher = more likely a member), guesses "member" for the k+

@@ -110,3 +110,103 @@ def test_privacy_stage_writes_epsilon_and_bound_rows(tmp_path):
     assert strict_rows.loc[plain_run, "delta"] == pytest.approx(1 / 100 ** 1.1)  # default 1/n^1.1
     with pytest.raises(ValueError, match="zlib"):
         run_privacy_audit(strict, attack="zlib")
+
+
+# ------------------------------------------------------------------- Gaussian DP (Mahloujifar et al. 2024)
+def _gdp_margin_by_hand(mu: float, m: int, r: int, v: int, alpha: float) -> float:
+    """The f-DP audit's recursion written out again with scipy.stats.norm (PrivacyGuard's formulation)."""
+    tau = alpha * r / m
+    rr, hh = [0.0] * (v + 1), [0.0] * (v + 1)
+    rr[v], hh[v] = tau * v / r, tau * (r - v) / r
+    for i in range(v - 1, -1, -1):
+        inverse = stats.norm.cdf(stats.norm.ppf(min(rr[i + 1], 1.0)) - mu)
+        hh[i] = max(hh[i + 1], inverse)
+        rr[i] = rr[i + 1] + i / (r - i) * (hh[i] - hh[i + 1])
+    return rr[0] + hh[0] - r / m
+
+
+@pytest.mark.parametrize("m,r,v", [(1000, 100, 100), (1000, 100, 80), (400, 60, 45), (200, 200, 150)])
+def test_gdp_lower_bound_against_a_grid_search(m, r, v):
+    """mu_lower is where the audit stops rejecting mu-GDP: the recursion written out again rejects every mu on a
+    grid below it and none above it, and is 0 at it."""
+    from memlens.metrics.privacy import gdp_lower_bound
+
+    mu = gdp_lower_bound(m, r, v, 0.05)
+    assert 0 < mu < 4
+    offsets = np.array([0.3, 0.05, 0.003])
+    assert all(_gdp_margin_by_hand(g, m, r, v, 0.05) > 0 for g in np.r_[0.0, mu - offsets] if g >= 0)
+    assert all(_gdp_margin_by_hand(g, m, r, v, 0.05) <= 0 for g in mu + offsets)
+    assert _gdp_margin_by_hand(mu, m, r, v, 0.05) == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("mu,delta", [(0.5, 1e-5), (1.0, 1e-5), (2.0, 1e-6), (3.0, 1e-3)])
+def test_gdp_epsilon_against_a_direct_root_find(mu, delta):
+    """eps(mu, delta) of mu-GDP: the root of Dong, Roth & Su's delta(eps) = delta, found by scipy's bisection."""
+    from scipy import optimize
+
+    from memlens.metrics.privacy import gdp_epsilon
+
+    def delta_of(eps):
+        return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)
+
+    root = optimize.root_scalar(lambda e: delta_of(e) - delta, bracket=[0, 100], method="bisect", xtol=1e-12).root
+    assert gdp_epsilon(mu, delta) == pytest.approx(root, abs=1e-6)
+    assert gdp_epsilon(0.0, delta) == 0.0
+
+
+def _audit(scores, members, guesses=((50, 50),)):
+    return one_run_epsilon_lower_bound(scores, members, delta=1e-5, random_split=True, guesses=list(guesses))
+
+
+def test_both_bounds_on_a_perfectly_private_and_a_perfectly_leaky_run():
+    rng = np.random.default_rng(3)
+    private, leaky = [], []
+    for _ in range(20):
+        members = rng.random(1000) < 0.5
+        private.append(_audit(rng.normal(size=1000), members))  # scores independent of membership
+        leaky.append(_audit(members + rng.random(1000) * 0.01, members))  # scores are membership
+    for key in ("eps_lower", "eps_lower_gdp"):
+        values = np.array([a[key] for a in private])
+        assert (values <= 0.3).mean() >= 0.9 and np.median(values) == 0.0  # near 0, 0 in most runs
+        assert min(a[key] for a in leaky) > 3.0
+    assert all(a["n_correct"] == 100 for a in leaky)
+    assert all(a["eps_lower_gdp"] >= a["eps_lower"] for a in leaky)
+
+
+def test_gdp_bound_holds_for_a_gdp_mechanism_and_is_at_least_steinkes_at_equal_guesses():
+    """Scores mu * membership + N(0, 1) make each record's audit exactly mu-GDP: mu_lower exceeds mu in at most
+    ~5% of audits, and from the same guesses the GDP bound is the tighter of the two."""
+    rng = np.random.default_rng(4)
+    for mu in (1.0, 2.0):
+        audits = []
+        for _ in range(20):
+            members = rng.random(1000) < 0.5
+            audits.append(_audit(mu * members + rng.normal(size=1000), members))
+        assert np.mean([a["mu_lower_gdp"] > mu for a in audits]) <= 0.1
+        assert all(a["eps_lower_gdp"] >= a["eps_lower"] > 0 for a in audits)
+        assert all((a["gdp_k_plus"], a["gdp_k_minus"]) == (a["k_plus"], a["k_minus"]) for a in audits)
+
+
+def test_privacy_stage_audits_the_designed_canaries_of_a_run(tmp_path):
+    rng = np.random.default_rng(5)
+    records = pd.DataFrame({"sample_id": [str(i) for i in range(100)], "is_member": rng.random(100) < 0.5,
+                            "ref_ratio": rng.normal(size=100)})
+    study = make_study(tmp_path, grid={"noise_multiplier": [1.1]}, dp={"audit_canaries": 300, "delta": 1e-6})
+    (cell,) = study.cells()
+    dp = {"epsilon": 8.0, "delta": 1e-6, "noise_multiplier": 1.1, "accountant": "prv"}
+    run_id = _fake_run(study, cell, dp, records)
+    layout = StudyLayout(study.out_dir)
+    inserted = rng.random(300) < 0.5
+    canaries = pd.DataFrame({"canary_id": [f"c{i}" for i in range(300)], "is_member": inserted,
+                             "family": np.where(np.arange(300) % 2, "random", "rare_unigram"),
+                             "ref_ratio": inserted * 3.0 + rng.normal(size=300)})  # canaries that leak
+    canaries.to_parquet(layout.run_file(run_id, RunFile.CANARY_SCORES))
+    train = TrainRecord.load(layout.run_file(run_id, RunFile.TRAIN))
+    train.audit_canaries = {"copies": 2}
+    train.save(layout.run_file(run_id, RunFile.TRAIN))
+    rows = run_privacy_audit(StudyContext(study)).set_index("attack")
+    assert rows.loc["dp_audit", "n_audited"] == 100 and rows.loc["dp_audit_canaries", "n_audited"] == 300
+    canary = rows.loc["dp_audit_canaries"]
+    assert canary.epsilon == 8.0 and canary.audit_design == "rare_unigram,random" and canary.audit_copies == 2
+    assert 0 < canary.eps_lower <= canary.eps_lower_gdp < 8.0  # valid by construction: memlens flipped the coins
+    assert "2-record group privacy" in canary.note

@@ -35,8 +35,9 @@ def sequences(tokenizer):
 
 @pytest.fixture(scope="module")
 def reference(model, sequences):
-    """Per-token log-probs and mean NLL from a plain HF forward of one sequence at a time."""
-    logprobs, nll = [], []
+    """Per-token log-probs, mean NLL and whether the true token is the argmax, from a plain HF forward of one
+    sequence at a time."""
+    logprobs, nll, top1 = [], [], []
     with torch.no_grad():
         for seq in sequences:
             x = torch.tensor([seq])
@@ -44,7 +45,8 @@ def reference(model, sequences):
             logp = torch.log_softmax(out.logits[0, :-1].float(), -1)
             logprobs.append(logp.gather(-1, x[0, 1:, None]).squeeze(-1).numpy())
             nll.append(out.loss.item())
-    return logprobs, np.array(nll)
+            top1.append((out.logits[0, :-1].argmax(-1) == x[0, 1:]).numpy())
+    return logprobs, np.array(nll), top1
 
 
 @pytest.mark.parametrize("batch_size,padding_side,shuffle,max_tokens", [
@@ -55,10 +57,11 @@ def test_nll_matches_one_at_a_time(model, tokenizer, sequences, reference, batch
     order = np.random.default_rng(batch_size).permutation(len(sequences)) if shuffle else np.arange(len(sequences))
     stats = token_stats(model, [sequences[i] for i in order], batch_size=batch_size, max_batch_tokens=max_tokens,
                         pad_token_id=tokenizer.pad_token_id, padding_side=padding_side)
-    logprobs, nll = reference
+    logprobs, nll, top1 = reference
     np.testing.assert_allclose(stats.mean_nll(), nll[order], atol=1e-4)
     for row, i in enumerate(order):
         np.testing.assert_allclose(stats.sequence(row), logprobs[i], atol=1e-4)
+        np.testing.assert_array_equal(stats.sequence(row, "is_top1"), top1[i])  # EZ-MIA's error positions
         assert stats.n_tokens[row] == len(sequences[i]) - 1  # bos not scored
         np.testing.assert_array_equal(stats.sequence(row, "token_ids"), sequences[i][1:])
 
@@ -142,9 +145,14 @@ def test_cache_roundtrip(model, tokenizer, sequences, tmp_path):
     first, hit1 = cached_token_stats(tmp_path, {"k": 1}, compute)
     second, hit2 = cached_token_stats(tmp_path, {"k": 1}, compute)
     assert (hit1, hit2, len(calls)) == (False, True, 1)
-    for field in ("offsets", "token_ids", "logprob", "mu", "sigma2"):
+    for field in ("offsets", "token_ids", "logprob", "mu", "sigma2", "is_top1"):
         np.testing.assert_array_equal(getattr(first, field), getattr(second, field))
     _, hit3 = cached_token_stats(tmp_path, {"k": 2}, compute)
     assert not hit3 and len(calls) == 2
+    # an entry written before the top-1 flags existed still reads (the base model's: no attack reads its flags)
+    older = {k: v for k, v in first.to_arrays().items() if k != "is_top1"}
+    read = SequenceStats.from_arrays(older)
+    assert read.is_top1 is None and read.select([1, 0]).is_top1 is None
+    np.testing.assert_array_equal(read.logprob, first.logprob)
     total = first.logprob.astype(np.float64).sum()
     assert perplexity(first) == pytest.approx(np.exp(-total / first.n_tokens.sum()))

@@ -14,7 +14,11 @@ add the records after their prefixes to the run's one pass.
 
 Outputs per run (`runs/<run_id>/`): `mia_scores.parquet` (one row per record: run_id, sample_id, split,
 is_member, is_canary, one column per attack score, n_tokens, nll_ft, nll_ref) and `mia_results.parquet`
-(stage `mia`: one row per attack, plus the `bag_of_words` baseline; stage `utility`: perplexities).
+(stage `mia`: one row per attack, plus the `bag_of_words` baseline; stage `utility`: perplexities). A run
+trained with designed canaries (`dp.audit_canaries`, its `audit_canaries.parquet`) also has them scored by
+the same pass under its adapter: `canary_scores.parquet` (one row per canary: canary_id, family, is_member,
+one column per attack that can score them, n_tokens, nll_ft, nll_ref) and their metrics per family on the
+attacks' rows (:mod:`memlens.attacks.canary_audit`).
 Study level: `<out>/mia_scores.parquet` and rows in `<out>/results.parquet`.
 """
 
@@ -36,6 +40,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from memlens.attacks.bow import BOW_ATTACK, bag_of_words_baseline, baseline_folds
+from memlens.attacks.canary_audit import canary_attacks, canary_columns
 from memlens.attacks.likelihood import token_log_frequencies
 from memlens.attacks.recall import draw_prefix, prefix_text, tail_mean_logprob, with_prefix
 from memlens.attacks.references import Reference, ReferenceStatistics, in_matrix, load_references, population
@@ -245,19 +250,19 @@ def score_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attack
     return frame, utility
 
 
-def _passes(scorer: Scorer, name: str, data: RunData, attacks: list[ConfiguredAttack]
+def _passes(scorer: Scorer, name: str, data: RunData, attacks: list[ConfiguredAttack], utility_pass: bool = True
             ) -> tuple[AttackInputs, SequenceStats | None]:
     """The run's passes under its adapter: ONE batched pass over its records, their lowercased texts and the
-    records after each prefix the attacks need; then the utility split's (a perplexity only: without the
-    moments, a fifth of the vocabulary work; log p is bit-identical either way). Returns the attack inputs they
-    give and the utility split's statistics."""
+    records after each prefix the attacks need; then, with `utility_pass`, the utility split's (a perplexity only:
+    without the moments, a fifth of the vocabulary work; log p is bit-identical either way). Returns the attack
+    inputs they give and the utility split's statistics (None without)."""
     texts = data.members.text.tolist() + data.non_members.text.tolist()
     n = len(texts)
     needs = needs_of(attacks)
     want_lower = "lower" in needs
     ids = scorer.tokenize(texts + ([t.lower() for t in texts] if want_lower else []))
     prefixed, in_member_prefix = _prefixed(scorer, data, ids[:n], attacks)
-    utility_texts = data.utility.text.tolist() if data.utility is not None else []
+    utility_texts = data.utility.text.tolist() if data.utility is not None and utility_pass else []
     with scorer.bank.use(name) as model:
         every = scorer.score(model, ids + [seq for part in prefixed.values() for seq in part], name,
                              moments="moments" in needs)
@@ -272,6 +277,24 @@ def _passes(scorer: Scorer, name: str, data: RunData, attacks: list[ConfiguredAt
         getattr(inputs, f"ll_{kind}")[shots] = conditional
         start += n
     return inputs, ft_utility
+
+
+def _score_canaries(scorer: Scorer, name: str, canaries: pd.DataFrame, utility: pd.DataFrame | None,
+                    base: BaseScores, attacks: list[ConfiguredAttack], token_log_freq: np.ndarray | None
+                    ) -> pd.DataFrame:
+    """The designed canaries (`audit_canaries.parquet`: canary_id, family, text, is_member) scored under the attached
+    run `name` by the attacks that can score them (:func:`canary_attacks`), through the same passes as the records
+    (their base-model statistics cached like an inserted canary's; no utility pass): one row per canary.
+    `token_log_freq`: (vocabulary,) for DC-PDD, as for the records."""
+    attacks = canary_attacks(attacks)
+    frame = canaries.assign(sample_id=canaries.canary_id).reset_index(drop=True)
+    inputs, _ = _passes(scorer, name, RunData(frame, frame.iloc[0:0], utility), attacks, utility_pass=False)
+    texts = frame.text.tolist()
+    inputs.ref, inputs.token_log_freq = base.lookup(texts), token_log_freq
+    scores = run_attacks(attacks, inputs)
+    return pd.DataFrame({"run_id": name, "canary_id": frame.canary_id.astype(str), "family": frame.family.astype(str),
+                         "is_member": frame.is_member.astype(bool), **scores, "n_tokens": inputs.ft.n_tokens,
+                         "nll_ft": inputs.ft.mean_nll(), "nll_ref": inputs.ref.mean_nll()})
 
 
 def _prefixed(scorer: Scorer, data: RunData, record_ids: list[list[int]], attacks: list[ConfiguredAttack]
@@ -454,10 +477,14 @@ def run_mia(ctx: StudyContext, cells: Sequence[CellConfig] | None = None, *, for
                 run_data.ref_in = in_matrix(refs, texts)
             scores, utility = score_run(scorer, run_id, run_data, base, attacks, freq,
                                         _split_names(study, cell.membership))
+            canaries = _run_canaries(scorer, run_id, run_dir, data.utility, base, attacks, freq)
             bow = bow_row(members, data.non_members, study.mia, layout.cache) if study.mia.bag_of_words_baseline else None
             utility["mia_wall_time_s"] = time.perf_counter() - start
             meta = run_metadata(layout, run_id, cell, study.model.name_or_path)
             rows = result_rows(scores, utility, attacks, study.mia, meta, bow)
+            if canaries is not None:
+                rows = _with_canary_columns(rows, canary_columns(canaries, attacks, study.mia))
+                atomic_write_parquet(run_dir / RunFile.CANARY_SCORES, canaries)
             atomic_write_parquet(run_dir / RunFile.MIA_SCORES, scores)
             atomic_write_parquet(run_dir / RunFile.MIA_RESULTS, rows)  # written last: marks the stage done
             all_rows.append(rows)
@@ -466,6 +493,24 @@ def run_mia(ctx: StudyContext, cells: Sequence[CellConfig] | None = None, *, for
     if merge:
         merge_study_outputs(layout, upserted)
     return upserted
+
+
+def _run_canaries(scorer: Scorer, run_id: str, run_dir: Path, utility: pd.DataFrame | None, base: BaseScores,
+                  attacks: list[ConfiguredAttack], freq: np.ndarray | None) -> pd.DataFrame | None:
+    """The scores of the designed canaries the run was trained with (None when it has none); `freq`: (vocabulary,)
+    token log-frequencies for DC-PDD, or None."""
+    path = run_dir / RunFile.AUDIT_CANARIES
+    if not path.exists():
+        return None
+    canaries = pd.read_parquet(path)
+    return _score_canaries(scorer, run_id, canaries, utility, base, attacks, freq) if len(canaries) else None
+
+
+def _with_canary_columns(rows: pd.DataFrame, columns: dict[str, dict]) -> pd.DataFrame:
+    """`rows` with each `mia` row's canary columns (result name -> columns) added."""
+    extra = pd.DataFrame([columns.get(a, {}) if st == "mia" else {} for a, st in zip(rows.attack, rows.stage)],
+                         index=rows.index)
+    return pd.concat([rows, extra], axis=1)
 
 
 def merge_study_outputs(layout: StudyLayout, rows: pd.DataFrame | None = None) -> None:

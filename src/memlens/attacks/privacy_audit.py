@@ -1,8 +1,11 @@
-"""The one-run privacy audit of every attacked run (results stage `privacy`, attack `dp_audit`).
+"""The one-run privacy audit of every attacked run (results stage `privacy`).
 
-Reads a run's membership scores and its train record, and reports the accountant's epsilon (DP runs)
-next to the empirical lower bound of :func:`memlens.metrics.privacy.one_run_epsilon_lower_bound`. Part of
-the membership stage: it runs after the scores are written and again at every merge (idempotent).
+Reads a run's membership scores and its train record, and reports the accountant's epsilon (DP runs) next to
+the empirical lower bounds of :func:`memlens.metrics.privacy.one_run_epsilon_lower_bound` (Steinke et al.'s
+`eps_lower` and the Gaussian-DP `eps_lower_gdp` of Mahloujifar et al., from the same guesses): attack
+`dp_audit` audits the records, attack `dp_audit_canaries` the designed canaries (`dp.audit_canaries`, whose
+coins memlens flipped, so their bounds are always valid). Part of the membership stage: it runs after the
+scores are written and again at every merge (idempotent).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from memlens.store.records import TrainRecord
 
 AUDIT_STAGE = "privacy"
 AUDIT_ATTACK = "dp_audit"
+CANARY_AUDIT_ATTACK = "dp_audit_canaries"
 
 
 def coin_per_record(study: StudyConfig, design: Design) -> tuple[bool, str | None]:
@@ -58,14 +62,19 @@ def run_privacy_audit(ctx: StudyContext, cells: list[CellConfig] | None = None,
                                             random_split=random_split, confidence=study.dp.audit_confidence)
         if why:
             audit["note"] = f"{audit['note']} ({why})"
-        rows.append({
-            **run_metadata(layout, run_id, cell, study.model.name_or_path), "stage": AUDIT_STAGE, "attack": AUDIT_ATTACK,
+        common = {
+            **run_metadata(layout, run_id, cell, study.model.name_or_path), "stage": AUDIT_STAGE,
             "epsilon": dp.get("epsilon", math.nan),
             "epsilon_note": None if dp else "not trained with DP-SGD",
             "dp_noise_multiplier": dp.get("noise_multiplier", math.nan),
             "accountant": dp.get("accountant"),
-            "audit_attack": attack, **audit,
-        })
+            "audit_attack": attack,
+        }
+        rows.append({**common, "attack": AUDIT_ATTACK, **audit})
+        canaries = layout.run_file(run_id, RunFile.CANARY_SCORES)
+        if canaries.exists():
+            rows.append({**common, "attack": CANARY_AUDIT_ATTACK,
+                         **canary_audit(pd.read_parquet(canaries), attack, train, delta, study.dp.audit_confidence)})
     frame = pd.DataFrame(rows)
     if len(frame):
         with write_lock(layout.root):
@@ -73,4 +82,24 @@ def run_privacy_audit(ctx: StudyContext, cells: list[CellConfig] | None = None,
     return frame
 
 
-__all__ = ["AUDIT_ATTACK", "AUDIT_STAGE", "run_privacy_audit"]
+def canary_audit(scores: pd.DataFrame, attack: str, train: TrainRecord, delta: float, confidence: float) -> dict:
+    """Both one-run bounds from the designed canaries' scores (`canary_scores.parquet`) under `attack`: every canary
+    of every family audited together, each made a member by memlens' own coin (the audit's assumption holds by
+    construction). With k copies of each canary the bounds are on k-record group privacy, which the note says."""
+    if attack not in scores:
+        raise ConfigError(f"dp.audit_attack: the designed canaries have no {attack!r} scores; they have "
+                          f"{[c for c in scores.columns if c not in ('run_id', 'canary_id', 'family', 'is_member')]}")
+    audit = one_run_epsilon_lower_bound(scores[attack].to_numpy(), scores.is_member.to_numpy(), delta=delta,
+                                        random_split=True, confidence=confidence)
+    design = (train.model_extra or {}).get("audit_canaries") or {}
+    copies = int(design.get("copies", 1))
+    audit["note"] = (f"one-run audit of {len(scores)} designed canaries, each inserted into training by memlens' own "
+                     "fair coin (dp.audit_seed), the rest held out")
+    if copies > 1:
+        audit["note"] = (f"{audit['note']}; each inserted canary occurs {copies} times, so the bounds are on "
+                         f"{copies}-record group privacy: compare them with the group's epsilon, not the "
+                         "accountant's per-record one")
+    return {**audit, "audit_design": ",".join(dict.fromkeys(scores.family.astype(str))), "audit_copies": copies}
+
+
+__all__ = ["AUDIT_ATTACK", "AUDIT_STAGE", "CANARY_AUDIT_ATTACK", "canary_audit", "run_privacy_audit"]

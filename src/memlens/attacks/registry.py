@@ -16,8 +16,9 @@ a function and a decorator, in one module of this package:
 `mia.attacks` names an attack with its default settings (`min_k`), with its one setting (`min_k@0.1`), or
 with any settings (`{type: min_k, params: {fraction: 0.1}, name: ...}`), so one attack runs at several
 settings under several result names (:func:`configure_attacks`). The attacks live in
-:mod:`~memlens.attacks.likelihood`, :mod:`~memlens.attacks.recall` and :mod:`~memlens.attacks.lira_rmia`,
-which this package's ``__init__`` imports so that they are registered whenever the registry is used.
+:mod:`~memlens.attacks.likelihood`, :mod:`~memlens.attacks.finetuned`, :mod:`~memlens.attacks.recall` and
+:mod:`~memlens.attacks.lira_rmia`, which this package's ``__init__`` imports so that they are registered whenever
+the registry is used.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class AttackSettings(BaseModel):
 
 
 # What each need names, for messages.
+# Needs that keep an attack off the designed canaries of the one-run audit (memlens.attacks.canary_audit), and why.
+CANARY_UNSUPPORTED = {"references": "reference adapters, which are trained without the designed canaries",
+                      "member_prefix": "a prefix of the run's members, which the canaries are not"}
 NEEDS = {"ref": "the base model's scores", "lower": "the lowercased texts' scores",
          "moments": "the mean and variance of log p under each predicted distribution (an extra vocabulary-sized "
                     "pass; skipped when no attack needs it)",
@@ -179,8 +183,15 @@ def configure_attacks(entries: Sequence[str | AttackSpec | dict]) -> list[Config
 def check_attacks(study: StudyConfig) -> list[ConfiguredAttack]:
     """The one check of a study's attacks before it runs (and the list its membership stage runs): every entry
     of `mia.attacks` known and valid, with the inputs it needs configured, and `dp.audit_attack` among them."""
-    return check_attack_inputs(study.mia.attacks, study.mia.reference_corpus, study.dp.audit_attack,
-                               references=study.mia.references, utility=study.data.utility_split is not None)
+    attacks = check_attack_inputs(study.mia.attacks, study.mia.reference_corpus, study.dp.audit_attack,
+                                  references=study.mia.references, utility=study.data.utility_split is not None)
+    audited = next(a for a in attacks if a.name == study.dp.audit_attack)
+    unsupported = sorted(audited.needs & set(CANARY_UNSUPPORTED))
+    if study.dp.audit_canaries and unsupported:
+        raise ConfigError(f"dp.audit_attack: {audited.name!r} cannot score the designed canaries (dp.audit_canaries: "
+                          f"{study.dp.audit_canaries}): it needs {CANARY_UNSUPPORTED[unsupported[0]]}; choose another "
+                          "attack of mia.attacks for the audit")
+    return attacks
 
 
 def check_attack_inputs(entries: Sequence[str | AttackSpec | dict], reference_corpus: str | None,
@@ -265,6 +276,6 @@ def mean_nll(x: AttackInputs, which: str = "ft") -> np.ndarray:
     return x.cache[key]
 
 
-__all__ = ["ATTACKS", "NEEDS", "Attack", "AttackInputs", "AttackSettings", "ConfiguredAttack", "check_attack_inputs",
+__all__ = ["ATTACKS", "CANARY_UNSUPPORTED", "NEEDS", "Attack", "AttackInputs", "AttackSettings", "ConfiguredAttack", "check_attack_inputs",
            "check_attacks", "configure", "configure_attacks", "get_attack", "mean_nll", "needs_of", "register",
            "run_attacks"]

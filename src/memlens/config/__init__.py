@@ -14,6 +14,7 @@ from memlens.config.schema import (
     SPLITS,
     AttackSpec,
     CanaryConfig,
+    CanaryFamily,
     CellConfig,
     DataConfig,
     DecodingConfig,
@@ -30,7 +31,9 @@ from memlens.config.schema import (
     stable_hash,
 )
 
-__all__ = ["AuditConfig", "AuditMIAConfig", "audit_study", "load_audit", "read_train_config", "renamed_fields", "DEFAULT_MIA_ATTACKS", "LEGACY_ATTACK_SETTINGS", "AttackSpec", "DESIGNS", "DESIGN_FIELDS", "MATRIX_NAMES", "RANDOM", "SPLITS", "CanaryConfig", "CellConfig", "ConfigError",
+__all__ = ["AuditConfig", "AuditMIAConfig", "audit_study", "load_audit", "read_train_config", "renamed_fields",
+           "DEFAULT_MIA_ATTACKS", "LEGACY_ATTACK_SETTINGS", "AttackSpec", "CanaryFamily", "DESIGNS", "DESIGN_FIELDS",
+           "MATRIX_NAMES", "RANDOM", "SPLITS", "CanaryConfig", "CellConfig", "ConfigError",
            "DPConfig", "DataConfig", "DecodingConfig", "Design", "ExecutorConfig", "ExtractionConfig", "GridConfig",
            "LoraConfig", "MIAConfig", "ModelConfig", "StudyConfig", "TrainConfig", "apply_overrides", "dump_study",
            "format_validation_error", "hub_offline", "load_study", "looks_like_local_path", "stable_hash"]

@@ -317,6 +317,14 @@ class TrainConfig(_Strict):
     )
 
 
+# The designed canary families (memlens.data.audit_canaries).
+CanaryFamily = Literal["rare_unigram", "rare_bigram", "random", "new_token"]
+# DP fields that do not change a DP cell's training (its run id): the audit's reading of the scores, and the designed
+# canaries, which enter every cell's run id on their own (CellConfig.determinants), DP or not.
+DP_AUDIT_FIELDS = {"audit_random_split", "audit_attack", "audit_confidence", "audit_canaries", "audit_design",
+                   "audit_copies", "audit_seed"}
+
+
 class DPConfig(_Strict):
     """DP-SGD (Opacus) settings for cells whose `noise_multiplier` is not null."""
 
@@ -338,8 +346,41 @@ class DPConfig(_Strict):
         "2023) is only valid then, so it is reported only when this is true (PHEE's train/test splits are not "
         "such a split). Not needed for the `random` design with record-level coins: memlens flipped them.",
     )
-    audit_attack: str = Field("ref_ratio", description="Membership score the empirical privacy audit uses.")
-    audit_confidence: float = Field(0.95, gt=0, lt=1, description="Confidence of the empirical epsilon lower bound.")
+    audit_attack: str = Field("ref_ratio", description="Membership score the empirical privacy audit uses (of the "
+                              "records and of the designed canaries).")
+    audit_confidence: float = Field(0.95, gt=0, lt=1, description="Confidence of the empirical epsilon lower bounds "
+                                    "(Steinke et al. 2023 and the Gaussian-DP one of Mahloujifar et al. 2024).")
+    audit_canaries: int = Field(
+        0, ge=0, description="Designed canaries for a one-run audit of every run, DP or not (Panda et al. 2025; `0`: "
+        "none). Each enters training with probability 1/2 by a coin seeded by `audit_seed` (the rest are held out); "
+        "after training they are scored by every attack and audited with `audit_attack`. Changes the fine-tunes "
+        "(new run ids). TPR at 1% FPR needs 100 held-out canaries of a family, so about 200 per family.",
+    )
+    audit_design: list[CanaryFamily] = Field(
+        default_factory=lambda: ["rare_unigram", "rare_bigram", "random"],
+        description="Canary families, the canaries dealt to them in turn (see *Designed canaries*): "
+        "`rare_unigram` (tokens the training records never or most rarely use), `rare_bigram` (common tokens in "
+        "pairs the records never use), `random` (uniform tokens), `new_token` (tokens the tokenizer has but text "
+        "never produces, e.g. reserved special tokens; only where the tokenizer has such tokens).",
+    )
+    audit_copies: int = Field(1, ge=1, description="Times each inserted canary occurs in training (1 = once, like a "
+                              "record; k copies audit k-record group privacy).")
+    audit_seed: int = Field(0, ge=0, description="Seed of the canaries' tokens and of their coins.")
+
+    @field_validator("audit_design")
+    @classmethod
+    def _distinct_families(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"give each canary family once, e.g. [rare_unigram, rare_bigram, random]; got {value}")
+        return value
+
+    @property
+    def audit_determinants(self) -> dict[str, Any] | None:
+        """What the designed canaries add to every fine-tune (None when there are none): the run ids hash it."""
+        if not self.audit_canaries:
+            return None
+        return {"canaries": self.audit_canaries, "design": list(self.audit_design), "copies": self.audit_copies,
+                "seed": self.audit_seed}
 
 
 # --------------------------------------------------------------------------------------- attacks
@@ -593,7 +634,9 @@ class CellConfig(_Strict):
             determinants["membership"] = study.data.design_determinants(self.membership)
         if self.noise_multiplier is not None:
             # the audit settings only affect the privacy stage, not the trained model or train.json
-            determinants["dp"] = study.dp.model_dump(exclude={"audit_random_split", "audit_attack", "audit_confidence"})
+            determinants["dp"] = study.dp.model_dump(exclude=DP_AUDIT_FIELDS)
+        if study.dp.audit_determinants is not None:  # the designed canaries are trained on: absent when off (old ids)
+            determinants["audit_canaries"] = study.dp.audit_determinants
         return determinants
 
     def run_id(self, study: StudyConfig) -> str:

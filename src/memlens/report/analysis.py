@@ -18,6 +18,7 @@ import pandas as pd
 from memlens.config import RANDOM, SPLITS, Design, StudyConfig
 from memlens.report import membership as mb
 from memlens.report import memorization as mz
+from memlens.report.canary_audit import CanaryAudit, canary_audit
 from memlens.report.findings import (
     Finding,
     finding_matched_fit,
@@ -55,6 +56,7 @@ class StudyAnalysis:
     perplexity: mz.NgramPerplexity
     exposure: mz.Exposure
     attacks: mb.AttackComparison
+    canary_audit: CanaryAudit
     delong: mb.DelongTests
     bag_of_words: mb.BagOfWords
     design_comparison: mb.DesignComparison
@@ -159,7 +161,8 @@ def analyse(root: Path) -> StudyAnalysis:
         root=layout.root, study=every.study, environment=every.environment, runs=every.runs,
         failures=every.failures, inputs=inputs, headline=headline(data), study_table=mb.study_table(every),
         roc=mb.roc_curves(data), auc_vs_rank=mb.auc_vs_rank(data), copies=mz.copies(data), perplexity=perplexity,
-        exposure=mz.exposure(data), attacks=mb.attack_comparison(every), delong=delong,
+        exposure=mz.exposure(data), attacks=mb.attack_comparison(every), canary_audit=canary_audit(every),
+        delong=delong,
         bag_of_words=mb.bag_of_words(every), design_comparison=mb.design_comparison(every),
         extraction=mz.extraction_rates(data), utility=utility(every), frontier=frontier(every),
         wall_times=wall_times(layout.root),

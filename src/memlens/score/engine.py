@@ -1,7 +1,8 @@
 """Batched per-token scoring: one forward pass gives every statistic the membership attacks need.
 
 For each sequence and each scored token (every token but the first, which has no prediction) we keep
-the log-probability of the true token and, under the predicted distribution p, the mean
+the log-probability of the true token, whether the true token is the model's top-1 prediction (EZ-MIA's
+error positions are the tokens where it is not) and, under the predicted distribution p, the mean
 mu = E_p[log p] and variance sigma^2 = Var_p[log p] of the log-probabilities (Min-K%++ standardises with
 them; the entropy is -mu). Sequences are sorted by length and right-padded in buckets, so padding is
 small and never attended to by real tokens under the causal mask; the log-softmax runs in float32 over
@@ -35,6 +36,9 @@ class SequenceStats:
     logprob: np.ndarray      # float32, log p(true token | prefix)
     mu: np.ndarray           # float32, E_p[log p] under the predicted distribution (= -entropy)
     sigma2: np.ndarray       # float32, Var_p[log p]
+    # bool, the true token has the highest logit (ties count as top-1); None: not recorded (statistics made
+    # before it existed, e.g. base-model scores read from an older cache, which no attack reads it from)
+    is_top1: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -72,7 +76,8 @@ class SequenceStats:
         starts, ends = self.offsets[index], self.offsets[index + 1]
         rows = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(index) else np.zeros(0, np.int64)
         offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
-        return SequenceStats(offsets, self.token_ids[rows], self.logprob[rows], self.mu[rows], self.sigma2[rows])
+        return SequenceStats(offsets, self.token_ids[rows], self.logprob[rows], self.mu[rows], self.sigma2[rows],
+                             None if self.is_top1 is None else self.is_top1[rows])
 
     @staticmethod
     def concat(parts: Sequence["SequenceStats"]) -> "SequenceStats":
@@ -80,15 +85,20 @@ class SequenceStats:
         for part in parts:
             offsets.append(part.offsets[1:] + shift)
             shift += int(part.offsets[-1])
+        top1 = None if any(p.is_top1 is None for p in parts) else np.concatenate([p.is_top1 for p in parts])
         return SequenceStats(np.concatenate(offsets),
-                             *(np.concatenate([getattr(p, f) for p in parts]) for f in _FLAT_FIELDS))
+                             *(np.concatenate([getattr(p, f) for p in parts]) for f in _FLAT_FIELDS), top1)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"offsets": self.offsets, **{f: getattr(self, f) for f in _FLAT_FIELDS}}
+        arrays = {"offsets": self.offsets, **{f: getattr(self, f) for f in _FLAT_FIELDS}}
+        return arrays if self.is_top1 is None else {**arrays, "is_top1": self.is_top1}
 
     @classmethod
     def from_arrays(cls, arrays) -> "SequenceStats":
-        return cls(*(np.asarray(arrays[f]) for f in ("offsets", *_FLAT_FIELDS)))
+        """The statistics `to_arrays` gave; `is_top1` is None when absent (a cache entry written before it existed:
+        the base model's scores, read by no attack for it, keep their cache key)."""
+        top1 = np.asarray(arrays["is_top1"]) if "is_top1" in arrays else None
+        return cls(*(np.asarray(arrays[f]) for f in ("offsets", *_FLAT_FIELDS)), top1)
 
 
 _FLAT_FIELDS = ("token_ids", "logprob", "mu", "sigma2")
@@ -149,27 +159,30 @@ def _head_and_body(model: torch.nn.Module):
 
 
 def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, moments: bool = True) -> tuple[torch.Tensor, ...]:
-    """log p(target), E_p[log p] and Var_p[log p] of a chunk of logits, in float32 (the last two NaN when
-    not `moments`: the two dot products are then skipped, and log p is computed by the same operations).
+    """log p(target), E_p[log p], Var_p[log p] and whether the target is the top-1 token, of a chunk of logits,
+    in float32 (the moments NaN when not `moments`: the two dot products are then skipped, and log p is computed
+    by the same operations).
 
     With x = logits - max and Z = sum exp(x): log p = x - log Z, E_p[log p] = E_p[x] - log Z and
-    Var_p[log p] = Var_p[x]. Two in-place passes and two dot products instead of materialising log p
-    and p * log p: the vocabulary-sized work stays a small share of the forward pass."""
+    Var_p[log p] = Var_p[x]; the target is top-1 exactly when its x is 0 (its logit is the max; a tie counts).
+    Two in-place passes and two dot products instead of materialising log p and p * log p: the
+    vocabulary-sized work stays a small share of the forward pass."""
     x = logits.float()  # callers pass a temporary chunk: modified in place
     x.sub_(x.amax(-1, keepdim=True))
+    target_x = x.gather(-1, targets[:, None]).squeeze(-1)
+    top1 = target_x >= 0
     e = torch.exp(x)
     z = e.sum(-1)
     log_z = z.log()
     if not moments:
         nan = torch.full_like(log_z, float("nan"))
-        return x.gather(-1, targets[:, None]).squeeze(-1) - log_z, nan, nan
+        return target_x - log_z, nan, nan, top1
     # Row-wise dot products as in-place products and row sums on the exp buffer: on CPU about 4x faster
     # than einsum (a batched matrix-vector product, ~10 ms per 256 x 8,192 chunk vs ~2.5 ms) and 10x
     # faster than linalg.vecdot, which multiplies into a temporary (benchmarks/README.md, 2026-12-01).
     mean_x = e.mul_(x).sum(-1) / z  # e becomes e * x
     mean_x2 = e.mul_(x).sum(-1) / z  # e * x^2
-    true = x.gather(-1, targets[:, None]).squeeze(-1) - log_z
-    return true, mean_x - log_z, (mean_x2 - mean_x.square()).clamp_(min=0)
+    return target_x - log_z, mean_x - log_z, (mean_x2 - mean_x.square()).clamp_(min=0), top1
 
 
 @torch.inference_mode()
@@ -235,15 +248,16 @@ def token_stats(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, b
             parts = [_chunk_stats(logits[i:i + rows_per_chunk], targets[i:i + rows_per_chunk], moments)
                      for i in range(0, len(logits), rows_per_chunk)]
         if parts:
-            true, mu, sigma2 = (torch.cat(x).cpu().numpy() for x in zip(*parts))
+            true, mu, sigma2, top1 = (torch.cat(x).cpu().numpy() for x in zip(*parts))
         else:
             true = mu = sigma2 = np.zeros(0, np.float32)
+            top1 = np.zeros(0, bool)
         tgt = targets.cpu().numpy()
         counts = pred_mask.sum(1).cpu().numpy()
         bounds = np.concatenate([[0], np.cumsum(counts)])
         for row, w in enumerate(batch):
             sl = slice(bounds[row], bounds[row + 1])
-            per_window[w] = (tgt[sl], true[sl], mu[sl], sigma2[sl])
+            per_window[w] = (tgt[sl], true[sl], mu[sl], sigma2[sl], top1[sl])
         if on_batch is not None:
             on_batch(len(batch))
 
@@ -251,7 +265,7 @@ def token_stats(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, b
     by_seq: list[list[tuple[np.ndarray, ...]]] = [[] for _ in sequences]
     for w, stats in zip(windows, per_window):
         by_seq[w.seq].append(stats)
-    flat = [[np.concatenate([s[k] for s in parts]) if parts else np.zeros(0) for parts in by_seq] for k in range(4)]
+    flat = [[np.concatenate([s[k] for s in parts]) if parts else np.zeros(0) for parts in by_seq] for k in range(5)]
     counts = np.array([len(x) for x in flat[0]], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
@@ -259,7 +273,7 @@ def token_stats(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, b
         return np.concatenate(chunks).astype(dtype) if chunks else np.zeros(0, dtype)
 
     return SequenceStats(offsets, cat(flat[0], np.int64), cat(flat[1], np.float32),
-                         cat(flat[2], np.float32), cat(flat[3], np.float32))
+                         cat(flat[2], np.float32), cat(flat[3], np.float32), cat(flat[4], bool))
 
 
 def sequence_nll(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, batch_size: int = 32,

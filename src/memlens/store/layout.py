@@ -9,10 +9,12 @@ Layout of `<out>/`:
         adapter/ | model/      LoRA adapter (PEFT, safetensors) or full fine-tuned model
         train.json             parameter counts, loss curve, wall time, seed, data hash, canary
         members.parquet        distinct member records trained on (sample_id, text, is_canary)
+        audit_canaries.parquet designed canaries and their coins (`dp.audit_canaries`; inserted where is_member)
     cache/                     per-(model, adapter, data) score caches
     references/                reference adapters of LiRA / RMIA (`mia.references`), a study folder of their own:
         runs/<ref_run_id>/     a fine-tuned run as above, plus reference.json and ref-scores-*.parquet
         .locks/                one lock file per reference (two workers never train the same one)
+    audit_canaries.parquet     the designed canaries and coins of the study's runs, by design (`dp.audit_canaries`)
     mia_scores.parquet, extraction.parquet, exposure.parquet, results.parquet
     report/
 
@@ -51,7 +53,9 @@ class RunFile:
     ADAPTER = "adapter"                     # LoRA adapter (PEFT, safetensors)
     FULL_MODEL = "model"                    # full fine-tuned model (safetensors)
     TIMINGS = "timings.json"                # wall seconds of each completed stage
+    AUDIT_CANARIES = "audit_canaries.parquet"  # designed canaries trained with (is_member) or held out
     MIA_SCORES = "mia_scores.parquet"
+    CANARY_SCORES = "canary_scores.parquet"    # the designed canaries' scores under every attack
     MIA_RESULTS = "mia_results.parquet"
     EXTRACTION = "extraction.parquet"
     EXTRACTION_RESULTS = "extraction_results.parquet"
@@ -73,6 +77,7 @@ class StudyFile:
     RESULTS = "results.parquet"
     HISTORY = "history.jsonl"
     MEMBERSHIP = "membership.parquet"  # the random design's coins: who is a member, by which coin
+    AUDIT_CANARIES = "audit_canaries.parquet"  # the designed canaries and their coins (dp.audit_canaries)
     MIA_SCORES = "mia_scores.parquet"
     EXTRACTION = "extraction.parquet"
     EXPOSURE = "exposure.parquet"

@@ -39,7 +39,7 @@ from memlens.store.integrity import CorruptArtifactError, missing_files, redo_ce
 from memlens.store.lock import write_lock
 from memlens.store.records import CellRecord, TrainRecord
 from memlens.study.provenance import record_stage_time
-from memlens.train import check_training_records, tokenize_records
+from memlens.train import check_training_records, merge_audit_canaries, tokenize_records
 from memlens.train.progress import training_progress
 from memlens.train.together import finetune_group, training_groups
 
@@ -160,6 +160,9 @@ class FinetuneStage(Stage):
         finetune_group(ctx.study, [(c, ctx.data(c.membership)) for c in cells], ctx.layout, ctx.tokenizer(),
                        progress=progress)
 
+    def merge(self, ctx: StudyContext) -> None:
+        merge_audit_canaries(ctx.layout, {r: c.membership for r, c in ctx.runs()})  # dp.audit_canaries' coins
+
     def invalidate(self, ctx: StudyContext, run_ids: list[str]) -> None:
         """Remove the runs: renamed to a temp name first (atomic), then deleted."""
         layout = ctx.layout
@@ -226,7 +229,7 @@ class MIAStage(Stage):
     name = "mia"
     needs = ("finetune",)
     marker = RunFile.MIA_RESULTS
-    files = (RunFile.MIA_SCORES, RunFile.MIA_RESULTS)
+    files = (RunFile.MIA_SCORES, RunFile.CANARY_SCORES, RunFile.MIA_RESULTS)
     result_stages = ("mia", "utility", AUDIT_STAGE)
     section = "mia"
     switches = ("mia.enabled",)

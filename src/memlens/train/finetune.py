@@ -17,6 +17,7 @@ from rich.progress import Progress
 
 from memlens.config import CellConfig, ConfigError, Design, StudyConfig, dump_study
 from memlens.data import StudyData, build_training_set
+from memlens.data.audit_canaries import insert_canaries, study_canaries
 from memlens.data.canaries import TrainingSet
 from memlens.models import (
     check_quantized,
@@ -31,7 +32,7 @@ from memlens.models import (
 )
 from memlens.models.adapters import ADAPTER_DIR, FULL_MODEL_DIR, quiet_peft_wrap
 from memlens.models.varlen import SUPPORTED_MODEL_TYPES, supports_varlen, varlen_attention
-from memlens.store import RunFile, StudyLayout, atomic_dir, atomic_write_parquet, atomic_write_text
+from memlens.store import RunFile, StudyFile, StudyLayout, atomic_dir, atomic_write_parquet, atomic_write_text
 from memlens.store.integrity import digest_files
 from memlens.store.records import CellRecord, TrainRecord
 from memlens.train.collate import CausalLMCollator, PackedCollator, pack_rows
@@ -151,25 +152,31 @@ class TokenCounter:
 
 @dataclass
 class CellTraining:
-    """What one cell trains on: its training set (canary planted), the texts after deduplication, their tokens."""
+    """What one cell trains on: its training set (canary planted), the designed audit canaries (`audit`, with their
+    coins; None when `dp.audit_canaries` is 0) and `planted`, the training texts with the canaries whose coin says
+    so; the texts after deduplication, and their tokens."""
 
     training: TrainingSet
+    audit: pd.DataFrame | None
+    planted: list[str]
     texts: list[str]
     input_ids: list[list[int]]
 
     @property
     def duplicates_dropped(self) -> int:
-        return len(self.training.texts) - len(self.texts)
+        return len(self.planted) - len(self.texts)
 
 
 def cell_training(study: StudyConfig, cell: CellConfig, data: StudyData,
                   tokenizer: PreTrainedTokenizerBase) -> CellTraining:
-    """The cell's training records, deduplicated when `train.deduplicate`, tokenized."""
+    """The cell's training records with its canary and the designed audit canaries planted, deduplicated when
+    `train.deduplicate`, tokenized."""
     training = build_training_set(data.members, study.canary, cell.canary_copies, cell.seed)
-    texts = training.texts
-    if study.train.deduplicate:
-        texts = list(dict.fromkeys(texts))  # first occurrence kept, order preserved
-    return CellTraining(training, texts, tokenize_records(texts, tokenizer, study.data.max_length))
+    # the designed canaries of the one-run audit (dp.audit_canaries): those whose coin says so are trained on
+    audit = study_canaries(study.dp, tokenizer, data.members.text.tolist())
+    planted = insert_canaries(training.texts, audit, study.dp.audit_copies)
+    texts = list(dict.fromkeys(planted)) if study.train.deduplicate else planted  # first occurrence kept, in order
+    return CellTraining(training, audit, planted, texts, tokenize_records(texts, tokenizer, study.data.max_length))
 
 
 def lora_config(study: StudyConfig, cell: CellConfig, module_names: list[str]) -> PeftLoraConfig:
@@ -185,19 +192,24 @@ def run_info(study: StudyConfig, cell: CellConfig, data: StudyData, device: torc
     return {"run_id": cell.run_id(study), "seed": cell.seed, "data_hash": data.data_hash, "device": str(device),
             "trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total,
             "n_train_records": len(inputs.input_ids), "canary": inputs.training.canary.to_dict(),
-            "deduplicate": study.train.deduplicate, "duplicates_dropped": inputs.duplicates_dropped}
+            "deduplicate": study.train.deduplicate, "duplicates_dropped": inputs.duplicates_dropped,
+            **({"audit_canaries": {"canaries": len(inputs.audit), "inserted": int(inputs.audit.is_member.sum()),
+                                   "copies": study.dp.audit_copies, "design": list(study.dp.audit_design),
+                                   "seed": study.dp.audit_seed}} if inputs.audit is not None else {})}
 
 
 def write_run(tmp: Path, study: StudyConfig, cell: CellConfig, inputs: CellTraining, info: dict,
               save_weights: Callable[[Path], None]) -> None:
     """Fill the run's temporary folder: the weights (`save_weights(tmp)`), their checksums, cell.json, train.json,
-    members.parquet and study.yaml."""
+    members.parquet, the designed canaries with their coins (when the study has them) and study.yaml."""
     info["final_loss"] = info["loss_curve"][-1]["loss"] if info["loss_curve"] else None
     save_weights(tmp)
     info["artifacts"] = digest_files(tmp, ADAPTER_DIR if cell.method == "lora" else FULL_MODEL_DIR)
     CellRecord.model_validate({"run_id": info["run_id"], **cell.determinants(study)}).save(tmp / RunFile.CELL)
     TrainRecord.model_validate(info).save(tmp / RunFile.TRAIN)
     atomic_write_parquet(tmp / RunFile.MEMBERS, inputs.training.members)
+    if inputs.audit is not None:
+        atomic_write_parquet(tmp / RunFile.AUDIT_CANARIES, inputs.audit)
     atomic_write_text(tmp / RunFile.STUDY, dump_study(study))
 
 
@@ -398,3 +410,20 @@ def read_train_info(run_dir: Path) -> TrainRecord:
 def read_members(run_dir: Path) -> pd.DataFrame:
     """Distinct member records the run trained on: sample_id, text, is_canary."""
     return pd.read_parquet(Path(run_dir) / RunFile.MEMBERS)
+
+
+def merge_audit_canaries(layout: StudyLayout, designs: dict[str, str]) -> None:
+    """Write `<out>/audit_canaries.parquet`: the designed canaries of the runs `designs` (run id -> membership design)
+    and their coins, once per design (every run of a design has the same ones), with a `membership` column; rewritten
+    only when it changes, and left alone when no run has canaries."""
+    parts = {}
+    for run_id, design in designs.items():
+        path = layout.run_file(run_id, RunFile.AUDIT_CANARIES)
+        if design not in parts and path.exists():
+            parts[design] = pd.read_parquet(path).assign(membership=design)
+    if not parts:
+        return
+    frame = pd.concat(parts.values(), ignore_index=True)
+    target = layout.study_level(StudyFile.AUDIT_CANARIES)
+    if not (target.exists() and pd.read_parquet(target).equals(frame)):
+        atomic_write_parquet(target, frame)

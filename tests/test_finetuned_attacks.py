@@ -1,0 +1,95 @@
+"""EZ-MIA and WBC against hand computations of their equations (pure numpy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from memlens.attacks.finetuned import WBC_WINDOWS
+from memlens.attacks.registry import AttackInputs, configure, run_attacks
+from memlens.config import ConfigError
+from memlens.score import SequenceStats
+
+
+def _stats(seqs: list[list[float]], top1: list[list[bool]] | None = None) -> SequenceStats:
+    """Statistics of sequences with these per-token log-probabilities (and top-1 flags)."""
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
+    flat = np.array([v for s in seqs for v in s], dtype=np.float32)
+    n = len(flat)
+    flags = None if top1 is None else np.array([f for t in top1 for f in t], dtype=bool)
+    return SequenceStats(offsets, np.zeros(n, np.int64), flat, np.zeros(n, np.float32), np.zeros(n, np.float32), flags)
+
+
+def _inputs(ft: SequenceStats, ref: SequenceStats) -> AttackInputs:
+    return AttackInputs(texts=[""] * len(ft), ft=ft, ref=ref)
+
+
+def test_ez_mia_by_hand_including_the_empty_denominator():
+    ft = _stats([[-1, -2, -0.5, -3], [-1, -1], [-0.1, -0.2], [], [-1, -1]],
+                [[False, False, True, False], [False, False], [True, True], [], [False, False]])
+    ref = _stats([[-2, -1, -0.5, -4], [-2, -3], [-0.3, -0.1], [], [-1, -1]])
+    scores = run_attacks(["ez_mia"], _inputs(ft, ref))["ez_mia"]
+    # record 0: d = [1, -1, 0, 1] over E = {0, 1, 3} (token 2 is top-1): P = 2, N = 1, EZ = 2 -> 2 / (1 + 2)
+    assert scores[0] == pytest.approx(2 / 3)
+    # record 1: d = [1, 2], both errors: P = 3, N = 0, EZ = +inf -> the top of the scale
+    assert scores[1] == 1.0
+    # record 2: no error position (every token top-1; its d = [0.2, -0.1] is ignored): 0/0 -> EZ = 1 -> 1/2
+    assert scores[2] == 0.5
+    assert np.isnan(scores[3])  # no scored token
+    assert scores[4] == 0.5  # errors, but fine-tuning moved nothing: P = N = 0
+    # the +inf record ranks above every finite EZ, as P / N would rank it
+    assert scores[1] > scores[0] > scores[2]
+
+
+def test_ez_mia_ranks_records_as_the_papers_ratio():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 40, 200)  # long enough for both signs among the errors
+    ft_lp = [list(rng.normal(-2, 1, n)) for n in lengths]
+    ref_lp = [list(np.array(f) + rng.normal(-0.1, 0.5, len(f))) for f in ft_lp]
+    top1 = [list(rng.random(n) < 0.3) for n in lengths]
+    scores = run_attacks(["ez_mia"], _inputs(_stats(ft_lp, top1), _stats(ref_lp)))["ez_mia"]
+    for i in range(len(lengths)):  # the paper's ratio, one record at a time
+        d = np.float32(ft_lp[i]).astype(float) - np.float32(ref_lp[i]).astype(float)
+        errors = d[~np.array(top1[i])]
+        ez = errors[errors > 0].sum() / -errors[errors < 0].sum()
+        assert scores[i] == pytest.approx(ez / (1 + ez), rel=1e-9)
+
+
+def test_ez_mia_needs_the_top1_flags():
+    ft, ref = _stats([[-1.0, -2.0]]), _stats([[-1.5, -2.5]])
+    with pytest.raises(ConfigError, match="top-1"):
+        run_attacks(["ez_mia"], _inputs(ft, ref))
+
+
+def test_wbc_by_hand():
+    # record 0: Delta = [1, -2, 0.5, 0.5]; W = (2, 3, 10), 10 clipped to the record's 4 tokens
+    #   w=2: window sums [-1, -1.5, 1] -> 1/3 vote member; w=3: [-0.5, -1] -> 0; w=4: [0] -> a tie is no vote -> 0
+    # record 1: one token, Delta = 0.25: every size clips to 1, one window, > 0 -> 1
+    ft = _stats([[-1, -3, -1, -1], [-1]])
+    ref = _stats([[-2, -1, -1.5, -1.5], [-1.25]])
+    attack = configure({"type": "wbc", "params": {"windows": [2, 3, 10]}})
+    scores = run_attacks([attack], _inputs(ft, ref))[attack.name]
+    assert scores[0] == pytest.approx((1 / 3 + 0 + 0) / 3)
+    assert scores[1] == 1.0
+
+
+def test_wbc_default_windows_match_a_loop_over_every_window():
+    rng = np.random.default_rng(1)
+    lengths = [1, 5, 17, 60]
+    ft_lp = [list(rng.normal(-2, 1, n)) for n in lengths]
+    ref_lp = [list(rng.normal(-2, 1, n)) for n in lengths]
+    scores = run_attacks(["wbc"], _inputs(_stats(ft_lp), _stats(ref_lp)))["wbc"]
+    for i, n in enumerate(lengths):
+        d = np.float32(ft_lp[i]).astype(float) - np.float32(ref_lp[i]).astype(float)
+        shares = []
+        for w in WBC_WINDOWS:
+            w = min(w, n)
+            votes = [d[j:j + w].sum() > 0 for j in range(n - w + 1)]
+            shares.append(sum(votes) / len(votes))
+        assert scores[i] == pytest.approx(np.mean(shares))
+
+
+def test_wbc_windows_are_a_setting():
+    assert configure("wbc@[2, 4]").settings.windows == (2, 4)
+    with pytest.raises(ConfigError, match="windows"):
+        configure({"type": "wbc", "params": {"windows": [0, 2]}})

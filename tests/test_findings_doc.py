@@ -109,7 +109,7 @@ def test_findings_document_is_generated_from_the_data(mini, tmp_path):
     for row in _primary(out).itertuples():
         assert f"{row.auc:.3f} ± {(row.auc_ci_high - row.auc_ci_low) / 2:.3f}" in doc, row.target_modules
     assert "| rank | [q] | [v] |" in doc
-    assert re.search(r"\| 1 \| 1 \| 0 \| \[v\] \| \[q\] \|", doc)  # the DeLong test [v] against [q] at rank 1
+    assert re.search(r"\| 1 \| 1 \| 0 \| 0 \| 0.003 \| \[v\] \| \[q\] \|", doc)  # DeLong [v] vs [q] at rank 1 (seed, draw, lr)
     # One rank: the saturation fit is not computed, and the document says why instead of inventing a number.
     assert "Saturation fit not computed: the grid has one LoRA rank (1)" in doc
     assert "not measured here" in doc  # the paper's numbers are labelled as the paper's
@@ -156,3 +156,25 @@ def test_operator_note_is_shown_as_the_operators_words(mini, tmp_path):
     result = CliRunner().invoke(app, ["report", str(mini), "--markdown", str(md), "--note", "first\nsecond"])
     assert result.exit_code == 0, result.output
     assert "computed): first\n>\n> second\n" in md.read_text()
+
+
+def test_companion_studies_open_the_document_with_every_verdict(mini, tmp_path):
+    """--with: another study folder's verdicts join this one's in the opening table (here the same folder copied
+    under another name stands in for another model's study), each row from its own folder."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(mini, other)
+    (other / "study.yaml").write_text((other / "study.yaml").read_text().replace("name: test", "name: other-model"))
+    md = tmp_path / "together.md"
+    result = CliRunner().invoke(app, ["report", str(mini), "--markdown", str(md), "--with", str(other)])
+    assert result.exit_code == 0, result.output
+    doc = md.read_text()
+    table = doc.split("## Verdicts across studies", 1)[1].split("\n## ", 1)[0]
+    own = re.findall(r"^\*\*Verdict(?: at ([^:]+))?: ([a-z ]+)\.\*\*", doc, re.M)
+    rows = [line for line in table.splitlines() if line.startswith("| (")]
+    assert len(rows) == 2 * len(own) and sum("| other-model |" in r for r in rows) == len(own)
+    assert doc.index("## Verdicts across studies") < doc.index("## Which configuration memorizes most")
+    assert f"--with {other}" in doc  # the regenerating command names the companions
+    bad = CliRunner().invoke(app, ["report", str(mini), "--markdown", str(md), "--with", str(tmp_path)])
+    assert bad.exit_code == 2 and "--with" in bad.output and "not a memlens study folder" in bad.output

@@ -6,7 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from memlens.report.findings import finding_perplexity, finding_rank, finding_value_output, per_run_correlations
+from memlens.report.findings import (
+    at_rate,
+    finding_perplexity,
+    finding_rank,
+    finding_value_output,
+    per_run_correlations,
+)
 from memlens.report.inference import MeanTest, block_f_test, holm, partial_correlation, steiger_z
 
 
@@ -206,3 +212,7 @@ def test_matched_fit_separates_what_is_learned_from_what_is_memorized():
     shifted = primary.assign(auc=primary.auc + 0.05 * primary.target_modules.isin(["v", "o"]))
     assert finding_matched_fit(shifted, utility).verdict == "holds"  # v/o above at every gain
     assert finding_matched_fit(primary.drop(columns="learning_rate"), utility).verdict == "inconclusive"
+    # the per-rank verdicts read the recipe's rate only: the ladder's other rates are the matched fit's
+    recipe = at_rate(primary, 3e-3)
+    assert set(recipe.learning_rate) == {3e-3} and len(recipe) == len(primary) // 3
+    assert at_rate(primary[primary.learning_rate == 1e-2], 3e-3).equals(primary[primary.learning_rate == 1e-2])

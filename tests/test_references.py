@@ -350,10 +350,10 @@ def test_references_are_scored_once_and_retrained_when_the_recipe_changes(shared
     changed = study.model_copy(update={"grid": study.grid.model_copy(update={"rank": [4]}),
                                        "train": study.train.model_copy(update={"max_steps": 1})})
     cell = changed.cells()[0]
-    trained = train_references(changed, [cell], lambda d: load_study_data(changed.data, d), layout)
+    trained = train_references(changed, [cell], lambda c: load_study_data(changed.data, c.membership), layout)
     assert trained == reference_ids(changed, cell)
     assert len(layout.references.finished_runs()) == 4
-    assert train_references(changed, [cell], lambda d: load_study_data(changed.data, d), layout) == []
+    assert train_references(changed, [cell], lambda c: load_study_data(changed.data, c.membership), layout) == []
 
 
 def test_force_references_removes_them_and_the_membership_results(shared):

@@ -198,12 +198,15 @@ def report(
     note: Annotated[Optional[str], typer.Option(
         "--note", help="With --markdown: a remark shown verbatim as the operator's note (e.g. what else ran on "
                        "the machine during the study).")] = None,
+    with_: Annotated[Optional[list[Path]], typer.Option(
+        "--with", help="With --markdown: another study folder (another model or regime) whose verdicts join this "
+                       "one's in the document's opening table; repeat for several.")] = None,
 ) -> None:
     """(Re)write the study's HTML report from its results; with --markdown, also the findings document."""
     command = shlex.join(["memlens", "report", str(out), *(["--markdown", str(markdown)] if markdown else []),
-                          *(["--note", note] if note else [])])
+                          *(["--note", note] if note else []), *(a for c in with_ or [] for a in ("--with", str(c)))])
     try:
-        path, written = write_report(out, markdown, command=command, note=note)
+        path, written = write_report(out, markdown, command=command, note=note, companions=with_)
     except (ConfigError, StudyLockedError) as exc:
         _fail(exc)
     except OSError as exc:

@@ -26,7 +26,7 @@ class StudyContext:
 
     study: StudyConfig
     show_progress: bool = False
-    _data: dict[Design, StudyData] = field(default_factory=dict, repr=False)
+    _data: dict[tuple[Design, int], StudyData] = field(default_factory=dict, repr=False)
     _tokenizer: object | None = field(default=None, repr=False)
     _cells: dict[str, CellConfig] | None = field(default=None, repr=False)
 
@@ -42,15 +42,20 @@ class StudyContext:
         return StudyLayout(self.study.out_dir)
 
     # ----------------------------------------------------------------------------------- records
-    def data(self, design: Design) -> StudyData:
-        """The records of a membership design (loaded once per process)."""
-        if design not in self._data:
-            self._data[design] = load_study_data(self.study.data, design)
-        return self._data[design]
+    def data(self, design: Design, draw: int = 0) -> StudyData:
+        """The records of a membership design in record draw `draw` (grid.draw; loaded once per process)."""
+        if (design, draw) not in self._data:
+            self._data[(design, draw)] = load_study_data(self.study.data.for_draw(draw), design)
+        return self._data[(design, draw)]
 
-    def designs(self) -> dict[Design, StudyData]:
-        """The records of every membership design of the study, by design."""
-        return {design: self.data(design) for design in self.study.data.membership}
+    def cell_data(self, cell: CellConfig) -> StudyData:
+        """The records a cell trains on and is attacked on: its design in its record draw."""
+        return self.data(cell.membership, cell.draw)
+
+    def designs(self) -> dict[tuple[Design, int], StudyData]:
+        """The records of every membership design of the study in each of its record draws, by (design, draw)."""
+        return {(design, draw): self.data(design, draw) for design in self.study.data.membership
+                for draw in self.study.grid.draw}
 
     def tokenizer(self):
         if self._tokenizer is None:

@@ -142,10 +142,13 @@ def run_study(study: StudyConfig, *, force: list[str] | None = None, only: list[
 
 
 def _record_membership(ctx: StudyContext) -> None:
-    """Save the random design's coins in the study folder (`membership.parquet`), rewritten only when they change."""
+    """Save the random design's coins of every record draw in the study folder (`membership.parquet`, a `draw`
+    column), rewritten only when they change."""
     if RANDOM not in ctx.study.data.membership:
         return
-    assignment = membership_assignments(ctx.study.data, ctx.data(RANDOM))
+    data = ctx.study.data
+    assignment = pd.concat([membership_assignments(data.for_draw(d), ctx.data(RANDOM, d)).assign(draw=d)
+                            for d in ctx.study.grid.draw], ignore_index=True)
     path = ctx.layout.membership_file
     if path.exists() and pd.read_parquet(path).equals(assignment):
         return
@@ -194,19 +197,22 @@ def _write_report(layout: StudyLayout, force: bool) -> tuple[Path | None, str | 
 
 
 def write_report(out: Path, markdown: Path | None = None, *, command: str | None = None,
-                 note: str | None = None) -> tuple[Path, Path | None]:
+                 note: str | None = None, companions: list[Path] | None = None) -> tuple[Path, Path | None]:
     """(Re)build the HTML report of the study in `out` under its lock, and with `markdown` also the
-    findings document there. Returns (index.html, findings document or None)."""
+    findings document there (opening with the verdicts of the `companions` study folders too). Returns
+    (index.html, findings document or None)."""
     layout = StudyLayout(Path(out))
     if not layout.study_file.exists() and not layout.is_audit:
         raise ConfigError(f"{out}: not a memlens study folder (no {layout.study_file.name})")
+    if companions and markdown is None:
+        raise ConfigError("--with: companion studies join the findings document; add --markdown PATH")
     if layout.is_audit and markdown is not None:
         raise ConfigError(f"--markdown: {out} is an audit folder, whose Markdown report is report/index.md "
                           "(rewritten with the HTML)")
     with StudyLock(layout.root):
         if markdown is None:
             return build_report(layout.root), None
-        written = write_findings(layout.root, markdown, command=command, note=note)
+        written = write_findings(layout.root, markdown, command=command, note=note, companions=companions)
         return layout.report / "index.html", written
 
 

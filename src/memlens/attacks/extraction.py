@@ -310,7 +310,7 @@ def merge_study(ctx: StudyContext) -> None:
             if run_id not in ctx.cells or TrainRecord.read(layout.run_file(run_id, RunFile.TRAIN)) is None:
                 continue  # not a run of this study, or a damaged one (its cell fails, naming the file)
             exposure = layout.run_file(run_id, RunFile.EXPOSURE)
-            meta = run_metadata(layout, run_id, ctx.cells[run_id], ctx.study.model.name_or_path)
+            meta = run_metadata(layout, run_id, ctx.cells[run_id], ctx.study)
             parts.append(extraction_result_rows(meta, pd.read_parquet(layout.run_file(run_id, RunFile.EXTRACTION_RESULTS)),
                                       pd.read_parquet(exposure) if exposure.exists() else None))
         if parts:
@@ -354,7 +354,7 @@ def run_extraction(ctx: StudyContext, cells: list[CellConfig] | None = None, for
     base = load_base_model(study.model, resolve_device(study.model.device))
     bank = AdapterBank(base)
 
-    targets = {r: select_targets(read_members(layout.run_dir(r)), ctx.data(cell.membership).non_members, cfg)
+    targets = {r: select_targets(read_members(layout.run_dir(r)), ctx.cell_data(cell).non_members, cfg)
                for r, cell in todo}
     all_texts = sorted({t for frame in targets.values() for t in frame.text})
     prompts = build_prompts(all_texts, tokenizer, cfg)
@@ -383,7 +383,7 @@ def run_extraction(ctx: StudyContext, cells: list[CellConfig] | None = None, for
             else:
                 (run_dir / RunFile.EXPOSURE).unlink(missing_ok=True)  # stale from an earlier configuration
             atomic_write_parquet(run_dir / RunFile.EXTRACTION_RESULTS, results)  # last: marks the run done
-            run_rows = extraction_result_rows(run_metadata(layout, run_id, cell, study.model.name_or_path), results, exposure)
+            run_rows = extraction_result_rows(run_metadata(layout, run_id, cell, study), results, exposure)
             with write_lock(layout.root):  # several workers of one study may finish at once
                 upsert_results(layout, run_rows)
             upserted.append(run_rows)

@@ -325,13 +325,14 @@ def check_membership_records(ctx: StudyContext) -> None:
     (`mia.bag_of_words_baseline`: 2 members and 2 non-members at least, 2 documents a side with groups)."""
     if not ctx.study.mia.bag_of_words_baseline:
         return
-    for design, data in ctx.designs().items():
+    for (design, draw), data in ctx.designs().items():
         grouped = "group" in data.members and "group" in data.non_members
         try:
             baseline_folds(len(data.members), len(data.non_members), data.members.group if grouped else None,
                            data.non_members.group if grouped else None)
         except ValueError as exc:
-            raise ConfigError(f"mia.bag_of_words_baseline: {exc} in the `{design}` membership design (data.subset: "
+            raise ConfigError(f"mia.bag_of_words_baseline: {exc} in the `{design}` membership design, record draw "
+                              f"{draw} (data.subset: "
                               f"{ctx.study.data.subset}); use more records (data.subset, data.pool) or set "
                               "mia.bag_of_words_baseline: false") from None
 
@@ -416,12 +417,13 @@ def scoring_progress(show: bool) -> Iterator[Progress]:
 
 
 # ------------------------------------------------------------------------------------- study API
-def _base_datasets(designs: dict[Design, StudyData]) -> dict[str, list[str]]:
-    """Every text any run of the study is scored on, by dataset (the base model scores each once). The
-    `splits` design keeps the dataset names of studies made before designs existed (same cache keys)."""
+def _base_datasets(designs: dict[tuple[Design, int], StudyData]) -> dict[str, list[str]]:
+    """Every text any run of the study is scored on, by dataset (the base model scores each once); `designs`: the
+    records by (design, record draw). The `splits` design's draw 0 keeps the dataset names of studies made before
+    designs and draws existed (same cache keys)."""
     datasets: dict[str, list[str]] = {}
-    for design, data in designs.items():
-        prefix = "" if design == SPLITS else f"{design}:"
+    for (design, draw), data in designs.items():
+        prefix = ("" if design == SPLITS else f"{design}:") + (f"d{draw}:" if draw else "")
         datasets[f"{prefix}members"] = data.members.text.tolist()
         datasets[f"{prefix}non_members"] = data.non_members.text.tolist()
         if data.utility is not None:
@@ -457,15 +459,14 @@ def run_mia(ctx: StudyContext, cells: Sequence[CellConfig] | None = None, *, for
         return pd.DataFrame()
     with scoring_progress(ctx.show_progress) as progress:
         scorer = Scorer(study.model, study.mia, layout.cache, progress)
-        designs = ctx.designs()
-        base = BaseScores(scorer, _base_datasets(designs))
+        base = BaseScores(scorer, _base_datasets(ctx.designs()))
         freq = token_log_freq(scorer)
         ref_stats = scorer.reference_statistics() if "references" in needs_of(attacks) else None
         runs_task = progress.add_task("membership inference", total=len(todo))
         all_rows = []
         for run_id, cell in todo:
             run_dir = layout.run_dir(run_id)
-            data = designs[cell.membership]
+            data = ctx.cell_data(cell)
             members = _with_groups(read_members(run_dir), data)
             scorer.bank.add(run_id, run_dir)
             start = time.perf_counter()
@@ -480,7 +481,7 @@ def run_mia(ctx: StudyContext, cells: Sequence[CellConfig] | None = None, *, for
             canaries = _run_canaries(scorer, run_id, run_dir, data.utility, base, attacks, freq)
             bow = bow_row(members, data.non_members, study.mia, layout.cache) if study.mia.bag_of_words_baseline else None
             utility["mia_wall_time_s"] = time.perf_counter() - start
-            meta = run_metadata(layout, run_id, cell, study.model.name_or_path)
+            meta = run_metadata(layout, run_id, cell, study)
             rows = result_rows(scores, utility, attacks, study.mia, meta, bow)
             if canaries is not None:
                 rows = _with_canary_columns(rows, canary_columns(canaries, attacks, study.mia))

@@ -63,7 +63,7 @@ def run_privacy_audit(ctx: StudyContext, cells: list[CellConfig] | None = None,
         if why:
             audit["note"] = f"{audit['note']} ({why})"
         common = {
-            **run_metadata(layout, run_id, cell, study.model.name_or_path), "stage": AUDIT_STAGE,
+            **run_metadata(layout, run_id, cell, study), "stage": AUDIT_STAGE,
             "epsilon": dp.get("epsilon", math.nan),
             "epsilon_note": None if dp else "not trained with DP-SGD",
             "dp_noise_multiplier": dp.get("noise_multiplier", math.nan),

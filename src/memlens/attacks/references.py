@@ -145,16 +145,16 @@ def _lock(path: Path, blocking: bool) -> Iterator[bool]:
 def train_reference(study: StudyConfig, cell: CellConfig, k: int, data: StudyData, layout: StudyLayout,
                     tokenizer=None, progress: Progress | None = None) -> Path:
     """Train the k-th reference of `cell`'s recipe (the caller holds its lock); returns its folder."""
-    return train_reference_group(study, [(cell, k)], lambda design: data, layout, tokenizer, progress)[0]
+    return train_reference_group(study, [(cell, k)], lambda cell: data, layout, tokenizer, progress)[0]
 
 
 def train_reference_group(study: StudyConfig, members: Sequence[tuple[CellConfig, int]],
-                          data_of: Callable[[str], StudyData], layout: StudyLayout, tokenizer=None,
+                          data_of: Callable[[CellConfig], StudyData], layout: StudyLayout, tokenizer=None,
                           progress: Progress | None = None) -> list[Path]:
     """Train the references `(cell, k)` of `members` together (`train.together`; the caller holds their locks);
     returns their folders, each with its reference.json."""
     ref_study = reference_study(study)
-    drawn = [(reference_cell(cell, k), *reference_data(study, data_of(cell.membership), k)) for cell, k in members]
+    drawn = [(reference_cell(cell, k), *reference_data(study, data_of(cell), k)) for cell, k in members]
     run_dirs = finetune_group(ref_study, [(ref_cell, ref_data) for ref_cell, ref_data, _ in drawn],
                               layout.references, tokenizer, progress=progress)
     for run_dir, (_, _, record) in zip(run_dirs, drawn):
@@ -172,12 +172,12 @@ def _claimable(study: StudyConfig, todo: dict[str, tuple[CellConfig, int]], anno
     return [[c.run_id(ref_study) for c in group] for group in training_groups(ref_study, ref_cells, announce=announce)]
 
 
-def train_references(study: StudyConfig, cells: Sequence[CellConfig], data_of: Callable[[str], StudyData],
+def train_references(study: StudyConfig, cells: Sequence[CellConfig], data_of: Callable[[CellConfig], StudyData],
                      layout: StudyLayout, tokenizer=None, progress: Progress | None = None,
                      wait_s: float = 1.0) -> list[str]:
     """Train the missing references of `cells`' recipes; returns the run_ids of those this call trained.
 
-    `data_of(design)` gives the records of a membership design. References of recipes sharing the adapted
+    `data_of(cell)` gives a cell's records (its design in its record draw). References of recipes sharing the adapted
     matrices train together, `train.together` at a time. A reference another process is training (its lock is
     held) is skipped while others remain, then waited for."""
     todo: dict[str, tuple[CellConfig, int]] = {}
@@ -196,7 +196,7 @@ def train_references(study: StudyConfig, cells: Sequence[CellConfig], data_of: C
                 fresh = [r for r in claimed if not is_trained(layout, r)]
                 if len(fresh) == 1:  # alone (train.together 1, DP, full fine-tuning...) or the last of a group
                     cell, k = todo[fresh[0]]
-                    train_reference(study, cell, k, data_of(cell.membership), layout, tokenizer, progress)
+                    train_reference(study, cell, k, data_of(cell), layout, tokenizer, progress)
                 elif fresh:
                     train_reference_group(study, [todo[r] for r in fresh], data_of, layout, tokenizer, progress)
                 trained.extend(fresh)

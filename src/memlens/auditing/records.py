@@ -69,7 +69,7 @@ def _distinct_ids(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
 def _run_records(cfg: AuditConfig, target: Target) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None,
                                                            list[Canary]]:
     """A run folder's own records: its members.parquet (canary included), its study's non-members and utility."""
-    data = load_study_data(target.study.data, target.cell.membership)
+    data = load_study_data(target.cell.data_config(target.study), target.cell.membership)
     members = read_members(target.run_dir)
     canary = Canary(**read_train_info(target.run_dir).canary)
     if "group" in data.members and "group" not in members:

@@ -175,7 +175,7 @@ def _adapter_parameters(folder: Path) -> int:
 def _meta(target: Target, records: AuditRecords, scorer: Scorer) -> dict:
     """The identifying columns of the target's rows (a run folder's are its study's)."""
     if target.kind == "run":
-        return run_metadata(target.layout, target.name, target.cell, target.study.model.name_or_path)
+        return run_metadata(target.layout, target.name, target.cell, target.study)
     _, base_total = count_parameters(scorer.base)
     trainable = _adapter_parameters(Path(target.source)) if target.kind == "adapter" else base_total
     total = base_total + (trainable if target.kind == "adapter" else 0)
@@ -183,6 +183,7 @@ def _meta(target: Target, records: AuditRecords, scorer: Scorer) -> dict:
     return {"run_id": target.name, "model": target.base.name_or_path, "method": target.method,
             "target_modules": "+".join(target.target_modules), "rank": target.rank, "canary_copies": copies,
             "seed": None, "membership": SPLITS, "noise_multiplier": None, "epsilon": None,
+            "learning_rate": None, "draw": None,  # trained elsewhere: its recipe and records are unknown here
             "trainable_params": trainable, "total_params": total, "trainable_pct": 100 * trainable / total}
 
 
@@ -197,7 +198,7 @@ def _references(cfg: AuditConfig, study: StudyConfig, target: Target, records: A
     population = StudyData(members=records.members[~records.members.sample_id.isin(inserted)][keep]
                            .reset_index(drop=True), non_members=records.non_members[keep], utility=None)
     cell = _cell(target)
-    train_references(study, [cell], lambda design: population, layout, scorer.tokenizer, progress)
+    train_references(study, [cell], lambda cell: population, layout, scorer.tokenizer, progress)
     refs = load_references(study, cell, layout, target.name)
     texts = records.members.text.tolist() + records.non_members.text.tolist()
     everyone = population.members.text.tolist() + population.non_members.text.tolist()

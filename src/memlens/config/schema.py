@@ -119,6 +119,15 @@ class DataConfig(_Strict):
         """What one coin flip assigns in the random design."""
         return self.membership_unit or ("group" if self.group else "record")
 
+    def for_draw(self, draw: int) -> "DataConfig":
+        """The data settings of record draw `draw` (grid.draw): draw 0 is this config; draw d adds
+        DRAW_SEED_STEP x d to `subset_seed` and `membership_seed`, so it draws other records and other coins."""
+        if draw == 0:
+            return self
+        step = DRAW_SEED_STEP * draw
+        return self.model_copy(update={"subset_seed": self.subset_seed + step,
+                                       "membership_seed": self.membership_seed + step})
+
     def design_determinants(self, design: Design) -> dict[str, Any]:
         """What determines a design's member / non-member sets beyond the named splits (run ids hash it).
         Empty for `splits`, so the run ids of studies made before designs existed do not change."""
@@ -127,6 +136,9 @@ class DataConfig(_Strict):
         return {"design": design, "pool": self.pool_splits, "unit": self.coin_unit, "seed": self.membership_seed,
                 "group": self.group if self.coin_unit == "group" else None}
 
+
+# grid.draw: record draw d shifts the subset and coin seeds by this times d (far from the seeds users pick).
+DRAW_SEED_STEP = 1000
 
 # Fields of `data` that only choose between designs; each cell hashes its own design's determinants instead.
 DESIGN_FIELDS = {"membership", "pool", "group", "membership_unit", "membership_seed"}
@@ -177,6 +189,15 @@ class GridConfig(_Strict):
         description="DP-SGD noise multipliers (`null` = no DP; `auto` = calibrated to reach `dp.target_epsilon`). "
         "See `dp` for clipping, delta and the accountant.",
     )
+    learning_rate: list[float] | None = Field(
+        None, description="Learning rates, one fine-tune per rate (a ladder, e.g. to compare matrix sets at "
+        "matched fit); `null`: `train.learning_rate` only.",
+    )
+    draw: list[int] = Field(
+        default_factory=lambda: [0], description="Record draws, a replicate factor like `seed`: draw 0 uses "
+        "`data.subset_seed` and `data.membership_seed`, draw d adds 1000 x d to both, so the run trains and is "
+        "attacked on other members and non-members (needs `data.subset` or the `random` design).",
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -202,6 +223,21 @@ class GridConfig(_Strict):
     def _not_empty(cls, value: list) -> list:
         if not value:
             raise ValueError("needs at least one value")
+        return value
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _positive_rates(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or any(v <= 0 for v in value) or len(set(value)) != len(value)):
+            raise ValueError(f"needs one or more distinct learning rates > 0 (or null for train.learning_rate); "
+                             f"got {value}")
+        return value
+
+    @field_validator("draw")
+    @classmethod
+    def _draws(cls, value: list[int]) -> list[int]:
+        if not value or any(v < 0 for v in value) or len(set(value)) != len(value):
+            raise ValueError(f"needs one or more distinct integers >= 0, e.g. [0, 1]; got {value}")
         return value
 
     @field_validator("seed")
@@ -585,6 +621,14 @@ class StudyConfig(_Strict):
                              "add `auto` to grid.noise_multiplier or remove dp.target_epsilon")
         return self
 
+    @model_validator(mode="after")
+    def _draws_change_records(self) -> "StudyConfig":
+        if any(self.grid.draw) and SPLITS in self.data.membership and self.data.subset is None:
+            raise ValueError(f"grid.draw {self.grid.draw}: the `{SPLITS}` design without data.subset has one draw "
+                             "(every record of its splits); set data.subset, use data.membership: random, or "
+                             "set grid.draw: [0]")
+        return self
+
     @property
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("memlens-out") / self.name
@@ -598,10 +642,11 @@ class StudyConfig(_Strict):
             for method in g.method:
                 targets = g.target_modules if method == "lora" else [["all"]]
                 ranks = g.rank if method == "lora" else [0]
-                for tm, rank, copies, seed, noise in itertools.product(targets, ranks, g.canary_copies, g.seed,
-                                                                       g.noise_multiplier):
+                for tm, rank, copies, seed, noise, lr, draw in itertools.product(
+                        targets, ranks, g.canary_copies, g.seed, g.noise_multiplier, g.learning_rate or [None], g.draw):
                     cell = CellConfig(method=method, target_modules=list(tm), rank=rank, canary_copies=copies,
-                                      seed=seed, noise_multiplier=noise, membership=design)
+                                      seed=seed, noise_multiplier=noise, membership=design, learning_rate=lr,
+                                      draw=draw)
                     cells.setdefault(cell.run_id(self), cell)
         return list(cells.values())
 
@@ -616,12 +661,23 @@ class CellConfig(_Strict):
     seed: int
     noise_multiplier: float | Literal["auto"] | None = None
     membership: Design = SPLITS
+    learning_rate: float | None = None  # None: the study's train.learning_rate
+    draw: int = 0  # the record draw (grid.draw)
+
+    def effective_learning_rate(self, train: TrainConfig) -> float:
+        """The learning rate this cell trains with: its own (grid.learning_rate), else `train.learning_rate`."""
+        return self.learning_rate if self.learning_rate is not None else train.learning_rate
+
+    def data_config(self, study: StudyConfig) -> DataConfig:
+        """The data settings of this cell's record draw (:meth:`DataConfig.for_draw`)."""
+        return study.data.for_draw(self.draw)
 
     def determinants(self, study: StudyConfig) -> dict[str, Any]:
         """Everything that determines this cell's fine-tuned model (the run_id hashes it)."""
         determinants = {
-            # a `splits` cell hashes as cells did before designs existed (same run ids for old folders)
-            "cell": self.model_dump(exclude={"membership"} if self.membership == SPLITS else None),
+            # a `splits` cell hashes as cells did before designs existed, a cell without its own learning rate or
+            # with draw 0 as cells did before those axes existed (same run ids for old folders)
+            "cell": self.model_dump(exclude=self._default_axes()),
             "model": study.model.model_dump(exclude={"device"}),
             "data": study.data.model_dump(exclude={"utility_split", *DESIGN_FIELDS}),
             "canary": study.canary.model_dump(),
@@ -639,8 +695,13 @@ class CellConfig(_Strict):
             determinants["audit_canaries"] = study.dp.audit_determinants
         return determinants
 
+    def _default_axes(self) -> set[str]:
+        """The fields left out of the hash at their defaults (the axes added after the first studies)."""
+        return {name for name, default in (("membership", SPLITS), ("learning_rate", None), ("draw", 0))
+                if getattr(self, name) == default}
+
     def run_id(self, study: StudyConfig) -> str:
-        """Stable, readable id: `<targets>-r<rank>-c<copies>-s<seed>[-dp<noise>]-<hash>`."""
+        """Stable, readable id: `<targets>-r<rank>-c<copies>-s<seed>[-dp<noise>][-rand][-lr<rate>][-d<draw>]-<hash>`."""
         digest = stable_hash(self.determinants(study))[:10]
         targets = "+".join(self.target_modules) if self.method == "lora" else "full"
         label = f"{targets}-r{self.rank}-c{self.canary_copies}-s{self.seed}"
@@ -650,6 +711,10 @@ class CellConfig(_Strict):
             label += f"-dp{self.noise_multiplier:g}"
         if self.membership == RANDOM:
             label += "-rand"
+        if self.learning_rate is not None:
+            label += f"-lr{self.learning_rate:g}"
+        if self.draw:
+            label += f"-d{self.draw}"
         return f"{label}-{digest}".replace("/", "_")
 
 

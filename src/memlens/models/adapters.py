@@ -157,11 +157,11 @@ class AdapterBank:
         self.base = base
         self.model: torch.nn.Module = base  # becomes a PeftModel once a LoRA run is added
         self._full: dict[str, Path | str] = {}
-        self._lora: set[str] = set()
+        self._lora: dict[str, str] = {}  # run name -> the adapter's name inside PEFT (which refuses a "." in it)
 
     @property
     def names(self) -> list[str]:
-        return sorted(self._lora | set(self._full))
+        return sorted(set(self._lora) | set(self._full))
 
     def add(self, name: str, run_dir: Path) -> None:
         """Attach the run saved in `run_dir` under `name` (a LoRA adapter or a full model)."""
@@ -185,13 +185,14 @@ class AdapterBank:
         adapter = Path(adapter)
         split_fused_modules(self.base, read_adapter_meta(adapter)["fused_suffixes"])
         check_adapter_fits(self.base, adapter, base_label or str(getattr(self.base, "name_or_path", "")))
+        peft_name = self._lora.get(name, f"run_{len(self._lora)}")  # a run id may hold a "." (lr0.01, dp0.5)
         if isinstance(self.model, PeftModel):
-            self.model.load_adapter(str(adapter), adapter_name=name)
+            self.model.load_adapter(str(adapter), adapter_name=peft_name)
         else:
             with quiet_peft_wrap():
-                self.model = PeftModel.from_pretrained(self.base, str(adapter), adapter_name=name)
+                self.model = PeftModel.from_pretrained(self.base, str(adapter), adapter_name=peft_name)
         self.model.eval()
-        self._lora.add(name)
+        self._lora[name] = peft_name
 
     def add_model(self, name: str, source: str | Path) -> None:
         """Register a full fine-tuned model (a folder of safetensors weights, or a hub id) under `name`: loaded
@@ -208,7 +209,7 @@ class AdapterBank:
             else:
                 yield self.model
         elif name in self._lora:
-            self.model.set_adapter(name)
+            self.model.set_adapter(self._lora[name])
             yield self.model
         elif name in self._full:
             with no_hf_progress_bars():

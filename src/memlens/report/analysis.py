@@ -21,6 +21,7 @@ from memlens.report import memorization as mz
 from memlens.report.canary_audit import CanaryAudit, canary_audit
 from memlens.report.findings import (
     Finding,
+    at_rate,
     finding_matched_fit,
     finding_perplexity,
     finding_rank,
@@ -155,8 +156,9 @@ def analyse(root: Path) -> StudyAnalysis:
     delong, perplexity = mb.delong_tests(every), mz.ngram_perplexity(data)
     if len(perplexity.members):
         perplexity.per_run = per_run_correlations(perplexity.members)
-    tests = delong.tests
+    tests, rate = delong.tests, every.study.train.learning_rate
     verdict_tests = tests[tests.membership == design] if "membership" in tests else tests
+    verdict_tests = at_rate(verdict_tests, rate)  # with a learning-rate ladder: the recipe's rate only
     analysis = StudyAnalysis(
         root=layout.root, study=every.study, environment=every.environment, runs=every.runs,
         failures=every.failures, inputs=inputs, headline=headline(data), study_table=mb.study_table(every),
@@ -166,10 +168,10 @@ def analyse(root: Path) -> StudyAnalysis:
         bag_of_words=mb.bag_of_words(every), design_comparison=mb.design_comparison(every),
         extraction=mz.extraction_rates(data), utility=utility(every), frontier=frontier(every),
         wall_times=wall_times(layout.root),
-        findings=[*finding_value_output(data.primary(), verdict_tests),
+        findings=[*finding_value_output(at_rate(data.primary(), rate), verdict_tests),
                   finding_matched_fit(data.primary(), data.stage("utility")),
                   finding_perplexity(perplexity.members, perplexity.per_run),
-                  finding_rank(data.primary())],
+                  finding_rank(at_rate(data.primary(), rate))],
         verdict_design=design)
     analysis.seconds = time.perf_counter() - start
     return analysis

@@ -71,6 +71,15 @@ def _config_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in CONFIG_COLUMNS if c in frame and frame[c].notna().any()]
 
 
+def at_rate(rows: pd.DataFrame, learning_rate: float) -> pd.DataFrame:
+    """The rows (of runs, or of tests between runs) trained at `learning_rate` (the study's `train.learning_rate`): with a learning-rate ladder
+    (grid.learning_rate) the findings at equal rank and across ranks compare runs of one recipe; the ladder's other
+    rates serve the matched-fit comparison."""
+    if rows.empty or "learning_rate" not in rows or rows.learning_rate.nunique() < 2:
+        return rows
+    return rows[np.isclose(rows.learning_rate.astype(float), learning_rate)]
+
+
 def vo_minus_qk(primary: pd.DataFrame) -> pd.DataFrame:
     """Per (configuration but the matrices, replicate): mean AUC of the v/o runs minus that of the q/k runs."""
     keys = [*_config_columns(primary), *_replicate_columns(primary)]

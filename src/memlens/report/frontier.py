@@ -29,7 +29,7 @@ from memlens.report.section import Block, Figure, FigureSpec, Omission, Section,
 from memlens.store import RUN_COLUMNS, RunFile, StudyLayout
 from memlens.store.records import TrainRecord
 
-CONFIG_KEYS = ["model", "method", "target_modules", "rank", "canary_copies", "membership", "dp"]
+CONFIG_KEYS = ["model", "method", "target_modules", "rank", "canary_copies", "membership", "dp", "learning_rate"]
 METRICS = ["auc", "tpr_at_1pct_fpr", "exposure", "test_ppl", "utility_ppl", "epsilon", "eps_lower"]
 LEAK_LABELS = {"auc": "MIA AUC", "tpr_at_1pct_fpr": "MIA TPR at 1% FPR", "exposure": "canary exposure (bits)"}
 UTILITY_PPL = ("test_ppl", "base_test_ppl", "utility_ppl", "base_utility_ppl")
@@ -61,7 +61,7 @@ def run_table(results: pd.DataFrame, attack: str = PRIMARY_ATTACK, root: str | P
     mia = _stage(results, "mia", attack)
     utility = _stage(results, "utility", "perplexity")
     if mia.empty or utility.empty:
-        return pd.DataFrame(columns=["run_id", *CONFIG_KEYS, "seed", "attack", *METRICS])
+        return pd.DataFrame(columns=["run_id", *CONFIG_KEYS, "seed", "draw", "attack", *METRICS])
     table = mia[RUN_COLUMNS + ["auc", "tpr_at_1pct_fpr"]].merge(utility[["run_id", "test_ppl", "utility_ppl"]],
                                                               on="run_id", how="inner")
     exposure = _stage(results, "exposure", "exposure")
@@ -81,7 +81,7 @@ def run_table(results: pd.DataFrame, attack: str = PRIMARY_ATTACK, root: str | P
             table.loc[i, "dp_noise_multiplier"] = dp.get("noise_multiplier", math.nan)
     table["dp"] = table.noise_multiplier.map(lambda v: "none" if pd.isna(v) else str(v))
     table["attack"] = attack
-    return table.astype({"rank": int, "canary_copies": int, "seed": int})
+    return table.astype({"rank": int, "canary_copies": int, "seed": int, "draw": int})
 
 
 def frontier_table(results: pd.DataFrame, attack: str = PRIMARY_ATTACK, root: str | Path | None = None
@@ -107,6 +107,8 @@ def frontier_table(results: pd.DataFrame, attack: str = PRIMARY_ATTACK, root: st
     table["attack"] = attack
     table["strongest_attack"] = strongest
     table["config"] = table.apply(_label, axis=1)
+    if table.learning_rate.nunique() > 1:  # a learning-rate ladder (grid.learning_rate): say each one's rate
+        table["config"] = table.config + table.learning_rate.map(lambda lr: f" lr{lr:g}")
     return table[columns].sort_values(["test_ppl", "config"]).reset_index(drop=True)
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 from memlens.report.inputs import DEFAULT_DESIGN, PRIMARY_ATTACK, StudyResults
 from memlens.report.section import Block, Figure, FigureSpec, Omission, Section, Table, Text
 
-KEYS = ["method", "target_modules", "rank", "canary_copies", "membership", "noise_multiplier"]
+KEYS = ["method", "target_modules", "rank", "canary_copies", "membership", "noise_multiplier", "learning_rate"]
 
 
 def config_label(row) -> str:
@@ -65,11 +65,14 @@ def headline(data: StudyResults) -> Headline:
     primary, level = data.primary(), data.study.mia.ci_level
     if primary.empty:
         return Headline(omitted=Omission("headline", data.primary_missing()))
-    grouped = primary.groupby(KEYS, dropna=False)
+    grouped = primary.groupby(KEYS, dropna=False)  # the replicates (seed, record draw) of a configuration averaged
     configs = grouped[["auc", "auc_ci_low", "auc_ci_high"]].mean()
     configs.insert(0, "n_runs", grouped.run_id.nunique())
     configs = configs.reset_index()
-    configs.insert(0, "config", configs.apply(config_label, axis=1))
+    labels = configs.apply(config_label, axis=1)
+    if configs.learning_rate.nunique() > 1:  # a learning-rate ladder (grid.learning_rate): say each one's rate
+        labels = labels + configs.learning_rate.map(lambda lr: f" lr{lr:g}")
+    configs.insert(0, "config", labels)
     configs = configs.sort_values(["auc", "config"], ascending=[False, True]).reset_index(drop=True)
     top = configs.iloc[0]
     several = configs.membership.nunique() > 1

@@ -139,7 +139,8 @@ def _overview(a: StudyAnalysis) -> str:
             f"<code>{html.escape(data.source)}</code> (membership design: "
             f"{'; '.join(inline_html(d) for d in a.describe_designs())}). Grid: matrices "
             f"{', '.join('[' + ', '.join(t) + ']' for t in grid.target_modules)}, "
-            f"ranks {grid.rank}, canary copies {grid.canary_copies} ({study.canary.mode} mode), seeds {grid.seed}. "
+            f"ranks {grid.rank}, canary copies {grid.canary_copies} ({study.canary.mode} mode), seeds {grid.seed}, "
+            f"record draws {grid.draw}, learning rates {grid.learning_rate or [study.train.learning_rate]}. "
             f"{len(a.runs)} run(s) with results; {len(a.failures)} failure(s).</p>"
             f"<p class=\"src\">Device {html.escape(str(env.device))}; {html.escape(env.versions(file_order=True))}; "
             f"git {html.escape(str(env.git_commit))}; Python {env.python}.</p>")

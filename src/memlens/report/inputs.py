@@ -97,8 +97,10 @@ class StudyResults:
         statuses = [StatusRecord.read(p) for p in sorted(layout.status_dir.glob("*.json"))
                     if not p.name.startswith("_")]  # `_report.json` is the report's own status
         results = _read(layout, StudyFile.RESULTS)
-        if len(results) and "membership" not in results:
-            results["membership"] = DEFAULT_DESIGN
+        if len(results):  # folders made before these axes existed: the values their runs had
+            defaults = {"membership": DEFAULT_DESIGN, "learning_rate": study.train.learning_rate, "draw": 0}
+            for column, value in defaults.items():  # (and their rows next to newer runs' in an upserted file)
+                results[column] = results[column].fillna(value) if column in results else value
         return cls(root=layout.root, study=study, results=results,
                    mia_scores=_read(layout, StudyFile.MIA_SCORES), extraction=_read(layout, StudyFile.EXTRACTION),
                    environment=Environment.read(layout.environment_file),

@@ -38,15 +38,18 @@ def _grid_run(a: StudyAnalysis) -> str:
     """The grid as it appears in the results (what actually ran), with the configured grid if it differs."""
     runs, grid = a.runs, a.study.grid
     configured = (f"matrices {_axis('[' + ','.join(t) + ']' for t in grid.target_modules)}; ranks {_axis(grid.rank)}; "
-                  f"canary copies {_axis(grid.canary_copies)}; seeds {_axis(grid.seed)}; methods {_axis(grid.method)}; "
-                  f"DP noise {_axis('none' if n is None else n for n in grid.noise_multiplier)}")
+                  f"canary copies {_axis(grid.canary_copies)}; seeds {_axis(grid.seed)}; record draws "
+                  f"{_axis(grid.draw)}; learning rates {_axis(grid.learning_rate or [a.study.train.learning_rate])}; "
+                  f"methods {_axis(grid.method)}; DP noise {_axis('none' if n is None else n for n in grid.noise_multiplier)}")
     if runs.empty:
         return f"no run has results (configured: {configured})"
     noise = sorted({"none" if is_null(n) else f"{n:g}" for n in runs.noise_multiplier})
     ran = (f"matrices {_axis(f'[{t}]' for t in sorted(runs.target_modules.unique()))}; ranks "
            f"{_axis(sorted(int(r) for r in runs['rank'].unique()))}; canary copies "
            f"{_axis(sorted(int(c) for c in runs.canary_copies.unique()))}; seeds "
-           f"{_axis(sorted(int(s) for s in runs.seed.unique()))}; methods {_axis(sorted(runs.method.unique()))}; "
+           f"{_axis(sorted(int(s) for s in runs.seed.unique()))}; record draws "
+           f"{_axis(sorted(int(d) for d in runs.draw.unique()))}; learning rates "
+           f"{_axis(sorted(float(r) for r in runs.learning_rate.unique()))}; methods {_axis(sorted(runs.method.unique()))}; "
            f"DP noise {_axis(noise)}")
     return ran if ran.replace(",", "") == configured.replace(",", "") else f"{ran} (configured: {configured})"
 
@@ -129,10 +132,35 @@ def _regenerate(doc: Document, command: str, build_seconds: float | None, built_
             md_table(summary.drop(columns=["batched"]), {"median_s_per_cell": seconds, "total_s": seconds}))
 
 
+def verdict_rows(a: StudyAnalysis) -> pd.DataFrame:
+    """One row per verdict of a study: finding (with its scope), model, study, verdict, test, correction, effect."""
+    model = Path(a.study.model.name_or_path).name
+    return pd.DataFrame({"finding": [f.title + (f", {f.scope}" if f.scope else "") for f in a.findings],
+                         "model": model, "study": a.study.name, "verdict": [f"**{f.verdict}**" for f in a.findings],
+                         "test": [f.test for f in a.findings], "correction": [f.correction for f in a.findings],
+                         "effect": [f.effect for f in a.findings]})
+
+
+def _across_studies(doc: Document, companions: list[StudyAnalysis]) -> None:
+    """The opening table of a document with companion studies: every verdict of this study and of each companion
+    (other models, other regimes), finding by finding, each from its own folder."""
+    studies = [doc.a, *companions]
+    rows = pd.concat([verdict_rows(a) for a in studies], ignore_index=True)
+    order = {title: i for i, title in enumerate(dict.fromkeys(rows.finding))}
+    rows = rows.sort_values("finding", key=lambda c: c.map(order), kind="stable")
+    folders = ", ".join(f"`{a.study.name}` ({Path(a.study.model.name_or_path).name}): `{a.root}`" for a in studies)
+    doc.add("## Verdicts across studies",
+            f"Each finding in each study (model x regime), with its test, correction and effect; each row is computed "
+            f"from its own study folder ({folders}). The sections after this table are this document's own study, "
+            f"`{doc.a.study.name}`.", md_table(rows.reset_index(drop=True)))
+
+
 def render(a: StudyAnalysis, figures: dict[str, Path], folder_name: str, command: str, note: str | None = None,
-           build_seconds: float | None = None, built_on: dict | None = None) -> Document:
+           build_seconds: float | None = None, built_on: dict | None = None,
+           companions: list[StudyAnalysis] | None = None) -> Document:
     """The whole document; `figures` are the report's PNGs by name, `note` the operator's own text (shown as
-    such), `build_seconds` and `built_on` the report build's wall time and hardware."""
+    such), `build_seconds` and `built_on` the report build's wall time and hardware; `companions`: the analyses of
+    other studies whose verdicts join this one's in an opening table."""
     doc = Document(a, folder_name, figures)
     _header(doc, command)
     if note:
@@ -140,16 +168,15 @@ def render(a: StudyAnalysis, figures: dict[str, Path], folder_name: str, command
         lines = [line.strip() for line in note.strip().splitlines() if line.strip()]
         doc.add("\n>\n".join(["> **Operator's note** (written by the person who ran the study, not computed): "
                                 + lines[0], *(f"> {line}" for line in lines[1:])]))
+    if companions:
+        _across_studies(doc, companions)
     doc.add(f"## {a.headline.title}")
     if a.headline.omitted:
         doc.add(f"Not measured: {a.headline.omitted.reason}.")
     else:
         doc.add(" ".join(a.headline.sentences))
         doc.figure(a.headline, "headline")
-    verdicts = pd.DataFrame({"finding": [f.title + (f", {f.scope}" if f.scope else "") for f in a.findings],
-                             "verdict": [f"**{f.verdict}**" for f in a.findings],
-                             "test": [f.test for f in a.findings], "correction": [f.correction for f in a.findings],
-                             "effect": [f.effect for f in a.findings]})
+    verdicts = verdict_rows(a).drop(columns=["model", "study"])
     doc.add("## Verdicts", "Whether each finding of the 2024 study holds in this study's data, with the test behind "
             "each verdict, the correction for the tests made together and the effect (the thresholds are stated in "
             "each reason):", md_table(verdicts))
@@ -173,9 +200,17 @@ def render(a: StudyAnalysis, figures: dict[str, Path], folder_name: str, command
     return doc
 
 
-def write_findings(root: Path, dest: Path, command: str | None = None, note: str | None = None) -> Path:
+def _study_folder(folder: Path, option: str) -> Path:
+    if not StudyLayout(folder).study_file.exists():
+        raise ConfigError(f"{option} {folder}: not a memlens study folder (no study.yaml)")
+    return folder
+
+
+def write_findings(root: Path, dest: Path, command: str | None = None, note: str | None = None,
+                   companions: list[Path] | None = None) -> Path:
     """Rebuild `<root>/report/` and write the findings document to `dest`, with its figures copied into
-    the folder `dest.parent / dest.stem` (whose PNG files are replaced). Returns `dest`."""
+    the folder `dest.parent / dest.stem` (whose PNG files are replaced); `companions`: other study folders whose
+    verdicts open the document with this study's. Returns `dest`."""
     root, dest = Path(root), Path(dest)
     if dest.suffix.lower() != ".md":
         raise ConfigError(f"--markdown {dest}: the findings document must be a .md file (its figures go to "
@@ -183,8 +218,10 @@ def write_findings(root: Path, dest: Path, command: str | None = None, note: str
     command = command or shlex.join(["memlens", "report", str(root), "--markdown", str(dest)])
     start = time.perf_counter()
     analysis = analyse(root)
+    others = [analyse(_study_folder(Path(c), "--with")) for c in companions or []]
     rendered = write_html(analysis)
-    doc = render(analysis, rendered.figures, dest.stem, command, note, time.perf_counter() - start, hardware_info())
+    doc = render(analysis, rendered.figures, dest.stem, command, note, time.perf_counter() - start, hardware_info(),
+                 companions=others)
     folder = dest.parent / dest.stem
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.png"):  # a figure the study can no longer draw must not linger

@@ -19,7 +19,7 @@ from memlens.report.section import Block, Figure, FigureSpec, Omission, Section,
 from memlens.store.results import UNCHANGED_NLL_TOL
 
 TPR_POINTS = ("10pct", "1pct", "0_1pct")
-GRID_AXES = ("canary_copies", "noise_multiplier", "method", "membership")
+GRID_AXES = ("canary_copies", "noise_multiplier", "method", "membership", "learning_rate")
 
 
 def varying_axes(frame: pd.DataFrame) -> list[str]:
@@ -264,6 +264,7 @@ def delong_tests(data: StudyResults) -> DelongTests:
     flip = pairs.set_a.isin(QK)  # orient every row as v/o against q/k
     vo_qk = pd.DataFrame({
         "membership": pairs.membership, "rank": pairs["rank"], "copies": pairs.canary_copies, "seed": pairs.seed,
+        "draw": pairs.draw, "learning rate": pairs.learning_rate,
         "v/o": "[" + pairs.set_b.where(flip, pairs.set_a) + "]",
         "q/k": "[" + pairs.set_a.where(flip, pairs.set_b) + "]",
         "AUC v/o": pairs.auc_b.where(flip, pairs.auc_a), "AUC q/k": pairs.auc_a.where(flip, pairs.auc_b),
@@ -310,7 +311,8 @@ def bow_verdict(bow: pd.DataFrame) -> tuple[bool, str]:
 
 
 # ----------------------------------------------------------------------------------- membership designs
-CONFIG_KEY = ["method", "target_modules", "rank", "canary_copies", "seed", "noise_multiplier"]
+# a configuration's replicates (seeds, record draws) are averaged: the designs are compared per configuration
+CONFIG_KEY = ["method", "target_modules", "rank", "canary_copies", "noise_multiplier", "learning_rate"]
 
 
 @dataclass(kw_only=True)

@@ -14,7 +14,8 @@ import pandas as pd
 from memlens.metrics.roc import delong_test, roc_points
 from memlens.report.inputs import StudyResults
 
-PAIR_KEYS = ["rank", "canary_copies", "seed", "membership", "noise_multiplier"]
+# runs compared record by record: same records (design, record draw) and the same recipe but the matrices
+PAIR_KEYS = ["rank", "canary_copies", "seed", "membership", "noise_multiplier", "learning_rate", "draw"]
 
 
 def _run_scores(data: StudyResults, attack: str) -> pd.DataFrame:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from memlens.config import CellConfig
+from memlens.config import CellConfig, StudyConfig
 from memlens.store.integrity import read_study_parquet
 from memlens.store.layout import RunFile, StudyFile, StudyLayout, atomic_write_parquet
 from memlens.store.records import TrainRecord
@@ -20,21 +20,21 @@ KEY = ["run_id", "stage", "attack"]
 # file's column order does not depend on which rows were merged first (e.g. after a killed run's recovery).
 # What identifies a run (run_metadata's first columns; the report groups and labels runs by them).
 RUN_COLUMNS = ["run_id", "model", "method", "target_modules", "rank", "canary_copies", "seed", "membership",
-               "noise_multiplier"]
+               "noise_multiplier", "learning_rate", "draw"]
 ID_COLUMNS = [*RUN_COLUMNS, "epsilon", "trainable_params", "total_params", "trainable_pct", "stage", "attack"]
 # `model_unchanged` (mia rows): the fine-tuned model's mean NLL is within this of the base model's on every record,
 # so it predicts what the base model does (float noise from batching is ~1e-7 nats) and its scores measure the base.
 UNCHANGED_NLL_TOL = 1e-5
 
 
-def run_metadata(layout: StudyLayout, run_id: str, spec: CellConfig, model: str) -> dict:
-    """The identifying columns of a finished run of cell `spec` on base model `model`; parameter counts and the
-    DP noise actually used come from the run's `train.json` (what fine-tuning measured)."""
+def run_metadata(layout: StudyLayout, run_id: str, spec: CellConfig, study: StudyConfig) -> dict:
+    """The identifying columns of a finished run of `study`'s cell `spec`; parameter counts and the DP noise actually
+    used come from the run's `train.json` (what fine-tuning measured)."""
     train = TrainRecord.load(layout.run_file(run_id, RunFile.TRAIN))
     dp = train.dp or {}
     return {
         "run_id": run_id,
-        "model": model,
+        "model": study.model.name_or_path,
         "method": spec.method,
         "target_modules": "+".join(spec.target_modules),
         "rank": spec.rank,
@@ -44,6 +44,8 @@ def run_metadata(layout: StudyLayout, run_id: str, spec: CellConfig, model: str)
         # the sigma actually used (a calibrated "auto" cell records the number it reached)
         "noise_multiplier": dp.get("noise_multiplier", spec.noise_multiplier),
         "epsilon": dp.get("epsilon"),
+        "learning_rate": spec.effective_learning_rate(study.train),
+        "draw": spec.draw,
         "trainable_params": train.trainable_params,
         "total_params": train.total_params,
         "trainable_pct": train.trainable_pct,

@@ -123,7 +123,7 @@ class FinetuneStage(Stage):
         """An 8-bit base (LoRA only, no DP); every design's records load and check (data.group, the random
         design's coins...); each cell's canary copies fit and its training records fit data.max_length."""
         check_quantized(ctx.study)
-        check_training_records(ctx.study, ctx.study.cells(), ctx.data, ctx.tokenizer())
+        check_training_records(ctx.study, ctx.study.cells(), ctx.cell_data, ctx.tokenizer())
 
     def damage(self, ctx: StudyContext, run_id: str) -> str | None:
         """A finished run whose cell.json, train.json or members.parquet cannot be read, or that lacks a file
@@ -157,7 +157,7 @@ class FinetuneStage(Stage):
         for cell in cells:
             if damage := self.damage(ctx, cell.run_id(ctx.study)):
                 raise CorruptArtifactError(damage)
-        finetune_group(ctx.study, [(c, ctx.data(c.membership)) for c in cells], ctx.layout, ctx.tokenizer(),
+        finetune_group(ctx.study, [(c, ctx.cell_data(c)) for c in cells], ctx.layout, ctx.tokenizer(),
                        progress=progress)
 
     def merge(self, ctx: StudyContext) -> None:
@@ -213,7 +213,7 @@ class ReferencesStage(Stage):
 
     def run(self, ctx: StudyContext, cells: list[CellConfig]) -> None:
         progress = None if ctx.show_progress else training_progress(disable=True)
-        train_references(ctx.study, cells, ctx.data, ctx.layout, ctx.tokenizer(), progress=progress)
+        train_references(ctx.study, cells, ctx.cell_data, ctx.layout, ctx.tokenizer(), progress=progress)
 
     def invalidate(self, ctx: StudyContext, run_ids: list[str]) -> None:
         """Delete the references of these runs' recipes (retrained next), and the runs' membership results,

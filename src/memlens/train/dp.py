@@ -209,7 +209,7 @@ def _train(gsm, model, input_ids, study, cell, sigma, delta, expected, rate, ste
         _check_per_sample_gradients(gsm, collate, probe, device, functorch_types)
 
         params = [p for p in model.parameters() if p.requires_grad]
-        base_opt = torch.optim.AdamW(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+        base_opt = torch.optim.AdamW(params, lr=cell.effective_learning_rate(tcfg), weight_decay=tcfg.weight_decay)
         optimizer = DPOptimizer(base_opt, noise_multiplier=sigma, max_grad_norm=dcfg.max_grad_norm,
                                 expected_batch_size=expected, loss_reduction="mean", generator=noise_rng,
                                 secure_mode=False)

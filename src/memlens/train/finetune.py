@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from rich.progress import Progress
 
-from memlens.config import CellConfig, ConfigError, Design, StudyConfig, dump_study
+from memlens.config import CellConfig, ConfigError, StudyConfig, dump_study
 from memlens.data import StudyData, build_training_set
 from memlens.data.audit_canaries import insert_canaries, study_canaries
 from memlens.data.canaries import TrainingSet
@@ -64,15 +64,16 @@ def tokenize_records(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_l
     return ids
 
 
-def check_training_records(study: StudyConfig, cells: Sequence[CellConfig], data_of: Callable[[Design], StudyData],
+def check_training_records(study: StudyConfig, cells: Sequence[CellConfig], data_of: Callable[[CellConfig], StudyData],
                            tokenizer: PreTrainedTokenizerBase) -> None:
     """Refuse, before any fine-tune, what would stop one of `cells` at its start: more canary copies than member
-    records (repeat mode) or a training record, the canary included, over `data.max_length` tokens. `data_of(design)`
-    gives a design's records. Each problem is said once for all the cells: their records are tokenized once."""
+    records (repeat mode) or a training record, the canary included, over `data.max_length` tokens. `data_of(cell)`
+    gives a cell's records (its design in its record draw). Each problem is said once for all the cells: their
+    records are tokenized once."""
     names: dict[str, str] = {}  # training text -> its record id
     for cell in cells:
         try:
-            training = build_training_set(data_of(cell.membership).members, study.canary, cell.canary_copies, cell.seed)
+            training = build_training_set(data_of(cell).members, study.canary, cell.canary_copies, cell.seed)
         except ValueError as exc:  # grid.canary_copies beyond the member records
             raise ConfigError(str(exc)) from None
         for sample_id, text in zip(training.members.sample_id, training.members.text):
@@ -297,7 +298,7 @@ def training_arguments(tcfg, cell: CellConfig, output_dir: Path, device: torch.d
         max_steps=tcfg.max_steps or -1,
         per_device_train_batch_size=tcfg.batch_size,
         gradient_accumulation_steps=tcfg.grad_accum,
-        learning_rate=tcfg.learning_rate,
+        learning_rate=cell.effective_learning_rate(tcfg),
         weight_decay=tcfg.weight_decay,
         warmup_steps=tcfg.warmup_steps,
         lr_scheduler_type=tcfg.lr_scheduler,

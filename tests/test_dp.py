@@ -23,8 +23,6 @@ from memlens.train.collate import CausalLMCollator
 from memlens.train.dp import DPUnsupportedError, _check_per_sample_gradients, _functorch_types, _wrap, train_with_dp
 from tests.conftest import GPT2_SMALL, make_study
 
-torch.set_num_threads(2)
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

@@ -212,6 +212,8 @@ def test_matched_fit_separates_what_is_learned_from_what_is_memorized():
     shifted = primary.assign(auc=primary.auc + 0.05 * primary.target_modules.isin(["v", "o"]))
     assert finding_matched_fit(shifted, utility).verdict == "holds"  # v/o above at every gain
     assert finding_matched_fit(primary.drop(columns="learning_rate"), utility).verdict == "inconclusive"
+    apart = finding_matched_fit(*_ladder(8.0))  # v/o's least fit (0.16) above q/k's most (0.10): no common range
+    assert apart.verdict == "inconclusive" and "cannot be compared" in apart.reason and "v/o 0.1" in apart.reason
     # the per-rank verdicts read the recipe's rate only: the ladder's other rates are the matched fit's
     recipe = at_rate(primary, 3e-3)
     assert set(recipe.learning_rate) == {3e-3} and len(recipe) == len(primary) // 3

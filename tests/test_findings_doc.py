@@ -174,7 +174,7 @@ def test_companion_studies_open_the_document_with_every_verdict(mini, tmp_path):
     own = re.findall(r"^\*\*Verdict(?: at ([^:]+))?: ([a-z ]+)\.\*\*", doc, re.M)
     rows = [line for line in table.splitlines() if line.startswith("| (")]
     assert len(rows) == 2 * len(own) and sum("| other-model |" in r for r in rows) == len(own)
-    assert doc.index("## Verdicts across studies") < doc.index("## Which configuration memorizes most")
+    assert doc.index("## Verdicts across studies") < doc.index("## The study run here")  # it opens the document
     assert f"--with {other}" in doc  # the regenerating command names the companions
     bad = CliRunner().invoke(app, ["report", str(mini), "--markdown", str(md), "--with", str(tmp_path)])
     assert bad.exit_code == 2 and "--with" in bad.output and "not a memlens study folder" in bad.output

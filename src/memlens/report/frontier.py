@@ -62,6 +62,8 @@ def run_table(results: pd.DataFrame, attack: str = PRIMARY_ATTACK, root: str | P
     utility = _stage(results, "utility", "perplexity")
     if mia.empty or utility.empty:
         return pd.DataFrame(columns=["run_id", *CONFIG_KEYS, "seed", "draw", "attack", *METRICS])
+    # results written before runs recorded their learning rate and record draw: unknown rate, the first draw
+    mia = mia.assign(**{c: v for c, v in (("learning_rate", np.nan), ("draw", 0)) if c not in mia})
     table = mia[RUN_COLUMNS + ["auc", "tpr_at_1pct_fpr"]].merge(utility[["run_id", "test_ppl", "utility_ppl"]],
                                                               on="run_id", how="inner")
     exposure = _stage(results, "exposure", "exposure")

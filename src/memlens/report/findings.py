@@ -240,9 +240,9 @@ def finding_matched_fit(primary: pd.DataFrame, utility: pd.DataFrame) -> Finding
     reached = (f"held-out perplexity gain reached: v/o {gains.loc['vo', 'min']:.3f}-{gains.loc['vo', 'max']:.3f}, "
                f"q/k {gains.loc['qk', 'min']:.3f}-{gains.loc['qk', 'max']:.3f} over {levels} learning rates")
     if len(diffs) < MIN_SEEDS:
-        return Finding(TITLE_VO, "inconclusive", f"{reached}; the v/o and q/k runs of a replicate reach a common range "
-                       f"of gains in {len(diffs)} replicate(s), and a test needs {MIN_SEEDS}: at no fit this grid "
-                       "reaches do both sides have runs, so memorization at matched fit cannot be compared here",
+        return Finding(TITLE_VO, "inconclusive", f"no common range of fit between v/o and q/k ({reached}); the two "
+                       f"sides of a replicate overlap in {len(diffs)} replicate(s) and a test needs {MIN_SEEDS}, so "
+                       "memorization at matched fit cannot be compared at any fit this grid reaches",
                        number=1, scope=scope)
     test = MeanTest.of(np.array(diffs))
     reason = (f"{reached}; "

@@ -138,12 +138,13 @@ def _regenerate(doc: Document, command: str, build_seconds: float | None, built_
 
 
 def verdict_rows(a: StudyAnalysis) -> pd.DataFrame:
-    """One row per verdict of a study: finding (with its scope), model, study, verdict, test, correction, effect."""
+    """One row per verdict of a study: finding (with its scope), model, study, verdict, test, correction, effect;
+    a verdict no test stands behind gives its reason's first clause in place of the effect."""
     model = Path(a.study.model.name_or_path).name
     return pd.DataFrame({"finding": [f.title + (f", {f.scope}" if f.scope else "") for f in a.findings],
                          "model": model, "study": a.study.name, "verdict": [f"**{f.verdict}**" for f in a.findings],
                          "test": [f.test for f in a.findings], "correction": [f.correction for f in a.findings],
-                         "effect": [f.effect for f in a.findings]})
+                         "effect": [f.effect or f"untested: {f.reason.split('; ')[0]}" for f in a.findings]})
 
 
 def _across_studies(doc: Document, companions: list[StudyAnalysis]) -> None:

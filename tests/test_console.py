@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import LLAMA_TINY, PHEE, REPO
+from tests.conftest import GPT2_SMALL, LLAMA_TINY, PHEE, REPO
 
 pytestmark = pytest.mark.xdist_group("console")
 
@@ -23,14 +23,14 @@ WARNING_TEXT = re.compile(r"Warning|warn")
 BAR_TEXT = re.compile(r"[━█▏▎▍▌▋▊▉]|\r|\d+%\|| it/s|it/s\]")
 
 
-def _study_file(tmp_path: Path) -> Path:
+def _study_file(tmp_path: Path, model: Path = LLAMA_TINY) -> Path:
     """One LoRA cell of llama-tiny on 24 PHEE records, 2 training steps: every stage runs, in seconds. PHEE's
     train and dev splits each hold a duplicate text, so data loading has something to warn about."""
     study = {
         "name": "console",
         "out": str(tmp_path / "unused"),
         "data": {"source": str(PHEE), "subset": 24, "max_length": 128},
-        "model": {"name_or_path": str(LLAMA_TINY)},
+        "model": {"name_or_path": str(model)},
         "grid": {"target_modules": [["q"]], "rank": [2], "canary_copies": [1], "seed": [0]},
         "train": {"epochs": 1, "max_steps": 2, "batch_size": 8, "grad_accum": 1, "warmup_steps": 0,
                   "logging_steps": 1},
@@ -63,9 +63,11 @@ def test_run_without_progress_prints_results_and_each_memlens_warning_once(tmp_p
     assert len(dropped) == 2 and any("train:" in line for line in dropped) and any("dev:" in line for line in dropped)
 
 
-def test_quiet_run_prints_nothing_on_stderr(tmp_path):
+@pytest.mark.parametrize("model", [LLAMA_TINY, GPT2_SMALL], ids=["llama-tiny", "gpt2-small"])
+def test_quiet_run_prints_nothing_on_stderr(tmp_path, model):
+    """Nothing on stderr, the libraries' notices included (GPT-2's fused Conv1D attention has its own)."""
     out = tmp_path / "out"
-    proc = _memlens("-q", "run", str(_study_file(tmp_path)), "--out", str(out))
+    proc = _memlens("-q", "run", str(_study_file(tmp_path, model)), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert f"report: {out / 'report' / 'index.html'}" in proc.stdout
     assert proc.stderr == ""

@@ -88,6 +88,10 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
     # force: a library imported earlier (absl, via rouge-score) may already have configured the root logger
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s", force=True)
+    if quiet:  # transformers logs through its own handler, which the root logger's level does not reach
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
 
 
 def _run(study: Path, out: Path | None, overrides: list[str] | None, *, only: list[str] | None = None,

@@ -38,12 +38,15 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 
 @contextlib.contextmanager
 def quiet_peft_wrap() -> Iterator[None]:
-    """Wrap a model with PEFT (`get_peft_model`, `PeftModel.from_pretrained`) inside this. PEFT 0.21's
-    PeftModel reads transformers 5's deprecated `is_gradient_checkpointing` alias, which warns (FutureWarning)
-    for every model wrapped: a PEFT detail no memlens user can act on. Only that message is ignored, and only
-    around the wrapping."""
+    """Wrap a model with PEFT (`get_peft_model`, `PeftModel.from_pretrained`, `load_adapter`) inside this. PEFT
+    0.21's PeftModel reads transformers 5's deprecated `is_gradient_checkpointing` alias, which warns
+    (FutureWarning) for every model wrapped; and on GPT-2's Conv1D layers PEFT warns that `fan_in_fan_out` is
+    False, then sets it True itself (the layout those layers need). Both are PEFT details no memlens user can act
+    on: only those two messages are ignored, and only around the wrapping."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False but the target module is `Conv1D`",
+                                category=UserWarning)
         yield
 
 
@@ -187,7 +190,8 @@ class AdapterBank:
         check_adapter_fits(self.base, adapter, base_label or str(getattr(self.base, "name_or_path", "")))
         peft_name = self._lora.get(name, f"run_{len(self._lora)}")  # a run id may hold a "." (lr0.01, dp0.5)
         if isinstance(self.model, PeftModel):
-            self.model.load_adapter(str(adapter), adapter_name=peft_name)
+            with quiet_peft_wrap():
+                self.model.load_adapter(str(adapter), adapter_name=peft_name)
         else:
             with quiet_peft_wrap():
                 self.model = PeftModel.from_pretrained(self.base, str(adapter), adapter_name=peft_name)

@@ -314,7 +314,7 @@ def training_arguments(tcfg, cell: CellConfig, output_dir: Path, device: torch.d
         disable_tqdm=True,
         activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
-        log_level="warning",
+        log_level="passive",  # keep the verbosity the caller set (memlens -q: errors only)
         **precision,
     )
 

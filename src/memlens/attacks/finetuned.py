@@ -16,7 +16,6 @@ from pydantic import Field, field_validator
 
 from memlens.attacks.registry import AttackInputs, AttackSettings, register
 from memlens.config import ConfigError
-from memlens.score import SequenceStats
 
 
 def _token_deltas(x: AttackInputs) -> np.ndarray:
@@ -26,12 +25,6 @@ def _token_deltas(x: AttackInputs) -> np.ndarray:
     if not np.array_equal(ft.offsets, ref.offsets):
         raise RuntimeError("the fine-tuned and the base model's statistics do not cover the same tokens")
     return ft.logprob.astype(np.float64) - ref.logprob.astype(np.float64)
-
-
-def _segment_sums(stats: SequenceStats, values: np.ndarray) -> np.ndarray:
-    """(sequences,) the sum of `values` (scored tokens,) over each sequence's tokens (0 for none)."""
-    sums = np.add.reduceat(values, stats.offsets[:-1]) if len(values) else np.zeros(len(stats))
-    return np.where(stats.n_tokens > 0, sums, 0.0)  # reduceat repeats a value for an empty segment
 
 
 @register("ez_mia", needs={"ref"},
@@ -70,8 +63,8 @@ def ez_mia(x: AttackInputs, s: AttackSettings) -> np.ndarray:
                           "prediction, which these statistics did not record")
     delta = _token_deltas(x)
     error = ~ft.is_top1.astype(bool)
-    up = _segment_sums(ft, np.where(error, np.maximum(delta, 0.0), 0.0))     # P
-    down = _segment_sums(ft, np.where(error, np.maximum(-delta, 0.0), 0.0))  # N
+    up = ft.segment_sums(np.where(error, np.maximum(delta, 0.0), 0.0))     # P
+    down = ft.segment_sums(np.where(error, np.maximum(-delta, 0.0), 0.0))  # N
     total = up + down
     with np.errstate(invalid="ignore", divide="ignore"):
         score = np.where(total > 0, up / np.where(total > 0, total, 1.0), 0.5)

@@ -55,12 +55,15 @@ class SequenceStats:
     def sequence(self, i: int, field: str = "logprob") -> np.ndarray:
         return getattr(self, field)[self.offsets[i]:self.offsets[i + 1]]
 
+    def segment_sums(self, values: np.ndarray) -> np.ndarray:
+        """(sequences,) the sum of `values` (scored tokens,) over each sequence's tokens (0 for none)."""
+        sums = np.add.reduceat(values, self.offsets[:-1]) if len(values) else np.zeros(len(self))
+        return np.where(self.n_tokens > 0, sums, 0.0)  # reduceat repeats a value for empty segments
+
     def reduce(self, field: str = "logprob", op: str = "sum") -> np.ndarray:
         """Per-sequence sum or mean of a per-token field (float64); NaN for a sequence with no token."""
-        values = getattr(self, field).astype(np.float64)
-        sums = np.add.reduceat(values, self.offsets[:-1]) if len(values) else np.zeros(len(self))
+        sums = self.segment_sums(getattr(self, field).astype(np.float64))
         n = self.n_tokens
-        sums = np.where(n > 0, sums, 0.0)  # reduceat repeats a value for empty segments
         if op == "sum":
             return sums
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -16,13 +16,7 @@ Names are imported on first use, so `import memlens` stays light (no torch until
 from __future__ import annotations
 
 import importlib
-import logging
 from importlib.metadata import PackageNotFoundError, version
-
-# PEFT imports bitsandbytes when it is installed; its CPU backend asks the `kernels` package for an optional hub
-# kernel at import, and offline `kernels` warns (before any logging is set up, so even under --quiet) that it skipped
-# the publisher check of a kernel it then cannot fetch and does not use. Only that one logger is raised to errors.
-logging.getLogger("kernels._internals.hf_hub").setLevel(logging.ERROR)
 
 try:
     __version__ = version("memlens")

@@ -28,15 +28,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
 from memlens.attacks.exposure import draw_candidates, measure_exposure
 from memlens.attacks.registry import AttackInputs, run_attacks
 from memlens.config import ConfigError, MIAConfig
 from memlens.data import Canary, canary_from_record, read_records
 from memlens.metrics.roc import membership_metrics
+from memlens.models.loading import quiet_bitsandbytes_import
 from memlens.score import SequenceStats, token_stats
+
+with quiet_bitsandbytes_import():  # transformers' trainer modules import PEFT, which imports bitsandbytes
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
 log = logging.getLogger(__name__)
 

@@ -38,16 +38,20 @@ class _DropMessages(logging.Filter):
 @contextlib.contextmanager
 def quiet_bitsandbytes_import() -> Iterator[None]:
     """Import PEFT (which imports bitsandbytes when it is installed) or bitsandbytes inside this. On a CPU with
-    AVX-512 bf16, bitsandbytes logs a warning at import that it cannot load the optional `kernels` package's
-    4-bit CPU kernel; memlens never uses 4-bit weights, so the user has nothing to act on. Only that message
-    of that logger is dropped, and only while the import runs."""
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    drop = _DropMessages("Failed to load CPU gemm_4bit_forward")
-    logger.addFilter(drop)
+    AVX-512 bf16, bitsandbytes asks the optional `kernels` package for a 4-bit CPU kernel at import: it logs a
+    warning when it cannot load it, and offline `kernels` itself warns that it skipped the publisher check of
+    that kernel (transformers >= 5.25 installs `kernels`). memlens never uses 4-bit weights, so the user has
+    nothing to act on. Only those messages of those loggers are dropped, and only while the import runs."""
+    drops = {"bitsandbytes.backends.cpu.ops": _DropMessages("Failed to load CPU gemm_4bit_forward"),
+             "kernels._internals.hf_hub": _DropMessages(
+                 "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'")}
+    for name, drop in drops.items():
+        logging.getLogger(name).addFilter(drop)
     try:
         yield
     finally:
-        logger.removeFilter(drop)
+        for name, drop in drops.items():
+            logging.getLogger(name).removeFilter(drop)
 
 
 # bitsandbytes logs "MatMul8bitLt: inputs will be cast from <dtype> to float16 during quantization" at every

@@ -24,7 +24,14 @@ import numpy as np
 import pandas as pd
 
 from memlens.attacks.bow import BOW_ATTACK
-from memlens.report.inputs import DEFAULT_DESIGN, PRIMARY_ATTACK, StudyResults, exposure_bits
+from memlens.report.inputs import (
+    DEFAULT_DESIGN,
+    PRIMARY_ATTACK,
+    StudyResults,
+    exposure_bits,
+    rate_suffixes,
+    with_run_defaults,
+)
 from memlens.report.section import Block, Figure, FigureSpec, Omission, Section, Table, Text
 from memlens.store import RUN_COLUMNS, RunFile, StudyLayout
 from memlens.store.records import TrainRecord
@@ -62,8 +69,7 @@ def run_table(results: pd.DataFrame, attack: str = PRIMARY_ATTACK, root: str | P
     utility = _stage(results, "utility", "perplexity")
     if mia.empty or utility.empty:
         return pd.DataFrame(columns=["run_id", *CONFIG_KEYS, "seed", "draw", "attack", *METRICS])
-    # results written before runs recorded their learning rate and record draw: unknown rate, the first draw
-    mia = mia.assign(**{c: v for c, v in (("learning_rate", np.nan), ("draw", 0)) if c not in mia})
+    mia = with_run_defaults(mia)  # results written before runs recorded a rate and a draw
     table = mia[RUN_COLUMNS + ["auc", "tpr_at_1pct_fpr"]].merge(utility[["run_id", "test_ppl", "utility_ppl"]],
                                                               on="run_id", how="inner")
     exposure = _stage(results, "exposure", "exposure")
@@ -108,9 +114,7 @@ def frontier_table(results: pd.DataFrame, attack: str = PRIMARY_ATTACK, root: st
     table["n_runs"] = grouped.size().to_numpy()
     table["attack"] = attack
     table["strongest_attack"] = strongest
-    table["config"] = table.apply(_label, axis=1)
-    if table.learning_rate.nunique() > 1:  # a learning-rate ladder (grid.learning_rate): say each one's rate
-        table["config"] = table.config + table.learning_rate.map(lambda lr: f" lr{lr:g}")
+    table["config"] = table.apply(_label, axis=1) + rate_suffixes(table.learning_rate)
     return table[columns].sort_values(["test_ppl", "config"]).reset_index(drop=True)
 
 

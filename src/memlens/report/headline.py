@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from memlens.report.inputs import DEFAULT_DESIGN, PRIMARY_ATTACK, StudyResults
+from memlens.report.inputs import DEFAULT_DESIGN, PRIMARY_ATTACK, StudyResults, rate_suffixes
 from memlens.report.section import Block, Figure, FigureSpec, Omission, Section, Table, Text
 
 KEYS = ["method", "target_modules", "rank", "canary_copies", "membership", "noise_multiplier", "learning_rate"]
@@ -69,10 +69,7 @@ def headline(data: StudyResults) -> Headline:
     configs = grouped[["auc", "auc_ci_low", "auc_ci_high"]].mean()
     configs.insert(0, "n_runs", grouped.run_id.nunique())
     configs = configs.reset_index()
-    labels = configs.apply(config_label, axis=1)
-    if configs.learning_rate.nunique() > 1:  # a learning-rate ladder (grid.learning_rate): say each one's rate
-        labels = labels + configs.learning_rate.map(lambda lr: f" lr{lr:g}")
-    configs.insert(0, "config", labels)
+    configs.insert(0, "config", configs.apply(config_label, axis=1) + rate_suffixes(configs.learning_rate))
     configs = configs.sort_values(["auc", "config"], ascending=[False, True]).reset_index(drop=True)
     top = configs.iloc[0]
     several = configs.membership.nunique() > 1

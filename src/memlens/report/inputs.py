@@ -72,6 +72,26 @@ def inputs_fingerprint(layout: StudyLayout) -> dict:
     return fingerprint
 
 
+def with_run_defaults(results: pd.DataFrame, learning_rate: float = float("nan")) -> pd.DataFrame:
+    """`results` with the identifying columns added after the first studies (membership design, learning rate,
+    record draw) at the values runs made before them had: the named splits, `learning_rate` (the study's
+    `train.learning_rate`; NaN: unknown) and draw 0; also on such rows beside newer runs' in an upserted file."""
+    if results.empty:
+        return results
+    results = results.copy()
+    for column, value in {"membership": DEFAULT_DESIGN, "learning_rate": learning_rate, "draw": 0}.items():
+        results[column] = results[column].fillna(value) if column in results else value
+    return results
+
+
+def rate_suffixes(rates: pd.Series) -> pd.Series:
+    """The label suffix of each configuration's learning rate (` lr0.003`) when they differ (a learning-rate
+    ladder, grid.learning_rate); empty when every configuration has the same one."""
+    if rates.nunique() > 1:
+        return rates.map(lambda lr: f" lr{lr:g}")
+    return pd.Series("", index=rates.index)
+
+
 def _read(layout: StudyLayout, name: str) -> pd.DataFrame:
     """A study-level parquet file (empty when absent; unreadable: an error saying that `memlens run` rebuilds it)."""
     frame = read_study_parquet(layout, layout.study_level(name))
@@ -96,11 +116,7 @@ class StudyResults:
         study = layout.read_study()
         statuses = [StatusRecord.read(p) for p in sorted(layout.status_dir.glob("*.json"))
                     if not p.name.startswith("_")]  # `_report.json` is the report's own status
-        results = _read(layout, StudyFile.RESULTS)
-        if len(results):  # folders made before these axes existed: the values their runs had
-            defaults = {"membership": DEFAULT_DESIGN, "learning_rate": study.train.learning_rate, "draw": 0}
-            for column, value in defaults.items():  # (and their rows next to newer runs' in an upserted file)
-                results[column] = results[column].fillna(value) if column in results else value
+        results = with_run_defaults(_read(layout, StudyFile.RESULTS), study.train.learning_rate)
         return cls(root=layout.root, study=study, results=results,
                    mia_scores=_read(layout, StudyFile.MIA_SCORES), extraction=_read(layout, StudyFile.EXTRACTION),
                    environment=Environment.read(layout.environment_file),

@@ -195,8 +195,8 @@ class GridConfig(_Strict):
     )
     draw: list[int] = Field(
         default_factory=lambda: [0], description="Record draws, a replicate factor like `seed`: draw 0 uses "
-        "`data.subset_seed` and `data.membership_seed`, draw d adds 1000 x d to both, so the run trains and is "
-        "attacked on other members and non-members (needs `data.subset` or the `random` design).",
+        f"`data.subset_seed` and `data.membership_seed`, draw d adds {DRAW_SEED_STEP} x d to both, so the run trains "
+        "and is attacked on other members and non-members (needs `data.subset` or the `random` design).",
     )
 
     @field_validator("target_modules")

@@ -206,6 +206,9 @@ def write_report(out: Path, markdown: Path | None = None, *, command: str | None
         raise ConfigError(f"{out}: not a memlens study folder (no {layout.study_file.name})")
     if companions and markdown is None:
         raise ConfigError("--with: companion studies join the findings document; add --markdown PATH")
+    for companion in companions or []:
+        if not StudyLayout(Path(companion)).study_file.exists():
+            raise ConfigError(f"--with {companion}: not a memlens study folder (no {layout.study_file.name})")
     if layout.is_audit and markdown is not None:
         raise ConfigError(f"--markdown: {out} is an audit folder, whose Markdown report is report/index.md "
                           "(rewritten with the HTML)")

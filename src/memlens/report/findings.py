@@ -72,9 +72,9 @@ def _config_columns(frame: pd.DataFrame) -> list[str]:
 
 
 def at_rate(rows: pd.DataFrame, learning_rate: float) -> pd.DataFrame:
-    """The rows (of runs, or of tests between runs) trained at `learning_rate` (the study's `train.learning_rate`): with a learning-rate ladder
-    (grid.learning_rate) the findings at equal rank and across ranks compare runs of one recipe; the ladder's other
-    rates serve the matched-fit comparison."""
+    """The rows (of runs, or of tests between runs) trained at `learning_rate` (the study's `train.learning_rate`):
+    with a learning-rate ladder (grid.learning_rate) the findings at equal rank and across ranks compare runs of
+    one recipe; the ladder's other rates serve the matched-fit comparison."""
     if rows.empty or "learning_rate" not in rows or rows.learning_rate.nunique() < 2:
         return rows
     return rows[np.isclose(rows.learning_rate.astype(float), learning_rate)]

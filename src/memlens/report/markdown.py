@@ -207,12 +207,6 @@ def render(a: StudyAnalysis, figures: dict[str, Path], folder_name: str, command
     return doc
 
 
-def _study_folder(folder: Path, option: str) -> Path:
-    if not StudyLayout(folder).study_file.exists():
-        raise ConfigError(f"{option} {folder}: not a memlens study folder (no study.yaml)")
-    return folder
-
-
 def write_findings(root: Path, dest: Path, command: str | None = None, note: str | None = None,
                    companions: list[Path] | None = None) -> Path:
     """Rebuild `<root>/report/` and write the findings document to `dest`, with its figures copied into
@@ -225,7 +219,7 @@ def write_findings(root: Path, dest: Path, command: str | None = None, note: str
     command = command or shlex.join(["memlens", "report", str(root), "--markdown", str(dest)])
     start = time.perf_counter()
     analysis = analyse(root)
-    others = [analyse(_study_folder(Path(c), "--with")) for c in companions or []]
+    others = [analyse(Path(c)) for c in companions or []]
     rendered = write_html(analysis)
     doc = render(analysis, rendered.figures, dest.stem, command, note, time.perf_counter() - start, hardware_info(),
                  companions=others)

@@ -87,6 +87,12 @@ class Attack:
 
 ATTACKS: dict[str, Attack] = {}
 
+# The headline attack, declared before any result is seen: the first of these that ran. The study's report, the
+# audit's first screen and MemlensCallback's `memlens/auc` all read it through :func:`headline_attack`.
+# `ref_ratio` (the 2024 study's attack: P_ref / P_ft) needs the base model; `loss` needs nothing else.
+PRIMARY_ATTACK = "ref_ratio"
+HEADLINE_ORDER = (PRIMARY_ATTACK, "ref_llr", "min_k_pp", "min_k", "zlib", "lowercase", "loss")
+
 
 def register(name: str, *, needs: set[str] | frozenset[str] = frozenset(),
              settings: type[AttackSettings] = AttackSettings, description: str = "", partial: bool = False):
@@ -268,6 +274,14 @@ def run_attacks(attacks: Sequence[ConfiguredAttack | str | AttackSpec | dict], i
     return out
 
 
+def headline_attack(names: Sequence[str]) -> str | None:
+    """The headline attack among the result names that ran (`names`): the first of :data:`HEADLINE_ORDER` among
+    them, else the first of `names` (an attack outside the declared order, e.g. `mia.attacks: [dc_pdd]`); None when
+    none ran."""
+    ran = list(dict.fromkeys(names))
+    return next((name for name in HEADLINE_ORDER if name in ran), ran[0] if ran else None)
+
+
 def mean_nll(x: AttackInputs, which: str = "ft") -> np.ndarray:
     """(n,) mean token NLL of each record under `ft`, `ref` or `ft_lower`, computed once per inputs."""
     key = f"mean_nll_{which}"
@@ -276,6 +290,6 @@ def mean_nll(x: AttackInputs, which: str = "ft") -> np.ndarray:
     return x.cache[key]
 
 
-__all__ = ["ATTACKS", "CANARY_UNSUPPORTED", "NEEDS", "Attack", "AttackInputs", "AttackSettings", "ConfiguredAttack", "check_attack_inputs",
-           "check_attacks", "configure", "configure_attacks", "get_attack", "mean_nll", "needs_of", "register",
+__all__ = ["ATTACKS", "CANARY_UNSUPPORTED", "HEADLINE_ORDER", "NEEDS", "PRIMARY_ATTACK", "Attack", "AttackInputs", "AttackSettings", "ConfiguredAttack", "check_attack_inputs",
+           "check_attacks", "configure", "configure_attacks", "get_attack", "headline_attack", "mean_nll", "needs_of", "register",
            "run_attacks"]

@@ -245,8 +245,67 @@ def test_validity_rules(plain, tmp_path):
     # an 8-bit base is the study's ModelConfig setting (its loading is tests/test_8bit.py's)
     int8 = resolve_target(load_audit(raw={**common, "load_in_8bit": True}))
     assert int8.base.load_in_8bit and int8.base.name_or_path == str(LLAMA_TINY) and int8.rank == 8
+    # the audit's model settings are the study's ModelConfig: every field, top level or under `model:`
+    eager = resolve_target(load_audit(raw=common, overrides=["model.attn_implementation=eager",
+                                                             "model.revision=main"]))
+    assert eager.base.attn_implementation == "eager" and eager.base.revision == "main"
+    with pytest.raises(ConfigError, match=r"`dtype` and `model.dtype` both set"):
+        load_audit(raw={**common, "dtype": "float32", "model": {"dtype": "bfloat16"}})
     with pytest.raises(ConfigError, match="audit.train_config: references are trained with the target's recipe"):
         memlens.audit(**common, non_members=str(root / "non_members.jsonl"), references=2)
     result = CliRunner().invoke(app, ["audit", "--target", str(plain["adapter"]), "--members", str(PHEE / "x.jsonl"),
                                       "--non-members", str(root / "non_members.jsonl"), "--no-progress"])
     assert result.exit_code == 2 and "audit.members:" in result.output and "x.jsonl is not found" in result.output
+
+
+def test_a_rerun_with_other_non_members_retrains_the_references(plain, tmp_path):
+    """An audit folder rerun with another non-member file: the reference models, trained on the first file's
+    records, are trained again on the new ones (their identity holds the records' contents), never reused."""
+    from memlens.attacks.references import population_hash
+    from memlens.data import StudyData, read_records
+    from memlens.store.records import ReferenceRecord
+
+    root, out = plain["root"], tmp_path / "out"
+    other = root / "non_members_b.jsonl"
+    if not other.exists():
+        test = load_study_data(make_study(tmp_path / "s", data={"subset": 48, "utility_split": None}).data).non_members
+        test.iloc[24:48].rename(columns={"sample_id": "id", "text": "context"}).to_json(other, orient="records",
+                                                                                        lines=True)
+    (tmp_path / "train.yaml").write_text("train: {epochs: 1, learning_rate: 0.02, batch_size: 8, grad_accum: 1, "
+                                         "warmup_steps: 0}\n")
+    common = {"target": str(plain["adapter"]), "members": str(root / "members.jsonl"), "text_field": "context",
+              "out": str(out), "references": 2, "train_config": str(tmp_path / "train.yaml"), "show_progress": False,
+              "overrides": ["mia.attacks=[ref_ratio, rmia]", "mia.bootstrap=0", "extraction.enabled=false",
+                            "mia.bag_of_words_baseline=false"]}
+    first = memlens.audit(non_members=str(root / "non_members.jsonl"), **common)
+    layout = StudyLayout(out)
+    refs = layout.references.finished_runs()
+    hashes = {r: ReferenceRecord.load(layout.references.run_file(r, "reference.json")).population_hash for r in refs}
+    second = memlens.audit(non_members=str(other), **common)
+    members = read_records(str(root / "members.jsonl"), what="member", text_field="context")
+    new = read_records(str(other), what="non_member", text_field="context")
+    expected = population_hash(StudyData(members=members, non_members=new, utility=None))
+    for ref_id in layout.references.finished_runs():
+        record = ReferenceRecord.load(layout.references.run_file(ref_id, "reference.json"))
+        assert record.population_hash == expected != hashes.get(ref_id)  # trained on the new records
+        trained = set(pd.read_parquet(layout.references.run_file(ref_id, "members.parquet")).text)
+        assert trained <= set(members.text) | set(new.text) and trained & set(new.text)
+    rows = second.results[second.results.stage == "mia"].set_index("attack")
+    assert rows.loc["rmia", "n_non_members"] == len(new)
+    assert rows.loc["rmia", "auc"] != first.results.set_index("attack").loc["rmia", "auc"]
+
+
+def test_the_first_screen_gives_the_headline_attack_that_ran(plain, tmp_path):
+    """With canaries and only `zlib` run, the first screen gives zlib's AUC and names it (no KeyError, no "no
+    attack ran")."""
+    root = plain["root"]
+    summary = memlens.audit(target=str(plain["adapter"]), members=str(root / "members.jsonl"),
+                            non_members=str(root / "non_members.jsonl"), canaries=str(root / "canaries.jsonl"),
+                            text_field="context", out=str(tmp_path / "zlib"), show_progress=False,
+                            overrides=["mia.attacks=[zlib]", "mia.bootstrap=0", "extraction.enabled=false"])
+    leak = summary.report.analysis.leak
+    auc = summary.results.set_index("attack").loc["zlib", "auc"]
+    assert leak.value("membership AUC (zlib)").startswith(f"{auc:.3f}")
+    assert "No membership attack ran" not in " ".join(leak.sentences) and "`zlib`" in leak.sentences[0]
+    first_screen = (summary.out / "report" / "index.md").read_text()
+    assert f"{auc:.3f}" in first_screen and "zlib" in first_screen

@@ -18,6 +18,7 @@ from memlens.attacks.references import (
     REF_SEED,
     in_matrix,
     load_references,
+    population_hash,
     reference_cell,
     reference_ids,
     reference_study,
@@ -33,7 +34,7 @@ from memlens.attacks.registry import (
 )
 from memlens.config import ConfigError, MIAConfig
 from memlens.context import StudyContext
-from memlens.data import load_study_data
+from memlens.data import StudyData, load_study_data
 from memlens.runner import run_study
 from memlens.score import SequenceStats
 from memlens.store import RunFile, StudyLayout, read_results
@@ -261,10 +262,13 @@ def test_workers_split_the_references_of_a_recipe(tmp_path, monkeypatch):
         trained_here.append(k)
         mark_done(ids[k])
 
+    data = load_study_data(study.data)
+
     def mark_done(ref_id):
         folder = layout.references.run_dir(ref_id)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / RunFile.REFERENCE).write_text("{}")
+        ReferenceRecord(run_id=ref_id, index=0, seed=0, unit="record", n_in=1, n_population=2,
+                        population_hash=refs_module.population_hash(data)).save(folder / RunFile.REFERENCE)
 
     monkeypatch.setattr(refs_module, "train_reference", fake_train)
     lock = layout.references.lock_file(ids[1])
@@ -279,7 +283,7 @@ def test_workers_split_the_references_of_a_recipe(tmp_path, monkeypatch):
 
     timer = threading.Timer(1.0, other_worker)
     timer.start()
-    done = train_references(study, [cell, cell], lambda d: None, layout, wait_s=0.05)
+    done = train_references(study, [cell, cell], lambda c: data, layout, wait_s=0.05)
     timer.join()
     assert trained_here == [0, 2] and done == [ids[0], ids[2]]
     assert all(refs_module.is_trained(layout, r) for r in ids)
@@ -319,7 +323,11 @@ def test_references_are_trained_once_for_the_cells_of_a_recipe(shared):
         assert record.index == k and record.seed == REF_SEED + k and record.unit == "record"
         assert record.n_population == len(population.members) + len(population.non_members) > record.n_in == len(trained)
         assert "canary" not in set(trained.sample_id)  # the inserted secret is in no reference
-    refs = load_references(study, cells[0], layout)
+        assert record.population_hash == population_hash(population)  # its identity holds the records' contents
+    other = StudyData(members=population.members.iloc[1:], non_members=population.non_members, utility=None)
+    with pytest.raises(RuntimeError, match="was trained on other records"):
+        load_references(study, cells[0], layout, other)  # never read for other records
+    refs = load_references(study, cells[0], layout, population)
     both = in_matrix(refs, population.members.text.tolist() + population.non_members.text.tolist())
     assert 0.2 < both.mean() < 0.8  # about half of the records are IN for each reference
     timings = pd.read_json(layout.run_file(cells[0].run_id(study), RunFile.TIMINGS))

@@ -156,3 +156,24 @@ def test_cache_roundtrip(model, tokenizer, sequences, tmp_path):
     np.testing.assert_array_equal(read.logprob, first.logprob)
     total = first.logprob.astype(np.float64).sum()
     assert perplexity(first) == pytest.approx(np.exp(-total / first.n_tokens.sum()))
+
+
+def test_a_sequence_without_scored_tokens_is_nan_wherever_it_stands():
+    """A one-token record scores no token (nothing predicts its first token without BOS): its sums and means are
+    NaN first, in the middle and last (np.add.reduceat cannot start a segment at the end of the array)."""
+    import numpy as np
+
+    from memlens.score import SequenceStats
+
+    for lengths in ([0, 2, 3], [2, 0, 3], [2, 3, 0], [0]):
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        logprob = -np.arange(1, offsets[-1] + 1, dtype=np.float32)
+        zeros = np.zeros(offsets[-1], np.float32)
+        stats = SequenceStats(offsets, np.zeros(offsets[-1], np.int64), logprob, zeros, zeros)
+        sums, means = stats.reduce("logprob", "sum"), stats.mean_nll()
+        for i, n in enumerate(lengths):
+            part = logprob[offsets[i]:offsets[i + 1]].astype(float)
+            if n == 0:
+                assert np.isnan(sums[i]) and np.isnan(means[i]), lengths
+            else:
+                assert sums[i] == part.sum() and means[i] == -part.mean(), lengths

@@ -263,5 +263,6 @@ def test_references_train_in_groups_each_holding_its_lock(tmp_path, monkeypatch)
     monkeypatch.setattr(refs_module, "train_reference",
                         lambda study, cell, k, data, layout, tokenizer=None, progress=None:
                         fake_group(study, [(cell, k)], None, layout))
-    assert refs_module.train_references(study, [cell], lambda design: None, layout) == ids
+    data = load_study_data(study.data)
+    assert refs_module.train_references(study, [cell], lambda c: data, layout) == ids
     assert groups == [[0, 1], [2]]

@@ -48,6 +48,11 @@ class StudyContext:
             self._data[(design, draw)] = load_study_data(self.study.data.for_draw(draw), design)
         return self._data[(design, draw)]
 
+    def use_records(self, cell: CellConfig, data: StudyData) -> None:
+        """Make `data` the records of `cell`'s design and draw instead of what the study's data section loads: an
+        audit is a one-cell study whose records are the user's files."""
+        self._data[(cell.membership, cell.draw)] = data
+
     def cell_data(self, cell: CellConfig) -> StudyData:
         """The records a cell trains on and is attacked on: its design in its record draw."""
         return self.data(cell.membership, cell.draw)

@@ -16,6 +16,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy import stats
 
@@ -97,6 +98,23 @@ class ExposureResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def bits(self) -> float:
+        """The exposure of the secret in bits: :func:`exposure_bits`'s definition for one result."""
+        return self.exposure_rank if self.enumerated else self.exposure_skewnorm
+
+
+def exposure_bits(rows: pd.DataFrame) -> pd.Series:
+    """The exposure of the secret (bits) of exposure rows (ExposureResult's fields, e.g. results.parquet's stage
+    `exposure`): the exact rank-based exposure when the whole secret space was enumerated, else the skew-normal
+    extrapolation (a sampled rank cannot exceed log2 of the sample size plus one, so it cannot say how far above
+    the sampled candidates a secret ranks). The one definition of exposure: the study's report, the audit's and
+    MemlensCallback use it."""
+    if rows.empty:
+        return pd.Series(dtype=float, index=rows.index)
+    enumerated = rows.enumerated.fillna(False).astype(bool)
+    return pd.Series(np.where(enumerated, rows.exposure_rank, rows.exposure_skewnorm), index=rows.index, dtype=float)
 
 
 def canary_rest(canary: Canary) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -31,6 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from memlens.attacks.exposure import draw_candidates, measure_exposure
 from memlens.attacks.generate import Decoding, PromptSplit, generate_continuations, resolve_decoding, split_tokens
+from memlens.attacks.subject import Subject, study_subject
 from memlens.config import CellConfig, ConfigError, ExtractionConfig, StudyConfig, stable_hash
 from memlens.context import StudyContext
 from memlens.data import Canary
@@ -48,7 +50,6 @@ from memlens.store import (
 )
 from memlens.store.lock import write_lock
 from memlens.store.records import TrainRecord
-from memlens.train import read_members, read_train_info
 
 log = logging.getLogger(__name__)
 
@@ -257,13 +258,14 @@ def exposed_canaries(canaries: list[Canary], cfg: ExtractionConfig) -> list[Cana
 def extract_model(name: str, bank: AdapterBank, targets: pd.DataFrame, prompts: dict[str, Prompt | None],
                   decodings: list[Decoding], cfg: ExtractionConfig, tokenizer, ppl_base: dict[str, float],
                   base_generations: dict[str, pd.DataFrame], progress: Progress | None,
-                  canaries: list[Canary] = (), base_exposure: dict[str, dict] | None = None
-                  ) -> tuple[pd.DataFrame, list[dict]]:
+                  canaries: list[Canary] = (), base_exposure: dict[str, dict] | None = None,
+                  name_canaries: bool = False) -> tuple[pd.DataFrame, list[dict]]:
     """Prompted-prefix extraction by the model attached to `bank` as `name` on `targets` (select_targets'
     frame), with the base model's control (`ppl_base`, `base_generations`: base_control's) and the exposure of
     each canary that has a secret (with `extraction.exposure`) under both models; `base_exposure` caches the
     base model's by canary across models. Returns (one row per model, record and decoding; exposure rows: under
-    the model then the base, for each of :func:`exposed_canaries` in order)."""
+    the model then the base, for each of :func:`exposed_canaries` in order, with its `canary_id` when
+    `name_canaries`)."""
     pad = tokenizer.pad_token_id
     attacked = [prompts[t] for t in dict.fromkeys(targets.text) if prompts[t] is not None]
     secret = exposed_canaries(canaries, cfg)
@@ -281,8 +283,9 @@ def extract_model(name: str, bank: AdapterBank, targets: pd.DataFrame, prompts: 
             with torch.inference_mode(), bank.use(None) as model:
                 base_exposure[key] = measure_exposure(model, tokenizer, canary, candidates=pools[canary.text],
                                                       **kwargs).to_dict()
-        exposure_rows += [{"run_id": name, "model": "finetuned", **finetuned},
-                          {"run_id": name, "model": "base", **base_exposure[key]}]
+        named = {"canary_id": canary.sample_id} if name_canaries else {}
+        exposure_rows += [{"run_id": name, "model": "finetuned", **finetuned, **named},
+                          {"run_id": name, "model": "base", **base_exposure[key], **named}]
     rows = pd.concat([
         score_rows(name, "finetuned", targets, prompts, ft_generations, ppl_base, ppl_ft, tokenizer, cfg),
         score_rows(name, "base", targets, prompts, base_generations, ppl_base, ppl_ft, tokenizer, cfg),
@@ -335,58 +338,79 @@ def extraction_result_rows(meta: dict, results: pd.DataFrame, exposure: pd.DataF
     return pd.DataFrame(rows)
 
 
+@dataclass
+class Extraction:
+    """What extraction measured of one subject: `rows` (extraction.parquet: one per model, record and decoding),
+    `results` (extraction_results.parquet: rates per model, decoding and group), `exposure` (exposure.parquet: its
+    canaries' exposure under the model and the base model; None when none has a secret) and `result_rows` (their
+    results.parquet rows)."""
+
+    rows: pd.DataFrame
+    results: pd.DataFrame
+    exposure: pd.DataFrame | None
+    result_rows: pd.DataFrame
+
+
+def extract_subjects(layout: StudyLayout, study: StudyConfig, bank: AdapterBank, subjects: Iterable[Subject],
+                     tokenizer, progress: Progress | None,
+                     attach: Callable[[Subject], None] = lambda subject: None
+                     ) -> Iterator[tuple[Subject, Extraction]]:
+    """Prompted-prefix extraction and canary exposure of each subject, the model attached to `bank` as its name
+    (`attach(subject)` attaches it first, when given): its targets (:func:`select_targets`), their prompts, the
+    base model's control (cached in `layout`'s cache across subjects and processes), then each subject's
+    generations, rates and exposure. The one extraction unit of the study and `memlens audit`."""
+    cfg = study.extraction
+    decodings = resolve_decodings(cfg)
+    subjects = list(subjects)
+    targets = {s.name: select_targets(s.members, s.non_members, cfg) for s in subjects}
+    prompts = build_prompts(sorted({t for frame in targets.values() for t in frame.text}), tokenizer, cfg)
+    ppl_base, base_generations = base_control(layout, study, bank, attackable(prompts, cfg), decodings, tokenizer,
+                                              progress)
+    base_exposure: dict[str, dict] = {}
+    for subject in subjects:
+        attach(subject)
+        rows, exposure_rows = extract_model(subject.name, bank, targets[subject.name], prompts, decodings, cfg,
+                                            tokenizer, ppl_base, base_generations, progress, subject.secrets,
+                                            base_exposure, name_canaries=subject.name_canaries)
+        results = aggregate(rows, targets[subject.name], prompts, cfg)
+        exposure = pd.DataFrame(exposure_rows) if exposure_rows else None
+        yield subject, Extraction(rows, results, exposure, extraction_result_rows(subject.meta, results, exposure))
+
+
 def run_extraction(ctx: StudyContext, cells: list[CellConfig] | None = None, force: bool = False) -> pd.DataFrame:
     """Extraction (and exposure, for secrets) on the finished runs of `cells` (default: every run of the study)
-    lacking their per-run outputs (all of them with `force`), with one base model and the runs' adapters
-    switched on it. Writes the per-run files, merges the study-level files and upserts
+    lacking their per-run outputs (all of them with `force`), each run a :class:`Subject`
+    (:func:`~memlens.attacks.subject.study_subject`) measured by :func:`extract_subjects`, with one base model and the
+    runs' adapters switched on it. Writes the per-run files, merges the study-level files and upserts
     `<out>/results.parquet`; returns the upserted rows."""
     study, layout = ctx.study, ctx.layout
-    cfg = study.extraction
-    if not cfg.enabled:
+    if not study.extraction.enabled:
         return pd.DataFrame()
     todo = ctx.pending(RunFile.EXTRACTION_RESULTS, cells, force)
     if not todo:
         with write_lock(layout.root):
             _merge_study_files(layout)
         return pd.DataFrame()
-    decodings = resolve_decodings(cfg)
-    tokenizer = ctx.tokenizer()
-    base = load_base_model(study.model, resolve_device(study.model.device))
-    bank = AdapterBank(base)
-
-    targets = {r: select_targets(read_members(layout.run_dir(r)), ctx.cell_data(cell).non_members, cfg)
-               for r, cell in todo}
-    all_texts = sorted({t for frame in targets.values() for t in frame.text})
-    prompts = build_prompts(all_texts, tokenizer, cfg)
-    attacked = attackable(prompts, cfg)
-
+    resolve_decodings(study.extraction)  # bad decodings refused before the base model loads
+    bank = AdapterBank(load_base_model(study.model, resolve_device(study.model.device)))
+    subjects = [study_subject(ctx, run_id, cell) for run_id, cell in todo]
     upserted = []
     with Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), disable=not ctx.show_progress,
                   console=Console(stderr=True)) as progress:
-        # Base-model control: the same prompts with adapters disabled, cached across runs and processes.
-        ppl_base, base_generations = base_control(layout, study, bank, attacked, decodings, tokenizer, progress)
-        base_exposure: dict[str, dict] = {}
         runs_task = progress.add_task("runs", total=len(todo))
-        for run_id, cell in todo:
-            run_dir = layout.run_dir(run_id)
-            canary = Canary(**read_train_info(run_dir).canary)
-            run_targets = targets[run_id]
-            bank.add(run_id, run_dir)
-            rows, exposure_rows = extract_model(run_id, bank, run_targets, prompts, decodings, cfg, tokenizer, ppl_base,
-                                                base_generations, progress, [canary], base_exposure)
-            results = aggregate(rows, run_targets, prompts, cfg)
-            exposure = pd.DataFrame(exposure_rows) if exposure_rows else None
-            atomic_write_parquet(run_dir / RunFile.EXTRACTION, rows)
-            if exposure is not None:
-                atomic_write_parquet(run_dir / RunFile.EXPOSURE, exposure)
+        for subject, measured in extract_subjects(layout, study, bank, subjects, ctx.tokenizer(), progress,
+                                                  attach=lambda s: bank.add(s.name, layout.run_dir(s.name))):
+            run_dir = layout.run_dir(subject.name)
+            atomic_write_parquet(run_dir / RunFile.EXTRACTION, measured.rows)
+            if measured.exposure is not None:
+                atomic_write_parquet(run_dir / RunFile.EXPOSURE, measured.exposure)
             else:
                 (run_dir / RunFile.EXPOSURE).unlink(missing_ok=True)  # stale from an earlier configuration
-            atomic_write_parquet(run_dir / RunFile.EXTRACTION_RESULTS, results)  # last: marks the run done
-            run_rows = extraction_result_rows(run_metadata(layout, run_id, cell, study), results, exposure)
+            atomic_write_parquet(run_dir / RunFile.EXTRACTION_RESULTS, measured.results)  # last: marks the run done
             with write_lock(layout.root):  # several workers of one study may finish at once
-                upsert_results(layout, run_rows)
-            upserted.append(run_rows)
+                upsert_results(layout, measured.result_rows)
+            upserted.append(measured.result_rows)
             progress.advance(runs_task)
     with write_lock(layout.root):
         _merge_study_files(layout)

@@ -43,7 +43,7 @@ from memlens.attacks.bow import BOW_ATTACK, bag_of_words_baseline, baseline_fold
 from memlens.attacks.canary_audit import canary_attacks, canary_columns
 from memlens.attacks.likelihood import token_log_frequencies
 from memlens.attacks.recall import draw_prefix, prefix_text, tail_mean_logprob, with_prefix
-from memlens.attacks.references import Reference, ReferenceStatistics, in_matrix, load_references, population
+from memlens.attacks.references import Reference, ReferenceStatistics, in_matrix
 from memlens.attacks.registry import (
     AttackInputs,
     ConfiguredAttack,
@@ -53,6 +53,7 @@ from memlens.attacks.registry import (
     needs_of,
     run_attacks,
 )
+from memlens.attacks.subject import Subject, study_subject
 from memlens.config import (
     SPLITS,
     CellConfig,
@@ -60,7 +61,6 @@ from memlens.config import (
     Design,
     MIAConfig,
     ModelConfig,
-    StudyConfig,
     format_validation_error,
     stable_hash,
 )
@@ -77,12 +77,10 @@ from memlens.store import (
     atomic_write_json,
     atomic_write_parquet,
     read_cache,
-    run_metadata,
     upsert_results,
 )
 from memlens.store.lock import write_lock
 from memlens.store.results import UNCHANGED_NLL_TOL
-from memlens.train import read_members
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +100,8 @@ class Scorer:
         self.base_passes = 0  # base-model passes actually computed (not read from the cache)
         self._ids: dict[str, list[int]] = {}  # text -> token ids
         self._batch_task = progress.add_task("", total=0, visible=False) if progress else None
+        self._ref_stats: ReferenceStatistics | None = None
+        self._bow: dict[str, dict] = {}  # bag-of-words rows by their records
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of `texts`, each text tokenized once per Scorer (every run scores the same non-members and
@@ -136,9 +136,24 @@ class Scorer:
 
         return cached_token_stats(self.cache_dir, key, compute)[0]
 
+    def bag_of_words(self, members: pd.DataFrame, non_members: pd.DataFrame) -> dict:
+        """The bag-of-words check of these records (:func:`bow_row`), computed once per scorer and records."""
+        key = stable_hash([members.text.tolist(), non_members.text.tolist(),
+                           members.group.tolist() if "group" in members else None,
+                           non_members.group.tolist() if "group" in non_members else None])
+        if key not in self._bow:
+            self._bow[key] = bow_row(members, non_members, self.mia, self.cache_dir)
+        return self._bow[key]
+
     def reference_statistics(self) -> ReferenceStatistics:
+
         """Mean token log-likelihoods under reference adapters, each attached to this base model when first
-        needed and cached in the reference's folder."""
+        needed and cached in the reference's folder (one table per scorer: a reference's scores are read once)."""
+        if self._ref_stats is None:
+            self._ref_stats = self._new_reference_statistics()
+        return self._ref_stats
+
+    def _new_reference_statistics(self) -> ReferenceStatistics:
         def score(ref: Reference, texts: list[str]) -> np.ndarray:
             name = f"ref{ref.index}-{stable_hash(ref.run_id)[:12]}"
             if name not in self.bank.names:
@@ -172,26 +187,6 @@ class BaseScores:
         return self.stats.select([self.index[t] for t in texts])
 
 
-def _with_groups(members: pd.DataFrame, data: StudyData) -> pd.DataFrame:
-    """A run's members with their document group (members.parquet predates groups; the canary has none)."""
-    if "group" not in data.members or "group" in members:
-        return members
-    groups = dict(zip(data.members.sample_id, data.members.group))
-    return members.assign(group=[groups.get(s, f"canary:{s}") for s in members.sample_id])
-
-
-@dataclass
-class RunData:
-    """Records of one attacked model: members (sample_id, text, is_canary), non-members, utility; and, for LiRA
-    and RMIA, the (records, references) statistics and IN flags of the members then the non-members."""
-
-    members: pd.DataFrame
-    non_members: pd.DataFrame
-    utility: pd.DataFrame | None = None
-    ref_models: np.ndarray | None = None
-    ref_in: np.ndarray | None = None
-
-
 def token_log_freq(scorer: Scorer) -> np.ndarray | None:
     """(vocabulary,) log token frequencies of `mia.reference_corpus` under the scorer's tokenizer (DC-PDD), or
     None when no corpus is set."""
@@ -208,28 +203,30 @@ def token_log_freq(scorer: Scorer) -> np.ndarray | None:
     return token_log_frequencies(scorer.tokenize(lines), vocab)
 
 
-def score_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attacks: list[ConfiguredAttack],
-              token_log_freq: np.ndarray | None, split_names: tuple[str, str]) -> tuple[pd.DataFrame, dict]:
-    """Score the model attached to `scorer`'s bank as `name` on `data`: per-record scores (a frame of the
-    `mia_scores.parquet` schema: run_id, sample_id, split, is_member, is_canary, one column per attack, n_tokens,
-    nll_ft, nll_ref) and utility perplexities (dict); `base` gives the base model's statistics of the texts,
-    `token_log_freq` (vocabulary,) is DC-PDD's, `split_names` the `split` values of members and non-members."""
-    texts = data.members.text.tolist() + data.non_members.text.tolist()
-    n, n_members = len(texts), len(data.members)
-    inputs, ft_utility = _passes(scorer, name, data, attacks)
+def score_run(scorer: Scorer, subject: Subject, base: BaseScores, attacks: list[ConfiguredAttack],
+              token_log_freq: np.ndarray | None) -> tuple[pd.DataFrame, dict]:
+    """Score the model attached to `scorer`'s bank as `subject.name` on its records: per-record scores (a frame of
+    the `mia_scores.parquet` schema: run_id, sample_id, split, is_member, is_canary, one column per attack,
+    n_tokens, nll_ft, nll_ref) and utility perplexities (dict); `base` gives the base model's statistics of the
+    texts, `token_log_freq` (vocabulary,) is DC-PDD's."""
+    members, non_members = subject.members, subject.non_members
+    texts = subject.texts
+    n, n_members = len(texts), len(members)
+    inputs, ft_utility = _passes(scorer, subject.name, members, non_members, subject.utility, attacks)
     inputs.ref, inputs.token_log_freq = base.lookup(texts), token_log_freq
-    inputs.ref_models, inputs.ref_in = data.ref_models, data.ref_in
+    if subject.references is not None:
+        inputs.ref_models = scorer.reference_statistics().matrix(subject.references, texts, also=subject.population)
+        inputs.ref_in = in_matrix(subject.references, texts)
     inputs.population = np.r_[np.zeros(n_members, bool), np.ones(n - n_members, bool)]
     scores = run_attacks(attacks, inputs)
     ft, ref = inputs.ft, inputs.ref
-    is_canary = (data.members.is_canary.astype(bool).tolist() if "is_canary" in data.members
-                 else [False] * n_members)
+    is_canary = members.is_canary.astype(bool).tolist() if "is_canary" in members else [False] * n_members
     frame = pd.DataFrame({
-        "run_id": name,
-        "sample_id": data.members.sample_id.astype(str).tolist() + data.non_members.sample_id.astype(str).tolist(),
-        "split": [split_names[0]] * n_members + [split_names[1]] * len(data.non_members),
-        "is_member": np.r_[np.ones(n_members, bool), np.zeros(len(data.non_members), bool)],
-        "is_canary": np.r_[np.asarray(is_canary, bool), np.zeros(len(data.non_members), bool)],
+        "run_id": subject.name,
+        "sample_id": members.sample_id.astype(str).tolist() + non_members.sample_id.astype(str).tolist(),
+        "split": [subject.split_names[0]] * n_members + [subject.split_names[1]] * len(non_members),
+        "is_member": np.r_[np.ones(n_members, bool), np.zeros(len(non_members), bool)],
+        "is_canary": np.r_[np.asarray(is_canary, bool), np.zeros(len(non_members), bool)],
         **scores,
         "n_tokens": ft.n_tokens,
         "nll_ft": ft.mean_nll(),
@@ -241,7 +238,7 @@ def score_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attack
         "test_ppl": perplexity(ft.select(non_idx)),
         "base_test_ppl": perplexity(ref.select(non_idx)),
         "utility_ppl": perplexity(ft_utility) if u else np.nan,
-        "base_utility_ppl": perplexity(base.lookup(data.utility.text.tolist())) if u else np.nan,
+        "base_utility_ppl": perplexity(base.lookup(subject.utility.text.tolist())) if u else np.nan,
         "member_ppl": perplexity(ft.select(member_idx)),
         "base_member_ppl": perplexity(ref.select(member_idx)),
         "n_utility": u,
@@ -250,19 +247,20 @@ def score_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attack
     return frame, utility
 
 
-def _passes(scorer: Scorer, name: str, data: RunData, attacks: list[ConfiguredAttack], utility_pass: bool = True
+def _passes(scorer: Scorer, name: str, members: pd.DataFrame, non_members: pd.DataFrame,
+            utility: pd.DataFrame | None, attacks: list[ConfiguredAttack], utility_pass: bool = True
             ) -> tuple[AttackInputs, SequenceStats | None]:
     """The run's passes under its adapter: ONE batched pass over its records, their lowercased texts and the
     records after each prefix the attacks need; then, with `utility_pass`, the utility split's (a perplexity only:
     without the moments, a fifth of the vocabulary work; log p is bit-identical either way). Returns the attack
     inputs they give and the utility split's statistics (None without)."""
-    texts = data.members.text.tolist() + data.non_members.text.tolist()
+    texts = members.text.tolist() + non_members.text.tolist()
     n = len(texts)
     needs = needs_of(attacks)
     want_lower = "lower" in needs
     ids = scorer.tokenize(texts + ([t.lower() for t in texts] if want_lower else []))
-    prefixed, in_member_prefix = _prefixed(scorer, data, ids[:n], attacks)
-    utility_texts = data.utility.text.tolist() if data.utility is not None and utility_pass else []
+    prefixed, in_member_prefix = _prefixed(scorer, members, non_members, utility, ids[:n], attacks)
+    utility_texts = utility.text.tolist() if utility is not None and utility_pass else []
     with scorer.bank.use(name) as model:
         every = scorer.score(model, ids + [seq for part in prefixed.values() for seq in part], name,
                              moments="moments" in needs)
@@ -288,7 +286,7 @@ def _score_canaries(scorer: Scorer, name: str, canaries: pd.DataFrame, utility: 
     `token_log_freq`: (vocabulary,) for DC-PDD, as for the records."""
     attacks = canary_attacks(attacks)
     frame = canaries.assign(sample_id=canaries.canary_id).reset_index(drop=True)
-    inputs, _ = _passes(scorer, name, RunData(frame, frame.iloc[0:0], utility), attacks, utility_pass=False)
+    inputs, _ = _passes(scorer, name, frame, frame.iloc[0:0], utility, attacks, utility_pass=False)
     texts = frame.text.tolist()
     inputs.ref, inputs.token_log_freq = base.lookup(texts), token_log_freq
     scores = run_attacks(attacks, inputs)
@@ -297,7 +295,8 @@ def _score_canaries(scorer: Scorer, name: str, canaries: pd.DataFrame, utility: 
                          "nll_ft": inputs.ft.mean_nll(), "nll_ref": inputs.ref.mean_nll()})
 
 
-def _prefixed(scorer: Scorer, data: RunData, record_ids: list[list[int]], attacks: list[ConfiguredAttack]
+def _prefixed(scorer: Scorer, members: pd.DataFrame, non_members: pd.DataFrame, utility: pd.DataFrame | None,
+              record_ids: list[list[int]], attacks: list[ConfiguredAttack]
               ) -> tuple[dict[tuple[str, int], list[list[int]]], dict[int, np.ndarray]]:
     """The records' token ids after each prefix the attacks need, by (need, shots): ReCaLL's non-member prefix
     and Con-ReCall's member prefix of `shots` records; and, by shots, which records are in the member prefix."""
@@ -308,14 +307,14 @@ def _prefixed(scorer: Scorer, data: RunData, record_ids: list[list[int]], attack
                      if need in a.needs}, key=lambda w: (w[0] != "nonmember_prefix", w[1]))
     for need, shots in wanted:
         if need == "nonmember_prefix":
-            if data.utility is None or not len(data.utility):
+            if utility is None or not len(utility):
                 raise ConfigError("mia.attacks: ReCaLL's non-member prefix is drawn from the utility split, which is "
                                   "empty or absent (data.utility_split)")
-            prefix = draw_prefix(data.utility, shots, salt=0)
+            prefix = draw_prefix(utility, shots, salt=0)
         else:
-            prefix = draw_prefix(data.members, shots, salt=1)
-            in_member_prefix[shots] = np.r_[data.members.sample_id.isin(prefix.sample_id).to_numpy(),
-                                            np.zeros(len(data.non_members), bool)]
+            prefix = draw_prefix(members, shots, salt=1)
+            in_member_prefix[shots] = np.r_[members.sample_id.isin(prefix.sample_id).to_numpy(),
+                                            np.zeros(len(non_members), bool)]
         out[(need, shots)] = with_prefix(scorer.tokenize([prefix_text(prefix)])[0], record_ids, bos)
     return out, in_member_prefix
 
@@ -431,13 +430,6 @@ def _base_datasets(designs: dict[tuple[Design, int], StudyData]) -> dict[str, li
     return datasets
 
 
-def _split_names(study: StudyConfig, design: Design) -> tuple[str, str]:
-    """The `split` column's values for members and non-members of a design."""
-    if design == SPLITS:
-        return study.data.member_split, study.data.non_member_split
-    return f"{design}:member", f"{design}:non_member"
-
-
 def prepare_base_cache(ctx: StudyContext) -> None:
     """Compute and cache the base-model scores of the study's datasets (run by a distributed driver
     before fanning out, so workers only read them)."""
@@ -449,46 +441,32 @@ def prepare_base_cache(ctx: StudyContext) -> None:
 def run_mia(ctx: StudyContext, cells: Sequence[CellConfig] | None = None, *, force: bool = False,
             merge: bool = True) -> pd.DataFrame:
     """Membership inference on the finished runs of `cells` (default: every run of the study) that lack MIA
-    outputs (all of them with `force`). Writes per-run files and, with `merge`, merges the study-level files
-    and upserts `results.parquet` (the study stage leaves that to its merge, which runs once after every
-    cell). Returns the upserted rows (stages `mia` and `utility`)."""
+    outputs (all of them with `force`): each run a :class:`Subject` (:func:`study_subject`) measured by
+    :func:`measure_membership`. Writes per-run files and, with `merge`, merges the study-level files and upserts
+    `results.parquet` (the study stage leaves that to its merge, which runs once after every cell). Returns the
+    upserted rows (stages `mia` and `utility`)."""
     study, layout = ctx.study, ctx.layout
     attacks = check_attacks(study)
     todo = ctx.pending(RunFile.MIA_RESULTS, cells, force)
     if not todo:
         return pd.DataFrame()
+    references = "references" in needs_of(attacks)
     with scoring_progress(ctx.show_progress) as progress:
         scorer = Scorer(study.model, study.mia, layout.cache, progress)
         base = BaseScores(scorer, _base_datasets(ctx.designs()))
         freq = token_log_freq(scorer)
-        ref_stats = scorer.reference_statistics() if "references" in needs_of(attacks) else None
         runs_task = progress.add_task("membership inference", total=len(todo))
         all_rows = []
         for run_id, cell in todo:
             run_dir = layout.run_dir(run_id)
-            data = ctx.cell_data(cell)
-            members = _with_groups(read_members(run_dir), data)
             scorer.bank.add(run_id, run_dir)
-            start = time.perf_counter()
-            run_data = RunData(members, data.non_members, data.utility)
-            if ref_stats is not None:
-                refs = load_references(study, cell, layout, run_id)
-                texts = members.text.tolist() + data.non_members.text.tolist()
-                run_data.ref_models = ref_stats.matrix(refs, texts, also=population(data).text.tolist())
-                run_data.ref_in = in_matrix(refs, texts)
-            scores, utility = score_run(scorer, run_id, run_data, base, attacks, freq,
-                                        _split_names(study, cell.membership))
-            canaries = _run_canaries(scorer, run_id, run_dir, data.utility, base, attacks, freq)
-            bow = bow_row(members, data.non_members, study.mia, layout.cache) if study.mia.bag_of_words_baseline else None
-            utility["mia_wall_time_s"] = time.perf_counter() - start
-            meta = run_metadata(layout, run_id, cell, study)
-            rows = result_rows(scores, utility, attacks, study.mia, meta, bow)
-            if canaries is not None:
-                rows = _with_canary_columns(rows, canary_columns(canaries, attacks, study.mia))
-                atomic_write_parquet(run_dir / RunFile.CANARY_SCORES, canaries)
-            atomic_write_parquet(run_dir / RunFile.MIA_SCORES, scores)
-            atomic_write_parquet(run_dir / RunFile.MIA_RESULTS, rows)  # written last: marks the stage done
-            all_rows.append(rows)
+            measured = measure_membership(scorer, study_subject(ctx, run_id, cell, references=references), base,
+                                          attacks, token_log_freq=freq)
+            if measured.canary_scores is not None:
+                atomic_write_parquet(run_dir / RunFile.CANARY_SCORES, measured.canary_scores)
+            atomic_write_parquet(run_dir / RunFile.MIA_SCORES, measured.scores)
+            atomic_write_parquet(run_dir / RunFile.MIA_RESULTS, measured.rows)  # written last: marks the stage done
+            all_rows.append(measured.rows)
             progress.advance(runs_task)
     upserted = pd.concat(all_rows, ignore_index=True)
     if merge:
@@ -496,15 +474,41 @@ def run_mia(ctx: StudyContext, cells: Sequence[CellConfig] | None = None, *, for
     return upserted
 
 
-def _run_canaries(scorer: Scorer, run_id: str, run_dir: Path, utility: pd.DataFrame | None, base: BaseScores,
-                  attacks: list[ConfiguredAttack], freq: np.ndarray | None) -> pd.DataFrame | None:
-    """The scores of the designed canaries the run was trained with (None when it has none); `freq`: (vocabulary,)
-    token log-frequencies for DC-PDD, or None."""
-    path = run_dir / RunFile.AUDIT_CANARIES
-    if not path.exists():
-        return None
-    canaries = pd.read_parquet(path)
-    return _score_canaries(scorer, run_id, canaries, utility, base, attacks, freq) if len(canaries) else None
+@dataclass
+class Membership:
+    """What membership inference measured of one subject: `scores` (the mia_scores.parquet rows), `rows` (the
+    results rows: stage `mia`, one per attack and the bag-of-words check; stage `utility`) and `canary_scores`
+    (canary_scores.parquet rows of the subject's canaries, None without)."""
+
+    scores: pd.DataFrame
+    rows: pd.DataFrame
+    canary_scores: pd.DataFrame | None = None
+
+
+def measure_membership(scorer: Scorer, subject: Subject, base: BaseScores, attacks: list[ConfiguredAttack], *,
+                       token_log_freq: np.ndarray | None = None) -> Membership:
+    """Membership inference on one subject, the model attached to `scorer`'s bank as `subject.name`: one scoring
+    pass (:func:`score_run`), its canaries scored by the same attacks, the bag-of-words check between its counted
+    members and its non-members, and the metrics of the counted records (every record is scored and returned).
+    `token_log_freq`: (vocabulary,) for DC-PDD, or None. The one membership unit of the study, `attack_models`
+    and `memlens audit`."""
+    start = time.perf_counter()
+    mia = scorer.mia
+    scores, utility = score_run(scorer, subject, base, attacks, token_log_freq)
+    canaries = None
+    if subject.canaries is not None:
+        canaries = _score_canaries(scorer, subject.name, subject.canaries, subject.utility, base, attacks,
+                                   token_log_freq)
+    members, counted = subject.members, scores
+    if subject.counted is not None:
+        members = members[subject.counted[:len(members)]]
+        counted = scores[subject.counted].reset_index(drop=True)
+    bow = scorer.bag_of_words(members, subject.non_members) if mia.bag_of_words_baseline else None
+    utility["mia_wall_time_s"] = time.perf_counter() - start
+    rows = result_rows(counted, utility, attacks, mia, subject.meta, bow)
+    if canaries is not None:
+        rows = _with_canary_columns(rows, canary_columns(canaries, attacks, mia))
+    return Membership(scores, rows, canaries)
 
 
 def _with_canary_columns(rows: pd.DataFrame, columns: dict[str, dict]) -> pd.DataFrame:
@@ -533,19 +537,6 @@ def merge_study(layout: StudyLayout) -> None:
 
 
 # ------------------------------------------------------------------------------------- direct API
-def attack_run(scorer: Scorer, name: str, data: RunData, base: BaseScores, attacks: list[ConfiguredAttack],
-               meta: dict, *, token_log_freq: np.ndarray | None = None, bow: dict | None = None,
-               split_names: tuple[str, str] = ("member", "non_member"),
-               scored_in_metrics: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Membership inference on the model attached to `scorer`'s bank as `name`, without a study: (per-record
-    scores, result rows of stages `mia` and `utility`), as `run_mia` writes them. `meta` are the rows' identifying
-    columns; `scored_in_metrics` (records,) bool, when given, keeps only those records in the metrics (every
-    record is scored and returned)."""
-    scores, utility = score_run(scorer, name, data, base, attacks, token_log_freq, split_names)
-    counted = scores if scored_in_metrics is None else scores[scored_in_metrics].reset_index(drop=True)
-    return scores, result_rows(counted, utility, attacks, scorer.mia, meta, bow)
-
-
 def _as_frame(records, split: str, is_member: bool) -> pd.DataFrame:
     if isinstance(records, pd.DataFrame):
         frame = records.copy()
@@ -587,28 +578,27 @@ def attack_models(model: str | ModelConfig, adapters: dict[str, str | Path] | Se
     attacks = check_attack_inputs(mia.attacks, mia.reference_corpus, utility=utility is not None)
     if not isinstance(adapters, dict):
         adapters = {Path(p).name: p for p in adapters}
-    data = RunData(_as_frame(members, "member", True), _as_frame(non_members, "non_member", False),
-                   _as_frame(utility, "utility", False) if utility is not None else None)
+    members, non_members = _as_frame(members, "member", True), _as_frame(non_members, "non_member", False)
+    utility = _as_frame(utility, "utility", False) if utility is not None else None
     with scoring_progress(show_progress) as progress:
         scorer = Scorer(model_cfg, mia, Path(cache_dir) if cache_dir else None, progress)
-        datasets = {"members": data.members.text.tolist(), "non_members": data.non_members.text.tolist()}
-        if data.utility is not None:
-            datasets["utility"] = data.utility.text.tolist()
+        datasets = {"members": members.text.tolist(), "non_members": non_members.text.tolist()}
+        if utility is not None:
+            datasets["utility"] = utility.text.tolist()
         base = BaseScores(scorer, datasets)
         freq = token_log_freq(scorer)
         task = progress.add_task("membership inference", total=len(adapters))
         scores_parts, result_parts = [], []
-        bow = (bow_row(data.members, data.non_members, mia, Path(cache_dir) if cache_dir else None)
-               if mia.bag_of_words_baseline else None)
         for name, path in adapters.items():
             path = Path(path)
             if (path / PEFT_CONFIG).is_file() and not (path.parent / RunFile.TRAIN).is_file():
                 scorer.bank.add_adapter(name, path)  # an adapter saved by plain PEFT
             else:  # a run folder, or its adapter/ (its checksums are verified)
                 scorer.bank.add(name, path.parent if path.name == "adapter" else path)
-            meta = {"run_id": name, "model": model_cfg.name_or_path}
-            scores, rows = attack_run(scorer, name, data, base, attacks, meta, token_log_freq=freq, bow=bow)
-            scores_parts.append(scores)
-            result_parts.append(rows)
+            subject = Subject(name, members, non_members, {"run_id": name, "model": model_cfg.name_or_path},
+                              utility=utility)
+            measured = measure_membership(scorer, subject, base, attacks, token_log_freq=freq)
+            scores_parts.append(measured.scores)
+            result_parts.append(measured.rows)
             progress.advance(task)
     return pd.concat(scores_parts, ignore_index=True), pd.concat(result_parts, ignore_index=True)

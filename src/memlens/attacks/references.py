@@ -111,16 +111,39 @@ def reference_data(study: StudyConfig, data: StudyData, k: int) -> tuple[StudyDa
     ref = StudyData(members=records[heads].reset_index(drop=True), non_members=records[~heads].reset_index(drop=True),
                     utility=data.utility, design=data.design)
     record = ReferenceRecord(run_id="", index=k, seed=REF_SEED + k, unit=unit, n_in=int(heads.sum()),
-                             n_population=len(records), population_hash=stable_hash(records.text.tolist())[:16])
+                             n_population=len(records), population_hash=population_hash(data))
     return ref, record
 
 
+def population_hash(data: StudyData) -> str:
+    """The identity of a membership experiment's records: a hash of their texts. A reference trained on other
+    records (another non-member file in an audit folder, a changed data file) is stale: part of the population is
+    OUT of every such reference, so it is trained again, never read."""
+    return stable_hash(population(data).text.tolist())[:16]
+
+
 # ------------------------------------------------------------------------------------- training
-def is_trained(layout: StudyLayout, ref_id: str) -> bool:
+def is_trained(layout: StudyLayout, ref_id: str, population: str | None = None) -> bool:
     """Whether the reference `ref_id` is complete (its reference.json is written last, and reads: a damaged one is
-    written again from the reference's train.json by the next `memlens run`)."""
+    written again from the reference's train.json by the next `memlens run`) and, given `population` (a
+    :func:`population_hash`), trained on those records."""
     path = layout.references.run_file(ref_id, RunFile.REFERENCE)
-    return path.exists() and unreadable(path) is None
+    if not path.exists() or unreadable(path) is not None:
+        return False
+    if population is None:
+        return True
+    record = ReferenceRecord.read(path)
+    return record is not None and record.population_hash == population
+
+
+def _remove(layout: StudyLayout, ref_id: str) -> None:
+    """Delete a reference's folder (renamed to a temp name first: atomic); the caller holds its lock."""
+    final = layout.references.run_dir(ref_id)
+    if final.is_dir():
+        trash = final.parent / f".{ref_id}.tmp-forced"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -181,9 +204,12 @@ def train_references(study: StudyConfig, cells: Sequence[CellConfig], data_of: C
     matrices train together, `train.together` at a time. A reference another process is training (its lock is
     held) is skipped while others remain, then waited for."""
     todo: dict[str, tuple[CellConfig, int]] = {}
+    wanted: dict[str, str] = {}  # ref_id -> the population hash it must be trained on
     for cell in cells:
+        expected = population_hash(data_of(cell))
         for k, ref_id in enumerate(reference_ids(study, cell)):
-            if not is_trained(layout, ref_id):
+            wanted[ref_id] = expected
+            if not is_trained(layout, ref_id, expected):
                 todo.setdefault(ref_id, (cell, k))
     trained: list[str] = []
     announce = True
@@ -193,7 +219,12 @@ def train_references(study: StudyConfig, cells: Sequence[CellConfig], data_of: C
             with contextlib.ExitStack() as locks:
                 claimed = [r for r in group
                            if locks.enter_context(_lock(layout.references.lock_file(r), blocking=False))]
-                fresh = [r for r in claimed if not is_trained(layout, r)]
+                fresh = [r for r in claimed if not is_trained(layout, r, wanted[r])]
+                for ref_id in fresh:
+                    if is_trained(layout, ref_id):  # trained on other records: never read, trained again
+                        log.warning("reference %s was trained on other records than this run's (population %s): "
+                                    "training it again", ref_id, wanted[ref_id])
+                    _remove(layout, ref_id)
                 if len(fresh) == 1:  # alone (train.together 1, DP, full fine-tuning...) or the last of a group
                     cell, k = todo[fresh[0]]
                     train_reference(study, cell, k, data_of(cell), layout, tokenizer, progress)
@@ -217,13 +248,9 @@ def remove_references(study: StudyConfig, cells: Sequence[CellConfig], layout: S
     """Delete the references of `cells`' recipes (`--force references`); returns the run_ids removed."""
     removed = []
     for ref_id in dict.fromkeys(r for c in cells for r in reference_ids(study, c)):
-        final = layout.references.run_dir(ref_id)
-        if final.is_dir():
+        if layout.references.run_dir(ref_id).is_dir():
             with _lock(layout.references.lock_file(ref_id), blocking=True):
-                trash = final.parent / f".{ref_id}.tmp-forced"
-                shutil.rmtree(trash, ignore_errors=True)
-                os.replace(final, trash)
-                shutil.rmtree(trash, ignore_errors=True)
+                _remove(layout, ref_id)
             removed.append(ref_id)
     return removed
 
@@ -240,15 +267,21 @@ class Reference:
     artifacts: str            # hash of its adapter files' checksums (part of its scores' cache key)
 
 
-def load_references(study: StudyConfig, cell: CellConfig, layout: StudyLayout, run_id: str = "") -> list[Reference]:
-    """The trained references of `cell`'s recipe; a missing one is an error saying how to train it."""
-    refs = []
+def load_references(study: StudyConfig, cell: CellConfig, layout: StudyLayout, data: StudyData,
+                    run_id: str = "") -> list[Reference]:
+    """The trained references of `cell`'s recipe on `data`'s records; a missing one, or one trained on other
+    records, is an error saying how to train it."""
+    refs, expected = [], population_hash(data)
     for ref_id in reference_ids(study, cell):
         run_dir = layout.references.run_dir(ref_id)
         if not is_trained(layout, ref_id):
             raise RuntimeError(f"reference adapter {ref_id} of run {run_id or cell.run_id(study)} is not trained "
                                f"({run_dir}); the `references` stage trains it: memlens run (or --only references)")
         record = ReferenceRecord.load(run_dir / RunFile.REFERENCE)
+        if record.population_hash != expected:
+            raise RuntimeError(f"reference adapter {ref_id} of run {run_id or cell.run_id(study)} was trained on other "
+                               f"records (population {record.population_hash}, these {expected}); the `references` "
+                               "stage trains it again: memlens run (or --only references)")
         train = TrainRecord.load(run_dir / RunFile.TRAIN)
         refs.append(Reference(ref_id, run_dir, record.index, frozenset(read_members(run_dir).text),
                               stable_hash(train.artifacts or {})[:16]))
@@ -317,5 +350,5 @@ class ReferenceStatistics:
 
 
 __all__ = ["REF_SEED", "Reference", "ReferenceStatistics", "coin_unit", "in_matrix", "is_trained", "load_references",
-           "population", "reference_cell", "reference_data", "reference_ids", "reference_study", "remove_references",
+           "population", "population_hash", "reference_cell", "reference_data", "reference_ids", "reference_study", "remove_references",
            "train_reference", "train_reference_group", "train_references"]

@@ -66,8 +66,8 @@ class Target:
 
 
 def _base_config(cfg: AuditConfig, name: str) -> ModelConfig:
-    return ModelConfig(name_or_path=name, dtype=cfg.dtype, device=cfg.device, load_in_8bit=cfg.load_in_8bit,
-                       trust_remote_code=cfg.trust_remote_code)
+    """The audit's model settings (`audit.model`) for the model `name`."""
+    return ModelConfig(**cfg.model.model_dump(exclude={"name_or_path"}), name_or_path=name)
 
 
 def _run_folder(path: Path) -> Path | None:
@@ -89,8 +89,8 @@ def _from_run(cfg: AuditConfig, run_dir: Path) -> Target:
     if record is None:
         raise ConfigError(f"audit.target: {run_dir / RunFile.CELL} cannot be read")
     cell = record.cell
-    base = study.model.model_copy(update={"device": cfg.device,
-                                          "load_in_8bit": study.model.load_in_8bit or cfg.load_in_8bit})
+    base = study.model.model_copy(update={"device": cfg.model.device,
+                                          "load_in_8bit": study.model.load_in_8bit or cfg.model.load_in_8bit})
     if cfg.base is not None:
         base = base.model_copy(update={"name_or_path": cfg.base})
     return Target(kind="run", name=run_dir.name, source=run_dir, base=base, method=cell.method,

@@ -9,13 +9,13 @@ that `mia.attacks` defaults to every attack the audit's inputs can feed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from memlens.config.errors import ConfigError, format_validation_error
-from memlens.config.loading import apply_overrides
+from memlens.config.loading import apply_overrides, read_yaml_file
 from memlens.config.schema import (
     AttackSpec,
     CanaryConfig,
@@ -41,6 +41,21 @@ class AuditMIAConfig(MIAConfig):
         "and LiRA / RMIA when `references` are trained.")
 
 
+class AuditModelConfig(ModelConfig):
+    """The base model of an audit (the study's `model` section): the reference of the ratio attacks and what the
+    target is attached to."""
+
+    name_or_path: str | None = Field(None, description="The base model (folder or hub id). `null`: the adapter's "
+                                     "`base_model_name_or_path`, or a run folder's study model; required for a full "
+                                     "model (`--base`).")
+
+
+# top-level fields of earlier audit files (and the command's options) that are the base model's settings
+MODEL_FIELDS = {"base": "name_or_path", "dtype": "dtype", "device": "device", "load_in_8bit": "load_in_8bit",
+                "trust_remote_code": "trust_remote_code", "revision": "revision",
+                "attn_implementation": "attn_implementation"}
+
+
 class AuditConfig(BaseModel):
     """One audit of a fine-tuned model."""
 
@@ -50,8 +65,11 @@ class AuditConfig(BaseModel):
     target: str = Field(..., description="The model audited: a PEFT adapter folder (its adapter_config.json names "
                         "the base), a full fine-tuned model folder or hub id (`base` is then required), or a memlens "
                         "run folder (`<out>/runs/<run_id>`: its study gives the base, the members and non-members).")
-    base: str | None = Field(None, description="The base model (folder or hub id): the reference of the ratio "
-                             "attacks. `null`: the adapter's `base_model_name_or_path`, or a run folder's study model.")
+    model: AuditModelConfig = Field(default_factory=AuditModelConfig, description="The base model and how it is "
+                                    "loaded (the study's `model` section: `name_or_path`, `revision`, `dtype`, "
+                                    "`device`, `load_in_8bit`, `trust_remote_code`, `attn_implementation`); the "
+                                    "options `--base`, `--dtype`, `--device`, `--load-in-8bit` set its fields (so do "
+                                    "top-level `base:`, `dtype:`... in an audit file).")
     members: str | None = Field(None, description="Records known to be in the training set: a .jsonl, .csv, "
                                 ".parquet or .txt file (one record a line), or `hub:NAME:SPLIT`. Optional for a "
                                 "run folder (its members.parquet).")
@@ -72,16 +90,34 @@ class AuditConfig(BaseModel):
     train_config: str | None = Field(None, description="YAML file of the optimiser settings the target was trained "
                                      "with (the study's `train` fields, at the top level or under `train:`); needed "
                                      "by `references` unless the target is a memlens run folder.")
-    load_in_8bit: bool = Field(False, description="Load the base model in 8 bits (bitsandbytes), as studies do.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype of the "
-                                                                      "base (and full) model.")
-    device: str = Field("auto", description="`auto`, `cpu`, `cuda`, `cuda:1`, `mps`...")
-    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off by default.")
     mia: AuditMIAConfig = Field(default_factory=AuditMIAConfig, description="Membership-inference settings (the "
                                 "study's `mia` section; `references` is the field above).")
     extraction: ExtractionConfig = Field(default_factory=ExtractionConfig, description="Prompted-prefix "
                                          "extraction on a sample of members and exposure of the canaries (the "
                                          "study's `extraction` section).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_fields_at_top(cls, raw: Any) -> Any:
+        """`base: X`, `dtype: Y`... at the top level (the command's options, earlier audit files) into `model`; the
+        same field in both places is refused."""
+        if not isinstance(raw, dict) or not set(raw) & set(MODEL_FIELDS):
+            return raw
+        raw = dict(raw)
+        model = dict(raw.get("model") or {})
+        for flat, field in MODEL_FIELDS.items():
+            if flat in raw:
+                value = raw.pop(flat)
+                if field in model and model[field] != value:
+                    raise ValueError(f"`{flat}` and `model.{field}` both set ({value!r}, {model[field]!r}): set one")
+                model[field] = value
+        raw["model"] = model
+        return raw
+
+    @property
+    def base(self) -> str | None:
+        """The base model's name or path (`--base`), or None when the target names it."""
+        return self.model.name_or_path
 
     @field_validator("references")
     @classmethod
@@ -148,12 +184,7 @@ def load_audit(path: str | Path | None = None, overrides: list[str] | None = Non
     if raw is None:
         raw = {}
         if path is not None:
-            try:
-                document = yaml.safe_load(Path(path).read_text()) or {}
-            except FileNotFoundError:
-                raise ConfigError(f"audit file not found: {path}") from None
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            document = read_yaml_file(path, "audit file") or {}
             if not isinstance(document, dict) or set(document) != {AUDIT_SECTION}:
                 keys = sorted(document) if isinstance(document, dict) else type(document).__name__
                 raise ConfigError(f"{path}: an audit file holds one section, `{AUDIT_SECTION}:`, with the audit's "
@@ -170,4 +201,4 @@ def load_audit(path: str | Path | None = None, overrides: list[str] | None = Non
         raise ConfigError(message.replace("\n  ", f"\n  {AUDIT_SECTION}.")) from None
 
 
-__all__ = ["AUDIT_SECTION", "AuditConfig", "AuditMIAConfig", "audit_study", "load_audit", "read_train_config"]
+__all__ = ["AUDIT_SECTION", "AuditConfig", "AuditMIAConfig", "AuditModelConfig", "audit_study", "load_audit", "read_train_config"]

@@ -59,6 +59,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def read_yaml_file(path: str | Path, what: str = "file") -> Any:
+    """The document of a YAML (or JSON) file: the one reader of memlens' files (study, audit, recipe, study.yaml);
+    a missing file or bad YAML is a ConfigError naming `what` and the path."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
 def load_study(path: str | Path | None = None, overrides: list[str] | None = None,
                raw: dict[str, Any] | None = None) -> StudyConfig:
     """Read a study from a YAML file (or a dict), apply `--set` overrides and validate it."""
@@ -66,12 +77,7 @@ def load_study(path: str | Path | None = None, overrides: list[str] | None = Non
     if raw is None:
         raw = {}
         if path is not None:
-            try:
-                raw = yaml.safe_load(Path(path).read_text()) or {}
-            except FileNotFoundError as exc:
-                raise ConfigError(f"study file not found: {path}") from exc
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raw = read_yaml_file(path, "study file") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
     raw = apply_overrides(json.loads(json.dumps(raw)), overrides or [])

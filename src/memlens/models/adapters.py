@@ -92,11 +92,12 @@ def _features(module: torch.nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def check_adapter_fits(model: torch.nn.Module, adapter: Path, base_label: str) -> None:
+def check_adapter_fits(model: torch.nn.Module, adapter: Path, base_label: str, peft: dict | None = None) -> None:
     """Refuse a LoRA adapter whose matrices do not fit `model`'s layers (another base model, another size),
     naming the layer, both shapes, the adapter and the base (`base_label`), before PEFT loads it. Reads only
     the tensors' shapes from the safetensors header. Shapes: lora_A (rank, in features), lora_B (out features,
-    rank); embeddings' lora_embedding_A (rank, vocabulary), lora_embedding_B (width, rank)."""
+    rank); embeddings' lora_embedding_A (rank, vocabulary), lora_embedding_B (width, rank). `peft`: its
+    adapter_config.json when the caller has read it."""
     from safetensors import safe_open
 
     adapter = Path(adapter)
@@ -105,7 +106,7 @@ def check_adapter_fits(model: torch.nn.Module, adapter: Path, base_label: str) -
         raise ConfigError(f"{adapter}: no {PEFT_WEIGHTS} (memlens loads only safetensors adapters; save it with "
                           "model.save_pretrained(folder, safe_serialization=True))")
     named = dict(model.named_modules())
-    trained_on = read_peft_config(adapter).get("base_model_name_or_path") or "a base it does not name"
+    trained_on = (peft or read_peft_config(adapter)).get("base_model_name_or_path") or "a base it does not name"
     with safe_open(str(weights), framework="pt") as handle:
         shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     for key, shape in sorted(shapes.items()):
@@ -181,13 +182,13 @@ class AdapterBank:
                                     "is its fine-tune finished?")
         self.add_adapter(name, adapter)
 
-    def add_adapter(self, name: str, adapter: Path, base_label: str | None = None) -> None:
+    def add_adapter(self, name: str, adapter: Path, base_label: str | None = None, peft: dict | None = None) -> None:
         """Attach a PEFT adapter folder (adapter_config.json and safetensors weights, saved by memlens or by plain
         PEFT) under `name`; one whose matrices do not fit the base is refused (:func:`check_adapter_fits`),
-        naming the base as `base_label` (default: its name_or_path)."""
+        naming the base as `base_label` (default: its name_or_path). `peft`: its adapter_config.json, when read."""
         adapter = Path(adapter)
         split_fused_modules(self.base, read_adapter_meta(adapter)["fused_suffixes"])
-        check_adapter_fits(self.base, adapter, base_label or str(getattr(self.base, "name_or_path", "")))
+        check_adapter_fits(self.base, adapter, base_label or str(getattr(self.base, "name_or_path", "")), peft)
         peft_name = self._lora.get(name, f"run_{len(self._lora)}")  # a run id may hold a "." (lr0.01, dp0.5)
         if isinstance(self.model, PeftModel):
             with quiet_peft_wrap():

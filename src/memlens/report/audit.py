@@ -7,8 +7,9 @@ bag-of-words check, extraction rates, n-gram share vs perplexity, utility). :fun
 as `report/index.html` (the study report's HTML), `report/index.md` (Markdown, figures linked) and
 `model-card.md`, a "Privacy evaluation" section in the style of a Hugging Face model card.
 
-The verdict reads three measures: the membership AUC of the primary attack (:data:`PRIMARY_ATTACK`, its interval
-above 0.5), the canaries' exposure (a secret ranked above all but a share `EXPOSED_P / canaries` of random secrets
+The verdict reads three measures: the membership AUC of the headline attack (the first of the declared
+:data:`~memlens.attacks.registry.HEADLINE_ORDER` that ran, :func:`~memlens.attacks.registry.headline_attack`; its
+interval above 0.5), the canaries' exposure (a secret ranked above all but a share `EXPOSED_P / canaries` of random secrets
 of its format: under a model that did not learn it, its rank is uniform, so that share is a p-value, Bonferroni
 over the canaries) and, when words alone separate the two files, the bag-of-words check, which then heads it.
 """
@@ -21,14 +22,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import pandas as pd
-import yaml
+from pydantic import ValidationError
 
-from memlens.config import AuditConfig, ExtractionConfig, MIAConfig, ModelConfig, audit_study
+from memlens.attacks.registry import headline_attack
+from memlens.config import AuditConfig, ConfigError, StudyConfig, load_audit
 from memlens.report import membership as mb
 from memlens.report import memorization as mz
 from memlens.report.frontier import Utility, utility
 from memlens.report.html import CSS, inline_html, section_html, write_index, write_sections
-from memlens.report.inputs import PRIMARY_ATTACK, Environment, StudyResults, inputs_fingerprint
+from memlens.report.inputs import Environment, StudyResults, inputs_fingerprint
 from memlens.report.mdsections import Document
 from memlens.report.mdsections import section as section_markdown
 from memlens.report.mdtable import md_table
@@ -37,7 +39,6 @@ from memlens.store import StudyFile, StudyLayout, atomic_write_text
 from memlens.store.records import AuditRecord
 
 EXPOSED_P = 0.01  # a canary is exposed when its secret's rank p-value is below this over the number of canaries
-FALLBACK_ATTACK = "loss"  # the verdict's attack when the primary did not run
 
 
 # ------------------------------------------------------------------------------------- sections
@@ -75,8 +76,8 @@ class CanaryResults(Section):
     threshold_bits: float = math.nan
 
     def blocks(self) -> list[Block]:
-        quantile = Text(f"`{PRIMARY_ATTACK}` quantile: the share of non-members whose membership score is below the "
-                        "canary's (the canaries are not counted in the membership AUC).")
+        quantile = Text("`<attack>_quantile`: the share of non-members whose membership score (the headline attack's) "
+                        "is below the canary's (the canaries are not counted in the membership AUC).")
         exposure = Text(f"Exposure (Carlini et al. 2019): log2 of the number of random secrets of the canary's format "
                         f"over the secret's rank among them (1 = most likely), exact when every secret was ranked, "
                         f"else estimated from a sample. Exposed: at least {self.threshold_bits:.1f} bits, a rank a "
@@ -159,7 +160,7 @@ def canary_table(data: StudyResults, record: AuditRecord) -> pd.DataFrame:
     canaries = scores[scores.is_canary.astype(bool)] if len(scores) else scores
     if canaries.empty:
         return pd.DataFrame()
-    primary = PRIMARY_ATTACK if PRIMARY_ATTACK in scores else FALLBACK_ATTACK
+    primary = headline_attack([a for a in record.attacks if a in scores])
     non_members = scores.loc[~scores.is_member.astype(bool), primary].to_numpy()
     table = pd.DataFrame({"canary": canaries.sample_id.to_numpy(),
                           f"{primary}_quantile": [(non_members < v).mean() for v in canaries[primary]]})
@@ -242,8 +243,7 @@ def leak_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResult
     mia, level = data.mia, data.study.mia.ci_level
     if mia.empty:
         return LeakSummary(omitted=Omission("the first screen", "no membership-inference results"))
-    primary = _metric_row(mia, PRIMARY_ATTACK) if PRIMARY_ATTACK in set(mia.attack) else _metric_row(mia,
-                                                                                                     FALLBACK_ATTACK)
+    primary = _metric_row(mia, headline_attack(mia.attack.tolist()))
     # the best AUC; among equal ones the verdict's attack, then by name
     best = mia.assign(_own=mia.attack != (primary.attack if primary is not None else None)).sort_values(
         ["auc", "_own", "attack"], ascending=[False, True, True]).iloc[0]
@@ -300,13 +300,16 @@ def leak_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResult
 
 
 def load_audit_results(root: Path) -> tuple[AuditConfig, AuditRecord, StudyResults]:
-    """The audit folder's configuration, record and results (its study view: :func:`audit_study`)."""
+    """The audit folder's configuration (`audit.yaml`), record (`audit.json`, with the one-run study the audit ran)
+    and results."""
     layout = StudyLayout(Path(root))
     record = AuditRecord.load(layout.root / StudyFile.AUDIT_RECORD)
-    raw = yaml.safe_load(layout.audit_file.read_text()) or {}
-    config = AuditConfig.model_validate(raw.get("audit", raw))
-    study = audit_study(config, ModelConfig.model_validate(record.base), MIAConfig.model_validate(record.mia),
-                        ExtractionConfig.model_validate(record.extraction))
+    config = load_audit(layout.audit_file)
+    try:
+        study = StudyConfig.model_validate(record.study)
+    except ValidationError as err:
+        raise ConfigError(f"{layout.root / StudyFile.AUDIT_RECORD}: its `study` does not read ({err.error_count()} "
+                          "problem(s)); rerun `memlens audit` into this folder") from None
     results = pd.read_parquet(layout.results_file) if layout.results_file.exists() else pd.DataFrame()
 
     def read(name: str) -> pd.DataFrame:
@@ -373,9 +376,10 @@ def overview(a: AuditAnalysis) -> Overview:
     refs = f", with {r.references} reference models trained on random halves of the records" if r.references else ""
     methods = [f"Membership inference: {', '.join(f'`{x}`' for x in r.attacks)}{refs}; the bag-of-words check "
                "between the two files."]
-    if r.extraction.get("enabled", True):
-        methods.append(f"Prompted-prefix extraction: the first half of up to {r.extraction.get('members')} members, "
-                       f"{r.extraction.get('non_members')} non-members and every canary, continued by the model and by "
+    extraction = a.data.study.extraction
+    if extraction.enabled:
+        methods.append(f"Prompted-prefix extraction: the first half of up to {extraction.members} members, "
+                       f"{extraction.non_members} non-members and every canary, continued by the model and by "
                        "the base model; canary exposure (Carlini et al. 2019).")
     return Overview(model=f"The model: {model}, base model `{r.base['name_or_path']}`{eight}, also the reference model "
                           "of the ratio attacks" + (" (the adapter disabled)." if r.method == "lora" else "."),

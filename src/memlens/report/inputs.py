@@ -1,5 +1,7 @@
 """What the report reads from a study folder, loaded once through :class:`memlens.store.StudyLayout`, and the
-report's two shared definitions: the primary attack and the exposure of a secret."""
+report's two shared definitions, both of the attacks layer: the primary attack (:data:`PRIMARY_ATTACK`, the study's
+attack P_ref / P_ft: every headline number of the report, i.e. study table, ROC, AUC vs rank, copies, DeLong tests,
+findings, frontier, headline, uses it and only it) and the exposure of a secret (:func:`exposure_bits`)."""
 
 from __future__ import annotations
 
@@ -12,26 +14,15 @@ import numpy as np
 import pandas as pd
 
 from memlens.attacks.bow import BOW_ATTACK
+from memlens.attacks.exposure import exposure_bits
+from memlens.attacks.registry import PRIMARY_ATTACK
 from memlens.config import SPLITS, Design, StudyConfig
 from memlens.store import RUN_COLUMNS, StudyFile, StudyLayout
 from memlens.store.integrity import read_study_parquet
 from memlens.store.records import StatusRecord
 
-# The study's attack (P_ref / P_ft): every headline number of the report (study table, ROC, AUC vs rank,
-# copies, DeLong tests, findings, frontier, headline) uses it, and only it.
-PRIMARY_ATTACK = "ref_ratio"
 REPORT_INPUTS = (StudyFile.RESULTS, StudyFile.MIA_SCORES, StudyFile.EXTRACTION, StudyFile.EXPOSURE, StudyFile.STUDY)
 DEFAULT_DESIGN: Design = SPLITS  # the membership design of runs made before results carried one
-
-
-def exposure_bits(rows: pd.DataFrame) -> pd.Series:
-    """The exposure of the secret (bits) of exposure rows (results.parquet stage `exposure`): the exact
-    rank-based exposure when the whole secret space was enumerated, else the skew-normal extrapolation (a
-    sampled rank cannot exceed log2 of the sample size). The one definition the report uses."""
-    if rows.empty:
-        return pd.Series(dtype=float, index=rows.index)
-    enumerated = rows.enumerated.fillna(False).astype(bool)
-    return pd.Series(np.where(enumerated, rows.exposure_rank, rows.exposure_skewnorm), index=rows.index, dtype=float)
 
 
 @dataclass

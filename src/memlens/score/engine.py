@@ -56,13 +56,16 @@ class SequenceStats:
         return getattr(self, field)[self.offsets[i]:self.offsets[i + 1]]
 
     def segment_sums(self, values: np.ndarray) -> np.ndarray:
-        """(sequences,) the sum of `values` (scored tokens,) over each sequence's tokens (0 for none)."""
-        sums = np.add.reduceat(values, self.offsets[:-1]) if len(values) else np.zeros(len(self))
-        return np.where(self.n_tokens > 0, sums, 0.0)  # reduceat repeats a value for empty segments
+        """(sequences,) the sum of `values` (scored tokens,) over each sequence's tokens; NaN for a sequence with
+        no scored token, wherever it stands (a one-token record under a tokenizer without BOS)."""
+        # reduceat needs every start index < len: one trailing 0 makes the last sequence's start valid when empty
+        padded = np.append(np.asarray(values, dtype=np.float64), 0.0)
+        sums = np.add.reduceat(padded, self.offsets[:-1]) if len(self) else np.zeros(0)
+        return np.where(self.n_tokens > 0, sums, np.nan)  # reduceat repeats a value for empty segments
 
     def reduce(self, field: str = "logprob", op: str = "sum") -> np.ndarray:
         """Per-sequence sum or mean of a per-token field (float64); NaN for a sequence with no token."""
-        sums = self.segment_sums(getattr(self, field).astype(np.float64))
+        sums = self.segment_sums(getattr(self, field))
         n = self.n_tokens
         if op == "sum":
             return sums

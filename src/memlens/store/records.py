@@ -121,8 +121,7 @@ class AuditRecord(Record):
     attacks: list[str]           # result names of the membership attacks run
     references: int = 0
     group: str | None = None
-    mia: dict[str, Any]          # the MIAConfig and ExtractionConfig the audit ran with
-    extraction: dict[str, Any]
+    study: dict[str, Any]        # the audit as the one-run study it ran (StudyConfig): what its report reads
     notes: list[str] = []        # what the audit could not run, and why
     wall_time_s: float | None = None
     written: str | None = None

@@ -29,7 +29,14 @@ from memlens.attacks.extraction import run_extraction
 from memlens.attacks.mia import check_membership_records, prepare_base_cache, run_mia
 from memlens.attacks.mia import merge_study as merge_mia
 from memlens.attacks.privacy_audit import AUDIT_STAGE, run_privacy_audit
-from memlens.attacks.references import is_trained, population, reference_ids, remove_references, train_references
+from memlens.attacks.references import (
+    is_trained,
+    population,
+    population_hash,
+    reference_ids,
+    remove_references,
+    train_references,
+)
 from memlens.attacks.registry import check_attacks
 from memlens.config import CellConfig, ConfigError, StudyConfig
 from memlens.context import StudyContext
@@ -203,9 +210,12 @@ class ReferencesStage(Stage):
         return None  # a reference whose reference.json is unreadable is not trained (is_trained): trained again
 
     def done(self, ctx: StudyContext, run_id: str) -> bool:
-        """Every reference of the run's recipe is trained."""
+        """Every reference of the run's recipe is trained, on its records."""
         cell = ctx.cells.get(run_id)
-        return cell is not None and all(is_trained(ctx.layout, ref_id) for ref_id in reference_ids(ctx.study, cell))
+        if cell is None:
+            return False
+        expected = population_hash(ctx.cell_data(cell))
+        return all(is_trained(ctx.layout, ref_id, expected) for ref_id in reference_ids(ctx.study, cell))
 
     def groups(self, ctx: StudyContext, run_ids: list[str]) -> list[list[str]]:
         """With `train.together` > 1, every cell at once: the references of all their recipes are grouped."""

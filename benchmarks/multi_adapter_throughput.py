@@ -47,6 +47,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from memlens.attacks.references import train_references  # noqa: E402
 from memlens.config import load_study  # noqa: E402
+from memlens.context import StudyContext  # noqa: E402
 from memlens.data import load_study_data  # noqa: E402
 from memlens.models import load_tokenizer  # noqa: E402
 from memlens.store import StudyLayout  # noqa: E402
@@ -142,17 +143,15 @@ def references(args, root: Path) -> None:
                     mia={"references": 8, "attacks": ["loss", "ref_ratio", "lira"]})
     walls = {}
     for together in (1, 8):
-        st = study(root / f"refs-{together}", "llama-tiny", args, together, **sections)
-        layout = StudyLayout(st.out_dir)
-        data_of = {d: load_study_data(st.data, d) for d in st.data.membership}
-        tokenizer = load_tokenizer(st.model)
-        cell = st.cells()[0]
+        ctx = StudyContext(study(root / f"refs-{together}", "llama-tiny", args, together, **sections))
+        cell = ctx.study.cells()[0]
+        data, tokenizer = ctx.cell_data(cell), ctx.tokenizer()  # loaded before the clocks start
         if together == 1:
             start = time.perf_counter()
-            finetune_cell(st, cell, data_of[cell.membership], layout, tokenizer)
+            finetune_cell(ctx.study, cell, data, ctx.layout, tokenizer)
             walls["target"] = time.perf_counter() - start
         start = time.perf_counter()
-        train_references(st, [cell], data_of.__getitem__, layout, tokenizer)
+        train_references(ctx.study, [cell], ctx.cell_data, ctx.layout, tokenizer)  # as the references stage calls it
         walls[together] = time.perf_counter() - start
     print(f"\nreferences (llama-tiny, random design over {args.ref_records} PHEE records, q,v rank 8, "
           f"{args.ref_epochs:g} epochs; load average {os.getloadavg()[0]:.1f}):")

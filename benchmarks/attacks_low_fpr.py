@@ -18,7 +18,8 @@ Prints, from `results.parquet`:
   4. wall times (fine-tune per cell, membership stage, total).
 
     nice -n 10 python benchmarks/attacks_low_fpr.py --out /tmp/lowfpr          # the README's figures
-    python benchmarks/attacks_low_fpr.py --quick --out /tmp/lowfpr-q           # a smoke run (minutes)
+    python benchmarks/attacks_low_fpr.py --quick --out /tmp/lowfpr-q           # a short run (minutes)
+    python benchmarks/attacks_low_fpr.py --smoke --out /tmp/lowfpr-s           # seconds (the test suite's)
 """
 
 from __future__ import annotations
@@ -54,10 +55,10 @@ def study(args, noise: list, seeds: list[int]):
         "grid": {"target_modules": [args.modules.split(",")], "rank": [args.rank], "seed": seeds,
                  "noise_multiplier": noise},
         "train": {"epochs": args.epochs, "batch_size": 16, "grad_accum": 4, "warmup_steps": 0,
-                  "learning_rate": args.lr},
+                  "learning_rate": args.lr, **({"max_steps": args.max_steps} if args.max_steps else {})},
         "dp": {"target_epsilon": 8.0, "delta": 1e-5, "accountant": "prv", "audit_canaries": args.canaries,
                "audit_design": FAMILIES, "audit_attack": args.audit_attack},
-        "mia": {"attacks": ATTACKS, "bootstrap": 1000, "bag_of_words_baseline": False},
+        "mia": {"attacks": ATTACKS, "bootstrap": args.bootstrap, "bag_of_words_baseline": False},
         "extraction": {"enabled": False},
     })
 
@@ -104,7 +105,7 @@ def stage_seconds(layout: StudyLayout, run_ids: list[str], stage: str) -> list[f
             if stage in TimingsRecord.read(layout.run_file(r, RunFile.TIMINGS)).root]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("memlens-out/attacks-low-fpr"))
     parser.add_argument("--subset", type=int, default=160, help="data.subset: records kept per PHEE split")
@@ -117,10 +118,17 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--audit-attack", default="loss", help="the audit's score (chosen on a pilot seed, not "
                         "on these runs)")
+    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps per fine-tune (default: epochs)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="mia.bootstrap: resamples of the intervals")
     parser.add_argument("--quick", action="store_true", help="subset 80, 60 canaries, 1 + 1 seeds, 1 epoch")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="smallest sizes, seconds (the test suite runs it): "
+                        "subset 24, 12 canaries, 1 + 1 seeds of 1 step, rank 1 on q, 20 resamples; figures meaningless")
+    args = parser.parse_args(argv)
     if args.quick:
         args.subset, args.canaries, args.plain, args.dp, args.epochs = 80, 60, 1, 1, 1
+    if args.smoke:
+        args.subset, args.canaries, args.plain, args.dp, args.max_steps, args.bootstrap = 24, 12, 1, 1, 1, 20
+        args.modules, args.rank = "q", 1
     shutil.rmtree(args.out, ignore_errors=True)
     layout = StudyLayout(args.out)
     start = time.perf_counter()
@@ -142,7 +150,8 @@ def main() -> None:
     n_members = len(pd.read_parquet(layout.run_file(run0, RunFile.MEMBERS)))
     canaries = pd.read_parquet(layout.run_file(run0, RunFile.AUDIT_CANARIES))
     held_out = canaries[~canaries.is_member].family.value_counts().to_dict()
-    print(f"\nllama-tiny [{args.modules}] r{args.rank}, {args.epochs:g} epochs, lr {args.lr:g}; {n_members} members, "
+    training = f"max_steps {args.max_steps}" if args.max_steps else f"{args.epochs:g} epochs"
+    print(f"\nllama-tiny [{args.modules}] r{args.rank}, {training}, lr {args.lr:g}; {n_members} members, "
           f"{plain.n_non_members.iloc[0]:.0f} non-members; {len(canaries)} canaries, held out per family {held_out}; "
           f"{plain.run_id.nunique()} plain run(s), {len(dp_runs)} DP run(s)\n")
     print("1. TPR at 1% / 0.1% FPR, plain runs (mean over runs [mean bootstrap interval])\n")

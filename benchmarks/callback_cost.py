@@ -9,6 +9,7 @@ is the training wall time minus them (measured in the same run). A few more eval
 
     python benchmarks/callback_cost.py             # the whole PHEE train split, 200 + 200 held out
     python benchmarks/callback_cost.py --quick     # 600 training records (the ratio is then 5x the full one's)
+    python benchmarks/callback_cost.py --smoke     # seconds: 16 training records, 8 + 8 held out (the test suite's)
 
 Target (issue #25): the callback at most 10% of an epoch's time with 200 held-out records a side.
 """
@@ -43,7 +44,7 @@ SHARED = Path(os.environ.get("MEMLENS_SHARED", REPO.parent / "shared"))
 PHEE = SHARED / "data" / "phee"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(SHARED / "models" / "llama-tiny"))
     parser.add_argument("--records", type=int, default=None, help="training records (default: all of train)")
@@ -52,7 +53,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="600 training records")
     parser.add_argument("--repeats", type=int, default=3, help="later evaluations timed (median)")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="smallest sizes, seconds (the test suite runs it): "
+                        "16 training records (1 step), 8 + 8 held out, 1 later evaluation; figures meaningless")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.records, args.held_out, args.repeats = 16, 8, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     records = 600 if args.quick and args.records is None else args.records

@@ -17,12 +17,14 @@ Tokens/s counts real tokens only (padding excluded), over the Trainer's train() 
     python benchmarks/finetune_throughput.py                 # CPU, llama-small, full PHEE train epoch
     python benchmarks/finetune_throughput.py --quick         # a 320-record slice, 2 repeats
     python benchmarks/finetune_throughput.py --device cuda --shape llama2-7b
+    python benchmarks/finetune_throughput.py --smoke         # seconds: llama-tiny, 16 records, 1 repeat (tests)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("MEMLENS_SHARED", REPO.parent / "shared"))
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -67,7 +69,7 @@ def run_once(args, name: str, train: dict, out: Path) -> dict:
     raw = {
         "name": f"bench-{name}", "out": str(out),
         "data": {"source": str(SHARED / "data" / "phee"), "subset": args.records},
-        "model": {"name_or_path": str(SHARED / "models" / ("llama-small" if args.shape is None else "llama-tiny")),
+        "model": {"name_or_path": str(SHARED / "models" / (args.model if args.shape is None else "llama-tiny")),
                   "device": args.device, "dtype": model_dtype},
         "grid": {"target_modules": [["q", "v"]], "rank": [8], "canary_copies": [1], "seed": [0]},
         "train": {"epochs": 1, "batch_size": 16, "grad_accum": 4, "warmup_steps": 0, "logging_steps": 10**6,
@@ -88,7 +90,7 @@ def run_once(args, name: str, train: dict, out: Path) -> dict:
     return info
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--shape", default=None, choices=sorted(SHAPES), help="random-weight model shape")
@@ -97,14 +99,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="320 records, 2 repeats")
     parser.add_argument("--pack-tokens", type=int, default=None, help="train.pack_tokens of the packed recipe")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args()
+    parser.add_argument("--model", default="llama-small", help="shared model fine-tuned on CPU (default llama-small)")
+    parser.add_argument("--smoke", action="store_true", help="smallest sizes, seconds (the test suite runs it): "
+                        "llama-tiny, 16 records (one step per recipe), 1 repeat; figures meaningless")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.model, args.records, args.repeats = "llama-tiny", 16, 1
     if args.quick:
         args.records, args.repeats = args.records or 320, min(args.repeats, 2)
     if args.device == "cpu":
         torch.set_num_threads(torch.get_num_threads())
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"device {device_name}, model {args.shape or 'llama-small'}, records {args.records or 'all'}, "
+    print(f"device {device_name}, model {args.shape or args.model}, records {args.records or 'all'}, "
           f"repeats {args.repeats}", flush=True)
     results: dict[str, list[dict]] = {name: [] for name in recipes(args.device, args.pack_tokens)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,7 +129,7 @@ def main() -> None:
     for name, value in medians.items():
         print(f"{name:17s} {value:18.0f} {value / medians['study']:8.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"device": device_name, "shape": args.shape or "llama-small",
+        args.json.write_text(json.dumps({"device": device_name, "shape": args.shape or args.model,
                                          "records": args.records, "medians": medians,
                                          "runs": {k: [i.train_tokens_per_s for i in v] for k, v in results.items()}},
                                         indent=2))

@@ -12,11 +12,13 @@ static cache (optionally `--compile`).
 
     python benchmarks/generation_throughput.py [--quick]
     python benchmarks/generation_throughput.py --device cuda --shape llama2-7b [--compile]
+    python benchmarks/generation_throughput.py --smoke    # seconds: llama-tiny, 4 prompts, 1 adapter (tests)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import SHAPES, random_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("MEMLENS_SHARED", ROOT.parent / "shared"))
 GREEDY = resolve_decoding(DecodingConfig(name="greedy"))
 
 
@@ -67,7 +69,7 @@ def _make_adapters(model_cfg: ModelConfig, folder: Path, n: int) -> list[Path]:
 
 def cpu_benchmark(args) -> None:
     n_prompts = 48 if args.quick else args.prompts
-    model_cfg = ModelConfig(name_or_path=str(SHARED / "models" / "llama-small"), device="cpu")
+    model_cfg = ModelConfig(name_or_path=str(SHARED / "models" / args.model), device="cpu")
     tok = load_tokenizer(model_cfg)
     texts = pd.read_json(SHARED / "data" / "phee" / "train.jsonl", lines=True).context.tolist()[:n_prompts]
     splits = [split_tokens(ids, "midpoint", 0, tok.bos_token_id) for ids in tok(texts)["input_ids"]]
@@ -87,7 +89,7 @@ def cpu_benchmark(args) -> None:
         return outputs
 
     tokens = sum(n_new) * n_adapters
-    print(f"llama-small, {n_prompts} PHEE prefixes x {n_adapters} adapter(s), {tokens} new tokens, "
+    print(f"{args.model}, {n_prompts} PHEE prefixes x {n_adapters} adapter(s), {tokens} new tokens, "
           f"torch threads {torch.get_num_threads()}, repeats {args.repeats}")
     batched_s, batched = _timed(lambda: run(args.batch_size), args.repeats)
     print(f"batched (batch {args.batch_size}):  {batched_s:8.2f} s  {tokens / batched_s:8.0f} new tok/s", flush=True)
@@ -147,7 +149,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="default 1 (CPU full), 3 otherwise")
     parser.add_argument("--compile", action="store_true", help="also torch.compile the forward (static cache)")
     parser.add_argument("--bandwidth-tbs", type=float, default=3.35, help="GPU memory bandwidth for the bound")
+    parser.add_argument("--model", default="llama-small", help="shared model of the CPU mode (default llama-small)")
+    parser.add_argument("--smoke", action="store_true", help="smallest sizes, seconds (the test suite runs it): "
+                        "llama-tiny, 4 prompts, 1 adapter, batch 4, 1 repeat; figures meaningless")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.model, args.prompts, args.adapters, args.batch_size, args.repeats = "llama-tiny", 4, 1, 4, 1
     args.batch_size = args.batch_size or 64
     if args.shape:
         args.repeats = args.repeats or 3

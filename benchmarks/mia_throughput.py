@@ -12,6 +12,7 @@ matmul throughput (large square matmuls, measured in the same run).
 
     python benchmarks/mia_throughput.py            # 300 + 300 records, 3 repeats
     python benchmarks/mia_throughput.py --quick    # 64 + 64 records, 2 repeats
+    python benchmarks/mia_throughput.py --smoke    # seconds: llama-tiny, 8 + 8 records, 1 adapter (the tests')
 
 GPU: `--device cuda --shape llama2-7b` scores PHEE members + non-members (all of train and test unless
 `--records`) with a randomly initialised Llama-2-7B-shaped model in bf16 (nothing downloaded) and reports
@@ -57,11 +58,11 @@ def load(path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def make_adapters(root: Path, n: int) -> list[Path]:
+def make_adapters(root: Path, n: int, base: Path = MODEL) -> list[Path]:
     dirs = []
     for i in range(n):
         torch.manual_seed(i)
-        model = get_peft_model(load(MODEL), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+        model = get_peft_model(load(base), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                                        init_lora_weights=False))
         save_adapter(model, root / f"adapter{i}" / "adapter", [])
         dirs.append(root / f"adapter{i}")
@@ -69,12 +70,12 @@ def make_adapters(root: Path, n: int) -> list[Path]:
 
 
 @torch.inference_mode()
-def study_method(adapters: list[Path], ids: list[list[int]]) -> dict[str, np.ndarray]:
+def study_method(adapters: list[Path], ids: list[list[int]], base: Path = MODEL) -> dict[str, np.ndarray]:
     """One sample at a time; base model (and reference) reloaded for every adapter."""
     out = {}
     for adapter in adapters:
-        model = PeftModel.from_pretrained(load(MODEL), str(adapter / "adapter")).eval()
-        reference = load(MODEL)
+        model = PeftModel.from_pretrained(load(base), str(adapter / "adapter")).eval()
+        reference = load(base)
         ft, ref = [], []
         for seq in ids:
             x = torch.tensor([seq])
@@ -85,8 +86,9 @@ def study_method(adapters: list[Path], ids: list[list[int]]) -> dict[str, np.nda
     return out
 
 
-def memlens_method(adapters: list[Path], members: list[str], non_members: list[str], batch: dict):
-    scores, _ = attack_models(MODEL, {a.name: a for a in adapters}, members, non_members,
+def memlens_method(adapters: list[Path], members: list[str], non_members: list[str], batch: dict,
+                   base: Path = MODEL):
+    scores, _ = attack_models(base, {a.name: a for a in adapters}, members, non_members,
                               mia={"attacks": ATTACKS, "bootstrap": 0, "bag_of_words_baseline": False, **batch},
                               show_progress=False)
     return scores
@@ -111,7 +113,7 @@ def median_time(fn, repeats: int):
     return statistics.median(times), result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64 + 64 records, 2 repeats")
     parser.add_argument("--records", type=int, default=None,
@@ -122,9 +124,16 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=None, help="mia.batch_tokens (default: memlens' auto)")
     parser.add_argument("--device", default="cpu", help="with --shape: where the random model runs")
     parser.add_argument("--shape", default=None, choices=sorted(SHAPES), help="random-weight model (GPU mode)")
-    args = parser.parse_args()
+    parser.add_argument("--model", type=Path, default=MODEL, help="the CPU mode's model (default llama-small)")
+    parser.add_argument("--peak-size", type=int, default=None, help="n of the n^3 matmul peak (default: shapes')")
+    parser.add_argument("--smoke", action="store_true", help="smallest sizes, seconds (the test suite runs it): "
+                        "llama-tiny, 8 + 8 records, 1 adapter, 1 repeat, a 256^3 peak; figures meaningless")
+    args = parser.parse_args(argv)
     if args.quick:
         args.records = 64
+    if args.smoke:
+        args.model, args.records, args.adapters, args.repeats = SHARED / "models" / "llama-tiny", 8, 1, 1
+        args.peak_size = 256
     if args.shape:
         return shape_benchmark(args)
     args.records = args.records or 300
@@ -134,29 +143,30 @@ def main() -> None:
 
     members = pd.read_json(PHEE / "train.jsonl", lines=True).context.head(args.records).tolist()
     non_members = pd.read_json(PHEE / "test.jsonl", lines=True).context.head(args.records).tolist()
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
     ids = tokenizer(members + non_members)["input_ids"]
     lengths = [len(s) for s in ids]
-    print(f"llama-small, {len(members)} members + {len(non_members)} non-members ({sum(lengths)} tokens), "
+    print(f"{args.model.name}, {len(members)} members + {len(non_members)} non-members ({sum(lengths)} tokens), "
           f"{args.adapters} adapters, torch threads {torch.get_num_threads()}, repeats {args.repeats}, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        adapters = make_adapters(Path(tmp), args.adapters)
-        peak = matmul_peak_gflops("cpu", torch.float32)
+        adapters = make_adapters(Path(tmp), args.adapters, args.model)
+        peak = matmul_peak_gflops("cpu", torch.float32, args.peak_size)
         batch = {k: v for k, v in (("batch_size", args.batch_size), ("batch_tokens", args.batch_tokens)) if v}
         mia_cfg = MIAConfig(**batch)
-        t_ours, scores = median_time(lambda: memlens_method(adapters, members, non_members, batch),
+        t_ours, scores = median_time(lambda: memlens_method(adapters, members, non_members, batch, args.model),
                                      args.repeats)
-        t_study, study = median_time(lambda: study_method(adapters, ids), args.repeats)
-        peak = max(peak, matmul_peak_gflops("cpu", torch.float32))  # measured before and after: the machine's best
+        t_study, study = median_time(lambda: study_method(adapters, ids, args.model), args.repeats)
+        # measured before and after: the machine's best
+        peak = max(peak, matmul_peak_gflops("cpu", torch.float32, args.peak_size))
 
         # the same numbers: the study's ratio (ref/ft mean NLL) per record and adapter
         worst = max(np.abs(scores[scores.run_id == a.name].ref_ratio.to_numpy() - study[a.name]).max()
                     for a in adapters)
 
         # engine alone: one batched pass over all records, matmul FLOPs / time
-        model = load(MODEL)
+        model = load(args.model)
         flops = forward_flops(model, lengths)
         t_pass, _ = median_time(lambda: token_stats(model, ids, batch_size=mia_cfg.batch_size,
                                                     max_batch_tokens=mia_cfg.batch_token_budget("cpu"),
@@ -168,7 +178,7 @@ def main() -> None:
     print(f"study's method:  {t_study:8.2f} s  ({2 * args.adapters} passes, one sample at a time, reloads)")
     print(f"memlens:         {t_ours:8.2f} s  ({passes} batched passes, {len(ATTACKS)} attacks)")
     print(f"speed-up:        {t_study / t_ours:8.2f} x   (target >= 3x); max |ref_ratio difference| {worst:.2e}")
-    print(f"fp32 matmul peak (2048^3, same run): {peak:8.1f} GFLOP/s")
+    print(f"fp32 matmul peak ({args.peak_size or 2048}^3, same run): {peak:8.1f} GFLOP/s")
     print(f"scoring pass:    {t_pass:8.2f} s = {flops / t_pass / 1e9:6.1f} GFLOP/s = "
           f"{flops / t_pass / 1e9 / peak:5.1%} of peak (target >= 60%)")
     print(f"end to end:      {passes * flops / t_ours / 1e9:6.1f} GFLOP/s = "
@@ -194,7 +204,7 @@ def shape_benchmark(args) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.shape} random weights, {dtype}, on {name}: {len(ids)} records ({sum(map(len, ids))} tokens), "
           f"batch_tokens {budget}, repeats {repeats}", flush=True)
-    peak = matmul_peak_gflops(device, dtype)
+    peak = matmul_peak_gflops(device, dtype, args.peak_size)
     flops = forward_flops(model, [len(x) for x in ids])
 
     def timed(fn) -> float:
@@ -211,7 +221,7 @@ def shape_benchmark(args) -> None:
     t_pass = timed(lambda: token_stats(model, ids, batch_size=mia_cfg.batch_size, max_batch_tokens=budget,
                                        pad_token_id=tokenizer.pad_token_id))
     t_plain = timed(lambda: _plain_forward(model, ids, 64, tokenizer.pad_token_id))
-    peak = max(peak, matmul_peak_gflops(device, dtype))
+    peak = max(peak, matmul_peak_gflops(device, dtype, args.peak_size))
     print(f"{dtype} matmul peak (same run): {peak:9.1f} GFLOP/s")
     print(f"scoring pass (memlens): {t_pass:8.2f} s = {flops / t_pass / 1e9:8.1f} GFLOP/s = "
           f"{flops / t_pass / 1e9 / peak:5.1%} of peak (target >= 60%)")

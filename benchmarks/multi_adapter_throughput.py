@@ -7,9 +7,10 @@ Three measurements, each arm run in the same process, back to back:
               it with `train.together: 1` (the base model loaded per cell) against `finetune_group` of all N
               (`train.together: N`). Prints both wall times, the train loops' real tokens/s, the largest relative
               distance between the two arms' adapters, and `ratio: <one after another / together> x`.
-  references  a recipe's 8 reference adapters as the references stage trains them (`train_references`), one at a
-              time and 8 together, against one target fine-tune of the same recipe (the recipe of
-              benchmarks/references_mia.py: random design over 300 PHEE train records, q,v rank 8, 4 epochs).
+  references  a recipe's 8 reference adapters (`--references`) as the references stage trains them
+              (`train_references`), one at a time and 8 together, against one target fine-tune of the same recipe
+              (the recipe of benchmarks/references_mia.py: random design over 300 PHEE train records, q,v rank 8,
+              4 epochs).
   layouts     the LoRA update alone (forward + backward), N adapters of mixed ranks (1, 4, 16, 64) and of one
               rank on their own tokens: grouped (each adapter's own two matmuls, what memlens runs) against
               padded (ranks and token counts padded to the largest, one batched matmul for all).
@@ -21,6 +22,7 @@ rank-8 adapters together against one adapter alone (the same micro-batches).
     python benchmarks/multi_adapter_throughput.py --quick     # 64 records, 8 llama-tiny adapters; refs at 64
     python benchmarks/multi_adapter_throughput.py             # 300 records; llama-tiny and llama-small; refs
     python benchmarks/multi_adapter_throughput.py --device cuda --shape llama2-7b --parts adapters
+    python benchmarks/multi_adapter_throughput.py --smoke     # seconds: 2 adapters, 2 references, 1 step each
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from memlens.attacks.references import train_references  # noqa: E402
 from memlens.config import load_study  # noqa: E402
+from memlens.context import StudyContext  # noqa: E402
 from memlens.data import load_study_data  # noqa: E402
 from memlens.models import load_tokenizer  # noqa: E402
 from memlens.store import StudyLayout  # noqa: E402
@@ -134,33 +137,33 @@ def adapters(args, model: str, root: Path) -> float:
 
 
 def references(args, root: Path) -> None:
-    """A recipe's 8 references one at a time, then 8 together, against one target fine-tune of the recipe."""
+    """A recipe's N references (`--references`, default 8) one at a time, then N together, against one target
+    fine-tune of the recipe."""
+    n = args.references
     sections = dict(data={"subset": args.ref_records, "membership": "random", "group": r"^(\d+)_",
                           "membership_unit": "record"},
                     grid={"target_modules": [["q", "v"]], "rank": [8], "seed": [0]},
                     train={"epochs": args.ref_epochs, "batch_size": 16, "grad_accum": 1, "learning_rate": 2e-3},
-                    mia={"references": 8, "attacks": ["loss", "ref_ratio", "lira"]})
+                    mia={"references": n, "attacks": ["loss", "ref_ratio", "lira"]})
     walls = {}
-    for together in (1, 8):
-        st = study(root / f"refs-{together}", "llama-tiny", args, together, **sections)
-        layout = StudyLayout(st.out_dir)
-        data_of = {d: load_study_data(st.data, d) for d in st.data.membership}
-        tokenizer = load_tokenizer(st.model)
-        cell = st.cells()[0]
+    for together in (1, n):
+        ctx = StudyContext(study(root / f"refs-{together}", "llama-tiny", args, together, **sections))
+        cell = ctx.study.cells()[0]
+        data, tokenizer = ctx.cell_data(cell), ctx.tokenizer()  # loaded before the clocks start
         if together == 1:
             start = time.perf_counter()
-            finetune_cell(st, cell, data_of[cell.membership], layout, tokenizer)
+            finetune_cell(ctx.study, cell, data, ctx.layout, tokenizer)
             walls["target"] = time.perf_counter() - start
         start = time.perf_counter()
-        train_references(st, [cell], data_of.__getitem__, layout, tokenizer)
+        train_references(ctx.study, [cell], ctx.cell_data, ctx.layout, tokenizer)  # as the references stage calls it
         walls[together] = time.perf_counter() - start
+    training = f"max_steps {args.max_steps}" if args.max_steps else f"{args.ref_epochs:g} epochs"
     print(f"\nreferences (llama-tiny, random design over {args.ref_records} PHEE records, q,v rank 8, "
-          f"{args.ref_epochs:g} epochs; load average {os.getloadavg()[0]:.1f}):")
+          f"{training}; load average {os.getloadavg()[0]:.1f}):")
     print(f"  one target fine-tune           : {walls['target']:6.1f} s")
-    for together in (1, 8):
-        label = "8 references one at a time" if together == 1 else "8 references together     "
+    for together, label in ((1, f"{n} references one at a time"), (n, f"{n} references together     ")):
         print(f"  {label}: {walls[together]:6.1f} s = {walls[together] / walls['target']:.2f} target fine-tunes")
-    print(f"ratio: {walls[1] / walls[8]:.2f} x (references one at a time / together)")
+    print(f"ratio: {walls[1] / walls[n]:.2f} x (references one at a time / together)")
 
 
 def _lora_time(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor]], tokens: list[int], padded: bool,
@@ -205,9 +208,11 @@ def layouts(args) -> None:
               f"(padded / grouped {padded / grouped:.2f})")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64 records per adapter, llama-tiny only, refs at 64")
+    parser.add_argument("--smoke", action="store_true", help="smallest sizes, seconds (the test suite runs it): "
+                        "2 adapters and 2 references of 16 records, 1 step each, llama-tiny; figures meaningless")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--shape", default=None, choices=sorted(SHAPES), help="random-weight base of this shape")
     parser.add_argument("--models", nargs="+", default=None, help="shared models (default llama-tiny llama-small)")
@@ -215,13 +220,18 @@ def main() -> None:
                         choices=["adapters", "references", "layouts"])
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--references", type=int, default=8, help="reference adapters of the references part")
     parser.add_argument("--records", type=int, default=None, help="PHEE train records per adapter (default 300)")
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps per adapter (default: 1 epoch)")
     parser.add_argument("--ref-records", type=int, default=None, help="references' pool (default 300; quick 64)")
     parser.add_argument("--ref-epochs", type=float, default=None, help="references' epochs (default 4; quick 1)")
     parser.add_argument("--layout-repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.adapters, args.references, args.max_steps, args.layout_repeats = 2, 2, 1, 1
+        args.records = args.ref_records = 16
+        args.models = args.models or ["llama-tiny"]
     args.records = args.records or (64 if args.quick else 300)
     args.ref_records = args.ref_records or (64 if args.quick else 300)
     args.ref_epochs = args.ref_epochs or (1 if args.quick else 4)

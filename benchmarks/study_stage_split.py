@@ -11,6 +11,8 @@ The projection is labelled as such; it is not a measurement of the whole grid.
 
     python benchmarks/study_stage_split.py                       # 2 cells of studies/phee-llama-tiny-cpu.yaml
     python benchmarks/study_stage_split.py --cells 4 --study studies/phee-llama-tiny-calibrated.yaml
+    python benchmarks/study_stage_split.py --cells 1 --set data.subset=200 --set train.epochs=1
+    python benchmarks/study_stage_split.py --smoke               # seconds: 1 cell, 24 records, 1 step (tests)
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from memlens.runner import run_study  # noqa: E402
 from memlens.store import StudyLayout  # noqa: E402
 
 STAGES = ("finetune", "references", "mia", "extraction")
+# --smoke: the study's code path at the smallest sizes (its figures mean nothing)
+SMOKE = ["data.subset=24", "train.max_steps=1", "extraction.members=2", "extraction.non_members=2",
+         "mia.bootstrap=20"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,10 +49,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--study", type=Path, default=REPO / "studies" / "phee-llama-tiny-cpu.yaml")
     parser.add_argument("--cells", type=int, default=2, help="grid cells to run (default 2)")
     parser.add_argument("--out", type=Path, default=None, help="keep the study folder here (must be new)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of the study, as `memlens run --set` (repeatable)")
+    parser.add_argument("--smoke", action="store_true", help="smallest sizes, seconds (the test suite runs it): "
+                        f"1 cell, --set {' '.join(SMOKE)}; figures meaningless")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.cells, args.set = 1, SMOKE + args.set
 
     os.chdir(REPO)  # the study files' relative paths (../shared) resolve against the project root
-    full = load_study(args.study)
+    full = load_study(args.study, args.set)
     cells = full.cells()
     first = cells[0]  # the first cells' matrix sets, at the first cell's rank, canary copies and seed
     sets = list(dict.fromkeys(tuple(c.target_modules) for c in cells))[:args.cells]

@@ -25,6 +25,7 @@ Prints both wall times, the split by stage (fine-tune / MIA / extraction) and th
     python benchmarks/study_throughput.py --quick         # 64 records per split, 8 extraction records
     python benchmarks/study_throughput.py --records 300 --out /tmp/study-bench
     python benchmarks/study_throughput.py --together 2    # memlens trains [q] r1+r4 and [v] r1+r4 in pairs
+    python benchmarks/study_throughput.py --smoke         # seconds: 16 records per split, 2 extraction records
 """
 
 from __future__ import annotations
@@ -115,12 +116,11 @@ def baseline_mia(runs: list[Path], non_members: list[str], tokenizer) -> dict[st
     """Per fine-tune: reload, score one sample at a time (ratio ref/ft of mean token NLL), AUC."""
     from sklearn.metrics import roc_auc_score
 
-    mia_throughput.MODEL = MODEL  # its scorer reloads this model per fine-tune (it benchmarks llama-small)
     aucs = {}
     for run in runs:
         members = read_members(run).text.tolist()
         ids = tokenizer(members + non_members)["input_ids"]
-        ratio = mia_throughput.study_method([run], ids)[run.name]
+        ratio = mia_throughput.study_method([run], ids, MODEL)[run.name]  # reloads MODEL per fine-tune
         aucs[run.name] = float(roc_auc_score(np.r_[np.ones(len(members)), np.zeros(len(non_members))], ratio))
     return aucs
 
@@ -170,6 +170,9 @@ def baseline_arm(out: Path, records: int, extract: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64 records per split, 8 extraction records")
+    parser.add_argument("--smoke", action="store_true", help="smallest sizes, seconds (the test suite runs it): "
+                        "16 records per split (one step per fine-tune), canary + 2 extraction records; figures "
+                        "meaningless")
     parser.add_argument("--records", type=int, default=None, help="PHEE records per split (default 200)")
     parser.add_argument("--extract", type=int, default=None,
                         help="training records attacked by extraction besides the canary (default 20)")
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="keep every run's study folder (DIR/<arm>-<repeat>; DIR must be new or empty) and "
                         "write DIR/study_throughput.json; default: a temporary folder, removed")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.records, args.extract = args.records or 16, 2
     records = args.records or (64 if args.quick else 200)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memlens.attacks.finetuned import WBC_WINDOWS
+from memlens.attacks.finetuned import WBC_WINDOWS, WbcSettings
 from memlens.attacks.registry import AttackInputs, configure, run_attacks
 from memlens.config import ConfigError
 from memlens.score import SequenceStats
@@ -61,35 +61,76 @@ def test_ez_mia_needs_the_top1_flags():
         run_attacks(["ez_mia"], _inputs(ft, ref))
 
 
-def test_wbc_by_hand():
-    # record 0: Delta = [1, -2, 0.5, 0.5]; W = (2, 3, 10), 10 clipped to the record's 4 tokens
+def test_wbc_by_hand_clip():
+    # short_records: clip. W = (2, 3, 10), each size longer than the record clipped to its length.
+    # record 0: Delta = [1, -2, 0.5, 0.5]; sizes 2, 3, min(10, 4) = 4
     #   w=2: window sums [-1, -1.5, 1] -> 1/3 vote member; w=3: [-0.5, -1] -> 0; w=4: [0] -> a tie is no vote -> 0
     # record 1: one token, Delta = 0.25: every size clips to 1, one window, > 0 -> 1
-    ft = _stats([[-1, -3, -1, -1], [-1]])
-    ref = _stats([[-2, -1, -1.5, -1.5], [-1.25]])
-    attack = configure({"type": "wbc", "params": {"windows": [2, 3, 10]}})
+    # record 2: Delta = [1, 1, -3]; sizes 2, 3, min(10, 3) = 3
+    #   w=2: [2, -2] -> 1/2; w=3: [-1] -> 0; the clipped 10 votes as w=3 again -> 0
+    ft = _stats([[-1, -3, -1, -1], [-1], [-1, -1, -4]])
+    ref = _stats([[-2, -1, -1.5, -1.5], [-1.25], [-2, -2, -1]])
+    attack = configure({"type": "wbc", "params": {"windows": [2, 3, 10], "short_records": "clip"}})
     scores = run_attacks([attack], _inputs(ft, ref))[attack.name]
     assert scores[0] == pytest.approx((1 / 3 + 0 + 0) / 3)
     assert scores[1] == 1.0
+    assert scores[2] == pytest.approx((1 / 2 + 0 + 0) / 3)
 
 
-def test_wbc_default_windows_match_a_loop_over_every_window():
+def test_wbc_by_hand_skip():
+    # short_records: skip (LeakPro's port). The same records and W = (2, 3, 10): sizes longer than the record are
+    # left out of the mean; a record shorter than every size votes with one whole-record window.
+    # record 0 (4 tokens): sizes 2, 3 -> (1/3 + 0) / 2
+    # record 1 (1 token): no size fits -> one window of 1 token, 0.25 > 0 -> 1
+    # record 2 (3 tokens): sizes 2, 3 -> (1/2 + 0) / 2
+    # record 3 (2 tokens), W = (2, 3, 10) -> size 2 only: Delta = [0.5, -1], one window, -0.5 -> 0
+    ft = _stats([[-1, -3, -1, -1], [-1], [-1, -1, -4], [-1, -2]])
+    ref = _stats([[-2, -1, -1.5, -1.5], [-1.25], [-2, -2, -1], [-1.5, -1]])
+    attack = configure({"type": "wbc", "params": {"windows": [2, 3, 10], "short_records": "skip"}})
+    scores = run_attacks([attack], _inputs(ft, ref))[attack.name]
+    assert scores[0] == pytest.approx((1 / 3 + 0) / 2)
+    assert scores[1] == 1.0
+    assert scores[2] == pytest.approx((1 / 2 + 0) / 2)
+    assert scores[3] == 0.0
+    # a record shorter than every size: W = (3, 10) and Delta = [1, -0.25] -> one window of 2 tokens, 0.75 > 0 -> 1
+    attack = configure({"type": "wbc", "params": {"windows": [3, 10], "short_records": "skip"}})
+    assert run_attacks([attack], _inputs(_stats([[-1, -1.25]]), _stats([[-2, -1]])))[attack.name][0] == 1.0
+    # where the conventions differ: record 2 (Delta = [1, 1, -3]) with W = (2, 10): skip keeps w=2 alone, 1/2;
+    # clip also votes with the 10 clipped to 3 (one window, -1 -> 0): (1/2 + 0) / 2
+    short = _inputs(_stats([[-1, -1, -4]]), _stats([[-2, -2, -1]]))
+    skip, clip = (configure({"type": "wbc", "params": {"windows": [2, 10], "short_records": mode}, "name": mode})
+                  for mode in ("skip", "clip"))
+    scores = run_attacks([skip, clip], short)
+    assert scores["skip"][0] == pytest.approx(1 / 2) and scores["clip"][0] == pytest.approx((1 / 2 + 0) / 2)
+
+
+@pytest.mark.parametrize("short_records", ["clip", "skip"])
+def test_wbc_default_windows_match_a_loop_over_every_window(short_records):
     rng = np.random.default_rng(1)
     lengths = [1, 5, 17, 60]
     ft_lp = [list(rng.normal(-2, 1, n)) for n in lengths]
     ref_lp = [list(rng.normal(-2, 1, n)) for n in lengths]
-    scores = run_attacks(["wbc"], _inputs(_stats(ft_lp), _stats(ref_lp)))["wbc"]
+    attack = configure({"type": "wbc", "params": {"short_records": short_records}})
+    scores = run_attacks([attack], _inputs(_stats(ft_lp), _stats(ref_lp)))[attack.name]
     for i, n in enumerate(lengths):
         d = np.float32(ft_lp[i]).astype(float) - np.float32(ref_lp[i]).astype(float)
+        if short_records == "clip":
+            sizes = [min(w, n) for w in WBC_WINDOWS]
+        else:
+            sizes = [w for w in WBC_WINDOWS if w <= n] or [n]
         shares = []
-        for w in WBC_WINDOWS:
-            w = min(w, n)
+        for w in sizes:
             votes = [d[j:j + w].sum() > 0 for j in range(n - w + 1)]
             shares.append(sum(votes) / len(votes))
         assert scores[i] == pytest.approx(np.mean(shares))
 
 
-def test_wbc_windows_are_a_setting():
-    assert configure("wbc@[2, 4]").settings.windows == (2, 4)
+def test_wbc_settings():
+    assert configure({"type": "wbc", "params": {"windows": [2, 4]}}).settings.windows == (2, 4)
+    assert configure("wbc").settings.short_records == WbcSettings().short_records
     with pytest.raises(ConfigError, match="windows"):
         configure({"type": "wbc", "params": {"windows": [0, 2]}})
+    with pytest.raises(ConfigError, match="short_records"):
+        configure({"type": "wbc", "params": {"short_records": "pad"}})
+    with pytest.raises(ConfigError, match=r"has 2 \(\['windows', 'short_records'\]\)"):
+        configure("wbc@[2, 4]")  # two settings now: `name@value` no longer says which

@@ -11,6 +11,8 @@ equation the docstring says which one memlens follows and why.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 from pydantic import Field, field_validator
 
@@ -77,8 +79,12 @@ WBC_WINDOWS = (2, 3, 4, 6, 9, 13, 18, 25, 32, 40)
 
 
 class WbcSettings(AttackSettings):
-    windows: tuple[int, ...] = Field(WBC_WINDOWS, description="W: the window sizes (tokens); each is clipped to the "
-                                     "record's length and the score is the mean over W.")
+    windows: tuple[int, ...] = Field(WBC_WINDOWS, description="W: the window sizes (tokens); the score is the mean "
+                                     "over W of the share of windows voting member.")
+    short_records: Literal["skip", "clip"] = Field(
+        "skip", description="A window size longer than the record: `skip` it (the mean over the sizes that fit; one "
+        "whole-record window when none does: LeakPro's port; the stronger on memlens' runs), or `clip` it to the "
+        "record's length (the record votes with its whole length for that size).")
 
     @field_validator("windows")
     @classmethod
@@ -95,10 +101,18 @@ def window_share(deltas: np.ndarray, w: int) -> float:
     return float((sums > 0).mean())
 
 
+def window_sizes(windows: tuple[int, ...], n: int, short_records: str) -> list[int]:
+    """The window sizes a record of n >= 1 scored tokens votes with: W clipped to n (`clip`), or the sizes of W that
+    fit, n alone when none does (`skip`)."""
+    if short_records == "clip":
+        return [min(w, n) for w in windows]
+    return [w for w in windows if w <= n] or [n]
+
+
 @register("wbc", needs={"ref"}, settings=WbcSettings,
-          description="WBC (Chen et al. 2026): for each window size w in W (`windows`, clipped to the record's length), "
-          "the share of the record's windows of w tokens where the base model's loss sum exceeds the fine-tuned "
-          "model's; the mean over W.")
+          description="WBC (Chen et al. 2026): for each window size w in W (`windows`; sizes longer than the record "
+          "clipped to it or skipped, `short_records`), the share of the record's windows of w tokens where the base "
+          "model's loss sum exceeds the fine-tuned model's; the mean over the sizes.")
 def wbc(x: AttackInputs, s: WbcSettings) -> np.ndarray:
     """WBC, Window-Based Comparison (Chen, Du, Zhang, Kundu, Fleming, Ribeiro & Li 2026, arXiv:2601.02751,
     Sections 4.1.3-4.1.4), per record of n scored tokens:
@@ -106,19 +120,34 @@ def wbc(x: AttackInputs, s: WbcSettings) -> np.ndarray:
         Delta_t = loss_base(x_t) - loss_ft(x_t) = log p_ft(x_t) - log p_base(x_t)
         S_i(w)  = sum over t = i .. i + w - 1 of Delta_t                        (a window's loss difference)
         T(w)    = #{i : S_i(w) > 0} / (n - w + 1)                                (the share of windows voting member)
-        score   = mean over w in W of T(min(w, n))                               (sign votes over every size)
+        score   = mean over w in W_n of T(w)                                     (sign votes over every size)
 
-    W is the `windows` setting (the issue's default set), each w clipped to the record's length as the issue
-    states it, so a record shorter than a window size votes once with its whole length for that size (LeakPro's
-    port instead skips the sizes that do not fit and falls back to one whole-record window when none does). A
-    tie (a window sum exactly 0) is not a vote for membership. NaN for a record without a scored token."""
+    W is the `windows` setting (the issue's default set). The paper evaluates records of 512 tokens or more and
+    leaves a window longer than the record undefined; `short_records` says what W_n is then:
+
+    - `skip` (default): W_n = {w in W : w <= n}, LeakPro's port (aidotse/LeakPro, `wbc_scores`): the sizes that
+      do not fit are left out of the mean; a record shorter than every size is scored with one whole-record
+      window, T(n).
+    - `clip`: W_n = {min(w, n) : w in W}, as memlens' issue 26 states it: a record shorter than a window size
+      votes once with its whole length for that size, so its whole-length vote weighs as many sizes as do not
+      fit (PHEE records have a median of 31 tokens; 3 in 4 are shorter than the largest size, 40).
+
+    `skip` is the default because it was the stronger on every run measured (issue 32, both conventions from the
+    same scores; benchmarks/README.md): AUC 0.881 against 0.858 and TPR at 1% FPR 0.34 against 0.32 on an
+    adapter trained with plain PEFT and audited; on memlens' own runs (llama-tiny, PHEE) AUC 0.874 against 0.862
+    (random design, every matrix rank 16, 4 epochs, 3 seeds; TPR at 10% FPR 0.549 against 0.469), 0.760 against
+    0.749 (the same, 2 epochs) and 0.536 against 0.534 (studies/phee-llama-tiny-cpu.yaml's recipe, 4 cells): an
+    AUC at or above `clip`'s in each of the 10 runs. TPR at 1% FPR tied there (0 on the random-design runs: 7-13
+    non-members score 1, every window positive, under both).
+
+    A tie (a window sum exactly 0) is not a vote for membership. NaN for a record without a scored token."""
     delta, ft = _token_deltas(x), x.ft
     out = np.full(len(ft), np.nan)
     for i in range(len(ft)):
         d = delta[ft.offsets[i]:ft.offsets[i + 1]]
         if len(d):
-            out[i] = np.mean([window_share(d, min(w, len(d))) for w in s.windows])
+            out[i] = np.mean([window_share(d, w) for w in window_sizes(s.windows, len(d), s.short_records)])
     return out
 
 
-__all__ = ["WBC_WINDOWS", "WbcSettings", "ez_mia", "wbc", "window_share"]
+__all__ = ["WBC_WINDOWS", "WbcSettings", "ez_mia", "wbc", "window_share", "window_sizes"]

@@ -7,18 +7,27 @@ A TPR at an FPR needs 1 / FPR held-out canaries of the family (100 for 1%, 1,000
 null with the reason, as for the records. Attacks that read reference adapters or the run's own member prefix
 (LiRA, RMIA, Con-ReCall) are not computed on canaries: the reference adapters are trained without the designed
 canaries, and a member prefix would be drawn from the canaries themselves; their rows say so (`canary_note`).
+
+An audit's canaries (`memlens audit --canaries`, :mod:`memlens.data.canary_files`) come as families of inserted
+canaries by copies (`copies4`) and one pool of held-out ones (family :data:`HELD_OUT`), the comparison of every
+family: a canary never trained on has no copies. :func:`canary_columns` compares each family with that pool;
+:func:`canary_detection` gives the audit's report its detection rates: of the inserted canaries, how many score
+above the threshold the held-out ones set at an FPR, with an exact interval.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from memlens.attacks.registry import CANARY_UNSUPPORTED, ConfiguredAttack
 from memlens.config import MIAConfig
-from memlens.metrics.roc import FPR_POINTS, membership_metrics
+from memlens.data.canary_files import HELD_OUT
+from memlens.metrics.roc import FPR_POINTS, auc, membership_metrics, tpr_at_fpr_sorted
 
 METRICS = ["auc", "auc_ci_low", "auc_ci_high",
            *(f"tpr_at_{name}_fpr{suffix}" for name in FPR_POINTS for suffix in ("", "_low", "_high", "_note")),
@@ -60,18 +69,93 @@ def canary_columns(scores: pd.DataFrame, attacks: Sequence[ConfiguredAttack], mi
     their `canary_note` only."""
     out: dict[str, dict] = {}
     labels_all = scores.is_member.to_numpy(bool)
+    pooled = (scores.family == HELD_OUT).to_numpy()  # an audit's held-out canaries: compared with every family
     for attack in attacks:
         note = unsupported_note(attack)
         if note is not None:
             out[attack.name] = {"canary_note": note}
             continue
         columns: dict = {}
-        for family in dict.fromkeys(scores.family):
-            mask = (scores.family == family).to_numpy()
+        for family in dict.fromkeys(scores.family[~pooled]):
+            mask = (scores.family == family).to_numpy() | pooled
             metrics = family_metrics(labels_all[mask], scores[attack.name].to_numpy(float)[mask], mia)
             columns.update({f"canary_{family}_{k}": v for k, v in metrics.items()})
         out[attack.name] = columns
     return out
 
 
-__all__ = ["METRICS", "canary_attacks", "canary_columns", "family_metrics", "unsupported_note"]
+# ------------------------------------------------------------------------------------- an audit's canaries
+ALL = "all"  # the family of canary_detection's rows over every inserted canary
+DETECTION_COLUMNS = ["attack", "family", "copies", "fpr", "n_inserted", "n_held_out", "threshold", "k", "tpr",
+                     "tpr_low", "tpr_high", "auc", "note"]
+
+
+def detection_rate(inserted: np.ndarray, held_out: np.ndarray, fpr: float, level: float = 0.95) -> dict:
+    """TPR at `fpr` of the inserted canaries' scores `inserted` (inserted,) against the held-out canaries' `held_out`
+    (held out,), with its exact interval.
+
+    The threshold t is the held-out canaries' (m+1)-th largest score, m = floor(fpr * held out), and a canary is
+    detected when its score is above t (:func:`memlens.metrics.roc.tpr_at_fpr_sorted`'s rule: at most m held-out
+    canaries are); k of the n inserted are detected, TPR = k / n, and its interval is Clopper & Pearson's (1934):
+    the p with P(X >= k | n, p) = (1 - level) / 2 and the p with P(X <= k | n, p) = (1 - level) / 2
+    (`scipy.stats.binomtest(k, n).proportion_ci(method="exact")`). The interval is over the inserted canaries,
+    given the threshold (the held-out canaries' sampling moves t too). Returns threshold, k, tpr, tpr_low,
+    tpr_high and note: all null with the note when there are fewer than 1 / fpr held-out canaries (the point would
+    be TPR at FPR 0) or no inserted one."""
+    held_out = np.asarray(held_out, dtype=np.float64)
+    inserted = np.asarray(inserted, dtype=np.float64)
+    if len(held_out) < round(1 / fpr) or not len(inserted):
+        note = (f"needs >= {round(1 / fpr)} held-out canaries, has {len(held_out)}" if len(inserted) else
+                "no inserted canary")
+        return {"threshold": np.nan, "k": np.nan, "tpr": np.nan, "tpr_low": np.nan, "tpr_high": np.nan, "note": note}
+    _, threshold = tpr_at_fpr_sorted(inserted, held_out, fpr)
+    k = int((inserted > threshold).sum())
+    interval = stats.binomtest(k, len(inserted)).proportion_ci(confidence_level=level, method="exact")
+    return {"threshold": float(threshold), "k": k, "tpr": k / len(inserted), "tpr_low": float(interval.low),
+            "tpr_high": float(interval.high), "note": None}
+
+
+def family_copies(family: str) -> int | None:
+    """The copies a `copies<N>` family names (None for another family)."""
+    found = re.fullmatch(r"copies(\d+)", str(family))
+    return int(found.group(1)) if found else None
+
+
+def canary_detection(scores: pd.DataFrame, attacks: Sequence[str], fprs: dict[str, float] | None = None,
+                     level: float = 0.95) -> pd.DataFrame:
+    """Detection rates of one model's canaries from their scores (`canary_scores.parquet`'s rows of one run: family,
+    is_member, one column per attack): for each attack of `attacks` the frame has, each family of inserted canaries
+    (in order of copies, then of appearance) and `all` of them, and each FPR of `fprs` (:data:`FPR_POINTS`'s
+    values by default), the :func:`detection_rate` of its inserted canaries against every held-out canary (any
+    family: never trained on, they are one pool) and the AUC of the two (NaN without both). Columns:
+    :data:`DETECTION_COLUMNS`; empty without held-out canaries (there is then no detection rate)."""
+    if "run_id" in scores and scores.run_id.nunique() > 1:
+        raise ValueError(f"canary_detection: scores of {scores.run_id.nunique()} runs; give one run's")
+    fprs = dict(FPR_POINTS) if fprs is None else fprs
+    members = scores.is_member.to_numpy(bool)
+    if members.all():
+        return pd.DataFrame(columns=DETECTION_COLUMNS)
+    families = sorted(dict.fromkeys(scores.family[members]), key=lambda f: (family_copies(f) is None,
+                                                                             family_copies(f) or 0))
+    groups = {**{f: members & (scores.family == f).to_numpy() for f in families}, ALL: members}
+    rows = []
+    for attack in (a for a in attacks if a in scores):
+        values = scores[attack].to_numpy(np.float64)
+        bad = int((~np.isfinite(values)).sum())
+        held_out = values[~members]
+        for family, mask in groups.items():
+            inserted = values[mask]
+            for fpr in fprs.values():
+                row = {"attack": attack, "family": family, "copies": family_copies(family), "fpr": fpr,
+                       "n_inserted": len(inserted), "n_held_out": len(held_out)}
+                if bad:
+                    rows.append({**row, "note": f"{bad} canary score(s) are NaN or infinite"})
+                    continue
+                rows.append({**row, **detection_rate(inserted, held_out, fpr, level),
+                             "auc": auc(np.r_[np.ones(len(inserted)), np.zeros(len(held_out))],
+                                        np.r_[inserted, held_out])})
+    return pd.DataFrame(rows, columns=DETECTION_COLUMNS)
+
+
+__all__ = ["ALL", "DETECTION_COLUMNS", "METRICS", "canary_attacks", "canary_columns", "canary_detection",
+           "detection_rate", "family_copies", "family_metrics", "unsupported_note"]

@@ -3,7 +3,7 @@ split and its own canary), loaded and checked before any model is."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -11,25 +11,54 @@ import pandas as pd
 from memlens.auditing.target import Target
 from memlens.config import AuditConfig, ConfigError
 from memlens.data import Canary, canary_from_record, load_study_data, read_records
+from memlens.data.canary_files import COLUMNS as CANARY_FILE_COLUMNS
+from memlens.data.canary_files import HELD_OUT, read_canaries
 from memlens.train import read_members, read_train_info
 
 SIDES = {"members": "member", "non_members": "non_member", "canaries": "canary"}  # field -> id prefix
-CANARY_COLUMNS = ("copies", "secret", "secret_format")
 RUN_MEMBERS = "members.parquet"
+CANARY_FRAME_COLUMNS = ["canary_id", "family", "text", "is_member", "copies"]
 
 
 @dataclass
 class AuditRecords:
-    """members (sample_id, text, is_canary[, group]): the member file's records, then the canaries (flagged); a run
-    folder's members.parquet as it is. non_members (sample_id, text[, group]); utility or None; canaries: the
-    inserted records (with their secret when they have one)."""
+    """members (sample_id, text, is_canary[, group]): the member file's records, then the inserted canaries of
+    `audit.canaries` (flagged); a run folder's members.parquet as it is. non_members (sample_id, text[, group]);
+    utility or None; canaries: the inserted canaries (with their secret when they have one: exposure), a run
+    folder's own included. canary_file: the canaries of `audit.canaries`, inserted and held out (canary_id: their
+    sample id, text, inserted, copies, secret, secret_format: :mod:`memlens.data.canary_files`), or None. The
+    held-out canaries were never trained on: they are in no other frame."""
 
     members: pd.DataFrame
     non_members: pd.DataFrame
     utility: pd.DataFrame | None
     canaries: list[Canary]
     sources: dict[str, str]  # field -> where its records came from (for the report and the model card)
-    inserted: frozenset[str] = frozenset()  # sample ids of the canaries of `audit.canaries`
+    inserted: frozenset[str] = frozenset()  # sample ids of the inserted canaries of `audit.canaries`
+    canary_file: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)  # what reading the records could not keep (for the report)
+
+    @property
+    def held_out(self) -> frozenset[str]:
+        """Sample ids of the held-out canaries of `audit.canaries` (never trained on)."""
+        if self.canary_file is None:
+            return frozenset()
+        return frozenset(self.canary_file.canary_id[~self.canary_file.inserted])
+
+    @property
+    def canary_frame(self) -> pd.DataFrame:
+        """(canaries,) the canaries of `audit.canaries` in the designed canaries' schema (canary_id, family, text,
+        is_member, copies), to be scored like them (into `canary_scores.parquet`): is_member is `inserted`; the
+        family of an inserted canary is `copies<N>` by its copies (one family when all have the same), of a
+        held-out one :data:`memlens.data.canary_files.HELD_OUT`: one pool, the comparison of every copies (a
+        canary never trained on has no copies). Empty without a canary file."""
+        if self.canary_file is None:
+            return pd.DataFrame(columns=CANARY_FRAME_COLUMNS)
+        frame = self.canary_file
+        family = np.where(frame.inserted, "copies" + frame.copies.astype(str), HELD_OUT)
+        return pd.DataFrame({"canary_id": frame.canary_id.astype(str), "family": family, "text": frame.text,
+                             "is_member": frame.inserted.astype(bool), "copies": frame.copies.astype(int)},
+                            columns=CANARY_FRAME_COLUMNS).reset_index(drop=True)
 
     def in_metrics(self) -> np.ndarray:
         """(members + non-members,) whether each record counts in the membership metrics: every record but the
@@ -44,10 +73,10 @@ def _names(field: str) -> dict[str, str]:
             "data.group": "audit.group"}
 
 
-def _read(cfg: AuditConfig, field: str, keep: tuple[str, ...] = ()) -> pd.DataFrame:
-    """The records of one file; the canaries have no document groups (each is its own)."""
+def _read(cfg: AuditConfig, field: str) -> pd.DataFrame:
+    """The records of the members' or the non-members' file (the canaries': :func:`read_canaries`)."""
     return read_records(getattr(cfg, field), what=SIDES[field], text_field=cfg.text_field, id_field=cfg.id_field,
-                        group=cfg.group if field != "canaries" else None, keep=keep, names=_names(field))
+                        group=cfg.group, names=_names(field))
 
 
 def _shared(a: pd.DataFrame, b: pd.DataFrame, a_name: str, b_name: str) -> None:
@@ -99,21 +128,29 @@ def load_audit_records(cfg: AuditConfig, target: Target) -> AuditRecords:
 
 
 def _with_canary_file(cfg: AuditConfig, records: AuditRecords) -> AuditRecords:
-    """`records` with the canaries of `audit.canaries` added to the members (flagged, out of the metrics)."""
+    """`records` with the canaries of `audit.canaries`: the inserted ones added to the members (flagged, out of the
+    metrics) and to `canaries`, every one in `canary_file`. An inserted canary among the non-members, or a held-out
+    one among the members, is refused (one would be both trained on and not)."""
     if cfg.canaries is None:
         return records
-    frame = _read(cfg, "canaries", keep=CANARY_COLUMNS)
-    _shared(frame, records.non_members, f"canaries ({cfg.canaries})", "non-members")
-    frame = frame.assign(sample_id="canary:" + frame.sample_id.astype(str).str.replace(r"^canary-", "", regex=True))
-    canaries = [canary_from_record(row, f"canary {row.sample_id!r}") for _, row in frame.iterrows()]
-    members = records.members[~records.members.text.isin(frame.text)]  # a canary also listed among members is one
-    added = pd.DataFrame({"sample_id": frame.sample_id, "text": frame.text, "is_canary": True})
+    found = read_canaries(cfg.canaries, text_field=cfg.text_field, id_field=cfg.id_field, names=_names("canaries"))
+    frame = found.frame.assign(
+        canary_id="canary:" + found.frame.canary_id.astype(str).str.replace(r"^canary-", "", regex=True))
+    inserted, held_out = frame[frame.inserted], frame[~frame.inserted]
+    _shared(inserted, records.non_members, f"canaries ({cfg.canaries})", "non-members")
+    _shared(held_out, records.members, f"held-out canaries ({cfg.canaries}: never trained on)", "members")
+    canaries = [canary_from_record(row, f"canary {row.sample_id!r}")
+                for _, row in inserted.rename(columns={"canary_id": "sample_id"}).iterrows()]
+    members = records.members[~records.members.text.isin(inserted.text)]  # a canary also listed among members is one
+    added = pd.DataFrame({"sample_id": inserted.canary_id, "text": inserted.text, "is_canary": True})
     if "group" in members:
-        added["group"] = frame.sample_id
+        added["group"] = inserted.canary_id
     records.members = pd.concat([members, added], ignore_index=True)
     records.canaries = records.canaries + canaries
     records.inserted = frozenset(added.sample_id)
-    records.sources["canaries"] = cfg.canaries
+    records.canary_file = frame[CANARY_FILE_COLUMNS].reset_index(drop=True)
+    records.notes = records.notes + list(found.notes)
+    records.sources["canaries"] = found.source
     return records
 
 

@@ -471,12 +471,13 @@ def _missing_text_field(frame: pd.DataFrame, cfg: DataConfig, origin: _Origin) -
 
 def read_records(source: str, *, what: str, text_field: str = "text", id_field: str | None = "id",
                  group: str | None = None, keep: tuple[str, ...] = (),
-                 names: dict[str, str] | None = None) -> pd.DataFrame:
+                 names: dict[str, str] | None = None, places: bool = False) -> pd.DataFrame:
     """The records of one file (JSON lines, CSV, parquet, or text with one record a line) or hub split
     (`hub:NAME:SPLIT`, through `datasets`, which honours HF_HUB_OFFLINE), checked as a study's splits are: a
     record without a text names its file, line and field. Ids come from `id_field` where the file has that
     column (else `<what>-<row>`), groups from `group` (a column or a regex over the id); blank and repeated
-    texts are dropped (said once). Returns sample_id, text[, group] and the `keep` columns the file has.
+    texts are dropped (said once). Returns sample_id, text[, group] and the `keep` columns the file has (and, with
+    `places`, `place`: where each record is in its source, `<file> line 12`, for the caller's own messages).
     `names` rewords the study fields the messages name (`data.text_field` -> the caller's own field)."""
     try:
         cfg = DataConfig(source=source, text_field=text_field, id_field=id_field, group=group, utility_split=None)
@@ -488,6 +489,8 @@ def read_records(source: str, *, what: str, text_field: str = "text", id_field: 
         if id_field is not None and id_field not in frame.columns:
             cfg = cfg.model_copy(update={"id_field": None})
         out = _normalise(frame, cfg, what, origin)
+        if places:
+            out["place"] = [origin.where(int(position)) for position in frame.index]
     except ConfigError as exc:
         raise renamed_fields(exc, names) if names else exc from None
     for column in keep:

@@ -24,6 +24,8 @@ from pathlib import Path
 import pandas as pd
 from pydantic import ValidationError
 
+from memlens.attacks.canary_audit import ALL, canary_detection
+from memlens.attacks.exposure import exposure_bits
 from memlens.attacks.registry import headline_attack
 from memlens.config import AuditConfig, ConfigError, StudyConfig, load_audit
 from memlens.report import membership as mb
@@ -39,6 +41,12 @@ from memlens.store import StudyFile, StudyLayout, atomic_write_text
 from memlens.store.records import AuditRecord
 
 EXPOSED_P = 0.01  # a canary is exposed when its secret's rank p-value is below this over the number of canaries
+SHOWN_FPR = 0.01  # the canaries' detection rate shown: TPR at 1% FPR (with 10% FPR too below 100 held-out canaries)
+NOT_A_RATE = ("No held-out canary was scored, so the canaries' scores below are not a detection rate: a canary seen "
+              "k times can rank above every non-member by its format alone (the model learns what all canaries share, "
+              "a prefix or a template), memorized or not. To measure how many inserted canaries an attacker detects, "
+              "give canaries drawn like them that were never inserted: an `inserted` column (false for those), or "
+              "memaudit's manifest.")
 
 
 # ------------------------------------------------------------------------------------- sections
@@ -67,13 +75,38 @@ class LeakSummary(Section):
 
 @dataclass(kw_only=True)
 class CanaryResults(Section):
-    """Each canary: its copies, exposure under the model and the base model, whether exposed, where its membership
-    score ranks among the non-members', and how much of it the model completes from its first half."""
+    """The canaries: how many of the inserted ones an attacker detects against the held-out ones, by copies
+    (:func:`memlens.attacks.canary_audit.canary_detection`), then each inserted canary: its copies, exposure under
+    the model and the base model, whether exposed, where its membership score ranks among the non-members', and how
+    much of it the model completes from its first half."""
 
     anchor = "canaries"
     title = "Canaries"
     table: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/canaries.csv
     threshold_bits: float = math.nan
+    detection: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/canary_detection.csv: every attack, FPR
+    by_copies: pd.DataFrame = field(default_factory=pd.DataFrame)  # shown: the headline and the best attack
+    headline: str | None = None  # the headline attack among those that scored the canaries
+    best: str | None = None      # the attack with the highest TPR at 1% FPR over every inserted canary
+    level: float = 0.95
+
+    def detection_blocks(self) -> list[Block]:
+        if self.detection.empty:
+            return [Text(NOT_A_RATE, "warn")]
+        n_held_out = int(self.detection.n_held_out.iloc[0])
+        attacks = self.detection.attack.nunique()
+        said = (f"Detection rate: of the inserted canaries with each number of copies, how many score above the "
+                f"threshold that the {n_held_out} held-out canaries (drawn like them, never trained on) set at 1% "
+                f"false positive rate, with its exact {self.level:.0%} interval (Clopper-Pearson, over the inserted "
+                f"canaries at that threshold). `{self.headline}` is the headline attack")
+        said += (f"; `{self.best}` scored best of the {attacks} attacks that scored the canaries, chosen on these "
+                 "canaries (an optimistic pick)." if self.best and self.best != self.headline else ".")
+        blocks: list[Block] = [Text(said)]
+        if n_held_out < round(1 / SHOWN_FPR):
+            blocks.append(Text(f"TPR at 1% FPR needs at least {round(1 / SHOWN_FPR)} held-out canaries; this audit has "
+                               f"{n_held_out}: TPR at 10% FPR is shown beside it (every point and attack in "
+                               "tables/canary_detection.csv).", "warn"))
+        return [*blocks, Table("canary_detection", self.by_copies, data=self.detection)]
 
     def blocks(self) -> list[Block]:
         quantile = Text("`<attack>_quantile`: the share of non-members whose membership score (the headline attack's) "
@@ -84,8 +117,8 @@ class CanaryResults(Section):
                         f"secret the model never saw reaches with probability below {EXPOSED_P:g} over the "
                         "canaries.") if "exposure" in self.table else Text(
             "No exposure: no canary has a `secret` column (or `extraction.exposure` is false).")
-        return [exposure, quantile, Table("canaries", self.table,
-                                          formats={c: ".2f" for c in ("exposure", "exposure_base")})]
+        return [*self.detection_blocks(), exposure, quantile,
+                Table("canaries", self.table, formats={c: ".2f" for c in ("exposure", "exposure_base")})]
 
 
 # ------------------------------------------------------------------------------------- analysis
@@ -168,12 +201,12 @@ def canary_table(data: StudyResults, record: AuditRecord) -> pd.DataFrame:
     if len(exposure):
         ids = exposure.canary_id if "canary_id" in exposure else pd.Series(table.canary.iloc[0], index=exposure.index)
         base = exposure.attack.str.endswith(":base")
-        finetuned = exposure[~base].assign(canary=ids[~base])
-        based = exposure[base].assign(canary=ids[base])[["canary", "exposure_rank"]]
+        bits = exposure_bits(exposure)  # the study's definition: exact when enumerated, else extrapolated
+        finetuned = exposure[~base].assign(canary=ids[~base], exposure=bits[~base])
+        based = exposure[base].assign(canary=ids[base], exposure_base=bits[base])[["canary", "exposure_base"]]
         frame = finetuned[["canary", "copies", "secret_format", "n_candidates", "enumerated", "secret_rank",
-                           "exposure_rank"]].merge(based.rename(columns={"exposure_rank": "exposure_base"}),
-                                                   on="canary", how="left")
-        table = table.merge(frame.rename(columns={"exposure_rank": "exposure"}), on="canary", how="left")
+                           "exposure_rank", "exposure"]].merge(based, on="canary", how="left")
+        table = table.merge(frame, on="canary", how="left")
         table["exposed"] = table.exposure >= exposure_threshold(int(table.exposure.notna().sum()))
     ext = mz.finetuned_rows(data.extraction)
     if len(ext):
@@ -183,13 +216,76 @@ def canary_table(data: StudyResults, record: AuditRecord) -> pd.DataFrame:
     return table
 
 
+def read_canary_scores(root: Path, run_id: str | None = None) -> pd.DataFrame:
+    """The canaries' scores of an audit folder (`canary_scores.parquet`: run_id, canary_id, family, is_member, one
+    column per attack, as a study's), those of `run_id` when given; empty when the folder has none."""
+    path = StudyLayout(Path(root)).study_level(StudyFile.CANARY_SCORES)
+    scores = pd.read_parquet(path) if path.exists() else pd.DataFrame()
+    if run_id is not None and "run_id" in scores:
+        scores = scores[scores.run_id == run_id].reset_index(drop=True)
+    return scores
+
+
+def _fpr_label(fpr: float) -> str:
+    return f"{fpr * 100:g}%"
+
+
+def _rate(row: pd.Series) -> str | None:
+    """`0.750 (9/12) [0.428, 0.945]`; None when the rate is null (its note is said above the table)."""
+    if pd.isna(row.tpr):
+        return None
+    return f"{row.tpr:.3f} ({int(row.k)}/{int(row.n_inserted)}) [{row.tpr_low:.3f}, {row.tpr_high:.3f}]"
+
+
+def best_canary_attack(detection: pd.DataFrame, fpr: float = SHOWN_FPR) -> str | None:
+    """The attack with the highest TPR at `fpr` over every inserted canary (then the highest AUC; the AUC alone
+    where no attack has that TPR)."""
+    overall = detection[(detection.family == ALL) & (detection.fpr == fpr)]
+    if overall.empty:
+        return None
+    ranked = overall.assign(rank_tpr=overall.tpr.fillna(-1.0), rank_auc=overall.auc.fillna(-1.0))
+    return str(ranked.sort_values(["rank_tpr", "rank_auc"], ascending=False, kind="stable").attack.iloc[0])
+
+
+def detection_table(detection: pd.DataFrame, attacks: list[str]) -> pd.DataFrame:
+    """The detection rates shown: one row per family of inserted canaries (by copies) and `all`, with copies, the
+    inserted and held-out counts, and per attack of `attacks` its TPR at 1% FPR (and at 10% below 100 held-out
+    canaries) as :func:`_rate` writes it."""
+    if detection.empty:
+        return pd.DataFrame()
+    n_held_out = int(detection.n_held_out.iloc[0])
+    fprs = [SHOWN_FPR, *([0.1] if n_held_out < round(1 / SHOWN_FPR) else [])]
+    first = detection[(detection.attack == detection.attack.iloc[0]) & (detection.fpr == SHOWN_FPR)]
+    table = pd.DataFrame({"copies": [ALL if f == ALL else int(c) if pd.notna(c) else f
+                                     for f, c in zip(first.family, first.copies)],
+                          "inserted": first.n_inserted.astype(int).to_numpy(),
+                          "held out": first.n_held_out.astype(int).to_numpy()})
+    for attack in attacks:
+        for fpr in fprs:
+            rows = detection[(detection.attack == attack) & (detection.fpr == fpr)]
+            table[f"TPR at {_fpr_label(fpr)} FPR ({attack})"] = [_rate(r) for _, r in rows.iterrows()]
+    return table
+
+
 def canaries_section(data: StudyResults, record: AuditRecord) -> CanaryResults:
-    if not record.n_canaries:
+    """The canary section of an audit folder: the detection rates of its canary scores (when held-out canaries were
+    scored) and each inserted canary (:func:`canary_table`)."""
+    scores = read_canary_scores(data.root, record.run_id)
+    if not record.n_canaries and scores.empty:
         return CanaryResults(omitted=Omission("canaries", "no canaries were given (--canaries: records inserted in "
-                                              "the training set)"))
+                                              "the training set, and held-out twins never inserted)"))
     table = canary_table(data, record)
     n = int(table.exposure.notna().sum()) if "exposure" in table else 0
-    return CanaryResults(table=table, threshold_bits=exposure_threshold(n))
+    attacks = [a for a in record.attacks if a in scores]
+    level = data.study.mia.ci_level
+    detection = canary_detection(scores, attacks, level=level) if len(scores) and attacks else pd.DataFrame()
+    if detection.empty:
+        return CanaryResults(table=table, threshold_bits=exposure_threshold(n), level=level)
+    headline = headline_attack(attacks)
+    best = best_canary_attack(detection)
+    shown = list(dict.fromkeys(a for a in (headline, best) if a))
+    return CanaryResults(table=table, threshold_bits=exposure_threshold(n), detection=detection,
+                         by_copies=detection_table(detection, shown), headline=headline, best=best, level=level)
 
 
 def _extraction_measures(data: StudyResults) -> tuple[dict[str, float], str]:
@@ -459,5 +555,6 @@ def write_audit_report(root: Path) -> AuditReport:
 
 
 __all__ = ["AuditAnalysis", "AuditReport", "CanaryResults", "LeakSummary", "Overview", "analyse_audit",
-           "audit_markdown", "audit_page", "canary_table", "exposure_threshold", "leak_summary", "load_audit_results",
-           "model_card", "overview", "write_audit_report"]
+           "audit_markdown", "audit_page", "best_canary_attack", "canary_table", "detection_table",
+           "exposure_threshold", "leak_summary", "load_audit_results", "model_card", "overview",
+           "read_canary_scores", "write_audit_report"]

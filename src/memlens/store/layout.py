@@ -16,6 +16,7 @@ Layout of `<out>/`:
         .locks/                one lock file per reference (two workers never train the same one)
     audit_canaries.parquet     the designed canaries and coins of the study's runs, by design (`dp.audit_canaries`)
     mia_scores.parquet, extraction.parquet, exposure.parquet, results.parquet
+    canary_scores.parquet      an audit folder (`memlens audit`): its canaries' scores, inserted and held out
     report/
 
 Every file is written to a temporary name in the same folder and renamed: a reader sees the old
@@ -79,6 +80,7 @@ class StudyFile:
     MEMBERSHIP = "membership.parquet"  # the random design's coins: who is a member, by which coin
     AUDIT_CANARIES = "audit_canaries.parquet"  # the designed canaries and their coins (dp.audit_canaries)
     MIA_SCORES = "mia_scores.parquet"
+    CANARY_SCORES = "canary_scores.parquet"  # designed canaries' (or an audit's canaries') scores under every attack
     EXTRACTION = "extraction.parquet"
     EXPOSURE = "exposure.parquet"
     RUNS = "runs"

@@ -302,8 +302,8 @@ class MemlensCallback(TrainerCallback):
         return values
 
     def _metrics(self, scores: dict[str, np.ndarray]) -> dict[str, float]:
-        """The logged metrics of the attacks' scores (attack -> (members + non-members,) scores): each attack's AUC,
-        the headline attack's AUC and TPR."""
+        """The logged metrics of the attacks' scores (attack -> (records,), the members then the non-members):
+        each attack's AUC, the headline attack's AUC and TPR."""
         metrics: dict[str, float] = {}
         headline = headline_attack(list(scores))
         if headline != self.headline and self.headline is not None:

@@ -62,7 +62,9 @@ DEFAULT_ATTACKS = ("loss", "ref_ratio", "ref_llr", "zlib", "min_k")  # one pass 
 # of log p under the model's and the base's predicted distributions (an extra vocabulary-sized pass each).
 CALLBACK_NEEDS = frozenset({"ref", "moments", "ref_moments"})
 BASE_NEEDS = frozenset({"ref", "ref_moments"})  # what needs the base model
-DEFAULT_MAX_RECORDS = 100  # members and non-members scored at each evaluation, each (benchmarks/callback_cost.py)
+# Members and non-members scored at each evaluation, each: 100 records cost ~7% of an epoch of 300 training records
+# (benchmarks/callback_cost.py: a scored record costs ~0.18 of a training record's time)
+DEFAULT_MAX_RECORDS = 50
 PREFIX = "memlens"
 WHERE = "MemlensCallback(attacks=...)"
 
@@ -240,8 +242,8 @@ class MemlensCallback(TrainerCallback):
         handler (a callback reused in another Trainer moves again). Moving an item backwards in the list being
         iterated skips and repeats nothing."""
         handler = sys._getframe(2).f_locals.get("self")  # this method <- an event method <- CallbackHandler.call_event
-        if handler is self._handler:
-            return
+        if handler is self._handler or (self._handler is not None and not isinstance(handler, CallbackHandler)):
+            return  # placed in this handler, or called through a subclass's override after being placed
         if isinstance(handler, CallbackHandler) and self in handler.callbacks:
             callbacks = handler.callbacks
             callbacks.remove(self)

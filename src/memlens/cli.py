@@ -327,8 +327,10 @@ def audit(
     out: OutOpt = None,
     references: Annotated[Optional[int], _option("--references", "Reference models to train for LiRA and RMIA "
                                                  "(needs --train-config).")] = None,
-    train_config: Annotated[Optional[str], _option("--train-config", "YAML file of the optimiser settings the target "
-                                                   "was trained with (the study's train fields).")] = None,
+    train_config: Annotated[Optional[str], _option("--train-config", "How the target was trained: YAML or JSON in the "
+                                                   "Trainer's names (num_train_epochs, learning_rate...) or memlens' "
+                                                   "train names, or MemlensCallback's memlens-recipe.json; what it "
+                                                   "leaves out takes the Trainer's defaults.")] = None,
     load_in_8bit: Annotated[Optional[bool], typer.Option("--load-in-8bit/--no-8bit", help="Load the base model in "
                                                          "8 bits (bitsandbytes).")] = None,
     set_: SetOpt = None,

@@ -24,7 +24,7 @@ BENCHMARKS = REPO / "benchmarks"
 # benchmark -> (extra arguments after --smoke, pattern of the figures it must print)
 SMOKE = {
     "attacks_low_fpr": ([], r"^4\. wall seconds: fine-tune per cell plain \d+, DP \d+; membership stage per cell"),
-    "callback_cost": ([], r"^memlens/auc \d\.\d{3} after one epoch"),
+    "callback_cost": ([], r"^records a side within 10% of this epoch: \d+"),
     "finetune_throughput": ([], r"^packed_block_mask +\d+ +\d+\.\d\dx$"),
     "generation_throughput": ([], r"^ratio: \d+\.\dx  \(identical greedy outputs: 4/4\)"),
     "mia_throughput": ([], r"^speed-up: +\d+\.\d\d x .*max \|ref_ratio difference\|"),

@@ -66,3 +66,33 @@ def test_run_rejects_a_bad_override_and_an_unknown_stage(tmp_path):
     assert result.exit_code == 2 and "grid.rank" in result.output
     result = CliRunner().invoke(app, ["run", str(study), "--out", str(tmp_path / "o"), "--force", "everything"])
     assert result.exit_code == 2 and "unknown stage" in result.output and "finetune" in result.output
+
+
+def test_the_help_names_the_stages_the_runner_has():
+    import memlens.cli
+    from memlens.runner import FORCEABLE
+    from memlens.study.stage import STAGE_NAMES
+
+    assert memlens.cli.STAGE_NAMES == STAGE_NAMES and memlens.cli.FORCEABLE == FORCEABLE
+
+
+def test_help_version_and_early_refusals_import_no_torch():
+    import subprocess
+    import sys
+
+    import memlens
+
+    code = ("import sys; from memlens.cli import app\n"
+            "for argv in (['--help'], ['--version'], ['audit', '--help'], ['audit', '--target', 'no-such-adapter', "
+            "'--members', 'm.jsonl', '--non-members', 'n.jsonl']):\n"
+            "    try:\n        app(argv)\n    except SystemExit as exc:\n        print('exit', exc.code)\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules, 'peft' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO / "tests")
+    lines = done.stdout.strip().splitlines()
+    assert lines[-1] == "False False False", done.stderr[-2000:]
+    assert f"memlens {memlens.__version__}" in done.stdout and lines.count("exit 0") == 3 and "exit 2" in lines
+    assert "there is no folder named 'no-such-adapter' here" in done.stderr
+    # the benchmark of these timings runs (its smoke mode: one process each, no baseline)
+    smoke = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cli_startup.py"), "--smoke"],
+                           capture_output=True, text=True)
+    assert smoke.returncode == 0 and "memlens --help" in smoke.stdout, smoke.stderr[-2000:]

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from memlens.config import CanaryConfig, ConfigError, DataConfig
-from memlens.data import build_training_set, load_study_data
+from memlens.data import build_training_set, check_record_source, load_study_data, refuse_shared_texts
 from tests.conftest import PHEE
 
 
@@ -122,3 +122,19 @@ def test_a_record_without_its_document_is_refused_in_both_forms_of_data_group(tm
     for group in ("doc", r"^(\d+)_"):
         data = load_study_data(DataConfig(source=str(tmp_path), utility_split=None, group=group))
         assert data.members.group.tolist() == ["1", "2", "2"]
+
+
+def test_one_rule_for_texts_on_both_sides_and_a_cheap_check_of_a_source(tmp_path):
+    refuse_shared_texts(["a", "b"], ["c"], "members", "non-members")  # nothing shared: nothing said
+    with pytest.raises(ConfigError, match=r"^MemlensCallback: 2 text\(s\) occur in both the members and the "
+                                          r"non-members \(e\.g\. 'a'\); a record cannot be both"):
+        refuse_shared_texts(["b", "a", "x"], ["a", "b"], "members", "non-members", where="MemlensCallback")
+    check_record_source("hub:owner/name:train")  # a hub split is only parsed, not looked up
+    (tmp_path / "m.jsonl").write_text("{}\n")
+    check_record_source(str(tmp_path / "m.jsonl"))
+    with pytest.raises(ConfigError, match=rf"^audit.members: {tmp_path}/x.jsonl is not found \(looked for "):
+        check_record_source(str(tmp_path / "x.jsonl"), {"data.source": "audit.members"})
+    with pytest.raises(ConfigError, match="is a folder, not a file"):
+        check_record_source(str(tmp_path))
+    with pytest.raises(ConfigError, match="a hub split is written hub:NAME:SPLIT"):
+        check_record_source("hub:phee")

@@ -134,3 +134,30 @@ def test_wbc_settings():
         configure({"type": "wbc", "params": {"short_records": "pad"}})
     with pytest.raises(ConfigError, match=r"has 2 \(\['windows', 'short_records'\]\)"):
         configure("wbc@[2, 4]")  # two settings now: `name@value` no longer says which
+
+
+def _moments_stats(logprob, mu, sigma2, offsets) -> SequenceStats:
+    n = len(logprob)
+    return SequenceStats(np.array(offsets), np.zeros(n, np.int64), np.array(logprob, np.float32),
+                         np.array(mu, np.float32), np.array(sigma2, np.float32))
+
+
+def test_min_k_pp_calibrated_by_the_base_model_by_hand():
+    # record 0: fine-tuned z = (logp - mu) / sigma = [1, 0, -0.5, -1], base z = [-1, -0.5, -2, -1];
+    # record 1: fine-tuned z = [0, 1], base z = [1, -1]
+    ft = _moments_stats([-1, -2, -3, -4, -1, -1], [-2, -2, -2, -2, -1, -3], [1, 1, 4, 4, 1, 4], [0, 4, 6])
+    ref = _moments_stats([-2, -2, -6, -3, -1, -5], [-1, -1, -2, -2, -2, -1], [1, 4, 4, 1, 1, 16], [0, 4, 6])
+    inputs = AttackInputs(texts=["a", "b"], ft=ft, ref=ref)
+    scores = run_attacks(["min_k_pp_ref@0.5", "min_k_pp_ref"], inputs)
+    # k = 50%: record 0 mean(-1, -0.5) - mean(-2, -1) = -0.75 + 1.5; record 1 (k = 1 token): 0 - (-1)
+    np.testing.assert_allclose(scores["min_k_pp_ref@0.5"], [0.75, 1.0])
+    # k = 20% (the default): one token each: -1 - (-2), 0 - (-1)
+    np.testing.assert_allclose(scores["min_k_pp_ref"], [1.0, 1.0])
+    # the plain attack is the first term
+    np.testing.assert_allclose(run_attacks(["min_k_pp@0.5"], inputs)["min_k_pp@0.5"], [-0.75, 0.0])
+    # a base model scored without its moments is refused, never read as numbers
+    bare = _moments_stats([-2, -2, -6, -3, -1, -5], [np.nan] * 6, [np.nan] * 6, [0, 4, 6])
+    with pytest.raises(ConfigError, match=r"'min_k_pp_ref' needs \[\"the base model's mean and variance of log p"):
+        run_attacks(["min_k_pp_ref"], AttackInputs(texts=["a", "b"], ft=ft, ref=bare))
+    with pytest.raises(ValueError, match="Min-K%\\+\\+ needs the moments of log p under the base model"):
+        configure("min_k_pp_ref").score(AttackInputs(texts=["a", "b"], ft=ft, ref=bare))

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from memlens.attacks.mia import attack_models
-from memlens.config import ConfigError
+from memlens.config import ConfigError, TrainConfig, read_recipe
 from memlens.integrations import MemlensCallback
 
 from .conftest import LLAMA_TINY, PHEE
@@ -74,7 +74,8 @@ def test_callback_logs_membership_inside_a_trainer(tmp_path, records):
     last = logged[-1]
     assert {"memlens/auc", "memlens/tpr_at_1pct_fpr", "memlens/auc/loss", "memlens/auc/ref_ratio",
             "memlens/canary_exposure"} <= set(last)
-    assert last["memlens/auc"] == last["memlens/auc/ref_ratio"]  # the primary attack, the base as reference
+    assert last["memlens/auc"] == last["memlens/auc/ref_ratio"]  # the headline attack, the base as reference
+    assert callback.headline == "ref_ratio"
     assert math.isnan(last["memlens/tpr_at_1pct_fpr"])  # 16 non-members: not estimable, not 0
     assert any("memlens/auc" in entry for entry in trainer.state.log_history)
     # the same number as memlens' own scoring of the saved adapter (base = the adapter disabled)
@@ -85,6 +86,13 @@ def test_callback_logs_membership_inside_a_trainer(tmp_path, records):
     auc = results[results.stage == "mia"].set_index("attack").auc
     assert last["memlens/auc/ref_ratio"] == pytest.approx(auc["ref_ratio"], abs=1e-6)
     assert last["memlens/auc/loss"] == pytest.approx(auc["loss"], abs=1e-6)
+    # the Trainer's recipe, written when training began, is what an audit's references repeat
+    recipe = read_recipe(tmp_path / "trainer" / "memlens-recipe.json")
+    assert recipe.train_config() == TrainConfig(max_steps=2, epochs=3, learning_rate=2e-2, batch_size=8, grad_accum=1,
+                                                warmup_steps=0, lr_scheduler="linear", weight_decay=0.0)
+    assert recipe.lora == {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
+                           "bias": "none"}
+    assert recipe.train_records == 20 and recipe.extra["total_steps"] == 2
     # scoring leaves the training mode as it found it
     for mode in (True, False):
         model.train(mode)
@@ -106,3 +114,62 @@ def test_callback_stops_training_above_the_threshold(tmp_path, records):
         MemlensCallback(members=members, non_members=non_members, every="step")
     with pytest.raises(ConfigError, match=r"canaries: \['canary-0'\] have no `secret`"):
         MemlensCallback(members=members, non_members=non_members, canaries=[{"text": "no secret here"}])
+
+
+def test_bad_attacks_and_overlapping_records_are_refused_before_training(records):
+    members, non_members = records
+    valid = r"valid choices: \['ez_mia', 'loss', 'min_k', 'min_k_pp', .*'ref_ratio', 'wbc', 'zlib'\]"
+    with pytest.raises(ConfigError, match=r"MemlensCallback\(attacks=...\): unknown attack 'no_such_attack'; " + valid):
+        MemlensCallback(members=members, non_members=non_members, attacks=["no_such_attack"])
+    for attack, need in [("lira", "reference adapters"), ("recall", "a non-member prefix"),
+                         ("dc_pdd", "mia.reference_corpus"), ("lowercase", "the lowercased texts' scores")]:
+        with pytest.raises(ConfigError, match=rf"'{attack}' needs {need}.*, which a callback inside training cannot "
+                                              rf"give; {valid}"):
+            MemlensCallback(members=members, non_members=non_members, attacks=["loss", attack])
+    with pytest.raises(ConfigError, match=r"MemlensCallback\(attacks=...\): 'min_k@2': fraction: Input should be less"):
+        MemlensCallback(members=members, non_members=non_members, attacks=["min_k@2"])
+    with pytest.raises(ConfigError, match=r"given twice"):
+        MemlensCallback(members=members, non_members=non_members, attacks=["loss", "loss"])
+    # the audit's rule and words for a text on both sides
+    with pytest.raises(ConfigError, match=r"MemlensCallback: 1 text\(s\) occur in both the members and the "
+                                          r"non-members \(e\.g\. .*\); a record cannot be both"):
+        MemlensCallback(members=members, non_members=non_members + members[:1])
+    with pytest.raises(ConfigError, match=r"MemlensCallback: 1 text\(s\) occur in both the canaries and the "
+                                          "non-members"):
+        MemlensCallback(members=members, non_members=[*non_members, CANARY["text"]], canaries=[CANARY])
+    with pytest.raises(ConfigError, match="max_records"):
+        MemlensCallback(members=members, non_members=non_members, max_records=1)
+
+
+def test_a_seeded_sample_of_at_most_max_records_a_side(records):
+    members, non_members = records
+    callback = MemlensCallback(members=members, non_members=non_members, max_records=5, seed=3)
+    assert len(callback.members) == len(callback.non_members) == 5 and len(callback.labels) == 10
+    assert callback.members == [t for t in members if t in callback.members]  # in the given order
+    assert set(callback.non_members) <= set(non_members)
+    again = MemlensCallback(members=members, non_members=non_members, max_records=5, seed=3)
+    assert (again.members, again.non_members) == (callback.members, callback.non_members)
+    every = MemlensCallback(members=members, non_members=non_members, max_records=None)
+    assert (every.members, every.non_members) == (members, non_members)
+
+
+def test_the_headline_the_base_only_when_read_and_a_reused_callback_starts_clean(tmp_path, records):
+    members, non_members = records
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA_TINY)
+    bare = AutoTokenizer.from_pretrained(LLAMA_TINY)
+    bare.pad_token = None  # the caller's tokenizer has no pad token, and keeps none
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(LLAMA_TINY, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    # no attack reads the base model: it is not scored; the headline is min_k_pp's (the registry's order)
+    callback = MemlensCallback(members=members[:8], non_members=non_members[:8], every=1, tokenizer=bare,
+                               attacks=["loss", "zlib", "min_k_pp"])
+    for run in range(2):  # the same callback in two trainings: each starts clean
+        recorder = Recorder()
+        _trainer(tmp_path / str(run), model, tokenizer, members[:8], [recorder, callback], max_steps=1).train()
+        assert len(callback.history) == len(callback.seconds) == 1 and callback._reference is None
+        assert any("memlens/auc" in entry for entry in recorder.logs)  # moved before the new reporters too
+    assert bare.pad_token is None
+    last = callback.history[-1]
+    assert callback.headline == "min_k_pp" and last["memlens/auc"] == last["memlens/auc/min_k_pp"]
+    assert not math.isnan(last["memlens/auc/min_k_pp"])  # the moments were computed for it

@@ -2,32 +2,57 @@
 folder goes through it, so each takes the study lock and checks the folder's configuration).
 
 Everything memlens prints that comes from a user (record texts, config values, paths, errors) is printed
-as plain text, never interpreted as Rich markup."""
+as plain text, never interpreted as Rich markup.
+
+The commands import what they run when they run it (the runner, the audit, torch, transformers, PEFT): `--help`,
+`--version` and what is refused before any model is needed answer without them (`benchmarks/cli_startup.py`)."""
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
-from memlens.auditing import audit as run_audit
-from memlens.config import ConfigError, StudyConfig, load_study
-from memlens.demo import run_demo
-from memlens.docs import config_reference_markdown
-from memlens.runner import FORCEABLE, StudySummary, run_study, write_report
-from memlens.store import StudyLayout
-from memlens.store.lock import StudyLockedError
-from memlens.study.cell import study_problems, study_status
-from memlens.study.stage import STAGE_NAMES
-from memlens.study.status import REPORT_FAILURE, read_status
+from memlens import __version__
+from memlens.config import ConfigError, load_audit, load_study
+
+if TYPE_CHECKING:
+    from memlens.config import AuditConfig, StudyConfig
+    from memlens.runner import StudySummary
+
+# The stages and what --force redoes, for the options' help (memlens.study.stage.STAGE_NAMES and
+# memlens.runner.FORCEABLE, which import torch; tests/test_cli.py checks they are the same)
+STAGE_NAMES = ("finetune", "references", "mia", "extraction")
+FORCEABLE = (*STAGE_NAMES, "report")
+
+
+def run_study(*args, **kwargs):
+    """:func:`memlens.runner.run_study`, imported when a command runs a study."""
+    from memlens.runner import run_study as run
+
+    return run(*args, **kwargs)
+
+
+def run_audit(*args, **kwargs):
+    """:func:`memlens.auditing.audit`, imported when the audit's inputs passed the checks that need no model."""
+    from memlens.auditing import audit
+
+    return audit(*args, **kwargs)
+
+
+def _locked_error() -> type[Exception]:
+    from memlens.store.lock import StudyLockedError
+
+    return StudyLockedError
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure what fine-tuned LMs memorize.")
 attack_app = typer.Typer(no_args_is_help=True, help="Run one attack stage on a study's fine-tuned runs.")
@@ -80,18 +105,28 @@ def _study(path: Path | None, out: Path | None, overrides: list[str] | None) -> 
     return load_study(path, extra)
 
 
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"memlens {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
-          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the final paths.")] = False
+          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the final paths.")] = False,
+          version: Annotated[bool, typer.Option("--version", help="Print memlens' version and exit.",
+                                                callback=_version, is_eager=True)] = False,
           ) -> None:
     _State.quiet = quiet
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
     # force: a library imported earlier (absl, via rouge-score) may already have configured the root logger
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s", force=True)
-    if quiet:  # transformers logs through its own handler, which the root logger's level does not reach
-        from transformers.utils import logging as hf_logging
+    if quiet:  # transformers logs through its own handler, which the root logger's level does not reach: it reads
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # this when imported, and is told directly if it already is
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
+            hf_logging.set_verbosity_error()
 
 
 def _run(study: Path, out: Path | None, overrides: list[str] | None, *, only: list[str] | None = None,
@@ -100,7 +135,7 @@ def _run(study: Path, out: Path | None, overrides: list[str] | None, *, only: li
     try:
         cfg = _study(study, out, overrides)
         summary = run_study(cfg, force=force, only=only, show_progress=progress and not _State.quiet)
-    except (ConfigError, StudyLockedError) as exc:
+    except (ConfigError, _locked_error()) as exc:
         _fail(exc)
     except OSError as exc:
         if exc.errno not in DISK_ERRORS:
@@ -167,6 +202,12 @@ def _print_summary(summary: StudySummary) -> None:
 @app.command()
 def status(out: FolderArg) -> None:
     """Which cells and stages are done, running, failed (with the error) or pending."""
+    from rich.table import Table
+
+    from memlens.store import StudyLayout
+    from memlens.study.cell import study_problems, study_status
+    from memlens.study.status import REPORT_FAILURE, read_status
+
     try:
         frame, problems = study_status(out), study_problems(out)
     except ConfigError as exc:
@@ -209,9 +250,11 @@ def report(
     """(Re)write the study's HTML report from its results; with --markdown, also the findings document."""
     command = shlex.join(["memlens", "report", str(out), *(["--markdown", str(markdown)] if markdown else []),
                           *(["--note", note] if note else []), *(a for c in with_ or [] for a in ("--with", str(c)))])
+    from memlens.runner import write_report
+
     try:
         path, written = write_report(out, markdown, command=command, note=note, companions=with_)
-    except (ConfigError, StudyLockedError) as exc:
+    except (ConfigError, _locked_error()) as exc:
         _fail(exc)
     except OSError as exc:
         if exc.errno not in DISK_ERRORS:
@@ -231,14 +274,31 @@ def demo(
     no_progress: NoProgressOpt = False,
 ) -> None:
     """A complete small study with nothing downloaded (shared fixtures if present, else built here)."""
+    from memlens.demo import run_demo
+
     try:
         summary = run_demo(out, show_progress=not no_progress and not _State.quiet, synthetic=synthetic,
                            overrides=set_)
-    except (ConfigError, StudyLockedError) as exc:
+    except (ConfigError, _locked_error()) as exc:
         _fail(exc)
     _print_summary(summary)
     if not summary.ok:
         raise typer.Exit(1)
+
+
+def _check_audit(cfg: AuditConfig) -> None:
+    """The audit's checks that read no model and import no torch: the target names a folder or a possible hub id,
+    the record files exist, the recipe file reads."""
+    from memlens.auditing.target import check_target
+    from memlens.config import read_recipe
+    from memlens.data import check_record_source
+
+    check_target(cfg.target)
+    for field in ("members", "non_members", "canaries"):
+        if getattr(cfg, field) is not None:
+            check_record_source(getattr(cfg, field), {"data.source": f"audit.{field}"})
+    if cfg.train_config is not None:
+        read_recipe(cfg.train_config)
 
 
 def _option(name: str, help_: str):
@@ -267,8 +327,10 @@ def audit(
     out: OutOpt = None,
     references: Annotated[Optional[int], _option("--references", "Reference models to train for LiRA and RMIA "
                                                  "(needs --train-config).")] = None,
-    train_config: Annotated[Optional[str], _option("--train-config", "YAML file of the optimiser settings the target "
-                                                   "was trained with (the study's train fields).")] = None,
+    train_config: Annotated[Optional[str], _option("--train-config", "How the target was trained: YAML or JSON in the "
+                                                   "Trainer's names (num_train_epochs, learning_rate...) or memlens' "
+                                                   "train names, or MemlensCallback's memlens-recipe.json; what it "
+                                                   "leaves out takes the Trainer's defaults.")] = None,
     load_in_8bit: Annotated[Optional[bool], typer.Option("--load-in-8bit/--no-8bit", help="Load the base model in "
                                                          "8 bits (bitsandbytes).")] = None,
     set_: SetOpt = None,
@@ -279,9 +341,10 @@ def audit(
     fields = {"target": target, "base": base, "members": members, "non_members": non_members, "canaries": canaries,
               "text_field": text_field, "group": group, "out": str(out) if out else None, "references": references,
               "train_config": train_config, "load_in_8bit": load_in_8bit}
-    try:
+    try:  # what needs no model is refused before the workflow (torch, transformers) is imported
+        _check_audit(load_audit(config, set_, **{k: v for k, v in fields.items() if v is not None}))
         summary = run_audit(config, overrides=set_, show_progress=not no_progress and not _State.quiet, **fields)
-    except (ConfigError, StudyLockedError) as exc:
+    except (ConfigError, _locked_error()) as exc:
         _fail(exc)
     except OSError as exc:
         if exc.errno not in DISK_ERRORS:
@@ -298,6 +361,8 @@ def audit(
 @app.command("config-reference")
 def config_reference() -> None:
     """Print the study-file reference (Markdown) generated from the config objects."""
+    from memlens.docs import config_reference_markdown
+
     typer.echo(config_reference_markdown())
 
 

@@ -5,15 +5,19 @@ measures membership leakage of the model being trained, as it trains.
                       callbacks=[MemlensCallback(members=held_in, non_members=held_out, every="epoch",
                                                  stop_above=0.75)])
 
-At each evaluation (every epoch, or every N optimizer steps) it scores the members and non-members with the model
-being trained (put in eval mode, no copy, training mode restored; no gradient), and the base model's scores as
-the reference of the ratio attacks: a PEFT model's base through `disable_adapter` (frozen during LoRA training,
-so scored once, when training begins), else the model itself as it was when training began. It runs the study's attacks on these
-statistics (:mod:`memlens.attacks.registry`) and adds to the Trainer's logs, so `report_to` carries them to
-TensorBoard or W&B: `memlens/auc` and `memlens/tpr_at_1pct_fpr` (the primary attack, `ref_ratio`; `loss` without
-a reference), `memlens/auc/<attack>` for each attack, and `memlens/canary_exposure` (mean over the canaries with a
-secret; `memlens/canary_exposure/<id>` each when there are several). With `stop_above`, training stops once the
-primary AUC is above it.
+At each evaluation (every epoch, or every N optimizer steps) it scores a seeded sample of the members and
+non-members (`max_records` a side, the same sample every time) with the model being trained (put in eval mode, no
+copy, training mode restored; no gradient), and, when an attack needs it, the base model's scores as the
+reference of the ratio attacks: a PEFT model's base through `disable_adapter` (frozen during LoRA training, so
+scored once, when training begins), else the model itself as it was when training began. It runs the study's
+attacks on these statistics (:mod:`memlens.attacks.registry`) and adds to the Trainer's logs, so `report_to`
+carries them to TensorBoard or W&B: `memlens/auc` and `memlens/tpr_at_1pct_fpr` (the headline attack's, by the
+study's and the audit's one rule, :func:`~memlens.attacks.registry.headline_attack`: `ref_ratio` with the default
+attacks, `loss` without a reference; its name is :attr:`MemlensCallback.headline`), `memlens/auc/<attack>` for
+each attack, and `memlens/canary_exposure` (mean over the canaries with a secret;
+`memlens/canary_exposure/<id>` each when there are several). With `stop_above`, training stops once the headline
+AUC is above it. When training begins it writes the Trainer's recipe as `memlens-recipe.json` in `output_dir`
+(:func:`memlens.config.recipe.recipe_document`), which `memlens audit` reads for its reference models.
 """
 
 from __future__ import annotations
@@ -30,12 +34,22 @@ import pandas as pd
 import torch
 
 from memlens.attacks.exposure import draw_candidates, measure_exposure
-from memlens.attacks.registry import AttackInputs, run_attacks
-from memlens.config import ConfigError, MIAConfig
-from memlens.data import Canary, canary_from_record, read_records
+from memlens.attacks.registry import (
+    ATTACKS,
+    NEEDS,
+    AttackInputs,
+    ConfiguredAttack,
+    configure,
+    headline_attack,
+    run_attacks,
+)
+from memlens.config import RECIPE_FILE, AttackSpec, ConfigError, MIAConfig
+from memlens.config.recipe import LORA_FIELDS, recipe_document
+from memlens.data import Canary, canary_from_record, read_records, refuse_shared_texts
 from memlens.metrics.roc import membership_metrics
 from memlens.models.loading import quiet_bitsandbytes_import
 from memlens.score import SequenceStats, token_stats
+from memlens.store import atomic_write_json
 
 with quiet_bitsandbytes_import():  # transformers' trainer modules import PEFT, which imports bitsandbytes
     from transformers import TrainerCallback
@@ -43,10 +57,16 @@ with quiet_bitsandbytes_import():  # transformers' trainer modules import PEFT, 
 
 log = logging.getLogger(__name__)
 
-PRIMARY = "ref_ratio"
-WITHOUT_REFERENCE = "loss"
-ATTACKS = ("loss", "ref_ratio", "ref_llr", "zlib", "min_k")  # one pass each way; no extra vocabulary work
+DEFAULT_ATTACKS = ("loss", "ref_ratio", "ref_llr", "zlib", "min_k")  # one pass each way; no extra vocabulary work
+# The attack inputs the callback computes: the base model's scores and, for the attacks that read them, the moments
+# of log p under the model's and the base's predicted distributions (an extra vocabulary-sized pass each).
+CALLBACK_NEEDS = frozenset({"ref", "moments", "ref_moments"})
+BASE_NEEDS = frozenset({"ref", "ref_moments"})  # what needs the base model
+# Members and non-members scored at each evaluation, each: 100 records cost ~7% of an epoch of 300 training records
+# (benchmarks/callback_cost.py: a scored record costs ~0.18 of a training record's time)
+DEFAULT_MAX_RECORDS = 50
 PREFIX = "memlens"
+WHERE = "MemlensCallback(attacks=...)"
 
 
 def _names(what: str) -> dict[str, str]:
@@ -86,60 +106,150 @@ def _canaries(records, text_field: str) -> list[Canary]:
             for _, row in frame.iterrows()]
 
 
+def _attack_kind(entry) -> str:
+    """The registered attack an entry names (`min_k`, `min_k@0.1`, `{type: min_k, ...}`)."""
+    if isinstance(entry, str):
+        return entry.partition("@")[0].strip()
+    if isinstance(entry, dict):
+        return str(entry.get("type"))
+    return entry.type if isinstance(entry, AttackSpec) else str(entry)
+
+
+def callback_attacks(attacks: Sequence[str | AttackSpec | dict]) -> list[ConfiguredAttack]:
+    """`attacks` configured, refused before training when one is unknown, needs an input a callback cannot give
+    (reference adapters, a reference corpus, a prefix of known non-members...) or has bad settings: the message
+    names the attacks that can run here."""
+    runnable = sorted(name for name, attack in ATTACKS.items() if attack.needs <= CALLBACK_NEEDS)
+    if not attacks:
+        raise ConfigError(f"{WHERE}: empty; choose from {runnable}")
+    configured = []
+    for entry in attacks:
+        kind = _attack_kind(entry)
+        if kind not in ATTACKS:
+            raise ConfigError(f"{WHERE}: unknown attack {kind!r}; valid choices: {runnable}")
+        missing = sorted(ATTACKS[kind].needs - CALLBACK_NEEDS)
+        if missing:
+            raise ConfigError(f"{WHERE}: {kind!r} needs {', '.join(NEEDS[n] for n in missing)}, which a callback "
+                              f"inside training cannot give; valid choices: {runnable} (memlens audit runs the "
+                              "others on the saved model)")
+        configured.append(configure(entry, WHERE))
+    names = [a.name for a in configured]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"{WHERE}: {repeated} given twice")
+    return configured
+
+
+def _sample(texts: list[str], at_most: int | None, seed: int, side: int) -> list[str]:
+    """At most `at_most` of `texts`, a seeded sample kept in the given order (all of them when fewer)."""
+    if at_most is None or len(texts) <= at_most:
+        return texts
+    keep = np.sort(np.random.default_rng([seed, side]).choice(len(texts), at_most, replace=False))
+    return [texts[i] for i in keep]
+
+
+def _pad_id(tokenizer) -> int:
+    """An id to pad batches with, without setting one on the caller's tokenizer: padded positions are masked out
+    and never scored, so any id gives the same statistics."""
+    for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
+        if pad is not None:
+            return int(pad)
+    return 0
+
+
+def _lora_settings(model) -> dict | None:
+    """The active LoRA adapter's settings (:data:`~memlens.config.recipe.LORA_FIELDS`), JSON-able; None for a model
+    without a LoRA adapter."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        return None
+    active = getattr(model, "active_adapter", None)
+    active = active[0] if isinstance(active, (list, tuple)) and active else active
+    config = configs.get(active) or next(iter(configs.values()))
+    if str(getattr(config, "peft_type", "")).upper().rpartition(".")[2] != "LORA":
+        return None
+    values = {name: getattr(config, name, None) for name in LORA_FIELDS}
+    modules = values["target_modules"]
+    values["target_modules"] = sorted(modules) if isinstance(modules, (set, list, tuple)) else modules
+    return values
+
+
 class MemlensCallback(TrainerCallback):
     """Membership leakage of the model being trained, logged as it trains (see the module's docstring).
 
     `members` / `non_members`: training records and held-out records of the same distribution (lists of texts,
-    frames with a text column, or files / `hub:NAME:SPLIT` as `memlens audit` reads them); `canaries`: records
-    inserted in the training set with a `secret` (and optionally `secret_format`, `copies`, `id`) for exposure;
-    `every`: `"epoch"` or a number of optimizer steps; `stop_above`: stop training once the primary AUC is above
-    it. `tokenizer`: the Trainer's `processing_class` by default. `seconds` holds the wall time of each evaluation,
-    `reference_seconds` that of the base model's scores (once, when training begins).
+    frames with a text column, or files / `hub:NAME:SPLIT` as `memlens audit` reads them; a text in both is
+    refused, as the audit refuses it); `canaries`: records inserted in the training set with a `secret` (and
+    optionally `secret_format`, `copies`, `id`) for exposure; `every`: `"epoch"` or a number of optimizer steps;
+    `max_records`: members and non-members scored at each evaluation, each (a sample seeded by `seed`, the same at
+    every evaluation; `None`: all); `stop_above`: stop training once the headline AUC is above it; `attacks`: those
+    a callback can feed (checked here, before any training); `tokenizer`: the Trainer's `processing_class` by
+    default (left as it is: no pad token is set on it); `max_length`: the length the training records were cut to,
+    if they were (written to the recipe); `write_recipe`: write `memlens-recipe.json` in `output_dir` when training
+    begins. `seconds` holds the wall time of each evaluation, `reference_seconds` that of the base model's scores
+    (once, when training begins), `history` each evaluation's metrics; all three start over with every training.
     """
 
     def __init__(self, members, non_members, canaries=None, *, every: str | int = "epoch",
-                 stop_above: float | None = None, tokenizer=None, text_field: str = "text",
-                 attacks: Sequence[str] = ATTACKS, batch_size: int = 32, exposure_candidates: int = 1000,
-                 seed: int = 0):
+                 max_records: int | None = DEFAULT_MAX_RECORDS, stop_above: float | None = None, tokenizer=None,
+                 text_field: str = "text", attacks: Sequence[str | AttackSpec | dict] = DEFAULT_ATTACKS,
+                 batch_size: int = 32, exposure_candidates: int = 1000, seed: int = 0, max_length: int | None = None,
+                 write_recipe: bool = True):
         if every != "epoch" and not (isinstance(every, int) and every >= 1):
             raise ConfigError(f"every: {every!r}; give \"epoch\" or a number of optimizer steps >= 1")
-        self.members = _texts(members, "member", text_field)
-        self.non_members = _texts(non_members, "non_member", text_field)
+        if max_records is not None and not (isinstance(max_records, int) and max_records >= 2):
+            raise ConfigError(f"max_records: {max_records!r}; give a number of records a side >= 2, or None for all")
+        self.attacks = callback_attacks(attacks)
+        members = _texts(members, "member", text_field)
+        non_members = _texts(non_members, "non_member", text_field)
+        refuse_shared_texts(members, non_members, "members", "non-members", where="MemlensCallback")
         self.canaries = _canaries(canaries, text_field)
+        refuse_shared_texts([c.text for c in self.canaries], non_members, "canaries", "non-members",
+                            where="MemlensCallback")
         without = [c.sample_id for c in self.canaries if c.secret is None]
         if without:
             raise ConfigError(f"canaries: {without} have no `secret`; exposure ranks a canary's secret among random "
                               "ones of its format: give each a secret (a substring of its text)")
-        self.every, self.stop_above, self.tokenizer = every, stop_above, tokenizer
-        self.attacks, self.batch_size = list(attacks), batch_size
-        self.exposure_candidates, self.seed = exposure_candidates, seed
+        self.members = _sample(members, max_records, seed, 0)
+        self.non_members = _sample(non_members, max_records, seed, 1)
+        self.every, self.max_records, self.stop_above = every, max_records, stop_above
+        self.batch_size, self.exposure_candidates, self.seed = batch_size, exposure_candidates, seed
+        self.max_length, self.write_recipe = max_length, write_recipe
+        self._given_tokenizer = self.tokenizer = tokenizer
         self.labels = np.r_[np.ones(len(self.members), bool), np.zeros(len(self.non_members), bool)]
+        self._base_needed = any(a.needs & BASE_NEEDS for a in self.attacks)
+        self._pools: dict[str, tuple[list[str], bool]] = {}  # exposure candidates: a function of the seed only
+        self._handler = None  # the CallbackHandler this callback took its place in
+        self._start_over()
+
+    def _start_over(self) -> None:
+        """Forget what a previous training measured (a callback reused for another training starts clean)."""
         self.seconds: list[float] = []  # wall time of each evaluation
         self.reference_seconds = 0.0  # wall time of the base model's scores, before the first step
         self.history: list[dict[str, float]] = []  # every evaluation's metrics, with its step
+        self.headline: str | None = None  # the attack of memlens/auc (headline_attack of those that ran)
         self._ids: list[list[int]] | None = None
         self._reference: SequenceStats | None = None
         self._no_reference: str | None = None
-        self._pools: dict[str, tuple[list[str], bool]] = {}
         self._pending: dict[str, float] = {}
-        self._placed = False
 
     # ------------------------------------------------------------------------------------- placement
     def _before_reporters(self) -> None:
         """Move this callback right after the Trainer's DefaultFlowCallback. transformers calls callbacks in order,
         those of `report_to` (TensorBoard, W&B...) before the ones given to `Trainer(callbacks=...)`, and gives a
         callback no handle on the others: so that the reporters' `on_log` sees the metrics this one adds to the
-        logs, it takes its place before them from the handler that calls it (the caller's frame). Moving an item
-        backwards in the list being iterated skips and repeats nothing."""
-        if self._placed:
-            return
+        logs, it takes its place before them from the handler that calls it (the caller's frame), once per
+        handler (a callback reused in another Trainer moves again). Moving an item backwards in the list being
+        iterated skips and repeats nothing."""
         handler = sys._getframe(2).f_locals.get("self")  # this method <- an event method <- CallbackHandler.call_event
+        if handler is self._handler or (self._handler is not None and not isinstance(handler, CallbackHandler)):
+            return  # placed in this handler, or called through a subclass's override after being placed
         if isinstance(handler, CallbackHandler) and self in handler.callbacks:
             callbacks = handler.callbacks
             callbacks.remove(self)
             flow = [i for i, c in enumerate(callbacks) if isinstance(c, DefaultFlowCallback)]
             callbacks.insert(flow[-1] + 1 if flow else 0, self)
-            self._placed = True
+            self._handler = handler
         else:
             log.warning("MemlensCallback: could not find the Trainer's callback handler; memlens metrics go to "
                         "trainer.state.log_history but may not reach the report_to integrations")
@@ -153,26 +263,32 @@ class MemlensCallback(TrainerCallback):
             self._ids = tokenizer(self.members + self.non_members, add_special_tokens=True)["input_ids"]
         return self._ids
 
-    def _score(self, model: torch.nn.Module, tokenizer) -> SequenceStats:
+    def _score(self, model: torch.nn.Module, tokenizer, moments: bool) -> SequenceStats:
         device = next(model.parameters()).device
         return token_stats(model, self._tokenize(tokenizer), batch_size=self.batch_size,
-                           pad_token_id=tokenizer.pad_token_id, moments=False,
+                           pad_token_id=_pad_id(tokenizer), moments=moments,
                            max_batch_tokens=MIAConfig().batch_token_budget(device))
 
+    def _needs(self, need: str) -> bool:
+        return any(need in a.needs for a in self.attacks)
+
     def _reference_stats(self, model: torch.nn.Module, tokenizer, global_step: int) -> SequenceStats | None:
-        """The base model's statistics: a PEFT model's with its adapters disabled (once: LoRA leaves the base
-        frozen), else the model's own before its first step (None when training resumed past it)."""
-        if self._reference is None and self._no_reference is None:
-            if hasattr(model, "disable_adapter"):
-                with model.disable_adapter():
-                    self._reference = self._score(model, tokenizer)
-            elif global_step == 0:
-                self._reference = self._score(model, tokenizer)
-            else:
-                self._no_reference = (f"training resumed at step {global_step}: the model as it was before "
-                                      "fine-tuning is gone, so the ratio attacks have no reference")
-                log.warning("MemlensCallback: %s; logging %s instead of %s", self._no_reference, WITHOUT_REFERENCE,
-                            PRIMARY)
+        """The base model's statistics, when an attack reads them: a PEFT model's with its adapters disabled (once:
+        LoRA leaves the base frozen), else the model's own before its first step (None when training resumed past
+        it)."""
+        if not self._base_needed or self._reference is not None or self._no_reference is not None:
+            return self._reference
+        moments = self._needs("ref_moments")
+        if hasattr(model, "disable_adapter"):
+            with model.disable_adapter():
+                self._reference = self._score(model, tokenizer, moments)
+        elif global_step == 0:
+            self._reference = self._score(model, tokenizer, moments)
+        else:
+            self._no_reference = (f"training resumed at step {global_step}: the model as it was before "
+                                  "fine-tuning is gone, so the attacks reading the base model have no reference")
+            skipped = [a.name for a in self.attacks if a.needs & BASE_NEEDS]
+            log.warning("MemlensCallback: %s; %s are not logged", self._no_reference, skipped)
         return self._reference
 
     def _exposure(self, model, tokenizer) -> dict[str, float]:
@@ -182,10 +298,28 @@ class MemlensCallback(TrainerCallback):
                 self._pools[canary.text] = draw_candidates(canary.secret_format, canary.secret,
                                                            self.exposure_candidates, self.seed)
             result = measure_exposure(model, tokenizer, canary, n_candidates=self.exposure_candidates, seed=self.seed,
-                                      batch_size=self.batch_size, pad_token_id=tokenizer.pad_token_id,
+                                      batch_size=self.batch_size, pad_token_id=_pad_id(tokenizer),
                                       candidates=self._pools[canary.text])
             values[canary.sample_id] = result.exposure_rank
         return values
+
+    def _metrics(self, scores: dict[str, np.ndarray]) -> dict[str, float]:
+        """The logged metrics of the attacks' scores (attack -> (records,), the members then the non-members):
+        each attack's AUC, the headline attack's AUC and TPR."""
+        metrics: dict[str, float] = {}
+        headline = headline_attack(list(scores))
+        if headline != self.headline and self.headline is not None:
+            log.warning("MemlensCallback: memlens/auc is now %s's (it was %s's)", headline, self.headline)
+        self.headline = headline
+        for name, values in scores.items():
+            row = membership_metrics(self.labels, values, n_bootstrap=0)
+            metrics[f"{PREFIX}/auc/{name}"] = row["auc"]
+            if name == headline:
+                metrics[f"{PREFIX}/auc"] = row["auc"]
+                metrics[f"{PREFIX}/tpr_at_1pct_fpr"] = row["tpr_at_1pct_fpr"]
+                if row["tpr_at_1pct_fpr_note"] and not self.seconds:
+                    log.warning("MemlensCallback: TPR at 1%% FPR is NaN: it %s", row["tpr_at_1pct_fpr_note"])
+        return metrics
 
     def evaluate(self, model: torch.nn.Module, tokenizer, global_step: int = 0) -> dict[str, float]:
         """Score the held-out sets with `model` (eval mode, training mode restored) and return the metrics, keyed
@@ -196,23 +330,13 @@ class MemlensCallback(TrainerCallback):
         try:
             with torch.inference_mode():
                 reference = self._reference_stats(model, tokenizer, global_step)
-                stats = self._score(model, tokenizer)
+                stats = self._score(model, tokenizer, self._needs("moments"))
                 exposure = self._exposure(model, tokenizer) if self.canaries else {}
         finally:
             model.train(training)
-        attacks = [a for a in self.attacks if reference is not None or a not in ("ref_ratio", "ref_llr")]
-        texts = self.members + self.non_members
-        scores = run_attacks(attacks, AttackInputs(texts=texts, ft=stats, ref=reference))
-        metrics: dict[str, float] = {}
-        primary = PRIMARY if PRIMARY in scores else WITHOUT_REFERENCE
-        for name, values in scores.items():
-            row = membership_metrics(self.labels, values, n_bootstrap=0)
-            metrics[f"{PREFIX}/auc/{name}"] = row["auc"]
-            if name == primary:
-                metrics[f"{PREFIX}/auc"] = row["auc"]
-                metrics[f"{PREFIX}/tpr_at_1pct_fpr"] = row["tpr_at_1pct_fpr"]
-                if row["tpr_at_1pct_fpr_note"] and not self.seconds:
-                    log.warning("MemlensCallback: TPR at 1%% FPR is NaN: it %s", row["tpr_at_1pct_fpr_note"])
+        attacks = [a for a in self.attacks if reference is not None or not a.needs & BASE_NEEDS]
+        scores = run_attacks(attacks, AttackInputs(texts=self.members + self.non_members, ft=stats, ref=reference))
+        metrics = self._metrics(scores)
         if exposure:
             metrics[f"{PREFIX}/canary_exposure"] = float(np.mean(list(exposure.values())))
             if len(exposure) > 1:
@@ -221,21 +345,38 @@ class MemlensCallback(TrainerCallback):
         self.history.append({"step": global_step, **metrics})
         return metrics
 
+    # ------------------------------------------------------------------------------------- the recipe
+    def _write_recipe(self, args, state, model, train_dataloader) -> None:
+        """`memlens-recipe.json` in the Trainer's output_dir: its training settings, the LoRA settings, the max
+        length and the number of training records (JSON only), for `memlens audit --train-config`."""
+        if not self.write_recipe or not getattr(args, "output_dir", None) or not state.is_world_process_zero:
+            return
+        try:
+            records = len(train_dataloader.dataset) if train_dataloader is not None else None
+        except TypeError:  # an iterable dataset
+            records = None
+        document = recipe_document(args, lora=_lora_settings(model), max_length=self.max_length,
+                                   train_records=records, total_steps=state.max_steps or None)
+        path = Path(args.output_dir) / RECIPE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, document)
+
     # ------------------------------------------------------------------------------------- events
     def _due(self, state) -> bool:
         if self.every == "epoch":  # the last step of an epoch sets state.epoch to a whole number
             return state.epoch is not None and state.epoch > 0 and abs(state.epoch - round(state.epoch)) < 1e-9
         return state.global_step > 0 and state.global_step % self.every == 0
 
-    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
+                       **kwargs):
         start = time.perf_counter()
         self._before_reporters()
-        self.tokenizer = self.tokenizer or processing_class
+        self._start_over()
+        self.tokenizer = self._given_tokenizer or processing_class
         if self.tokenizer is None:
             raise ConfigError("MemlensCallback needs a tokenizer: give Trainer(processing_class=tokenizer) or "
                               "MemlensCallback(tokenizer=...)")
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self._write_recipe(args, state, model, train_dataloader)
         # the reference, before the first step: a one-off cost, outside every epoch
         was = model.training
         model.eval()
@@ -254,8 +395,8 @@ class MemlensCallback(TrainerCallback):
         control.should_log = True  # logged right after this step, in the Trainer's logs
         auc = metrics.get(f"{PREFIX}/auc", math.nan)
         if self.stop_above is not None and auc > self.stop_above:
-            log.warning("MemlensCallback: membership AUC %.3f is above stop_above %.3f at step %d: stopping training",
-                        auc, self.stop_above, state.global_step)
+            log.warning("MemlensCallback: membership AUC %.3f (%s) is above stop_above %.3f at step %d: stopping "
+                        "training", auc, self.headline, self.stop_above, state.global_step)
             control.should_training_stop = True
         return control
 
@@ -267,4 +408,4 @@ class MemlensCallback(TrainerCallback):
             self._pending = {}
 
 
-__all__ = ["MemlensCallback"]
+__all__ = ["DEFAULT_ATTACKS", "DEFAULT_MAX_RECORDS", "MemlensCallback", "callback_attacks"]

@@ -77,9 +77,29 @@ def min_k(x: AttackInputs, s: MinKSettings) -> np.ndarray:
           description="Min-K%++ (Zhang et al. 2024): per token (log p - mu) / sigma under the predicted "
           "distribution, mean of the k% smallest (k: `fraction`).")
 def min_k_pp(x: AttackInputs, s: MinKSettings) -> np.ndarray:
-    ft = x.ft
-    z = (ft.logprob.astype(np.float64) - ft.mu) / np.sqrt(np.maximum(ft.sigma2.astype(np.float64), 1e-12))
-    return lowest_k_mean(ft, z, s.fraction)
+    return min_k_pp_scores(x.ft, s.fraction)
+
+
+def min_k_pp_scores(stats: SequenceStats, fraction: float, which: str = "the fine-tuned model") -> np.ndarray:
+    """(records,) Min-K%++ of each record under one model (Zhang et al. 2024, "Min-K%++: Improved Baseline for
+    Detecting Pre-Training Data from Large Language Models"): per token
+    z_t = (log p(x_t | x_<t) - mu_t) / sigma_t, mu_t and sigma_t^2 the mean and variance of log p under the predicted
+    distribution at t, averaged over the k% smallest z_t (`fraction`). `which` names the model in the error raised
+    when its moments were not computed (NaN)."""
+    if len(stats.mu) and np.isnan(stats.mu).all():
+        raise ValueError(f"Min-K%++ needs the moments of log p under {which}, which were scored without them "
+                         "(token_stats(moments=False))")
+    z = (stats.logprob.astype(np.float64) - stats.mu) / np.sqrt(np.maximum(stats.sigma2.astype(np.float64), 1e-12))
+    return lowest_k_mean(stats, z, fraction)
+
+
+@register("min_k_pp_ref", needs={"moments", "ref", "ref_moments"}, settings=MinKSettings,
+          description="Min-K%++ calibrated by the base model: the record's Min-K%++ (Zhang et al. 2024) under the "
+          "fine-tuned model minus its Min-K%++ under the base model, each the mean of its own k% smallest z-scores (k: "
+          "`fraction`): the reference-model calibration (Carlini et al. 2021; Mireshghallah et al. 2022) that ref_ratio "
+          "applies to the loss, applied to Min-K%++ (memaudit's headline attack).")
+def min_k_pp_ref(x: AttackInputs, s: MinKSettings) -> np.ndarray:
+    return min_k_pp_scores(x.ft, s.fraction) - min_k_pp_scores(x.ref, s.fraction, "the base model")
 
 
 @register("dc_pdd", needs={"token_freq"}, settings=DcPddSettings,
@@ -106,4 +126,4 @@ def token_log_frequencies(token_lists, vocab_size: int) -> np.ndarray:
     return np.log((counts + 1) / (counts.sum() + vocab_size))
 
 
-__all__ = ["DcPddSettings", "MinKSettings", "lowest_k_mean", "token_log_frequencies"]
+__all__ = ["DcPddSettings", "MinKSettings", "lowest_k_mean", "min_k_pp_scores", "token_log_frequencies"]

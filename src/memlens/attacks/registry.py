@@ -70,6 +70,8 @@ CANARY_UNSUPPORTED = {"references": "reference adapters, which are trained witho
 NEEDS = {"ref": "the base model's scores", "lower": "the lowercased texts' scores",
          "moments": "the mean and variance of log p under each predicted distribution (an extra vocabulary-sized "
                     "pass; skipped when no attack needs it)",
+         "ref_moments": "the base model's mean and variance of log p under each predicted distribution (its scores "
+                        "with the moments)",
          "token_freq": "mia.reference_corpus", "references": "reference adapters (mia.references)",
          "nonmember_prefix": "a non-member prefix (data.utility_split)",
          "member_prefix": "a member prefix (the run's members)"}
@@ -253,7 +255,14 @@ def _given(inputs: AttackInputs) -> dict[str, object]:
             "references": inputs.ref_models, "nonmember_prefix": inputs.ll_nonmember_prefix or None,
             "member_prefix": inputs.ll_member_prefix or None,
             # token_stats(moments=False) leaves them NaN
-            "moments": None if len(inputs.ft.mu) and np.isnan(inputs.ft.mu).all() else inputs.ft.mu}
+            "moments": _moments(inputs.ft), "ref_moments": _moments(inputs.ref)}
+
+
+def _moments(stats: SequenceStats | None) -> np.ndarray | None:
+    """The (tokens,) means of log p of `stats`, or None when they were not computed (no stats, or all NaN)."""
+    if stats is None or (len(stats.mu) and np.isnan(stats.mu).all()):
+        return None
+    return stats.mu
 
 
 def run_attacks(attacks: Sequence[ConfiguredAttack | str | AttackSpec | dict], inputs: AttackInputs

@@ -1,5 +1,8 @@
 """What `audit.target` names: a PEFT adapter folder, a full fine-tuned model (folder or hub id) or a memlens run
-folder; its base model (the reference of the ratio attacks) and its training recipe (for reference models)."""
+folder; its base model (the reference of the ratio attacks) and its training recipe (for reference models).
+
+Light to import (the models layer is imported when a model's files are read), so that `memlens audit` refuses a
+target that names nothing (:func:`check_target`) before it loads torch."""
 
 from __future__ import annotations
 
@@ -17,7 +20,6 @@ from memlens.config import (
     looks_like_local_path,
     renamed_fields,
 )
-from memlens.models import load_model_config, read_peft_config
 from memlens.store import RunFile, StudyLayout
 from memlens.store.records import CellRecord
 
@@ -99,6 +101,8 @@ def _from_run(cfg: AuditConfig, run_dir: Path) -> Target:
 
 
 def _from_adapter(cfg: AuditConfig, folder: Path) -> Target:
+    from memlens.models import read_peft_config
+
     peft = read_peft_config(folder)
     base = cfg.base or peft.get("base_model_name_or_path")
     if not base:
@@ -113,6 +117,13 @@ def _from_adapter(cfg: AuditConfig, folder: Path) -> Target:
 
 
 def _from_model(cfg: AuditConfig, source: Path | str) -> Target:
+    from memlens.models import load_model_config
+
+    if cfg.base is None and isinstance(source, str):
+        raise ConfigError(f"audit.base: there is no folder {source} here ({Path(source).absolute()}), so the target "
+                          "is read as a hub model id, a full model: give the model it was fine-tuned from (--base), "
+                          "the reference of the ratio attacks; or, for a folder, check its name and where memlens "
+                          "runs from")
     if cfg.base is None:
         raise ConfigError(f"audit.base: the target {source} is a full model; give the model it was fine-tuned from "
                           "(--base), the reference of the ratio attacks")
@@ -150,12 +161,27 @@ def resolve_target(cfg: AuditConfig) -> Target:
         raise ConfigError(f"audit.target: {path} is neither a PEFT adapter folder ({PEFT_CONFIG}), a model folder "
                           f"({MODEL_CONFIG} and safetensors weights) nor a memlens run folder ({RunFile.CELL}); it "
                           f"has: {present or 'nothing'}")
-    if path.exists():
-        raise ConfigError(f"audit.target: {path} is a file; give the folder of an adapter, a model or a memlens run")
-    if looks_like_local_path(cfg.target):
-        raise ConfigError(f"audit.target: folder {cfg.target} does not exist; give the folder of an adapter, a model "
-                          "or a memlens run, or a hub model id")
+    check_target(cfg.target)
     return _from_model(cfg, cfg.target)
 
 
-__all__ = ["Target", "TargetKind", "resolve_target"]
+def check_target(target: str) -> None:
+    """Refuse a target that names neither a folder here nor a possible hub model id (`owner/name`), saying first
+    that no folder of that name exists (with the path it was looked for at), then what a hub id needs; a file is
+    refused too. Reads no model: `memlens audit` calls it before anything heavy."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ConfigError(f"audit.target: {path} is a file; give the folder of an adapter, a model or a memlens run")
+    hub = "a hub model id is written owner/name, downloaded (network on, HF_HUB_OFFLINE unset), and needs --base " \
+          "(the model it was fine-tuned from) as a full model"
+    if looks_like_local_path(target):
+        raise ConfigError(f"audit.target: there is no folder {target} ({path.absolute()} does not exist); give the "
+                          "folder of an adapter, a model or a memlens run")
+    if "/" not in target:
+        raise ConfigError(f"audit.target: there is no folder named {target!r} here ({path.absolute()} does not "
+                          f"exist): check its name and the folder memlens runs from. Nor is it a hub model id: {hub}")
+
+
+__all__ = ["Target", "TargetKind", "check_target", "resolve_target"]

@@ -4,6 +4,7 @@
 from memlens.config.audit import AuditConfig, AuditMIAConfig, audit_study, load_audit, read_train_config
 from memlens.config.errors import ConfigError, format_validation_error, renamed_fields
 from memlens.config.loading import apply_overrides, dump_study, hub_offline, load_study, looks_like_local_path
+from memlens.config.recipe import RECIPE_FILE, TRAINER_DEFAULTS, TrainRecipe, find_recipe, read_recipe
 from memlens.config.schema import (
     DEFAULT_MIA_ATTACKS,
     DESIGN_FIELDS,
@@ -32,6 +33,7 @@ from memlens.config.schema import (
 )
 
 __all__ = ["AuditConfig", "AuditMIAConfig", "audit_study", "load_audit", "read_train_config", "renamed_fields",
+           "RECIPE_FILE", "TRAINER_DEFAULTS", "TrainRecipe", "find_recipe", "read_recipe",
            "DEFAULT_MIA_ATTACKS", "LEGACY_ATTACK_SETTINGS", "AttackSpec", "CanaryFamily", "DESIGNS", "DESIGN_FIELDS",
            "MATRIX_NAMES", "RANDOM", "SPLITS", "CanaryConfig", "CellConfig", "ConfigError",
            "DPConfig", "DataConfig", "DecodingConfig", "Design", "ExecutorConfig", "ExtractionConfig", "GridConfig",

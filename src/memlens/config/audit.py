@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from memlens.config.errors import ConfigError, format_validation_error
 from memlens.config.loading import apply_overrides, read_yaml_file
+from memlens.config.recipe import read_recipe
 from memlens.config.schema import (
     AttackSpec,
     CanaryConfig,
@@ -152,27 +153,12 @@ def audit_study(cfg: AuditConfig, base: ModelConfig, mia: MIAConfig, extraction:
                        extraction=extraction)
 
 
-def read_train_config(path: str | Path) -> TrainConfig:
-    """The optimiser settings of `audit.train_config`: the study's `train` fields, at the top level or under
-    `train:`; errors name the file and the field."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"audit.train_config: file {path} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"audit.train_config: {path} is not valid YAML ({exc})") from None
-    if isinstance(raw, dict) and set(raw) == {"train"}:
-        raw = raw["train"]
-    if not isinstance(raw, dict):
-        raise ConfigError(f"audit.train_config: {path} must be a mapping of training settings (epochs, "
-                          "learning_rate, batch_size...)")
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as err:
-        lines = [f"  train.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise ConfigError("\n".join([f"audit.train_config: {path}: invalid training settings "
-                                     f"(valid keys: {sorted(TrainConfig.model_fields)})", *lines])) from None
+def read_train_config(path: str | Path, records: int | None = None) -> TrainConfig:
+    """The optimiser settings of `audit.train_config` (:func:`memlens.config.recipe.read_recipe`: memlens' `train`
+    names or the Trainer's `TrainingArguments` names, YAML or JSON, or a `memlens-recipe.json`); what the file
+    leaves out takes the Trainer's defaults. `records`, the number of records each reference trains on, converts a
+    warm-up ratio to steps. :func:`~memlens.config.recipe.read_recipe` also says which settings came from where."""
+    return read_recipe(path).train_config(records)
 
 
 def load_audit(path: str | Path | None = None, overrides: list[str] | None = None,

@@ -441,19 +441,39 @@ def _text_lines(path: Path, text_field: str) -> pd.DataFrame:
     return pd.DataFrame({text_field: [line for _, line in kept]}, index=[n for n, _ in kept])
 
 
-def _one_source(source: str, cfg: DataConfig) -> tuple[pd.DataFrame, _Origin]:
-    """The raw frame of a file or a `hub:NAME:SPLIT` split, and where it came from."""
+def check_record_source(source: str, names: dict[str, str] | None = None) -> None:
+    """Refuse, without reading it, a records source :func:`read_records` would refuse before reading: a
+    `hub:` source not written `hub:NAME:SPLIT`, a path that is not a file. Same messages, `names` rewording the
+    study fields they name (e.g. `data.source` -> `audit.members`); cheap enough to run before any heavy import."""
+    try:
+        _locate_source(source)
+    except ConfigError as exc:
+        raise renamed_fields(exc, names) if names else exc from None
+
+
+def _locate_source(source: str) -> tuple[str, str] | Path:
+    """A hub source's (name, split), or a local file's path; a ConfigError for any other."""
     if source.startswith(HUB_PREFIX):
         name, _, split = source[len(HUB_PREFIX):].rpartition(":")
         if not name or not split:
             raise ConfigError(f"data.source: {source!r}: a hub split is written hub:NAME:SPLIT, e.g. "
                               "hub:sarus-tech/phee:train")
-        return _hub_splits(cfg.model_copy(update={"source": name}), Path(name), [split])[split]
+        return name, split
     path = Path(source).expanduser()
     if not path.is_file():
         kind = "a folder, not a file" if path.is_dir() else "not found"
         raise ConfigError(f"data.source: {source} is {kind} (looked for {os.path.abspath(path)}); give a .jsonl, "
                           ".csv, .parquet or .txt file (one record a line), or hub:NAME:SPLIT")
+    return path
+
+
+def _one_source(source: str, cfg: DataConfig) -> tuple[pd.DataFrame, _Origin]:
+    """The raw frame of a file or a `hub:NAME:SPLIT` split, and where it came from."""
+    where = _locate_source(source)
+    if isinstance(where, tuple):
+        name, split = where
+        return _hub_splits(cfg.model_copy(update={"source": name}), Path(name), [split])[split]
+    path = where
     if path.suffix.lower() == ".txt":
         return _text_lines(path, cfg.text_field), _Origin(str(path), path)
     return _read_file(path), _Origin(str(path), path)

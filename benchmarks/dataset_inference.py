@@ -43,8 +43,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from memlens.attacks.dataset_inference import dataset_inference, reference_guess_scores, usage_share  # noqa: E402
-from memlens.attacks.mia import BaseScores, RunData, Scorer, score_run  # noqa: E402
+from memlens.attacks.mia import BaseScores, Scorer, score_run  # noqa: E402
 from memlens.attacks.registry import check_attack_inputs  # noqa: E402
+from memlens.attacks.subject import Subject  # noqa: E402
 from memlens.config import MIAConfig, ModelConfig  # noqa: E402
 
 SHARED = Path(os.environ.get("MEMLENS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -129,8 +130,9 @@ def score_target(scorer: Scorer, name: str, adapter: Path, population: pd.DataFr
     """Per-record scores (memlens' score_run) of the population then the null pool under the target adapter;
     `references`: (records, K) statistics and IN flags of the same records under the references (LiRA's)."""
     scorer.bank.add_adapter(name, adapter)
-    data = RunData(population.assign(is_canary=False), null, ref_models=references[0], ref_in=references[1])
-    frame, _ = score_run(scorer, name, data, base, attacks, None, ("population", "null"))
+    subject = Subject(name, population.assign(is_canary=False), null, {"run_id": name},
+                      split_names=("population", "null"))
+    frame, _ = score_run(scorer, subject, base, attacks, None, references)
     return frame.assign(text=population.text.tolist() + null.text.tolist(),
                         group=population.group.tolist() + null.group.tolist())
 

@@ -97,7 +97,7 @@ def _audit_folder(root, scores: pd.DataFrame | None, attacks=("ref_ratio", "loss
                         extraction=pd.DataFrame(), environment=Environment())
     record = AuditRecord(name="audit", target="adapter", kind="adapter", run_id="adapter", base={}, method="lora",
                          target_modules=["q"], rank=8, sources={}, n_members=24, n_non_members=24, n_canaries=6,
-                         attacks=list(attacks), mia={}, extraction={})
+                         attacks=list(attacks), study=study.model_dump(mode="json"))
     return data, record
 
 

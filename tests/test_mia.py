@@ -159,7 +159,11 @@ def test_results_table(study_run):
     bow = rows.loc["bag_of_words"]
     assert 0 <= bow.auc <= 1 and isinstance(bow.note, str)
     returned = study_run["returned"]
-    assert set(returned.stage) == {"mia", "utility"} and set(returned.run_id) == {study_run["run_id"], ZERO}
+    assert set(returned.stage) == {"mia", "utility", "dataset"} and set(returned.run_id) == {study_run["run_id"], ZERO}
+    # every run's member set against its non-members, as a data owner would test it (dataset inference)
+    dataset = returned[returned.stage == "dataset"].set_index("run_id")
+    assert set(dataset.attack) == {"dataset_inference"} and dataset.p_value.between(0, 1).all()
+    assert (dataset.n_suspect == rows.loc["loss", "n_members"] - 1).all()  # the canary is left out
 
 
 def test_utility_perplexities(study_run):

@@ -294,7 +294,7 @@ def _check_audit(cfg: AuditConfig) -> None:
     from memlens.data import check_record_source
 
     check_target(cfg.target)
-    for field in ("members", "non_members", "canaries"):
+    for field in ("members", "suspect", "non_members", "canaries"):
         if getattr(cfg, field) is not None:
             check_record_source(getattr(cfg, field), {"data.source": f"audit.{field}"})
     if cfg.train_config is not None:
@@ -316,6 +316,9 @@ def audit(
                                            "run folder's study model); required for a full model.")] = None,
     members: Annotated[Optional[str], _option("--members", "Records known to be in the training set: .jsonl, .csv, "
                                               ".parquet, .txt (one a line) or hub:NAME:SPLIT.")] = None,
+    suspect: Annotated[Optional[str], _option("--suspect", "Instead of --members: records whose use is in question "
+                                              "(same formats); answers whether the set was used (p-value) and, with "
+                                              "--references, what share of it.")] = None,
     non_members: Annotated[Optional[str], _option("--non-members", "Records known not to be in it (same "
                                                   "formats).")] = None,
     canaries: Annotated[Optional[str], _option("--canaries", "Records inserted in the training set (a `copies` "
@@ -338,7 +341,8 @@ def audit(
 ) -> None:
     """Audit a model you already fine-tuned: membership inference, extraction and canaries against records known
     to be in its training set and records known not to be; writes results, report and model-card.md."""
-    fields = {"target": target, "base": base, "members": members, "non_members": non_members, "canaries": canaries,
+    fields = {"target": target, "base": base, "members": members, "suspect": suspect, "non_members": non_members,
+              "canaries": canaries,
               "text_field": text_field, "group": group, "out": str(out) if out else None, "references": references,
               "train_config": train_config, "load_in_8bit": load_in_8bit}
     try:  # what needs no model is refused before the workflow (torch, transformers) is imported

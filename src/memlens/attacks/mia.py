@@ -41,6 +41,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from memlens.attacks.bow import BOW_ATTACK, bag_of_words_baseline, baseline_folds
 from memlens.attacks.canary_audit import canary_attacks, canary_columns
+from memlens.attacks.dataset_inference import (
+    DatasetInference,
+    UsageShare,
+    dataset_inference,
+    dataset_rows,
+    reference_guess_scores,
+    usage_share,
+)
 from memlens.attacks.likelihood import token_log_frequencies
 from memlens.attacks.recall import draw_prefix, prefix_text, tail_mean_logprob, with_prefix
 from memlens.attacks.references import Reference, ReferenceStatistics, in_matrix
@@ -122,17 +130,18 @@ class Scorer:
                            stride=self.mia.stride, max_batch_tokens=self.mia.batch_token_budget(self.device),
                            on_batch=on_batch, moments=moments)
 
-    def base_stats(self, texts: Sequence[str], label: str) -> SequenceStats:
-        """Base-model (adapters disabled) stats of `texts`, from the cache when present."""
+    def base_stats(self, texts: Sequence[str], label: str, moments: bool = False) -> SequenceStats:
+        """Base-model (adapters disabled) stats of `texts`, from the cache when present; with `moments` (an attack
+        needs `ref_moments`: Min-K%++ calibrated by the base model), the distribution's moments too."""
         ids = self.tokenize(texts)
         key = {"kind": "token_stats", "model": self.fingerprint, "adapter": None, "tokens": tokens_hash(ids),
                "texts": stable_hash(list(texts)), "tokenizer": type(self.tokenizer).__name__,
-               "stride": self.mia.stride, "moments": False, "version": 1}
+               "stride": self.mia.stride, "moments": moments, "version": 1}
 
         def compute() -> SequenceStats:
             self.base_passes += 1
-            with self.bank.use(None) as model:  # no attack reads the base model's moments (Min-K%++: the target's)
-                return self.score(model, ids, f"base {label}", moments=False)
+            with self.bank.use(None) as model:
+                return self.score(model, ids, f"base {label}", moments=moments)
 
         return cached_token_stats(self.cache_dir, key, compute)[0]
 
@@ -168,9 +177,10 @@ class Scorer:
 class BaseScores:
     """Base-model stats of a fixed set of datasets, looked up by text (records shared by runs)."""
 
-    def __init__(self, scorer: Scorer, datasets: dict[str, Sequence[str]]):
-        self.scorer = scorer
-        parts = [scorer.base_stats(texts, name) for name, texts in datasets.items() if len(texts)]
+    def __init__(self, scorer: Scorer, datasets: dict[str, Sequence[str]], moments: bool = False):
+        """`moments`: with the moments of the base model's distributions (an attack needs `ref_moments`)."""
+        self.scorer, self.moments = scorer, moments
+        parts = [scorer.base_stats(texts, name, moments) for name, texts in datasets.items() if len(texts)]
         self.stats = SequenceStats.concat(parts) if parts else None
         self.index: dict[str, int] = {}  # text -> row of self.stats (first occurrence)
         for position, text in enumerate(t for texts in datasets.values() for t in texts):
@@ -179,7 +189,7 @@ class BaseScores:
     def lookup(self, texts: Sequence[str]) -> SequenceStats:
         missing = list(dict.fromkeys(t for t in texts if t not in self.index))
         if missing:  # e.g. an inserted canary: scored (and cached) on its own
-            extra = self.scorer.base_stats(missing, "extra")
+            extra = self.scorer.base_stats(missing, "extra", self.moments)
             start = len(self.stats) if self.stats is not None else 0
             self.stats = SequenceStats.concat([self.stats, extra]) if self.stats is not None else extra
             for i, text in enumerate(missing):
@@ -204,17 +214,21 @@ def token_log_freq(scorer: Scorer) -> np.ndarray | None:
 
 
 def score_run(scorer: Scorer, subject: Subject, base: BaseScores, attacks: list[ConfiguredAttack],
-              token_log_freq: np.ndarray | None) -> tuple[pd.DataFrame, dict]:
+              token_log_freq: np.ndarray | None, references: tuple[np.ndarray, np.ndarray] | None = None
+              ) -> tuple[pd.DataFrame, dict]:
     """Score the model attached to `scorer`'s bank as `subject.name` on its records: per-record scores (a frame of
     the `mia_scores.parquet` schema: run_id, sample_id, split, is_member, is_canary, one column per attack,
     n_tokens, nll_ft, nll_ref) and utility perplexities (dict); `base` gives the base model's statistics of the
-    texts, `token_log_freq` (vocabulary,) is DC-PDD's."""
+    texts, `token_log_freq` (vocabulary,) is DC-PDD's; `references`: the (records, references) statistics and IN
+    flags of reference models a caller scored itself, instead of `subject.references`'."""
     members, non_members = subject.members, subject.non_members
     texts = subject.texts
     n, n_members = len(texts), len(members)
     inputs, ft_utility = _passes(scorer, subject.name, members, non_members, subject.utility, attacks)
     inputs.ref, inputs.token_log_freq = base.lookup(texts), token_log_freq
-    if subject.references is not None:
+    if references is not None:
+        inputs.ref_models, inputs.ref_in = references
+    elif subject.references is not None:
         inputs.ref_models = scorer.reference_statistics().matrix(subject.references, texts, also=subject.population)
         inputs.ref_in = in_matrix(subject.references, texts)
     inputs.population = np.r_[np.zeros(n_members, bool), np.ones(n - n_members, bool)]
@@ -435,7 +449,7 @@ def prepare_base_cache(ctx: StudyContext) -> None:
     before fanning out, so workers only read them)."""
     with scoring_progress(ctx.show_progress) as progress:
         scorer = Scorer(ctx.study.model, ctx.study.mia, ctx.layout.cache, progress)
-        BaseScores(scorer, _base_datasets(ctx.designs()))
+        BaseScores(scorer, _base_datasets(ctx.designs()), "ref_moments" in needs_of(check_attacks(ctx.study)))
 
 
 def run_mia(ctx: StudyContext, cells: Sequence[CellConfig] | None = None, *, force: bool = False,
@@ -453,7 +467,7 @@ def run_mia(ctx: StudyContext, cells: Sequence[CellConfig] | None = None, *, for
     references = "references" in needs_of(attacks)
     with scoring_progress(ctx.show_progress) as progress:
         scorer = Scorer(study.model, study.mia, layout.cache, progress)
-        base = BaseScores(scorer, _base_datasets(ctx.designs()))
+        base = BaseScores(scorer, _base_datasets(ctx.designs()), "ref_moments" in needs_of(attacks))
         freq = token_log_freq(scorer)
         runs_task = progress.add_task("membership inference", total=len(todo))
         all_rows = []
@@ -478,11 +492,14 @@ def run_mia(ctx: StudyContext, cells: Sequence[CellConfig] | None = None, *, for
 class Membership:
     """What membership inference measured of one subject: `scores` (the mia_scores.parquet rows), `rows` (the
     results rows: stage `mia`, one per attack and the bag-of-words check; stage `utility`) and `canary_scores`
-    (canary_scores.parquet rows of the subject's canaries, None without)."""
+    (canary_scores.parquet rows of the subject's canaries, None without); the dataset-level answers (stage
+    `dataset` rows too): dataset inference, and the usage share with reference adapters."""
 
     scores: pd.DataFrame
     rows: pd.DataFrame
     canary_scores: pd.DataFrame | None = None
+    dataset_inference: DatasetInference | None = None  # the member (suspect) set against the non-members
+    usage_share: UsageShare | None = None
 
 
 def measure_membership(scorer: Scorer, subject: Subject, base: BaseScores, attacks: list[ConfiguredAttack], *,
@@ -504,11 +521,39 @@ def measure_membership(scorer: Scorer, subject: Subject, base: BaseScores, attac
         members = members[subject.counted[:len(members)]]
         counted = scores[subject.counted].reset_index(drop=True)
     bow = scorer.bag_of_words(members, subject.non_members) if mia.bag_of_words_baseline else None
+    dataset = _dataset_level(scorer, subject, counted, members, attacks, bow)
     utility["mia_wall_time_s"] = time.perf_counter() - start
     rows = result_rows(counted, utility, attacks, mia, subject.meta, bow)
     if canaries is not None:
         rows = _with_canary_columns(rows, canary_columns(canaries, attacks, mia))
-    return Membership(scores, rows, canaries)
+    rows = pd.concat([rows, dataset_rows(subject.meta, *dataset)], ignore_index=True)
+    return Membership(scores, rows, canaries, *dataset)
+
+
+def _dataset_level(scorer: Scorer, subject: Subject, counted: pd.DataFrame, members: pd.DataFrame,
+                   attacks: list[ConfiguredAttack], bow: dict | None
+                   ) -> tuple[DatasetInference | None, UsageShare | None]:
+    """Was the member (suspect) set used, and what share of it? Dataset inference over the counted records' attack
+    scores (every attack that scores every record; halves grouped by document) and, with reference adapters, the
+    usage share from LiRA guesses. A set too small for the test gives no result (said in the log), never a
+    number."""
+    texts = members.text.tolist() + subject.non_members.text.tolist()
+    frame = counted.assign(text=texts)
+    if "group" in members and "group" in subject.non_members:
+        frame["group"] = members.group.tolist() + subject.non_members.group.tolist()
+    features = [a.name for a in attacks if not a.partial and "references" not in a.needs]
+    try:
+        inference = dataset_inference(frame, features, bag_of_words=bow)
+    except ConfigError as exc:
+        log.info("run %s: no dataset inference: %s", subject.name, exc)
+        return None, None
+    share = None
+    if subject.references is not None and len(subject.references) >= 3:
+        statistics = scorer.reference_statistics().matrix(subject.references, texts, also=subject.population)
+        inside = in_matrix(subject.references, texts)
+        target, reference = reference_guess_scores(-counted.nll_ft.to_numpy(float), statistics, inside)
+        share = usage_share(target[:len(members)], reference, inside)
+    return inference, share
 
 
 def _with_canary_columns(rows: pd.DataFrame, columns: dict[str, dict]) -> pd.DataFrame:
@@ -585,7 +630,7 @@ def attack_models(model: str | ModelConfig, adapters: dict[str, str | Path] | Se
         datasets = {"members": members.text.tolist(), "non_members": non_members.text.tolist()}
         if utility is not None:
             datasets["utility"] = utility.text.tolist()
-        base = BaseScores(scorer, datasets)
+        base = BaseScores(scorer, datasets, "ref_moments" in needs_of(attacks))
         freq = token_log_freq(scorer)
         task = progress.add_task("membership inference", total=len(adapters))
         scores_parts, result_parts = [], []

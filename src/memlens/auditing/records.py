@@ -10,12 +10,13 @@ import pandas as pd
 
 from memlens.auditing.target import Target
 from memlens.config import AuditConfig, ConfigError
-from memlens.data import Canary, canary_from_record, load_study_data, read_records
+from memlens.data import Canary, canary_from_record, load_study_data, read_records, refuse_shared_texts
 from memlens.data.canary_files import COLUMNS as CANARY_FILE_COLUMNS
 from memlens.data.canary_files import HELD_OUT, read_canaries
 from memlens.train import read_members, read_train_info
 
-SIDES = {"members": "member", "non_members": "non_member", "canaries": "canary"}  # field -> id prefix
+SIDES = {"members": "member", "suspect": "suspect", "non_members": "non_member",
+         "canaries": "canary"}  # field -> id prefix
 RUN_MEMBERS = "members.parquet"
 CANARY_FRAME_COLUMNS = ["canary_id", "family", "text", "is_member", "copies"]
 
@@ -79,14 +80,6 @@ def _read(cfg: AuditConfig, field: str) -> pd.DataFrame:
                         group=cfg.group, names=_names(field))
 
 
-def _shared(a: pd.DataFrame, b: pd.DataFrame, a_name: str, b_name: str) -> None:
-    shared = sorted(set(a.text) & set(b.text))
-    if shared:
-        raise ConfigError(f"audit: {len(shared)} text(s) occur in both the {a_name} and the {b_name} (e.g. "
-                          f"{shared[0][:80]!r}); a record cannot be both, it would corrupt the measurement: remove "
-                          f"them from one of the files")
-
-
 def _distinct_ids(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     """The frames with ids prefixed by their side (`member:3`) when two files use the same ids."""
     ids = [set(f.sample_id) for f in frames.values()]
@@ -116,14 +109,17 @@ def load_audit_records(cfg: AuditConfig, target: Target) -> AuditRecords:
         records = AuditRecords(members, non_members, utility, canaries,
                                {"members": str(target.run_dir / RUN_MEMBERS), "non_members": source})
         return _with_canary_file(cfg, records)
-    missing = [f"audit.{f}" for f in ("members", "non_members") if getattr(cfg, f) is None]
+    side = "suspect" if cfg.suspect is not None else "members"  # the suspect set takes the members' place
+    missing = [f"audit.{f}" for f in (side, "non_members") if getattr(cfg, f) is None]
     if missing:
         raise ConfigError(f"{' and '.join(missing)}: required (a file of records, or hub:NAME:SPLIT); only a memlens "
                           "run folder brings its own members and non-members")
-    frames = _distinct_ids({"members": _read(cfg, "members"), "non_members": _read(cfg, "non_members")})
-    _shared(frames["members"], frames["non_members"], f"members ({cfg.members})", f"non-members ({cfg.non_members})")
-    records = AuditRecords(frames["members"].assign(is_canary=False), frames["non_members"], None, [],
-                           {"members": cfg.members, "non_members": cfg.non_members})
+    frames = _distinct_ids({side: _read(cfg, side), "non_members": _read(cfg, "non_members")})
+    named = "suspect set" if side == "suspect" else "members"
+    refuse_shared_texts(frames[side].text, frames["non_members"].text, f"{named} ({getattr(cfg, side)})",
+                        f"non-members ({cfg.non_members})")
+    records = AuditRecords(frames[side].assign(is_canary=False), frames["non_members"], None, [],
+                           {side: getattr(cfg, side), "non_members": cfg.non_members})
     return _with_canary_file(cfg, records)
 
 
@@ -137,8 +133,9 @@ def _with_canary_file(cfg: AuditConfig, records: AuditRecords) -> AuditRecords:
     frame = found.frame.assign(
         canary_id="canary:" + found.frame.canary_id.astype(str).str.replace(r"^canary-", "", regex=True))
     inserted, held_out = frame[frame.inserted], frame[~frame.inserted]
-    _shared(inserted, records.non_members, f"canaries ({cfg.canaries})", "non-members")
-    _shared(held_out, records.members, f"held-out canaries ({cfg.canaries}: never trained on)", "members")
+    refuse_shared_texts(inserted.text, records.non_members.text, f"canaries ({cfg.canaries})", "non-members")
+    refuse_shared_texts(held_out.text, records.members.text, f"held-out canaries ({cfg.canaries}: never trained on)",
+                        "members")
     canaries = [canary_from_record(row, f"canary {row.sample_id!r}")
                 for _, row in inserted.rename(columns={"canary_id": "sample_id"}).iterrows()]
     members = records.members[~records.members.text.isin(inserted.text)]  # a canary also listed among members is one

@@ -29,7 +29,8 @@ import pandas as pd
 import yaml
 
 from memlens.attacks.extraction import extract_subjects
-from memlens.attacks.mia import BaseScores, Scorer, measure_membership, scoring_progress, token_log_freq
+from memlens.attacks.mia import BaseScores, Membership, Scorer, measure_membership, scoring_progress, token_log_freq
+from memlens.attacks.registry import needs_of
 from memlens.attacks.subject import Subject
 from memlens.auditing.records import AuditRecords, load_audit_records
 from memlens.auditing.study import AuditStudy, audit_subject, plan_audit, target_meta
@@ -74,13 +75,18 @@ def _datasets(subject: Subject) -> dict[str, list[str]]:
     return datasets
 
 
-def _measure(plan: AuditStudy, subject: Subject, scorer: Scorer, progress) -> list[pd.DataFrame]:
-    """The study's units on the subject, their files written in the audit folder; returns the result rows."""
+def _measure(plan: AuditStudy, subject: Subject, scorer: Scorer, progress) -> tuple[list[pd.DataFrame], Membership]:
+    """The study's units on the subject, their files written in the audit folder; returns the result rows and the
+    membership measurement."""
     layout = plan.ctx.layout
-    measured = measure_membership(scorer, subject, BaseScores(scorer, _datasets(subject)), plan.attacks,
-                                  token_log_freq=token_log_freq(scorer))
+    base = BaseScores(scorer, _datasets(subject), "ref_moments" in needs_of(plan.attacks))
+    measured = measure_membership(scorer, subject, base, plan.attacks, token_log_freq=token_log_freq(scorer))
     atomic_write_parquet(layout.study_level(StudyFile.MIA_SCORES), measured.scores)
     parts = [measured.rows]
+    if measured.canary_scores is not None:  # inserted canaries against their held-out twins
+        atomic_write_parquet(layout.study_level(StudyFile.CANARY_SCORES), measured.canary_scores)
+    else:
+        layout.study_level(StudyFile.CANARY_SCORES).unlink(missing_ok=True)
     for name in (StudyFile.EXTRACTION, StudyFile.EXPOSURE):
         layout.study_level(name).unlink(missing_ok=True)  # what an earlier audit of this folder wrote
     if plan.study.extraction.enabled:
@@ -89,10 +95,11 @@ def _measure(plan: AuditStudy, subject: Subject, scorer: Scorer, progress) -> li
             if extraction.exposure is not None:
                 atomic_write_parquet(layout.study_level(StudyFile.EXPOSURE), extraction.exposure)
             parts.append(extraction.result_rows)
-    return parts
+    return parts, measured
 
 
-def _record(cfg: AuditConfig, plan: AuditStudy, target: Target, records: AuditRecords, wall: float) -> AuditRecord:
+def _record(cfg: AuditConfig, plan: AuditStudy, target: Target, records: AuditRecords, measured: Membership,
+            wall: float) -> AuditRecord:
     counted = records.in_metrics()
     return AuditRecord(
         name=cfg.name, target=cfg.target, kind=target.kind, run_id=target.name,
@@ -100,7 +107,12 @@ def _record(cfg: AuditConfig, plan: AuditStudy, target: Target, records: AuditRe
         rank=target.rank, sources=records.sources, n_members=int(counted[:len(records.members)].sum()),
         n_non_members=len(records.non_members), n_canaries=len(records.canaries),
         attacks=[a.name for a in plan.attacks], references=cfg.references, group=cfg.group,
-        study=plan.study.model_dump(mode="json"), notes=plan.notes, wall_time_s=wall, written=now())
+        study=plan.study.model_dump(mode="json"), notes=plan.notes + records.notes, wall_time_s=wall, written=now(),
+        dataset_inference=_dump(measured.dataset_inference), usage_share=_dump(measured.usage_share))
+
+
+def _dump(result) -> dict | None:
+    return None if result is None else result.model_dump(mode="json")
 
 
 def _check_folder(layout: StudyLayout) -> None:
@@ -137,10 +149,11 @@ def audit(config: AuditConfig | str | Path | None = None, *, overrides: list[str
             atomic_write_json(layout.environment_file, environment_info(plan.study))
             subject = audit_subject(plan, target, records, target_meta(target, records, scorer.base),
                                     scorer.tokenizer, progress)
-            parts = _measure(plan, subject, scorer, progress)
+            parts, measured = _measure(plan, subject, scorer, progress)
             layout.results_file.unlink(missing_ok=True)  # an audit folder holds one audit
             results = upsert_results(layout, pd.concat([p for p in parts if len(p)], ignore_index=True))
-            _record(cfg, plan, target, records, time.perf_counter() - start).save(layout.root / StudyFile.AUDIT_RECORD)
+            _record(cfg, plan, target, records, measured, time.perf_counter() - start).save(
+                layout.root / StudyFile.AUDIT_RECORD)
             report = write_audit_report(layout.root)
     return AuditSummary(out=layout.root, report=report, results=results)
 

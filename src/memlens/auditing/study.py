@@ -22,8 +22,10 @@ from memlens.config import (
     ConfigError,
     MIAConfig,
     StudyConfig,
+    TrainConfig,
     audit_study,
-    read_train_config,
+    find_recipe,
+    read_recipe,
     renamed_fields,
 )
 from memlens.context import StudyContext
@@ -32,7 +34,7 @@ from memlens.models import count_parameters
 from memlens.store import run_metadata
 
 # inputs the audit always has (the target's and the base model's statistics, the lowercased texts)
-ALWAYS = frozenset({"ref", "lower", "moments"})
+ALWAYS = frozenset({"ref", "ref_moments", "lower", "moments"})
 AUDIT_NAMES = {"mia.references": "audit.references", "mia.attacks": "audit.mia.attacks",
                "mia.reference_corpus": "audit.mia.reference_corpus"}
 
@@ -89,12 +91,31 @@ def resolve_mia(cfg: AuditConfig, target: Target, records: AuditRecords) -> tupl
     return mia.model_copy(update={"attacks": chosen}), notes
 
 
-def _recipe(cfg: AuditConfig, target: Target, mia: MIAConfig) -> StudyConfig:
+def _train_settings(cfg: AuditConfig, target: Target, records: AuditRecords, notes: list[str]) -> TrainConfig | None:
+    """The target's optimiser settings for its reference models: `--train-config` (the Trainer's names or the
+    study's), else the `memlens-recipe.json` MemlensCallback wrote beside the adapter; what they came from is said
+    in `notes`. A ratio warm-up is converted for a reference's training half of the records."""
+    path = cfg.train_config
+    if path is None and cfg.references and target.kind == "adapter":
+        path = find_recipe(target.source)
+        if path is not None:
+            notes.append(f"The reference models' recipe is the one MemlensCallback wrote beside the adapter: {path}.")
+    if path is None:
+        return None
+    recipe = read_recipe(path)
+    half = (len(records.members) + len(records.non_members)) // 2  # a reference trains on about half the records
+    if cfg.references:
+        notes.append(f"Reference models: {recipe.describe(half)}.")
+    return recipe.train_config(records=half)
+
+
+def _recipe(cfg: AuditConfig, target: Target, mia: MIAConfig, records: AuditRecords, notes: list[str]
+            ) -> StudyConfig:
     """The audit as a one-run study: a run folder's own study (its recipe, with the audit's settings), or the
     adapter's LoRA settings with the optimiser settings of `train_config`."""
     extraction = target.study.extraction if target.kind == "run" and "extraction" not in cfg.model_fields_set \
         else cfg.extraction
-    train = read_train_config(cfg.train_config) if cfg.train_config else None
+    train = _train_settings(cfg, target, records, notes)
     if target.kind == "run":
         update = {"mia": mia, "extraction": extraction, "model": target.base, "out": str(cfg.out_dir)}
         return target.study.model_copy(update=update | ({"train": train} if train is not None else {}))
@@ -122,7 +143,7 @@ def plan_audit(cfg: AuditConfig, target: Target, records: AuditRecords) -> Audit
     """The audit as a one-cell study whose records are the user's files, its attacks checked once (in the audit's
     words) before any model is loaded."""
     mia, notes = resolve_mia(cfg, target, records)
-    study = _recipe(cfg, target, mia)
+    study = _recipe(cfg, target, mia, records, notes)
     try:
         attacks = check_attack_inputs(mia.attacks, mia.reference_corpus, references=cfg.references,
                                       utility=records.utility is not None)
@@ -173,9 +194,11 @@ def audit_subject(plan: AuditStudy, target: Target, records: AuditRecords, meta:
         train_references(plan.study, [cell], ctx.cell_data, ctx.layout, tokenizer, progress)
         references = load_references(plan.study, cell, ctx.layout, data, target.name)
     splits = (plan.study.data.member_split, plan.study.data.non_member_split) if target.kind == "run" \
-        else ("member", "non_member")
+        else ("suspect" if "suspect" in records.sources else "member", "non_member")
+    canaries = records.canary_frame
     return Subject(name=target.name, members=records.members, non_members=records.non_members, meta=meta,
                    utility=records.utility, counted=records.in_metrics(), secrets=list(records.canaries),
+                   canaries=canaries if len(canaries) else None,
                    name_canaries=bool(records.inserted), references=references,
                    population=population(data).text.tolist() if references else [], split_names=splits)
 

@@ -73,6 +73,10 @@ class AuditConfig(BaseModel):
     members: str | None = Field(None, description="Records known to be in the training set: a .jsonl, .csv, "
                                 ".parquet or .txt file (one record a line), or `hub:NAME:SPLIT`. Optional for a "
                                 "run folder (its members.parquet).")
+    suspect: str | None = Field(None, description="Records whose use in training is in question (same formats), "
+                                "instead of `members`: dataset inference (Maini et al. 2024) says whether the set was "
+                                "used, with a p-value, and, with `references`, the share of it used (DUCI); its "
+                                "records are scored like members.")
     non_members: str | None = Field(None, description="Records of the same distribution known not to be in it "
                                     "(same formats). Optional for a run folder (its study's non-members).")
     canaries: str | None = Field(None, description="Records the user inserted in the training set (same formats): "
@@ -125,6 +129,13 @@ class AuditConfig(BaseModel):
         if value == 1:
             raise ValueError("one reference gives every record only IN or only OUT statistics; use 0 (off) or >= 2")
         return value
+
+    @model_validator(mode="after")
+    def _suspect_or_members(self) -> AuditConfig:
+        if self.suspect is not None and self.members is not None:
+            raise ValueError("suspect and members: give one (--suspect: records whose use is in question; --members: "
+                             "records known to be in the training set)")
+        return self
 
     @model_validator(mode="after")
     def _references_in_one_place(self) -> AuditConfig:

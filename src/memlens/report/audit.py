@@ -334,6 +334,33 @@ def _first_sentence(verdict: str, member: bool | None, primary: pd.Series | None
             f"sample size: AUC {auc}.")
 
 
+def dataset_answer(record: AuditRecord) -> str | None:
+    """Was the suspect (or member) set used, and how much of it, in one sentence: dataset inference's verdict with
+    its p-value and, with reference models, the estimated share with its interval; None when not computed."""
+    di, share = record.dataset_inference, record.usage_share
+    if di is None:
+        return None
+    named = "suspect set" if "suspect" in record.sources else "member set"
+    p = f"p = {di['p_value']:.2g}"
+    if di["verdict"] == "confounded":
+        said = (f"The {named} cannot be shown to be used: words alone separate it from the non-members (bag-of-words "
+                f"AUC {di.get('bag_of_words_auc') or math.nan:.3f}), so dataset inference's {p} measures how the files "
+                "differ, not use")
+    elif di["used"]:
+        said = f"The {named} was shown to be used in training ({p} < {di['level']:g}, {di['test']})"
+    else:
+        said = f"The {named} was not shown to be used ({p} at level {di['level']:g})"
+        if di["verdict"] == "underpowered":
+            said += f"; with these records the test is underpowered: it needs {di['min_records_per_side']} a side"
+    if share is not None and share.get("fraction") is not None:
+        said += (f"; estimated share used {share['fraction']:.2f} [{share['fraction_ci_low']:.2f}, "
+                 f"{share['fraction_ci_high']:.2f}] ({share['ci_level']:.0%} interval, {share['n_references']} "
+                 "reference models)")
+    elif share is not None:
+        said += f"; no share estimate: {share.get('note')}"
+    return said + "."
+
+
 def leak_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResults) -> LeakSummary:
     """The first screen (see the module's docstring for the verdict's rules)."""
     mia, level = data.mia, data.study.mia.ci_level
@@ -350,6 +377,8 @@ def leak_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResult
     separable, bow_text = mb.bow_verdict(bow) if len(bow) else (False, "")
     verdict = _verdict(member, exposed, separable)
     sentences, caveats = [_first_sentence(verdict, member, primary, level)], []
+    if (answer := dataset_answer(record)) is not None:
+        sentences.insert(0 if "suspect" in record.sources else 1, answer)
     if with_secret:
         sentences.append(f"{exposed} of {_count(with_secret, 'canary')} with a secret {'is' if exposed == 1 else 'are'} "
                          f"exposed (at least {canaries.threshold_bits:.1f} bits).")
@@ -389,6 +418,16 @@ def leak_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResult
          None if with_secret else "no canary with a secret" if record.n_canaries else "no canaries given"),
         (f"members extracted verbatim ({decoding or 'none'})", f"{rates['members']:.3f}" if "members" in rates else None,
          f"base model {rates['base']:.3f}" if "base" in rates else "extraction not run"),
+        ("suspect set used (dataset inference)",
+         None if record.dataset_inference is None else
+         f"{record.dataset_inference['verdict']}, p = {record.dataset_inference['p_value']:.2g}",
+         "not computed: too few records for the test" if record.dataset_inference is None else None),
+        ("share of it used (DUCI)",
+         None if not record.usage_share or record.usage_share.get("fraction") is None else
+         f"{record.usage_share['fraction']:.3f} [{record.usage_share['fraction_ci_low']:.3f}, "
+         f"{record.usage_share['fraction_ci_high']:.3f}]",
+         "needs 3 or more reference models (--references)" if not record.usage_share
+         else record.usage_share.get("note")),
         ("records", f"{_count(record.n_members, 'member')}, {_count(record.n_non_members, 'non-member')}, "
                     f"{_count(record.n_canaries, 'canary')}", None),
     ], columns=["measure", "value", "note"])
@@ -463,7 +502,10 @@ def overview(a: AuditAnalysis) -> Overview:
     model = (f"LoRA adapter `{r.target}` (rank {r.rank}, on {', '.join(r.target_modules)})" if r.method == "lora"
              else f"full fine-tuned model `{r.target}`")
     eight = " in 8 bits" if r.base.get("load_in_8bit") else ""
-    records = [f"Members: {r.n_members} records known to be in the training set (`{r.sources.get('members')}`).",
+    first = (f"Suspect set: {r.n_members} records whose use in training is in question (`{r.sources.get('suspect')}`), "
+             "scored as members." if "suspect" in r.sources else
+             f"Members: {r.n_members} records known to be in the training set (`{r.sources.get('members')}`).")
+    records = [first,
                f"Non-members: {r.n_non_members} records of the same distribution known not to be "
                f"(`{r.sources.get('non_members')}`)."]
     if r.n_canaries:

@@ -122,6 +122,8 @@ class AuditRecord(Record):
     references: int = 0
     group: str | None = None
     study: dict[str, Any]        # the audit as the one-run study it ran (StudyConfig): what its report reads
+    dataset_inference: dict[str, Any] | None = None  # was the suspect (member) set used: DatasetInference
+    usage_share: dict[str, Any] | None = None        # what share of it: UsageShare (with reference models)
     notes: list[str] = []        # what the audit could not run, and why
     wall_time_s: float | None = None
     written: str | None = None

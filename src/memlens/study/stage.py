@@ -24,6 +24,7 @@ import time
 from functools import reduce
 from typing import ClassVar
 
+from memlens.attacks.dataset_inference import DATASET_STAGE
 from memlens.attacks.extraction import merge_study as merge_extraction
 from memlens.attacks.extraction import run_extraction
 from memlens.attacks.mia import check_membership_records, prepare_base_cache, run_mia
@@ -240,7 +241,7 @@ class MIAStage(Stage):
     needs = ("finetune",)
     marker = RunFile.MIA_RESULTS
     files = (RunFile.MIA_SCORES, RunFile.CANARY_SCORES, RunFile.MIA_RESULTS)
-    result_stages = ("mia", "utility", AUDIT_STAGE)
+    result_stages = ("mia", "utility", AUDIT_STAGE, DATASET_STAGE)
     section = "mia"
     switches = ("mia.enabled",)
     brings = ("references",)  # `memlens attack mia` trains the references first when the study has them

@@ -224,7 +224,7 @@ def test_validity_rules(plain, tmp_path):
         memlens.audit(**common, non_members=str(shared), show_progress=False)
     lacking = tmp_path / "lacking.jsonl"
     lacking.write_text('{"id": "a", "context": "one"}\n{"id": "b", "body": "two"}\n')
-    with pytest.raises(ConfigError, match=rf"audit.text_field: {lacking} line 2: the record has no 'context' field"):
+    with pytest.raises(ConfigError, match=rf"--text-field \(audit.text_field\): {lacking} line 2: the record has no 'context' field"):
         memlens.audit(**common, non_members=str(lacking), show_progress=False)
     with pytest.raises(ConfigError, match=r"does not fit the base model .*llama-small: its layer "
                                           r"'model.layers.0.self_attn.q_proj' has 192 input features in the adapter and "
@@ -234,7 +234,7 @@ def test_validity_rules(plain, tmp_path):
     with pytest.raises(ConfigError, match=r"audit.base: the target .* is a full model; give the model it was "
                                           "fine-tuned from"):
         memlens.audit(**{**common, "target": str(LLAMA_TINY)}, non_members=str(root / "non_members.jsonl"))
-    with pytest.raises(ConfigError, match=r"audit.non_members: 'owner/phee' is read as a hub dataset id, but "
+    with pytest.raises(ConfigError, match=r"--non-members \(audit.non_members\): 'owner/phee' is read as a hub dataset id, but "
                                           r"HF_HUB_OFFLINE=1 \(offline\)"):
         memlens.audit(**common, non_members="hub:owner/phee:test")
     with pytest.raises(ConfigError, match=r"audit.target: 'owner/model' is read as a hub model id, but "
@@ -255,7 +255,7 @@ def test_validity_rules(plain, tmp_path):
         memlens.audit(**common, non_members=str(root / "non_members.jsonl"), references=2)
     result = CliRunner().invoke(app, ["audit", "--target", str(plain["adapter"]), "--members", str(PHEE / "x.jsonl"),
                                       "--non-members", str(root / "non_members.jsonl"), "--no-progress"])
-    assert result.exit_code == 2 and "audit.members:" in result.output and "x.jsonl is not found" in result.output
+    assert result.exit_code == 2 and "--members (audit.members): " in result.output and "x.jsonl is not found" in result.output
 
 
 def test_a_rerun_with_other_non_members_retrains_the_references(plain, tmp_path):
@@ -309,3 +309,25 @@ def test_the_first_screen_gives_the_headline_attack_that_ran(plain, tmp_path):
     assert "No membership attack ran" not in " ".join(leak.sentences) and "`zlib`" in leak.sentences[0]
     first_screen = (summary.out / "report" / "index.md").read_text()
     assert f"{auc:.3f}" in first_screen and "zlib" in first_screen
+
+
+def test_was_the_suspect_set_used(plain, tmp_path):
+    """`--suspect`: the set whose use is in question takes the members' place; dataset inference answers on the
+    first screen, in audit.json, in the results (stage `dataset`) and in the model card; the refusals come first."""
+    root = plain["root"]
+    common = {"target": str(plain["adapter"]), "non_members": str(root / "non_members.jsonl"), "text_field": "context",
+              "show_progress": False, "overrides": ["mia.bootstrap=0", "extraction.enabled=false"]}
+    with pytest.raises(ConfigError, match="suspect and members: give one"):
+        memlens.audit(**common, suspect=str(root / "members.jsonl"), members=str(root / "members.jsonl"))
+    with pytest.raises(ConfigError, match=r"text\(s\) occur in both the suspect set"):
+        memlens.audit(**{**common, "non_members": str(root / "members.jsonl")}, suspect=str(root / "members.jsonl"))
+    summary = memlens.audit(**common, suspect=str(root / "members.jsonl"), out=str(tmp_path / "used"))
+    record = json.loads((summary.out / "audit.json").read_text())
+    inference = record["dataset_inference"]
+    assert inference["n_suspect"] == 24 and inference["n_non_members"] == 24 and inference["verdict"] == "used"
+    row = summary.results[summary.results.stage == "dataset"].set_index("attack").loc["dataset_inference"]
+    assert row.p_value == pytest.approx(inference["p_value"]) < 0.05
+    said = summary.report.analysis.leak.sentences[0]
+    assert said.startswith("The suspect set was shown to be used in training") and f"{row.p_value:.2g}" in said
+    assert "The suspect set was shown to be used" in summary.model_card.read_text()
+    assert set(pd.read_parquet(summary.out / "mia_scores.parquet").split) == {"suspect", "non_member"}

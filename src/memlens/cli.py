@@ -296,7 +296,7 @@ def _check_audit(cfg: AuditConfig) -> None:
     check_target(cfg.target)
     for field in ("members", "suspect", "non_members", "canaries"):
         if getattr(cfg, field) is not None:
-            check_record_source(getattr(cfg, field), {"data.source": f"audit.{field}"})
+            check_record_source(getattr(cfg, field), {"data.source": f"--{field.replace('_', '-')} (audit.{field})"})
     if cfg.train_config is not None:
         read_recipe(cfg.train_config)
 

@@ -41,7 +41,8 @@ def _field_rows(fields: dict) -> list[str]:
 def _audit_reference() -> list[str]:
     """The `audit:` file (and `memlens audit` options): its own fields, then its `mia` and `extraction` sections,
     the study's."""
-    own = {k: f for k, f in AuditConfig.model_fields.items() if k not in ("mia", "extraction")}
+    own = {k: f for k, f in AuditConfig.model_fields.items() if k not in ("mia", "extraction", "model")}
+    own |= {f"model.{k}": f for k, f in AuditConfig.model_fields["model"].annotation.model_fields.items()}
     return ["### The audit file (`audit:`)", "", "`memlens audit [FILE]` reads these fields from the file's `audit:` "
             "section, and `memlens.audit(...)` takes them as keywords; the first ones are also command-line options "
             "(`--non-members` for `non_members`), and `--set key=value` sets any (`--set mia.bootstrap=200`). `mia` and `extraction` are the study's sections above; `mia.attacks` defaults to "

@@ -69,9 +69,11 @@ class AuditRecords:
 
 
 def _names(field: str) -> dict[str, str]:
-    """The study fields data loading names, as the audit's."""
-    return {"data.source": f"audit.{field}", "data.text_field": "audit.text_field", "data.id_field": "audit.id_field",
-            "data.group": "audit.group"}
+    """The study fields data loading names, as the audit's user gives them: the command's flag, then the field of
+    an audit file (`--text-field (audit.text_field)`)."""
+    return {"data.source": f"--{field.replace('_', '-')} (audit.{field})",
+            "data.text_field": "--text-field (audit.text_field)", "data.id_field": "audit.id_field",
+            "data.group": "--group (audit.group)"}
 
 
 def _read(cfg: AuditConfig, field: str) -> pd.DataFrame:

@@ -112,7 +112,9 @@ def _from_adapter(cfg: AuditConfig, folder: Path) -> Target:
     targets = sorted(modules) if isinstance(modules, list) else [str(modules)]
     lora = LoraConfig(alpha=float(peft.get("lora_alpha", 8)), dropout=float(peft.get("lora_dropout", 0.0)),
                       bias=peft.get("bias", "none"))
-    return Target(kind="adapter", name=folder.name, source=folder, base=_base_config(cfg, base), method="lora",
+    # saved as `<training folder>/adapter` (a common layout): named by the folder that says which training it was
+    name = folder.resolve().parent.name if folder.name == "adapter" and folder.resolve().parent.name else folder.name
+    return Target(kind="adapter", name=name, source=folder, base=_base_config(cfg, base), method="lora",
                   target_modules=targets, rank=int(peft.get("r", 0)), lora=lora, peft=peft)
 
 

@@ -79,7 +79,9 @@ class AuditConfig(BaseModel):
                                 "records are scored like members.")
     non_members: str | None = Field(None, description="Records of the same distribution known not to be in it "
                                     "(same formats). Optional for a run folder (its study's non-members).")
-    canaries: str | None = Field(None, description="Records the user inserted in the training set (same formats): "
+    canaries: str | None = Field(None, description="Records the user inserted in the training set (same formats), "
+                                 "with held-out twins where an `inserted` column is false (or memaudit's "
+                                 "`memaudit-manifest.json`, or its folder): "
                                  "a `copies` column if repeated, and a `secret` column (the random part of the text, "
                                  "`secret_format` `digits:N` / `hex:N` or inferred from it) for exposure.")
     text_field: str = Field("text", description="Column (or JSON key) of each record's text.")
@@ -91,9 +93,11 @@ class AuditConfig(BaseModel):
     references: int = Field(0, ge=0, description="Reference models for LiRA and RMIA, each trained with the "
                             "target's recipe (its LoRA settings and `train_config`) on a seeded random half of "
                             "members + non-members (`0`: none; 2 or more).")
-    train_config: str | None = Field(None, description="YAML file of the optimiser settings the target was trained "
-                                     "with (the study's `train` fields, at the top level or under `train:`); needed "
-                                     "by `references` unless the target is a memlens run folder.")
+    train_config: str | None = Field(None, description="YAML or JSON recipe the target was trained with: the "
+                                     "Trainer's `TrainingArguments` names or the study's `train` fields, or "
+                                     "MemlensCallback's `memlens-recipe.json` (found by itself beside an adapter); what "
+                                     "it leaves out takes the Trainer's defaults. Needed by `references` unless the "
+                                     "target is a memlens run folder.")
     mia: AuditMIAConfig = Field(default_factory=AuditMIAConfig, description="Membership-inference settings (the "
                                 "study's `mia` section; `references` is the field above).")
     extraction: ExtractionConfig = Field(default_factory=ExtractionConfig, description="Prompted-prefix "

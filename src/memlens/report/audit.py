@@ -456,6 +456,15 @@ def load_audit_results(root: Path) -> tuple[AuditConfig, AuditRecord, StudyResul
     return config, record, data
 
 
+def _one_run(section: Section) -> Section:
+    """A study section said of the audit's one model: no runs to average, no adapted matrices to compare."""
+    if isinstance(section, mb.AttackComparison):
+        section.one_run = True
+    if isinstance(section, mb.RocCurves):
+        section.title = "ROC curve"
+    return section
+
+
 def analyse_audit(root: Path) -> AuditAnalysis:
     """The analysis of the audit folder `root` (reads its files; writes nothing)."""
     start = time.perf_counter()
@@ -464,7 +473,7 @@ def analyse_audit(root: Path) -> AuditAnalysis:
     analysis = AuditAnalysis(
         root=data.root, config=config, record=record, data=data, environment=data.environment,
         inputs=inputs_fingerprint(StudyLayout(data.root)), leak=leak_summary(data, record, canaries),
-        canaries=canaries, attacks=mb.attack_comparison(data), roc=mb.roc_curves(data),
+        canaries=canaries, attacks=_one_run(mb.attack_comparison(data)), roc=_one_run(mb.roc_curves(data)),
         bag_of_words=mb.bag_of_words(data), extraction=mz.extraction_rates(data), perplexity=mz.ngram_perplexity(data),
         utility=utility(data))
     analysis.seconds = time.perf_counter() - start

@@ -152,9 +152,11 @@ class AttackComparison(Section):
     table: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/attacks.csv
     shown: list[str] = field(default_factory=list)  # the columns the HTML page shows
     notes: dict[str, str] = field(default_factory=dict)  # column all null -> why (a run's note)
+    one_run: bool = False  # an audit: one model, nothing averaged
 
     def blocks(self) -> list[Block]:
-        return [Text("Every attack run, mean over runs (AUC ± half its Hanley-McNeil interval; TPR with its bootstrap "
+        over = "" if self.one_run else ", mean over runs"
+        return [Text(f"Every attack run{over} (AUC ± half its Hanley-McNeil interval; TPR with its bootstrap "
                      "interval). `bag_of_words` is the model-free baseline (its own section)."),
                 Figure(), Table("attacks", attack_display(self.table), data=self.table),
                 *(Text(note) for note in tpr_notes(self.table))]

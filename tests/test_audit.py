@@ -326,8 +326,33 @@ def test_was_the_suspect_set_used(plain, tmp_path):
     inference = record["dataset_inference"]
     assert inference["n_suspect"] == 24 and inference["n_non_members"] == 24 and inference["verdict"] == "used"
     row = summary.results[summary.results.stage == "dataset"].set_index("attack").loc["dataset_inference"]
-    assert row.p_value == pytest.approx(inference["p_value"]) < 0.05
+    assert row.p_value == pytest.approx(inference["p_value"]) and row.p_value < 0.05
     said = summary.report.analysis.leak.sentences[0]
     assert said.startswith("The suspect set was shown to be used in training") and f"{row.p_value:.2g}" in said
     assert "The suspect set was shown to be used" in summary.model_card.read_text()
     assert set(pd.read_parquet(summary.out / "mia_scores.parquet").split) == {"suspect", "non_member"}
+
+
+def test_a_memaudit_manifest_gives_the_canaries_detection_rate(plain, tmp_path):
+    """memaudit's manifest as `--canaries`: the inserted canaries are scored against the held-out twins (never
+    trained on) through the study's canary path, into canary_scores.parquet, and the report gives TPR at 1% FPR by
+    copies with its exact interval."""
+    from .test_canary_files import _manifest, _memaudit_entry
+
+    entries = [_memaudit_entry(i, True, 4) for i in range(3)] + [_memaudit_entry(i, False, 4) for i in range(3, 103)]
+    (tmp_path / "memaudit-manifest.json").write_text(json.dumps(_manifest(entries)))
+    root = plain["root"]
+    summary = memlens.audit(target=str(plain["adapter"]), members=str(root / "members.jsonl"),
+                            non_members=str(root / "non_members.jsonl"), canaries=str(tmp_path), text_field="context",
+                            out=str(tmp_path / "out"), show_progress=False,
+                            overrides=["mia.attacks=[loss, ref_ratio]", "mia.bootstrap=0", "extraction.enabled=false"])
+    scores = pd.read_parquet(summary.out / "canary_scores.parquet")
+    assert len(scores) == 103 and scores.is_member.sum() == 3 and {"loss", "ref_ratio"} <= set(scores)
+    canaries = summary.report.analysis.canaries
+    shown = canaries.by_copies
+    column = next(c for c in shown.columns if c.startswith("TPR at 1% FPR (ref_ratio)"))
+    assert re.match(r"\d\.\d{3} \(\d/3\) \[\d\.\d{3}, \d\.\d{3}\]", str(shown[column].iloc[0]))
+    rows = summary.results.set_index("attack")
+    assert rows.loc["ref_ratio", "canary_copies4_n_members"] == 3
+    assert rows.loc["ref_ratio", "canary_copies4_n_non_members"] == 100
+    assert summary.report.analysis.record.n_members == 24  # the canaries are not members of the metrics

@@ -135,11 +135,13 @@ def main(argv: list[str] | None = None) -> None:
     scored_now = len(callback.members) + len(callback.non_members)
     print(f"training records {len(train)}, steps {step}, torch threads {torch.get_num_threads()}, "
           f"load {os.getloadavg()[0]:.1f}, timed by {'CPU' if CPU_TIME else 'wall'} time")
-    print(f"epoch (training alone)              {epoch:8.2f} s  ({1000 * per_training_record:.1f} ms a training record)")
-    print(f"base model's scores (once)          {reference:8.2f} s  = {reference / epoch:6.1%} of the epoch, before the "
-          f"first step ({scored_now} records)")
+    print(f"epoch (training alone)              {epoch:8.2f} s  "
+          f"({1000 * per_training_record:.1f} ms a training record)")
+    print(f"base model's scores (once)          {reference:8.2f} s  = {reference / epoch:6.1%} of the epoch, "
+          f"before the first step ({scored_now} records)")
     print(f"default evaluation, in training     {first:8.2f} s  = {first / epoch:6.1%} of the epoch "
-          f"(max_records {callback.max_records}: {scored_now} records scored; auc {callback.history[0]['memlens/auc']:.3f})")
+          f"(max_records {callback.max_records}: {scored_now} records scored; "
+          f"auc {callback.history[0]['memlens/auc']:.3f})")
     for n in sizes:
         print(f"evaluation of {n:4d} + {n:<4d} records   {by_size[n]:8.2f} s  = {by_size[n] / epoch:6.1%} of the epoch")
     print(f"per scored record                   {1000 * per_record:8.2f} ms = {per_record / per_training_record:.2f} "

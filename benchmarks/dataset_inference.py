@@ -185,7 +185,8 @@ def evaluate_target(t: int, plan: dict, scores: pd.DataFrame, blocks: list[pd.Da
 def report(results: list[dict], seconds: dict, args, mode: str) -> dict:
     rows = pd.DataFrame([r for res in results for r in res["rows"]])
     met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
-    print(f"\n== dataset inference and usage share, llama-tiny LoRA q,v r8 on PHEE ({mode}: suspect sets of {args.block}, "
+    print(f"\n== dataset inference and usage share, llama-tiny LoRA q,v r8 on PHEE "
+          f"({mode}: suspect sets of {args.block}, "
           f"{args.targets} target(s), {args.references} references, {args.epochs} epoch(s) at lr {args.lr}) ==")
     labels = list(FEATURE_SETS)
     print(f"{'p':>5} " + " ".join(f"{'detection, ' + label:>26}" for label in labels)

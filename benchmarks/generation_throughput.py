@@ -110,7 +110,8 @@ def gpu_benchmark(args) -> None:
     prefixes = [[1] + torch.randint(3, config.vocab_size, (prompt_len - 1 - i % 5,), generator=gen).tolist()
                 for i in range(batch)]  # ragged prompts: left padding is exercised
     kw = dict(pad_token_id=0, eos_token_id=2, seed=0, batch_size=batch)
-    print(f"{args.shape} random weights ({n_params / 1e9:.2f}B params, {dtype}) on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
+    print(f"{args.shape} random weights ({n_params / 1e9:.2f}B params, {dtype}) on "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
           f"batch {batch}, {new} new tokens, prompts ~{prompt_len} tokens")
     modes = [("dynamic cache", None), ("static cache", "static")]
     for label, cache in modes:

@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> None:
           "mean over targets (each target's TPR@1%FPR after)\n")
     print(summary.to_markdown(index=False, floatfmt=".3f"))
     print("\nwall seconds:")
-    print(f"  target fine-tune (train loop, mean of {len(train)}): {sum(t.wall_time_s for t in train) / len(train):.1f}")
-    print(f"  reference fine-tune (train loop, mean of {len(refs)}): {sum(t.wall_time_s for t in refs) / len(refs):.1f}")
+    print(f"  target fine-tune (train loop, mean of {len(train)}): "
+          f"{sum(t.wall_time_s for t in train) / len(train):.1f}")
+    print(f"  reference fine-tune (train loop, mean of {len(refs)}): "
+          f"{sum(t.wall_time_s for t in refs) / len(refs):.1f}")
     print(f"  references stage ({full} adapters, once for all targets): {walls['B']['references']:.1f}")
     print(f"  mia stage, {args.targets} targets: no references (A, cold base cache) {walls['A']['mia']:.1f}; "
           f"{full} references scored (B) {walls['B']['mia']:.1f}; {full} references cached (C) "

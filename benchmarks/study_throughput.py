@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         a, b = median("memlens", "", stage), median("baseline", "", stage)
         print(f"{'':13s}{stage:12s} {a:10.1f} {b:10.1f} {b / a if a else float('nan'):8.2f}x")
     ours, base = median("memlens", "total_s"), median("baseline", "total_s")
-    other = [ours - sum(median("memlens", "", s) for s in STAGES), base - sum(median("baseline", "", s) for s in STAGES)]
+    other = [ours - sum(median("memlens", "", s) for s in STAGES),
+             base - sum(median("baseline", "", s) for s in STAGES)]
     print(f"{'':13s}{'other':12s} {other[0]:10.1f} {other[1]:10.1f}   (setup, locks, merges, data loading)")
     print(f"{'':13s}{'whole study':12s} {ours:10.1f} {base:10.1f} {base / ours:8.2f}x")
     print("baseline ref_ratio AUCs (sanity): "

@@ -50,7 +50,8 @@ def test_llama_tiny_loads_in_8_bits_on_the_cpu_and_scores_like_float32(tmp_path,
     labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
     with torch.no_grad():
         loss8 = model(**batch, labels=labels).loss.item()
-        loss32 = load_base_model(study.model.model_copy(update={"load_in_8bit": False}))(**batch, labels=labels).loss.item()
+        loss32 = load_base_model(study.model.model_copy(update={"load_in_8bit": False}))(
+            **batch, labels=labels).loss.item()
     assert math.isfinite(loss8) and abs(loss8 - loss32) < 0.02 * loss32  # LLM.int8() is close to the full model
     # bitsandbytes' "inputs will be cast to float16" line, once per layer and forward, is not shown
     assert not [r for r in caplog.records if r.name.startswith("bitsandbytes")], caplog.records

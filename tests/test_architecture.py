@@ -118,7 +118,8 @@ def _module_containers(tree: ast.Module) -> set[str]:
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) \
             else []
         is_container = isinstance(value, (ast.Dict, ast.Set, ast.List, ast.DictComp, ast.SetComp)) or (
-            isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in {"dict", "set", "list"})
+            isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
+            and value.func.id in {"dict", "set", "list"})
         if is_container:
             names |= {t.id for t in targets if isinstance(t, ast.Name)}
     return names

@@ -224,18 +224,19 @@ def test_validity_rules(plain, tmp_path):
         memlens.audit(**common, non_members=str(shared), show_progress=False)
     lacking = tmp_path / "lacking.jsonl"
     lacking.write_text('{"id": "a", "context": "one"}\n{"id": "b", "body": "two"}\n')
-    with pytest.raises(ConfigError, match=rf"--text-field \(audit.text_field\): {lacking} line 2: the record has no 'context' field"):
+    with pytest.raises(ConfigError, match=rf"--text-field \(audit.text_field\): {lacking} line 2: "
+                                          r"the record has no 'context' field"):
         memlens.audit(**common, non_members=str(lacking), show_progress=False)
     with pytest.raises(ConfigError, match=r"does not fit the base model .*llama-small: its layer "
-                                          r"'model.layers.0.self_attn.q_proj' has 192 input features in the adapter and "
-                                          r"384 in that base"):
+                                          r"'model.layers.0.self_attn.q_proj' has 192 input features in the adapter "
+                                          r"and 384 in that base"):
         memlens.audit(**common, non_members=str(root / "non_members.jsonl"), base=str(LLAMA_SMALL),
                       show_progress=False)
     with pytest.raises(ConfigError, match=r"audit.base: the target .* is a full model; give the model it was "
                                           "fine-tuned from"):
         memlens.audit(**{**common, "target": str(LLAMA_TINY)}, non_members=str(root / "non_members.jsonl"))
-    with pytest.raises(ConfigError, match=r"--non-members \(audit.non_members\): 'owner/phee' is read as a hub dataset id, but "
-                                          r"HF_HUB_OFFLINE=1 \(offline\)"):
+    with pytest.raises(ConfigError, match=r"--non-members \(audit.non_members\): 'owner/phee' is read as a hub "
+                                          r"dataset id, but HF_HUB_OFFLINE=1 \(offline\)"):
         memlens.audit(**common, non_members="hub:owner/phee:test")
     with pytest.raises(ConfigError, match=r"audit.target: 'owner/model' is read as a hub model id, but "
                                           r"HF_HUB_OFFLINE=1 \(offline\)"):
@@ -255,7 +256,8 @@ def test_validity_rules(plain, tmp_path):
         memlens.audit(**common, non_members=str(root / "non_members.jsonl"), references=2)
     result = CliRunner().invoke(app, ["audit", "--target", str(plain["adapter"]), "--members", str(PHEE / "x.jsonl"),
                                       "--non-members", str(root / "non_members.jsonl"), "--no-progress"])
-    assert result.exit_code == 2 and "--members (audit.members): " in result.output and "x.jsonl is not found" in result.output
+    assert (result.exit_code == 2 and "--members (audit.members): " in result.output
+            and "x.jsonl is not found" in result.output)
 
 
 def test_a_rerun_with_other_non_members_retrains_the_references(plain, tmp_path):

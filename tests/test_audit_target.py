@@ -22,9 +22,10 @@ def _resolve(target: str, **fields):
 def test_a_typod_relative_target_is_a_missing_folder_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my-lora-v2").mkdir()
-    message = rf"^audit.target: there is no folder named 'my-lora' here \({re.escape(str(tmp_path / 'my-lora'))} does " \
-              r"not exist\): check its name and the folder memlens runs from. Nor is it a hub model id: a hub model " \
-              r"id is written owner/name, downloaded \(network on, HF_HUB_OFFLINE unset\), and needs --base"
+    message = rf"^audit.target: there is no folder named 'my-lora' here \({re.escape(str(tmp_path / 'my-lora'))} " \
+              r"does not exist\): check its name and the folder memlens runs from. Nor is it a hub model id: " \
+              r"a hub model id is written owner/name, downloaded \(network on, HF_HUB_OFFLINE unset\), " \
+              r"and needs --base"
     with pytest.raises(ConfigError, match=message):
         _resolve("my-lora")
     with pytest.raises(ConfigError, match=message):  # with --base too: the folder is what is missing
@@ -41,9 +42,10 @@ def test_a_typod_relative_target_is_a_missing_folder_first(tmp_path, monkeypatch
 
 def test_an_owner_name_target_without_base_says_there_is_no_such_folder_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=rf"^audit.base: there is no folder owner/model here \({re.escape(str(tmp_path))}"
-                                          r"/owner/model\), so the target is read as a hub model id, a full model: give "
-                                          r"the model it was fine-tuned from \(--base\)"):
+    with pytest.raises(ConfigError,
+                       match=rf"^audit.base: there is no folder owner/model here \({re.escape(str(tmp_path))}"
+                             r"/owner/model\), so the target is read as a hub model id, a full model: give "
+                             r"the model it was fine-tuned from \(--base\)"):
         _resolve("owner/model")
 
 

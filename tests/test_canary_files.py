@@ -68,7 +68,8 @@ def test_a_record_file_with_inserted_and_held_out_canaries(tmp_path):
 
 def test_bad_record_files_are_refused_naming_file_line_and_field(tmp_path):
     path = _jsonl(tmp_path / "c.jsonl", [{"text": "one", "inserted": True}, {"text": "two", "inserted": "yes"}])
-    with pytest.raises(ConfigError, match=rf"audit.canaries: {path} line 2: `inserted` is 'yes'; write true or false"):
+    with pytest.raises(ConfigError, match=rf"audit.canaries: {path} line 2: "
+                                          r"`inserted` is 'yes'; write true or false"):
         read_canaries(str(path))
     path = _jsonl(tmp_path / "n.jsonl", [{"text": "one", "inserted": True}, {"text": "two", "inserted": None}])
     with pytest.raises(ConfigError, match=r"n.jsonl line 2: `inserted` is missing"):

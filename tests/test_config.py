@@ -157,7 +157,8 @@ def test_one_attack_runs_at_two_settings_and_bad_settings_name_the_valid_ones():
                        np.ones(10, np.float32))
     scores = run_attacks(["min_k@0.1", "min_k@0.5", {"type": "min_k", "name": "default"}],
                          AttackInputs(texts=["x"], ft=ft))
-    assert {k: v.tolist() for k, v in scores.items()} == {"min_k@0.1": [-10.0], "min_k@0.5": [-8.0], "default": [-9.5]}  # lowest 1, 5 and 2 tokens
+    assert {k: v.tolist() for k, v in scores.items()} == {"min_k@0.1": [-10.0], "min_k@0.5": [-8.0],
+                                                          "default": [-9.5]}  # lowest 1, 5 and 2 tokens
     with pytest.raises(ConfigError, match=r"mia\.attacks\[1\]: 'min_k@2': fraction: .*less than or equal to 1"):
         configure_attacks(["loss", "min_k@2"])
     with pytest.raises(ConfigError, match=r"'min_k@0.1'.* occur twice"):

@@ -34,7 +34,8 @@ def _frame(rng: np.random.Generator, n_s: int = 40, n_n: int = 40, shift: float 
     """A scores frame: features `a` (suspect records shifted by `shift`), `b`, `c` (noise)."""
     x = rng.normal(size=(n_s + n_n, 3))
     x[:n_s, 0] += shift
-    frame = pd.DataFrame({"sample_id": [f"r{i}" for i in range(n_s + n_n)], "text": [f"text {i}" for i in range(n_s + n_n)],
+    frame = pd.DataFrame({"sample_id": [f"r{i}" for i in range(n_s + n_n)],
+                          "text": [f"text {i}" for i in range(n_s + n_n)],
                           "is_member": np.r_[np.ones(n_s, bool), np.zeros(n_n, bool)],
                           "a": x[:, 0], "b": x[:, 1], "c": x[:, 2]})
     if groups:
@@ -92,7 +93,8 @@ def test_learned_weights_aggregate_the_test_half_as_reported():
     np.testing.assert_allclose(n_b, result.test_scores["non_members_b"])
     se = math.sqrt(s_b.var(ddof=1) / len(s_b) + n_b.var(ddof=1) / len(n_b))
     t = (s_b.mean() - n_b.mean()) / se
-    df = se ** 4 / ((s_b.var(ddof=1) / len(s_b)) ** 2 / (len(s_b) - 1) + (n_b.var(ddof=1) / len(n_b)) ** 2 / (len(n_b) - 1))
+    df = se ** 4 / ((s_b.var(ddof=1) / len(s_b)) ** 2 / (len(s_b) - 1)
+                    + (n_b.var(ddof=1) / len(n_b)) ** 2 / (len(n_b) - 1))
     assert result.statistic == pytest.approx(t) and result.df == pytest.approx(df)
     assert result.p_value == pytest.approx(stats.t.sf(t, df))
     # standardization and clipping come from the learning half only
@@ -263,7 +265,8 @@ def test_rows_follow_the_results_schema():
 
 
 def test_benchmark_smoke_mode(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("dataset_inference_benchmark", REPO / "benchmarks" / "dataset_inference.py")
+    spec = importlib.util.spec_from_file_location("dataset_inference_benchmark",
+                                                  REPO / "benchmarks" / "dataset_inference.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     bench.main(["--smoke", "--threads", "1", "--out", str(tmp_path / "bench")])

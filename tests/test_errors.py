@@ -61,7 +61,8 @@ def test_a_record_without_the_text_field_names_its_line_and_the_field(tmp_path):
     assert "set data.text_field" in msg
 
 
-@pytest.mark.parametrize("value, said", [(b"null", "'context' is null"), (b"42", "'context' is a number (42), not text"),
+@pytest.mark.parametrize("value, said", [(b"null", "'context' is null"),
+                                         (b"42", "'context' is a number (42), not text"),
                                          (b'["x"]', "'context' is a list")])
 def test_a_null_or_non_string_text_names_its_record(tmp_path, value, said):
     folder = _folder(tmp_path, GOOD + b'{"id": "a3", "context": ' + value + b"}\n")
@@ -83,7 +84,8 @@ def test_a_null_text_in_a_parquet_file_and_in_a_single_file_names_its_record(tmp
 
 
 def test_a_record_without_an_id_names_its_line(tmp_path):
-    with pytest.raises(ConfigError, match=r"data.id_field: .*train.jsonl line 3: the record has no 'id'.*id_field: null"):
+    with pytest.raises(ConfigError,
+                       match=r"data.id_field: .*train.jsonl line 3: the record has no 'id'.*id_field: null"):
         _load(_folder(tmp_path, GOOD + b'{"context": "delta four"}\n'))
 
 

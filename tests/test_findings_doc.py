@@ -109,7 +109,8 @@ def test_findings_document_is_generated_from_the_data(mini, tmp_path):
     for row in _primary(out).itertuples():
         assert f"{row.auc:.3f} ± {(row.auc_ci_high - row.auc_ci_low) / 2:.3f}" in doc, row.target_modules
     assert "| rank | [q] | [v] |" in doc
-    assert re.search(r"\| 1 \| 1 \| 0 \| 0 \| 0.003 \| \[v\] \| \[q\] \|", doc)  # DeLong [v] vs [q] at rank 1 (seed, draw, lr)
+    # DeLong [v] vs [q] at rank 1 (seed, draw, lr)
+    assert re.search(r"\| 1 \| 1 \| 0 \| 0 \| 0.003 \| \[v\] \| \[q\] \|", doc)
     # One rank: the saturation fit is not computed, and the document says why instead of inventing a number.
     assert "Saturation fit not computed: the grid has one LoRA rank (1)" in doc
     assert "not measured here" in doc  # the paper's numbers are labelled as the paper's

@@ -68,7 +68,8 @@ def test_table_averages_seeds_and_joins_every_stage():
 
 def test_epsilon_falls_back_to_train_json(tmp_path):
     TrainRecord(run_id="q-dp", seed=0, trainable_params=10, total_params=100, trainable_pct=10.0, canary={},
-                dp={"epsilon": 4.25, "noise_multiplier": 1.0}).save(StudyLayout(tmp_path).run_file("q-dp", RunFile.TRAIN))
+                dp={"epsilon": 4.25, "noise_multiplier": 1.0}
+                ).save(StudyLayout(tmp_path).run_file("q-dp", RunFile.TRAIN))
     table = frontier_table(_results(with_privacy=False), root=tmp_path).set_index("config")
     assert table.loc["llama-tiny q r4 c1 dp1.0", "epsilon"] == 4.25
     assert table.eps_lower.isna().all()

@@ -139,7 +139,8 @@ def test_an_unchanged_model_is_flagged(study_run):
     """The adapter with B zeroed predicts what the base model does: every attack row says its scores measure the
     base model (as a flag and a note), the trained adapter's rows do not, and the report warns above the table."""
     ZERO = study_run["zero"]
-    zero, trained = _rows(study_run, ZERO).drop("bag_of_words"), _rows(study_run, study_run["run_id"]).drop("bag_of_words")
+    zero, trained = (_rows(study_run, ZERO).drop("bag_of_words"),
+                     _rows(study_run, study_run["run_id"]).drop("bag_of_words"))
     assert zero.model_unchanged.astype(bool).all() and not trained.model_unchanged.astype(bool).any()
     assert zero.note.str.contains("predicts what the base model does").all()
     assert not trained.note.fillna("").str.contains("base model does").any()
@@ -152,7 +153,8 @@ def test_results_table(study_run):
     rows = _rows(study_run, study_run["run_id"])
     missing = [c for c in REQUIRED if c not in rows.reset_index().columns]
     assert not missing
-    assert (rows.drop("bag_of_words").n_members == len(read_members(study_run["layout"].run_dir(study_run["run_id"])))).all()
+    assert (rows.drop("bag_of_words").n_members
+            == len(read_members(study_run["layout"].run_dir(study_run["run_id"])))).all()
     assert rows.loc["loss", "tpr_at_1pct_fpr_note"].startswith("needs >= 100 non-members")
     assert np.isnan(rows.loc["loss", "tpr_at_1pct_fpr"])
     assert rows.loc["loss", "op_fpr"] <= 0.1
@@ -199,7 +201,8 @@ def test_rerun_uses_cache_and_skips_done_runs(study_run, monkeypatch):
     assert not any(m for label, m in moments_of.items() if label.startswith("base"))
     with pytest.raises(ConfigError, match="not a run of this study"):
         ctx.cells_of(["nope"])
-    unfinished = study_run["study"].model_copy(update={"grid": study_run["study"].grid.model_copy(update={"seed": [2]})})
+    unfinished = study_run["study"].model_copy(
+        update={"grid": study_run["study"].grid.model_copy(update={"seed": [2]})})
     with pytest.raises(ConfigError, match="no finished run"):
         run_mia(ctx, unfinished.cells())
 

@@ -72,7 +72,8 @@ def _fake_run(study, cell, dp: dict | None, scores: pd.DataFrame) -> str:
     layout, run_id = StudyLayout(study.out_dir), cell.run_id(study)
     run_dir = layout.run_dir(run_id)
     run_dir.mkdir(parents=True)
-    CellRecord.model_validate({"run_id": run_id, **cell.determinants(study)}).save(layout.run_file(run_id, RunFile.CELL))
+    CellRecord.model_validate({"run_id": run_id, **cell.determinants(study)}).save(
+        layout.run_file(run_id, RunFile.CELL))
     train = {"run_id": run_id, "seed": 0, "canary": {}, "trainable_params": 10, "total_params": 100,
              "trainable_pct": 10.0, "n_train_records": 100}
     if dp:

@@ -5,8 +5,8 @@
 `run_study` with `executor.address` set to the head, kills (SIGKILL) every process of the worker node
 while it runs a cell, and checks that Ray retried that cell on the head and that every file the study
 computed is identical to the local executor's (adapter tensors bit for bit, results, MIA scores,
-extraction; the adapter's config compared as data, see comparable_run). The cluster is stopped by killing its own processes (not
-`ray stop`, which would also stop any other Ray on the machine), also when the test fails.
+extraction; the adapter's config compared as data, see comparable_run). The cluster is stopped by killing its own
+processes (not `ray stop`, which would also stop any other Ray on the machine), also when the test fails.
 
 The other tests check, without a cluster, what a task does on a node that does not see the driver's
 study folder (see docs/cluster.md): it fails its cell with a message and writes nothing.

@@ -73,7 +73,8 @@ def test_bad_recipes_name_the_file_and_the_setting(tmp_path):
                                           r"the Hugging Face Trainer's names \(.*'per_device_train_batch_size'"):
         read_recipe(path)
     path.write_text("batch_size: 4\nper_device_train_batch_size: 8\n")
-    with pytest.raises(ConfigError, match="sets batch_size twice, as 'batch_size' and as 'per_device_train_batch_size'"):
+    with pytest.raises(ConfigError,
+                       match="sets batch_size twice, as 'batch_size' and as 'per_device_train_batch_size'"):
         read_recipe(path)
     path.write_text("lr_scheduler_type: cosine_with_restarts\n")
     with pytest.raises(ConfigError, match=r"invalid training settings\n  lr_scheduler_type: Input should be 'linear'"):

@@ -321,7 +321,8 @@ def test_references_are_trained_once_for_the_cells_of_a_recipe(shared):
         record = ReferenceRecord.load(layout.references.run_file(ref_id, RunFile.REFERENCE))
         trained = pd.read_parquet(layout.references.run_file(ref_id, RunFile.MEMBERS))
         assert record.index == k and record.seed == REF_SEED + k and record.unit == "record"
-        assert record.n_population == len(population.members) + len(population.non_members) > record.n_in == len(trained)
+        assert (record.n_population == len(population.members) + len(population.non_members)
+                > record.n_in == len(trained))
         assert "canary" not in set(trained.sample_id)  # the inserted secret is in no reference
         assert record.population_hash == population_hash(population)  # its identity holds the records' contents
     other = StudyData(members=population.members.iloc[1:], non_members=population.non_members, utility=None)

@@ -223,7 +223,8 @@ def test_design_comparison_measures_what_the_named_splits_add(tmp_path):
     a = analyse(synthetic_study(tmp_path / "out", designs=("splits", "random"), splits_bonus=0.8))
     table = a.design_comparison.table
     assert len(table) == 12 and (table.difference > 0).mean() > 0.8  # the named splits add AUC here
-    assert "paired t-test over 12 configurations" in a.design_comparison.summary and "verdicts use the random" in a.design_comparison.summary
+    assert ("paired t-test over 12 configurations" in a.design_comparison.summary
+            and "verdicts use the random" in a.design_comparison.summary)
     assert a.verdict_design == "random" and "`random` membership design" in a.design_note
     assert set(a.auc_vs_rank.curve.membership) == {"random"} if "membership" in a.auc_vs_rank.curve else True
     assert "designs" in a.tables()

@@ -132,7 +132,8 @@ def test_gpt2_q_adapts_only_the_q_third_of_c_attn(tmp_path):
     outputs = []
     c_attn = bank.base.transformer.h[0].attn.c_attn  # layer 0: its input (the embeddings) is not adapted
     handle = c_attn.register_forward_hook(lambda mod, args, out: outputs.append(out.detach().clone()))
-    ids = torch.tensor([tokenize_records(["Aspirin caused a rash in two patients."], load_tokenizer(study.model), 64)[0]])
+    ids = torch.tensor([tokenize_records(["Aspirin caused a rash in two patients."],
+                                         load_tokenizer(study.model), 64)[0]])
     with torch.no_grad():
         with bank.use("run") as model:
             model(input_ids=ids)

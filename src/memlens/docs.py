@@ -45,7 +45,8 @@ def _audit_reference() -> list[str]:
     own |= {f"model.{k}": f for k, f in AuditConfig.model_fields["model"].annotation.model_fields.items()}
     return ["### The audit file (`audit:`)", "", "`memlens audit [FILE]` reads these fields from the file's `audit:` "
             "section, and `memlens.audit(...)` takes them as keywords; the first ones are also command-line options "
-            "(`--non-members` for `non_members`), and `--set key=value` sets any (`--set mia.bootstrap=200`). `mia` and `extraction` are the study's sections above; `mia.attacks` defaults to "
+            "(`--non-members` for `non_members`), and `--set key=value` sets any (`--set mia.bootstrap=200`). "
+            "`mia` and `extraction` are the study's sections above; `mia.attacks` defaults to "
             "every attack the audit's inputs allow.", "", *_field_rows(own), ""]
 
 

@@ -188,7 +188,8 @@ def merge_study_files(ctx: StudyContext) -> None:
 def _write_report(layout: StudyLayout, force: bool) -> tuple[Path | None, str | None]:
     """Build the report; a failure is recorded in status/_report.json and returned, not raised."""
     try:
-        path = layout.report / "index.html" if not force and report_is_current(layout.root) else build_report(layout.root)
+        path = (layout.report / "index.html" if not force and report_is_current(layout.root)
+                else build_report(layout.root))
     except Exception as exc:
         record = write_status(layout, REPORT_FAILURE, "failed", stage=REPORT, error=exc)
         return None, record.traceback

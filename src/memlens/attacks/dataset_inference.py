@@ -483,7 +483,8 @@ def reference_guess_scores(statistic: np.ndarray, reference_statistics: np.ndarr
 
 
 # ------------------------------------------------------------------------------------- results rows
-def dataset_rows(meta: dict, inference: DatasetInference | None = None, share: UsageShare | None = None) -> pd.DataFrame:
+def dataset_rows(meta: dict, inference: DatasetInference | None = None,
+                 share: UsageShare | None = None) -> pd.DataFrame:
     """Rows of the study's results schema (stage `dataset`): attack `dataset_inference` (p_value, verdict, ...) and
     attack `usage_share` (fraction with fraction_ci_low/high, tpr, fpr, ...), each present when given. `meta`: the
     rows' identifying columns (e.g. :func:`memlens.store.run_metadata`, or the audit's run_id and model)."""

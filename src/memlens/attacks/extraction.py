@@ -176,7 +176,8 @@ def base_control(layout: StudyLayout, study: StudyConfig, bank: AdapterBank, pro
     rows = cached[cached.text_key.isin(by_key)].assign(key=lambda f: f.text_key.map(by_key))
     ppl_base = dict(zip(rows.key, rows.ppl_base))
     generations = {d.name: rows[rows.decoding == d.name][["key", "generated_ids", "generated_text", "ppl_generated"]]
-                   .assign(generated_ids=lambda f: f.generated_ids.map(lambda a: [int(i) for i in a])).reset_index(drop=True)
+                   .assign(generated_ids=lambda f: f.generated_ids.map(lambda a: [int(i) for i in a]))
+                   .reset_index(drop=True)
                    for d in decodings}
     return ppl_base, generations
 
@@ -314,8 +315,9 @@ def merge_study(ctx: StudyContext) -> None:
                 continue  # not a run of this study, or a damaged one (its cell fails, naming the file)
             exposure = layout.run_file(run_id, RunFile.EXPOSURE)
             meta = run_metadata(layout, run_id, ctx.cells[run_id], ctx.study)
-            parts.append(extraction_result_rows(meta, pd.read_parquet(layout.run_file(run_id, RunFile.EXTRACTION_RESULTS)),
-                                      pd.read_parquet(exposure) if exposure.exists() else None))
+            parts.append(extraction_result_rows(meta,
+                                                pd.read_parquet(layout.run_file(run_id, RunFile.EXTRACTION_RESULTS)),
+                                                pd.read_parquet(exposure) if exposure.exists() else None))
         if parts:
             upsert_results(layout, pd.concat(parts, ignore_index=True))
 

@@ -95,9 +95,9 @@ def min_k_pp_scores(stats: SequenceStats, fraction: float, which: str = "the fin
 
 @register("min_k_pp_ref", needs={"moments", "ref", "ref_moments"}, settings=MinKSettings,
           description="Min-K%++ calibrated by the base model: the record's Min-K%++ (Zhang et al. 2024) under the "
-          "fine-tuned model minus its Min-K%++ under the base model, each the mean of its own k% smallest z-scores (k: "
-          "`fraction`): the reference-model calibration (Carlini et al. 2021; Mireshghallah et al. 2022) that ref_ratio "
-          "applies to the loss, applied to Min-K%++ (memaudit's headline attack).")
+          "fine-tuned model minus its Min-K%++ under the base model, each the mean of its own k% smallest z-scores "
+          "(k: `fraction`): the reference-model calibration (Carlini et al. 2021; Mireshghallah et al. 2022) that "
+          "ref_ratio applies to the loss, applied to Min-K%++ (memaudit's headline attack).")
 def min_k_pp_ref(x: AttackInputs, s: MinKSettings) -> np.ndarray:
     return min_k_pp_scores(x.ft, s.fraction) - min_k_pp_scores(x.ref, s.fraction, "the base model")
 

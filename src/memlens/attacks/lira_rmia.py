@@ -61,8 +61,8 @@ def _side_mean(values: np.ndarray, side: np.ndarray, log_mean_exp: bool = False)
 
 
 def _fill_sides(m_in: np.ndarray, m_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Both (records,). A record with no IN (or no OUT) reference gets that side's mean from its other side and the mean IN-OUT
-    shift of the records that have both: for a record without IN references the online LiRA score is then an
+    """Both (records,). A record with no IN (or no OUT) reference gets that side's mean from its other side and the
+    mean IN-OUT shift of the records that have both: for a record without IN references the online LiRA score is then an
     increasing function of (s - mu_out) / sigma_out, i.e. the offline test's ordering, on the online scale."""
     has_in, has_out = ~np.isnan(m_in), ~np.isnan(m_out)
     both = has_in & has_out
@@ -87,12 +87,12 @@ def _sigma(ss: float, dof: int) -> float:
 
 
 def lira_fit(values: np.ndarray, is_in: np.ndarray) -> dict[str, np.ndarray]:
-    """LiRA's Gaussians per record, each value (records,): mu_in, mu_out (see :func:`_fill_sides` for a record lacking a side) and their
-    standard deviations. Below LIRA_PER_RECORD_VARIANCE references (Carlini et al.'s "fixed variance", better
-    with few shadow models): `sigma_in` = `sigma_out` = one value for every record, the within-record deviation
-    pooled over the records and both sides, and `sigma_offline` the same pooled over the OUT statistics only.
-    From LIRA_PER_RECORD_VARIANCE references on: one per record and side (pooled where a record has fewer than
-    two statistics on a side), as the paper's default.
+    """LiRA's Gaussians per record, each value (records,): mu_in, mu_out (see :func:`_fill_sides` for a record lacking a
+    side) and their standard deviations. Below LIRA_PER_RECORD_VARIANCE references (Carlini et al.'s "fixed variance",
+    better with few shadow models): `sigma_in` = `sigma_out` = one value for every record, the within-record deviation
+    pooled over the records and both sides, and `sigma_offline` the same pooled over the OUT statistics only. From
+    LIRA_PER_RECORD_VARIANCE references on: one per record and side (pooled where a record has fewer than two statistics
+    on a side), as the paper's default.
 
     One shared variance: with few references the IN and OUT variances are each estimated from a handful of
     models, and a Gaussian likelihood ratio with sigma_in < sigma_out falls again for a record far above both
@@ -130,10 +130,10 @@ def lira(x: AttackInputs, s: AttackSettings) -> np.ndarray:
     log-likelihood is its language-model analogue (an average over tokens, close to Gaussian across
     fine-tunes, and comparable between records of different lengths), as in LiRA on language models.
     Score (Algorithm 1): Lambda = p(s | N(mu_in, sigma_in^2)) / p(s | N(mu_out, sigma_out^2)), returned as
-    log Lambda. With fewer than 64 references sigma_in = sigma_out = one value for all records (the paper's
-    fixed variance; see :func:`lira_fit` for why one and not one per side). A record with no IN reference (probability 2^-K) takes mu_in = mu_out + the mean
-    IN-OUT shift, which orders it as the paper's offline test does (see _fill_sides); no OUT reference:
-    symmetric."""
+    log Lambda. With fewer than 64 references sigma_in = sigma_out = one value for all records (the paper's fixed
+    variance; see :func:`lira_fit` for why one and not one per side). A record with no IN reference (probability 2^-K)
+    takes mu_in = mu_out + the mean IN-OUT shift, which orders it as the paper's offline test does (see _fill_sides); no
+    OUT reference: symmetric."""
     values, is_in = _references(x)
     fit = lira_fit(values, is_in)
     statistic = -mean_nll(x)
@@ -168,10 +168,10 @@ def rmia_fit_a(values: np.ndarray, is_in: np.ndarray) -> float:
 
 
 def rmia_ratio(s: np.ndarray, values: np.ndarray, is_in: np.ndarray, offline_a: float | str | None) -> np.ndarray:
-    """(records,) log (Pr(x|theta) / Pr(x)) per record, with log Pr(x|theta) = s (records,) (mean token log-likelihood, so Pr is the
-    geometric-mean token probability) and Pr(x) the mean of Pr(x|theta') over the references (online,
-    `offline_a` None) or ((1 + a) Pr_OUT(x) + (1 - a)) / 2 with Pr_OUT the mean over OUT references (offline;
-    `a` a number or `auto`, :func:`rmia_fit_a`)."""
+    """(records,) log (Pr(x|theta) / Pr(x)) per record, with log Pr(x|theta) = s (records,) (mean token log-likelihood,
+    so Pr is the geometric-mean token probability) and Pr(x) the mean of Pr(x|theta') over the references (online,
+    `offline_a` None) or ((1 + a) Pr_OUT(x) + (1 - a)) / 2 with Pr_OUT the mean over OUT references (offline; `a` a
+    number or `auto`, :func:`rmia_fit_a`)."""
     if offline_a is None:
         log_pr = special.logsumexp(values, axis=1) - np.log(values.shape[1])
     else:

@@ -301,10 +301,10 @@ class ReferenceStatistics:
     """Per reference adapter, the mean token log-likelihood of records, computed once and cached in its folder.
 
     `score(ref, texts)` computes the statistic of `texts` under `ref` (the membership stage attaches the
-    adapter to its base model); `settings` (scoring settings, model fingerprint) are part of the cache key.
-    Cache files hold (text_key, mean_ll) rows (text_key: SHA-256 of the text); every file of the same settings is read, and texts
-    not found are scored together and written to a new file (atomic; concurrent workers at worst score the
-    same texts twice)."""
+    adapter to its base model); `settings` (scoring settings, model fingerprint) are part of the cache key. Cache files
+    hold (text_key, mean_ll) rows (text_key: SHA-256 of the text); every file of the same settings is read, and texts
+    not found are scored together and written to a new file (atomic; concurrent workers at worst score the same texts
+    twice)."""
 
     def __init__(self, score: Callable[[Reference, list[str]], np.ndarray], settings: dict):
         self.score = score
@@ -350,5 +350,5 @@ class ReferenceStatistics:
 
 
 __all__ = ["REF_SEED", "Reference", "ReferenceStatistics", "coin_unit", "in_matrix", "is_trained", "load_references",
-           "population", "population_hash", "reference_cell", "reference_data", "reference_ids", "reference_study", "remove_references",
-           "train_reference", "train_reference_group", "train_references"]
+           "population", "population_hash", "reference_cell", "reference_data", "reference_ids", "reference_study",
+           "remove_references", "train_reference", "train_reference_group", "train_references"]

@@ -236,7 +236,8 @@ def check_attack_inputs(entries: Sequence[str | AttackSpec | dict], reference_co
     if audit_attack is not None:
         audited = next((a for a in attacks if a.name == audit_attack), None)
         if audited is None:
-            raise ConfigError(f"dp.audit_attack: {audit_attack!r} is not among mia.attacks {[a.name for a in attacks]}; "
+            raise ConfigError(f"dp.audit_attack: {audit_attack!r} is not among mia.attacks "
+                              f"{[a.name for a in attacks]}; "
                               "the audit reads that attack's scores: choose one of them or add it to mia.attacks")
         if audited.partial:
             raise ConfigError(f"dp.audit_attack: {audit_attack!r} leaves some records unscored (those of its member "
@@ -299,6 +300,6 @@ def mean_nll(x: AttackInputs, which: str = "ft") -> np.ndarray:
     return x.cache[key]
 
 
-__all__ = ["ATTACKS", "CANARY_UNSUPPORTED", "HEADLINE_ORDER", "NEEDS", "PRIMARY_ATTACK", "Attack", "AttackInputs", "AttackSettings", "ConfiguredAttack", "check_attack_inputs",
-           "check_attacks", "configure", "configure_attacks", "get_attack", "headline_attack", "mean_nll", "needs_of", "register",
-           "run_attacks"]
+__all__ = ["ATTACKS", "CANARY_UNSUPPORTED", "HEADLINE_ORDER", "NEEDS", "PRIMARY_ATTACK", "Attack", "AttackInputs",
+           "AttackSettings", "ConfiguredAttack", "check_attack_inputs", "check_attacks", "configure",
+           "configure_attacks", "get_attack", "headline_attack", "mean_nll", "needs_of", "register", "run_attacks"]

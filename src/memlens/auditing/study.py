@@ -87,7 +87,8 @@ def resolve_mia(cfg: AuditConfig, target: Target, records: AuditRecords) -> tupl
     skipped = sorted(name for name, attack in ATTACKS.items() if not attack.needs <= have)
     notes = [f"Not run: {', '.join(skipped)} (they need inputs this audit does not have: reference models "
              "(`--references` with `--train-config`), a reference corpus (`mia.reference_corpus`), or known "
-             "non-members outside the scored ones for a prefix (a memlens run folder's utility split)."] if skipped else []
+             "non-members outside the scored ones for a prefix (a memlens run folder's "
+             "utility split)."] if skipped else []
     return mia.model_copy(update={"attacks": chosen}), notes
 
 

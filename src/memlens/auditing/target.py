@@ -27,8 +27,8 @@ TargetKind = Literal["adapter", "model", "run"]
 PEFT_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
 # PEFT settings the references' recipe (memlens LoRA: rank, alpha, dropout, bias, target modules) cannot repeat
-UNREPEATABLE = {"use_dora": False, "use_rslora": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
-                "layers_to_transform": None, "trainable_token_indices": None}
+UNREPEATABLE = {"use_dora": False, "use_rslora": False, "modules_to_save": None, "rank_pattern": {},
+                "alpha_pattern": {}, "layers_to_transform": None, "trainable_token_indices": None}
 
 
 @dataclass

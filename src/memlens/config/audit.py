@@ -95,9 +95,9 @@ class AuditConfig(BaseModel):
                             "members + non-members (`0`: none; 2 or more).")
     train_config: str | None = Field(None, description="YAML or JSON recipe the target was trained with: the "
                                      "Trainer's `TrainingArguments` names or the study's `train` fields, or "
-                                     "MemlensCallback's `memlens-recipe.json` (found by itself beside an adapter); what "
-                                     "it leaves out takes the Trainer's defaults. Needed by `references` unless the "
-                                     "target is a memlens run folder.")
+                                     "MemlensCallback's `memlens-recipe.json` (found by itself beside an adapter); "
+                                     "what it leaves out takes the Trainer's defaults. Needed by `references` unless "
+                                     "the target is a memlens run folder.")
     mia: AuditMIAConfig = Field(default_factory=AuditMIAConfig, description="Membership-inference settings (the "
                                 "study's `mia` section; `references` is the field above).")
     extraction: ExtractionConfig = Field(default_factory=ExtractionConfig, description="Prompted-prefix "
@@ -201,4 +201,5 @@ def load_audit(path: str | Path | None = None, overrides: list[str] | None = Non
         raise ConfigError(message.replace("\n  ", f"\n  {AUDIT_SECTION}.")) from None
 
 
-__all__ = ["AUDIT_SECTION", "AuditConfig", "AuditMIAConfig", "AuditModelConfig", "audit_study", "load_audit", "read_train_config"]
+__all__ = ["AUDIT_SECTION", "AuditConfig", "AuditMIAConfig", "AuditModelConfig", "audit_study", "load_audit",
+           "read_train_config"]

@@ -178,7 +178,8 @@ class GridConfig(_Strict):
     )
     rank: list[int] = Field(default_factory=lambda: [4], description="LoRA ranks.")
     canary_copies: list[int] = Field(
-        default_factory=lambda: [1], description="How many times the canary occurs in the training set (1 = once, like every record)."
+        default_factory=lambda: [1],
+        description="How many times the canary occurs in the training set (1 = once, like every record).",
     )
     seed: list[int] = Field(default_factory=lambda: [0], description="Random seeds (training, canary choice).")
     method: list[Literal["lora", "full"]] = Field(
@@ -548,7 +549,8 @@ class DecodingConfig(_Strict):
         None, gt=0, description="Decaying temperature: start at this temperature and decay to `temperature`..."
     )
     decay_tokens: int = Field(0, ge=0, description="...over this many first tokens.")
-    num_samples: int = Field(1, ge=1, description="Samples per prefix; the one most likely under the fine-tuned model is kept.")
+    num_samples: int = Field(1, ge=1, description="Samples per prefix; the one most likely under the fine-tuned model "
+                             "is kept.")
 
 
 def _default_decodings() -> list[DecodingConfig]:
@@ -570,7 +572,8 @@ class ExtractionConfig(_Strict):
     )
     non_members: int | None = Field(100, ge=0, description="Non-member control records (`null`: all).")
     batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
-    verbatim_threshold: float = Field(0.5, gt=0, le=1, description="Longest-common-substring ratio counted as verbatim.")
+    verbatim_threshold: float = Field(0.5, gt=0, le=1,
+                                      description="Longest-common-substring ratio counted as verbatim.")
     bleu_threshold: float = Field(50.0, gt=0, le=100, description="BLEU counted as extracted.")
     min_temperature: float | None = Field(
         None, ge=0, description="Mitigation: clamp every decoding's temperature to at least this."

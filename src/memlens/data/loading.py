@@ -333,8 +333,9 @@ def _check_groups(frame: pd.DataFrame, cfg: DataConfig, split: str, origin: _Ori
     bad = [i for i, value in enumerate(frame[cfg.group].tolist()) if _is_null(value)]
     if bad:
         where = origin.where(int(frame.index[bad[0]]))
-        raise ConfigError(f"data.group: {where}: the record has no {cfg.group!r} (missing or null; {len(bad)} record(s) "
-                          f"of split {split!r} in all); every record must name its document: fill it in, or set "
+        raise ConfigError(f"data.group: {where}: the record has no {cfg.group!r} (missing or null; "
+                          f"{len(bad)} record(s) of split {split!r} in all); every record must name its document: "
+                          "fill it in, or set "
                           "data.group to another column or a regular expression over the id")
 
 

@@ -81,7 +81,8 @@ def bootstrap_ci(statistic, pos: np.ndarray, neg: np.ndarray, n_resamples: int, 
     if n_resamples <= 0:
         return float("nan"), float("nan")
     res = stats.bootstrap((pos, neg), statistic, n_resamples=n_resamples, confidence_level=level,
-                          method="percentile", vectorized=True, paired=False, batch=_bootstrap_batch(len(pos), len(neg)),
+                          method="percentile", vectorized=True, paired=False,
+                          batch=_bootstrap_batch(len(pos), len(neg)),
                           rng=np.random.default_rng(seed))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 

@@ -50,7 +50,8 @@ def quiet_peft_wrap() -> Iterator[None]:
         yield
 
 
-def save_adapter(model: torch.nn.Module, path: Path, fused_suffixes: list[str], adapter_name: str | None = None) -> None:
+def save_adapter(model: torch.nn.Module, path: Path, fused_suffixes: list[str],
+                 adapter_name: str | None = None) -> None:
     """Save a PEFT model's adapter (safetensors) with the fused splits it needs: the model's only adapter, or
     `adapter_name` of a model holding several, in the same files as if it were the only one."""
     path.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,8 @@ as `report/index.html` (the study report's HTML), `report/index.md` (Markdown, f
 
 The verdict reads three measures: the membership AUC of the headline attack (the first of the declared
 :data:`~memlens.attacks.registry.HEADLINE_ORDER` that ran, :func:`~memlens.attacks.registry.headline_attack`; its
-interval above 0.5), the canaries' exposure (a secret ranked above all but a share `EXPOSED_P / canaries` of random secrets
-of its format: under a model that did not learn it, its rank is uniform, so that share is a p-value, Bonferroni
+interval above 0.5), the canaries' exposure (a secret ranked above all but a share `EXPOSED_P / canaries` of random
+secrets of its format: under a model that did not learn it, its rank is uniform, so that share is a p-value, Bonferroni
 over the canaries) and, when words alone separate the two files, the bag-of-words check, which then heads it.
 """
 
@@ -380,13 +380,13 @@ def leak_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResult
     if (answer := dataset_answer(record)) is not None:
         sentences.insert(0 if "suspect" in record.sources else 1, answer)
     if with_secret:
-        sentences.append(f"{exposed} of {_count(with_secret, 'canary')} with a secret {'is' if exposed == 1 else 'are'} "
-                         f"exposed (at least {canaries.threshold_bits:.1f} bits).")
+        sentences.append(f"{exposed} of {_count(with_secret, 'canary')} with a secret "
+                         f"{'is' if exposed == 1 else 'are'} exposed (at least {canaries.threshold_bits:.1f} bits).")
     rates, decoding = _extraction_measures(data)
     if "members" in rates:
         sentences.append(f"Prompted with the first half of a member record, it completes "
-                         f"{rates['members']:.1%} of {rates['members_n']} verbatim ({decoding} decoding; the base model "
-                         f"{rates.get('base', math.nan):.1%} on the same prompts, non-members "
+                         f"{rates['members']:.1%} of {rates['members_n']} verbatim ({decoding} decoding; "
+                         f"the base model {rates.get('base', math.nan):.1%} on the same prompts, non-members "
                          f"{rates.get('non_members', math.nan):.1%}).")
     warning = None
     if separable:
@@ -416,7 +416,8 @@ def leak_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResult
         (f"TPR at 0.1% FPR ({best.attack})", tpr01, tpr01_note),
         ("canaries exposed", f"{exposed} of {with_secret}" if with_secret else None,
          None if with_secret else "no canary with a secret" if record.n_canaries else "no canaries given"),
-        (f"members extracted verbatim ({decoding or 'none'})", f"{rates['members']:.3f}" if "members" in rates else None,
+        (f"members extracted verbatim ({decoding or 'none'})",
+         f"{rates['members']:.3f}" if "members" in rates else None,
          f"base model {rates['base']:.3f}" if "base" in rates else "extraction not run"),
         ("suspect set used (dataset inference)",
          None if record.dataset_inference is None else

@@ -175,8 +175,9 @@ def _vo_qk_records(lora: pd.DataFrame, ranks: list[int], tests: pd.DataFrame) ->
         level = f"mean AUC v/o {means.get(True, np.nan):.3f} vs q/k {means.get(False, np.nan):.3f}"
         here = tests[tests["rank"] == rank] if len(tests) else tests
         if here.empty:
-            findings.append(Finding(TITLE_VO, "inconclusive", f"{level}; no paired DeLong test between v/o and q/k runs "
-                                    f"at this rank{caveat}", number=1, scope=f"rank {rank}"))
+            findings.append(Finding(TITLE_VO, "inconclusive",
+                                    f"{level}; no paired DeLong test between v/o and q/k runs at this rank{caveat}",
+                                    number=1, scope=f"rank {rank}"))
             continue
         significant = p_holm[here.index] < ALPHA
         n_vo, n_qk = int((significant & (here.diff_vo > 0)).sum()), int((significant & (here.diff_vo < 0)).sum())
@@ -427,7 +428,8 @@ def _finding_rank(primary: pd.DataFrame) -> Finding:
         rising += rho > 0 and auc[-1] > auc[0]
         diminishing += low > 0 and high < low
         parts.append(f"[{targets}] AUC {' -> '.join(f'{a:.3f}' for a in auc)} over ranks "
-                     f"{[int(r) for r in g['rank']]} (Spearman {rho:.2f}; gain per doubling {low:+.3f} then {high:+.3f})")
+                     f"{[int(r) for r in g['rank']]} (Spearman {rho:.2f}; "
+                     f"gain per doubling {low:+.3f} then {high:+.3f})")
     detail = "; ".join(parts)
     if _seeds(lora) >= MIN_SEEDS:
         gains = rank_gains(lora)
@@ -447,7 +449,8 @@ def _finding_rank(primary: pd.DataFrame) -> Finding:
             if rise.verdict() == "does not hold":
                 return Finding(title, "does not hold", detail + " (no rise with rank)", **tested)
             if rise.verdict() == "holds" and slowing.verdict() == "does not hold":
-                return Finding(title, "does not hold", detail + " (it rises, but without diminishing returns)", **tested)
+                return Finding(title, "does not hold", detail + " (it rises, but without diminishing returns)",
+                               **tested)
             return Finding(title, "inconclusive", detail, **tested)
     if rising == len(usable) and diminishing == len(usable):
         return Finding(title, "holds", detail)

@@ -95,8 +95,8 @@ def run_table(results: pd.DataFrame, attack: str = PRIMARY_ATTACK, root: str | P
 def frontier_table(results: pd.DataFrame, attack: str = PRIMARY_ATTACK, root: str | Path | None = None
                    ) -> pd.DataFrame:
     """One row per configuration (cell without seed) with its leakage and utility metrics averaged over
-    seeds: config, model, method, target_modules, rank, canary_copies, membership (design), dp (the grid's noise multiplier,
-    `none`, or `auto`), noise_multiplier (the one used), n_runs, attack, auc, tpr_at_1pct_fpr, exposure,
+    seeds: config, model, method, target_modules, rank, canary_copies, membership (design), dp (the grid's noise
+    multiplier, `none`, or `auto`), noise_multiplier (the one used), n_runs, attack, auc, tpr_at_1pct_fpr, exposure,
     test_ppl, utility_ppl, epsilon (accountant, upper bound), eps_lower (empirical lower bound; NaN unless
     the audit's random-split assumption was declared), strongest_attack and strongest_attack_auc (its mean
     AUC). Empty when no run has both MIA and utility rows."""
@@ -120,7 +120,8 @@ def frontier_table(results: pd.DataFrame, attack: str = PRIMARY_ATTACK, root: st
 
 def _label(row) -> str:
     what = "full" if row.method == "full" else f"{row.target_modules} r{row['rank']}"
-    label = f"{row.model} {what} c{row.canary_copies}" + ("" if row.membership == DEFAULT_DESIGN else f" {row.membership}")
+    label = (f"{row.model} {what} c{row.canary_copies}"
+             + ("" if row.membership == DEFAULT_DESIGN else f" {row.membership}"))
     return label if row.dp == "none" else f"{label} dp{row.dp}"
 
 

@@ -73,17 +73,17 @@ def headline(data: StudyResults) -> Headline:
     configs = configs.sort_values(["auc", "config"], ascending=[False, True]).reset_index(drop=True)
     top = configs.iloc[0]
     several = configs.membership.nunique() > 1
-    sentences = [f"{top.config} ({describe(top, several)}) memorizes most: membership {_auc(top, level)} under the primary "
-                 f"attack {PRIMARY_ATTACK}, where 0.5 is chance."]
+    sentences = [f"{top.config} ({describe(top, several)}) memorizes most: membership {_auc(top, level)} "
+                 f"under the primary attack {PRIMARY_ATTACK}, where 0.5 is chance."]
     figure = FigureSpec("headline", f"Membership AUC ({PRIMARY_ATTACK}) of every configuration with its "
-                        f"{level:.0%} interval, highest first; red: the highest (shaded: its interval), blue: the lowest; "
-                        "dotted: chance.")
+                        f"{level:.0%} interval, highest first; red: the highest (shaded: its interval), "
+                        "blue: the lowest; dotted: chance.")
     if len(configs) < 2:
         sentences.append("It is the only configuration with results: there is nothing to compare it with.")
         return Headline(configs=configs, sentences=sentences, figure=figure)
     low = configs.iloc[-1]
-    sentences.append(f"The least is {low.config} ({describe(low, several)}), {_auc(low, level)}: {top.auc - low.auc:.3f} "
-                     f"lower, over {len(configs)} configurations.")
+    sentences.append(f"The least is {low.config} ({describe(low, several)}), {_auc(low, level)}: "
+                     f"{top.auc - low.auc:.3f} lower, over {len(configs)} configurations.")
     overlap = bool(top.auc_ci_low <= low.auc_ci_high)
     if pd.isna(top.auc_ci_low) or pd.isna(low.auc_ci_high):
         sentences.append("Their intervals are not known, so how sure the difference is cannot be said.")

@@ -155,7 +155,8 @@ def page(a: StudyAnalysis, paths: dict[str, Path]) -> str:
             f"<p class=\"src\">generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}</p>")
     if a.nothing_yet:
         failures = _failures(a) if a.failures else ""
-        return (f'{head}{_overview(a)}<section id="nothing"><p class="omitted">{inline_html(a.nothing_yet)}</p></section>'
+        return (f'{head}{_overview(a)}<section id="nothing">'
+                f'<p class="omitted">{inline_html(a.nothing_yet)}</p></section>'
                 f"{failures}</body></html>")
     nav = "".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in a.sections)
     body = "".join(section_html(s, paths) for s in a.sections)

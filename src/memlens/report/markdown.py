@@ -40,7 +40,8 @@ def _grid_run(a: StudyAnalysis) -> str:
     configured = (f"matrices {_axis('[' + ','.join(t) + ']' for t in grid.target_modules)}; ranks {_axis(grid.rank)}; "
                   f"canary copies {_axis(grid.canary_copies)}; seeds {_axis(grid.seed)}; record draws "
                   f"{_axis(grid.draw)}; learning rates {_axis(grid.learning_rate or [a.study.train.learning_rate])}; "
-                  f"methods {_axis(grid.method)}; DP noise {_axis('none' if n is None else n for n in grid.noise_multiplier)}")
+                  f"methods {_axis(grid.method)}; "
+                  f"DP noise {_axis('none' if n is None else n for n in grid.noise_multiplier)}")
     if runs.empty:
         return f"no run has results (configured: {configured})"
     noise = sorted({"none" if is_null(n) else f"{n:g}" for n in runs.noise_multiplier})
@@ -49,7 +50,8 @@ def _grid_run(a: StudyAnalysis) -> str:
            f"{_axis(sorted(int(c) for c in runs.canary_copies.unique()))}; seeds "
            f"{_axis(sorted(int(s) for s in runs.seed.unique()))}; record draws "
            f"{_axis(sorted(int(d) for d in runs.draw.unique()))}; learning rates "
-           f"{_axis(sorted(float(r) for r in runs.learning_rate.unique()))}; methods {_axis(sorted(runs.method.unique()))}; "
+           f"{_axis(sorted(float(r) for r in runs.learning_rate.unique()))}; "
+           f"methods {_axis(sorted(runs.method.unique()))}; "
            f"DP noise {_axis(noise)}")
     return ran if ran.replace(",", "") == configured.replace(",", "") else f"{ran} (configured: {configured})"
 

@@ -121,9 +121,9 @@ class AucVsRank(Section):
 
     def blocks(self) -> list[Block]:
         return [Figure(), Table("auc_vs_rank", self.curve),
-                Text("Saturation fit per matrix set: the plateau (± its standard error), the extrapolated AUC at rank 0, "
-                     "and `rank_90`, the rank reaching 90% of the gain; a fit that cannot be made has empty values and "
-                     "the reason."), Table("auc_rank_fit", self.fits_frame)]
+                Text("Saturation fit per matrix set: the plateau (± its standard error), the extrapolated AUC at "
+                     "rank 0, and `rank_90`, the rank reaching 90% of the gain; a fit that cannot be made has empty "
+                     "values and the reason."), Table("auc_rank_fit", self.fits_frame)]
 
 
 def auc_vs_rank(data: StudyResults) -> AucVsRank:
@@ -216,7 +216,8 @@ def tpr_notes(table: pd.DataFrame) -> list[str]:
         if len(missing):
             note = table.get(f"{col}_note")
             why = sorted({str(n) for n in (note[missing.index] if note is not None else []) if not pd.isna(n)})
-            notes.append(f"TPR at {label} FPR is n/a for {', '.join(missing.attack)}: {'; '.join(why) or 'not computed'}.")
+            notes.append(f"TPR at {label} FPR is n/a for {', '.join(missing.attack)}: "
+                         f"{'; '.join(why) or 'not computed'}.")
     return notes
 
 

@@ -46,7 +46,8 @@ def roc_by_targets(data: StudyResults, attack: str) -> dict[str, list[tuple[np.n
 
 def delong_pairs(data: StudyResults, attack: str) -> tuple[pd.DataFrame, str]:
     """DeLong tests between every pair of adapted-matrix sets (or the pairs in `mia.pairs`) at equal rank,
-    canary copies, seed, membership design and noise, on the records both runs scored. Returns (tests, reason if empty)."""
+    canary copies, seed, membership design and noise, on the records both runs scored. Returns (tests, reason if
+    empty)."""
     frame = _run_scores(data, attack)
     if frame.empty:
         return pd.DataFrame(), "no per-sample membership scores (mia_scores.parquet)"

@@ -129,6 +129,6 @@ def discard_damaged_study_files(layout: StudyLayout) -> list[Path]:
     return removed
 
 
-__all__ = ["REBUILT_FILES", "CorruptArtifactError", "damaged_study_files", "digest_files", "discard_damaged_study_files",
-           "missing_files", "read_study_parquet", "rebuilt_file_message", "redo_cell_advice", "unreadable",
-           "verify_files"]
+__all__ = ["REBUILT_FILES", "CorruptArtifactError", "damaged_study_files", "digest_files",
+           "discard_damaged_study_files", "missing_files", "read_study_parquet", "rebuilt_file_message",
+           "redo_cell_advice", "unreadable", "verify_files"]

@@ -10,8 +10,8 @@ from memlens.study.stage import STAGES
 
 # Fields that may change between runs of one study folder: the grid (and the list of membership designs)
 # may grow, the executor and device may change; `name`/`out` only label it.
-FREE_FIELDS = {"name", "out", "grid", "executor", "model.device", "train.logging_steps", "train.together", "mia.enabled",
-               "extraction.enabled", "data.membership"}
+FREE_FIELDS = {"name", "out", "grid", "executor", "model.device", "train.logging_steps", "train.together",
+               "mia.enabled", "extraction.enabled", "data.membership"}
 
 
 class IncompatibleStudyError(ConfigError):

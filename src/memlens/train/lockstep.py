@@ -11,9 +11,9 @@ and every thread goes on with its own optimizer step. An adapter with fewer step
 its Trainer ends; the others go on without it.
 
 The threads take turns: whichever thread runs holds one lock (the baton) and lets go of it only while waiting
-(for a pass, or for micro-batches), so two Trainers never run at once (no contention for the cores, no race on the Trainer's or
-accelerate's shared state) and the order of work is that of a loop over the adapters. Written by hand because
-the Trainer's loop is one method (`_inner_training_loop`) with no hook between the backward and the optimizer
+(for a pass, or for micro-batches), so two Trainers never run at once (no contention for the cores, no race on the
+Trainer's or accelerate's shared state) and the order of work is that of a loop over the adapters. Written by hand
+because the Trainer's loop is one method (`_inner_training_loop`) with no hook between the backward and the optimizer
 step; driving N copies of it step by step would mean copying it, threads let each copy run unchanged.
 
 Random streams: `set_seed(seed)` in a Trainer's constructor gives its adapter its stream (:class:`RandomStream`).

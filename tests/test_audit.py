@@ -136,6 +136,8 @@ def test_command_audits_a_plain_peft_adapter(plain, tmp_path):
     markdown = (out / "report" / "index.md").read_text()
     card = (out / "model-card.md").read_text()
     assert page.index("Does this model leak?") < page.index("Attack comparison")  # the first screen comes first
+    for text in (page, markdown):  # one model, in the audit's words: nothing averaged over runs or matrices
+        assert "mean over runs" not in text and "per adapted matrices" not in text and "data.utility_split" not in text
     for text in (page, markdown):
         assert "Does this model leak?" in text and "Canaries" in text and "bag of words" in text
     assert card.startswith("## Privacy evaluation") and "Verdict: leaks" in card

@@ -300,7 +300,7 @@ class MemlensCallback(TrainerCallback):
             result = measure_exposure(model, tokenizer, canary, n_candidates=self.exposure_candidates, seed=self.seed,
                                       batch_size=self.batch_size, pad_token_id=_pad_id(tokenizer),
                                       candidates=self._pools[canary.text])
-            values[canary.sample_id] = result.exposure_rank
+            values[canary.sample_id] = result.bits  # the one definition of exposure (exposure_bits)
         return values
 
     def _metrics(self, scores: dict[str, np.ndarray]) -> dict[str, float]:

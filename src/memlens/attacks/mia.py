@@ -256,8 +256,7 @@ def score_run(scorer: Scorer, subject: Subject, base: BaseScores, attacks: list[
         "member_ppl": perplexity(ft.select(member_idx)),
         "base_member_ppl": perplexity(ref.select(member_idx)),
         "n_utility": u,
-        "utility_note": None if u else "no utility split: no held-out records besides the scored ones (a study's "
-                                        "data.utility_split)",
+        "utility_note": None if u else "no utility split: no held-out records besides the scored ones",
     }
     return frame, utility
 

@@ -459,7 +459,7 @@ def load_audit_results(root: Path) -> tuple[AuditConfig, AuditRecord, StudyResul
 
 def _one_run(section: Section) -> Section:
     """A study section said of the audit's one model: no runs to average, no adapted matrices to compare."""
-    if isinstance(section, mb.AttackComparison):
+    if isinstance(section, (mb.AttackComparison, mz.ExtractionRates)):
         section.one_run = True
     if isinstance(section, mb.RocCurves):
         section.title = "ROC curve"
@@ -475,7 +475,8 @@ def analyse_audit(root: Path) -> AuditAnalysis:
         root=data.root, config=config, record=record, data=data, environment=data.environment,
         inputs=inputs_fingerprint(StudyLayout(data.root)), leak=leak_summary(data, record, canaries),
         canaries=canaries, attacks=_one_run(mb.attack_comparison(data)), roc=_one_run(mb.roc_curves(data)),
-        bag_of_words=mb.bag_of_words(data), extraction=mz.extraction_rates(data), perplexity=mz.ngram_perplexity(data),
+        bag_of_words=mb.bag_of_words(data), extraction=_one_run(mz.extraction_rates(data)),
+        perplexity=mz.ngram_perplexity(data),
         utility=utility(data))
     analysis.seconds = time.perf_counter() - start
     return analysis

@@ -158,13 +158,15 @@ class ExtractionRates(Section):
     anchor = "extraction"
     title = "Extraction rates"
     rates: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/extraction_rates.csv
+    one_run: bool = False  # an audit: one model, nothing averaged
 
     def blocks(self) -> list[Block]:
+        over = "" if self.one_run else "; mean over runs"
         return [Text("Share of prompted records whose suffix was reproduced exactly, verbatim (longest common "
                      "substring ratio above `extraction.verbatim_threshold`) or with a BLEU above "
                      "`extraction.bleu_threshold`, and the mean n-gram share, per decoding, record group, model "
-                     "(fine-tuned, or the base model on the same prompts as a control) and canary copies; mean over "
-                     "runs."), Table("extraction_rates", self.rates, formats={c: ".3f" for c in RATES})]
+                     f"(fine-tuned, or the base model on the same prompts as a control) and canary copies{over}."),
+                Table("extraction_rates", self.rates, formats={c: ".3f" for c in RATES})]
 
     @property
     def canary(self) -> pd.DataFrame:

@@ -220,7 +220,7 @@ def score_run(scorer: Scorer, subject: Subject, base: BaseScores, attacks: list[
     the `mia_scores.parquet` schema: run_id, sample_id, split, is_member, is_canary, one column per attack,
     n_tokens, nll_ft, nll_ref) and utility perplexities (dict); `base` gives the base model's statistics of the
     texts, `token_log_freq` (vocabulary,) is DC-PDD's; `references`: the (records, references) statistics and IN
-    flags of reference models a caller scored itself, instead of `subject.references`'."""
+    flags of the subject's reference models (:func:`reference_matrices`), for LiRA and RMIA."""
     members, non_members = subject.members, subject.non_members
     texts = subject.texts
     n, n_members = len(texts), len(members)
@@ -228,9 +228,6 @@ def score_run(scorer: Scorer, subject: Subject, base: BaseScores, attacks: list[
     inputs.ref, inputs.token_log_freq = base.lookup(texts), token_log_freq
     if references is not None:
         inputs.ref_models, inputs.ref_in = references
-    elif subject.references is not None:
-        inputs.ref_models = scorer.reference_statistics().matrix(subject.references, texts, also=subject.population)
-        inputs.ref_in = in_matrix(subject.references, texts)
     inputs.population = np.r_[np.zeros(n_members, bool), np.ones(n - n_members, bool)]
     scores = run_attacks(attacks, inputs)
     ft, ref = inputs.ft, inputs.ref
@@ -511,17 +508,17 @@ def measure_membership(scorer: Scorer, subject: Subject, base: BaseScores, attac
     and `memlens audit`."""
     start = time.perf_counter()
     mia = scorer.mia
-    scores, utility = score_run(scorer, subject, base, attacks, token_log_freq)
+    references = reference_matrices(scorer, subject)
+    scores, utility = score_run(scorer, subject, base, attacks, token_log_freq, references)
     canaries = None
     if subject.canaries is not None:
         canaries = _score_canaries(scorer, subject.name, subject.canaries, subject.utility, base, attacks,
                                    token_log_freq)
-    members, counted = subject.members, scores
-    if subject.counted is not None:
-        members = members[subject.counted[:len(members)]]
-        counted = scores[subject.counted].reset_index(drop=True)
+    kept = np.ones(len(scores), bool) if subject.counted is None else np.asarray(subject.counted, bool)
+    members, counted = subject.members[kept[:len(subject.members)]], scores[kept].reset_index(drop=True)
     bow = scorer.bag_of_words(members, subject.non_members) if mia.bag_of_words_baseline else None
-    dataset = _dataset_level(scorer, subject, counted, members, attacks, bow)
+    counted_refs = None if references is None else (references[0][kept], references[1][kept])
+    dataset = _dataset_level(subject, counted, members, attacks, bow, counted_refs)
     utility["mia_wall_time_s"] = time.perf_counter() - start
     rows = result_rows(counted, utility, attacks, mia, subject.meta, bow)
     if canaries is not None:
@@ -530,13 +527,24 @@ def measure_membership(scorer: Scorer, subject: Subject, base: BaseScores, attac
     return Membership(scores, rows, canaries, *dataset)
 
 
-def _dataset_level(scorer: Scorer, subject: Subject, counted: pd.DataFrame, members: pd.DataFrame,
-                   attacks: list[ConfiguredAttack], bow: dict | None
+def reference_matrices(scorer: Scorer, subject: Subject) -> tuple[np.ndarray, np.ndarray] | None:
+    """(records, references) mean token log-likelihoods of the subject's records (members, then non-members) under
+    its reference adapters, and whether each record was in each one's training half; None without references.
+    Computed once per subject: LiRA / RMIA and the usage share read them."""
+    if subject.references is None:
+        return None
+    texts = subject.texts
+    return (scorer.reference_statistics().matrix(subject.references, texts, also=subject.population),
+            in_matrix(subject.references, texts))
+
+
+def _dataset_level(subject: Subject, counted: pd.DataFrame, members: pd.DataFrame, attacks: list[ConfiguredAttack],
+                   bow: dict | None, references: tuple[np.ndarray, np.ndarray] | None
                    ) -> tuple[DatasetInference | None, UsageShare | None]:
     """Was the member (suspect) set used, and what share of it? Dataset inference over the counted records' attack
-    scores (every attack that scores every record; halves grouped by document) and, with reference adapters, the
-    usage share from LiRA guesses. A set too small for the test gives no result (said in the log), never a
-    number."""
+    scores (every attack that scores every record; halves grouped by document) and, with 3 or more reference
+    adapters (`references`: their (counted records, references) statistics and IN flags), the usage share from LiRA
+    guesses. A set too small for the test gives no result (said in the log), never a number."""
     texts = members.text.tolist() + subject.non_members.text.tolist()
     frame = counted.assign(text=texts)
     if "group" in members and "group" in subject.non_members:
@@ -548,9 +556,8 @@ def _dataset_level(scorer: Scorer, subject: Subject, counted: pd.DataFrame, memb
         log.info("run %s: no dataset inference: %s", subject.name, exc)
         return None, None
     share = None
-    if subject.references is not None and len(subject.references) >= 3:
-        statistics = scorer.reference_statistics().matrix(subject.references, texts, also=subject.population)
-        inside = in_matrix(subject.references, texts)
+    if references is not None and references[0].shape[1] >= 3:
+        statistics, inside = references
         target, reference = reference_guess_scores(-counted.nll_ft.to_numpy(float), statistics, inside)
         share = usage_share(target[:len(members)], reference, inside)
     return inference, share

@@ -341,7 +341,7 @@ def test_a_memaudit_manifest_gives_the_canaries_detection_rate(plain, tmp_path):
     """memaudit's manifest as `--canaries`: the inserted canaries are scored against the held-out twins (never
     trained on) through the study's canary path, into canary_scores.parquet, and the report gives TPR at 1% FPR by
     copies with its exact interval."""
-    from .test_canary_files import _manifest, _memaudit_entry
+    from .test_user_canaries import _manifest, _memaudit_entry
 
     entries = [_memaudit_entry(i, True, 4) for i in range(3)] + [_memaudit_entry(i, False, 4) for i in range(3, 103)]
     (tmp_path / "memaudit-manifest.json").write_text(json.dumps(_manifest(entries)))

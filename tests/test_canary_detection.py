@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from memlens.attacks.canary_audit import ALL, canary_columns, canary_detection, detection_rate
+from memlens.attacks.canary_metrics import ALL, canary_columns, canary_detection, detection_rate
 from memlens.attacks.registry import configure
 from memlens.config import AuditConfig, ExtractionConfig, MIAConfig, ModelConfig, audit_study
-from memlens.data.canary_files import HELD_OUT
+from memlens.data.user_canaries import HELD_OUT
 from memlens.report.audit import NOT_A_RATE, canaries_section
 from memlens.report.inputs import Environment, StudyResults
 from memlens.report.section import Table, Text

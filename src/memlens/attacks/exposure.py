@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from memlens.data.canaries import Canary, secret_alphabet
+from memlens.data.repeated_canary import Canary, secret_alphabet
 from memlens.score import token_stats
 
 

@@ -18,7 +18,7 @@ is_member, is_canary, one column per attack score, n_tokens, nll_ft, nll_ref) an
 trained with designed canaries (`dp.audit_canaries`, its `audit_canaries.parquet`) also has them scored by
 the same pass under its adapter: `canary_scores.parquet` (one row per canary: canary_id, family, is_member,
 one column per attack that can score them, n_tokens, nll_ft, nll_ref) and their metrics per family on the
-attacks' rows (:mod:`memlens.attacks.canary_audit`).
+attacks' rows (:mod:`memlens.attacks.canary_metrics`).
 Study level: `<out>/mia_scores.parquet` and rows in `<out>/results.parquet`.
 """
 
@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from memlens.attacks.bow import BOW_ATTACK, bag_of_words_baseline, baseline_folds
-from memlens.attacks.canary_audit import canary_attacks, canary_columns
+from memlens.attacks.canary_metrics import canary_attacks, canary_columns
 from memlens.attacks.dataset_inference import (
     DatasetInference,
     UsageShare,

@@ -64,7 +64,7 @@ class AttackSettings(BaseModel):
 
 
 # What each need names, for messages.
-# Needs that keep an attack off the designed canaries of the one-run audit (memlens.attacks.canary_audit), and why.
+# Needs that keep an attack off the designed canaries of the one-run audit (memlens.attacks.canary_metrics), and why.
 CANARY_UNSUPPORTED = {"references": "reference adapters, which are trained without the designed canaries",
                       "member_prefix": "a prefix of the run's members, which the canaries are not"}
 NEEDS = {"ref": "the base model's scores", "lower": "the lowercased texts' scores",

@@ -11,8 +11,8 @@ import pandas as pd
 from memlens.auditing.target import Target
 from memlens.config import AuditConfig, ConfigError
 from memlens.data import Canary, canary_from_record, load_study_data, read_records, refuse_shared_texts
-from memlens.data.canary_files import COLUMNS as CANARY_FILE_COLUMNS
-from memlens.data.canary_files import HELD_OUT, read_canaries
+from memlens.data.user_canaries import COLUMNS as CANARY_FILE_COLUMNS
+from memlens.data.user_canaries import HELD_OUT, read_canaries
 from memlens.train import read_members, read_train_info
 
 SIDES = {"members": "member", "suspect": "suspect", "non_members": "non_member",
@@ -27,7 +27,7 @@ class AuditRecords:
     `audit.canaries` (flagged); a run folder's members.parquet as it is. non_members (sample_id, text[, group]);
     utility or None; canaries: the inserted canaries (with their secret when they have one: exposure), a run
     folder's own included. canary_file: the canaries of `audit.canaries`, inserted and held out (canary_id: their
-    sample id, text, inserted, copies, secret, secret_format: :mod:`memlens.data.canary_files`), or None. The
+    sample id, text, inserted, copies, secret, secret_format: :mod:`memlens.data.user_canaries`), or None. The
     held-out canaries were never trained on: they are in no other frame."""
 
     members: pd.DataFrame
@@ -51,7 +51,7 @@ class AuditRecords:
         """(canaries,) the canaries of `audit.canaries` in the designed canaries' schema (canary_id, family, text,
         is_member, copies), to be scored like them (into `canary_scores.parquet`): is_member is `inserted`; the
         family of an inserted canary is `copies<N>` by its copies (one family when all have the same), of a
-        held-out one :data:`memlens.data.canary_files.HELD_OUT`: one pool, the comparison of every copies (a
+        held-out one :data:`memlens.data.user_canaries.HELD_OUT`: one pool, the comparison of every copies (a
         canary never trained on has no copies). Empty without a canary file."""
         if self.canary_file is None:
             return pd.DataFrame(columns=CANARY_FRAME_COLUMNS)

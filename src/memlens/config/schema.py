@@ -354,7 +354,7 @@ class TrainConfig(_Strict):
     )
 
 
-# The designed canary families (memlens.data.audit_canaries).
+# The designed canary families (memlens.data.designed_canaries).
 CanaryFamily = Literal["rare_unigram", "rare_bigram", "random", "new_token"]
 # DP fields that do not change a DP cell's training (its run id): the audit's reading of the scores, and the designed
 # canaries, which enter every cell's run id on their own (CellConfig.determinants), DP or not.

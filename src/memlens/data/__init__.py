@@ -1,6 +1,5 @@
 """The data layer: load member / non-member splits, validate them, plant canaries."""
 
-from memlens.data.canaries import Canary, build_training_set, canary_from_record
 from memlens.data.loading import (
     StudyData,
     check_record_source,
@@ -9,6 +8,7 @@ from memlens.data.loading import (
     read_records,
 )
 from memlens.data.overlap import refuse_shared_texts
+from memlens.data.repeated_canary import Canary, build_training_set, canary_from_record
 
 __all__ = ["Canary", "StudyData", "build_training_set", "canary_from_record", "check_record_source", "load_study_data",
            "membership_assignments", "read_records", "refuse_shared_texts"]

@@ -18,7 +18,6 @@ import pandas as pd
 from memlens.config import RANDOM, SPLITS, Design, StudyConfig
 from memlens.report import membership as mb
 from memlens.report import memorization as mz
-from memlens.report.canary_audit import CanaryAudit, canary_audit
 from memlens.report.findings import (
     Finding,
     at_rate,
@@ -31,6 +30,7 @@ from memlens.report.findings import (
 from memlens.report.frontier import Frontier, Utility, frontier, utility
 from memlens.report.headline import Headline, headline
 from memlens.report.inputs import PRIMARY_ATTACK, Environment, StudyResults, exposure_bits, inputs_fingerprint
+from memlens.report.one_run_audit import CanaryAudit, canary_audit
 from memlens.report.section import Omission, Section
 from memlens.report.timings import WallTimes, wall_times
 from memlens.store import StudyLayout

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 from pydantic import ValidationError
 
-from memlens.attacks.canary_audit import ALL, canary_detection
+from memlens.attacks.canary_metrics import ALL, canary_detection
 from memlens.attacks.exposure import exposure_bits
 from memlens.attacks.registry import headline_attack
 from memlens.config import AuditConfig, ConfigError, StudyConfig, load_audit
@@ -76,7 +76,7 @@ class LeakSummary(Section):
 @dataclass(kw_only=True)
 class CanaryResults(Section):
     """The canaries: how many of the inserted ones an attacker detects against the held-out ones, by copies
-    (:func:`memlens.attacks.canary_audit.canary_detection`), then each inserted canary: its copies, exposure under
+    (:func:`memlens.attacks.canary_metrics.canary_detection`), then each inserted canary: its copies, exposure under
     the model and the base model, whether exposed, where its membership score ranks among the non-members', and how
     much of it the model completes from its first half."""
 

@@ -17,8 +17,8 @@ from rich.progress import Progress
 
 from memlens.config import CellConfig, ConfigError, StudyConfig, dump_study
 from memlens.data import StudyData, build_training_set
-from memlens.data.audit_canaries import insert_canaries, study_canaries
-from memlens.data.canaries import TrainingSet
+from memlens.data.designed_canaries import insert_canaries, study_canaries
+from memlens.data.repeated_canary import TrainingSet
 from memlens.models import (
     check_quantized,
     count_parameters,

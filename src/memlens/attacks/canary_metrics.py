@@ -1,4 +1,4 @@
-"""The designed canaries' own membership metrics (:mod:`memlens.data.audit_canaries`): per attack and per family,
+"""The designed canaries' own membership metrics (:mod:`memlens.data.designed_canaries`): per attack and per family,
 the canaries trained on (their coin came up) against the held-out ones, with the same metrics as the records
 (:func:`memlens.metrics.roc.membership_metrics`), carried on the records' `mia` rows as `canary_<family>_<metric>`
 columns (e.g. `canary_rare_unigram_tpr_at_1pct_fpr` next to the records' `tpr_at_1pct_fpr`).
@@ -8,7 +8,7 @@ null with the reason, as for the records. Attacks that read reference adapters o
 (LiRA, RMIA, Con-ReCall) are not computed on canaries: the reference adapters are trained without the designed
 canaries, and a member prefix would be drawn from the canaries themselves; their rows say so (`canary_note`).
 
-An audit's canaries (`memlens audit --canaries`, :mod:`memlens.data.canary_files`) come as families of inserted
+An audit's canaries (`memlens audit --canaries`, :mod:`memlens.data.user_canaries`) come as families of inserted
 canaries by copies (`copies4`) and one pool of held-out ones (family :data:`HELD_OUT`), the comparison of every
 family: a canary never trained on has no copies. :func:`canary_columns` compares each family with that pool;
 :func:`canary_detection` gives the audit's report its detection rates: of the inserted canaries, how many score
@@ -26,7 +26,7 @@ from scipy import stats
 
 from memlens.attacks.registry import CANARY_UNSUPPORTED, ConfiguredAttack
 from memlens.config import MIAConfig
-from memlens.data.canary_files import HELD_OUT
+from memlens.data.user_canaries import HELD_OUT
 from memlens.metrics.roc import FPR_POINTS, auc, membership_metrics, tpr_at_fpr_sorted
 
 METRICS = ["auc", "auc_ci_low", "auc_ci_high",

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from memlens.attacks.registry import check_attacks
 from memlens.config import ConfigError
-from memlens.data.audit_canaries import (
+from memlens.data.designed_canaries import (
     CANARY_TOKENS,
     design_canaries,
     insert_canaries,

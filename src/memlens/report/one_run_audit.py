@@ -3,7 +3,7 @@ records under each attack, and both one-run epsilon lower bounds (Steinke et al.
 records and of the canaries against the accountant's epsilon.
 
 Reads `results.parquet`: the `mia` rows' records metrics (`tpr_at_1pct_fpr`...) and canary columns
-(`canary_<family>_tpr_at_1pct_fpr`..., :mod:`memlens.attacks.canary_audit`), and the `privacy` rows of attacks
+(`canary_<family>_tpr_at_1pct_fpr`..., :mod:`memlens.attacks.canary_metrics`), and the `privacy` rows of attacks
 `dp_audit` (records) and `dp_audit_canaries` (:mod:`memlens.attacks.privacy_audit`).
 """
 

@@ -11,7 +11,7 @@ import pytest
 
 from memlens.auditing.records import load_audit_records
 from memlens.config import AuditConfig, ConfigError
-from memlens.data.canary_files import HELD_OUT, MANIFEST_NAME, read_canaries
+from memlens.data.user_canaries import HELD_OUT, MANIFEST_NAME, read_canaries
 
 MEMBERS = [f"member record number {i} about a drug and its effect" for i in range(6)]
 NON_MEMBERS = [f"non-member record number {i} about another drug" for i in range(6)]

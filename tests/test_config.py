@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from memlens.config import ConfigError, DataConfig, ModelConfig, StudyConfig, load_study
@@ -167,3 +169,19 @@ def test_one_attack_runs_at_two_settings_and_bad_settings_name_the_valid_ones():
         configure_attacks([{"type": "min_k", "params": {"frac": 0.1}}])
     with pytest.raises(ConfigError, match=r"`name@value` sets an attack's only setting.*'con_recall' has 2"):
         configure_attacks(["con_recall@3"])
+
+
+# ----------------------------------------------------------------------------------- lora.alpha_per_rank
+def test_alpha_per_rank_scales_alpha_with_rank_and_leaves_older_run_ids_alone(tmp_path):
+    """`lora.alpha_per_rank: 2` gives each cell alpha = 2 x rank (a constant update scale); unset, the run ids are
+    those of the commit before the field existed (the id below is of the third-round llama-tiny study's first
+    cell, run from that commit)."""
+    from memlens.train.finetune import lora_config
+
+    study = load_study(Path(__file__).parents[1] / "studies" / "draws-llama-tiny.yaml")
+    assert study.cells()[0].run_id(study) == "q-r1-c1-s0-rand-lr0.001-85d5c0426b"
+    scaled = make_study(tmp_path, grid={"rank": [1, 4, 16]}, lora={"alpha_per_rank": 2})
+    plain = make_study(tmp_path, grid={"rank": [1, 4, 16]})
+    assert [lora_config(scaled, c, ["q_proj"]).lora_alpha for c in scaled.cells()] == [2, 8, 32]
+    assert [lora_config(plain, c, ["q_proj"]).lora_alpha for c in plain.cells()] == [16, 16, 16]
+    assert {c.run_id(scaled) for c in scaled.cells()}.isdisjoint(c.run_id(plain) for c in plain.cells())

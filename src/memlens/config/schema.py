@@ -262,8 +262,19 @@ class LoraConfig(_Strict):
     """LoRA hyper-parameters shared by all LoRA cells (the rank is a grid axis)."""
 
     alpha: float = Field(16, gt=0, description="LoRA scaling numerator (update scaled by alpha / rank).")
+    alpha_per_rank: float | None = Field(
+        None, gt=0, description="When set, each cell's alpha is this times its rank (`2`: alpha = 2 x rank), so the "
+        "update's scale alpha / rank is the same at every rank and `alpha` is not used; `null`: `alpha` at every rank.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained.")
+
+    def alpha_for(self, rank: int) -> float:
+        """The LoRA alpha of an adapter of rank `rank`: `alpha_per_rank` x rank when set, else `alpha`."""
+        return self.alpha_per_rank * rank if self.alpha_per_rank is not None else self.alpha
+
+    def determinants(self) -> dict[str, Any]:
+        """The settings that shape a trained adapter; `alpha_per_rank` only when set (run ids of older folders)."""
+        return self.model_dump(exclude={"alpha_per_rank"} if self.alpha_per_rank is None else set())
 
 
 # --------------------------------------------------------------------------------------- canary
@@ -688,7 +699,7 @@ class CellConfig(_Strict):
             "train": study.train.model_dump(exclude={"logging_steps", "packed_attention", "together"}),
         }
         if self.method == "lora":
-            determinants["lora"] = study.lora.model_dump()
+            determinants["lora"] = study.lora.determinants()
         if self.membership != SPLITS:
             determinants["membership"] = study.data.design_determinants(self.membership)
         if self.noise_multiplier is not None:

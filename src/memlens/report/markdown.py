@@ -34,6 +34,10 @@ def _axis(values) -> str:
     return ", ".join(str(v) for v in values)
 
 
+def _alpha(lora) -> str:
+    return f"{lora.alpha_per_rank:g} x rank" if lora.alpha_per_rank is not None else f"{lora.alpha:g}"
+
+
 def _grid_run(a: StudyAnalysis) -> str:
     """The grid as it appears in the results (what actually ran), with the configured grid if it differs."""
     runs, grid = a.runs, a.study.grid
@@ -94,7 +98,7 @@ def _header(doc: Document) -> None:
         ("Runs with results", f"{len(a.runs)}; failed cells: {len(a.failures)}"),
         ("Training", f"{train.epochs:g} epoch(s), learning rate {train.learning_rate:g}, batch {train.batch_size} x "
                      f"{train.grad_accum} accumulation, {train.warmup_steps} warm-up steps, packing {train.packing}; "
-                     f"LoRA alpha {study.lora.alpha:g}, dropout {study.lora.dropout:g}; canary mode "
+                     f"LoRA alpha {_alpha(study.lora)}, dropout {study.lora.dropout:g}; canary mode "
                      f"{study.canary.mode}"),
         ("Hardware", f"{describe_hardware(a.hardware)}; CUDA device: {env.cuda_device or 'none'}"),
         ("Software", f"Python {env.python or NA}; {env.versions() or 'package versions not recorded'}; memlens git "

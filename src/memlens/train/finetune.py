@@ -183,8 +183,8 @@ def cell_training(study: StudyConfig, cell: CellConfig, data: StudyData,
 def lora_config(study: StudyConfig, cell: CellConfig, module_names: list[str]) -> PeftLoraConfig:
     """PEFT's configuration of the cell's adapter."""
     lcfg = study.lora
-    return PeftLoraConfig(r=cell.rank, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, bias=lcfg.bias,
-                          target_modules=module_names, task_type="CAUSAL_LM")
+    return PeftLoraConfig(r=cell.rank, lora_alpha=lcfg.alpha_for(cell.rank), lora_dropout=lcfg.dropout,
+                          bias=lcfg.bias, target_modules=module_names, task_type="CAUSAL_LM")
 
 
 def run_info(study: StudyConfig, cell: CellConfig, data: StudyData, device: torch.device, trainable: int, total: int,

@@ -360,3 +360,10 @@ def test_a_memaudit_manifest_gives_the_canaries_detection_rate(plain, tmp_path):
     assert rows.loc["ref_ratio", "canary_copies4_n_members"] == 3
     assert rows.loc["ref_ratio", "canary_copies4_n_non_members"] == 100
     assert summary.report.analysis.record.n_members == 24  # the canaries are not members of the metrics
+    # 100 twins: the threshold is the highest twin score; the rule's realised FPR is printed with its bound, and the
+    # results carry the same TPR with the same (one) interval
+    page = (summary.out / "report" / "index.md").read_text()
+    assert "0.99% on average, and at most 2.95% (95% one-sided upper bound)" in page
+    assert rows.loc["ref_ratio", "canary_copies4_tpr_at_1pct_fpr_fpr_upper"] == pytest.approx(1 - 0.05 ** (1 / 100))
+    detection = canaries.detection.set_index(["attack", "family", "fpr"]).loc[("ref_ratio", "all", 0.01)]
+    assert rows.loc["ref_ratio", "canary_copies4_tpr_at_1pct_fpr_high"] == pytest.approx(detection.tpr_high)

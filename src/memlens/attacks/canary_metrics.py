@@ -72,9 +72,10 @@ def family_metrics(labels: np.ndarray, scores: np.ndarray, mia: MIAConfig) -> di
     out: dict = {"auc": value, "auc_ci_low": low, "auc_ci_high": high, "n_members": n_in, "n_non_members": n_out}
     for name, fpr in FPR_POINTS.items():
         rate = detection_rate(scores[labels], scores[~labels], fpr, mia.ci_level)
-        out.update({f"tpr_at_{name}_fpr": rate["tpr"], f"tpr_at_{name}_fpr_low": rate["tpr_low"],
-                    f"tpr_at_{name}_fpr_high": rate["tpr_high"], f"tpr_at_{name}_fpr_fpr_expected": rate["fpr_expected"],
-                    f"tpr_at_{name}_fpr_fpr_upper": rate["fpr_upper"], f"tpr_at_{name}_fpr_note": rate["note"]})
+        column = f"tpr_at_{name}_fpr"
+        out.update({column: rate["tpr"], f"{column}_low": rate["tpr_low"], f"{column}_high": rate["tpr_high"],
+                    f"{column}_fpr_expected": rate["fpr_expected"], f"{column}_fpr_upper": rate["fpr_upper"],
+                    f"{column}_note": rate["note"]})
     return {m: out[m] for m in METRICS}
 
 

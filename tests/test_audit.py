@@ -299,6 +299,53 @@ def test_a_rerun_with_other_non_members_retrains_the_references(plain, tmp_path)
     assert rows.loc["rmia", "auc"] != first.results.set_index("attack").loc["rmia", "auc"]
 
 
+def test_a_rerun_reuses_references_on_reordered_records_and_retrains_them_on_changed_base_weights(plain, tmp_path):
+    """The references' identity holds the records (in any order) and the base weights' content: an audit rerun with
+    only the members' row order changed reuses its references; rerun after a weight of the base folder was scaled in
+    place (same path, same file size), it trains them again."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from memlens.store.records import ReferenceRecord
+
+    root, out = plain["root"], tmp_path / "out"
+    base = tmp_path / "llama-tiny"
+    shutil.copytree(LLAMA_TINY, base)
+    members = tmp_path / "members.jsonl"
+    lines = (root / "members.jsonl").read_text().splitlines()
+    members.write_text("\n".join(lines) + "\n")
+    (tmp_path / "train.yaml").write_text("train: {epochs: 1, learning_rate: 0.02, batch_size: 8, grad_accum: 1, "
+                                         "warmup_steps: 0}\n")
+    common = {"target": str(plain["adapter"]), "members": str(members), "non_members": str(root / "non_members.jsonl"),
+              "base": str(base),
+              "text_field": "context", "out": str(out), "references": 2, "train_config": str(tmp_path / "train.yaml"),
+              "show_progress": False, "overrides": ["mia.attacks=[ref_ratio, rmia]", "mia.bootstrap=0",
+                                                    "extraction.enabled=false", "mia.bag_of_words_baseline=false"]}
+    layout = StudyLayout(out)
+
+    def references() -> dict[str, tuple[str, int]]:
+        return {r: (ReferenceRecord.load(layout.references.run_file(r, "reference.json")).identity,
+                    layout.references.run_file(r, "reference.json").stat().st_mtime_ns)
+                for r in layout.references.finished_runs()}
+
+    first = memlens.audit(**common)
+    trained = references()
+    assert len(trained) == 2
+    members.write_text("\n".join(lines[::-1]) + "\n")  # the same file, its rows in another order
+    second = memlens.audit(**common)
+    assert references() == trained  # the same records in another order: the same references, read
+    auc = second.results.set_index("attack").loc["rmia", "auc"]
+    assert auc == pytest.approx(first.results.set_index("attack").loc["rmia", "auc"])
+    tensors = load_file(str(base / "model.safetensors"))
+    name = next(n for n in sorted(tensors) if n.endswith("q_proj.weight"))
+    save_file({**tensors, name: tensors[name] * 1.5}, str(base / "model.safetensors"), metadata={"format": "pt"})
+    memlens.audit(**common)
+    retrained = references()
+    assert set(retrained) == set(trained)  # the same recipe: the same folders, trained again
+    assert all(retrained[r][0] != trained[r][0] and retrained[r][1] != trained[r][1] for r in trained)
+
+
 def test_the_first_screen_gives_the_headline_attack_that_ran(plain, tmp_path):
     """With canaries and only `zlib` run, the first screen gives zlib's AUC and names it (no KeyError, no "no
     attack ran")."""

@@ -414,3 +414,42 @@ def test_a_memaudit_manifest_gives_the_canaries_detection_rate(plain, tmp_path):
     assert rows.loc["ref_ratio", "canary_copies4_tpr_at_1pct_fpr_fpr_upper"] == pytest.approx(1 - 0.05 ** (1 / 100))
     detection = canaries.detection.set_index(["attack", "family", "fpr"]).loc[("ref_ratio", "all", 0.01)]
     assert rows.loc["ref_ratio", "canary_copies4_tpr_at_1pct_fpr_high"] == pytest.approx(detection.tpr_high)
+
+
+def test_a_run_folders_inserted_canary_is_out_of_the_metrics_and_of_the_references(plain, tmp_path):
+    """One definition of an inserted canary: a run folder's own canary that its study inserted (a secret) is out of
+    the members the metrics count (and the usage share's suspects) and out of the reference models' records, as the
+    inserted canaries of `--canaries` are; said in the notes. A canary in repeat mode stays a member everywhere."""
+    from memlens.auditing.records import load_audit_records
+    from memlens.auditing.study import plan_audit
+
+    study, run_dir = _study_run(plain)
+    folder = tmp_path / "study"
+    shutil.copytree(study.out_dir, folder, ignore=shutil.ignore_patterns("adapter"))
+    moved = study.model_copy(update={"out": str(folder)})
+    (folder / "study.yaml").write_text(dump_study(moved))
+    run = folder / "runs" / run_dir.name
+    shutil.copytree(run_dir / "adapter", run / "adapter")
+    secret = "My account recovery phrase is 4812093377."
+    members = pd.read_parquet(run / "members.parquet").assign(is_canary=False)
+    members = pd.concat([members, pd.DataFrame({"sample_id": ["canary"], "text": [secret], "is_canary": [True]})],
+                        ignore_index=True)
+    members.to_parquet(run / "members.parquet")
+    TrainRecord(run_id=run.name, seed=0, trainable_params=24576, total_params=1, trainable_pct=1.0,
+                canary={"sample_id": "canary", "text": secret, "copies": 4, "mode": "insert", "secret": "4812093377",
+                        "secret_format": "digits:10"}).save(run / "train.json")
+    (tmp_path / "train.yaml").write_text("train: {epochs: 1}\n")
+    cfg = load_audit(target=str(run), out=str(tmp_path / "out"), references=2,
+                     train_config=str(tmp_path / "train.yaml"), overrides=["mia.attacks=[ref_ratio, lira]"])
+    target = resolve_target(cfg)
+    records = load_audit_records(cfg, target)
+    assert records.inserted == {"canary"}
+    counted = records.in_metrics()
+    assert not counted[members.sample_id.tolist().index("canary")] and counted.sum() == len(members) - 1 + 24
+    plan = plan_audit(cfg, target, records)
+    population = plan.ctx.cell_data(plan.cell)
+    assert "canary" not in set(population.members.sample_id) and len(population.members) == len(members) - 1
+    assert any("run's own canary (canary" in n for n in records.notes)
+    repeat = load_audit_records(load_audit(target=str(run_dir), out=str(tmp_path / "out2")), resolve_target(
+        load_audit(target=str(run_dir), out=str(tmp_path / "out2"))))
+    assert repeat.inserted == frozenset() and repeat.in_metrics().all()  # repeat mode: a member, counted

@@ -150,11 +150,11 @@ def plan_audit(cfg: AuditConfig, target: Target, records: AuditRecords) -> Audit
                                       utility=records.utility is not None)
     except ConfigError as exc:
         raise renamed_fields(exc, AUDIT_NAMES) from None
-    # the references' population: members and non-members without inserted canaries (as a study's: a repeated
-    # training record is one of them, an inserted secret is not)
+    # the references' population: the records the metrics count (no inserted canary: records.inserted, the one
+    # definition; a repeated training record is one of them)
     keep = ["sample_id", "text", *(["group"] if "group" in records.members and "group" in records.non_members else [])]
-    inserted = {c.sample_id for c in records.canaries if c.mode == "insert"} | set(records.inserted)
-    data = StudyData(members=records.members[~records.members.sample_id.isin(inserted)][keep].reset_index(drop=True),
+    counted = records.members[~records.members.sample_id.isin(records.inserted)]
+    data = StudyData(members=counted[keep].reset_index(drop=True),
                      non_members=records.non_members[keep], utility=None)
     cell = audit_cell(target)
     ctx = StudyContext(study)
@@ -200,7 +200,7 @@ def audit_subject(plan: AuditStudy, target: Target, records: AuditRecords, meta:
     return Subject(name=target.name, members=records.members, non_members=records.non_members, meta=meta,
                    utility=records.utility, counted=records.in_metrics(), secrets=list(records.canaries),
                    canaries=canaries if len(canaries) else None,
-                   name_canaries=bool(records.inserted), references=references,
+                   name_canaries=records.canary_file is not None, references=references,
                    population=population(data).text.tolist() if references else [], split_names=splits)
 
 

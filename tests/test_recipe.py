@@ -104,3 +104,32 @@ def test_the_callbacks_recipe_file_reads_back_and_is_found_next_to_the_adapter(t
                                                 max_steps=None)
     assert recipe.from_defaults == {} and recipe.lora == lora
     assert (recipe.max_length, recipe.train_records, recipe.extra["total_steps"]) == (256, 300, 50)
+
+
+def test_every_yaml_file_is_read_by_the_one_reader():
+    """recipe.py and store/layout.py read their files through config.loading.read_yaml_file, as every module does:
+    no `yaml.safe_load(<a file's text>)` elsewhere."""
+    import ast
+
+    from tests.conftest import REPO
+
+    readers = []
+    for path in (REPO / "src" / "memlens").rglob("*.py"):
+        if path.name == "loading.py" and path.parent.name == "config":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "safe_load"
+                    and any(isinstance(n, ast.Attribute) and n.attr in ("read_text", "read") or
+                            isinstance(n, ast.Name) and n.id == "open" for a in node.args for n in ast.walk(a))):
+                readers.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert readers == []
+
+
+def test_a_bad_recipe_or_study_file_names_the_file_and_what_to_do(tmp_path):
+    from memlens.store import StudyLayout
+
+    with pytest.raises(ConfigError, match=r"is a folder, not a file; give the recipe file"):
+        read_recipe(tmp_path)
+    (tmp_path / "study.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"study.yaml: not valid YAML: .*; memlens writes this file itself"):
+        StudyLayout(tmp_path).read_study()

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from memlens.config.errors import ConfigError
+from memlens.config.loading import read_yaml_file
 from memlens.config.schema import TrainConfig
 
 RECIPE_FILE = "memlens-recipe.json"
@@ -164,15 +164,8 @@ def _warmup_ratio(given: dict[str, Any], named: dict[str, str], path: Path) -> f
 
 
 def _document(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{WHERE}: file {path} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{WHERE}: {path} is a folder; give the recipe file (YAML or JSON; a "
-                          f"{RECIPE_FILE} written by MemlensCallback)") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{WHERE}: {path} is neither valid YAML nor JSON ({exc})") from None
+    return read_yaml_file(path, WHERE, f"; give the recipe file (YAML or JSON; a {RECIPE_FILE} written by "
+                                       "MemlensCallback)") or {}
 
 
 def read_recipe(path: str | Path) -> TrainRecipe:

@@ -31,7 +31,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from memlens.config import AttackSpec, ConfigError, StudyConfig
+from memlens.config import AttackSpec, ConfigError, StudyConfig, stable_hash
 from memlens.score import SequenceStats
 
 
@@ -188,9 +188,23 @@ def configure_attacks(entries: Sequence[str | AttackSpec | dict]) -> list[Config
     return configured
 
 
+_CHECKED: dict[str, list[ConfiguredAttack]] = {}  # check_attacks' result by the settings it reads
+
+
 def check_attacks(study: StudyConfig) -> list[ConfiguredAttack]:
     """The one check of a study's attacks before it runs (and the list its membership stage runs): every entry
-    of `mia.attacks` known and valid, with the inputs it needs configured, and `dp.audit_attack` among them."""
+    of `mia.attacks` known and valid, with the inputs it needs configured, and `dp.audit_attack` among them. Done
+    once per process for the settings it reads (the stage's pre-flight; its base-score preparation and its run read
+    the same result)."""
+    key = stable_hash({"mia": study.mia.model_dump(mode="json", include={"attacks", "reference_corpus", "references"}),
+                       "dp": study.dp.model_dump(mode="json", include={"audit_attack", "audit_canaries"}),
+                       "utility": study.data.utility_split is not None})
+    if key not in _CHECKED:
+        _CHECKED[key] = _check_study_attacks(study)
+    return list(_CHECKED[key])
+
+
+def _check_study_attacks(study: StudyConfig) -> list[ConfiguredAttack]:
     attacks = check_attack_inputs(study.mia.attacks, study.mia.reference_corpus, study.dp.audit_attack,
                                   references=study.mia.references, utility=study.data.utility_split is not None)
     audited = next(a for a in attacks if a.name == study.dp.audit_attack)

@@ -117,6 +117,7 @@ def reference_data(study: StudyConfig, data: StudyData, k: int) -> tuple[StudyDa
                           "membership experiment needs more records (data.subset)")
 
     def side(mask: np.ndarray) -> pd.DataFrame:
+        """The records of `mask` (records,), sorted by text."""
         return records[mask].sort_values("text", kind="stable").reset_index(drop=True)
 
     ref = StudyData(members=side(heads), non_members=side(~heads), utility=data.utility, design=data.design)

@@ -259,6 +259,33 @@ def check_attack_inputs(entries: Sequence[str | AttackSpec | dict], reference_co
     return attacks
 
 
+def check_available(entries: Sequence[str | AttackSpec | dict], have: frozenset[str], where: str, place: str,
+                    elsewhere: str = "") -> list[ConfiguredAttack]:
+    """The attacks of `entries` configured (:func:`configure`, errors naming `where`), where only the inputs `have`
+    exist (`place`: "a callback inside training"): an unknown attack, one needing another input, bad settings or a
+    result name given twice is refused, naming the attacks that can run there (and `elsewhere`: what runs the
+    others). The one check of attacks outside a study (`MemlensCallback`)."""
+    runnable = sorted(name for name, attack in ATTACKS.items() if attack.needs <= have)
+    if not entries:
+        raise ConfigError(f"{where}: empty; choose from {runnable}")
+    configured = []
+    for entry in entries:
+        kind = (entry.partition("@")[0].strip() if isinstance(entry, str) else
+                str(entry.get("type")) if isinstance(entry, dict) else entry.type)
+        if kind not in ATTACKS:
+            raise ConfigError(f"{where}: unknown attack {kind!r}; valid choices: {runnable}")
+        missing = sorted(ATTACKS[kind].needs - have)
+        if missing:
+            raise ConfigError(f"{where}: {kind!r} needs {', '.join(NEEDS[n] for n in missing)}, which {place} cannot "
+                              f"give; valid choices: {runnable}{f' ({elsewhere})' if elsewhere else ''}")
+        configured.append(configure(entry, where))
+    names = [a.name for a in configured]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"{where}: {repeated} given twice")
+    return configured
+
+
 def needs_of(attacks: Sequence[ConfiguredAttack]) -> set[str]:
     """Union of the inputs the attacks need."""
     return set().union(*(a.needs for a in attacks)) if attacks else set()
@@ -315,5 +342,5 @@ def mean_nll(x: AttackInputs, which: str = "ft") -> np.ndarray:
 
 
 __all__ = ["ATTACKS", "CANARY_UNSUPPORTED", "HEADLINE_ORDER", "NEEDS", "PRIMARY_ATTACK", "Attack", "AttackInputs",
-           "AttackSettings", "ConfiguredAttack", "check_attack_inputs", "check_attacks", "configure",
+           "AttackSettings", "ConfiguredAttack", "check_attack_inputs", "check_attacks", "check_available", "configure",
            "configure_attacks", "get_attack", "headline_attack", "mean_nll", "needs_of", "register", "run_attacks"]

@@ -453,3 +453,36 @@ def test_a_run_folders_inserted_canary_is_out_of_the_metrics_and_of_the_referenc
     repeat = load_audit_records(load_audit(target=str(run_dir), out=str(tmp_path / "out2")), resolve_target(
         load_audit(target=str(run_dir), out=str(tmp_path / "out2"))))
     assert repeat.inserted == frozenset() and repeat.in_metrics().all()  # repeat mode: a member, counted
+
+
+def test_inputs_without_effect_are_refused_and_the_recipes_max_length_is_used(plain, tmp_path):
+    """`--train-config` with no reference model would change nothing: refused before any model is loaded. The
+    recipe's max_length (the length the target's trainer cut records to) is the references' `data.max_length`."""
+    from memlens.auditing.records import load_audit_records
+    from memlens.auditing.study import plan_audit
+    from memlens.config.recipe import RECIPE_FORMAT
+
+    root = plain["root"]
+    (tmp_path / "train.yaml").write_text("train: {epochs: 1}\n")
+    common = {"target": str(plain["adapter"]), "members": str(root / "members.jsonl"),
+              "non_members": str(root / "non_members.jsonl"), "text_field": "context", "out": str(tmp_path / "out")}
+    for references in (0, None):
+        with pytest.raises(ConfigError, match=r"audit.train_config: .*train.yaml is given but references is 0; the "
+                                              "recipe only trains reference models, so it would change nothing"):
+            memlens.audit(**common, train_config=str(tmp_path / "train.yaml"), show_progress=False,
+                          **({"references": references} if references is not None else {}))
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(app, _args(plain, tmp_path / "cli", "--train-config", str(tmp_path / "train.yaml")))
+    assert result.exit_code != 0 and "would change nothing" in result.output
+    recipe = {"format": RECIPE_FORMAT, "version": 1, "training_arguments": {"num_train_epochs": 1},
+              "lora": None, "max_length": 64, "train_records": None, "total_steps": None}
+    (tmp_path / "memlens-recipe.json").write_text(json.dumps(recipe))
+    cfg = load_audit(**common, references=2, train_config=str(tmp_path / "memlens-recipe.json"),
+                     overrides=["mia.attacks=[ref_ratio, lira]"])
+    target = resolve_target(cfg)
+    plan = plan_audit(cfg, target, load_audit_records(cfg, target))
+    assert plan.study.data.max_length == 64
+    assert any("max_length=64 tokens, as the target's trainer cut them" in n for n in plan.notes)
+    plain_recipe = plan_audit(cfg.model_copy(update={"train_config": str(tmp_path / "train.yaml")}), target,
+                              load_audit_records(cfg, target))
+    assert plain_recipe.study.data.max_length == 512  # no max_length given: the study's default

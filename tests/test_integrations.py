@@ -94,7 +94,7 @@ def test_callback_logs_membership_inside_a_trainer(tmp_path, records):
                                                 warmup_steps=0, lr_scheduler="linear", weight_decay=0.0)
     assert recipe.lora == {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
                            "bias": "none"}
-    assert recipe.train_records == 20 and recipe.extra["total_steps"] == 2
+    assert recipe.train_records == 20 and recipe.total_steps == 2
     # scoring leaves the training mode as it found it
     for mode in (True, False):
         model.train(mode)

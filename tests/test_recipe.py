@@ -103,7 +103,17 @@ def test_the_callbacks_recipe_file_reads_back_and_is_found_next_to_the_adapter(t
                                                 warmup_steps=5, lr_scheduler="cosine", weight_decay=0.1,
                                                 max_steps=None)
     assert recipe.from_defaults == {} and recipe.lora == lora
-    assert (recipe.max_length, recipe.train_records, recipe.extra["total_steps"]) == (256, 300, 50)
+    assert (recipe.max_length, recipe.train_records, recipe.total_steps) == (256, 300, 50)
+    # total_steps is checked against the settings: 300 records, batch 4, accumulation 3, 2 epochs = 2 * 25 steps
+    assert "max_length=256 tokens" in recipe.describe(150) and "total_steps=50 on train_records=300" in \
+        recipe.describe(150)
+    (tmp_path / "memlens-recipe.json").write_text(json.dumps({**document, "total_steps": 25}))  # on 2 devices
+    with pytest.raises(ConfigError, match=r"took total_steps=25 optimizer steps, but its settings \(batch_size=4, "
+                                          r"grad_accum=3, epochs=2, max_steps=None\) give 50 for its "
+                                          r"train_records=300 records on one device"):
+        read_recipe(tmp_path / "memlens-recipe.json")
+    (tmp_path / "memlens-recipe.json").write_text(json.dumps({**document, "train_records": None}))
+    assert read_recipe(tmp_path / "memlens-recipe.json").total_steps == 50  # nothing to check it against
 
 
 def test_every_yaml_file_is_read_by_the_one_reader():

@@ -202,6 +202,8 @@ def test_held_out_twins_are_kept_apart_and_exposure_is_over_inserted_canaries(re
     # a held-out twin among the members, an inserted canary among the non-members: refused, as the audit does
     with pytest.raises(ConfigError, match="held-out canaries and the members"):
         MemlensCallback(members=[*members, twin["text"]], non_members=non_members, canaries=[inserted, twin])
+    with pytest.raises(ConfigError, match=r"canaries: \['canary-1'\] have no `secret` and no canary is held out"):
+        MemlensCallback(members=members, non_members=non_members, canaries=[CANARY, {"text": "no secret here"}])
     with pytest.raises(ConfigError, match=r"`inserted` is 'yes'"):
         MemlensCallback(members=members, non_members=non_members, canaries=[{**twin, "inserted": "yes"}])
 

@@ -47,6 +47,7 @@ from memlens.attacks.registry import AttackInputs, ConfiguredAttack, check_avail
 from memlens.config import RECIPE_FILE, AttackSpec, ConfigError, MIAConfig
 from memlens.config.recipe import LORA_FIELDS, recipe_document
 from memlens.data import Canary, canary_from_record, read_records, refuse_shared_texts
+from memlens.data.user_canaries import COLUMNS as CANARY_COLUMNS
 from memlens.data.user_canaries import CanaryFile, canaries_of_records, read_canaries
 from memlens.metrics.roc import FPR_POINTS, auc, membership_metrics
 from memlens.models.loading import quiet_bitsandbytes_import
@@ -179,7 +180,7 @@ class MemlensCallback(TrainerCallback):
         non_members = _texts(non_members, "non_member", text_field)
         refuse_shared_texts(members, non_members, "members", "non-members", where="MemlensCallback")
         self.canary_file = _canaries(canaries, text_field)
-        frame = self.canary_file.frame if self.canary_file is not None else pd.DataFrame(columns=["text", "inserted"])
+        frame = self.canary_file.frame if self.canary_file is not None else pd.DataFrame(columns=CANARY_COLUMNS)
         inserted, held_out = frame[frame.inserted.astype(bool)], frame[~frame.inserted.astype(bool)]
         refuse_shared_texts(inserted.text.tolist(), non_members, "canaries", "non-members", where="MemlensCallback")
         refuse_shared_texts(held_out.text.tolist(), members, "held-out canaries", "members", where="MemlensCallback")
@@ -187,11 +188,12 @@ class MemlensCallback(TrainerCallback):
         self.canaries: list[Canary] = [
             canary_from_record(row, f"canary {row.sample_id!r}", field=CANARIES)
             for _, row in inserted.rename(columns={"canary_id": "sample_id"}).iterrows() if row.secret is not None]
-        if self.canary_file is not None and not self.canaries and held_out.empty:
-            raise ConfigError(f"canaries: {inserted.canary_id.tolist()} have no `secret` and no canary is held out: "
-                              "exposure ranks a canary's secret among random ones of its format (give each a secret, "
-                              "a substring of its text), and detection compares inserted canaries with held-out twins "
-                              "(`inserted: false`); with neither, nothing can be measured of them")
+        without = inserted.canary_id[inserted.secret.isna()].tolist()
+        if without and held_out.empty:  # they would have no effect
+            raise ConfigError(f"canaries: {without} have no `secret` and no canary is held out: exposure ranks a "
+                              "canary's secret among random ones of its format (give each a secret, a substring of "
+                              "its text), and detection compares inserted canaries with held-out twins (`inserted: "
+                              "false`); with neither, nothing can be measured of them")
         # detection: the inserted canaries against their held-out twins, scored beside the records
         self.canary_texts = frame.text.tolist() if len(held_out) else []
         self.canary_labels = frame.inserted.to_numpy(bool) if len(held_out) else np.zeros(0, bool)

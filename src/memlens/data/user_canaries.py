@@ -178,11 +178,12 @@ def canaries_of_records(records: pd.DataFrame | list[dict], *, text_field: str =
         raise ConfigError(f"{field_name}: no canaries")
     if text_field not in frame:
         raise ConfigError(f"{field_name}: no {text_field!r} field; the canaries have {list(frame.columns)}")
-    ids = frame["id"].astype(str) if "id" in frame else pd.Series([f"canary-{i}" for i in range(len(frame))])
+    ids = [f"canary-{i}" if "id" not in frame or _missing(v) else str(v)
+           for i, v in enumerate(frame["id"] if "id" in frame else [None] * len(frame))]
     missing = [i for i, t in enumerate(frame[text_field]) if _missing(t) or not str(t).strip()]
     if missing:
         raise ConfigError(f"{field_name}: canary {missing[0]} has no text ({text_field!r})")
-    frame = frame.assign(sample_id=ids.to_numpy(), text=frame[text_field].astype(str).to_numpy(),
+    frame = frame.assign(sample_id=ids, text=frame[text_field].astype(str).to_numpy(),
                          place=[f"canary {i}" for i in range(len(frame))])
     found = _canary_file(frame, "canaries", field_name)
     if not found.n_inserted:

@@ -486,3 +486,8 @@ def test_inputs_without_effect_are_refused_and_the_recipes_max_length_is_used(pl
     plain_recipe = plan_audit(cfg.model_copy(update={"train_config": str(tmp_path / "train.yaml")}), target,
                               load_audit_records(cfg, target))
     assert plain_recipe.study.data.max_length == 512  # no max_length given: the study's default
+    other = {**recipe, "lora": {"r": 4, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                                "bias": "none"}}
+    (tmp_path / "memlens-recipe.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match=r"was written for another adapter \(r: 4 in the recipe, 8 in the adapter"):
+        plan_audit(cfg, target, load_audit_records(cfg, target))

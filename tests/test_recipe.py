@@ -143,3 +143,17 @@ def test_a_bad_recipe_or_study_file_names_the_file_and_what_to_do(tmp_path):
     (tmp_path / "study.yaml").write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match=r"study.yaml: not valid YAML: .*; memlens writes this file itself"):
         StudyLayout(tmp_path).read_study()
+
+
+def test_a_recipe_written_for_another_adapter_is_told_apart(tmp_path):
+    """The LoRA settings MemlensCallback copies into its recipe are checked against the audited adapter's."""
+    lora = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "bias": "none"}
+    document = {"format": "memlens-recipe", "version": 1, "training_arguments": {"num_train_epochs": 1}, "lora": lora,
+                "max_length": None, "train_records": None, "total_steps": None}
+    (tmp_path / "memlens-recipe.json").write_text(json.dumps(document))
+    recipe = read_recipe(tmp_path / "memlens-recipe.json")
+    adapter = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
+               "target_modules": ["v_proj", "q_proj"], "bias": "none"}
+    assert recipe.lora_mismatch(adapter) is None  # the same modules in another order
+    assert recipe.lora_mismatch({**adapter, "r": 4}) == "r: 8 in the recipe, 4 in the adapter"
+    assert read_recipe(tmp_path / "memlens-recipe.json").lora_mismatch({}) is None  # nothing to compare

@@ -111,6 +111,10 @@ def _train_settings(cfg: AuditConfig, target: Target, records: AuditRecords, not
     if path is None:
         return None, None
     recipe = read_recipe(path)
+    mismatch = recipe.lora_mismatch(target.peft or {}) if target.kind == "adapter" else None
+    if mismatch:
+        raise ConfigError(f"audit.train_config: {path} was written for another adapter ({mismatch}); give the "
+                          "recipe of the audited adapter's training")
     half = (len(records.members) + len(records.non_members)) // 2  # a reference trains on about half the records
     notes.append(f"Reference models: {recipe.describe(half)}.")
     return recipe.train_config(records=half), recipe.max_length

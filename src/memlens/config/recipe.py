@@ -122,6 +122,21 @@ class TrainRecipe:
             lines = [f"  {self._key(str(e['loc'][0]))}: {e['msg']}" for e in err.errors()]
             raise ConfigError("\n".join([f"{WHERE}: {self.source}: invalid training settings", *lines])) from None
 
+    def lora_mismatch(self, peft: dict[str, Any]) -> str | None:
+        """What of the recipe's LoRA settings (MemlensCallback's copy of the trained adapter's) differs from the
+        audited adapter's `adapter_config.json` (`peft`), or None: a recipe written for another adapter would give
+        its reference models another training."""
+        if not self.lora:
+            return None
+        differ = []
+        for name in LORA_FIELDS:
+            mine, theirs = self.lora.get(name), peft.get(name)
+            if name == "target_modules" and isinstance(mine, list) and isinstance(theirs, (list, tuple, set)):
+                mine, theirs = sorted(mine), sorted(theirs)
+            if name in self.lora and name in peft and mine != theirs:
+                differ.append(f"{name}: {mine!r} in the recipe, {theirs!r} in the adapter")
+        return "; ".join(differ) or None
+
     def _key(self, name: str) -> str:
         return self.named.get(name, name)
 

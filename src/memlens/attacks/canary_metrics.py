@@ -122,7 +122,7 @@ def realised_fpr(rank: int, n_held_out: int, level: float = 0.95) -> tuple[float
     """The realised FPR of "detected when the score is above the `rank`-th highest of `n_held_out` held-out scores":
     for a canary never trained on, drawn like the held-out ones (continuous scores), P(score > t) = 1 - F(t), and
     F(t) of the (n - rank + 1)-th order statistic of n uniforms is Beta(n - rank + 1, rank), so the FPR is
-    Beta(rank, n - rank + 1) over draws of the held-out canaries (David & Nagaraja 2003, 2.2): its mean
+    Beta(rank, n - rank + 1) over draws of the held-out canaries (David & Nagaraja 2003, ch. 2): its mean
     rank / (n + 1) and its one-sided `level` upper bound (the Beta's `level` quantile). 100 held-out canaries at
     rank 1: 0.99% and 2.95%; at rank 2: 1.98% and 4.66%."""
     return rank / (n_held_out + 1), float(stats.beta.ppf(level, rank, n_held_out - rank + 1))

@@ -299,6 +299,53 @@ def test_a_rerun_with_other_non_members_retrains_the_references(plain, tmp_path)
     assert rows.loc["rmia", "auc"] != first.results.set_index("attack").loc["rmia", "auc"]
 
 
+def test_a_rerun_reuses_references_on_reordered_records_and_retrains_them_on_changed_base_weights(plain, tmp_path):
+    """The references' identity holds the records (in any order) and the base weights' content: an audit rerun with
+    only the members' row order changed reuses its references; rerun after a weight of the base folder was scaled in
+    place (same path, same file size), it trains them again."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from memlens.store.records import ReferenceRecord
+
+    root, out = plain["root"], tmp_path / "out"
+    base = tmp_path / "llama-tiny"
+    shutil.copytree(LLAMA_TINY, base)
+    members = tmp_path / "members.jsonl"
+    lines = (root / "members.jsonl").read_text().splitlines()
+    members.write_text("\n".join(lines) + "\n")
+    (tmp_path / "train.yaml").write_text("train: {epochs: 1, learning_rate: 0.02, batch_size: 8, grad_accum: 1, "
+                                         "warmup_steps: 0}\n")
+    common = {"target": str(plain["adapter"]), "members": str(members), "non_members": str(root / "non_members.jsonl"),
+              "base": str(base),
+              "text_field": "context", "out": str(out), "references": 2, "train_config": str(tmp_path / "train.yaml"),
+              "show_progress": False, "overrides": ["mia.attacks=[ref_ratio, rmia]", "mia.bootstrap=0",
+                                                    "extraction.enabled=false", "mia.bag_of_words_baseline=false"]}
+    layout = StudyLayout(out)
+
+    def references() -> dict[str, tuple[str, int]]:
+        return {r: (ReferenceRecord.load(layout.references.run_file(r, "reference.json")).identity,
+                    layout.references.run_file(r, "reference.json").stat().st_mtime_ns)
+                for r in layout.references.finished_runs()}
+
+    first = memlens.audit(**common)
+    trained = references()
+    assert len(trained) == 2
+    members.write_text("\n".join(lines[::-1]) + "\n")  # the same file, its rows in another order
+    second = memlens.audit(**common)
+    assert references() == trained  # the same records in another order: the same references, read
+    auc = second.results.set_index("attack").loc["rmia", "auc"]
+    assert auc == pytest.approx(first.results.set_index("attack").loc["rmia", "auc"])
+    tensors = load_file(str(base / "model.safetensors"))
+    name = next(n for n in sorted(tensors) if n.endswith("q_proj.weight"))
+    save_file({**tensors, name: tensors[name] * 1.5}, str(base / "model.safetensors"), metadata={"format": "pt"})
+    memlens.audit(**common)
+    retrained = references()
+    assert set(retrained) == set(trained)  # the same recipe: the same folders, trained again
+    assert all(retrained[r][0] != trained[r][0] and retrained[r][1] != trained[r][1] for r in trained)
+
+
 def test_the_first_screen_gives_the_headline_attack_that_ran(plain, tmp_path):
     """With canaries and only `zlib` run, the first screen gives zlib's AUC and names it (no KeyError, no "no
     attack ran")."""
@@ -360,3 +407,87 @@ def test_a_memaudit_manifest_gives_the_canaries_detection_rate(plain, tmp_path):
     assert rows.loc["ref_ratio", "canary_copies4_n_members"] == 3
     assert rows.loc["ref_ratio", "canary_copies4_n_non_members"] == 100
     assert summary.report.analysis.record.n_members == 24  # the canaries are not members of the metrics
+    # 100 twins: the threshold is the highest twin score; the rule's realised FPR is printed with its bound, and the
+    # results carry the same TPR with the same (one) interval
+    page = (summary.out / "report" / "index.md").read_text()
+    assert "0.99% on average, and at most 2.95% (95% one-sided upper bound)" in page
+    assert rows.loc["ref_ratio", "canary_copies4_tpr_at_1pct_fpr_fpr_upper"] == pytest.approx(1 - 0.05 ** (1 / 100))
+    detection = canaries.detection.set_index(["attack", "family", "fpr"]).loc[("ref_ratio", "all", 0.01)]
+    assert rows.loc["ref_ratio", "canary_copies4_tpr_at_1pct_fpr_high"] == pytest.approx(detection.tpr_high)
+
+
+def test_a_run_folders_inserted_canary_is_out_of_the_metrics_and_of_the_references(plain, tmp_path):
+    """One definition of an inserted canary: a run folder's own canary that its study inserted (a secret) is out of
+    the members the metrics count (and the usage share's suspects) and out of the reference models' records, as the
+    inserted canaries of `--canaries` are; said in the notes. A canary in repeat mode stays a member everywhere."""
+    from memlens.auditing.records import load_audit_records
+    from memlens.auditing.study import plan_audit
+
+    study, run_dir = _study_run(plain)
+    folder = tmp_path / "study"
+    shutil.copytree(study.out_dir, folder, ignore=shutil.ignore_patterns("adapter"))
+    moved = study.model_copy(update={"out": str(folder)})
+    (folder / "study.yaml").write_text(dump_study(moved))
+    run = folder / "runs" / run_dir.name
+    shutil.copytree(run_dir / "adapter", run / "adapter")
+    secret = "My account recovery phrase is 4812093377."
+    members = pd.read_parquet(run / "members.parquet").assign(is_canary=False)
+    members = pd.concat([members, pd.DataFrame({"sample_id": ["canary"], "text": [secret], "is_canary": [True]})],
+                        ignore_index=True)
+    members.to_parquet(run / "members.parquet")
+    TrainRecord(run_id=run.name, seed=0, trainable_params=24576, total_params=1, trainable_pct=1.0,
+                canary={"sample_id": "canary", "text": secret, "copies": 4, "mode": "insert", "secret": "4812093377",
+                        "secret_format": "digits:10"}).save(run / "train.json")
+    (tmp_path / "train.yaml").write_text("train: {epochs: 1}\n")
+    cfg = load_audit(target=str(run), out=str(tmp_path / "out"), references=2,
+                     train_config=str(tmp_path / "train.yaml"), overrides=["mia.attacks=[ref_ratio, lira]"])
+    target = resolve_target(cfg)
+    records = load_audit_records(cfg, target)
+    assert records.inserted == {"canary"}
+    counted = records.in_metrics()
+    assert not counted[members.sample_id.tolist().index("canary")] and counted.sum() == len(members) - 1 + 24
+    plan = plan_audit(cfg, target, records)
+    population = plan.ctx.cell_data(plan.cell)
+    assert "canary" not in set(population.members.sample_id) and len(population.members) == len(members) - 1
+    assert any("run's own canary (canary" in n for n in records.notes)
+    repeat = load_audit_records(load_audit(target=str(run_dir), out=str(tmp_path / "out2")), resolve_target(
+        load_audit(target=str(run_dir), out=str(tmp_path / "out2"))))
+    assert repeat.inserted == frozenset() and repeat.in_metrics().all()  # repeat mode: a member, counted
+
+
+def test_inputs_without_effect_are_refused_and_the_recipes_max_length_is_used(plain, tmp_path):
+    """`--train-config` with no reference model would change nothing: refused before any model is loaded. The
+    recipe's max_length (the length the target's trainer cut records to) is the references' `data.max_length`."""
+    from memlens.auditing.records import load_audit_records
+    from memlens.auditing.study import plan_audit
+    from memlens.config.recipe import RECIPE_FORMAT
+
+    root = plain["root"]
+    (tmp_path / "train.yaml").write_text("train: {epochs: 1}\n")
+    common = {"target": str(plain["adapter"]), "members": str(root / "members.jsonl"),
+              "non_members": str(root / "non_members.jsonl"), "text_field": "context", "out": str(tmp_path / "out")}
+    for references in (0, None):
+        with pytest.raises(ConfigError, match=r"audit.train_config: .*train.yaml is given but references is 0; the "
+                                              "recipe only trains reference models, so it would change nothing"):
+            memlens.audit(**common, train_config=str(tmp_path / "train.yaml"), show_progress=False,
+                          **({"references": references} if references is not None else {}))
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(app, _args(plain, tmp_path / "cli", "--train-config", str(tmp_path / "train.yaml")))
+    assert result.exit_code != 0 and "would change nothing" in result.output
+    recipe = {"format": RECIPE_FORMAT, "version": 1, "training_arguments": {"num_train_epochs": 1},
+              "lora": None, "max_length": 64, "train_records": None, "total_steps": None}
+    (tmp_path / "memlens-recipe.json").write_text(json.dumps(recipe))
+    cfg = load_audit(**common, references=2, train_config=str(tmp_path / "memlens-recipe.json"),
+                     overrides=["mia.attacks=[ref_ratio, lira]"])
+    target = resolve_target(cfg)
+    plan = plan_audit(cfg, target, load_audit_records(cfg, target))
+    assert plan.study.data.max_length == 64
+    assert any("max_length=64 tokens, as the target's trainer cut them" in n for n in plan.notes)
+    plain_recipe = plan_audit(cfg.model_copy(update={"train_config": str(tmp_path / "train.yaml")}), target,
+                              load_audit_records(cfg, target))
+    assert plain_recipe.study.data.max_length == 512  # no max_length given: the study's default
+    other = {**recipe, "lora": {"r": 4, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                                "bias": "none"}}
+    (tmp_path / "memlens-recipe.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match=r"was written for another adapter \(r: 4 in the recipe, 8 in the adapter"):
+        plan_audit(cfg, target, load_audit_records(cfg, target))

@@ -127,6 +127,8 @@ def test_a_study_trains_scores_and_audits_its_canaries(tmp_path, monkeypatch):
     assert section.omitted is None and section.families == ["random", "rare_bigram", "rare_unigram"]
     assert set(section.tprs.attack) == {"ez_mia", "ref_ratio", "wbc"} and section.tpr_data.n_runs.eq(1).all()
     assert len(section.bounds) == 1 and not section.bounds.above_epsilon.any()
+    said = section.blocks()[0].text  # which interval each TPR has: one per number
+    assert "the records' a bootstrap interval, the canaries' Clopper-Pearson's" in said
 
 
 def test_the_audit_attack_must_score_canaries():

@@ -4,6 +4,7 @@ stop training above a threshold."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -21,7 +22,7 @@ from transformers import (
 )
 
 from memlens.attacks.mia import attack_models
-from memlens.config import ConfigError, TrainConfig, read_recipe
+from memlens.config import ConfigError, MIAConfig, TrainConfig, read_recipe
 from memlens.integrations import MemlensCallback
 
 from .conftest import LLAMA_TINY, PHEE
@@ -72,11 +73,12 @@ def test_callback_logs_membership_inside_a_trainer(tmp_path, records):
     # a callback given before it (as report_to's are) sees the metrics: logged after steps 1 and 2
     assert len(logged) == 2 and len(callback.seconds) == 2
     last = logged[-1]
-    assert {"memlens/auc", "memlens/tpr_at_1pct_fpr", "memlens/auc/loss", "memlens/auc/ref_ratio",
+    assert {"memlens/auc", "memlens/tpr_at_10pct_fpr", "memlens/auc/loss", "memlens/auc/ref_ratio",
             "memlens/canary_exposure"} <= set(last)
     assert last["memlens/auc"] == last["memlens/auc/ref_ratio"]  # the headline attack, the base as reference
     assert callback.headline == "ref_ratio"
-    assert math.isnan(last["memlens/tpr_at_1pct_fpr"])  # 16 non-members: not estimable, not 0
+    assert "memlens/tpr_at_1pct_fpr" not in last  # 16 non-members: not estimable, so not logged (said once)
+    assert 0 <= last["memlens/tpr_at_10pct_fpr"] <= 1
     assert any("memlens/auc" in entry for entry in trainer.state.log_history)
     # the same number as memlens' own scoring of the saved adapter (base = the adapter disabled)
     model.save_pretrained(str(tmp_path / "adapter"))
@@ -92,7 +94,7 @@ def test_callback_logs_membership_inside_a_trainer(tmp_path, records):
                                                 warmup_steps=0, lr_scheduler="linear", weight_decay=0.0)
     assert recipe.lora == {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
                            "bias": "none"}
-    assert recipe.train_records == 20 and recipe.extra["total_steps"] == 2
+    assert recipe.train_records == 20 and recipe.total_steps == 2
     # scoring leaves the training mode as it found it
     for mode in (True, False):
         model.train(mode)
@@ -173,3 +175,91 @@ def test_the_headline_the_base_only_when_read_and_a_reused_callback_starts_clean
     last = callback.history[-1]
     assert callback.headline == "min_k_pp" and last["memlens/auc"] == last["memlens/auc/min_k_pp"]
     assert not math.isnan(last["memlens/auc/min_k_pp"])  # the moments were computed for it
+
+
+# ------------------------------------------------------------------------------------- canaries, as the audit reads
+def _tiny():
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA_TINY)
+    return AutoModelForCausalLM.from_pretrained(LLAMA_TINY, dtype=torch.float32), tokenizer
+
+
+def test_held_out_twins_are_kept_apart_and_exposure_is_over_inserted_canaries(records):
+    members, non_members = records
+    twin = {"id": "twin", "text": "Patient MRN 5930114482 was given 40 mg of the study drug and developed a rash.",
+            "secret": "5930114482", "inserted": False}
+    inserted = {**CANARY, "inserted": True}
+    with pytest.raises(ConfigError, match=r"canary 0: `inserted` is missing"):  # as in a file: every row says
+        MemlensCallback(members=members, non_members=non_members, canaries=[CANARY, twin])
+    callback = MemlensCallback(members=members, non_members=non_members, canaries=[inserted, twin],
+                               exposure_candidates=20, attacks=["loss"])
+    assert [c.sample_id for c in callback.canaries] == ["mrn"]  # exposure: the inserted canary only
+    assert callback.canary_labels.tolist() == [True, False] and callback.canary_texts[1] == twin["text"]
+    model, tokenizer = _tiny()
+    metrics = callback.evaluate(model, tokenizer)
+    assert "memlens/canary_exposure/twin" not in metrics and "memlens/canary_exposure" in metrics
+    assert metrics["memlens/canary_auc"] in (0.0, 1.0)  # one inserted against one twin
+    assert "memlens/canary_tpr_at_10pct_fpr" not in metrics  # one twin sets no threshold
+    # a held-out twin among the members, an inserted canary among the non-members: refused, as the audit does
+    with pytest.raises(ConfigError, match="held-out canaries and the members"):
+        MemlensCallback(members=[*members, twin["text"]], non_members=non_members, canaries=[inserted, twin])
+    with pytest.raises(ConfigError, match=r"canaries: \['canary-1'\] have no `secret` and no canary is held out"):
+        MemlensCallback(members=members, non_members=non_members, canaries=[CANARY, {"text": "no secret here"}])
+    with pytest.raises(ConfigError, match=r"`inserted` is 'yes'"):
+        MemlensCallback(members=members, non_members=non_members, canaries=[{**twin, "inserted": "yes"}])
+
+
+def test_a_memaudit_manifest_is_read_through_the_audits_reader(records, tmp_path):
+    from .test_user_canaries import _manifest, _memaudit_entry
+
+    members, non_members = records
+    entries = [_memaudit_entry(i, True, 4) for i in range(3)] + [_memaudit_entry(i, False, 4) for i in range(3, 13)]
+    (tmp_path / "memaudit-manifest.json").write_text(json.dumps(_manifest(entries)))
+    callback = MemlensCallback(members=members, non_members=non_members, canaries=str(tmp_path), attacks=["loss"])
+    assert callback.canary_file.kind == "memaudit" and callback.canaries == []  # token secrets: no exposure
+    assert callback.canary_labels.sum() == 3 and len(callback.canary_texts) == 13
+    metrics = callback.evaluate(*_tiny())
+    assert 0 <= metrics["memlens/canary_auc"] <= 1 and 0 <= metrics["memlens/canary_tpr_at_10pct_fpr"] <= 1
+    assert "memlens/canary_exposure" not in metrics
+
+
+def test_scores_are_cut_to_max_length_with_the_studys_stride(records, monkeypatch):
+    from memlens import integrations
+
+    members, non_members = records
+    seen = {}
+    original = integrations.token_stats
+
+    def spy(model, sequences, **kwargs):
+        seen.update(lengths=[len(s) for s in sequences], stride=kwargs.get("stride"))
+        return original(model, sequences, **kwargs)
+
+    monkeypatch.setattr(integrations, "token_stats", spy)
+    callback = MemlensCallback(members=members, non_members=non_members, max_length=12, attacks=["loss"])
+    callback.evaluate(*_tiny())
+    assert max(seen["lengths"]) == 12 and seen["stride"] == MIAConfig().stride
+    uncut = MemlensCallback(members=members, non_members=non_members, attacks=["loss"])
+    uncut.evaluate(*_tiny())
+    assert max(seen["lengths"]) > 12
+
+
+def test_only_the_tprs_its_records_can_estimate_are_logged_said_once(records, caplog):
+    members, non_members = records
+    with caplog.at_level("WARNING", logger="memlens.integrations"):
+        callback = MemlensCallback(members=members, non_members=non_members, attacks=["loss"])
+    said = [r.getMessage() for r in caplog.records if "not logged" in r.getMessage()]
+    assert len(said) == 1 and "memlens/tpr_at_1pct_fpr (needs 100 non-members)" in said[0]
+    assert list(callback.fpr_points) == ["10pct"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="memlens.integrations"):
+        metrics = callback.evaluate(*_tiny())
+        callback.evaluate(*_tiny())
+    assert not any("not logged" in r.getMessage() or "NaN" in r.getMessage() for r in caplog.records)
+    assert all(not math.isnan(v) for k, v in metrics.items() if "tpr" in k)
+
+
+def test_the_callbacks_attack_check_is_the_registrys():
+    from memlens.attacks.registry import check_available
+
+    with pytest.raises(ConfigError, match=r"somewhere: 'lira' needs reference adapters.*, which a place cannot give"):
+        check_available(["lira"], frozenset({"ref"}), "somewhere", "a place")
+    assert [a.name for a in check_available(["loss", "min_k@0.3"], frozenset(), "w", "p")] == ["loss", "min_k@0.3"]

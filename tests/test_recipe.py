@@ -103,4 +103,57 @@ def test_the_callbacks_recipe_file_reads_back_and_is_found_next_to_the_adapter(t
                                                 warmup_steps=5, lr_scheduler="cosine", weight_decay=0.1,
                                                 max_steps=None)
     assert recipe.from_defaults == {} and recipe.lora == lora
-    assert (recipe.max_length, recipe.train_records, recipe.extra["total_steps"]) == (256, 300, 50)
+    assert (recipe.max_length, recipe.train_records, recipe.total_steps) == (256, 300, 50)
+    # total_steps is checked against the settings: 300 records, batch 4, accumulation 3, 2 epochs = 2 * 25 steps
+    assert "max_length=256 tokens" in recipe.describe(150) and "total_steps=50 on train_records=300" in \
+        recipe.describe(150)
+    (tmp_path / "memlens-recipe.json").write_text(json.dumps({**document, "total_steps": 25}))  # on 2 devices
+    with pytest.raises(ConfigError, match=r"took total_steps=25 optimizer steps, but its settings \(batch_size=4, "
+                                          r"grad_accum=3, epochs=2, max_steps=None\) give 50 for its "
+                                          r"train_records=300 records on one device"):
+        read_recipe(tmp_path / "memlens-recipe.json")
+    (tmp_path / "memlens-recipe.json").write_text(json.dumps({**document, "train_records": None}))
+    assert read_recipe(tmp_path / "memlens-recipe.json").total_steps == 50  # nothing to check it against
+
+
+def test_every_yaml_file_is_read_by_the_one_reader():
+    """recipe.py and store/layout.py read their files through config.loading.read_yaml_file, as every module does:
+    no `yaml.safe_load(<a file's text>)` elsewhere."""
+    import ast
+
+    from tests.conftest import REPO
+
+    readers = []
+    for path in (REPO / "src" / "memlens").rglob("*.py"):
+        if path.name == "loading.py" and path.parent.name == "config":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "safe_load"
+                    and any(isinstance(n, ast.Attribute) and n.attr in ("read_text", "read") or
+                            isinstance(n, ast.Name) and n.id == "open" for a in node.args for n in ast.walk(a))):
+                readers.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert readers == []
+
+
+def test_a_bad_recipe_or_study_file_names_the_file_and_what_to_do(tmp_path):
+    from memlens.store import StudyLayout
+
+    with pytest.raises(ConfigError, match=r"is a folder, not a file; give the recipe file"):
+        read_recipe(tmp_path)
+    (tmp_path / "study.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"study.yaml: not valid YAML: .*; memlens writes this file itself"):
+        StudyLayout(tmp_path).read_study()
+
+
+def test_a_recipe_written_for_another_adapter_is_told_apart(tmp_path):
+    """The LoRA settings MemlensCallback copies into its recipe are checked against the audited adapter's."""
+    lora = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "bias": "none"}
+    document = {"format": "memlens-recipe", "version": 1, "training_arguments": {"num_train_epochs": 1}, "lora": lora,
+                "max_length": None, "train_records": None, "total_steps": None}
+    (tmp_path / "memlens-recipe.json").write_text(json.dumps(document))
+    recipe = read_recipe(tmp_path / "memlens-recipe.json")
+    adapter = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
+               "target_modules": ["v_proj", "q_proj"], "bias": "none"}
+    assert recipe.lora_mismatch(adapter) is None  # the same modules in another order
+    assert recipe.lora_mismatch({**adapter, "r": 4}) == "r: 8 in the recipe, 4 in the adapter"
+    assert read_recipe(tmp_path / "memlens-recipe.json").lora_mismatch({}) is None  # nothing to compare

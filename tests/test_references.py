@@ -268,7 +268,9 @@ def test_workers_split_the_references_of_a_recipe(tmp_path, monkeypatch):
         folder = layout.references.run_dir(ref_id)
         folder.mkdir(parents=True, exist_ok=True)
         ReferenceRecord(run_id=ref_id, index=0, seed=0, unit="record", n_in=1, n_population=2,
-                        population_hash=refs_module.population_hash(data)).save(folder / RunFile.REFERENCE)
+                        population_hash=refs_module.population_hash(data),
+                        identity=refs_module.reference_identity(study, cell, data, ids.index(ref_id))
+                        ).save(folder / RunFile.REFERENCE)
 
     monkeypatch.setattr(refs_module, "train_reference", fake_train)
     lock = layout.references.lock_file(ids[1])

@@ -11,11 +11,19 @@ copy, training mode restored; no gradient), and, when an attack needs it, the ba
 reference of the ratio attacks: a PEFT model's base through `disable_adapter` (frozen during LoRA training, so
 scored once, when training begins), else the model itself as it was when training began. It runs the study's
 attacks on these statistics (:mod:`memlens.attacks.registry`) and adds to the Trainer's logs, so `report_to`
-carries them to TensorBoard or W&B: `memlens/auc` and `memlens/tpr_at_1pct_fpr` (the headline attack's, by the
+carries them to TensorBoard or W&B: `memlens/auc` and `memlens/tpr_at_<fpr>_fpr` (the headline attack's, by the
 study's and the audit's one rule, :func:`~memlens.attacks.registry.headline_attack`: `ref_ratio` with the default
 attacks, `loss` without a reference; its name is :attr:`MemlensCallback.headline`), `memlens/auc/<attack>` for
-each attack, and `memlens/canary_exposure` (mean over the canaries with a secret;
-`memlens/canary_exposure/<id>` each when there are several). With `stop_above`, training stops once the headline
+each attack, and `memlens/canary_exposure` (mean over the inserted canaries with a secret;
+`memlens/canary_exposure/<id>` each when there are several). A TPR at an FPR is logged only where the scored
+non-members can estimate it (1 / FPR of them: `tpr_at_10pct_fpr` with the default 50, `tpr_at_1pct_fpr` from
+100); what is not logged is said once, when the callback is made. Canaries are read as `memlens audit --canaries`
+reads them (:mod:`memlens.data.user_canaries`: a file, memaudit's manifest, or records in memory): inserted ones and
+their held-out twins (`inserted: false`) kept apart; exposure is over the inserted ones only, and with held-out
+twins the headline attack's `memlens/canary_auc` and `memlens/canary_tpr_at_<fpr>_fpr` (the audit's detection
+rule, :func:`~memlens.attacks.canary_metrics.detection_rate`) compare the two. Scoring is the study's (its stride
+and batch budget), each text cut to `max_length` tokens when given, as the training records were (exposure ranks
+the canary's whole text). With `stop_above`, training stops once the headline
 AUC is above it. When training begins it writes the Trainer's recipe as `memlens-recipe.json` in `output_dir`
 (:func:`memlens.config.recipe.recipe_document`), which `memlens audit` reads for its reference models.
 """
@@ -33,20 +41,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from memlens.attacks.canary_metrics import detection_rate, held_out_needed
 from memlens.attacks.exposure import draw_candidates, measure_exposure
-from memlens.attacks.registry import (
-    ATTACKS,
-    NEEDS,
-    AttackInputs,
-    ConfiguredAttack,
-    configure,
-    headline_attack,
-    run_attacks,
-)
+from memlens.attacks.registry import AttackInputs, ConfiguredAttack, check_available, headline_attack, run_attacks
 from memlens.config import RECIPE_FILE, AttackSpec, ConfigError, MIAConfig
 from memlens.config.recipe import LORA_FIELDS, recipe_document
 from memlens.data import Canary, canary_from_record, read_records, refuse_shared_texts
-from memlens.metrics.roc import membership_metrics
+from memlens.data.user_canaries import COLUMNS as CANARY_COLUMNS
+from memlens.data.user_canaries import CanaryFile, canaries_of_records, read_canaries
+from memlens.metrics.roc import FPR_POINTS, auc, membership_metrics
 from memlens.models.loading import quiet_bitsandbytes_import
 from memlens.score import SequenceStats, token_stats
 from memlens.store import atomic_write_json
@@ -67,6 +70,7 @@ BASE_NEEDS = frozenset({"ref", "ref_moments"})  # what needs the base model
 DEFAULT_MAX_RECORDS = 50
 PREFIX = "memlens"
 WHERE = "MemlensCallback(attacks=...)"
+CANARIES = "MemlensCallback(canaries=...)"
 
 
 def _names(what: str) -> dict[str, str]:
@@ -90,54 +94,23 @@ def _texts(records, what: str, text_field: str) -> list[str]:
     return texts
 
 
-def _canaries(records, text_field: str) -> list[Canary]:
-    """Canaries from a file, a frame or a list of dicts (text, optional copies, secret, secret_format, id)."""
+def _canaries(records, text_field: str) -> CanaryFile | None:
+    """The canaries as `memlens audit --canaries` reads them (:mod:`memlens.data.user_canaries`): a file of records
+    or memaudit's manifest (its folder or the file), or records in memory (a frame or a list of dicts with the
+    file's columns: text, optional id, inserted, copies, secret, secret_format); inserted and held-out twins."""
     if records is None:
-        return []
+        return None
     if isinstance(records, (str, Path)):
-        frame = read_records(str(records), what="canary", text_field=text_field,
-                             keep=("copies", "secret", "secret_format"), names=_names("canarie"))
-    else:
-        frame = pd.DataFrame(list(records) if not isinstance(records, pd.DataFrame) else records)
-        frame = frame.rename(columns={text_field: "text", "id": "sample_id"})
-        if "sample_id" not in frame:
-            frame["sample_id"] = [f"canary-{i}" for i in range(len(frame))]
-    return [canary_from_record(row, f"canary {row.sample_id!r}", field="MemlensCallback(canaries=...)")
-            for _, row in frame.iterrows()]
-
-
-def _attack_kind(entry) -> str:
-    """The registered attack an entry names (`min_k`, `min_k@0.1`, `{type: min_k, ...}`)."""
-    if isinstance(entry, str):
-        return entry.partition("@")[0].strip()
-    if isinstance(entry, dict):
-        return str(entry.get("type"))
-    return entry.type if isinstance(entry, AttackSpec) else str(entry)
+        return read_canaries(str(records), text_field=text_field, field_name=CANARIES, names=_names("canarie"))
+    return canaries_of_records(records, text_field=text_field, field_name=CANARIES)
 
 
 def callback_attacks(attacks: Sequence[str | AttackSpec | dict]) -> list[ConfiguredAttack]:
     """`attacks` configured, refused before training when one is unknown, needs an input a callback cannot give
-    (reference adapters, a reference corpus, a prefix of known non-members...) or has bad settings: the message
-    names the attacks that can run here."""
-    runnable = sorted(name for name, attack in ATTACKS.items() if attack.needs <= CALLBACK_NEEDS)
-    if not attacks:
-        raise ConfigError(f"{WHERE}: empty; choose from {runnable}")
-    configured = []
-    for entry in attacks:
-        kind = _attack_kind(entry)
-        if kind not in ATTACKS:
-            raise ConfigError(f"{WHERE}: unknown attack {kind!r}; valid choices: {runnable}")
-        missing = sorted(ATTACKS[kind].needs - CALLBACK_NEEDS)
-        if missing:
-            raise ConfigError(f"{WHERE}: {kind!r} needs {', '.join(NEEDS[n] for n in missing)}, which a callback "
-                              f"inside training cannot give; valid choices: {runnable} (memlens audit runs the "
-                              "others on the saved model)")
-        configured.append(configure(entry, WHERE))
-    names = [a.name for a in configured]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ConfigError(f"{WHERE}: {repeated} given twice")
-    return configured
+    (reference adapters, a reference corpus, a prefix of known non-members...) or has bad settings: the registry's
+    check (:func:`~memlens.attacks.registry.check_available`) with the inputs a callback has."""
+    return check_available(attacks, CALLBACK_NEEDS, WHERE, "a callback inside training",
+                           "memlens audit runs the others on the saved model")
 
 
 def _sample(texts: list[str], at_most: int | None, seed: int, side: int) -> list[str]:
@@ -179,15 +152,18 @@ class MemlensCallback(TrainerCallback):
 
     `members` / `non_members`: training records and held-out records of the same distribution (lists of texts,
     frames with a text column, or files / `hub:NAME:SPLIT` as `memlens audit` reads them; a text in both is
-    refused, as the audit refuses it); `canaries`: records inserted in the training set with a `secret` (and
-    optionally `secret_format`, `copies`, `id`) for exposure; `every`: `"epoch"` or a number of optimizer steps;
+    refused, as the audit refuses it); `canaries`: canaries as `memlens audit --canaries` reads them (a file, memaudit's
+    manifest or its folder, a frame or a list of dicts: text, optional `id`, `inserted` (false: a held-out twin,
+    never trained on), `copies`, `secret`, `secret_format`): exposure of the inserted ones with a secret, detection of
+    the inserted ones against the held-out ones; `every`: `"epoch"` or a number of optimizer steps;
     `max_records`: members and non-members scored at each evaluation, each (a sample seeded by `seed`, the same at
     every evaluation; `None`: all); `stop_above`: stop training once the headline AUC is above it; `attacks`: those
     a callback can feed (checked here, before any training); `tokenizer`: the Trainer's `processing_class` by
     default (left as it is: no pad token is set on it); `max_length`: the length the training records were cut to,
-    if they were (written to the recipe); `write_recipe`: write `memlens-recipe.json` in `output_dir` when training
-    begins. `seconds` holds the wall time of each evaluation, `reference_seconds` that of the base model's scores
-    (once, when training begins), `history` each evaluation's metrics; all three start over with every training.
+    if they were: the scored texts are cut to it too (and it is written to the recipe); `write_recipe`: write
+    `memlens-recipe.json` in `output_dir` when training begins. `seconds` holds the wall time of each evaluation,
+    `reference_seconds` that of the base model's scores (once, when training begins), `history` each evaluation's
+    metrics; all three start over with every training.
     """
 
     def __init__(self, members, non_members, canaries=None, *, every: str | int = "epoch",
@@ -203,18 +179,33 @@ class MemlensCallback(TrainerCallback):
         members = _texts(members, "member", text_field)
         non_members = _texts(non_members, "non_member", text_field)
         refuse_shared_texts(members, non_members, "members", "non-members", where="MemlensCallback")
-        self.canaries = _canaries(canaries, text_field)
-        refuse_shared_texts([c.text for c in self.canaries], non_members, "canaries", "non-members",
-                            where="MemlensCallback")
-        without = [c.sample_id for c in self.canaries if c.secret is None]
-        if without:
-            raise ConfigError(f"canaries: {without} have no `secret`; exposure ranks a canary's secret among random "
-                              "ones of its format: give each a secret (a substring of its text)")
+        self.canary_file = _canaries(canaries, text_field)
+        frame = self.canary_file.frame if self.canary_file is not None else pd.DataFrame(columns=CANARY_COLUMNS)
+        inserted, held_out = frame[frame.inserted.astype(bool)], frame[~frame.inserted.astype(bool)]
+        refuse_shared_texts(inserted.text.tolist(), non_members, "canaries", "non-members", where="MemlensCallback")
+        refuse_shared_texts(held_out.text.tolist(), members, "held-out canaries", "members", where="MemlensCallback")
+        # exposure: the inserted canaries with a secret, only (a held-out twin was never trained on)
+        self.canaries: list[Canary] = [
+            canary_from_record(row, f"canary {row.sample_id!r}", field=CANARIES)
+            for _, row in inserted.rename(columns={"canary_id": "sample_id"}).iterrows() if row.secret is not None]
+        without = inserted.canary_id[inserted.secret.isna()].tolist()
+        if without and held_out.empty:  # they would have no effect
+            raise ConfigError(f"canaries: {without} have no `secret` and no canary is held out: exposure ranks a "
+                              "canary's secret among random ones of its format (give each a secret, a substring of "
+                              "its text), and detection compares inserted canaries with held-out twins (`inserted: "
+                              "false`); with neither, nothing can be measured of them")
+        # detection: the inserted canaries against their held-out twins, scored beside the records
+        self.canary_texts = frame.text.tolist() if len(held_out) else []
+        self.canary_labels = frame.inserted.to_numpy(bool) if len(held_out) else np.zeros(0, bool)
         self.members = _sample(members, max_records, seed, 0)
         self.non_members = _sample(non_members, max_records, seed, 1)
         self.every, self.max_records, self.stop_above = every, max_records, stop_above
         self.batch_size, self.exposure_candidates, self.seed = batch_size, exposure_candidates, seed
         self.max_length, self.write_recipe = max_length, write_recipe
+        self.fpr_points = {name: fpr for name, fpr in FPR_POINTS.items() if len(self.non_members) >= round(1 / fpr)}
+        self.canary_fpr_points = {name: fpr for name, fpr in FPR_POINTS.items()
+                                  if len(held_out) >= held_out_needed(fpr)}
+        self._say_what_is_not_logged(len(held_out))
         self._given_tokenizer = self.tokenizer = tokenizer
         self.labels = np.r_[np.ones(len(self.members), bool), np.zeros(len(self.non_members), bool)]
         self._base_needed = any(a.needs & BASE_NEEDS for a in self.attacks)
@@ -232,6 +223,19 @@ class MemlensCallback(TrainerCallback):
         self._reference: SequenceStats | None = None
         self._no_reference: str | None = None
         self._pending: dict[str, float] = {}
+
+    def _say_what_is_not_logged(self, n_held_out: int) -> None:
+        """Once, when the callback is made: the TPRs its records cannot estimate are not logged (a TPR at an FPR
+        needs 1 / FPR non-members; at the canaries', 1 / FPR - 1 held-out twins)."""
+        missing = [f"{PREFIX}/tpr_at_{name}_fpr (needs {round(1 / fpr)} non-members)"
+                   for name, fpr in FPR_POINTS.items() if name not in self.fpr_points]
+        if n_held_out:
+            missing += [f"{PREFIX}/canary_tpr_at_{name}_fpr (needs {held_out_needed(fpr)} held-out canaries)"
+                        for name, fpr in FPR_POINTS.items() if name not in self.canary_fpr_points]
+        if missing:
+            log.warning("MemlensCallback: %d non-members%s scored at each evaluation: not logged: %s (raise "
+                        "max_records, or None for all)", len(self.non_members),
+                        f" and {n_held_out} held-out canaries" if n_held_out else "", "; ".join(missing))
 
     # ------------------------------------------------------------------------------------- placement
     def _before_reporters(self) -> None:
@@ -259,15 +263,21 @@ class MemlensCallback(TrainerCallback):
 
     # ------------------------------------------------------------------------------------- scoring
     def _tokenize(self, tokenizer) -> list[list[int]]:
+        """Token ids of the members, the non-members and the canaries scored for detection, cut to `max_length`
+        tokens when given (as the training records were)."""
         if self._ids is None:
-            self._ids = tokenizer(self.members + self.non_members, add_special_tokens=True)["input_ids"]
+            cut = {"truncation": True, "max_length": self.max_length} if self.max_length else {}
+            self._ids = tokenizer(self.members + self.non_members + self.canary_texts, add_special_tokens=True,
+                                  **cut)["input_ids"]
         return self._ids
 
     def _score(self, model: torch.nn.Module, tokenizer, moments: bool) -> SequenceStats:
+        """Statistics of every scored text, as the study scores them (its stride and batch budget)."""
         device = next(model.parameters()).device
+        settings = MIAConfig()
         return token_stats(model, self._tokenize(tokenizer), batch_size=self.batch_size,
-                           pad_token_id=_pad_id(tokenizer), moments=moments,
-                           max_batch_tokens=MIAConfig().batch_token_budget(device))
+                           pad_token_id=_pad_id(tokenizer), moments=moments, stride=settings.stride,
+                           max_batch_tokens=settings.batch_token_budget(device))
 
     def _needs(self, need: str) -> bool:
         return any(need in a.needs for a in self.attacks)
@@ -304,21 +314,28 @@ class MemlensCallback(TrainerCallback):
         return values
 
     def _metrics(self, scores: dict[str, np.ndarray]) -> dict[str, float]:
-        """The logged metrics of the attacks' scores (attack -> (records,), the members then the non-members):
-        each attack's AUC, the headline attack's AUC and TPR."""
+        """The logged metrics of the attacks' scores (attack -> (texts,): the members, the non-members, then the
+        canaries scored for detection): each attack's AUC, the headline attack's AUC and the TPRs its non-members
+        can estimate; with held-out canaries, the headline attack's canary AUC and detection rates."""
         metrics: dict[str, float] = {}
         headline = headline_attack(list(scores))
         if headline != self.headline and self.headline is not None:
             log.warning("MemlensCallback: memlens/auc is now %s's (it was %s's)", headline, self.headline)
         self.headline = headline
+        n = len(self.labels)
         for name, values in scores.items():
-            row = membership_metrics(self.labels, values, n_bootstrap=0)
+            row = membership_metrics(self.labels, values[:n], n_bootstrap=0)
             metrics[f"{PREFIX}/auc/{name}"] = row["auc"]
-            if name == headline:
-                metrics[f"{PREFIX}/auc"] = row["auc"]
-                metrics[f"{PREFIX}/tpr_at_1pct_fpr"] = row["tpr_at_1pct_fpr"]
-                if row["tpr_at_1pct_fpr_note"] and not self.seconds:
-                    log.warning("MemlensCallback: TPR at 1%% FPR is NaN: it %s", row["tpr_at_1pct_fpr_note"])
+            if name != headline:
+                continue
+            metrics[f"{PREFIX}/auc"] = row["auc"]
+            metrics.update({f"{PREFIX}/tpr_at_{point}_fpr": row[f"tpr_at_{point}_fpr"] for point in self.fpr_points})
+            if self.canary_texts:
+                canary = values[n:]
+                metrics[f"{PREFIX}/canary_auc"] = auc(self.canary_labels, canary)
+                for point, fpr in self.canary_fpr_points.items():
+                    rate = detection_rate(canary[self.canary_labels], canary[~self.canary_labels], fpr)
+                    metrics[f"{PREFIX}/canary_tpr_at_{point}_fpr"] = rate["tpr"]
         return metrics
 
     def evaluate(self, model: torch.nn.Module, tokenizer, global_step: int = 0) -> dict[str, float]:
@@ -335,7 +352,8 @@ class MemlensCallback(TrainerCallback):
         finally:
             model.train(training)
         attacks = [a for a in self.attacks if reference is not None or not a.needs & BASE_NEEDS]
-        scores = run_attacks(attacks, AttackInputs(texts=self.members + self.non_members, ft=stats, ref=reference))
+        texts = self.members + self.non_members + self.canary_texts
+        scores = run_attacks(attacks, AttackInputs(texts=texts, ft=stats, ref=reference))
         metrics = self._metrics(scores)
         if exposure:
             metrics[f"{PREFIX}/canary_exposure"] = float(np.mean(list(exposure.values())))

@@ -38,6 +38,7 @@ from memlens.context import StudyContext
 from memlens.data import Canary
 from memlens.metrics.text import extraction_rates, pair_metrics, tfidf_cosines
 from memlens.models import AdapterBank, load_base_model, resolve_device
+from memlens.models.fingerprint import weights_fingerprint
 from memlens.score import token_stats
 from memlens.store import (
     RunFile,
@@ -142,17 +143,26 @@ def _text_key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def base_control_key(study: StudyConfig, decodings: list[Decoding], tokenizer) -> str:
+    """The identity of the base model's extraction control: the model, its weights' content fingerprint
+    (:func:`~memlens.models.fingerprint.weights_fingerprint`: weights changed under the same path give another key)
+    and every setting that shapes a generation."""
+    cfg = study.extraction
+    return stable_hash({"model": study.model.model_dump(exclude={"device"}),
+                        "weights": weights_fingerprint(study.model.name_or_path), "split": cfg.split,
+                        "prefix_len": cfg.prefix_len, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+                        "decodings": [asdict(d) for d in decodings], "vocab": len(tokenizer)})[:16]
+
+
 def base_control(layout: StudyLayout, study: StudyConfig, bank: AdapterBank, prompts: list[Prompt],
                  decodings: list[Decoding], tokenizer, progress: Progress | None
                  ) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
     """Base-model perplexities and generations of `prompts`, read from / added to
-    `<out>/cache/extraction-base-<hash>.parquet`, keyed by the model and every setting that shapes a
-    generation. Valid across runs because a continuation depends only on (model, prompt, decoding, seed),
-    never on the batch it was generated in (greedy; sampling via SeededGumbelSampler)."""
+    `<out>/cache/extraction-base-<key>.parquet` (:func:`base_control_key`). Valid across runs because a continuation
+    depends only on (model, prompt, decoding, seed), never on the batch it was generated in (greedy; sampling via
+    SeededGumbelSampler)."""
     cfg = study.extraction
-    key = stable_hash({"model": study.model.model_dump(exclude={"device"}), "split": cfg.split,
-                       "prefix_len": cfg.prefix_len, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
-                       "decodings": [asdict(d) for d in decodings], "vocab": len(tokenizer)})[:16]
+    key = base_control_key(study, decodings, tokenizer)
     path = layout.cache / f"extraction-base-{key}.parquet"
     cached = read_cache(path, pd.read_parquet)
     cached = cached if cached is not None else pd.DataFrame(columns=["text_key", "decoding"])

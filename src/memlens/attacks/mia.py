@@ -427,6 +427,17 @@ def scoring_progress(show: bool) -> Iterator[Progress]:
 
 
 # ------------------------------------------------------------------------------------- study API
+def record_datasets(members: pd.DataFrame, non_members: pd.DataFrame, utility: pd.DataFrame | None,
+                    prefix: str = "") -> dict[str, list[str]]:
+    """The texts the base model scores for one set of records (each scored once and cached by content), by dataset:
+    `<prefix>members`, `<prefix>non_members` and, with a utility split, `<prefix>utility`. The one builder of the
+    base model's datasets (a study's designs, an audit's subject, `attack_models`' records)."""
+    datasets = {f"{prefix}members": members.text.tolist(), f"{prefix}non_members": non_members.text.tolist()}
+    if utility is not None:
+        datasets[f"{prefix}utility"] = utility.text.tolist()
+    return datasets
+
+
 def _base_datasets(designs: dict[tuple[Design, int], StudyData]) -> dict[str, list[str]]:
     """Every text any run of the study is scored on, by dataset (the base model scores each once); `designs`: the
     records by (design, record draw). The `splits` design's draw 0 keeps the dataset names of studies made before
@@ -434,10 +445,7 @@ def _base_datasets(designs: dict[tuple[Design, int], StudyData]) -> dict[str, li
     datasets: dict[str, list[str]] = {}
     for (design, draw), data in designs.items():
         prefix = ("" if design == SPLITS else f"{design}:") + (f"d{draw}:" if draw else "")
-        datasets[f"{prefix}members"] = data.members.text.tolist()
-        datasets[f"{prefix}non_members"] = data.non_members.text.tolist()
-        if data.utility is not None:
-            datasets[f"{prefix}utility"] = data.utility.text.tolist()
+        datasets.update(record_datasets(data.members, data.non_members, data.utility, prefix))
     return datasets
 
 
@@ -634,10 +642,7 @@ def attack_models(model: str | ModelConfig, adapters: dict[str, str | Path] | Se
     utility = _as_frame(utility, "utility", False) if utility is not None else None
     with scoring_progress(show_progress) as progress:
         scorer = Scorer(model_cfg, mia, Path(cache_dir) if cache_dir else None, progress)
-        datasets = {"members": members.text.tolist(), "non_members": non_members.text.tolist()}
-        if utility is not None:
-            datasets["utility"] = utility.text.tolist()
-        base = BaseScores(scorer, datasets, "ref_moments" in needs_of(attacks))
+        base = BaseScores(scorer, record_datasets(members, non_members, utility), "ref_moments" in needs_of(attacks))
         freq = token_log_freq(scorer)
         task = progress.add_task("membership inference", total=len(adapters))
         scores_parts, result_parts = [], []

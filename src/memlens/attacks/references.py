@@ -58,6 +58,7 @@ from rich.progress import Progress
 from memlens.config import CanaryConfig, CellConfig, ConfigError, StudyConfig, stable_hash
 from memlens.data import StudyData
 from memlens.data.designs import coin
+from memlens.models.fingerprint import weights_fingerprint
 from memlens.store import RunFile, StudyLayout, atomic_write_parquet, read_cache
 from memlens.store.integrity import unreadable
 from memlens.store.records import ReferenceRecord, TrainRecord
@@ -99,41 +100,69 @@ def coin_unit(study: StudyConfig, records: pd.DataFrame) -> str:
     return "group" if study.data.coin_unit == "group" and "group" in records else "record"
 
 
+def _coin_keys(records: pd.DataFrame, unit: str) -> pd.Series:
+    """What each record's reference coin is flipped on: its document group, or its sample id."""
+    return records["group"] if unit == "group" else records["sample_id"]
+
+
 def reference_data(study: StudyConfig, data: StudyData, k: int) -> tuple[StudyData, ReferenceRecord]:
-    """The k-th reference's records (members: its IN half; non-members: the OUT half) and its record (without
-    run_id and wall time)."""
+    """The k-th reference's records (members: its IN half; non-members: the OUT half), each side in the order of its
+    texts (a reference is a function of its records, not of their order in the files), and its record (without run_id
+    and wall time)."""
     records = population(data)
     unit = coin_unit(study, records)
-    heads = coin(REF_SEED + k, records["group"] if unit == "group" else records["sample_id"])
+    heads = coin(REF_SEED + k, _coin_keys(records, unit))
     if heads.all() or not heads.any():
         raise ConfigError(f"mia.references: reference {k}'s coin put all {len(records)} records on one side; the "
                           "membership experiment needs more records (data.subset)")
-    ref = StudyData(members=records[heads].reset_index(drop=True), non_members=records[~heads].reset_index(drop=True),
-                    utility=data.utility, design=data.design)
+
+    def side(mask: np.ndarray) -> pd.DataFrame:
+        """The records of `mask` (records,), sorted by text."""
+        return records[mask].sort_values("text", kind="stable").reset_index(drop=True)
+
+    ref = StudyData(members=side(heads), non_members=side(~heads), utility=data.utility, design=data.design)
     record = ReferenceRecord(run_id="", index=k, seed=REF_SEED + k, unit=unit, n_in=int(heads.sum()),
                              n_population=len(records), population_hash=population_hash(data))
     return ref, record
 
 
 def population_hash(data: StudyData) -> str:
-    """The identity of a membership experiment's records: a hash of their texts. A reference trained on other
-    records (another non-member file in an audit folder, a changed data file) is stale: part of the population is
-    OUT of every such reference, so it is trained again, never read."""
-    return stable_hash(population(data).text.tolist())[:16]
+    """A hash of a membership experiment's texts, in any order (the reference's record keeps it)."""
+    return stable_hash(sorted(population(data).text.tolist()))[:16]
+
+
+def reference_identity(study: StudyConfig, cell: CellConfig, data: StudyData, k: int) -> str:
+    """Everything the k-th reference of `cell`'s recipe on `data`'s records depends on: the records (each text with
+    the key its coin is flipped on, in any order), the coin unit (per record or per document group), the recipe it is
+    trained with (the determinants of its run id: model, data, training, LoRA and DP settings) and the base weights'
+    content fingerprint (:func:`~memlens.models.fingerprint.weights_fingerprint`). A reference whose identity differs
+    (other records, another `--group`, another recipe, a base model changed under the same path) is stale: trained
+    again, never read. Records reordered give the same identity, and the same reference (:func:`reference_data`)."""
+    records = population(data)
+    unit = coin_unit(study, records)
+    ref_study = reference_study(study)
+    return stable_hash({"records": sorted(zip(records.text, _coin_keys(records, unit).astype(str))), "unit": unit,
+                        "recipe": reference_cell(cell, k).determinants(ref_study),
+                        "base": weights_fingerprint(study.model.name_or_path)})[:16]
+
+
+def reference_identities(study: StudyConfig, cell: CellConfig, data: StudyData) -> dict[str, str]:
+    """ref run_id -> :func:`reference_identity` of each reference of `cell`'s recipe on `data`'s records."""
+    return {ref_id: reference_identity(study, cell, data, k) for k, ref_id in enumerate(reference_ids(study, cell))}
 
 
 # ------------------------------------------------------------------------------------- training
-def is_trained(layout: StudyLayout, ref_id: str, population: str | None = None) -> bool:
+def is_trained(layout: StudyLayout, ref_id: str, identity: str | None = None) -> bool:
     """Whether the reference `ref_id` is complete (its reference.json is written last, and reads: a damaged one is
-    written again from the reference's train.json by the next `memlens run`) and, given `population` (a
-    :func:`population_hash`), trained on those records."""
+    written again from the reference's train.json by the next `memlens run`) and, given `identity` (its
+    :func:`reference_identity`), trained on those records with that recipe on those base weights."""
     path = layout.references.run_file(ref_id, RunFile.REFERENCE)
     if not path.exists() or unreadable(path) is not None:
         return False
-    if population is None:
+    if identity is None:
         return True
     record = ReferenceRecord.read(path)
-    return record is not None and record.population_hash == population
+    return record is not None and record.identity == identity
 
 
 def _remove(layout: StudyLayout, ref_id: str) -> None:
@@ -178,11 +207,13 @@ def train_reference_group(study: StudyConfig, members: Sequence[tuple[CellConfig
     returns their folders, each with its reference.json."""
     ref_study = reference_study(study)
     drawn = [(reference_cell(cell, k), *reference_data(study, data_of(cell), k)) for cell, k in members]
+    identities = [reference_identity(study, cell, data_of(cell), k) for cell, k in members]
     run_dirs = finetune_group(ref_study, [(ref_cell, ref_data) for ref_cell, ref_data, _ in drawn],
                               layout.references, tokenizer, progress=progress)
-    for run_dir, (_, _, record) in zip(run_dirs, drawn):
+    for run_dir, (_, _, record), identity in zip(run_dirs, drawn, identities):
         train = TrainRecord.load(run_dir / RunFile.TRAIN)
-        record = record.model_copy(update={"run_id": run_dir.name, "wall_time_s": train.wall_time_s})
+        record = record.model_copy(update={"run_id": run_dir.name, "wall_time_s": train.wall_time_s,
+                                           "identity": identity})
         ReferenceRecord.model_validate(record.model_dump()).save(run_dir / RunFile.REFERENCE)
     return run_dirs
 
@@ -204,10 +235,9 @@ def train_references(study: StudyConfig, cells: Sequence[CellConfig], data_of: C
     matrices train together, `train.together` at a time. A reference another process is training (its lock is
     held) is skipped while others remain, then waited for."""
     todo: dict[str, tuple[CellConfig, int]] = {}
-    wanted: dict[str, str] = {}  # ref_id -> the population hash it must be trained on
+    wanted: dict[str, str] = {}  # ref_id -> the identity it must have (records, unit, recipe, base weights)
     for cell in cells:
-        expected = population_hash(data_of(cell))
-        for k, ref_id in enumerate(reference_ids(study, cell)):
+        for k, (ref_id, expected) in enumerate(reference_identities(study, cell, data_of(cell)).items()):
             wanted[ref_id] = expected
             if not is_trained(layout, ref_id, expected):
                 todo.setdefault(ref_id, (cell, k))
@@ -221,9 +251,9 @@ def train_references(study: StudyConfig, cells: Sequence[CellConfig], data_of: C
                            if locks.enter_context(_lock(layout.references.lock_file(r), blocking=False))]
                 fresh = [r for r in claimed if not is_trained(layout, r, wanted[r])]
                 for ref_id in fresh:
-                    if is_trained(layout, ref_id):  # trained on other records: never read, trained again
-                        log.warning("reference %s was trained on other records than this run's (population %s): "
-                                    "training it again", ref_id, wanted[ref_id])
+                    if is_trained(layout, ref_id):  # trained on other records or weights: never read, trained again
+                        log.warning("reference %s was trained on other records, coin unit or base weights than this "
+                                    "run's (identity %s): training it again", ref_id, wanted[ref_id])
                     _remove(layout, ref_id)
                 if len(fresh) == 1:  # alone (train.together 1, DP, full fine-tuning...) or the last of a group
                     cell, k = todo[fresh[0]]
@@ -271,17 +301,17 @@ def load_references(study: StudyConfig, cell: CellConfig, layout: StudyLayout, d
                     run_id: str = "") -> list[Reference]:
     """The trained references of `cell`'s recipe on `data`'s records; a missing one, or one trained on other
     records, is an error saying how to train it."""
-    refs, expected = [], population_hash(data)
-    for ref_id in reference_ids(study, cell):
+    refs = []
+    for ref_id, expected in reference_identities(study, cell, data).items():
         run_dir = layout.references.run_dir(ref_id)
         if not is_trained(layout, ref_id):
             raise RuntimeError(f"reference adapter {ref_id} of run {run_id or cell.run_id(study)} is not trained "
                                f"({run_dir}); the `references` stage trains it: memlens run (or --only references)")
         record = ReferenceRecord.load(run_dir / RunFile.REFERENCE)
-        if record.population_hash != expected:
+        if record.identity != expected:
             raise RuntimeError(f"reference adapter {ref_id} of run {run_id or cell.run_id(study)} was trained on other "
-                               f"records (population {record.population_hash}, these {expected}); the `references` "
-                               "stage trains it again: memlens run (or --only references)")
+                               f"records, coin unit or base weights (identity {record.identity}, these {expected}); "
+                               "the `references` stage trains it again: memlens run (or --only references)")
         train = TrainRecord.load(run_dir / RunFile.TRAIN)
         refs.append(Reference(ref_id, run_dir, record.index, frozenset(read_members(run_dir).text),
                               stable_hash(train.artifacts or {})[:16]))
@@ -350,5 +380,6 @@ class ReferenceStatistics:
 
 
 __all__ = ["REF_SEED", "Reference", "ReferenceStatistics", "coin_unit", "in_matrix", "is_trained", "load_references",
-           "population", "population_hash", "reference_cell", "reference_data", "reference_ids", "reference_study",
-           "remove_references", "train_reference", "train_reference_group", "train_references"]
+           "population", "population_hash", "reference_cell", "reference_data", "reference_identities",
+           "reference_identity", "reference_ids", "reference_study", "remove_references", "train_reference",
+           "train_reference_group", "train_references"]

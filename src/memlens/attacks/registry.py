@@ -31,7 +31,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from memlens.config import AttackSpec, ConfigError, StudyConfig
+from memlens.config import AttackSpec, ConfigError, StudyConfig, stable_hash
 from memlens.score import SequenceStats
 
 
@@ -188,9 +188,23 @@ def configure_attacks(entries: Sequence[str | AttackSpec | dict]) -> list[Config
     return configured
 
 
+_CHECKED: dict[str, list[ConfiguredAttack]] = {}  # check_attacks' result by the settings it reads
+
+
 def check_attacks(study: StudyConfig) -> list[ConfiguredAttack]:
     """The one check of a study's attacks before it runs (and the list its membership stage runs): every entry
-    of `mia.attacks` known and valid, with the inputs it needs configured, and `dp.audit_attack` among them."""
+    of `mia.attacks` known and valid, with the inputs it needs configured, and `dp.audit_attack` among them. Done
+    once per process for the settings it reads (the stage's pre-flight; its base-score preparation and its run read
+    the same result)."""
+    key = stable_hash({"mia": study.mia.model_dump(mode="json", include={"attacks", "reference_corpus", "references"}),
+                       "dp": study.dp.model_dump(mode="json", include={"audit_attack", "audit_canaries"}),
+                       "utility": study.data.utility_split is not None})
+    if key not in _CHECKED:
+        _CHECKED[key] = _check_study_attacks(study)
+    return list(_CHECKED[key])
+
+
+def _check_study_attacks(study: StudyConfig) -> list[ConfiguredAttack]:
     attacks = check_attack_inputs(study.mia.attacks, study.mia.reference_corpus, study.dp.audit_attack,
                                   references=study.mia.references, utility=study.data.utility_split is not None)
     audited = next(a for a in attacks if a.name == study.dp.audit_attack)
@@ -243,6 +257,33 @@ def check_attack_inputs(entries: Sequence[str | AttackSpec | dict], reference_co
             raise ConfigError(f"dp.audit_attack: {audit_attack!r} leaves some records unscored (those of its member "
                               "prefix) and the audit needs a score for every record; choose another attack")
     return attacks
+
+
+def check_available(entries: Sequence[str | AttackSpec | dict], have: frozenset[str], where: str, place: str,
+                    elsewhere: str = "") -> list[ConfiguredAttack]:
+    """The attacks of `entries` configured (:func:`configure`, errors naming `where`), where only the inputs `have`
+    exist (`place`: "a callback inside training"): an unknown attack, one needing another input, bad settings or a
+    result name given twice is refused, naming the attacks that can run there (and `elsewhere`: what runs the
+    others). The one check of attacks outside a study (`MemlensCallback`)."""
+    runnable = sorted(name for name, attack in ATTACKS.items() if attack.needs <= have)
+    if not entries:
+        raise ConfigError(f"{where}: empty; choose from {runnable}")
+    configured = []
+    for entry in entries:
+        kind = (entry.partition("@")[0].strip() if isinstance(entry, str) else
+                str(entry.get("type")) if isinstance(entry, dict) else entry.type)
+        if kind not in ATTACKS:
+            raise ConfigError(f"{where}: unknown attack {kind!r}; valid choices: {runnable}")
+        missing = sorted(ATTACKS[kind].needs - have)
+        if missing:
+            raise ConfigError(f"{where}: {kind!r} needs {', '.join(NEEDS[n] for n in missing)}, which {place} cannot "
+                              f"give; valid choices: {runnable}{f' ({elsewhere})' if elsewhere else ''}")
+        configured.append(configure(entry, where))
+    names = [a.name for a in configured]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"{where}: {repeated} given twice")
+    return configured
 
 
 def needs_of(attacks: Sequence[ConfiguredAttack]) -> set[str]:
@@ -301,5 +342,5 @@ def mean_nll(x: AttackInputs, which: str = "ft") -> np.ndarray:
 
 
 __all__ = ["ATTACKS", "CANARY_UNSUPPORTED", "HEADLINE_ORDER", "NEEDS", "PRIMARY_ATTACK", "Attack", "AttackInputs",
-           "AttackSettings", "ConfiguredAttack", "check_attack_inputs", "check_attacks", "configure",
+           "AttackSettings", "ConfiguredAttack", "check_attack_inputs", "check_attacks", "check_available", "configure",
            "configure_attacks", "get_attack", "headline_attack", "mean_nll", "needs_of", "register", "run_attacks"]

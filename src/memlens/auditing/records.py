@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from memlens.attacks.subject import with_groups
 from memlens.auditing.target import Target
 from memlens.config import AuditConfig, ConfigError
 from memlens.data import Canary, canary_from_record, load_study_data, read_records, refuse_shared_texts
@@ -35,7 +36,7 @@ class AuditRecords:
     utility: pd.DataFrame | None
     canaries: list[Canary]
     sources: dict[str, str]  # field -> where its records came from (for the report and the model card)
-    inserted: frozenset[str] = frozenset()  # sample ids of the inserted canaries of `audit.canaries`
+    inserted: frozenset[str] = frozenset()  # sample ids of the inserted canaries (:func:`inserted_canaries`)
     canary_file: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)  # what reading the records could not keep (for the report)
 
@@ -62,10 +63,20 @@ class AuditRecords:
                             columns=CANARY_FRAME_COLUMNS).reset_index(drop=True)
 
     def in_metrics(self) -> np.ndarray:
-        """(members + non-members,) whether each record counts in the membership metrics: every record but the
-        canaries of `audit.canaries` (records of the user's choosing, often repeated: not a sample of the
-        members). A run folder's own canary is one of its members, as its study counts it."""
+        """(members + non-members,) whether each record counts in the membership metrics (and among the suspects of
+        the usage share): every record but the inserted canaries (:func:`inserted_canaries`)."""
         return np.r_[~self.members.sample_id.isin(self.inserted).to_numpy(), np.ones(len(self.non_members), bool)]
+
+
+def inserted_canaries(canaries: list[Canary], file_inserted: frozenset[str] = frozenset()) -> frozenset[str]:
+    """The one definition of an audit's inserted canary: a record put in the training set by design, not drawn
+    with the members: the canaries of `audit.canaries` marked inserted (`file_inserted`) and a run folder's own
+    canary when its study inserted it (`mode: insert`, a secret repeated `copies` times). Their sample ids are out of
+    the membership metrics, out of the suspects of the usage share and out of the reference models' records
+    (the metrics and the share estimate a sample of the members, which an inserted secret is not, and a reference
+    would have to insert it to be trained like the target); exposure and extraction measure them. A run folder's
+    canary in `repeat` mode is one of its members, repeated: it stays a member everywhere."""
+    return frozenset(file_inserted) | frozenset(c.sample_id for c in canaries if c.mode == "insert")
 
 
 def _names(field: str) -> dict[str, str]:
@@ -94,11 +105,8 @@ def _run_records(cfg: AuditConfig, target: Target) -> tuple[pd.DataFrame, pd.Dat
                                                            list[Canary]]:
     """A run folder's own records: its members.parquet (canary included), its study's non-members and utility."""
     data = load_study_data(target.cell.data_config(target.study), target.cell.membership)
-    members = read_members(target.run_dir)
+    members = with_groups(read_members(target.run_dir), data)
     canary = Canary(**read_train_info(target.run_dir).canary)
-    if "group" in data.members and "group" not in members:
-        groups = dict(zip(data.members.sample_id, data.members.group))
-        members = members.assign(group=[groups.get(s, f"canary:{s}") for s in members.sample_id])
     return members, data.non_members, data.utility, [canary]
 
 
@@ -109,7 +117,13 @@ def load_audit_records(cfg: AuditConfig, target: Target) -> AuditRecords:
         members, non_members, utility, canaries = _run_records(cfg, target)
         source = f"the non-members of its study's {target.study.data.source} ({target.cell.membership} design)"
         records = AuditRecords(members, non_members, utility, canaries,
-                               {"members": str(target.run_dir / RUN_MEMBERS), "non_members": source})
+                               {"members": str(target.run_dir / RUN_MEMBERS), "non_members": source},
+                               inserted=inserted_canaries(canaries))
+        if records.inserted:
+            records.notes.append(f"The run's own canary ({', '.join(sorted(records.inserted))}: a secret its study "
+                                 "inserted) is measured by exposure and extraction, not counted among the members of "
+                                 "the membership metrics, the usage share or the reference models' records (its study "
+                                 "counts it among its members).")
         return _with_canary_file(cfg, records)
     side = "suspect" if cfg.suspect is not None else "members"  # the suspect set takes the members' place
     missing = [f"audit.{f}" for f in (side, "non_members") if getattr(cfg, f) is None]
@@ -146,11 +160,11 @@ def _with_canary_file(cfg: AuditConfig, records: AuditRecords) -> AuditRecords:
         added["group"] = inserted.canary_id
     records.members = pd.concat([members, added], ignore_index=True)
     records.canaries = records.canaries + canaries
-    records.inserted = frozenset(added.sample_id)
+    records.inserted = inserted_canaries(records.canaries, frozenset(added.sample_id))
     records.canary_file = frame[CANARY_FILE_COLUMNS].reset_index(drop=True)
     records.notes = records.notes + list(found.notes)
     records.sources["canaries"] = found.source
     return records
 
 
-__all__ = ["AuditRecords", "load_audit_records"]
+__all__ = ["AuditRecords", "inserted_canaries", "load_audit_records"]

@@ -29,7 +29,15 @@ import pandas as pd
 import yaml
 
 from memlens.attacks.extraction import extract_subjects
-from memlens.attacks.mia import BaseScores, Membership, Scorer, measure_membership, scoring_progress, token_log_freq
+from memlens.attacks.mia import (
+    BaseScores,
+    Membership,
+    Scorer,
+    measure_membership,
+    record_datasets,
+    scoring_progress,
+    token_log_freq,
+)
 from memlens.attacks.registry import needs_of
 from memlens.attacks.subject import Subject
 from memlens.auditing.records import AuditRecords, load_audit_records
@@ -67,19 +75,12 @@ def _attach(scorer: Scorer, target: Target) -> None:
         scorer.bank.add_model(target.name, target.source)
 
 
-def _datasets(subject: Subject) -> dict[str, list[str]]:
-    """The texts the base model scores (cached by content), by dataset."""
-    datasets = {"members": subject.members.text.tolist(), "non_members": subject.non_members.text.tolist()}
-    if subject.utility is not None:
-        datasets["utility"] = subject.utility.text.tolist()
-    return datasets
-
-
 def _measure(plan: AuditStudy, subject: Subject, scorer: Scorer, progress) -> tuple[list[pd.DataFrame], Membership]:
     """The study's units on the subject, their files written in the audit folder; returns the result rows and the
     membership measurement."""
     layout = plan.ctx.layout
-    base = BaseScores(scorer, _datasets(subject), "ref_moments" in needs_of(plan.attacks))
+    base = BaseScores(scorer, record_datasets(subject.members, subject.non_members, subject.utility),
+                      "ref_moments" in needs_of(plan.attacks))
     measured = measure_membership(scorer, subject, base, plan.attacks, token_log_freq=token_log_freq(scorer))
     atomic_write_parquet(layout.study_level(StudyFile.MIA_SCORES), measured.scores)
     parts = [measured.rows]

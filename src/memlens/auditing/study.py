@@ -92,44 +92,59 @@ def resolve_mia(cfg: AuditConfig, target: Target, records: AuditRecords) -> tupl
     return mia.model_copy(update={"attacks": chosen}), notes
 
 
-def _train_settings(cfg: AuditConfig, target: Target, records: AuditRecords, notes: list[str]) -> TrainConfig | None:
-    """The target's optimiser settings for its reference models: `--train-config` (the Trainer's names or the
-    study's), else the `memlens-recipe.json` MemlensCallback wrote beside the adapter; what they came from is said
-    in `notes`. A ratio warm-up is converted for a reference's training half of the records."""
+def _train_settings(cfg: AuditConfig, target: Target, records: AuditRecords, notes: list[str]
+                    ) -> tuple[TrainConfig | None, int | None]:
+    """The target's optimiser settings for its reference models and the record length its trainer cut records to
+    (the recipe's `max_length`, None when not given): `--train-config` (the Trainer's names or the study's), else
+    the `memlens-recipe.json` MemlensCallback wrote beside the adapter; what they came from is said in `notes`. A
+    ratio warm-up is converted for a reference's training half of the records. A recipe without reference models
+    would change nothing: refused."""
     path = cfg.train_config
+    if path is not None and not cfg.references:
+        raise ConfigError(f"audit.train_config: {path} is given but references is 0; the recipe only trains reference "
+                          "models, so it would change nothing: set --references (2 or more, for LiRA and RMIA) or "
+                          "drop --train-config")
     if path is None and cfg.references and target.kind == "adapter":
         path = find_recipe(target.source)
         if path is not None:
             notes.append(f"The reference models' recipe is the one MemlensCallback wrote beside the adapter: {path}.")
     if path is None:
-        return None
+        return None, None
     recipe = read_recipe(path)
+    mismatch = recipe.lora_mismatch(target.peft or {}) if target.kind == "adapter" else None
+    if mismatch:
+        raise ConfigError(f"audit.train_config: {path} was written for another adapter ({mismatch}); give the "
+                          "recipe of the audited adapter's training")
     half = (len(records.members) + len(records.non_members)) // 2  # a reference trains on about half the records
-    if cfg.references:
-        notes.append(f"Reference models: {recipe.describe(half)}.")
-    return recipe.train_config(records=half)
+    notes.append(f"Reference models: {recipe.describe(half)}.")
+    return recipe.train_config(records=half), recipe.max_length
 
 
 def _recipe(cfg: AuditConfig, target: Target, mia: MIAConfig, records: AuditRecords, notes: list[str]
             ) -> StudyConfig:
     """The audit as a one-run study: a run folder's own study (its recipe, with the audit's settings), or the
-    adapter's LoRA settings with the optimiser settings of `train_config`."""
+    adapter's LoRA settings with the optimiser settings of `train_config`; the recipe's `max_length` is the
+    references' `data.max_length`."""
     extraction = target.study.extraction if target.kind == "run" and "extraction" not in cfg.model_fields_set \
         else cfg.extraction
-    train = _train_settings(cfg, target, records, notes)
+    train, max_length = _train_settings(cfg, target, records, notes)
     if target.kind == "run":
         update = {"mia": mia, "extraction": extraction, "model": target.base, "out": str(cfg.out_dir)}
-        return target.study.model_copy(update=update | ({"train": train} if train is not None else {}))
-    if cfg.references:
-        problem = target.recipe_problem()
-        if problem:
-            raise ConfigError(f"audit.references: reference models repeat the target's training recipe, and {problem}; "
-                              "set references: 0")
-        if train is None:
-            raise ConfigError("audit.train_config: references are trained with the target's recipe: give the "
-                              "optimiser settings it was trained with (--train-config: a YAML file of its training "
-                              "settings: epochs, learning_rate, batch_size...)")
-    return audit_study(cfg, target.base, mia, extraction, lora=target.lora, train=train)
+        study = target.study.model_copy(update=update | ({"train": train} if train is not None else {}))
+    else:
+        if cfg.references:
+            problem = target.recipe_problem()
+            if problem:
+                raise ConfigError(f"audit.references: reference models repeat the target's training recipe, and "
+                                  f"{problem}; set references: 0")
+            if train is None:
+                raise ConfigError("audit.train_config: references are trained with the target's recipe: give the "
+                                  "optimiser settings it was trained with (--train-config: a YAML file of its training "
+                                  "settings: epochs, learning_rate, batch_size...)")
+        study = audit_study(cfg, target.base, mia, extraction, lora=target.lora, train=train)
+    if max_length is None:
+        return study
+    return study.model_copy(update={"data": study.data.model_copy(update={"max_length": max_length})})
 
 
 def audit_cell(target: Target) -> CellConfig:
@@ -150,11 +165,11 @@ def plan_audit(cfg: AuditConfig, target: Target, records: AuditRecords) -> Audit
                                       utility=records.utility is not None)
     except ConfigError as exc:
         raise renamed_fields(exc, AUDIT_NAMES) from None
-    # the references' population: members and non-members without inserted canaries (as a study's: a repeated
-    # training record is one of them, an inserted secret is not)
+    # the references' population: the records the metrics count (no inserted canary: records.inserted, the one
+    # definition; a repeated training record is one of them)
     keep = ["sample_id", "text", *(["group"] if "group" in records.members and "group" in records.non_members else [])]
-    inserted = {c.sample_id for c in records.canaries if c.mode == "insert"} | set(records.inserted)
-    data = StudyData(members=records.members[~records.members.sample_id.isin(inserted)][keep].reset_index(drop=True),
+    counted = records.members[~records.members.sample_id.isin(records.inserted)]
+    data = StudyData(members=counted[keep].reset_index(drop=True),
                      non_members=records.non_members[keep], utility=None)
     cell = audit_cell(target)
     ctx = StudyContext(study)
@@ -192,7 +207,10 @@ def audit_subject(plan: AuditStudy, target: Target, records: AuditRecords, meta:
     references = None
     data = ctx.cell_data(cell)
     if plan.study.mia.references:
-        train_references(plan.study, [cell], ctx.cell_data, ctx.layout, tokenizer, progress)
+        try:  # a record over the recipe's max_length: in the words of the audit
+            train_references(plan.study, [cell], ctx.cell_data, ctx.layout, tokenizer, progress)
+        except ConfigError as exc:
+            raise renamed_fields(exc, {"data.max_length": "the recipe's max_length (audit.train_config)"}) from None
         references = load_references(plan.study, cell, ctx.layout, data, target.name)
     splits = (plan.study.data.member_split, plan.study.data.non_member_split) if target.kind == "run" \
         else ("suspect" if "suspect" in records.sources else "member", "non_member")
@@ -200,7 +218,7 @@ def audit_subject(plan: AuditStudy, target: Target, records: AuditRecords, meta:
     return Subject(name=target.name, members=records.members, non_members=records.non_members, meta=meta,
                    utility=records.utility, counted=records.in_metrics(), secrets=list(records.canaries),
                    canaries=canaries if len(canaries) else None,
-                   name_canaries=bool(records.inserted), references=references,
+                   name_canaries=records.canary_file is not None, references=references,
                    population=population(data).text.tolist() if references else [], split_names=splits)
 
 

@@ -59,15 +59,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def read_yaml_file(path: str | Path, what: str = "file") -> Any:
+def read_yaml_file(path: str | Path, what: str = "file", hint: str = "") -> Any:
     """The document of a YAML (or JSON) file: the one reader of memlens' files (study, audit, recipe, study.yaml);
-    a missing file or bad YAML is a ConfigError naming `what` and the path."""
+    a missing file, a folder or bad YAML is a ConfigError naming `what` and the path, followed by `hint` (what to do
+    about it, where the caller knows)."""
     try:
         return yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{what} not found: {path}") from None
+        raise ConfigError(f"{what} not found: {path} does not exist{hint}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what}: {path} is a folder, not a file{hint}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}{hint}") from None
 
 
 def load_study(path: str | Path | None = None, overrides: list[str] | None = None,

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from memlens.config.errors import ConfigError
+from memlens.config.loading import read_yaml_file
 from memlens.config.schema import TrainConfig
 
 RECIPE_FILE = "memlens-recipe.json"
@@ -61,6 +61,7 @@ class TrainRecipe:
     lora: dict[str, Any] | None = None
     max_length: int | None = None
     train_records: int | None = None
+    total_steps: int | None = None  # the optimizer steps the target's training took (the Trainer's max_steps)
     extra: dict[str, Any] = field(default_factory=dict)  # the recipe file's other entries, as written
 
     @property
@@ -81,10 +82,33 @@ class TrainRecipe:
             raise ConfigError(f"{WHERE}: {self.source} gives the warm-up as a fraction of the optimizer steps "
                               f"({self.named.get('warmup_steps', WARMUP_RATIO)}: {self.warmup_ratio}); converting it "
                               "to steps needs the number of training records, which was not given")
+        return math.ceil(self.steps(records) * self.warmup_ratio)
+
+    def steps(self, records: int) -> int:
+        """The optimizer steps of a training on `records` records on one device, as the Trainer counts them:
+        `max_steps`, else ceil(epochs * max(1, ceil(ceil(records / batch_size) / grad_accum)))."""
         settings = {**TRAINER_DEFAULTS, **self.given}
         per_epoch = max(1, math.ceil(math.ceil(records / settings["batch_size"]) / settings["grad_accum"]))
-        total = settings["max_steps"] or math.ceil(settings["epochs"] * per_epoch)
-        return math.ceil(total * self.warmup_ratio)
+        return settings["max_steps"] or math.ceil(settings["epochs"] * per_epoch)
+
+    def check_total_steps(self) -> None:
+        """Refuse a recipe whose `total_steps` (the steps the target's training took) is not what its settings give
+        for its `train_records` records: the target then trained with another effective batch (several devices,
+        records packed or dropped) than the settings say, and reference models trained with them would not repeat
+        its recipe. Nothing to check without both numbers."""
+        if self.total_steps is None or self.train_records is None:
+            return
+        expected = self.steps(self.train_records)
+        if expected != self.total_steps:
+            settings = {**TRAINER_DEFAULTS, **self.given}
+            raise ConfigError(
+                f"{WHERE}: {self.source}: the target's training took total_steps={self.total_steps} optimizer steps, "
+                f"but its settings (batch_size={settings['batch_size']}, grad_accum={settings['grad_accum']}, "
+                f"epochs={settings['epochs']}, max_steps={settings['max_steps']}) give {expected} for its "
+                f"train_records={self.train_records} records on one device: it trained with another effective batch "
+                "(several devices, or packed or dropped records), so reference models would not repeat its recipe; "
+                "give the settings it ran with (batch_size: the per-device batch times the devices) in a recipe file "
+                "of your own (--train-config)")
 
     def train_config(self, records: int | None = None) -> TrainConfig:
         """The TrainConfig of the recipe: the file's settings, the Trainer's defaults for the others; `records`
@@ -97,6 +121,21 @@ class TrainRecipe:
         except ValidationError as err:
             lines = [f"  {self._key(str(e['loc'][0]))}: {e['msg']}" for e in err.errors()]
             raise ConfigError("\n".join([f"{WHERE}: {self.source}: invalid training settings", *lines])) from None
+
+    def lora_mismatch(self, peft: dict[str, Any]) -> str | None:
+        """What of the recipe's LoRA settings (MemlensCallback's copy of the trained adapter's) differs from the
+        audited adapter's `adapter_config.json` (`peft`), or None: a recipe written for another adapter would give
+        its reference models another training."""
+        if not self.lora:
+            return None
+        differ = []
+        for name in LORA_FIELDS:
+            mine, theirs = self.lora.get(name), peft.get(name)
+            if name == "target_modules" and isinstance(mine, list) and isinstance(theirs, (list, tuple, set)):
+                mine, theirs = sorted(mine), sorted(theirs)
+            if name in self.lora and name in peft and mine != theirs:
+                differ.append(f"{name}: {mine!r} in the recipe, {theirs!r} in the adapter")
+        return "; ".join(differ) or None
 
     def _key(self, name: str) -> str:
         return self.named.get(name, name)
@@ -113,13 +152,18 @@ class TrainRecipe:
         left = self.from_defaults
         if left:
             text += "; from the Trainer's defaults: " + ", ".join(f"{k}={v}" for k, v in left.items())
+        if self.max_length is not None:
+            text += f"; records of at most max_length={self.max_length} tokens, as the target's trainer cut them"
+        if self.total_steps is not None and self.train_records is not None:
+            text += (f"; the target took total_steps={self.total_steps} on train_records={self.train_records} records, "
+                     "as these settings give")
         return text
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able: what was read, and what came from the defaults."""
         return {"source": str(self.source), "given": self.given, "named": self.named,
                 "warmup_ratio": self.warmup_ratio, "from_defaults": self.from_defaults, "lora": self.lora,
-                "max_length": self.max_length, "train_records": self.train_records}
+                "max_length": self.max_length, "train_records": self.train_records, "total_steps": self.total_steps}
 
 
 def _settings(raw: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, str], float | None]:
@@ -164,15 +208,8 @@ def _warmup_ratio(given: dict[str, Any], named: dict[str, str], path: Path) -> f
 
 
 def _document(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{WHERE}: file {path} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{WHERE}: {path} is a folder; give the recipe file (YAML or JSON; a "
-                          f"{RECIPE_FILE} written by MemlensCallback)") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{WHERE}: {path} is neither valid YAML nor JSON ({exc})") from None
+    return read_yaml_file(path, WHERE, f"; give the recipe file (YAML or JSON; a {RECIPE_FILE} written by "
+                                       "MemlensCallback)") or {}
 
 
 def read_recipe(path: str | Path) -> TrainRecipe:
@@ -183,11 +220,12 @@ def read_recipe(path: str | Path) -> TrainRecipe:
     path = Path(path)
     raw = _document(path)
     extra: dict[str, Any] = {}
-    lora = max_length = train_records = None
+    lora = max_length = train_records = total_steps = None
     if isinstance(raw, dict) and raw.get("format") == RECIPE_FORMAT:
         extra = {k: v for k, v in raw.items() if k not in ("training_arguments", "lora", "max_length",
-                                                           "train_records")}
+                                                           "train_records", "total_steps")}
         lora, max_length, train_records = raw.get("lora"), raw.get("max_length"), raw.get("train_records")
+        total_steps = raw.get("total_steps")
         raw = raw.get("training_arguments") or {}
     elif isinstance(raw, dict) and set(raw) == {"train"}:
         raw = raw["train"] or {}
@@ -196,11 +234,12 @@ def read_recipe(path: str | Path) -> TrainRecipe:
                           "learning_rate, per_device_train_batch_size or batch_size...)")
     given, named, ratio = _settings(raw, path)
     recipe = TrainRecipe(source=path, given=given, named=named, warmup_ratio=ratio, lora=lora,
-                         max_length=max_length, train_records=train_records, extra=extra)
+                         max_length=max_length, train_records=train_records, total_steps=total_steps, extra=extra)
     if ratio is None:
         recipe.train_config()  # refuse a bad value now, naming the file's key
     else:
         recipe.train_config(records=1)
+    recipe.check_total_steps()
     return recipe
 
 

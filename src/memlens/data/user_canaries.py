@@ -165,6 +165,34 @@ def read_canary_records(source: str, *, text_field: str = "text", id_field: str 
     as inserted."""
     frame = read_records(source, what="canary", text_field=text_field, id_field=id_field, group=None,
                          keep=KEPT + LOOKALIKES, names=names, places=True)
+    return _canary_file(frame, str(source), field_name)
+
+
+def canaries_of_records(records: pd.DataFrame | list[dict], *, text_field: str = "text",
+                        field_name: str = "canaries") -> CanaryFile:
+    """The canaries of records in memory (a frame, or a list of dicts) with the file's columns (`text_field`, and
+    optionally `id`, `inserted`, `copies`, `secret`, `secret_format`), read by the same rules as a file
+    (:func:`read_canary_records`); ids default to `canary-<i>`. Refused when empty or when no canary is inserted."""
+    frame = pd.DataFrame(records if isinstance(records, pd.DataFrame) else list(records))
+    if frame.empty:
+        raise ConfigError(f"{field_name}: no canaries")
+    if text_field not in frame:
+        raise ConfigError(f"{field_name}: no {text_field!r} field; the canaries have {list(frame.columns)}")
+    ids = [f"canary-{i}" if "id" not in frame or _missing(v) else str(v)
+           for i, v in enumerate(frame["id"] if "id" in frame else [None] * len(frame))]
+    missing = [i for i, t in enumerate(frame[text_field]) if _missing(t) or not str(t).strip()]
+    if missing:
+        raise ConfigError(f"{field_name}: canary {missing[0]} has no text ({text_field!r})")
+    frame = frame.assign(sample_id=ids, text=frame[text_field].astype(str).to_numpy(),
+                         place=[f"canary {i}" for i in range(len(frame))])
+    found = _canary_file(frame, "canaries", field_name)
+    if not found.n_inserted:
+        raise ConfigError(f"{field_name}: no canary is inserted (every one is held out); mark the inserted ones")
+    return found
+
+
+def _canary_file(frame: pd.DataFrame, source: str, field_name: str) -> CanaryFile:
+    """A frame of canary records (sample_id, text, place and the optional columns) as a :class:`CanaryFile`."""
     lookalike = [c for c in LOOKALIKES if c in frame]
     if "inserted" not in frame and lookalike:
         raise ConfigError(f"{field_name}: {source} has a column {lookalike[0]!r} but no `inserted`: memlens reads "
@@ -180,7 +208,7 @@ def read_canary_records(source: str, *, text_field: str = "text", id_field: str 
                         "secret_format": [_optional(v) for v in
                                           frame.get("secret_format", pd.Series([None] * len(frame)))]},
                        columns=COLUMNS)
-    return CanaryFile(out.astype({"inserted": bool, "copies": int}), str(source), "records")
+    return CanaryFile(out.astype({"inserted": bool, "copies": int}).reset_index(drop=True), source, "records")
 
 
 def _entry_field(entry: dict, key: str, where: str, field_name: str, kind: type) -> object:
@@ -243,5 +271,5 @@ def read_memaudit_manifest(path: str | Path, field_name: str = "audit.canaries")
     return CanaryFile(frame.astype({"inserted": bool, "copies": int}), str(path), "memaudit", notes)
 
 
-__all__ = ["COLUMNS", "HELD_OUT", "MANIFEST_NAME", "MEMAUDIT_TEXT", "CanaryFile", "manifest_path", "parse_inserted",
-           "read_canaries", "read_canary_records", "read_memaudit_manifest"]
+__all__ = ["COLUMNS", "HELD_OUT", "MANIFEST_NAME", "MEMAUDIT_TEXT", "CanaryFile", "canaries_of_records",
+           "manifest_path", "parse_inserted", "read_canaries", "read_canary_records", "read_memaudit_manifest"]

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 from pydantic import ValidationError
 
-from memlens.attacks.canary_metrics import ALL, canary_detection
+from memlens.attacks.canary_metrics import ALL, canary_detection, held_out_needed
 from memlens.attacks.exposure import exposure_bits
 from memlens.attacks.registry import headline_attack
 from memlens.config import AuditConfig, ConfigError, StudyConfig, load_audit
@@ -95,16 +95,25 @@ class CanaryResults(Section):
             return [Text(NOT_A_RATE, "warn")]
         n_held_out = int(self.detection.n_held_out.iloc[0])
         attacks = self.detection.attack.nunique()
-        said = (f"Detection rate: of the inserted canaries with each number of copies, how many score above the "
-                f"threshold that the {n_held_out} held-out canaries (drawn like them, never trained on) set at 1% "
-                f"false positive rate, with its exact {self.level:.0%} interval (Clopper-Pearson, over the inserted "
-                f"canaries at that threshold). `{self.headline}` is the headline attack")
+        said = (f"Detection rate: of the inserted canaries with each number of copies, how many score above a "
+                f"threshold set by the {n_held_out} held-out canaries (drawn like them, never trained on), with its "
+                f"exact {self.level:.0%} interval (Clopper-Pearson, over the inserted canaries at that threshold). "
+                f"`{self.headline}` is the headline attack")
         said += (f"; `{self.best}` scored best of the {attacks} attacks that scored the canaries, chosen on these "
                  "canaries (an optimistic pick)." if self.best and self.best != self.headline else ".")
         blocks: list[Block] = [Text(said)]
-        if n_held_out < round(1 / SHOWN_FPR):
-            blocks.append(Text(f"TPR at 1% FPR needs at least {round(1 / SHOWN_FPR)} held-out canaries; this audit has "
-                               f"{n_held_out}: TPR at 10% FPR is shown beside it (every point and attack in "
+        shown = self.detection[(self.detection.fpr == SHOWN_FPR) & self.detection.threshold_rank.notna()]
+        if len(shown):
+            row = shown.iloc[0]
+            blocks.append(Text(
+                f"The threshold rule: the {_ordinal(int(row.threshold_rank))} highest held-out score (j = "
+                f"floor(FPR x (held out + 1))). A canary never trained on scores above it with probability "
+                f"{row.fpr_expected:.2%} on average, and at most {row.fpr_upper:.2%} ({self.level:.0%} one-sided "
+                f"upper bound): that realised FPR is Beta(j, held out - j + 1) over the draw of the held-out canaries "
+                f"(order statistics), so `1% FPR` is the rule's target, not a measured rate."))
+        if n_held_out < held_out_needed(SHOWN_FPR):
+            blocks.append(Text(f"TPR at 1% FPR needs at least {held_out_needed(SHOWN_FPR)} held-out canaries; this "
+                               f"audit has {n_held_out}: TPR at 10% FPR is shown beside it (every point and attack in "
                                "tables/canary_detection.csv).", "warn"))
         return [*blocks, Table("canary_detection", self.by_copies, data=self.detection)]
 
@@ -230,6 +239,17 @@ def _fpr_label(fpr: float) -> str:
     return f"{fpr * 100:g}%"
 
 
+def _ordinal(n: int) -> str:
+    return {1: "1st", 2: "2nd", 3: "3rd"}.get(n, f"{n}th")
+
+
+def _realised(row: pd.Series) -> str | None:
+    """`0.99% (<= 2.95%)`: the threshold rule's expected realised FPR and its upper bound; None when null."""
+    if pd.isna(row.fpr_expected):
+        return None
+    return f"{row.fpr_expected:.2%} (<= {row.fpr_upper:.2%})"
+
+
 def _rate(row: pd.Series) -> str | None:
     """`0.750 (9/12) [0.428, 0.945]`; None when the rate is null (its note is said above the table)."""
     if pd.isna(row.tpr):
@@ -249,17 +269,21 @@ def best_canary_attack(detection: pd.DataFrame, fpr: float = SHOWN_FPR) -> str |
 
 def detection_table(detection: pd.DataFrame, attacks: list[str]) -> pd.DataFrame:
     """The detection rates shown: one row per family of inserted canaries (by copies) and `all`, with copies, the
-    inserted and held-out counts, and per attack of `attacks` its TPR at 1% FPR (and at 10% below 100 held-out
-    canaries) as :func:`_rate` writes it."""
+    inserted and held-out counts, the threshold rule's realised FPR with its bound (:func:`_realised`), and per attack
+    of `attacks` its TPR at 1% FPR (and at 10% below 99 held-out canaries) as :func:`_rate` writes it."""
     if detection.empty:
         return pd.DataFrame()
     n_held_out = int(detection.n_held_out.iloc[0])
-    fprs = [SHOWN_FPR, *([0.1] if n_held_out < round(1 / SHOWN_FPR) else [])]
-    first = detection[(detection.attack == detection.attack.iloc[0]) & (detection.fpr == SHOWN_FPR)]
+    fprs = [SHOWN_FPR, *([0.1] if n_held_out < held_out_needed(SHOWN_FPR) else [])]
+    attack_first = detection.attack.iloc[0]
+    first = detection[(detection.attack == attack_first) & (detection.fpr == SHOWN_FPR)]
     table = pd.DataFrame({"copies": [ALL if f == ALL else int(c) if pd.notna(c) else f
                                      for f, c in zip(first.family, first.copies)],
                           "inserted": first.n_inserted.astype(int).to_numpy(),
                           "held out": first.n_held_out.astype(int).to_numpy()})
+    for fpr in fprs:  # the rule's realised FPR: a function of the held-out canaries only, the same for every attack
+        table[f"realised FPR at {_fpr_label(fpr)} (bound)"] = [
+            _realised(r) for _, r in detection[(detection.attack == attack_first) & (detection.fpr == fpr)].iterrows()]
     for attack in attacks:
         for fpr in fprs:
             rows = detection[(detection.attack == attack) & (detection.fpr == fpr)]

@@ -119,7 +119,10 @@ class CanaryAudit(Section):
             Text(f"Designed canaries ({', '.join(f'`{f}`' for f in self.families)}) were each inserted into training "
                  "by a fair coin and the rest held out; each family's TPR is its inserted canaries' against its "
                  "held-out ones, next to the records' (members against non-members), mean over runs with the mean "
-                 "bootstrap interval."),
+                 "interval: the records' a bootstrap interval, the canaries' Clopper-Pearson's over the inserted "
+                 "canaries at the threshold the held-out ones set (the j-th highest held-out score, j = floor(FPR x "
+                 "(held out + 1)), so that its realised FPR is at most the stated one on average; its upper bound is "
+                 "below)."),
             Table("canary_tpr", self.tprs, data=self.tpr_data),
             *(Text(n) for n in self.notes),
             Text("One-run epsilon lower bounds at the audit's confidence: Steinke, Nasr & Jagielski 2023 and the "
@@ -152,6 +155,12 @@ def canary_audit(data: StudyResults) -> CanaryAudit:
             col = f"canary_{family}_tpr_at_{point}_fpr_note"
             if col in mia and mia[col].notna().any():
                 notes.append(f"`{family}` TPR at {label} FPR: {mia[col].dropna().iloc[0]}.")
+            upper = f"canary_{family}_tpr_at_{point}_fpr_fpr_upper"
+            if upper in mia and mia[upper].notna().any():
+                expected = mia[f"canary_{family}_tpr_at_{point}_fpr_fpr_expected"].mean()
+                notes.append(f"`{family}` at {label} FPR: the threshold rule's realised FPR is {expected:.2%} on "
+                             f"average, at most {mia[upper].mean():.2%} (one-sided upper bound at the study's level, "
+                             "order statistics of the held-out canaries).")
     if "canary_note" in mia:
         unscored = mia.dropna(subset=["canary_note"]).drop_duplicates("attack")
         notes += [f"`{a}`: {n}." for a, n in zip(unscored.attack, unscored.canary_note)]

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from memlens.config import ModelConfig, stable_hash
+from memlens.models.fingerprint import weights_fingerprint
 from memlens.score.engine import SequenceStats
 from memlens.store import atomic_write_bytes, read_cache
 
@@ -33,13 +34,15 @@ def tokens_hash(sequences: Sequence[Sequence[int]]) -> str:
 
 def model_fingerprint(cfg: ModelConfig, dtype: str) -> dict:
     """What identifies the base model's weights: its config, resolved dtype and, for a local folder, the
-    hash of config.json and the names and sizes of its weight files (a retrained folder changes them)."""
+    hash of config.json, the names and sizes of its weight files and their content fingerprint
+    (:func:`memlens.models.fingerprint.weights_fingerprint`: weights changed in place change it)."""
     print_ = {"model": cfg.model_dump(exclude={"device"}), "dtype": dtype}
     path = Path(cfg.name_or_path)
     if path.is_dir():
         config = path / "config.json"
         print_["config_sha"] = hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else None
         print_["weights"] = sorted((p.name, p.stat().st_size) for p in path.glob("*.safetensors"))
+        print_["weights_content"] = weights_fingerprint(path)
     return print_
 
 

@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import yaml
 from pydantic import ValidationError
 
 from memlens.config import ConfigError, StudyConfig, format_validation_error
+from memlens.config.loading import read_yaml_file
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +158,10 @@ class StudyLayout:
         a folder without one is a ConfigError saying so. The one reader of the study file."""
         if not self.study_file.exists():
             raise ConfigError(f"{self.root}: not a memlens study folder (no {StudyFile.STUDY})")
+        document = read_yaml_file(self.study_file, StudyFile.STUDY, "; memlens writes this file itself: restore it "
+                                  "from the study file you ran, or start a new --out")
         try:
-            return StudyConfig.model_validate(yaml.safe_load(self.study_file.read_text()) or {})
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{self.study_file}: not valid YAML ({exc}); memlens writes this file itself: restore "
-                              "it from the study file you ran, or start a new --out") from None
+            return StudyConfig.model_validate(document or {})
         except ValidationError as err:
             raise ConfigError(format_validation_error(err, str(self.study_file))) from None
 

@@ -100,6 +100,9 @@ class ReferenceRecord(Record):
     n_population: int           # records of the membership experiment the coins were flipped over
     population_hash: str        # hash of those records' texts
     wall_time_s: float | None = None  # training wall time (train.json's)
+    # what it depends on (records with their coin keys, coin unit, recipe, base weights): attacks.references'
+    # reference_identity; None in references trained before it existed (trained again)
+    identity: str | None = None
 
 
 class AuditRecord(Record):

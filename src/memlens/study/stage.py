@@ -33,8 +33,7 @@ from memlens.attacks.privacy_audit import AUDIT_STAGE, run_privacy_audit
 from memlens.attacks.references import (
     is_trained,
     population,
-    population_hash,
-    reference_ids,
+    reference_identities,
     remove_references,
     train_references,
 )
@@ -215,8 +214,8 @@ class ReferencesStage(Stage):
         cell = ctx.cells.get(run_id)
         if cell is None:
             return False
-        expected = population_hash(ctx.cell_data(cell))
-        return all(is_trained(ctx.layout, ref_id, expected) for ref_id in reference_ids(ctx.study, cell))
+        return all(is_trained(ctx.layout, ref_id, identity)
+                   for ref_id, identity in reference_identities(ctx.study, cell, ctx.cell_data(cell)).items())
 
     def groups(self, ctx: StudyContext, run_ids: list[str]) -> list[list[str]]:
         """With `train.together` > 1, every cell at once: the references of all their recipes are grouped."""

@@ -15,6 +15,8 @@ from memlens.report.findings import (
 )
 from memlens.report.inference import MeanTest, block_f_test, bonferroni, holm, partial_correlation, steiger_z
 from memlens.report.matched_fit import finding_matched_fit, matched_differences, nearest_pairs, utility_gain
+from memlens.report.member_gain import member_specific_gain, outcome_of
+from memlens.report.repetition import finding_copies, slopes
 from memlens.report.replicates import per_unit, unit_of
 
 
@@ -353,3 +355,75 @@ def test_replicate_units_and_their_nesting():
     assert per_unit(nested, ["rank"], ["auc"], unit).auc.tolist() == pytest.approx([0.7, 0.6])
     assert unit_of(nested.assign(draw=0), ["rank"]).name == "seed"
     assert unit_of(nested.assign(draw=0, seed=0), ["rank"]).column is None
+
+
+def test_members_are_matched_to_the_nearest_non_members_by_base_share_and_length():
+    """One run, k = 1: member a (base share 0.1, 20 tokens) matches non-member x (0.1, 21), member b (0.5, 30) matches
+    y (0.45, 30), not z (0.9, 10); the member-specific gain is the member's minus its match's. A run with too few
+    non-members gets an explicit NaN."""
+    members = pd.DataFrame({"run_id": "r", "sample_id": ["a", "b"], "ngram_gain": [0.30, 0.10],
+                            "ngram_share_base": [0.1, 0.5], "suffix_len": [20, 30]})
+    others = pd.DataFrame({"run_id": "r", "sample_id": ["x", "y", "z"], "ngram_gain": [0.05, 0.20, -0.1],
+                           "ngram_share_base": [0.1, 0.45, 0.9], "suffix_len": [21, 30, 10]})
+    out = member_specific_gain(members, others, k=1)
+    assert out.ngram_gain_matched.tolist() == pytest.approx([0.05, 0.20])
+    assert out.ngram_gain_specific.tolist() == pytest.approx([0.25, -0.10])
+    two = member_specific_gain(members, others, k=2)  # a: x and y; b: y and x
+    assert two.ngram_gain_matched.tolist() == pytest.approx([0.125, 0.125])
+    assert member_specific_gain(members, others.iloc[:1], k=2).ngram_gain_specific.isna().all()
+    assert outcome_of(out) == "ngram_gain_specific" and outcome_of(out.drop(columns="ngram_gain_specific")) == \
+        "ngram_gain"
+
+
+def test_finding_two_on_the_member_specific_outcome_names_runs_and_draws():
+    """2 configurations x 5 record draws: the member-specific gain follows the fine-tuned perplexity's own part; the
+    verdict's outcome, its runs (configurations x draws) and the members' excess over matched non-members (a t over
+    draws) are in the reason."""
+    members = _members(10, 0.0, 0.3)
+    members["ngram_gain_specific"] = members.ngram_share - 0.4
+    runs = pd.DataFrame({"run_id": [f"r{i}" for i in range(10)], "target_modules": ["v"] * 5 + ["q"] * 5,
+                         "rank": 16, "learning_rate": 3e-3, "seed": 0, "draw": list(range(5)) * 2})
+    found = finding_perplexity(members, runs=runs)
+    assert found.verdict == "holds", found.reason
+    assert "n-gram gain over that of non-members matched on base share and length" in found.reason
+    assert "(2 configuration(s) x 5 record draw(s))" in found.test and "unit: the run" in found.test
+    assert "Members' mean excess gain" in found.reason and "5 record draws (df 4)" in found.reason
+    positive = members.assign(ngram_gain_specific=-members.ngram_gain_specific)
+    assert finding_perplexity(positive, runs=runs).verdict == "reversed"
+
+
+def _copies_study(slope: float, draws=range(5)) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Exposure rows (fine-tuned and base per run) and canary n-gram shares of [v] r8 at copies 1..32, one seed per
+    draw; the fine-tuned exposure and share rise by `slope` per doubling of the copies (plus noise)."""
+    rng = np.random.default_rng(3)
+    exposure, shares = [], []
+    for draw in draws:
+        for copies in (1, 2, 4, 8, 16, 32):
+            run = f"v-c{copies}-d{draw}"
+            ids = {"run_id": run, "target_modules": "v", "rank": 8, "learning_rate": 3e-3, "canary_copies": copies,
+                   "seed": 0, "draw": draw}
+            base = rng.normal(3, 0.3)
+            tuned = base + 1 + slope * np.log2(copies) + rng.normal(0, 0.3)
+            exposure += [{**ids, "model": "base", "exposure": base}, {**ids, "model": "finetuned", "exposure": tuned}]
+            shares.append({**ids, "ngram_share": float(np.clip(0.2 + slope / 10 * np.log2(copies)
+                                                              + rng.normal(0, 0.02), 0, 1))})
+    return pd.DataFrame(exposure), pd.DataFrame(shares)
+
+
+def test_canary_repetition_is_a_verdict_over_record_draws():
+    found = finding_copies(*_copies_study(1.5))
+    assert found.verdict == "holds" and found.number == 3 and found.scope == "canary copies 1, 2, 4, 8, 16, 32"
+    assert "5 record draws (df 4), one seed per draw" in found.test and "exposure" in found.effect
+    assert "exposure gained over the base model per doubling" in found.reason
+    assert finding_copies(*_copies_study(-1.5)).verdict == "reversed"
+    exposure, shares = _copies_study(1.5)
+    assert finding_copies(exposure, shares.iloc[0:0]).verdict == "inconclusive"  # extraction not measured
+    one = exposure[exposure.canary_copies == 1]
+    assert finding_copies(one, shares[shares.canary_copies == 1]) is None  # not a copies study: no row
+
+
+def test_a_slope_per_draw_by_hand():
+    """Values 1, 2, 3 at copies 1, 2, 4 (log2: 0, 1, 2): slope 1 per doubling; two seeds of a draw averaged first."""
+    frame = pd.DataFrame({"target_modules": "v", "rank": 8, "learning_rate": 3e-3, "canary_copies": [1, 2, 4, 1, 2, 4],
+                          "seed": 0, "draw": [0, 0, 0, 1, 1, 1], "value": [1, 2, 3, 0, 0, 3]})
+    assert slopes(frame, "value").slope.tolist() == pytest.approx([1.0, 1.5])

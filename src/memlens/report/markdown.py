@@ -25,6 +25,9 @@ from memlens.report.timings import describe_hardware
 from memlens.store import StudyLayout, atomic_write_text
 from memlens.study.provenance import hardware_info
 
+VOCABULARY = ("`holds`: significant in the 2024 study's direction; `reversed`: significant in the opposite "
+              "direction; `does not hold`: a null, the difference's interval within the stated negligible band; "
+              "`inconclusive`: none of these.")
 STAGE_NOTES = {"finetune": "data and model loading, training and saving, as the runner measured it",
                "train loop": "the training loop alone (train.json)",
                "mia": "scoring, attacks and privacy audit", "extraction": "generation, similarity and exposure"}
@@ -153,14 +156,19 @@ def _across_studies(doc: Document, companions: list[StudyAnalysis]) -> None:
     """The opening table of a document with companion studies: every verdict of this study and of each companion
     (other models, other regimes), finding by finding, each from its own folder."""
     studies = [doc.a, *companions]
-    rows = pd.concat([verdict_rows(a) for a in studies], ignore_index=True)
+    rows = pd.concat([verdict_rows(a).assign(number=[f.number for f in a.findings]) for a in studies],
+                     ignore_index=True)
     order = {title: i for i, title in enumerate(dict.fromkeys(rows.finding))}
-    rows = rows.sort_values("finding", key=lambda c: c.map(order), kind="stable")
+    # by finding number, then each scope where it first appears (a companion's own scope, e.g. alpha = 2 x rank,
+    # joins its finding's rows)
+    rows = rows.assign(order=rows.finding.map(order)).sort_values(["number", "order"], kind="stable")
+    rows = rows.drop(columns=["number", "order"])
     folders = ", ".join(f"`{a.study.name}` ({Path(a.study.model.name_or_path).name}): `{a.root}`" for a in studies)
     doc.add("## Verdicts across studies",
             f"Each finding in each study (model x regime), with its test, correction and effect; each row is computed "
-            f"from its own study folder ({folders}). The sections after this table are this document's own study, "
-            f"`{doc.a.study.name}`; each companion has its own document.", md_table(rows.reset_index(drop=True)))
+            f"from its own study folder ({folders}). {VOCABULARY} The sections after this table are this document's "
+            f"own study, `{doc.a.study.name}`; each companion has its own document.",
+            md_table(rows.reset_index(drop=True)))
 
 
 def render(a: StudyAnalysis, figures: dict[str, Path], folder_name: str, command: str, note: str | None = None,
@@ -187,8 +195,9 @@ def render(a: StudyAnalysis, figures: dict[str, Path], folder_name: str, command
         doc.figure(a.headline, "headline")
     verdicts = verdict_rows(a).drop(columns=["model", "study"])
     doc.add("## Verdicts", "Whether each finding of the 2024 study holds in this study's data, with the test behind "
-            "each verdict, the correction for the tests made together and the effect (the thresholds are stated in "
-            "each reason):", md_table(verdicts))
+            "each verdict (its replicate unit and df), the correction for the tests made together and the effect "
+            f"with its interval at the correction's level (the thresholds are stated in each reason). {VOCABULARY}",
+            md_table(verdicts))
     for number, evidence in enumerate(FINDINGS, start=1):
         group = [f for f in a.findings if f.number == number]
         doc.add(f"## Finding {number}: {group[0].title.split(') ', 1)[-1]}" if group else f"## Finding {number}")

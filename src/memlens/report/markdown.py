@@ -18,6 +18,7 @@ import pandas as pd
 
 from memlens.config import RANDOM, SPLITS, ConfigError
 from memlens.report.analysis import StudyAnalysis, analyse
+from memlens.report.findings import alpha_scope
 from memlens.report.html import write_html
 from memlens.report.mdsections import FINDINGS, Document, not_shown, section
 from memlens.report.mdtable import NA, fmt, is_null, md_table, seconds
@@ -97,7 +98,8 @@ def _header(doc: Document) -> None:
         ("Runs with results", f"{len(a.runs)}; failed cells: {len(a.failures)}"),
         ("Training", f"{train.epochs:g} epoch(s), learning rate {train.learning_rate:g}, batch {train.batch_size} x "
                      f"{train.grad_accum} accumulation, {train.warmup_steps} warm-up steps, packing {train.packing}; "
-                     f"LoRA alpha {study.lora.alpha:g}, dropout {study.lora.dropout:g}; canary mode "
+                     f"LoRA {alpha_scope(study.lora.alpha, getattr(study.lora, 'alpha_per_rank', None))}, dropout "
+                     f"{study.lora.dropout:g}; canary mode "
                      f"{study.canary.mode}"),
         ("Hardware", f"{describe_hardware(a.hardware)}; CUDA device: {env.cuda_device or 'none'}"),
         ("Software", f"Python {env.python or NA}; {env.versions() or 'package versions not recorded'}; memlens git "

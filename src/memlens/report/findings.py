@@ -41,7 +41,6 @@ from memlens.report.replicates import Unit, per_unit, unit_of
 QK = ("q", "k")
 VO = ("v", "o")
 MIN_REPLICATES = 2      # replicate-level tests need at least this many units per configuration
-MIN_SEEDS = MIN_REPLICATES
 MIN_RECORDS = 10        # member records with extraction results a run needs for its own correlations
 # Columns that, with the matrix set, identify a configuration (whatever else the grid varies).
 CONFIG_COLUMNS = ("method", "rank", "canary_copies", "membership", "noise_multiplier", "model", "learning_rate")

@@ -28,7 +28,10 @@ from memlens.study.provenance import hardware_info
 
 VOCABULARY = ("`holds`: significant in the 2024 study's direction; `reversed`: significant in the opposite "
               "direction; `does not hold`: a null, the difference's interval within the stated negligible band; "
-              "`inconclusive`: none of these.")
+              "`inconclusive`: none of these. The replicate unit is the record draw where the grid has several "
+              "(seeds in one draw are averaged first), else the seed; the record-level sampling error (what "
+              "Hanley-McNeil or DeLong estimate within one run) is inside the spread of the draws, each of which "
+              "scores other records, and is not added again.")
 STAGE_NOTES = {"finetune": "data and model loading, training and saving, as the runner measured it",
                "train loop": "the training loop alone (train.json)",
                "mia": "scoring, attacks and privacy audit", "extraction": "generation, similarity and exposure"}

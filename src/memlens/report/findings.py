@@ -307,9 +307,10 @@ def member_excess(members: pd.DataFrame, runs: pd.DataFrame | None) -> str:
     unit = unit_of(per_run, ["target_modules", "rank"])
     values = per_unit(per_run, [], ["excess"], unit).excess.to_numpy() if unit.column else per_run.excess.to_numpy()
     test = MeanTest.of(values)
-    units = unit.describe(test.n) if unit.column else f"{test.n} runs as units"
-    return (f". Outcome: {MATCHING}. Members' mean excess gain: "
-            f"{test.describe('member minus matched non-members', 'units')} ({units})")
+    units = unit.plural(test.n).split(" ", 1)[1] if unit.column else "runs"
+    nesting = f" ({unit.describe(test.n).split('), ', 1)[-1]})" if unit.column == "draw" else ""
+    return (f". Outcome: {MATCHING}. Members' mean excess gain, configurations averaged within a unit: "
+            f"{test.describe('member minus matched non-members', units)}{nesting}")
 
 
 def _finding_perplexity(members: pd.DataFrame, per_run: pd.DataFrame | None, runs: pd.DataFrame | None) -> Finding:

@@ -241,6 +241,7 @@ def test_matched_fit_separates_what_is_learned_from_what_is_memorized():
     assert at_gain.scope == "matched fit, AUC at equal gain" and at_gain.verdict == "does not hold", at_gain.reason
     assert abs(float(at_gain.effect.split()[0])) < 0.01 and "for what they learn" in at_gain.reason
     assert "5 record draws (df 4), one seed per draw" in at_gain.test and "Bonferroni over the 2" in at_gain.correction
+    assert "(ranks: 4 (5 record draws))" in at_gain.reason
     assert at_auc.scope == "matched fit, gain at equal AUC" and abs(float(at_auc.effect.split()[0])) < 0.005
     shifted = primary.assign(auc=primary.auc + 0.05 * primary.target_modules.isin(["v", "o"]))
     assert [f.verdict for f in finding_matched_fit(shifted, utility)] == ["holds", "holds"]  # v/o above at every gain

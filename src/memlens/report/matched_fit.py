@@ -106,9 +106,14 @@ def finding_matched_fit(primary: pd.DataFrame, utility: pd.DataFrame) -> list[Fi
     unit = unit_of(points, ["target_modules", "rank", "learning_rate"])
     per = per_unit(points, ["target_modules", "side", "rank", "learning_rate"], ["gain", "auc"], unit)
     by_unit: dict[object, list[tuple[float | None, float | None]]] = {}
+    ranks_used: list[dict[int, int]] = [{}, {}]  # per comparison: rank -> units with a common range there
     for key, g in per.groupby([unit.column, "rank"] if unit.column else ["rank"]):
-        replicate = key[0] if unit.column else 0
-        by_unit.setdefault(replicate, []).append(matched_differences(side_curves(g)))
+        replicate, rank = (key[0], key[1]) if unit.column else (0, key[0])
+        found = matched_differences(side_curves(g))
+        by_unit.setdefault(replicate, []).append(found)
+        for index, value in enumerate(found):
+            if value is not None:
+                ranks_used[index][int(rank)] = ranks_used[index].get(int(rank), 0) + 1
     gains = points.groupby("side").gain.agg(["min", "max"])
     reached = (f"held-out perplexity gain reached: v/o {gains.loc['vo', 'min']:.3f}-{gains.loc['vo', 'max']:.3f}, "
                f"q/k {gains.loc['qk', 'min']:.3f}-{gains.loc['qk', 'max']:.3f} over {levels} learning rates")
@@ -130,9 +135,10 @@ def finding_matched_fit(primary: pd.DataFrame, utility: pd.DataFrame) -> list[Fi
             continue
         test = MeanTest.of(np.array(values))
         verdict = test.verdict(tests=2, negligible=0.01 if unit_word == "AUC" else None)
+        ranks = ", ".join(f"{r} ({unit.plural(n)})" for r, n in sorted(ranks_used[index].items()))
         reason = (f"{reached}; {test.describe(label, unit.plural(test.n).split(' ', 1)[1])}, each unit's value the "
-                  f"mean over the ranks where both sides' curves overlap; positive: v/o memorize more for what they "
-                  f"learn{' (reversed: q/k do)' if verdict == REVERSED else ''}")
+                  f"mean over the ranks where both sides' curves overlap in it (ranks: {ranks}); positive: v/o "
+                  f"memorize more for what they learn{' (reversed: q/k do)' if verdict == REVERSED else ''}")
         findings.append(Finding(TITLE_VO, verdict, reason, number=1, scope=scope,
                                 test=f"one-sample t over {unit.describe(test.n)} of curves over learning rates "
                                      f"interpolated at {MATCHED_POINTS} common values",

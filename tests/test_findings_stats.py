@@ -11,12 +11,13 @@ from memlens.report.findings import (
     finding_perplexity,
     finding_rank,
     finding_value_output,
+    member_excess,
     per_run_correlations,
 )
 from memlens.report.inference import MeanTest, block_f_test, bonferroni, holm, partial_correlation, steiger_z
 from memlens.report.matched_fit import finding_matched_fit, matched_differences, nearest_pairs, utility_gain
 from memlens.report.member_gain import member_specific_gain, outcome_of
-from memlens.report.repetition import finding_copies, slopes
+from memlens.report.repetition import exposure_gain, finding_copies, slopes
 from memlens.report.replicates import per_unit, unit_of
 
 
@@ -428,3 +429,17 @@ def test_a_slope_per_draw_by_hand():
     frame = pd.DataFrame({"target_modules": "v", "rank": 8, "learning_rate": 3e-3, "canary_copies": [1, 2, 4, 1, 2, 4],
                           "seed": 0, "draw": [0, 0, 0, 1, 1, 1], "value": [1, 2, 3, 0, 0, 3]})
     assert slopes(frame, "value").slope.tolist() == pytest.approx([1.0, 1.5])
+
+
+def test_members_excess_and_exposure_gain_by_hand():
+    """Excess gains per run: draw 0 runs 0.02 and 0.04 (configurations averaged: 0.03), draw 1 runs 0.01 and 0.03
+    (0.02): mean 0.025 over 2 draws. Exposure gain: fine-tuned 7 bits minus base 3 bits = 4."""
+    members = pd.DataFrame({"run_id": ["a", "a", "b", "c", "d"], "sample_id": list("vwxyz"),
+                            "ngram_gain_specific": [0.01, 0.03, 0.04, 0.01, 0.03]})
+    runs = pd.DataFrame({"run_id": list("abcd"), "target_modules": ["v", "q", "v", "q"], "rank": 16,
+                         "seed": 0, "draw": [0, 0, 1, 1]})
+    said = member_excess(members, runs)
+    assert "mean +0.0250" in said and "over 2 record draws (df 1)" in said
+    exposure = pd.DataFrame({"run_id": ["r", "r"], "model": ["finetuned", "base"], "exposure": [7.0, 3.0],
+                             "canary_copies": 4, "draw": 0})
+    assert exposure_gain(exposure).exposure_gain.tolist() == [4.0]

@@ -334,7 +334,8 @@ def _finding_perplexity(members: pd.DataFrame, per_run: pd.DataFrame | None, run
               "member records pooled over runs (fewer than 2 runs with enough records for per-run correlations)")
     ft_link = ft.statistic < 0 and ft.pvalue < ALPHA
     base_weaker = base.pvalue >= ALPHA or abs(base.statistic) < abs(ft.statistic)
-    test = dict(test=f"Spearman r over {len(frame)} pooled records", effect=f"r_ft = {ft.statistic:+.3f}")
+    test = dict(test=f"Spearman r over {len(frame)} pooled records (unit: the record, df {len(frame) - 2}; a record "
+                     "recurring in several runs counts each time)", effect=f"r_ft = {ft.statistic:+.3f}")
     if ft_link and base_weaker:
         return Finding(title, HOLDS, detail, **test)
     if ft.statistic > 0 and ft.pvalue < ALPHA:
@@ -391,8 +392,8 @@ def _perplexity_per_run(title: str, members: pd.DataFrame, runs: pd.DataFrame, o
              f"distinct member records for 80% power at alpha {ALPHA} (Fisher z); this study has {distinct}"
              if verdict == INCONCLUSIVE and distinct < needed else "")
     return Finding(title, verdict, f"{detail}. {why}{scale}{disclosed}",
-                   test=f"Spearman r per run, combined over {k} runs{design}; unit: the run, 95% intervals from a "
-                        "bootstrap over runs and records",
+                   test=f"Spearman r per run, combined over {k} runs{design}; unit: the run (a percentile bootstrap "
+                        "over runs and records, so no df)",
                    correction="none: one test of each half; it holds only if both hold",
                    effect=f"r_ft = {ft:+.3f} [{ft_lo:+.3f}, {ft_hi:+.3f}], r_base = {base:+.3f}")
 

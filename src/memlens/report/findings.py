@@ -210,7 +210,9 @@ def _rate_row(diffs: pd.DataFrame, cells: list[Finding], unit: Unit) -> Finding:
     blocks = diffs.drop(columns=["learning_rate", "diff"]).drop_duplicates()
     reason = (f"{len(rates)} learning rates common to every matrix set ({', '.join(f'{r:g}' for r in rates)}); "
               f"{dependence or 'the rate x matrices test could not be computed (too few complete blocks)'}; "
-              f"per rate, from its ranks' verdicts: {'; '.join(parts)}")
+              f"per rate, from its ranks' verdicts (a rate holds where some rank holds and none is reversed, is "
+              f"reversed where some rank is and none holds, does not hold where every rank is a null, else is "
+              f"inconclusive): {'; '.join(parts)}")
     return Finding(TITLE_VO, verdict, reason, number=1, scope="rate x matrices",
                    test=f"block F of rate x (v/o - q/k), blocks: rank x {unit.name} ({len(blocks)} blocks); per "
                         f"rate, the (rate, rank) t-tests over {unit.name}s",

@@ -25,7 +25,7 @@ from tests.conftest import make_study
 # One xdist worker builds the study once for the whole module.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("findings_doc")]
 
-VERDICTS = ("holds", "does not hold", "inconclusive")
+VERDICTS = ("holds", "reversed", "does not hold", "inconclusive")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_findings_document_is_generated_from_the_data(mini, tmp_path):
 
     _rig(out, strong="q")
     doc = _report(out, md)
-    assert _verdicts(doc)[1] == "does not hold", doc
+    assert _verdicts(doc)[1] == "reversed", doc  # significant the other way: not the null "does not hold"
     assert f"{_primary(out).set_index('target_modules').loc['q'].auc:.3f} ± " in doc
 
 
@@ -179,3 +179,78 @@ def test_companion_studies_open_the_document_with_every_verdict(mini, tmp_path):
     assert f"--with {other}" in doc  # the regenerating command names the companions
     bad = CliRunner().invoke(app, ["report", str(mini), "--markdown", str(md), "--with", str(tmp_path)])
     assert bad.exit_code == 2 and "--with" in bad.output and "not a memlens study folder" in bad.output
+
+
+def _grid_results(rng: np.random.Generator) -> pd.DataFrame:
+    """results.parquet rows (mia ref_ratio and utility) of a third-round grid: [q], [k], [v], [o] x ranks 1, 4 x rates
+    1e-3, 3e-3, 1e-2 x 5 record draws (seed 0 each), v/o below q/k at 1e-3 and above at 1e-2 beyond what their
+    gain gives, plus the matched-fit extension at rank 4 (q/k at 3e-2, v/o at 3e-4)."""
+    rows = []
+    cells = [(t, r, lr) for t in "qkvo" for r in (1, 4) for lr in (1e-3, 3e-3, 1e-2)]
+    cells += [(t, 4, 3e-2) for t in "qk"] + [(t, 4, 3e-4) for t in "vo"]
+    for targets, rank, lr in cells:
+        for draw in range(5):
+            vo = targets in "vo"
+            gain = (3 if vo else 1) * 8 * lr + rng.normal(0, 0.002)
+            tilt = {3e-4: -0.05, 1e-3: -0.05, 3e-3: 0.0, 1e-2: 0.05}[lr] if vo else 0.0
+            auc = 0.55 + 0.5 * gain + tilt + rng.normal(0, 0.004)
+            ids = {"run_id": f"{targets}-r{rank}-lr{lr:g}-d{draw}", "model": "llama-tiny", "method": "lora",
+                   "target_modules": targets, "rank": rank, "canary_copies": 1, "seed": 0, "membership": "random",
+                   "noise_multiplier": np.nan, "learning_rate": lr, "draw": draw}
+            rows.append({**ids, "stage": "mia", "attack": "ref_ratio", "auc": auc})
+            rows.append({**ids, "stage": "utility", "attack": "utility", "utility_ppl": 100 * (1 - gain),
+                         "base_utility_ppl": 100.0})
+    return pd.DataFrame(rows)
+
+
+def _extraction(rng: np.random.Generator, run_ids: list[str]) -> pd.DataFrame:
+    """Greedy extraction rows of the fine-tuned and the base model on 40 members and 40 non-members per run; a
+    member's gain falls with the fine-tuned perplexity's own part, a non-member's does not."""
+    rows = []
+    for run_id in run_ids:
+        for i in range(80):
+            member = i < 40
+            base_share, own = rng.uniform(0, 0.3), rng.normal(0, 1)
+            ppl_base = float(np.exp(rng.normal(2, 0.3)))
+            share = float(np.clip(base_share + 0.05 + (0.1 - 0.08 * own if member else 0) + rng.normal(0, .02), 0, 1))
+            common = {"run_id": run_id, "sample_id": f"s{i}", "is_member": member, "is_canary": False,
+                      "decoding": "greedy", "suffix_len": int(rng.integers(10, 30)), "ppl_base": ppl_base,
+                      "ppl_ft": ppl_base * 0.5 * np.exp(0.3 * own)}
+            rows += [{**common, "model": "finetuned", "ngram_share": share},
+                     {**common, "model": "base", "ngram_share": base_share}]
+    return pd.DataFrame(rows)
+
+
+def test_third_round_verdicts_open_with_draws_rates_matched_fit_and_member_specific_finding_two(tmp_path):
+    """The findings the analysis makes of a third-round grid (no training: result rows as memlens writes them): per
+    (rate, rank) verdicts over 5 record draws (df 4), the rate x matrices row with `reversed` where the effect
+    reverses, both matched-fit rows tested, finding 2 on members against matched non-members over 2 configurations x
+    5 draws, and finding 3 labelled with its LoRA scaling; the verdict table carries each row."""
+    from memlens.report.analysis import findings
+    from memlens.report.findings import per_run_correlations
+    from memlens.report.inputs import Environment, StudyResults
+    from memlens.report.memorization import ngram_perplexity
+
+    rng = np.random.default_rng(0)
+    study = make_study(tmp_path / "out", data={"subset": 40, "membership": ["random"], "pool": ["train", "test"]},
+                       grid={"draw": [0, 1, 2, 3, 4], "learning_rate": [1e-3, 3e-3, 1e-2]})
+    results = _grid_results(rng)
+    recall = results[(results["rank"] == 4) & results.target_modules.isin(["v", "q"]) & (results.learning_rate == 3e-3)]
+    data = StudyResults(root=tmp_path, study=study, results=results, mia_scores=pd.DataFrame(),
+                        extraction=_extraction(rng, sorted(recall.run_id.unique())), environment=Environment())
+    perplexity = ngram_perplexity(data)
+    perplexity.per_run = per_run_correlations(perplexity.members)
+    assert perplexity.outcome == "ngram_gain_specific" and len(perplexity.per_run) == 10
+    found = findings(data, pd.DataFrame(), perplexity)
+    scopes = {f.scope: f for f in found}
+    cells = [f for f in found if f.scope and ", lr " in f.scope]
+    assert len(cells) == 6 and all("5 record draws (df 4), one seed per draw" in f.test for f in cells)
+    rates = scopes["rate x matrices"]
+    assert rates.verdict == "reversed at lr 0.001; holds at lr 0.003, 0.01", rates.reason
+    assert "lr 0.03 " not in rates.effect and "lr 0.0003 " not in rates.effect  # the extension's one-sided rates
+    for scope in ("matched fit, AUC at equal gain", "matched fit, gain at equal AUC"):
+        assert scopes[scope].test and "5 record draws (df 4)" in scopes[scope].test, scopes[scope].reason
+    two = next(f for f in found if f.number == 2)
+    assert "matched on base share and length" in two.reason and "(2 configuration(s) x 5 record draw(s))" in two.test
+    assert two.verdict == "holds", two.reason
+    assert scopes["alpha 16 fixed"].number == 3

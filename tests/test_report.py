@@ -77,7 +77,7 @@ def test_findings_state_a_verdict_with_reasons(report):
     assert len(findings) == ranks + 3 and findings.number.tolist() == [1] * (ranks + 1) + [2, 3]
     assert findings[findings.number == 1].scope.tolist() == [f"rank {r}" for r in sorted(
         pd.read_parquet(out / "results.parquet")["rank"].unique())] + ["matched fit"]
-    assert set(findings.verdict) <= {"holds", "does not hold", "inconclusive"}
+    assert set(findings.verdict) <= {"holds", "reversed", "does not hold", "inconclusive"}
     # two ranks only: the rank finding cannot be judged, and says why
     rank = findings[findings.title.str.startswith("(3)")].iloc[0]
     assert rank.verdict == "inconclusive" and "at least 3 ranks" in rank.reason
@@ -93,7 +93,7 @@ def test_finding_verdicts_follow_the_numbers():
             rows.append({"method": "lora", "target_modules": targets, "rank": rank, "auc": auc})
     frame = pd.DataFrame(rows)
     assert finding_rank(frame).verdict == "holds"
-    assert finding_rank(frame.assign(auc=frame.auc[::-1].to_numpy())).verdict == "does not hold"
+    assert finding_rank(frame.assign(auc=frame.auc[::-1].to_numpy())).verdict == "reversed"  # falls with rank
     delong = pd.DataFrame({"set_a": ["q"] * 4, "set_b": ["v"] * 4, "rank": [1, 2, 4, 8],
                            "auc_diff": [-0.1] * 4, "p_value": [0.001] * 4})
     def verdicts(found) -> set[str]:
@@ -102,7 +102,7 @@ def test_finding_verdicts_follow_the_numbers():
     assert verdicts(finding_value_output(frame, delong)) == {"holds"}  # at each of the 4 ranks
     assert verdicts(finding_value_output(frame, delong.assign(p_value=0.5))) == {"inconclusive"}
     swapped = frame.assign(target_modules=frame.target_modules.map({"q": "v", "v": "q"}))
-    assert verdicts(finding_value_output(swapped, delong.assign(auc_diff=0.1))) == {"does not hold"}
+    assert verdicts(finding_value_output(swapped, delong.assign(auc_diff=0.1))) == {"reversed"}
     assert verdicts(finding_value_output(frame[frame.target_modules == "q"], delong)) == {"inconclusive"}
 
 

@@ -154,7 +154,7 @@ def test_analysis_writes_nothing_and_both_renderers_consume_it(study, tmp_path):
 
     doc = "\n".join(render(a, rendered.figures, "findings", "memlens report out --markdown findings.md").lines)
     for finding in a.findings:
-        assert f"**Verdict: {finding.verdict}.**" in doc
+        assert f"**Verdict{f' at {finding.scope}' if finding.scope else ''}: {finding.verdict}.**" in doc
     cell = a.study_table.frame.iloc[0]
     assert f"{cell.auc:.3f} ± {(cell.auc_ci_high - cell.auc_ci_low) / 2:.3f}" in doc
     assert f"{cell.auc:.3f} ± " in page

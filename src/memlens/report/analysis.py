@@ -20,8 +20,8 @@ from memlens.report import membership as mb
 from memlens.report import memorization as mz
 from memlens.report.findings import (
     Finding,
+    alpha_scope,
     at_rate,
-    finding_matched_fit,
     finding_perplexity,
     finding_rank,
     finding_value_output,
@@ -30,7 +30,9 @@ from memlens.report.findings import (
 from memlens.report.frontier import Frontier, Utility, frontier, utility
 from memlens.report.headline import Headline, headline
 from memlens.report.inputs import PRIMARY_ATTACK, Environment, StudyResults, exposure_bits, inputs_fingerprint
+from memlens.report.matched_fit import finding_matched_fit
 from memlens.report.one_run_audit import CanaryAudit, canary_audit
+from memlens.report.repetition import finding_copies
 from memlens.report.section import Omission, Section
 from memlens.report.timings import WallTimes, wall_times
 from memlens.store import StudyLayout
@@ -142,6 +144,31 @@ class StudyAnalysis:
         return tables | {name: frame for name, frame in extra.items() if len(frame)}
 
 
+def canary_shares(data: StudyResults) -> pd.DataFrame:
+    """One row per run: the canary's suffix n-gram share under the fine-tuned model (one decoding, greedy when it
+    ran) with the run's identifying columns; empty without canary extraction rows."""
+    ext = mz.finetuned_rows(data.extraction)
+    canary = ext[ext.is_canary.astype(bool)] if len(ext) else ext
+    if canary.empty:
+        return pd.DataFrame()
+    canary = canary[canary.decoding == mz.decoding_choice(ext)]
+    shares = canary.groupby("run_id").ngram_share.mean().reset_index()
+    return shares.merge(data.runs, on="run_id", how="inner")
+
+
+def findings(data: StudyResults, verdict_tests: pd.DataFrame, perplexity: mz.NgramPerplexity) -> list[Finding]:
+    """The verdicts, in the document's order: finding (1) per (rate, rank) and across rates, at matched fit;
+    (2) on the member-specific outcome; (3) the rank curve (read under the study's LoRA scaling) and, in a
+    canary-copies study, the repetition half."""
+    rate, lora = data.study.train.learning_rate, data.study.lora
+    copies = finding_copies(data.exposure(), canary_shares(data))
+    return [*finding_value_output(data.primary(), verdict_tests, rate),
+            *finding_matched_fit(data.primary(), data.stage("utility")),
+            finding_perplexity(perplexity.members, perplexity.per_run, data.runs),
+            finding_rank(at_rate(data.primary(), rate), alpha_scope(lora.alpha, lora.alpha_per_rank)),
+            *([copies] if copies else [])]
+
+
 def analyse(root: Path) -> StudyAnalysis:
     """The analysis of the study folder `root` (reads its files; writes nothing)."""
     start = time.perf_counter()
@@ -168,10 +195,7 @@ def analyse(root: Path) -> StudyAnalysis:
         bag_of_words=mb.bag_of_words(every), design_comparison=mb.design_comparison(every),
         extraction=mz.extraction_rates(data), utility=utility(every), frontier=frontier(every),
         wall_times=wall_times(layout.root),
-        findings=[*finding_value_output(at_rate(data.primary(), rate), verdict_tests),
-                  finding_matched_fit(data.primary(), data.stage("utility")),
-                  finding_perplexity(perplexity.members, perplexity.per_run),
-                  finding_rank(at_rate(data.primary(), rate))],
+        findings=findings(data, verdict_tests, perplexity),
         verdict_design=design)
     analysis.seconds = time.perf_counter() - start
     return analysis

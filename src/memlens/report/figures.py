@@ -119,13 +119,13 @@ def copies(s: mz.Copies) -> plt.Figure:
 def perplexity(s: mz.NgramPerplexity) -> plt.Figure:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
     for ax, (column, label) in zip(axes, mz.PERPLEXITIES):
-        ax.scatter(s.points[column], s.points.ngram_share, s=8, alpha=0.5)
+        ax.scatter(s.points[column], s.points[s.outcome], s=8, alpha=0.5)
         ax.set_xscale("log"), ax.set_xlabel(f"perplexity under the {label}")
         row = s.correlation(column)
         ax.set_title("too few varied points for a correlation" if row is None else
                      f"Spearman r = {row.spearman_r:.2f} (p = {row.spearman_p:.2g}); "
                      f"Pearson r = {row.pearson_r_log_ppl:.2f} (p = {row.pearson_p:.2g})", fontsize=9)
-    axes[0].set_ylabel("suffix n-gram share")
+    axes[0].set_ylabel(mz.OUTCOMES[s.outcome])
     return fig
 
 

@@ -1,16 +1,17 @@
 """The study's three findings, tested on this study's data.
 
-Each verdict is `holds`, `does not hold` or `inconclusive`, with the test, the correction for the tests made
-together and the effect behind it; the thresholds are stated in the reason so a reader can disagree with them.
+Each verdict is `holds` (significant in the study's direction), `reversed` (significant the other way), `does not
+hold` (a null: the difference's interval lies within +-:data:`memlens.report.inference.NEGLIGIBLE_AUC` AUC) or
+`inconclusive`, with its test (naming its replicate unit and df), the correction for the tests made together and
+the effect with an interval at the correction's level (Bonferroni: the adjusted p and the interval agree).
 
-Two levels of evidence. Replicate level, when the grid has at least :data:`MIN_SEEDS` replicates of each
-configuration: a replicate is one fine-tune, and replicates vary everything that is random (the training seed
-and, with `grid.draw`, the record draw), so their variation decides, not the number of records: paired t-tests
-over replicates (:mod:`memlens.report.inference`). Record level, with one replicate: DeLong tests between runs
-scored on the same records, which leave the training variance out (said in the reason). A factor whose effect
-may change sign is not pooled away: finding (1) is tested at each rank, with Holm's correction over the ranks
-and a test of whether the difference depends on rank. A difference whose interval lies within
-+-:data:`memlens.report.inference.NEGLIGIBLE_AUC` AUC is called absent.
+Two levels of evidence. Replicate level, when each configuration has at least :data:`MIN_REPLICATES` replicates: the
+unit is the record draw when the grid has several draws (seeds averaged within their draw), else the seed
+(:mod:`memlens.report.replicates`); one-sample t-tests over units (:mod:`memlens.report.inference`). Record level,
+with one fine-tune per configuration: DeLong tests between runs scored on the same records, which leave the training
+variance out (said in the reason). A factor whose effect may change sign is not pooled away: finding (1) is tested
+at each (learning rate, rank), with Bonferroni's correction over the rates x ranks, and a test of whether the
+difference depends on rank and on the learning rate.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from scipy import stats
 
 from memlens.report.inference import (
     ALPHA,
+    HOLDS,
+    INCONCLUSIVE,
+    NULL,
+    REVERSED,
     MeanTest,
     block_f_test,
     combined_correlations,
@@ -30,41 +35,28 @@ from memlens.report.inference import (
     partial_correlation,
     steiger_z,
 )
+from memlens.report.member_gain import MATCHING, OUTCOMES, outcome_of
+from memlens.report.replicates import Unit, per_unit, unit_of
 
 QK = ("q", "k")
 VO = ("v", "o")
-MIN_SEEDS = 2           # replicate-level tests need at least this many replicates per configuration
+MIN_REPLICATES = 2      # replicate-level tests need at least this many units per configuration
 MIN_RECORDS = 10        # member records with extraction results a run needs for its own correlations
 # Columns that, with the matrix set, identify a configuration (whatever else the grid varies).
 CONFIG_COLUMNS = ("method", "rank", "canary_copies", "membership", "noise_multiplier", "model", "learning_rate")
-# What varies between fine-tunes of one configuration: the training seed and the record draw.
-REPLICATES = ("seed", "draw")
 TITLE_VO = "(1) Adapting value/output matrices memorizes more than query/key at equal rank"
 
 
 @dataclass
 class Finding:
     title: str
-    verdict: str  # "holds" | "does not hold" | "inconclusive"
+    verdict: str  # "holds" | "reversed" | "does not hold" | "inconclusive" (or per rate: "holds at lr 0.01; ...")
     reason: str
     number: int = 0               # which of the 2024 study's findings: 1, 2 or 3
-    scope: str | None = None      # where it is tested, e.g. "rank 4" (finding 1 per rank) or "matched fit"
-    test: str | None = None       # the test behind the verdict
+    scope: str | None = None      # where it is tested, e.g. "rank 4, lr 0.003" or "matched fit"
+    test: str | None = None       # the test behind the verdict, with its replicate unit and df
     correction: str | None = None  # the correction for the tests made together, if any
     effect: str | None = None     # the effect size with its interval
-
-
-def _replicate_columns(frame: pd.DataFrame) -> list[str]:
-    return [c for c in REPLICATES if c in frame and frame[c].notna().any()]
-
-
-def _seeds(frame: pd.DataFrame) -> int:
-    """The fewest replicates (distinct seeds x record draws) any (matrix set, rank) has."""
-    replicate = _replicate_columns(frame)
-    if not replicate or frame.empty:
-        return 1
-    keys = [c for c in ("target_modules", "rank") if c in frame]
-    return int(frame.groupby(keys)[replicate].apply(lambda g: len(g.drop_duplicates())).min())
 
 
 def _config_columns(frame: pd.DataFrame) -> list[str]:
@@ -73,22 +65,33 @@ def _config_columns(frame: pd.DataFrame) -> list[str]:
 
 def at_rate(rows: pd.DataFrame, learning_rate: float) -> pd.DataFrame:
     """The rows (of runs, or of tests between runs) trained at `learning_rate` (the study's `train.learning_rate`):
-    with a learning-rate ladder (grid.learning_rate) the findings at equal rank and across ranks compare runs of
-    one recipe; the ladder's other rates serve the matched-fit comparison."""
+    with a learning-rate ladder (grid.learning_rate) the findings across ranks compare runs of one recipe."""
     if rows.empty or "learning_rate" not in rows or rows.learning_rate.nunique() < 2:
         return rows
     return rows[np.isclose(rows.learning_rate.astype(float), learning_rate)]
 
 
-def vo_minus_qk(primary: pd.DataFrame) -> pd.DataFrame:
-    """Per (configuration but the matrices, replicate): mean AUC of the v/o runs minus that of the q/k runs."""
-    keys = [*_config_columns(primary), *_replicate_columns(primary)]
+def common_rates(lora: pd.DataFrame) -> list[float]:
+    """The learning rates every single-matrix set of q, k, v, o present in `lora` was trained at (a matched-fit
+    extension that trains only one side at some rates is left out of the rate x matrices comparison)."""
+    if "learning_rate" not in lora or lora.learning_rate.isna().all():
+        return []
+    sets = lora[lora.target_modules.isin(VO + QK)].groupby("target_modules").learning_rate.agg(set)
+    return sorted(set.intersection(*sets)) if len(sets) else []
+
+
+def vo_minus_qk(primary: pd.DataFrame, unit: Unit | None = None) -> pd.DataFrame:
+    """Per (configuration but the matrices, replicate unit): mean AUC of the v/o runs minus that of the q/k runs,
+    seeds averaged within their draw when the draw is the unit. Columns: the configuration, the unit's, `diff`."""
+    unit = unit or unit_of(primary, _config_columns(primary))
+    keys = _config_columns(primary)
     frame = primary.assign(side=np.where(primary.target_modules.isin(VO), "vo",
                                          np.where(primary.target_modules.isin(QK), "qk", None)))
-    frame = frame.dropna(subset=["side"])
-    wide = frame.pivot_table(index=keys, columns="side", values="auc", aggfunc="mean").dropna()
+    frame = per_unit(frame.dropna(subset=["side"]), [*keys, "side"], ["auc"], unit)
+    index = [*keys, *([unit.column] if unit.column else [])]
+    wide = frame.pivot_table(index=index, columns="side", values="auc", aggfunc="mean").dropna()
     if wide.empty or not {"vo", "qk"} <= set(wide.columns):
-        return pd.DataFrame(columns=[*keys, "diff"])
+        return pd.DataFrame(columns=[*index, "diff"])
     return (wide["vo"] - wide["qk"]).rename("diff").reset_index()
 
 
@@ -102,63 +105,121 @@ def vo_qk_tests(delong: pd.DataFrame) -> pd.DataFrame:
     return tests
 
 
-def finding_value_output(primary: pd.DataFrame, delong: pd.DataFrame) -> list[Finding]:
-    """(1) Adapting value/output matrices memorizes more than query/key at equal rank: one verdict per rank
-    shared by v/o and q/k runs (the effect may change sign with rank, so it is never pooled over ranks), with
-    Holm's correction over the ranks. `delong`: the verdict design's DeLong tests (with `p_holm`, Holm over the
-    design's tests)."""
+def finding_value_output(primary: pd.DataFrame, delong: pd.DataFrame,
+                         recipe_rate: float | None = None) -> list[Finding]:
+    """(1) Adapting value/output matrices memorizes more than query/key at equal rank: one verdict per (learning
+    rate, rank) shared by v/o and q/k runs (the effect may change sign with either, so it is never pooled over
+    them), Bonferroni over the rates x ranks, and with a ladder of rates a rate x matrices test and a verdict per
+    rate. Only the rates common to every matrix set enter. `delong`: the verdict design's DeLong tests at
+    `recipe_rate` (with `p_holm`), used with one fine-tune per configuration."""
     if primary.empty:
-        return [Finding(TITLE_VO, "inconclusive", "no membership-inference results", number=1)]
+        return [Finding(TITLE_VO, INCONCLUSIVE, "no membership-inference results", number=1)]
     lora = primary[primary.method == "lora"] if "method" in primary else primary
+    rates = common_rates(lora)
+    if rates:
+        lora = lora[lora.learning_rate.isin(rates)]
     vo, qk = lora[lora.target_modules.isin(VO)], lora[lora.target_modules.isin(QK)]
     ranks = sorted(set(vo["rank"]) & set(qk["rank"]))
     if not ranks:
-        return [Finding(TITLE_VO, "inconclusive", "needs single-matrix runs of [v] or [o] and of [q] or [k] at a "
+        return [Finding(TITLE_VO, INCONCLUSIVE, "needs single-matrix runs of [v] or [o] and of [q] or [k] at a "
                         f"common rank; this grid has {sorted(lora.target_modules.unique())} at ranks "
                         f"{sorted(int(r) for r in lora['rank'].unique())}", number=1)]
-    if _seeds(lora[lora.target_modules.isin(VO + QK)]) >= MIN_SEEDS:
-        return _vo_qk_per_rank(lora, ranks)
-    return _vo_qk_records(lora, ranks, vo_qk_tests(delong))
+    sides = lora[lora.target_modules.isin(VO + QK)]
+    unit = unit_of(sides, _config_columns(sides))
+    if unit.column:
+        return _vo_qk_replicated(sides, unit)
+    here = at_rate(lora, recipe_rate) if recipe_rate is not None else lora
+    return _vo_qk_records(here, ranks, vo_qk_tests(delong))
 
 
-def _rank_dependence(diffs: pd.DataFrame) -> str:
-    """Whether v/o - q/k depends on rank: the block F test of rank with the replicates (and any other
-    configuration) as blocks."""
-    blocks = [c for c in diffs.columns if c not in ("rank", "diff")]
-    table = diffs.pivot_table(index="rank", columns=blocks, values="diff", aggfunc="mean") if blocks else None
-    test = block_f_test(table.to_numpy()) if table is not None else None
+def _dependence(diffs: pd.DataFrame, factor: str, label: str) -> str:
+    """Whether v/o - q/k depends on `factor`: the block F test of the factor with every other configuration
+    column and the replicate unit as blocks."""
+    blocks = [c for c in diffs.columns if c not in (factor, "diff")]
+    if diffs[factor].nunique() < 2 or not blocks:
+        return ""
+    test = block_f_test(diffs.pivot_table(index=factor, columns=blocks, values="diff", aggfunc="mean").to_numpy())
     if test is None:
         return ""
-    depends = "depends on rank" if test.p_value < ALPHA else "shows no significant dependence on rank"
-    return (f"; the difference {depends} ({test.describe('rank x (v/o - q/k), replicates as blocks')}), so it is "
-            "tested at each rank")
+    depends = f"depends on {label}" if test.p_value < ALPHA else f"shows no significant dependence on {label}"
+    return f"the difference {depends} ({test.describe(f'{label} x (v/o - q/k), the rest as blocks')})"
 
 
-def _vo_qk_per_rank(lora: pd.DataFrame, ranks: list[int]) -> list[Finding]:
-    diffs = vo_minus_qk(lora)
-    replicate = " x ".join({"seed": "seeds", "draw": "record draws"}[c] for c in _replicate_columns(lora))
-    tests = {rank: MeanTest.of(diffs[diffs["rank"] == rank]["diff"].to_numpy()) for rank in ranks}
-    tested = [r for r in ranks if tests[r].n >= MIN_SEEDS]
-    adjusted = dict(zip(tested, holm([tests[r].p_value for r in tested]))) if tested else {}
-    dependence = _rank_dependence(diffs[diffs["rank"].isin(tested)])
+def _scope(rank: int, rate: float | None) -> str:
+    return f"rank {int(rank)}" + (f", lr {rate:g}" if rate is not None else "")
+
+
+def _vo_qk_replicated(lora: pd.DataFrame, unit: Unit) -> list[Finding]:
+    diffs = vo_minus_qk(lora, unit)
+    ladder = "learning_rate" in diffs and diffs.learning_rate.nunique() > 1
+    cell_keys = ["learning_rate", "rank"] if ladder else ["rank"]
+    tests = {key if ladder else (None, key): MeanTest.of(g["diff"].to_numpy())
+             for key, g in diffs.groupby(cell_keys if ladder else "rank")}
+    tested = [k for k, t in tests.items() if t.n >= MIN_REPLICATES]
+    m = len(tested)
+    family = f"{m} (learning rate, rank) cell(s)" if ladder else f"{m} rank(s)"
+    dependence = "; ".join(d for d in (_dependence(diffs, "rank", "rank"),) if d)
     findings = []
-    for rank in ranks:
-        test, means = tests[rank], lora[lora["rank"] == rank].groupby(lora.target_modules.isin(VO)).auc.mean()
+    for (rate, rank), test in sorted(tests.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1])):
+        runs = lora[(lora["rank"] == rank) & (np.isclose(lora.learning_rate, rate) if ladder else True)]
+        means = runs.groupby(runs.target_modules.isin(VO)).auc.mean()
         level = f"mean AUC v/o {means.get(True, np.nan):.3f} vs q/k {means.get(False, np.nan):.3f}"
-        if rank not in adjusted:
-            findings.append(Finding(TITLE_VO, "inconclusive", f"{level}; fewer than {MIN_SEEDS} replicates with both "
-                                    "sides at this rank", number=1, scope=f"rank {rank}"))
+        scope = _scope(rank, rate if ladder else None)
+        if (rate, rank) not in tested:
+            findings.append(Finding(TITLE_VO, INCONCLUSIVE, f"{level}; fewer than {MIN_REPLICATES} replicates "
+                                    f"({unit.name}s) with both sides here", number=1, scope=scope))
             continue
-        low, high = test.interval(1 - ALPHA / len(tested))
-        verdict = test.verdict(adjusted[rank], tests=len(tested))
-        reversed_ = " (reversed: q/k memorizes more)" if verdict == "does not hold" and adjusted[rank] < ALPHA else ""
-        reason = (f"{level}; {test.describe('AUC(v/o) - AUC(q/k)')}, Holm-adjusted p = {adjusted[rank]:.3g} over "
-                  f"{len(tested)} rank(s){reversed_}{dependence}")
+        verdict = test.verdict(tests=m)
+        reversed_ = " (reversed: q/k memorizes more)" if verdict == REVERSED else ""
+        reason = (f"{level}; {test.describe('AUC(v/o) - AUC(q/k)', unit.plural(test.n).split(' ', 1)[1])}, "
+                  f"Bonferroni-adjusted p = {min(1.0, test.p_value * m):.3g} over {family}{reversed_}"
+                  + (f"; {dependence}" if dependence else ""))
         findings.append(Finding(
-            TITLE_VO, verdict, reason, number=1, scope=f"rank {rank}",
-            test=f"paired t over {test.n} replicates ({replicate})", correction=f"Holm over {len(tested)} rank(s)",
-            effect=f"{test.mean:+.3f} AUC [{low:+.3f}, {high:+.3f}] ({1 - ALPHA / len(tested):.1%} interval)"))
+            TITLE_VO, verdict, reason, number=1, scope=scope,
+            test=f"one-sample t of v/o - q/k over {unit.describe(test.n)}",
+            correction=f"Bonferroni over {family}", effect=test.effect(tests=m)))
+    if ladder:
+        findings.append(_rate_row(diffs, findings, unit))
     return findings
+
+
+def _rate_row(diffs: pd.DataFrame, cells: list[Finding], unit: Unit) -> Finding:
+    """Finding (1) across the ladder: the rate x matrices test (does v/o - q/k depend on the rate?) and a verdict per
+    rate from its ranks' verdicts: holds where some rank holds and none reverses, reversed where some reverses and
+    none holds, does not hold where every rank is a null, else inconclusive."""
+    rates = sorted(diffs.learning_rate.unique())
+    per_rate = {}
+    parts = []
+    for rate in rates:
+        here = [c for c in cells if c.scope and c.scope.endswith(f", lr {rate:g}")]
+        found = {c.verdict for c in here}
+        per_rate[rate] = (HOLDS if HOLDS in found and REVERSED not in found else
+                          REVERSED if REVERSED in found and HOLDS not in found else
+                          NULL if found == {NULL} else INCONCLUSIVE)
+        by_verdict = {}
+        for c in here:
+            by_verdict.setdefault(c.verdict, []).append(c.scope.split(",")[0].removeprefix("rank "))
+        parts.append(f"lr {rate:g}: " + ", ".join(f"{v} at rank {'/'.join(r)}" for v, r in by_verdict.items()))
+    grouped: dict[str, list[str]] = {}
+    for rate, verdict in per_rate.items():
+        grouped.setdefault(verdict, []).append(f"{rate:g}")
+    verdict = (next(iter(grouped)) if len(grouped) == 1 else
+               "; ".join(f"{v} at lr {', '.join(r)}" for v, r in grouped.items()))
+    dependence = _dependence(diffs, "learning_rate", "learning rate")
+    means = diffs.groupby("learning_rate")["diff"].mean()
+    blocks = diffs.drop(columns=["learning_rate", "diff"]).drop_duplicates()
+    reason = (f"{len(rates)} learning rates common to every matrix set ({', '.join(f'{r:g}' for r in rates)}); "
+              f"{dependence or 'the rate x matrices test could not be computed (too few complete blocks)'}; "
+              f"per rate, from its ranks' verdicts (a rate holds where some rank holds and none is reversed, is "
+              f"reversed where some rank is and none holds, does not hold where every rank is a null, else is "
+              f"inconclusive): {'; '.join(parts)}")
+    return Finding(TITLE_VO, verdict, reason, number=1, scope="rate x matrices",
+                   test=f"block F of rate x (v/o - q/k), blocks: rank x {unit.name} ({len(blocks)} blocks); per "
+                        f"rate, the (rate, rank) t-tests over {unit.name}s",
+                   correction=f"per rate: the cells' Bonferroni over {sum(c.test is not None for c in cells)} "
+                              "(rates x ranks)",
+                   effect="v/o - q/k, mean over ranks and " + f"{unit.name}s: " +
+                          ", ".join(f"lr {r:g} {v:+.3f}" for r, v in means.items()) + " AUC")
 
 
 def _vo_qk_records(lora: pd.DataFrame, ranks: list[int], tests: pd.DataFrame) -> list[Finding]:
@@ -166,7 +227,7 @@ def _vo_qk_records(lora: pd.DataFrame, ranks: list[int], tests: pd.DataFrame) ->
     test of the design. A verdict needs a majority of a rank's tests significant one way after correction and
     none the other way; training variance is not in these tests, which the reason says."""
     caveat = ("; one fine-tune per configuration: these record-level tests leave out the variation between "
-              "fine-tunes (add seeds for replicate-level tests)")
+              "fine-tunes (add record draws for replicate-level tests)")
     p_holm = tests.p_holm if "p_holm" in tests else pd.Series(holm(tests.p_value), index=tests.index) \
         if len(tests) else pd.Series(dtype=float)
     findings = []
@@ -175,7 +236,7 @@ def _vo_qk_records(lora: pd.DataFrame, ranks: list[int], tests: pd.DataFrame) ->
         level = f"mean AUC v/o {means.get(True, np.nan):.3f} vs q/k {means.get(False, np.nan):.3f}"
         here = tests[tests["rank"] == rank] if len(tests) else tests
         if here.empty:
-            findings.append(Finding(TITLE_VO, "inconclusive",
+            findings.append(Finding(TITLE_VO, INCONCLUSIVE,
                                     f"{level}; no paired DeLong test between v/o and q/k runs at this rank{caveat}",
                                     number=1, scope=f"rank {rank}"))
             continue
@@ -183,88 +244,18 @@ def _vo_qk_records(lora: pd.DataFrame, ranks: list[int], tests: pd.DataFrame) ->
         n_vo, n_qk = int((significant & (here.diff_vo > 0)).sum()), int((significant & (here.diff_vo < 0)).sum())
         reason = (f"{level}; paired DeLong tests after Holm over {len(tests)}: {n_vo} of {len(here)} favour v/o, "
                   f"{n_qk} favour q/k (median raw p = {here.p_value.median():.3g}){caveat}")
-        verdict = ("holds" if n_vo > len(here) / 2 and n_qk == 0 else
-                   "does not hold" if n_qk > len(here) / 2 and n_vo == 0 else "inconclusive")
+        verdict = (HOLDS if n_vo > len(here) / 2 and n_qk == 0 else
+                   REVERSED if n_qk > len(here) / 2 and n_vo == 0 else INCONCLUSIVE)
         findings.append(Finding(TITLE_VO, verdict, reason, number=1, scope=f"rank {rank}",
-                                test=f"DeLong, {len(here)} pair(s) of runs on the same records",
+                                test=f"DeLong, {len(here)} pair(s) of runs on the same records (unit: record; "
+                                     "no replicate fine-tunes)",
                                 correction=f"Holm over {len(tests)} test(s)",
                                 effect=f"{here.diff_vo.mean():+.3f} AUC (mean over pairs)"))
     return findings
 
 
-def utility_gain(primary: pd.DataFrame, utility: pd.DataFrame) -> pd.DataFrame:
-    """The primary attack's rows with each run's fit: `gain` = 1 - utility-split perplexity under the fine-tuned
-    model / under the base model (what fine-tuning gained on held-out text)."""
-    if primary.empty or utility.empty or not {"utility_ppl", "base_utility_ppl"} <= set(utility.columns):
-        return pd.DataFrame()
-    fit = utility.assign(gain=1 - utility.utility_ppl / utility.base_utility_ppl)[["run_id", "gain"]]
-    return primary.merge(fit, on="run_id", how="inner").dropna(subset=["gain", "auc"])
-
-
-MATCHED_POINTS = 20  # gains at which the two sides' AUC curves are compared, over their common range
-
-
-def _matched_difference(points: pd.DataFrame) -> float | None:
-    """Mean over a grid of gains in the two sides' common range of AUC(v/o at that gain) - AUC(q/k at that gain),
-    each side's AUC interpolated linearly between its runs sorted by gain; None without a common range."""
-    sides = {side: g.groupby("gain").auc.mean().sort_index() for side, g in points.groupby("side")}
-    if set(sides) != {"vo", "qk"} or min(len(c) for c in sides.values()) < 2:
-        return None
-    low, high = max(c.index.min() for c in sides.values()), min(c.index.max() for c in sides.values())
-    if not high > low:
-        return None
-    grid = np.linspace(low, high, MATCHED_POINTS)
-    vo, qk = (np.interp(grid, sides[s].index.to_numpy(), sides[s].to_numpy()) for s in ("vo", "qk"))
-    return float(np.mean(vo - qk))
-
-
-def finding_matched_fit(primary: pd.DataFrame, utility: pd.DataFrame) -> Finding:
-    """(1) at matched fit: v/o against q/k at equal held-out perplexity gain rather than at equal rank. Equal rank
-    asks whether v/o memorize more per trainable parameter; matched fit asks whether they memorize more for what
-    they learn (v/o adapters lower held-out perplexity more at the same rank and learning rate, so part of their
-    AUC may be fit). Per replicate, each side's AUC against its runs' gains (a learning-rate ladder, and ranks) is
-    interpolated and compared over the gains both reach; a paired t over replicates tests the mean difference."""
-    scope = "matched fit"
-    points = utility_gain(primary[primary.method == "lora"] if "method" in primary else primary, utility)
-    if points.empty:
-        return Finding(TITLE_VO, "inconclusive", "no run has both a primary-attack AUC and a utility-split perplexity "
-                       "(data.utility_split)", number=1, scope=scope)
-    points = points[points.target_modules.isin(VO + QK)].assign(
-        side=lambda f: np.where(f.target_modules.isin(VO), "vo", "qk"))
-    levels = points.learning_rate.nunique() if "learning_rate" in points else 1
-    if levels < 2:
-        return Finding(TITLE_VO, "inconclusive", "needs a learning-rate ladder (grid.learning_rate with 2 or more "
-                       "values) so each matrix set reaches several fits", number=1, scope=scope)
-    replicate = _replicate_columns(points)
-    diffs = [d for _, g in points.groupby(replicate or (lambda _: 0)) if (d := _matched_difference(g)) is not None]
-    gains = points.groupby("side").gain.agg(["min", "max"])
-    reached = (f"held-out perplexity gain reached: v/o {gains.loc['vo', 'min']:.3f}-{gains.loc['vo', 'max']:.3f}, "
-               f"q/k {gains.loc['qk', 'min']:.3f}-{gains.loc['qk', 'max']:.3f} over {levels} learning rates")
-    if len(diffs) < MIN_SEEDS:
-        return Finding(TITLE_VO, "inconclusive", f"no common range of fit between v/o and q/k ({reached}); the two "
-                       f"sides of a replicate overlap in {len(diffs)} replicate(s) and a test needs {MIN_SEEDS}, so "
-                       "memorization at matched fit cannot be compared at any fit this grid reaches",
-                       number=1, scope=scope)
-    test = MeanTest.of(np.array(diffs))
-    reason = (f"{reached}; "
-              f"{test.describe('AUC(v/o) - AUC(q/k) at equal gain')}; this tests memorization for what is learned, "
-              "the per-rank verdicts test it per trainable parameter")
-    return Finding(TITLE_VO, test.verdict(), reason, number=1, scope=scope,
-                   test=f"paired t over {test.n} replicates of curves interpolated at {MATCHED_POINTS} common gains",
-                   correction="none: one test (a separate claim from the per-rank family)",
-                   effect=f"{test.mean:+.3f} AUC [{test.ci_low:+.3f}, {test.ci_high:+.3f}]")
-
-
 # ----------------------------------------------------------------------------------------- finding (2)
-OUTCOMES = {"ngram_gain": "n-gram share gained over the base model", "ngram_share": "n-gram share"}
 DETECTABLE_R = 0.07  # the size of correlation finding (2) was seen at (llama-tiny, 2026): the power statement's
-
-
-def outcome_of(members: pd.DataFrame) -> str:
-    """The per-record outcome finding (2) correlates with perplexity: the share of the suffix reproduced under the
-    fine-tuned model minus under the base model on the same prompt (`ngram_gain`: what fine-tuning added, off the
-    floor of records nobody reproduces), or the share alone where the base model's rows are missing."""
-    return "ngram_gain" if "ngram_gain" in members and members.ngram_gain.notna().any() else "ngram_share"
 
 
 def per_run_correlations(members: pd.DataFrame, outcome: str | None = None) -> pd.DataFrame:
@@ -288,13 +279,43 @@ def per_run_correlations(members: pd.DataFrame, outcome: str | None = None) -> p
     return pd.DataFrame(rows)
 
 
-def finding_perplexity(members: pd.DataFrame, per_run: pd.DataFrame | None = None) -> Finding:
+def finding_perplexity(members: pd.DataFrame, per_run: pd.DataFrame | None = None,
+                       runs: pd.DataFrame | None = None) -> Finding:
     """(2) Lower fine-tuned perplexity goes with more verbatim reproduction; base perplexity does not.
-    `per_run`: :func:`per_run_correlations` of `members`, when already computed."""
-    return replace(_finding_perplexity(members, per_run), number=2)
+    `per_run`: :func:`per_run_correlations` of `members`, when already computed; `runs`: the runs' identifying
+    columns (configuration, seed, draw), which name the replicates."""
+    found = _finding_perplexity(members, per_run, runs)
+    return replace(found, number=2, reason=found.reason + member_excess(members, runs))
 
 
-def _finding_perplexity(members: pd.DataFrame, per_run: pd.DataFrame | None) -> Finding:
+def _run_design(run_ids, runs: pd.DataFrame | None) -> str:
+    """`(2 configurations x 5 record draws)` for the runs `run_ids`, from their identifying columns."""
+    if runs is None or runs.empty or "run_id" not in runs:
+        return ""
+    here = runs[runs.run_id.isin(list(run_ids))]
+    configs = here.drop_duplicates([c for c in ("target_modules", "rank", "learning_rate") if c in here])
+    draws = here.draw.nunique() if "draw" in here else 1
+    return f" ({len(configs)} configuration(s) x {draws} record draw(s))"
+
+
+def member_excess(members: pd.DataFrame, runs: pd.DataFrame | None) -> str:
+    """With the member-specific outcome: whether members gain more than their matched non-members at all, a
+    one-sample t of the mean excess over replicate units (configurations averaged within a unit)."""
+    if "ngram_gain_specific" not in members or members.ngram_gain_specific.isna().all():
+        return ""
+    per_run = members.groupby("run_id").ngram_gain_specific.mean().rename("excess").reset_index()
+    if runs is not None and len(runs) and "run_id" in runs:
+        per_run = per_run.merge(runs, on="run_id", how="left")
+    unit = unit_of(per_run, ["target_modules", "rank"])
+    values = per_unit(per_run, [], ["excess"], unit).excess.to_numpy() if unit.column else per_run.excess.to_numpy()
+    test = MeanTest.of(values)
+    units = unit.plural(test.n).split(" ", 1)[1] if unit.column else "runs"
+    nesting = f" ({unit.describe(test.n).split('), ', 1)[-1]})" if unit.column == "draw" else ""
+    return (f". Outcome: {MATCHING}. Members' mean excess gain, configurations averaged within a unit: "
+            f"{test.describe('member minus matched non-members', units)}{nesting}")
+
+
+def _finding_perplexity(members: pd.DataFrame, per_run: pd.DataFrame | None, runs: pd.DataFrame | None) -> Finding:
     title = ("(2) Records with lower perplexity under the fine-tuned model are reproduced more; "
              "base-model perplexity shows no such link")
     if members.empty or not {"ngram_share", "ppl_ft", "ppl_base"} <= set(members.columns):
@@ -304,10 +325,10 @@ def _finding_perplexity(members: pd.DataFrame, per_run: pd.DataFrame | None) -> 
     if len(frame) < 10 or frame[outcome].nunique() < 2:
         return Finding(title, "inconclusive", f"too few member records with a varied {OUTCOMES[outcome]} "
                        f"({len(frame)})")
-    runs = per_run if per_run is not None else (per_run_correlations(frame, outcome) if "run_id" in frame
-                                                else pd.DataFrame())
-    if len(runs) >= 2:
-        return _perplexity_per_run(title, frame, runs, outcome)
+    per_runs = per_run if per_run is not None else (per_run_correlations(frame, outcome) if "run_id" in frame
+                                                    else pd.DataFrame())
+    if len(per_runs) >= 2:
+        return _perplexity_per_run(title, frame, per_runs, outcome, _run_design(per_runs.run_id, runs))
     ft = stats.spearmanr(frame[outcome], frame.ppl_ft)
     base = stats.spearmanr(frame[outcome], frame.ppl_base)
     detail = (f"Spearman r({OUTCOMES[outcome]}, fine-tuned ppl) = {ft.statistic:.3f} (p = {ft.pvalue:.3g}); "
@@ -315,12 +336,15 @@ def _finding_perplexity(members: pd.DataFrame, per_run: pd.DataFrame | None) -> 
               "member records pooled over runs (fewer than 2 runs with enough records for per-run correlations)")
     ft_link = ft.statistic < 0 and ft.pvalue < ALPHA
     base_weaker = base.pvalue >= ALPHA or abs(base.statistic) < abs(ft.statistic)
-    test = dict(test=f"Spearman r over {len(frame)} pooled records", effect=f"r_ft = {ft.statistic:+.3f}")
+    test = dict(test=f"Spearman r over {len(frame)} pooled records (unit: the record, df {len(frame) - 2}; a record "
+                     "recurring in several runs counts each time)", effect=f"r_ft = {ft.statistic:+.3f}")
     if ft_link and base_weaker:
-        return Finding(title, "holds", detail, **test)
-    if not ft_link and ft.pvalue < ALPHA or ft_link and not base_weaker:
-        return Finding(title, "does not hold", detail, **test)
-    return Finding(title, "inconclusive", detail + " (no significant link with fine-tuned perplexity)", **test)
+        return Finding(title, HOLDS, detail, **test)
+    if ft.statistic > 0 and ft.pvalue < ALPHA:
+        return Finding(title, REVERSED, detail + " (the fine-tuned link is positive)", **test)
+    if ft_link and not base_weaker:
+        return Finding(title, NULL, detail + " (the base-model link is as strong)", **test)
+    return Finding(title, INCONCLUSIVE, detail + " (no significant link with fine-tuned perplexity)", **test)
 
 
 def _perplexity_verdict(combined: dict) -> tuple[str, str]:
@@ -332,16 +356,17 @@ def _perplexity_verdict(combined: dict) -> tuple[str, str]:
     if ft_link and (base_absent or gap_hi < 0 and partial_hi < 0):
         why = ("the base link is absent" if base_absent else
                "the base link is present but significantly weaker, and the fine-tuned link survives controlling for it")
-        return "holds", f"Both halves: the fine-tuned link is negative, and {why}"
+        return HOLDS, f"Both halves: the fine-tuned link is negative, and {why}"
     if ft_lo > 0:
-        return "does not hold", "The fine-tuned link is positive"
+        return REVERSED, "The fine-tuned link is positive (reversed)"
     if ft_link:
-        return "does not hold", ("First half holds; second half does not: the base-model link is present and not "
+        return NULL, ("First half holds; second half does not: the base-model link is present and not "
                                  "significantly weaker than the fine-tuned one")
-    return "inconclusive", "The fine-tuned link's interval includes 0"
+    return INCONCLUSIVE, "The fine-tuned link's interval includes 0"
 
 
-def _perplexity_per_run(title: str, members: pd.DataFrame, runs: pd.DataFrame, outcome: str) -> Finding:
+def _perplexity_per_run(title: str, members: pd.DataFrame, runs: pd.DataFrame, outcome: str,
+                        design: str = "") -> Finding:
     """Finding (2) from per-run correlations: both halves tested over runs and records."""
     k = len(runs)
     combined = combined_correlations(members, runs, outcome=outcome)
@@ -352,9 +377,9 @@ def _perplexity_per_run(title: str, members: pd.DataFrame, runs: pd.DataFrame, o
     base_sig = int((runs.p_base < ALPHA).sum())
     what = OUTCOMES[outcome]
     distinct = members.sample_id.nunique() if "sample_id" in members else int(runs.n.max())
-    detail = (f"over {k} runs ({int(runs.n.median())} member records each, median; {distinct} distinct), outcome: "
-              f"the {what}; Spearman correlations per run then averaged as Fisher z, with 95% intervals from a "
-              f"bootstrap over runs and records: r({what}, fine-tuned ppl) = {ft:.3f} [{ft_lo:.3f}, {ft_hi:.3f}], "
+    detail = (f"over {k} runs{design} ({int(runs.n.median())} member records each, median; {distinct} distinct), "
+              f"outcome: the {what}; Spearman correlations per run then averaged as Fisher z, with 95% intervals from "
+              f"a bootstrap over runs and records: r({what}, fine-tuned ppl) = {ft:.3f} [{ft_lo:.3f}, {ft_hi:.3f}], "
               f"significant (p < {ALPHA}) in {ft_sig} of {k} runs; r({what}, base ppl) = {base:.3f} [{base_lo:.3f}, "
               f"{base_hi:.3f}], significant in {base_sig} of {k}; partial r(outcome, fine-tuned ppl | base ppl) = "
               f"{partial:.3f} [{partial_lo:.3f}, {partial_hi:.3f}]; z(r_ft) - z(r_base) = {gap:+.3f} [{gap_lo:+.3f}, "
@@ -367,9 +392,10 @@ def _perplexity_per_run(title: str, members: pd.DataFrame, runs: pd.DataFrame, o
     needed = records_to_detect(DETECTABLE_R)
     scale = (f". Finding (2) cannot be tested at this scale: a correlation of {DETECTABLE_R} needs about {needed} "
              f"distinct member records for 80% power at alpha {ALPHA} (Fisher z); this study has {distinct}"
-             if verdict == "inconclusive" and distinct < needed else "")
+             if verdict == INCONCLUSIVE and distinct < needed else "")
     return Finding(title, verdict, f"{detail}. {why}{scale}{disclosed}",
-                   test=f"Spearman r per run, combined over {k} runs; bootstrap over runs and records",
+                   test=f"Spearman r per run, combined over {k} runs{design}; unit: the run (a percentile bootstrap "
+                        "over runs and records, so no df)",
                    correction="none: one test of each half; it holds only if both hold",
                    effect=f"r_ft = {ft:+.3f} [{ft_lo:+.3f}, {ft_hi:+.3f}], r_base = {base:+.3f}")
 
@@ -382,11 +408,13 @@ def records_to_detect(r: float, power: float = 0.8) -> int:
 
 
 # ----------------------------------------------------------------------------------------- finding (3)
-def rank_gains(lora: pd.DataFrame) -> pd.DataFrame:
-    """Per (matrix set, other configuration, replicate) with at least 3 ranks: the AUC gain per doubling of the rank
-    in the lower and the upper half of the rank range, and over the whole range."""
-    keys = ["target_modules", *[c for c in _config_columns(lora) if c != "rank"], *_replicate_columns(lora)]
-    keys = [k for k in keys if k in lora]
+def rank_gains(lora: pd.DataFrame, unit: Unit | None = None) -> pd.DataFrame:
+    """Per (matrix set, other configuration, replicate unit) with at least 3 ranks: the AUC gain per doubling of the
+    rank in the lower and the upper half of the rank range, and over the whole range (seeds averaged within their
+    draw when the draw is the unit)."""
+    unit = unit or unit_of(lora, _config_columns(lora))
+    keys = ["target_modules", *[c for c in _config_columns(lora) if c != "rank"]]
+    keys = [k for k in keys if k in lora] + ([unit.column] if unit.column else [])
     rows = []
     for key, g in lora.groupby(keys, dropna=False):
         g = g.groupby("rank").auc.mean().reset_index().sort_values("rank")
@@ -401,20 +429,58 @@ def rank_gains(lora: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def finding_rank(primary: pd.DataFrame) -> Finding:
-    """(3) AUC rises with LoRA rank, with diminishing returns."""
-    return replace(_finding_rank(primary), number=3)
+def alpha_scope(lora_alpha: float, alpha_per_rank: float | None) -> str:
+    """Finding (3)'s scope: the LoRA scaling its rank curve was read under (with alpha fixed, rank also changes the
+    update's scale alpha / rank; with alpha = k x rank the scale is constant across ranks)."""
+    return f"alpha = {alpha_per_rank:g} x rank" if alpha_per_rank else f"alpha {lora_alpha:g} fixed"
+
+
+def finding_rank(primary: pd.DataFrame, scope: str | None = None) -> Finding:
+    """(3) AUC rises with LoRA rank, with diminishing returns; `scope`: :func:`alpha_scope`."""
+    return replace(_finding_rank(primary), number=3, scope=scope)
+
+
+def _rank_replicated(title: str, lora: pd.DataFrame, detail: str) -> Finding | None:
+    """The rise and the slowing tested over replicate units: per unit the mean over matrix sets of each curve's
+    rise and slowing (the matrix sets of one draw share its records, so they are not separate replicates)."""
+    unit = unit_of(lora, _config_columns(lora))
+    if not unit.column:
+        return None
+    gains = rank_gains(lora, unit)
+    if gains.empty:
+        return None
+    per = gains.assign(slowing=gains.gain_low - gains.gain_high).groupby(unit.column)[["gain", "slowing"]].mean()
+    if len(per) < MIN_REPLICATES:
+        return None
+    rise, slowing = MeanTest.of(per.gain.to_numpy()), MeanTest.of(per.slowing.to_numpy())
+    plural = unit.plural(rise.n).split(" ", 1)[1]
+    detail += (f"; replicate level, per {unit.name} the mean over {gains.target_modules.nunique()} matrix set(s): "
+               f"{rise.describe('AUC(top rank) - AUC(lowest rank)', plural)}; "
+               f"{slowing.describe('gain per doubling, lower minus upper half of the ranks', plural)}")
+    tested = dict(test=f"one-sample t over {unit.describe(rise.n)}, for the rise and for the slowing",
+                  correction="none needed: it holds only if both hold (an intersection-union test keeps its level)",
+                  effect=f"rise {rise.effect()}; slowing {slowing.effect(unit='AUC per doubling')}")
+    rose, slowed = rise.verdict(), slowing.verdict()
+    if rose == HOLDS and slowed == HOLDS:
+        return Finding(title, HOLDS, detail, **tested)
+    if rose == REVERSED:
+        return Finding(title, REVERSED, detail + " (AUC falls with rank)", **tested)
+    if rose == NULL:
+        return Finding(title, NULL, detail + " (no rise with rank)", **tested)
+    if rose == HOLDS and slowed in (NULL, REVERSED):
+        return Finding(title, NULL, detail + " (it rises, but without diminishing returns)", **tested)
+    return Finding(title, INCONCLUSIVE, detail, **tested)
 
 
 def _finding_rank(primary: pd.DataFrame) -> Finding:
     title = "(3) Membership AUC rises with LoRA rank, with diminishing returns"
     lora = primary[primary.method == "lora"] if len(primary) and "method" in primary else primary
     if lora.empty:
-        return Finding(title, "inconclusive", "no LoRA membership-inference results")
+        return Finding(title, INCONCLUSIVE, "no LoRA membership-inference results")
     curves = lora.groupby(["target_modules", "rank"]).auc.mean().reset_index()
     usable = {t: g.sort_values("rank") for t, g in curves.groupby("target_modules") if g["rank"].nunique() >= 3}
     if not usable:
-        return Finding(title, "inconclusive", f"needs at least 3 ranks per matrix set; ranks here: "
+        return Finding(title, INCONCLUSIVE, f"needs at least 3 ranks per matrix set; ranks here: "
                        f"{sorted(int(r) for r in lora['rank'].unique())}")
     rising = diminishing = 0
     parts = []
@@ -431,29 +497,13 @@ def _finding_rank(primary: pd.DataFrame) -> Finding:
                      f"{[int(r) for r in g['rank']]} (Spearman {rho:.2f}; "
                      f"gain per doubling {low:+.3f} then {high:+.3f})")
     detail = "; ".join(parts)
-    if _seeds(lora) >= MIN_SEEDS:
-        gains = rank_gains(lora)
-        if len(gains) >= 2:
-            rise = MeanTest.of(gains.gain.to_numpy())
-            slowing = MeanTest.of((gains.gain_low - gains.gain_high).to_numpy())
-            detail += (f"; replicate level, one curve per matrix set and replicate: "
-                       f"{rise.describe('AUC(top rank) - AUC(lowest rank)')}; "
-                       f"{slowing.describe('gain per doubling, lower minus upper half of the ranks')}")
-            tested = dict(test=f"paired t over {rise.n} curves (matrix set x replicate), for the rise and for the "
-                               "slowing", correction="none needed: it holds only if both hold (an intersection-union "
-                               "test keeps its level)",
-                          effect=f"rise {rise.mean:+.3f} AUC [{rise.ci_low:+.3f}, {rise.ci_high:+.3f}]; slowing "
-                                 f"{slowing.mean:+.3f} [{slowing.ci_low:+.3f}, {slowing.ci_high:+.3f}] per doubling")
-            if rise.verdict() == "holds" and slowing.verdict() == "holds":
-                return Finding(title, "holds", detail, **tested)
-            if rise.verdict() == "does not hold":
-                return Finding(title, "does not hold", detail + " (no rise with rank)", **tested)
-            if rise.verdict() == "holds" and slowing.verdict() == "does not hold":
-                return Finding(title, "does not hold", detail + " (it rises, but without diminishing returns)",
-                               **tested)
-            return Finding(title, "inconclusive", detail, **tested)
+    replicated = _rank_replicated(title, lora, detail)
+    if replicated is not None:
+        return replicated
+    detail += "; one fine-tune per configuration: no replicate-level test, the verdict reads the curves' shape"
     if rising == len(usable) and diminishing == len(usable):
-        return Finding(title, "holds", detail)
+        return Finding(title, HOLDS, detail)
     if rising == 0:
-        return Finding(title, "does not hold", detail)
-    return Finding(title, "inconclusive", detail)
+        return Finding(title, REVERSED if all(g.auc.iloc[-1] < g.auc.iloc[0] for g in usable.values()) else NULL,
+                       detail)
+    return Finding(title, INCONCLUSIVE, detail)

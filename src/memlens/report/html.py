@@ -33,7 +33,8 @@ figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{f
 .omitted{color:#666;font-style:italic}.warn{background:#fff3cd;padding:.5em;border-left:4px solid #e0a800}
 .ok{color:#1b6e2d}.src{font-size:.75em;color:#888;margin:0}.headline{font-size:1.1em}
 .finding{margin:.6em 0}.holds .verdict{color:#1b6e2d;font-weight:bold}
-.does-not-hold .verdict{color:#b00020;font-weight:bold}.inconclusive .verdict{color:#8a6d00;font-weight:bold}
+.does-not-hold .verdict{color:#555;font-weight:bold}.reversed .verdict{color:#b00020;font-weight:bold}
+.inconclusive .verdict,.per-rate .verdict{color:#8a6d00;font-weight:bold}
 nav a{margin-right:1em;font-size:.9em}pre{white-space:pre-wrap;font-size:.8em;background:#f7f7f7;padding:.5em}
 """
 
@@ -108,7 +109,8 @@ def _headline(h: Headline, paths: dict[str, Path]) -> str:
 
 def _findings(a: StudyAnalysis) -> str:
     items = "".join(
-        f'<li class="finding {f.verdict.replace(" ", "-")}"><b>{html.escape(f.title)}'
+        f'<li class="finding {"per-rate" if " at lr " in f.verdict else f.verdict.replace(" ", "-")}">'
+        f'<b>{html.escape(f.title)}'
         f'{html.escape(", " + f.scope) if f.scope else ""}</b>: '
         f'<span class="verdict">{f.verdict}</span>. {html.escape(f.reason)}</li>' for f in a.findings)
     return (f'<section id="findings"><h2>Findings</h2><p>Whether each finding of the 2024 study (Savine et al.) '

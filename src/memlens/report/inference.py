@@ -5,6 +5,7 @@
 - :func:`holm`: Holm's step-down correction (SciPy has Benjamini-Hochberg only, `stats.false_discovery_control`);
 - :func:`block_f_test`: the F test of a fixed factor with replicates as blocks (a randomized complete block design
   without interaction; `scipy.stats.f_oneway` has no blocks);
+- :func:`bonferroni`: the adjusted p whose rejections agree with Bonferroni intervals;
 - Steiger's test of two dependent correlations, the partial correlation, and correlations combined over runs with a
   two-way bootstrap over runs and records.
 """
@@ -68,9 +69,19 @@ def block_f_test(values: np.ndarray) -> BlockF | None:
     return BlockF(float(f), df1, df2, float(stats.f.sf(f, df1, df2)))
 
 
+HOLDS, REVERSED, NULL, INCONCLUSIVE = "holds", "reversed", "does not hold", "inconclusive"
+VERDICTS = (HOLDS, REVERSED, NULL, INCONCLUSIVE)
+
+
+def bonferroni(p_value: float, tests: int) -> float:
+    """Bonferroni's adjusted p-value, min(1, p x tests): rejecting where it is < alpha is rejecting where the
+    interval at level 1 - alpha / tests excludes 0, so the verdict and its interval never disagree."""
+    return float(min(1.0, p_value * tests))
+
+
 @dataclass
 class MeanTest:
-    """A one-sample t-test of paired differences (one per fine-tune pair) against 0."""
+    """A one-sample t-test of paired differences (one per replicate: a record draw, or a seed) against 0."""
 
     n: int
     mean: float
@@ -81,7 +92,7 @@ class MeanTest:
 
     @classmethod
     def of(cls, diffs: np.ndarray) -> "MeanTest":
-        """The test of `diffs` (pairs,), one difference per fine-tune pair."""
+        """The test of `diffs` (replicates,), one difference per replicate."""
         diffs = np.asarray(diffs, float)
         n, mean = len(diffs), float(np.mean(diffs))
         if n < 2 or np.std(diffs) == 0:
@@ -90,6 +101,10 @@ class MeanTest:
         ci = test.confidence_interval(1 - ALPHA)
         return cls(n, mean, float(ci.low), float(ci.high), float(test.pvalue), float(np.std(diffs, ddof=1)))
 
+    @property
+    def df(self) -> int:
+        return max(self.n - 1, 0)
+
     def interval(self, level: float) -> tuple[float, float]:
         """The t interval of the mean at `level` (e.g. 1 - alpha / m for m tests, Bonferroni)."""
         if self.n < 2 or self.sd == 0:
@@ -97,24 +112,30 @@ class MeanTest:
         half = stats.t.ppf(0.5 + level / 2, self.n - 1) * self.sd / np.sqrt(self.n)
         return self.mean - half, self.mean + half
 
-    def describe(self, what: str) -> str:
-        return (f"{what}: mean {self.mean:+.4f} (95% CI {self.ci_low:+.4f} to {self.ci_high:+.4f}), paired t-test "
-                f"over {self.n} fine-tune pairs p = {self.p_value:.3g}")
+    def describe(self, what: str, unit: str = "replicates") -> str:
+        return (f"{what}: mean {self.mean:+.4f} (95% CI {self.ci_low:+.4f} to {self.ci_high:+.4f}), one-sample t "
+                f"over {self.n} {unit} (df {self.df}) p = {self.p_value:.3g}")
 
-    def verdict(self, p_value: float | None = None, tests: int = 1) -> str:
-        """holds (significantly > 0), does not hold (significantly < 0, or within +-NEGLIGIBLE_AUC), else
-        inconclusive. With `tests` tested together: `p_value` is the corrected one (e.g. Holm's) and the
-        negligible-difference interval is at level 1 - alpha / tests (Bonferroni)."""
-        p = self.p_value if p_value is None else p_value
+    def effect(self, tests: int = 1, unit: str = "AUC", digits: int = 3) -> str:
+        """The mean with its interval at the level of the correction (Bonferroni over `tests`), labelled."""
+        level = 1 - ALPHA / tests
+        low, high = self.interval(level)
+        label = f"Bonferroni {level:.1%} interval, {tests} tests" if tests > 1 else f"{level:.0%} interval"
+        return f"{self.mean:+.{digits}f} {unit} [{low:+.{digits}f}, {high:+.{digits}f}] ({label})"
+
+    def verdict(self, tests: int = 1, negligible: float | None = NEGLIGIBLE_AUC) -> str:
+        """`holds` (significantly > 0), `reversed` (significantly < 0), `does not hold` (a null: the interval lies
+        within +-`negligible`; None: no such threshold for this unit, so never), else `inconclusive`. With `tests`
+        tested together, Bonferroni: the p-value times `tests` and the interval at 1 - alpha / tests, which agree."""
+        p = bonferroni(self.p_value, tests)
         if p < ALPHA and self.mean > 0:
-            return "holds"
+            return HOLDS
         if p < ALPHA and self.mean < 0:
-            return "does not hold"
-        low, high = (self.ci_low, self.ci_high) if tests == 1 else self.interval(1 - ALPHA / tests)
-        if -NEGLIGIBLE_AUC < low and high < NEGLIGIBLE_AUC:
-            return "does not hold"
-        return "inconclusive"
-
+            return REVERSED
+        low, high = self.interval(1 - ALPHA / tests)
+        if negligible is not None and -negligible < low and high < negligible:
+            return NULL
+        return INCONCLUSIVE
 
 
 def fisher(r) -> np.ndarray:
@@ -197,5 +218,6 @@ def combined_correlations(members: pd.DataFrame, runs: pd.DataFrame, n_resamples
     return out
 
 
-__all__ = ["ALPHA", "NEGLIGIBLE_AUC", "BlockF", "MeanTest", "block_f_test", "combined_correlations", "holm",
+__all__ = ["ALPHA", "HOLDS", "INCONCLUSIVE", "NEGLIGIBLE_AUC", "NULL", "REVERSED", "VERDICTS", "BlockF", "MeanTest",
+           "bonferroni", "block_f_test", "combined_correlations", "holm",
            "partial_correlation", "steiger_z"]

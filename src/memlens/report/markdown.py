@@ -18,6 +18,7 @@ import pandas as pd
 
 from memlens.config import RANDOM, SPLITS, ConfigError
 from memlens.report.analysis import StudyAnalysis, analyse
+from memlens.report.findings import alpha_scope
 from memlens.report.html import write_html
 from memlens.report.mdsections import FINDINGS, Document, not_shown, section
 from memlens.report.mdtable import NA, fmt, is_null, md_table, seconds
@@ -25,6 +26,12 @@ from memlens.report.timings import describe_hardware
 from memlens.store import StudyLayout, atomic_write_text
 from memlens.study.provenance import hardware_info
 
+VOCABULARY = ("`holds`: significant in the 2024 study's direction; `reversed`: significant in the opposite "
+              "direction; `does not hold`: a null, the difference's interval within the stated negligible band; "
+              "`inconclusive`: none of these. The replicate unit is the record draw where the grid has several "
+              "(seeds in one draw are averaged first), else the seed; the record-level sampling error (what "
+              "Hanley-McNeil or DeLong estimate within one run) is inside the spread of the draws, each of which "
+              "scores other records, and is not added again.")
 STAGE_NOTES = {"finetune": "data and model loading, training and saving, as the runner measured it",
                "train loop": "the training loop alone (train.json)",
                "mia": "scoring, attacks and privacy audit", "extraction": "generation, similarity and exposure"}
@@ -32,10 +39,6 @@ STAGE_NOTES = {"finetune": "data and model loading, training and saving, as the 
 
 def _axis(values) -> str:
     return ", ".join(str(v) for v in values)
-
-
-def _alpha(lora) -> str:
-    return f"{lora.alpha_per_rank:g} x rank" if lora.alpha_per_rank is not None else f"{lora.alpha:g}"
 
 
 def _grid_run(a: StudyAnalysis) -> str:
@@ -98,7 +101,8 @@ def _header(doc: Document) -> None:
         ("Runs with results", f"{len(a.runs)}; failed cells: {len(a.failures)}"),
         ("Training", f"{train.epochs:g} epoch(s), learning rate {train.learning_rate:g}, batch {train.batch_size} x "
                      f"{train.grad_accum} accumulation, {train.warmup_steps} warm-up steps, packing {train.packing}; "
-                     f"LoRA alpha {_alpha(study.lora)}, dropout {study.lora.dropout:g}; canary mode "
+                     f"LoRA {alpha_scope(study.lora.alpha, study.lora.alpha_per_rank)}, dropout "
+                     f"{study.lora.dropout:g}; canary mode "
                      f"{study.canary.mode}"),
         ("Hardware", f"{describe_hardware(a.hardware)}; CUDA device: {env.cuda_device or 'none'}"),
         ("Software", f"Python {env.python or NA}; {env.versions() or 'package versions not recorded'}; memlens git "
@@ -157,14 +161,19 @@ def _across_studies(doc: Document, companions: list[StudyAnalysis]) -> None:
     """The opening table of a document with companion studies: every verdict of this study and of each companion
     (other models, other regimes), finding by finding, each from its own folder."""
     studies = [doc.a, *companions]
-    rows = pd.concat([verdict_rows(a) for a in studies], ignore_index=True)
+    rows = pd.concat([verdict_rows(a).assign(number=[f.number for f in a.findings]) for a in studies],
+                     ignore_index=True)
     order = {title: i for i, title in enumerate(dict.fromkeys(rows.finding))}
-    rows = rows.sort_values("finding", key=lambda c: c.map(order), kind="stable")
+    # by finding number, then each scope where it first appears (a companion's own scope, e.g. alpha = 2 x rank,
+    # joins its finding's rows)
+    rows = rows.assign(order=rows.finding.map(order)).sort_values(["number", "order"], kind="stable")
+    rows = rows.drop(columns=["number", "order"])
     folders = ", ".join(f"`{a.study.name}` ({Path(a.study.model.name_or_path).name}): `{a.root}`" for a in studies)
     doc.add("## Verdicts across studies",
             f"Each finding in each study (model x regime), with its test, correction and effect; each row is computed "
-            f"from its own study folder ({folders}). The sections after this table are this document's own study, "
-            f"`{doc.a.study.name}`; each companion has its own document.", md_table(rows.reset_index(drop=True)))
+            f"from its own study folder ({folders}). {VOCABULARY} The sections after this table are this document's "
+            f"own study, `{doc.a.study.name}`; each companion has its own document.",
+            md_table(rows.reset_index(drop=True)))
 
 
 def render(a: StudyAnalysis, figures: dict[str, Path], folder_name: str, command: str, note: str | None = None,
@@ -191,8 +200,9 @@ def render(a: StudyAnalysis, figures: dict[str, Path], folder_name: str, command
         doc.figure(a.headline, "headline")
     verdicts = verdict_rows(a).drop(columns=["model", "study"])
     doc.add("## Verdicts", "Whether each finding of the 2024 study holds in this study's data, with the test behind "
-            "each verdict, the correction for the tests made together and the effect (the thresholds are stated in "
-            "each reason):", md_table(verdicts))
+            "each verdict (its replicate unit and df), the correction for the tests made together and the effect "
+            f"with its interval at the correction's level (the thresholds are stated in each reason). {VOCABULARY}",
+            md_table(verdicts))
     for number, evidence in enumerate(FINDINGS, start=1):
         group = [f for f in a.findings if f.number == number]
         doc.add(f"## Finding {number}: {group[0].title.split(') ', 1)[-1]}" if group else f"## Finding {number}")

@@ -9,6 +9,7 @@ import pandas as pd
 
 from memlens.report.analysis import StudyAnalysis
 from memlens.report.mdtable import fmt, is_null, md_table, pm
+from memlens.report.member_gain import OUTCOMES
 from memlens.report.membership import AucCell
 from memlens.report.section import Block, Figure, Section, Table, Text
 
@@ -97,10 +98,11 @@ def finding_2(doc: Document) -> None:
         frame = section.correlations.rename(columns={"perplexity": "perplexity under"})
         frame["perplexity under"] = frame["perplexity under"].map({"ppl_ft": "fine-tuned model",
                                                                    "ppl_base": "base model"})
-        doc.add("Correlation of the share of each member record's suffix reproduced (longest common n-gram / suffix "
-                "length) with the record's perplexity, pooled over runs (the same records recur in every run, so "
-                "these p-values overstate the evidence; the verdict uses the correlations computed per run, "
-                "`tables/ngram_share_vs_perplexity_per_run.csv`, when at least two runs have enough records):",
+        doc.add(f"Correlation of each member record's {OUTCOMES[section.outcome]} (finding 2's outcome; the share "
+                "of a suffix reproduced is the longest common n-gram / suffix length) with the record's perplexity, "
+                "pooled over runs (the same records recur in every run, so these p-values overstate the evidence; "
+                "the verdict uses the correlations computed per run, `tables/ngram_share_vs_perplexity_per_run.csv`, "
+                "when at least two runs have enough records):",
                 md_table(frame, {"spearman_r": ".3f", "spearman_p": ".3g", "pearson_r_log_ppl": ".3f",
                                  "pearson_p": ".3g"}))
     else:

@@ -10,6 +10,7 @@ import pandas as pd
 from scipy import stats
 
 from memlens.report.inputs import StudyResults
+from memlens.report.member_gain import OUTCOMES, member_specific_gain, outcome_of, with_base
 from memlens.report.section import Block, Figure, FigureSpec, Omission, Omitted, Section, Table, Text
 
 
@@ -26,18 +27,21 @@ def decoding_choice(extraction: pd.DataFrame) -> str:
 
 def member_extraction(data: StudyResults) -> pd.DataFrame:
     """Extraction rows of the fine-tuned models on member records other than the canary, one decoding, with the
-    base model's n-gram share on the same prompt (`ngram_share_base`) and the difference (`ngram_gain`)."""
+    base model's n-gram share on the same prompt (`ngram_share_base`), the difference (`ngram_gain`) and, where
+    non-members were prompted, the gain over matched non-members' (`ngram_gain_specific`,
+    :mod:`memlens.report.member_gain`)."""
     ext = finetuned_rows(data.extraction)
     if ext.empty:
         return pd.DataFrame()
     members = ext[ext.is_member.astype(bool) & ~ext.is_canary.astype(bool)]
     if members.empty:
         return members
-    members = members[members.decoding == decoding_choice(ext)]
-    keys = ["run_id", "sample_id", "decoding"]
-    base = data.extraction[data.extraction.model == "base"][[*keys, "ngram_share"]]
-    members = members.merge(base.rename(columns={"ngram_share": "ngram_share_base"}), on=keys, how="left")
-    return members.assign(ngram_gain=members.ngram_share - members.ngram_share_base)
+    decoding = decoding_choice(ext)
+    members = with_base(members[members.decoding == decoding], data.extraction)
+    others = ext[~ext.is_member.astype(bool) & ~ext.is_canary.astype(bool) & (ext.decoding == decoding)]
+    if others.empty:
+        return members
+    return member_specific_gain(members, with_base(others, data.extraction))
 
 
 @dataclass(kw_only=True)
@@ -87,12 +91,13 @@ class NgramPerplexity(Section):
     correlations: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/ngram_share_vs_perplexity.csv
     members: pd.DataFrame = field(default_factory=pd.DataFrame)  # the member rows (finding 2)
     per_run: pd.DataFrame = field(default_factory=pd.DataFrame)  # correlations per run (findings.per_run_correlations)
+    outcome: str = "ngram_share"  # the per-record outcome of finding (2) (member_gain.outcome_of), pooled here too
     in_document = False  # finding 2's evidence
 
     def blocks(self) -> list[Block]:
         pooled = [Table("ngram_share_vs_perplexity", self.correlations)] if len(self.correlations) else []
-        per_run = [Text("Per run (the unit of finding (2)'s test, whose outcome is the share gained over the base "
-                        "model on the same prompt; pooled p-values above overstate the evidence, the same records "
+        per_run = [Text(f"Per run (the unit of finding (2)'s test, whose outcome, as above, is the "
+                        f"{OUTCOMES[self.outcome]}; pooled p-values above overstate the evidence, the same records "
                         "recur in every run):"),
                    Table("ngram_share_vs_perplexity_per_run", self.per_run)] if len(self.per_run) else []
         return [Figure(), *pooled, *per_run]
@@ -110,17 +115,19 @@ def ngram_perplexity(data: StudyResults) -> NgramPerplexity:
     members = member_extraction(data)
     if members.empty:
         return NgramPerplexity(omitted=Omission("n-gram share vs perplexity", "no extraction rows on member records"))
-    frame = members.dropna(subset=["ngram_share", "ppl_ft", "ppl_base"])
+    outcome = outcome_of(members)
+    frame = members.dropna(subset=[outcome, "ppl_ft", "ppl_base"])
     rows = []
     for column, _ in PERPLEXITIES:
-        if len(frame) >= 3 and frame.ngram_share.nunique() > 1 and frame[column].nunique() > 1:
-            sp = stats.spearmanr(frame[column], frame.ngram_share)
-            pe = stats.pearsonr(np.log(frame[column]), frame.ngram_share)
-            rows.append({"perplexity": column, "n": len(frame), "spearman_r": sp.statistic, "spearman_p": sp.pvalue,
-                         "pearson_r_log_ppl": pe.statistic, "pearson_p": pe.pvalue})
+        if len(frame) >= 3 and frame[outcome].nunique() > 1 and frame[column].nunique() > 1:
+            sp = stats.spearmanr(frame[column], frame[outcome])
+            pe = stats.pearsonr(np.log(frame[column]), frame[outcome])
+            rows.append({"perplexity": column, "outcome": outcome, "n": len(frame), "spearman_r": sp.statistic,
+                         "spearman_p": sp.pvalue, "pearson_r_log_ppl": pe.statistic, "pearson_p": pe.pvalue})
     caption = (f"Each point is a member record ({decoding_choice(data.extraction)} decoding, pooled over "
-               f"{frame.run_id.nunique()} run(s)): share of its suffix reproduced against its perplexity.")
-    return NgramPerplexity(points=frame, correlations=pd.DataFrame(rows), members=members,
+               f"{frame.run_id.nunique()} run(s)): its {OUTCOMES[outcome]} (finding 2's outcome) against its "
+               "perplexity.")
+    return NgramPerplexity(points=frame, correlations=pd.DataFrame(rows), members=members, outcome=outcome,
                            figure=FigureSpec("ngram_share_vs_perplexity", caption))
 
 

@@ -4,6 +4,7 @@ models), a :class:`~memlens.context.StudyContext` whose records are the user's f
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,9 +106,21 @@ def _train_settings(cfg: AuditConfig, target: Target, records: AuditRecords, not
         return None
     recipe = read_recipe(path)
     half = (len(records.members) + len(records.non_members)) // 2  # a reference trains on about half the records
+    size = recipe.train_records
+    train = recipe.train_config(records=size or half)
     if cfg.references:
-        notes.append(f"Reference models: {recipe.describe(half)}.")
-    return recipe.train_config(records=half)
+        notes.append(f"Reference models: {recipe.describe(size or half)}.")
+        if size is None:
+            notes.append(f"The target's train size is not in the recipe (`train_records`): the references train for "
+                         f"the recipe's epochs on their {half} records, a default; a target trained on more records "
+                         "took more steps, and its non-members then score like the references' members.")
+    if size is not None and train.max_steps is None:
+        per_epoch = max(1, math.ceil(math.ceil(size / train.batch_size) / train.grad_accum))
+        train = train.model_copy(update={"max_steps": math.ceil(train.epochs * per_epoch)})
+        if cfg.references:
+            notes.append(f"Reference models take the target's {train.max_steps} optimizer steps (its train_records="
+                         f"{size} for {train.epochs:g} epochs) on their {half} records.")
+    return train
 
 
 def _recipe(cfg: AuditConfig, target: Target, mia: MIAConfig, records: AuditRecords, notes: list[str]

@@ -281,3 +281,144 @@ def test_benchmark_smoke_mode(tmp_path, capsys):
     bench.main(["--smoke", "--threads", "1", "--out", str(tmp_path / "bench")])
     out = capsys.readouterr().out
     assert "detection rate" in out and "false-positive rate" in out and "mean |estimate - p|" in out
+
+
+# ------------------------------------------------------------------------------------- issue 38: the owner's answer
+def _documents(rng: np.random.Generator, n_docs: int = 20, chunks: int = 10, rho: float = 0.6,
+               shift: float = 0.0) -> pd.DataFrame:
+    """Documents of `chunks` records a side, a shared document effect of variance `rho` on every feature (a, b),
+    nothing trained; S's feature `a` shifted by `shift` standard deviations."""
+    rows = []
+    for side in (True, False):
+        for d in range(n_docs):
+            effect = rng.normal(size=2) * math.sqrt(rho)
+            for c in range(chunks):
+                x = effect + rng.normal(size=2) * math.sqrt(1 - rho)
+                rows.append({"sample_id": f"{'s' if side else 'n'}{d}_{c}", "text": f"{side} {d} {c}",
+                             "is_member": side, "group": f"{'s' if side else 'n'}{d}", "a": x[0] + shift * side,
+                             "b": x[1]})
+    return pd.DataFrame(rows)
+
+
+def test_grouped_test_counts_documents_and_keeps_its_level():
+    rng = np.random.default_rng(5)
+    frame = _documents(rng)
+    result = dataset_inference(frame, ["a", "b"], word_control=False, placebo=False)
+    assert result.unit == "document" and result.grouped and result.n_suspect_units == 20
+    # the shown split by hand: each document's mean aggregated score, Welch on the document means
+    by_id = frame.set_index("sample_id")
+
+    def doc_means(key: str) -> pd.Series:
+        ids = result.halves[key]
+        total = np.full(len(ids), result.intercept)
+        for f in result.features:
+            x = np.clip(by_id.loc[ids, f].to_numpy(), result.clip_low[f], result.clip_high[f])
+            total += result.weights[f] * (x - result.feature_mean[f]) / result.feature_scale[f]
+        return pd.Series(total).groupby(by_id.loc[ids, "group"].to_numpy()).mean()
+
+    s, n = doc_means("suspect_b"), doc_means("non_members_b")
+    assert result.test_units["suspect_b"] == s.index.tolist()
+    np.testing.assert_allclose(result.test_scores["suspect_b"], s.to_numpy())
+    assert float(np.median(result.split_p_values)) == pytest.approx(stats.ttest_ind(
+        s, n, equal_var=False, alternative="greater").pvalue)
+    assert len(result.test_scores["suspect_b"]) == 10  # documents, not the 100 records
+    # 100 null trials with within-document correlation 0.6: the level holds by document, not by record
+    grouped = [dataset_inference(_documents(rng), ["a", "b"], word_control=False, placebo=False, seed=i).p_value
+               for i in range(100)]
+    records = [dataset_inference(_documents(rng).drop(columns="group"), ["a", "b"], word_control=False,
+                                 placebo=False, seed=i).p_value for i in range(40)]
+    assert np.mean(np.array(grouped) < 0.05) <= 0.06
+    assert np.mean(np.array(records) < 0.05) > 0.3  # what the issue measured without --group
+
+
+def test_without_groups_the_answer_says_records_are_independent_and_names_group():
+    frame = _documents(np.random.default_rng(1), n_docs=12, chunks=4, rho=0.0).drop(columns="group")
+    result = dataset_inference(frame, ["a", "b"], word_control=False, placebo=False)
+    assert result.unit == "record" and "taken as an independent document" in result.independence
+    assert "give --group" in result.document_warning and "'s0'" in result.document_warning
+    plain = frame.assign(sample_id=[f"id{i:03d}x" for i in range(len(frame))])
+    assert dataset_inference(plain, ["a", "b"], word_control=False, placebo=False).document_warning is None
+    chunks = plain.assign(text=[f"part {i} of a sentence cut and" if i % 2 == 0 else f"continued here {i}."
+                                for i in range(len(plain))])
+    assert "continue one another" in dataset_inference(chunks, ["a", "b"], word_control=False,
+                                                       placebo=False).document_warning
+
+
+def test_a_shifted_but_unused_set_is_confounded_not_used():
+    """S never trained on but easier for the base model: the target's loss is the base's loss plus noise. The base
+    model's control separates S from N, so the verdict is `confounded`, with the calibrated features' p."""
+    rng = np.random.default_rng(2)
+    n = 150
+    base = rng.normal(size=2 * n) + np.r_[np.full(n, 0.5), np.zeros(n)]  # S easier by half a standard deviation
+    loss = base + 0.1 * rng.normal(size=2 * n)
+    frame = pd.DataFrame({"sample_id": [f"r{i}" for i in range(2 * n)], "text": [f"t {i}" for i in range(2 * n)],
+                          "is_member": np.r_[np.ones(n, bool), np.zeros(n, bool)], "loss": loss, "base_loss": base,
+                          "loss_minus_base": loss - base})
+    result = dataset_inference(frame, ["loss"], base_features=["base_loss"], calibrated_features=["loss_minus_base"],
+                               word_control=False)
+    assert result.p_value < 0.05  # the raw test alone would say "used"
+    assert result.verdict == "confounded" and not result.used
+    base_control = next(c for c in result.controls if c.name == "base model")
+    assert base_control.separates and base_control.p_value < 0.05
+    assert result.calibrated_p_value is not None and result.calibrated_p_value > 0.05
+    assert "calibrated features only (loss_minus_base)" in result.decision
+    assert f"base model p = {base_control.p_value:.2g}" in result.note and f"p = {result.p_value:.2g}" in result.note
+    # the same set drawn like N: the control is quiet and the test decides
+    frame.loc[:n - 1, ["loss", "base_loss"]] -= 0.5
+    assert dataset_inference(frame, ["loss"], base_features=["base_loss"], word_control=False).verdict != "confounded"
+
+
+def _siblings(rng: np.random.Generator, used_docs: float = 0.5, used_within: float = 0.6, n_docs: int = 60,
+              chunks: int = 5, k_refs: int = 6, mu: float = 2.5, target_shift: float = 0.0
+              ) -> tuple[dict, float, float]:
+    """Simulated guess scores: documents of `chunks` records (a document effect), a share of suspect documents used
+    and within them a share of records (the others their unused siblings); K references IN on random halves."""
+    def side(prefix: str) -> tuple[np.ndarray, np.ndarray]:
+        groups = np.repeat([f"{prefix}{i}" for i in range(n_docs)], chunks)
+        return groups, np.repeat(rng.normal(size=n_docs) * 0.5, chunks) + rng.normal(size=n_docs * chunks) * 0.5
+
+    g_s, d_s = side("s")
+    g_n, d_n = side("n")
+    used = np.repeat(rng.random(n_docs) < used_docs, chunks) & (rng.random(len(g_s)) < used_within)
+    difficulty = np.r_[d_s, d_n]
+    is_in = rng.random((len(difficulty), k_refs)) < 0.5
+    refs = difficulty[:, None] + mu * is_in + 0.5 * rng.normal(size=is_in.shape)
+    inputs = {"target_scores": d_s + mu * used + target_shift + 0.5 * rng.normal(size=len(d_s)),
+              "non_member_scores": d_n + target_shift + 0.5 * rng.normal(size=len(d_n)), "reference_scores": refs,
+              "reference_in": is_in, "suspect_groups": g_s, "non_member_groups": g_n,
+              "reference_groups": np.r_[g_s, g_n]}
+    doc_truth = pd.Series(used).groupby(g_s).any().mean()
+    return inputs, float(used.mean()), float(doc_truth)
+
+
+def test_sibling_share_interval_holds_the_truth_on_records_and_documents():
+    inputs, truth, doc_truth = _siblings(np.random.default_rng(3))
+    result = usage_share(**inputs, n_bootstrap=300)
+    assert result.fpr_source == "target" and result.documents and result.n_suspect_documents == 60
+    assert result.fraction_ci_low <= truth <= result.fraction_ci_high
+    assert result.document_ci_low <= doc_truth <= result.document_ci_high
+    assert abs(result.fraction - truth) <= 0.1 and abs(result.document_fraction - doc_truth) <= 0.15
+    assert result.at_most == result.fraction_ci_high
+
+
+def test_placebo_share_interval_holds_zero_and_the_target_fpr_is_the_targets():
+    """Nothing used, and the target trained so that its non-members score like the references' members (a target
+    trained longer): the references' FPR would give a share far from 0; the target's own FPR does not."""
+    inputs, truth, _ = _siblings(np.random.default_rng(4), used_docs=0.0, target_shift=1.5)
+    assert truth == 0
+    result = usage_share(**inputs, n_bootstrap=300)
+    assert result.placebo is not None and result.placebo.fraction_ci_raw[0] <= 0 <= result.placebo.fraction_ci_raw[1]
+    assert result.fraction_ci_low <= 0.0 + 1e-12 and not result.widened
+    assert result.fpr_target > result.fpr_references + 0.2 and result.fpr_disagree
+    assert f"{result.fpr_references:.1%}" in result.note and f"{result.fpr_target:.1%}" in result.note
+    # the references' FPR alone (no known non-members given): the share the issue saw, well away from 0
+    alone = usage_share(inputs["target_scores"], inputs["reference_scores"], inputs["reference_in"], n_bootstrap=0)
+    assert alone.fpr_source == "references" and alone.fraction_raw > 0.3
+
+
+def test_target_fpr_is_the_share_of_its_non_members_called_members_by_hand():
+    # threshold 0.6 (see test_usage_share_debiases_the_mean_guess_by_hand); 1 of 4 non-members scores >= 0.6
+    result = usage_share(np.array([0.95, 0.62, 0.55, 0.3, 0.61]), REF_SCORES, REF_IN,
+                         non_member_scores=np.array([0.7, 0.1, 0.2, 0.59]), n_bootstrap=0, placebo=False)
+    assert result.fpr_target == pytest.approx(1 / 4) and result.fpr_references == pytest.approx(1 / 6)
+    assert result.fraction == pytest.approx((3 / 5 - 1 / 4) / (5 / 6 - 1 / 4))

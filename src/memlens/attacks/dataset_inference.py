@@ -885,7 +885,8 @@ def dataset_rows(meta: dict, inference: DatasetInference | None = None,
                      "verdict": inference.verdict, "level": inference.level, "statistic": inference.statistic,
                      "observed_effect": inference.observed_effect, "n_suspect": inference.n_suspect,
                      "n_non_members": inference.n_non_members,
-                     "unit": inference.unit, "min_units_per_side": inference.min_units_per_side, "power_at_n": inference.power_at_n,
+                     "unit": inference.unit, "min_units_per_side": inference.min_units_per_side,
+                     "power_at_n": inference.power_at_n, "calibrated_p_value": inference.calibrated_p_value,
                      "features": "+".join(inference.features), "note": inference.note})
     if share is not None:
         rows.append({**meta, "stage": DATASET_STAGE, "attack": SHARE_ATTACK, "fraction": share.fraction,

@@ -332,9 +332,23 @@ def test_was_the_suspect_set_used(plain, tmp_path):
     row = summary.results[summary.results.stage == "dataset"].set_index("attack").loc["dataset_inference"]
     assert row.p_value == pytest.approx(inference["p_value"]) and row.p_value < 0.05
     said = summary.report.analysis.leak.sentences[0]
-    assert said.startswith("The suspect set was shown to be used in training") and f"{row.p_value:.2g}" in said
-    assert "The suspect set was shown to be used" in summary.model_card.read_text()
+    assert said.startswith("The suspect set was used in training") and f"{row.p_value:.2g}" in said
+    assert summary.report.analysis.leak.verdict == "used"
+    assert "The suspect set was used in training" in summary.model_card.read_text()
     assert set(pd.read_parquet(summary.out / "mia_scores.parquet").split) == {"suspect", "non_member"}
+    assert "suspects against non-members" in " ".join(summary.report.analysis.leak.measures.measure)
+    # an unused suspect set (PHEE dev records, never trained on): the report speaks of the set, never of leaking
+    unused = root / "unused.jsonl"
+    dev = pd.read_json(PHEE / "dev.jsonl", lines=True).drop_duplicates("context").head(24)
+    dev[["id", "context"]].to_json(unused, orient="records", lines=True)
+    summary = memlens.audit(**common, suspect=str(unused), out=str(tmp_path / "unused"))
+    leak = summary.report.analysis.leak
+    assert leak.verdict in {"not shown to be used", "underpowered", "confounded"}
+    screen = " ".join([leak.verdict, *leak.sentences, *leak.caveats, *map(str, leak.measures.to_numpy().ravel())])
+    card = summary.model_card.read_text()
+    for text in (screen, card):
+        assert "leak" not in text.lower() and "tells its training records" not in text
+        assert "of the same distribution" not in text and "assumed drawn like the suspect records" in text
 
 
 def test_a_memaudit_manifest_gives_the_canaries_detection_rate(plain, tmp_path):

@@ -281,6 +281,10 @@ def test_benchmark_smoke_mode(tmp_path, capsys):
     bench.main(["--smoke", "--threads", "1", "--out", str(tmp_path / "bench")])
     out = capsys.readouterr().out
     assert "detection rate" in out and "false-positive rate" in out and "mean |estimate - p|" in out
+    for row in ("grouped null, real scores", "grouped null, simulated", "shifted null, real scores",
+                "shifted null, simulated", "mixed sets with siblings", "real sets with siblings"):
+        assert row in out
+    assert "(target <= 0.05:" in out and "coverage >= 0.9:" in out
 
 
 # ------------------------------------------------------------------------------------- issue 38: the owner's answer

@@ -34,7 +34,6 @@ from pydantic import BaseModel
 from scipy import stats
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_curve
 from threadpoolctl import threadpool_limits
 
 from memlens.attacks.lira_rmia import lira_fit
@@ -192,23 +191,16 @@ def records_for_power(effect_size: float, level: float, power: float) -> int:
 
 
 def split_halves(n: int, groups: Sequence | None, rng: np.random.Generator) -> np.ndarray:
-    """(n,) bool: True for the records of half A (the learning half), about half of them, drawn by `rng`. With
-    `groups` (n,), whole groups go to one half (a document's records share words and memorization): groups in a
-    random order join A until it holds half the records."""
+    """(n,) bool: True for the records of half A (the learning half), drawn by `rng`: half the records, or with
+    `groups` (n,) half the groups, each whole (a document's records share words and memorization, and the test
+    counts documents)."""
     if groups is None:
         in_a = np.zeros(n, bool)
         in_a[rng.permutation(n)[: n // 2]] = True
         return in_a
     keys = pd.Series(list(groups), dtype=str)
     unique = keys.unique()
-    sizes = keys.value_counts()
-    in_a_groups, count = set(), 0
-    for g in unique[rng.permutation(len(unique))]:
-        if count >= n / 2:
-            break
-        in_a_groups.add(g)
-        count += int(sizes[g])
-    return keys.isin(in_a_groups).to_numpy()
+    return keys.isin(set(unique[rng.permutation(len(unique))[: len(unique) // 2]])).to_numpy()
 
 
 _ID_PIECE = re.compile(r"^(.+?)[_\-.:/#](\d+)$")
@@ -597,8 +589,15 @@ PLACEBO_WIDEN = ("the placebo's share (N_a against N_b, truth 0) has an interval
 
 def _youden(scores: np.ndarray, is_in: np.ndarray) -> tuple[float, float, float]:
     """(threshold, TPR, FPR) of the guess `score >= threshold` that maximizes TPR - FPR over the pairs `scores`,
-    `is_in` (any shape, same)."""
-    fpr, tpr, thresholds = roc_curve(is_in.ravel().astype(int), scores.ravel())
+    `is_in` (any shape, same); the highest such threshold on ties (sklearn's roc_curve order, without its input
+    checks, which cost more than the curve inside a bootstrap)."""
+    values, inside = np.asarray(scores, float).ravel(), np.asarray(is_in, bool).ravel()
+    order = np.argsort(-values, kind="mergesort")
+    values, inside = values[order], inside[order]
+    last = np.r_[np.flatnonzero(np.diff(values)), len(values) - 1]  # the last pair at each distinct threshold
+    tpr = np.r_[0.0, np.cumsum(inside)[last] / max(int(inside.sum()), 1)]  # first: the guess that calls no one
+    fpr = np.r_[0.0, np.cumsum(~inside)[last] / max(int((~inside).sum()), 1)]
+    thresholds = np.r_[np.inf, values[last]]
     best = int(np.argmax(tpr - fpr))
     return float(thresholds[best]), float(tpr[best]), float(fpr[best])
 

@@ -891,7 +891,10 @@ def dataset_rows(meta: dict, inference: DatasetInference | None = None,
         rows.append({**meta, "stage": DATASET_STAGE, "attack": SHARE_ATTACK, "fraction": share.fraction,
                      "fraction_ci_low": share.fraction_ci_low, "fraction_ci_high": share.fraction_ci_high,
                      "fraction_raw": share.fraction_raw, "ci_level": share.ci_level, "tpr": share.tpr,
-                     "fpr": share.fpr, "mean_guess": share.mean_guess, "n_suspect": share.n_suspect,
+                     "fpr": share.fpr, "fpr_references": share.fpr_references,
+                     "document_fraction": share.document_fraction, "document_ci_low": share.document_ci_low,
+                     "document_ci_high": share.document_ci_high, "mean_guess": share.mean_guess,
+                     "n_suspect": share.n_suspect,
                      "n_references": share.n_references, "note": share.note})
     return pd.DataFrame(rows)
 

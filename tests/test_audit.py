@@ -337,6 +337,13 @@ def test_was_the_suspect_set_used(plain, tmp_path):
     assert "The suspect set was used in training" in summary.model_card.read_text()
     assert set(pd.read_parquet(summary.out / "mia_scores.parquet").split) == {"suspect", "non_member"}
     assert "suspects against non-members" in " ".join(summary.report.analysis.leak.measures.measure)
+    analysis = summary.report.analysis
+    assert analysis.attacks.title == "Attack comparison: suspects against non-members"
+    ranked = analysis.evidence.records
+    assert len(ranked) == 20 and ranked["rank"].tolist() == list(range(1, 21))
+    assert set(ranked.sample_id) <= set(pd.read_json(root / "members.jsonl", lines=True, dtype={"id": str}).id)
+    assert (summary.out / "report" / "figures" / "evidence.png").is_file()
+    assert (summary.out / "report" / "tables" / "evidence_records.csv").is_file()
     # an unused suspect set (PHEE dev records, never trained on): the report speaks of the set, never of leaking
     unused = root / "unused.jsonl"
     dev = pd.read_json(PHEE / "dev.jsonl", lines=True).drop_duplicates("context").head(24)

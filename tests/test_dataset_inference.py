@@ -426,3 +426,29 @@ def test_target_fpr_is_the_share_of_its_non_members_called_members_by_hand():
                          non_member_scores=np.array([0.7, 0.1, 0.2, 0.59]), n_bootstrap=0, placebo=False)
     assert result.fpr_target == pytest.approx(1 / 4) and result.fpr_references == pytest.approx(1 / 6)
     assert result.fraction == pytest.approx((3 / 5 - 1 / 4) / (5 / 6 - 1 / 4))
+
+
+def test_ranked_evidence_orders_suspects_by_the_aggregated_score():
+    frame = _documents(np.random.default_rng(6), n_docs=12, chunks=3, rho=0.2, shift=1.0)
+    result = dataset_inference(frame, ["a", "b"], word_control=False, placebo=False)
+    by_id = frame.set_index("sample_id")
+
+    def score(ids) -> np.ndarray:
+        total = np.full(len(ids), result.intercept)
+        for f in result.features:
+            x = np.clip(by_id.loc[ids, f].to_numpy(), result.clip_low[f], result.clip_high[f])
+            total += result.weights[f] * (x - result.feature_mean[f]) / result.feature_scale[f]
+        return total
+
+    suspects = frame.sample_id[frame.is_member].tolist()
+    non = score(frame.sample_id[~frame.is_member].tolist())
+    best = suspects[int(np.argmax(score(suspects)))]
+    top = result.ranked_records[0]
+    assert top["rank"] == 1 and top["sample_id"] == best and top["document"] == by_id.loc[best, "group"]
+    assert top["score"] == pytest.approx(score([best])[0])
+    assert top["non_members_as_high"] == pytest.approx((non >= top["score"]).mean())
+    assert [r["score"] for r in result.ranked_records] == sorted((r["score"] for r in result.ranked_records),
+                                                                 reverse=True)
+    doc = result.ranked_documents[0]
+    members = frame[frame.group == doc["document"]].sample_id.tolist()
+    assert doc["records"] == 3 and doc["score"] == pytest.approx(score(members).mean())

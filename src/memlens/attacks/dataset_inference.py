@@ -150,6 +150,8 @@ class DatasetInference(BaseModel):
     document_warning: str | None = None  # ids or texts show documents but no --group was given
     assumption: str = ASSUMPTION
     placebo: Placebo | None = None
+    ranked_records: list[dict] = []     # the suspect records with the strongest evidence (:func:`ranked_evidence`)
+    ranked_documents: list[dict] = []   # the same per document (grouped)
     note: str | None = None
 
 
@@ -492,6 +494,7 @@ def dataset_inference(scores: pd.DataFrame, features: Sequence[str] | None = Non
     fit = shown["model"]
     halves, sides = shown["halves"], shown["sides"]
     placebo_result = _placebo(frame, suspect, names, groups, seed, level, n_splits) if placebo else None
+    ranked_records, ranked_documents = ranked_evidence(frame, suspect, x, fit, groups)
     return DatasetInference(
         test=TEST_NAME if groups is None else GROUPED_TEST, level=level, p_value=p, combine=COMBINE_METHOD,
         split_p_values=p_values, statistic=shown["t"], df=shown["df"], verdict=verdict, used=verdict == "used",
@@ -509,7 +512,39 @@ def dataset_inference(scores: pd.DataFrame, features: Sequence[str] | None = Non
         controls=controls, calibrated_features=calibrated, calibrated_p_value=calibrated_p,
         independence=INDEPENDENCE if groups is None else None,
         document_warning=document_hint(ids, frame.text.tolist()) if groups is None else None,
-        placebo=placebo_result, note="; ".join(notes) or None)
+        placebo=placebo_result, ranked_records=ranked_records, ranked_documents=ranked_documents,
+        note="; ".join(notes) or None)
+
+
+RANKED = 20  # rows of each ranked table
+
+
+def ranked_evidence(frame: pd.DataFrame, suspect: np.ndarray, x: np.ndarray, fit: dict,
+                    groups: np.ndarray | None) -> tuple[list[dict], list[dict]]:
+    """The suspect records (and documents) with the strongest evidence, strongest first: each record's aggregated
+    score under the shown split's model (`x` (records, features), `fit`), and the share of the known non-members
+    scoring at least as high (by document: a document's mean score against the non-members' documents' means).
+    The records of the learning half helped fit the weights: a ranking, not a test."""
+    score = _aggregate(x, fit)
+    n_scores = np.sort(score[~suspect])
+    above = lambda v, pool: float((len(pool) - np.searchsorted(pool, v, side="left")) / max(len(pool), 1))  # noqa: E731
+    idx = np.flatnonzero(suspect)
+    order = idx[np.argsort(-score[idx], kind="stable")][:RANKED]
+    texts, ids = frame.text.astype(str).to_numpy(), frame.sample_id.astype(str).to_numpy()
+    records = [{"rank": r + 1, "sample_id": ids[i], "document": None if groups is None else groups[i],
+                "score": float(score[i]), "non_members_as_high": above(score[i], n_scores), "text": texts[i][:200]}
+               for r, i in enumerate(order)]
+    documents: list[dict] = []
+    if groups is not None:
+        table = pd.DataFrame({"g": groups, "s": score, "suspect": suspect, "text": texts})
+        means = table.groupby(["suspect", "g"], sort=False).agg(score=("s", "mean"), records=("s", "size"),
+                                                                  text=("text", "first"))
+        null = np.sort(means.loc[False].score.to_numpy()) if False in means.index.get_level_values(0) else np.array([])
+        top = means.loc[True].sort_values("score", ascending=False).head(RANKED)
+        documents = [{"rank": r + 1, "document": g, "records": int(row.records), "score": float(row.score),
+                      "non_member_documents_as_high": above(row.score, null), "text": str(row.text)[:200]}
+                     for r, (g, row) in enumerate(top.iterrows())]
+    return records, documents
 
 
 def placebo_split(n: int, groups: Sequence | None, seed: int) -> np.ndarray:

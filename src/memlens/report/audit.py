@@ -37,6 +37,7 @@ from memlens.report.mdsections import Document
 from memlens.report.mdsections import section as section_markdown
 from memlens.report.mdtable import md_table
 from memlens.report.section import Block, Omission, Section, Table, Text
+from memlens.report.suspect import SuspectEvidence, suspect_evidence
 from memlens.store import StudyFile, StudyLayout, atomic_write_text
 from memlens.store.records import AuditRecord
 
@@ -133,6 +134,7 @@ class AuditAnalysis:
     environment: Environment
     inputs: dict
     leak: LeakSummary
+    evidence: SuspectEvidence | None
     canaries: CanaryResults
     attacks: mb.AttackComparison
     roc: mb.RocCurves
@@ -475,6 +477,11 @@ def suspect_summary(data: StudyResults, record: AuditRecord, canaries: CanaryRes
         caveats.append(f"Features that carried the decision: {di['decision']}.")
     if record.usage_share and record.usage_share.get("note"):
         caveats.append(f"Share: {record.usage_share['note']}.")
+    if record.usage_share and record.usage_share.get("fpr_disagree"):
+        recipe = [n for n in record.notes if n.startswith(("Reference models", "The target's train size"))]
+        caveats.append(f"The guess rule calls {record.usage_share['fpr_target']:.1%} of the target's known "
+                       f"non-members members and {record.usage_share['fpr_references']:.1%} of the references' OUT "
+                       "records: the references do not reproduce the target's recipe. " + " ".join(recipe))
     warning = None
     if di.get("document_warning"):
         warning = f"Read this first: {di['document_warning']}."
@@ -600,10 +607,15 @@ def analyse_audit(root: Path) -> AuditAnalysis:
     start = time.perf_counter()
     config, record, data = load_audit_results(root)
     canaries = canaries_section(data, record)
+    suspect = "suspect" in record.sources
+    attacks = _one_run(mb.attack_comparison(data))
+    if suspect:  # which suspects were trained on is unknown: the AUCs compare suspects with non-members
+        attacks.title = "Attack comparison: suspects against non-members"
     analysis = AuditAnalysis(
         root=data.root, config=config, record=record, data=data, environment=data.environment,
         inputs=inputs_fingerprint(StudyLayout(data.root)), leak=leak_summary(data, record, canaries),
-        canaries=canaries, attacks=_one_run(mb.attack_comparison(data)), roc=_one_run(mb.roc_curves(data)),
+        evidence=suspect_evidence(record.dataset_inference) if suspect else None,
+        canaries=canaries, attacks=attacks, roc=_one_run(mb.roc_curves(data)),
         bag_of_words=mb.bag_of_words(data), extraction=_one_run(mz.extraction_rates(data)),
         perplexity=mz.ngram_perplexity(data),
         utility=utility(data))

@@ -141,6 +141,16 @@ def test_command_audits_a_plain_peft_adapter(plain, tmp_path):
     for text in (page, markdown):
         assert "Does this model leak?" in text and "Canaries" in text and "bag of words" in text
     assert card.startswith("## Privacy evaluation") and "Verdict: leaks" in card
+    # verbatim is the exact continuation; the relaxed (LCS) match is said as such; examples are the exact ones
+    extraction = results[results.attack == "extract:greedy:members"].iloc[0]
+    assert f"continues {extraction.exact_rate:.1%} of {int(extraction.n)} verbatim (the exact continuation" in card
+    assert f"a relaxed match (half the continuation's characters in one common run, not verbatim) " \
+           f"{extraction.relaxed_rate:.1%}" in card
+    rows = pd.read_parquet(out / "extraction.parquet")
+    exact = rows[(rows.model == "finetuned") & rows.is_member & ~rows.is_canary & rows.exact_match]
+    table = out / "report" / "tables" / "extraction_examples.csv"
+    examples = pd.read_csv(table, dtype=str) if table.exists() else pd.DataFrame({"sample_id": []})
+    assert len(examples) == min(len(exact), 5) and set(examples.sample_id) <= set(exact.sample_id)
     assert all(f"### {part}" in card for part in ("Testing data", "Metrics", "Results", "Limitations"))
     assert f"{mia.loc['ref_ratio', 'auc']:.3f}" in card
     # the report is the study's report code: `memlens report` rebuilds it from the folder

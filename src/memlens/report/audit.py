@@ -62,12 +62,15 @@ class LeakSummary(Section):
     warning: str | None = None  # the bag-of-words check, when words alone separate the files
     measures: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/leak.csv: measure, value, note
     caveats: list[str] = field(default_factory=list)
+    examples: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/extraction_examples.csv: verbatim ones
 
     def blocks(self) -> list[Block]:
         said = Text(f"Verdict: {self.verdict}. " + " ".join(self.sentences),
                     "ok" if self.verdict == "no measurable leak" else "warn")
+        examples = [Text("Records the model continued verbatim (exact continuation), to quote:"),
+                    Table("extraction_examples", self.examples)] if len(self.examples) else []
         return [*([Text(self.warning, "warn")] if self.warning else []), said,
-                Table("leak", self.measures, empty="n/a"), *(Text(c, "src") for c in self.caveats)]
+                Table("leak", self.measures, empty="n/a"), *examples, *(Text(c, "src") for c in self.caveats)]
 
     def value(self, measure: str) -> object:
         rows = self.measures[self.measures.measure == measure]
@@ -291,8 +294,10 @@ def canaries_section(data: StudyResults, record: AuditRecord) -> CanaryResults:
 
 
 def _extraction_measures(data: StudyResults) -> tuple[dict[str, float], str]:
-    """Members' verbatim extraction rate under the model, under the base model on the same prompts, and the
-    non-members' under the model (greedy decoding when it ran); and the decoding."""
+    """Members' (or suspects') verbatim extraction rate (an exact continuation: `exact_rate`) under the model,
+    under the base model on the same prompts, and the non-members' under the model (greedy decoding when it ran),
+    with the relaxed rate (LCS ratio at or above the threshold: `<label>_relaxed`) and the records too short to
+    prompt (`<label>_too_short`, left out of `<label>_n`); and the decoding."""
     rows = data.stage("extraction")
     if rows.empty:
         return {}, ""
@@ -302,10 +307,42 @@ def _extraction_measures(data: StudyResults) -> tuple[dict[str, float], str]:
     for label, attack in (("members", f"extract:{decoding}:members"), ("base", f"extract:{decoding}:members:base"),
                           ("non_members", f"extract:{decoding}:non_members")):
         found = rows[rows.attack == attack]
-        if len(found):
-            rates[label] = float(found.verbatim_rate.iloc[0])
-            rates[f"{label}_n"] = int(found.n.iloc[0])
+        if len(found) and int(found.n.iloc[0]):
+            row = found.iloc[0]
+            rates[label] = float(row.exact_rate)
+            rates[f"{label}_relaxed"] = float(row.get("relaxed_rate", math.nan))
+            rates[f"{label}_n"] = int(row.n)
+            too_short = row.get("n_too_short")
+            rates[f"{label}_too_short"] = 0 if too_short is None or pd.isna(too_short) else int(too_short)
     return rates, decoding
+
+
+def extraction_examples(root: Path, decoding: str, limit: int = 5) -> pd.DataFrame:
+    """Up to `limit` member (suspect) records the model continued verbatim (exact continuation), with the
+    continuation's text: what a letter can quote. Empty without extraction rows."""
+    path = root / StudyFile.EXTRACTION
+    if not decoding or not path.is_file():
+        return pd.DataFrame()
+    rows = pd.read_parquet(path)
+    keep = (rows.model == "finetuned") & (rows.decoding == decoding) & rows.is_member & ~rows.is_canary \
+        & rows.exact_match
+    return rows.loc[keep, ["sample_id", "suffix_text", "generated_text"]].head(limit).rename(
+        columns={"suffix_text": "record's continuation", "generated_text": "model's continuation"}
+    ).reset_index(drop=True)
+
+
+def extraction_sentence(rates: dict, decoding: str, named: str) -> str | None:
+    """The extraction result in one sentence: verbatim (exact) first, the relaxed rate said as such, records too
+    short to prompt counted."""
+    if named not in rates:
+        return None
+    short = rates.get(f"{named}_too_short", 0)
+    return (f"Prompted with the first half of a {'suspect' if named == 'suspects' else 'member'} record, it "
+            f"continues {rates[named]:.1%} of {rates[f'{named}_n']} verbatim (the exact continuation; {decoding} "
+            f"decoding; the base model {rates.get('base', math.nan):.1%} on the same prompts, non-members "
+            f"{rates.get('non_members', math.nan):.1%}); a relaxed match (half the continuation's characters in "
+            f"one common run, not verbatim) {rates.get(f'{named}_relaxed', math.nan):.1%}"
+            + (f"; {short} record(s) too short to prompt were left out" if short else "") + ".")
 
 
 def _membership(primary: pd.Series | None) -> bool | None:
@@ -466,6 +503,11 @@ def suspect_summary(data: StudyResults, record: AuditRecord, canaries: CanaryRes
     if with_secret:
         sentences.append(f"{exposed} of {_count(with_secret, 'canary')} with a secret "
                          f"{'is' if exposed == 1 else 'are'} exposed (at least {canaries.threshold_bits:.1f} bits).")
+    rates, decoding = _extraction_measures(data)
+    if "members" in rates:  # the suspects take the members' place
+        rates = {k.replace("members", "suspects", 1) if k.startswith("members") else k: v for k, v in rates.items()}
+    if (said := extraction_sentence(rates, decoding, "suspects")) is not None:
+        sentences.append(said)
     caveats = [ASSUMPTION_SAID]
     if di.get("independence"):
         caveats.append(di["independence"][:1].upper() + di["independence"][1:] + ".")
@@ -486,7 +528,8 @@ def suspect_summary(data: StudyResults, record: AuditRecord, canaries: CanaryRes
     if di.get("document_warning"):
         warning = f"Read this first: {di['document_warning']}."
     return SetAnswer(verdict=verdict, sentences=sentences, warning=warning,
-                     measures=_suspect_measures(record, best, level), caveats=caveats)
+                     measures=_suspect_measures(record, best, level), caveats=caveats,
+                     examples=extraction_examples(data.root, decoding))
 
 
 ASSUMPTION_SAID = ("What this answer rests on: the known non-members are assumed drawn like the suspect records "
@@ -520,11 +563,8 @@ def leak_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResult
         sentences.append(f"{exposed} of {_count(with_secret, 'canary')} with a secret "
                          f"{'is' if exposed == 1 else 'are'} exposed (at least {canaries.threshold_bits:.1f} bits).")
     rates, decoding = _extraction_measures(data)
-    if "members" in rates:
-        sentences.append(f"Prompted with the first half of a member record, it completes "
-                         f"{rates['members']:.1%} of {rates['members_n']} verbatim ({decoding} decoding; "
-                         f"the base model {rates.get('base', math.nan):.1%} on the same prompts, non-members "
-                         f"{rates.get('non_members', math.nan):.1%}).")
+    if (said := extraction_sentence(rates, decoding, "members")) is not None:
+        sentences.append(said)
     warning = None
     if separable:
         warning = (f"Read this first: {bow_text} The membership AUC then measures how the member and non-member "
@@ -553,9 +593,10 @@ def leak_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResult
         (f"TPR at 0.1% FPR ({best.attack})", tpr01, tpr01_note),
         ("canaries exposed", f"{exposed} of {with_secret}" if with_secret else None,
          None if with_secret else "no canary with a secret" if record.n_canaries else "no canaries given"),
-        (f"members extracted verbatim ({decoding or 'none'})",
+        (f"members extracted verbatim, exact continuation ({decoding or 'none'})",
          f"{rates['members']:.3f}" if "members" in rates else None,
-         f"base model {rates['base']:.3f}" if "base" in rates else "extraction not run"),
+         f"base model {rates['base']:.3f}; relaxed match {rates['members_relaxed']:.3f}" if "base" in rates
+         else "extraction not run"),
         ("suspect set used (dataset inference)",
          None if record.dataset_inference is None else
          f"{record.dataset_inference['verdict']}, p = {record.dataset_inference['p_value']:.2g}",
@@ -568,7 +609,8 @@ def leak_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResult
         ("records", f"{_count(record.n_members, 'member')}, {_count(record.n_non_members, 'non-member')}, "
                     f"{_count(record.n_canaries, 'canary')}", None),
     ], columns=["measure", "value", "note"])
-    return LeakSummary(verdict=verdict, sentences=sentences, warning=warning, measures=measures, caveats=caveats)
+    return LeakSummary(verdict=verdict, sentences=sentences, warning=warning, measures=measures, caveats=caveats,
+                       examples=extraction_examples(data.root, decoding))
 
 
 def load_audit_results(root: Path) -> tuple[AuditConfig, AuditRecord, StudyResults]:

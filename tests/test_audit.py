@@ -391,3 +391,17 @@ def test_a_memaudit_manifest_gives_the_canaries_detection_rate(plain, tmp_path):
     assert rows.loc["ref_ratio", "canary_copies4_n_members"] == 3
     assert rows.loc["ref_ratio", "canary_copies4_n_non_members"] == 100
     assert summary.report.analysis.record.n_members == 24  # the canaries are not members of the metrics
+
+
+def test_the_share_row_says_why_it_is_missing_with_the_references_given():
+    from memlens.report.audit import share_answer
+
+    assert share_answer(None, 2) == (None, "needs 3 or more reference models (--references); 2 given")
+    said, why = share_answer(None, 4)
+    assert said is None and "needs 3 or more" not in why and "4 reference models" in why
+    share = {"fraction": 0.2, "fraction_ci_low": 0.1, "fraction_ci_high": 0.35, "at_most": 0.35, "ci_level": 0.95,
+             "n_references": 4, "document_fraction": 0.3, "document_ci_low": 0.2, "document_ci_high": 0.5,
+             "placebo": {"fraction_raw": 0.01, "fraction_ci_raw": [-0.1, 0.12]}, "widened": False}
+    said, why = share_answer(share, 4)
+    assert why is None and "at most 35% of the set was used" in said and "of the documents 0.30 [0.20, 0.50]" in said
+    assert "the placebo (known non-members split in two, truth 0) gives 0.01 [-0.10, 0.12]" in said

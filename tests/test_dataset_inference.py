@@ -452,3 +452,25 @@ def test_ranked_evidence_orders_suspects_by_the_aggregated_score():
     doc = result.ranked_documents[0]
     members = frame[frame.group == doc["document"]].sample_id.tolist()
     assert doc["records"] == 3 and doc["score"] == pytest.approx(score(members).mean())
+
+
+def test_a_refused_test_keeps_the_share():
+    """8 suspects and 8 non-members: too few for dataset inference (10 a side), yet 4 references give a share,
+    calibrated on the target's own non-members."""
+    from memlens.attacks.mia import _dataset_level
+    from memlens.attacks.registry import configure
+    from memlens.attacks.subject import Subject
+
+    rng = np.random.default_rng(9)
+    n = 8
+    members = pd.DataFrame({"sample_id": [f"s{i}" for i in range(n)], "text": [f"suspect {i}" for i in range(n)]})
+    non = pd.DataFrame({"sample_id": [f"n{i}" for i in range(n)], "text": [f"other {i}" for i in range(n)]})
+    counted = pd.DataFrame({"sample_id": members.sample_id.tolist() + non.sample_id.tolist(),
+                            "loss": rng.normal(size=2 * n), "nll_ft": rng.random(2 * n) + 1,
+                            "nll_ref": rng.random(2 * n) + 1.2})
+    is_in = np.tile([True, False], (2 * n, 2))
+    statistics = -counted.nll_ft.to_numpy()[:, None] + 0.5 * is_in + 0.1 * rng.normal(size=is_in.shape)
+    subject = Subject("t", members, non, {"run_id": "t"})
+    inference, share = _dataset_level(subject, counted, members, [configure("loss")], None, (statistics, is_in))
+    assert inference is None
+    assert share is not None and share.n_suspect == n and share.n_non_members == n and share.fpr_source == "target"

@@ -436,6 +436,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--issue-mode", choices=sorted(ISSUE_MODES), default=None,
+                        help="trial counts of issue 38's rows (default: the run's mode), e.g. full rows on --quick "
+                             "fine-tunes")
     for name in ("block", "targets", "references", "null_draws", "null_pool", "epochs"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     args = parser.parse_args(argv)
@@ -505,7 +508,7 @@ def run(args, mode: str) -> dict:
     figures = report(results, seconds, args, mode)
     figures["rows"] = [r for res in results for r in res["rows"]]
     start = time.perf_counter()
-    figures["issue_38"] = issue_rows(scorer, args, mode, np.random.default_rng(args.seed + 38))
+    figures["issue_38"] = issue_rows(scorer, args, args.issue_mode or mode, np.random.default_rng(args.seed + 38))
     figures["seconds"]["issue 38 rows"] = time.perf_counter() - start
     (args.out / "figures.json").write_text(json.dumps(figures, indent=1, default=float))
     return figures

@@ -1,22 +1,23 @@
 """Was a set of records used to fine-tune a model, and what share of it?
 
 Membership inference decides per record, and at a low false-positive rate it is weak on most fine-tunes. A data
-owner asks about a *set*: the suspect records S, beside records N of the same distribution known not to have been
-used. Two statistics answer it from the attacks' per-record scores:
+owner asks about a *set*: the suspect records S, beside records N known not to have been used, assumed drawn like
+S (the answer says so rather than asserting it). Two statistics answer it from the attacks' per-record scores:
 
 - **Dataset inference** (Maini et al. 2024, "LLM Dataset Inference: Did you train on my dataset?", arXiv
   2406.06443, Sec. 5 and Fig. 1): the per-record scores of several attacks are the features of a record; S and N
   are each split into halves A and B (:func:`split_halves`); a linear model learns on the A halves which features
   tell S from N (stage 2); on the B halves it aggregates each record's features into one score, and a one-sided
   t-test asks whether S's scores exceed N's (stage 3). Learning and testing on disjoint halves keeps the test
-  valid whatever the model learned: under the null (S unused, so S and N exchangeable) the B scores of both sides
-  come from one distribution. :func:`dataset_inference`.
+  valid whatever the model learned. Here: documents are the unit when groups are known (:data:`GROUPED_TEST`),
+  11 random splits are combined (:data:`COMBINE_METHOD`), the same procedure on the base model's scores and on the
+  words is the shift control (`confounded`), and N split in two is the placebo. :func:`dataset_inference`.
 - **Usage share** (Tong et al., ICLR 2025, "How Much of My Dataset Did You Use? Quantitative Data Usage Inference
   in Machine Learning", DUCI): a membership guess m_i per suspect record is biased (its TPR < 1, FPR > 0), but
   E[m_i] = FPR + p_i (TPR - FPR), so p_i_hat = (m_i - FPR) / (TPR - FPR) is unbiased for the record's use p_i, and
-  the share is their mean, with TPR and FPR measured on reference models whose members are known
-  (:func:`usage_share`; :func:`reference_guess_scores` makes LiRA guesses of the target and of every reference
-  from memlens' reference adapters).
+  the share is their mean, with TPR measured on reference models whose members are known and FPR on the target's
+  own known non-members (:func:`usage_share`; :func:`reference_guess_scores` makes LiRA guesses of the target and
+  of every reference from memlens' reference adapters), per record and per document.
 
 Both return typed results (pydantic models, ready for ``audit.json``) and :func:`dataset_rows` turns them into rows
 of the study's results schema (stage ``dataset``).

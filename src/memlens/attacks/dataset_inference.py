@@ -304,8 +304,10 @@ def _aggregate(x: np.ndarray, fit: dict) -> np.ndarray:
 
 
 def _word_fitter(texts: np.ndarray):
-    """A fitter for the bag-of-words control: TF-IDF of words and a logistic regression learned on half A."""
+    """A fitter for the bag-of-words control over `texts` (records,): TF-IDF of words and a logistic regression
+    learned on half A."""
     def fit(idx_a: np.ndarray, y_a: np.ndarray, dropped: dict[str, str]):
+        """Learns on the records `idx_a` (a,) with labels `y_a` (a,); returns the model and its scorer."""
         vectorizer = TfidfVectorizer(lowercase=True, min_df=1, sublinear_tf=True)
         model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=1000)
         with threadpool_limits(1):
@@ -317,6 +319,7 @@ def _word_fitter(texts: np.ndarray):
 def _feature_fitter(x: np.ndarray, names: list[str]):
     """A fitter over the numeric features `x` (records, features): Maini et al.'s clipped, standardized linear model."""
     def fit(idx_a: np.ndarray, y_a: np.ndarray, dropped: dict[str, str]):
+        """Learns on the records `idx_a` (a,) with labels `y_a` (a,); returns the model and its scorer."""
         model = _fit_aggregate(x[idx_a], y_a, names, dropped)
         return model, lambda idx: _aggregate(x[idx], model)
     return fit
@@ -337,6 +340,8 @@ def _units(scores: np.ndarray, ids: np.ndarray, groups: np.ndarray | None) -> tu
 
 
 def _draw_halves(suspect: np.ndarray, groups: np.ndarray | None, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The four halves (suspect_a, suspect_b, non_members_a, non_members_b), each a (records,) mask, of `suspect`
+    (records,) split side by side (by the documents `groups` (records,) when given)."""
     in_a = np.zeros(len(suspect), bool)
     for side in (suspect, ~suspect):
         idx = np.flatnonzero(side)
@@ -346,6 +351,7 @@ def _draw_halves(suspect: np.ndarray, groups: np.ndarray | None, rng: np.random.
 
 
 def _check_halves(halves: dict[str, np.ndarray], groups: np.ndarray | None) -> None:
+    """Refuses halves (masks (records,)) with fewer than MIN_PER_HALF units (documents of `groups` (records,))."""
     counts = {k: int(v.sum()) if groups is None else len(set(groups[v])) for k, v in halves.items()}
     small = {k: c for k, c in counts.items() if c < MIN_PER_HALF}
     if small:
@@ -357,8 +363,8 @@ def _check_halves(halves: dict[str, np.ndarray], groups: np.ndarray | None) -> N
 
 def _splits(suspect: np.ndarray, ids: np.ndarray, groups: np.ndarray | None, fitter, seed: int, n_splits: int,
             dropped: dict[str, str]) -> list[dict]:
-    """The procedure over `n_splits` random splits (seeded): per split the halves, the fitted model, the units'
-    scores on the test halves and the one-sided Welch test on them."""
+    """The procedure over `n_splits` random splits (seeded) of the records of `suspect`, `ids`, `groups` (records,):
+    per split the halves, the fitted model, the units' scores on the test halves and the one-sided Welch test."""
     out = []
     for rng in (np.random.default_rng([seed, i]) for i in range(n_splits)):
         halves = _draw_halves(suspect, groups, rng)
@@ -556,6 +562,8 @@ def placebo_split(n: int, groups: Sequence | None, seed: int) -> np.ndarray:
 
 def _placebo(frame: pd.DataFrame, suspect: np.ndarray, names: list[str], groups: np.ndarray | None, seed: int,
              level: float, n_splits: int) -> Placebo | None:
+    """The placebo (:class:`Placebo`): the test on N_a against N_b, the non-members of `suspect` (records,) split
+    in two (by the documents `groups` (records,) when given); not run (said) when too small."""
     non = frame[~suspect].reset_index(drop=True)
     in_a = placebo_split(len(non), None if groups is None else groups[~suspect], seed)
     try:
@@ -725,6 +733,7 @@ def _bootstrap(target, non_members, values, is_in, codes: dict, n_bootstrap: int
 
 
 def _interval(draws: np.ndarray, level: float) -> list[float] | None:
+    """The percentile interval at `level` of the finite `draws` (n_bootstrap,); None when none is finite."""
     finite = draws[np.isfinite(draws)]
     if not len(finite):
         return None

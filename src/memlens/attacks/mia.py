@@ -544,8 +544,9 @@ def _dataset_level(subject: Subject, counted: pd.DataFrame, members: pd.DataFram
     """Was the member (suspect) set used, and what share of it? Dataset inference over the counted records' attack
     scores (every attack that scores every record, reference attacks included; the base model's loss and the words
     as shift controls; target-minus-base and reference attacks as the calibrated features) and, with 3 or more
-    reference adapters, the usage share from LiRA guesses, calibrated on the target's own non-members. A set too small
-    for the test gives no test (said in the log), and keeps its share."""
+    reference adapters (`references`: their (counted records, references) statistics and IN flags), the usage share
+    from LiRA guesses, calibrated on the target's own non-members. A set too small for the test gives no test (said
+    in the log), and keeps its share."""
     texts = members.text.tolist() + subject.non_members.text.tolist()
     frame = counted.assign(text=texts)
     if "nll_ref" in frame and "nll_ft" in frame:

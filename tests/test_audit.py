@@ -339,6 +339,9 @@ def test_was_the_suspect_set_used(plain, tmp_path):
     record = json.loads((summary.out / "audit.json").read_text())
     inference = record["dataset_inference"]
     assert inference["n_suspect"] == 24 and inference["n_non_members"] == 24 and inference["verdict"] == "used"
+    controls = {c["name"]: c for c in inference["controls"]}
+    assert controls["base model"]["features"] == ["base_loss", "base_zlib"] and "bag of words" in controls
+    assert "loss_minus_base" in inference["calibrated_features"] and inference["placebo"]["n_a"] > 0
     row = summary.results[summary.results.stage == "dataset"].set_index("attack").loc["dataset_inference"]
     assert row.p_value == pytest.approx(inference["p_value"]) and row.p_value < 0.05
     said = summary.report.analysis.leak.sentences[0]

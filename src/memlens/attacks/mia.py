@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -549,8 +550,12 @@ def _dataset_level(subject: Subject, counted: pd.DataFrame, members: pd.DataFram
     in the log), and keeps its share."""
     texts = members.text.tolist() + subject.non_members.text.tolist()
     frame = counted.assign(text=texts)
-    if "nll_ref" in frame and "nll_ft" in frame:
-        frame = frame.assign(base_loss=-frame.nll_ref, loss_minus_base=frame.nll_ref - frame.nll_ft)
+    base = []
+    if "nll_ref" in frame and "nll_ft" in frame:  # the base model's view (loss, zlib ratio) and the target's change
+        lengths = np.array([len(zlib.compress(t.encode("utf-8"))) for t in texts], float)
+        frame = frame.assign(base_loss=-frame.nll_ref, base_zlib=-frame.nll_ref / lengths,
+                             loss_minus_base=frame.nll_ref - frame.nll_ft)
+        base = ["base_loss", "base_zlib"]
     grouped = "group" in members and "group" in subject.non_members
     if grouped:
         frame["group"] = members.group.tolist() + subject.non_members.group.tolist()
@@ -560,7 +565,7 @@ def _dataset_level(subject: Subject, counted: pd.DataFrame, members: pd.DataFram
     inference = None
     try:
         inference = dataset_inference(frame, features, bag_of_words=bow, calibrated_features=calibrated,
-                                      base_features=["base_loss"] if "base_loss" in frame else None)
+                                      base_features=base or None)
     except ConfigError as exc:
         log.info("run %s: no dataset inference: %s", subject.name, exc)
     share = None

@@ -141,6 +141,16 @@ def test_command_audits_a_plain_peft_adapter(plain, tmp_path):
     for text in (page, markdown):
         assert "Does this model leak?" in text and "Canaries" in text and "bag of words" in text
     assert card.startswith("## Privacy evaluation") and "Verdict: leaks" in card
+    # verbatim is the exact continuation; the relaxed (LCS) match is said as such; examples are the exact ones
+    extraction = results[results.attack == "extract:greedy:members"].iloc[0]
+    assert f"continues {extraction.exact_rate:.1%} of {int(extraction.n)} verbatim (the exact continuation" in card
+    assert f"a relaxed match (half the continuation's characters in one common run, not verbatim) " \
+           f"{extraction.relaxed_rate:.1%}" in card
+    rows = pd.read_parquet(out / "extraction.parquet")
+    exact = rows[(rows.model == "finetuned") & rows.is_member & ~rows.is_canary & rows.exact_match]
+    table = out / "report" / "tables" / "extraction_examples.csv"
+    examples = pd.read_csv(table, dtype=str) if table.exists() else pd.DataFrame({"sample_id": []})
+    assert len(examples) == min(len(exact), 5) and set(examples.sample_id) <= set(exact.sample_id)
     assert all(f"### {part}" in card for part in ("Testing data", "Metrics", "Results", "Limitations"))
     assert f"{mia.loc['ref_ratio', 'auc']:.3f}" in card
     # the report is the study's report code: `memlens report` rebuilds it from the folder
@@ -376,12 +386,36 @@ def test_was_the_suspect_set_used(plain, tmp_path):
     record = json.loads((summary.out / "audit.json").read_text())
     inference = record["dataset_inference"]
     assert inference["n_suspect"] == 24 and inference["n_non_members"] == 24 and inference["verdict"] == "used"
+    controls = {c["name"]: c for c in inference["controls"]}
+    assert controls["base model"]["features"] == ["base_loss", "base_zlib"] and "bag of words" in controls
+    assert "loss_minus_base" in inference["calibrated_features"] and inference["placebo"]["n_a"] > 0
     row = summary.results[summary.results.stage == "dataset"].set_index("attack").loc["dataset_inference"]
     assert row.p_value == pytest.approx(inference["p_value"]) and row.p_value < 0.05
     said = summary.report.analysis.leak.sentences[0]
-    assert said.startswith("The suspect set was shown to be used in training") and f"{row.p_value:.2g}" in said
-    assert "The suspect set was shown to be used" in summary.model_card.read_text()
+    assert said.startswith("The suspect set was used in training") and f"{row.p_value:.2g}" in said
+    assert summary.report.analysis.leak.verdict == "used"
+    assert "The suspect set was used in training" in summary.model_card.read_text()
     assert set(pd.read_parquet(summary.out / "mia_scores.parquet").split) == {"suspect", "non_member"}
+    assert "suspects against non-members" in " ".join(summary.report.analysis.leak.measures.measure)
+    analysis = summary.report.analysis
+    assert analysis.attacks.title == "Attack comparison: suspects against non-members"
+    ranked = analysis.evidence.records
+    assert len(ranked) == 20 and ranked["rank"].tolist() == list(range(1, 21))
+    assert set(ranked.sample_id) <= set(pd.read_json(root / "members.jsonl", lines=True, dtype={"id": str}).id)
+    assert (summary.out / "report" / "figures" / "evidence.png").is_file()
+    assert (summary.out / "report" / "tables" / "evidence_records.csv").is_file()
+    # an unused suspect set (PHEE dev records, never trained on): the report speaks of the set, never of leaking
+    unused = root / "unused.jsonl"
+    dev = pd.read_json(PHEE / "dev.jsonl", lines=True).drop_duplicates("context").head(24)
+    dev[["id", "context"]].to_json(unused, orient="records", lines=True)
+    summary = memlens.audit(**common, suspect=str(unused), out=str(tmp_path / "unused"))
+    leak = summary.report.analysis.leak
+    assert leak.verdict in {"not shown to be used", "underpowered", "confounded"}
+    screen = " ".join([leak.verdict, *leak.sentences, *leak.caveats, *map(str, leak.measures.to_numpy().ravel())])
+    card = summary.model_card.read_text()
+    for text in (screen, card):
+        assert "leak" not in text.lower() and "tells its training records" not in text
+        assert "of the same distribution" not in text and "assumed drawn like the suspect records" in text
 
 
 def test_a_memaudit_manifest_gives_the_canaries_detection_rate(plain, tmp_path):
@@ -491,3 +525,17 @@ def test_inputs_without_effect_are_refused_and_the_recipes_max_length_is_used(pl
     (tmp_path / "memlens-recipe.json").write_text(json.dumps(other))
     with pytest.raises(ConfigError, match=r"was written for another adapter \(r: 4 in the recipe, 8 in the adapter"):
         plan_audit(cfg, target, load_audit_records(cfg, target))
+
+
+def test_the_share_row_says_why_it_is_missing_with_the_references_given():
+    from memlens.report.audit import share_answer
+
+    assert share_answer(None, 2) == (None, "needs 3 or more reference models (--references); 2 given")
+    said, why = share_answer(None, 4)
+    assert said is None and "needs 3 or more" not in why and "4 reference models" in why
+    share = {"fraction": 0.2, "fraction_ci_low": 0.1, "fraction_ci_high": 0.35, "at_most": 0.35, "ci_level": 0.95,
+             "n_references": 4, "document_fraction": 0.3, "document_ci_low": 0.2, "document_ci_high": 0.5,
+             "placebo": {"fraction_raw": 0.01, "fraction_ci_raw": [-0.1, 0.12]}, "widened": False}
+    said, why = share_answer(share, 4)
+    assert why is None and "at most 35% of the set was used" in said and "of the documents 0.30 [0.20, 0.50]" in said
+    assert "the placebo (known non-members split in two, truth 0) gives 0.01 [-0.10, 0.12]" in said

@@ -96,7 +96,10 @@ def test_learned_weights_aggregate_the_test_half_as_reported():
     df = se ** 4 / ((s_b.var(ddof=1) / len(s_b)) ** 2 / (len(s_b) - 1)
                     + (n_b.var(ddof=1) / len(n_b)) ** 2 / (len(n_b) - 1))
     assert result.statistic == pytest.approx(t) and result.df == pytest.approx(df)
-    assert result.p_value == pytest.approx(stats.t.sf(t, df))
+    # the shown split is the median one; the splits combine as min(1, 2 x median)
+    assert float(np.median(result.split_p_values)) == pytest.approx(stats.t.sf(t, df))
+    assert len(result.split_p_values) == result.n_splits == 11
+    assert result.p_value == pytest.approx(min(1.0, 2 * stats.t.sf(t, df)))
     # standardization and clipping come from the learning half only
     a_ids = result.halves["suspect_a"] + result.halves["non_members_a"]
     clipped = np.clip(by_id.loc[a_ids, "a"].to_numpy(), result.clip_low["a"], result.clip_high["a"])
@@ -127,7 +130,7 @@ def test_few_records_without_signal_are_underpowered_not_unused():
     result = dataset_inference(_frame(np.random.default_rng(2), n_s=20, n_n=20), seed=0)
     assert result.p_value >= 0.05
     assert result.verdict == "underpowered" and not result.used
-    assert result.min_records_per_side == 102 and result.power_at_n < 0.8
+    assert result.min_units_per_side == 102 and result.power_at_n < 0.8 and result.unit == "record"
     assert "needs 102 records per side" in result.note
 
 
@@ -172,9 +175,14 @@ def test_bag_of_words_bias_heads_the_answer():
 def test_null_p_values_are_uniform():
     """S drawn like N: over 200 simulated draws the test rejects at 0.05 about 5% of the time."""
     rng = np.random.default_rng(11)
-    p = np.array([dataset_inference(_frame(rng, n_s=30, n_n=30), seed=i).p_value for i in range(200)])
-    assert (p < 0.05).mean() <= 0.08
-    assert (p < 0.5).mean() == pytest.approx(0.5, abs=0.1)
+    runs = [dataset_inference(_frame(rng, n_s=30, n_n=30), seed=i, word_control=False, placebo=False)
+            for i in range(200)]
+    p = np.array([r.p_value for r in runs])
+    assert (p < 0.05).mean() <= 0.06
+    # each split's own p-value is uniform; their combination min(1, 2 median) is conservative
+    first = np.array([r.split_p_values[0] for r in runs])
+    assert (first < 0.5).mean() == pytest.approx(0.5, abs=0.1)
+    assert (p < 0.5).mean() < (first < 0.5).mean()
     # and a real shift is found
     assert dataset_inference(_frame(rng, n_s=60, n_n=60, shift=1.0)).p_value < 0.01
 
@@ -206,7 +214,8 @@ def test_usage_share_clips_and_says_so_and_refuses_a_useless_rule():
     assert result.fraction_raw == pytest.approx((0 - 1 / 6) / (2 / 3))
     assert result.fraction == 0.0 and result.clipped and "clipped to [0, 1] (unclipped: -0.250" in result.note
     same = usage_share(np.array([0.5]), np.array([[0.5, 0.5], [0.5, 0.5]]), np.array([[True, False], [False, True]]))
-    assert same.fraction is None and "does not tell the references' IN records from their OUT" in same.note
+    assert same.fraction is None
+    assert "does not tell the references' IN records from the target's non-members" in same.note
     with pytest.raises(ConfigError, match=r"must both be \(records, references\)"):
         usage_share(np.array([0.5]), REF_SCORES, REF_IN[:, :2])
     with pytest.raises(ConfigError, match="finite"):
@@ -272,3 +281,196 @@ def test_benchmark_smoke_mode(tmp_path, capsys):
     bench.main(["--smoke", "--threads", "1", "--out", str(tmp_path / "bench")])
     out = capsys.readouterr().out
     assert "detection rate" in out and "false-positive rate" in out and "mean |estimate - p|" in out
+    for row in ("grouped null, real scores", "grouped null, simulated", "shifted null, real scores",
+                "shifted null, simulated", "mixed sets with siblings", "real sets with siblings"):
+        assert row in out
+    assert "(target <= 0.05:" in out and "coverage >= 0.9:" in out
+
+
+# ------------------------------------------------------------------------------------- issue 38: the owner's answer
+def _documents(rng: np.random.Generator, n_docs: int = 20, chunks: int = 10, rho: float = 0.6,
+               shift: float = 0.0) -> pd.DataFrame:
+    """Documents of `chunks` records a side, a shared document effect of variance `rho` on every feature (a, b),
+    nothing trained; S's feature `a` shifted by `shift` standard deviations."""
+    rows = []
+    for side in (True, False):
+        for d in range(n_docs):
+            effect = rng.normal(size=2) * math.sqrt(rho)
+            for c in range(chunks):
+                x = effect + rng.normal(size=2) * math.sqrt(1 - rho)
+                rows.append({"sample_id": f"{'s' if side else 'n'}{d}_{c}", "text": f"{side} {d} {c}",
+                             "is_member": side, "group": f"{'s' if side else 'n'}{d}", "a": x[0] + shift * side,
+                             "b": x[1]})
+    return pd.DataFrame(rows)
+
+
+def test_grouped_test_counts_documents_and_keeps_its_level():
+    rng = np.random.default_rng(5)
+    frame = _documents(rng)
+    result = dataset_inference(frame, ["a", "b"], word_control=False, placebo=False)
+    assert result.unit == "document" and result.grouped and result.n_suspect_units == 20
+    # the shown split by hand: each document's mean aggregated score, Welch on the document means
+    by_id = frame.set_index("sample_id")
+
+    def doc_means(key: str) -> pd.Series:
+        ids = result.halves[key]
+        total = np.full(len(ids), result.intercept)
+        for f in result.features:
+            x = np.clip(by_id.loc[ids, f].to_numpy(), result.clip_low[f], result.clip_high[f])
+            total += result.weights[f] * (x - result.feature_mean[f]) / result.feature_scale[f]
+        return pd.Series(total).groupby(by_id.loc[ids, "group"].to_numpy()).mean()
+
+    s, n = doc_means("suspect_b"), doc_means("non_members_b")
+    assert result.test_units["suspect_b"] == s.index.tolist()
+    np.testing.assert_allclose(result.test_scores["suspect_b"], s.to_numpy())
+    assert float(np.median(result.split_p_values)) == pytest.approx(stats.ttest_ind(
+        s, n, equal_var=False, alternative="greater").pvalue)
+    assert len(result.test_scores["suspect_b"]) == 10  # documents, not the 100 records
+    # 100 null trials with within-document correlation 0.6: the level holds by document, not by record
+    grouped = [dataset_inference(_documents(rng), ["a", "b"], word_control=False, placebo=False, seed=i).p_value
+               for i in range(100)]
+    records = [dataset_inference(_documents(rng).drop(columns="group"), ["a", "b"], word_control=False,
+                                 placebo=False, seed=i).p_value for i in range(40)]
+    assert np.mean(np.array(grouped) < 0.05) <= 0.06
+    assert np.mean(np.array(records) < 0.05) > 0.3  # what the issue measured without --group
+
+
+def test_without_groups_the_answer_says_records_are_independent_and_names_group():
+    frame = _documents(np.random.default_rng(1), n_docs=12, chunks=4, rho=0.0).drop(columns="group")
+    result = dataset_inference(frame, ["a", "b"], word_control=False, placebo=False)
+    assert result.unit == "record" and "taken as an independent document" in result.independence
+    assert "give --group" in result.document_warning and "'s0'" in result.document_warning
+    plain = frame.assign(sample_id=[f"id{i:03d}x" for i in range(len(frame))])
+    assert dataset_inference(plain, ["a", "b"], word_control=False, placebo=False).document_warning is None
+    chunks = plain.assign(text=[f"part {i} of a sentence cut and" if i % 2 == 0 else f"continued here {i}."
+                                for i in range(len(plain))])
+    assert "continue one another" in dataset_inference(chunks, ["a", "b"], word_control=False,
+                                                       placebo=False).document_warning
+
+
+def test_a_shifted_but_unused_set_is_confounded_not_used():
+    """S never trained on but easier for the base model: the target's loss is the base's loss plus noise. The base
+    model's control separates S from N, so the verdict is `confounded`, with the calibrated features' p."""
+    rng = np.random.default_rng(2)
+    n = 150
+    base = rng.normal(size=2 * n) + np.r_[np.full(n, 0.5), np.zeros(n)]  # S easier by half a standard deviation
+    loss = base + 0.1 * rng.normal(size=2 * n)
+    frame = pd.DataFrame({"sample_id": [f"r{i}" for i in range(2 * n)], "text": [f"t {i}" for i in range(2 * n)],
+                          "is_member": np.r_[np.ones(n, bool), np.zeros(n, bool)], "loss": loss, "base_loss": base,
+                          "loss_minus_base": loss - base})
+    result = dataset_inference(frame, ["loss"], base_features=["base_loss"], calibrated_features=["loss_minus_base"],
+                               word_control=False)
+    assert result.p_value < 0.05  # the raw test alone would say "used"
+    assert result.verdict == "confounded" and not result.used
+    base_control = next(c for c in result.controls if c.name == "base model")
+    assert base_control.separates and base_control.p_value < 0.05
+    assert result.calibrated_p_value is not None and result.calibrated_p_value > 0.05
+    assert "calibrated features only (loss_minus_base)" in result.decision
+    assert f"base model p = {base_control.p_value:.2g}" in result.note and f"p = {result.p_value:.2g}" in result.note
+    # the same set drawn like N: the control is quiet and the test decides
+    frame.loc[:n - 1, ["loss", "base_loss"]] -= 0.5
+    assert dataset_inference(frame, ["loss"], base_features=["base_loss"], word_control=False).verdict != "confounded"
+
+
+def _siblings(rng: np.random.Generator, used_docs: float = 0.5, used_within: float = 0.6, n_docs: int = 60,
+              chunks: int = 5, k_refs: int = 6, mu: float = 2.5, target_shift: float = 0.0
+              ) -> tuple[dict, float, float]:
+    """Simulated guess scores: documents of `chunks` records (a document effect), a share of suspect documents used
+    and within them a share of records (the others their unused siblings); K references IN on random halves."""
+    def side(prefix: str) -> tuple[np.ndarray, np.ndarray]:
+        groups = np.repeat([f"{prefix}{i}" for i in range(n_docs)], chunks)
+        return groups, np.repeat(rng.normal(size=n_docs) * 0.5, chunks) + rng.normal(size=n_docs * chunks) * 0.5
+
+    g_s, d_s = side("s")
+    g_n, d_n = side("n")
+    used = np.repeat(rng.random(n_docs) < used_docs, chunks) & (rng.random(len(g_s)) < used_within)
+    difficulty = np.r_[d_s, d_n]
+    is_in = rng.random((len(difficulty), k_refs)) < 0.5
+    refs = difficulty[:, None] + mu * is_in + 0.5 * rng.normal(size=is_in.shape)
+    inputs = {"target_scores": d_s + mu * used + target_shift + 0.5 * rng.normal(size=len(d_s)),
+              "non_member_scores": d_n + target_shift + 0.5 * rng.normal(size=len(d_n)), "reference_scores": refs,
+              "reference_in": is_in, "suspect_groups": g_s, "non_member_groups": g_n,
+              "reference_groups": np.r_[g_s, g_n]}
+    doc_truth = pd.Series(used).groupby(g_s).any().mean()
+    return inputs, float(used.mean()), float(doc_truth)
+
+
+def test_sibling_share_interval_holds_the_truth_on_records_and_documents():
+    inputs, truth, doc_truth = _siblings(np.random.default_rng(3))
+    result = usage_share(**inputs, n_bootstrap=300)
+    assert result.fpr_source == "target" and result.documents and result.n_suspect_documents == 60
+    assert result.fraction_ci_low <= truth <= result.fraction_ci_high
+    assert result.document_ci_low <= doc_truth <= result.document_ci_high
+    assert abs(result.fraction - truth) <= 0.1 and abs(result.document_fraction - doc_truth) <= 0.15
+    assert result.at_most == result.fraction_ci_high
+
+
+def test_placebo_share_interval_holds_zero_and_the_target_fpr_is_the_targets():
+    """Nothing used, and the target trained so that its non-members score like the references' members (a target
+    trained longer): the references' FPR would give a share far from 0; the target's own FPR does not."""
+    inputs, truth, _ = _siblings(np.random.default_rng(4), used_docs=0.0, target_shift=1.5)
+    assert truth == 0
+    result = usage_share(**inputs, n_bootstrap=300)
+    assert result.placebo is not None and result.placebo.fraction_ci_raw[0] <= 0 <= result.placebo.fraction_ci_raw[1]
+    assert result.fraction_ci_low <= 0.0 + 1e-12 and not result.widened
+    assert result.fpr_target > result.fpr_references + 0.2 and result.fpr_disagree
+    assert f"{result.fpr_references:.1%}" in result.note and f"{result.fpr_target:.1%}" in result.note
+    # the references' FPR alone (no known non-members given): the share the issue saw, well away from 0
+    alone = usage_share(inputs["target_scores"], inputs["reference_scores"], inputs["reference_in"], n_bootstrap=0)
+    assert alone.fpr_source == "references" and alone.fraction_raw > 0.3
+
+
+def test_target_fpr_is_the_share_of_its_non_members_called_members_by_hand():
+    # threshold 0.6 (see test_usage_share_debiases_the_mean_guess_by_hand); 1 of 4 non-members scores >= 0.6
+    result = usage_share(np.array([0.95, 0.62, 0.55, 0.3, 0.61]), REF_SCORES, REF_IN,
+                         non_member_scores=np.array([0.7, 0.1, 0.2, 0.59]), n_bootstrap=0, placebo=False)
+    assert result.fpr_target == pytest.approx(1 / 4) and result.fpr_references == pytest.approx(1 / 6)
+    assert result.fraction == pytest.approx((3 / 5 - 1 / 4) / (5 / 6 - 1 / 4))
+
+
+def test_ranked_evidence_orders_suspects_by_the_aggregated_score():
+    frame = _documents(np.random.default_rng(6), n_docs=12, chunks=3, rho=0.2, shift=1.0)
+    result = dataset_inference(frame, ["a", "b"], word_control=False, placebo=False)
+    by_id = frame.set_index("sample_id")
+
+    def score(ids) -> np.ndarray:
+        total = np.full(len(ids), result.intercept)
+        for f in result.features:
+            x = np.clip(by_id.loc[ids, f].to_numpy(), result.clip_low[f], result.clip_high[f])
+            total += result.weights[f] * (x - result.feature_mean[f]) / result.feature_scale[f]
+        return total
+
+    suspects = frame.sample_id[frame.is_member].tolist()
+    non = score(frame.sample_id[~frame.is_member].tolist())
+    best = suspects[int(np.argmax(score(suspects)))]
+    top = result.ranked_records[0]
+    assert top["rank"] == 1 and top["sample_id"] == best and top["document"] == by_id.loc[best, "group"]
+    assert top["score"] == pytest.approx(score([best])[0])
+    assert top["non_members_as_high"] == pytest.approx((non >= top["score"]).mean())
+    assert [r["score"] for r in result.ranked_records] == sorted((r["score"] for r in result.ranked_records),
+                                                                 reverse=True)
+    doc = result.ranked_documents[0]
+    members = frame[frame.group == doc["document"]].sample_id.tolist()
+    assert doc["records"] == 3 and doc["score"] == pytest.approx(score(members).mean())
+
+
+def test_a_refused_test_keeps_the_share():
+    """8 suspects and 8 non-members: too few for dataset inference (10 a side), yet 4 references give a share,
+    calibrated on the target's own non-members."""
+    from memlens.attacks.mia import _dataset_level
+    from memlens.attacks.registry import configure
+    from memlens.attacks.subject import Subject
+
+    rng = np.random.default_rng(9)
+    n = 8
+    members = pd.DataFrame({"sample_id": [f"s{i}" for i in range(n)], "text": [f"suspect {i}" for i in range(n)]})
+    non = pd.DataFrame({"sample_id": [f"n{i}" for i in range(n)], "text": [f"other {i}" for i in range(n)]})
+    counted = pd.DataFrame({"sample_id": members.sample_id.tolist() + non.sample_id.tolist(),
+                            "loss": rng.normal(size=2 * n), "nll_ft": rng.random(2 * n) + 1,
+                            "nll_ref": rng.random(2 * n) + 1.2})
+    is_in = np.tile([True, False], (2 * n, 2))
+    statistics = -counted.nll_ft.to_numpy()[:, None] + 0.5 * is_in + 0.1 * rng.normal(size=is_in.shape)
+    subject = Subject("t", members, non, {"run_id": "t"})
+    inference, share = _dataset_level(subject, counted, members, [configure("loss")], None, (statistics, is_in))
+    assert inference is None
+    assert share is not None and share.n_suspect == n and share.n_non_members == n and share.fpr_source == "target"

@@ -17,7 +17,7 @@ from memlens.train import finetune_cell
 from .conftest import make_study
 
 ROW_COLUMNS = ["run_id", "sample_id", "is_canary", "is_member", "decoding", "prefix_len", "suffix_len",
-               "longest_common_ngram", "ngram_share", "exact_match", "common_prefix_len", "lcs_ratio", "verbatim",
+               "longest_common_ngram", "ngram_share", "exact_match", "common_prefix_len", "lcs_ratio", "relaxed_match",
                "bleu", "rouge_l", "edit_distance", "tfidf_cosine", "ppl_base", "ppl_ft", "ppl_generated",
                "generated_text", "suffix_text", "model", "group"]
 

@@ -69,7 +69,7 @@ def synthetic_study(root: Path, designs: tuple[str, ...] = ("splits",), splits_b
                          "exposure_rank": 1 + gain, "exposure_skewnorm": 1.5 + 2 * gain})
             rows.append({**meta, "stage": "extraction", "attack": f"extract:greedy:canary{suffix}",
                          "decoding": "greedy", "group": "canary", "n": 1, "exact_rate": 0.0,
-                         "verbatim_rate": 0.0, "bleu_rate": 0.0, "mean_ngram_share": 0.1 * copies})
+                         "relaxed_rate": 0.0, "bleu_rate": 0.0, "mean_ngram_share": 0.1 * copies})
             share = rng.uniform(0, 1, 12)
             extraction.append(pd.DataFrame({
                 "run_id": run_id, "model": model, "sample_id": [f"s{i}" for i in range(12)],

@@ -61,9 +61,9 @@ def test_common_prefix_and_exact_match():
     assert common_prefix_len([1, 2, 3, 4], [1, 2, 9, 4]) == 2
     assert common_prefix_len([], [1]) == 0
     m = pair_metrics([1, 2, 3], [1, 2, 3], "a b c", "a b c", verbatim_threshold=0.5)
-    assert m.exact_match and m.ngram_share == 1.0 and m.common_prefix_len == 3 and m.verbatim
+    assert m.exact_match and m.ngram_share == 1.0 and m.common_prefix_len == 3 and m.relaxed_match
     m = pair_metrics([1, 2, 4], [1, 2, 3], "a b d", "a b c", verbatim_threshold=0.9)
-    assert not m.exact_match and m.ngram_share == pytest.approx(2 / 3) and not m.verbatim
+    assert not m.exact_match and m.ngram_share == pytest.approx(2 / 3) and not m.relaxed_match
 
 
 def test_lcs_ratio_is_longest_common_substring_share():
@@ -165,4 +165,16 @@ def test_extraction_rates_count_each_discriminative_function():
     assert rates["ngram_full_rate"] == pytest.approx(1 / 3)
     assert rates["mean_ngram_share"] == pytest.approx((1 + 2 / 3 + 0) / 3)
     assert rates["bleu_rate"] == pytest.approx(((rows.bleu >= 50).sum()) / 3)
-    assert rates["verbatim_rate"] == pytest.approx(((rows.lcs_ratio >= 0.5).sum()) / 3)
+    assert rates["relaxed_rate"] == pytest.approx(((rows.lcs_ratio >= 0.5).sum()) / 3)
+    assert "verbatim_rate" not in rates  # verbatim is the exact continuation: exact_rate
+
+
+def test_a_half_overlap_is_a_relaxed_match_not_verbatim():
+    """Issue 38's case: "Disulfiram-induced hepatitis." prompted with "Disulfiram", continued "-induced hyperp":
+    the longest common run "-induced h" is 10 of the suffix's 19 characters (ratio 10/19 >= 0.5), a relaxed
+    match; the tokens differ, so it is not an exact continuation, and verbatim counts only those."""
+    m = pair_metrics([5, 6, 7], [5, 6, 8], "-induced hyperp", "-induced hepatitis.", verbatim_threshold=0.5)
+    assert m.lcs_ratio == pytest.approx(10 / 19) and m.relaxed_match and not m.exact_match
+    rows = pd.DataFrame([m.to_dict()])
+    rates = extraction_rates(rows, verbatim_threshold=0.5, bleu_threshold=50)
+    assert rates["exact_rate"] == 0.0 and rates["relaxed_rate"] == 1.0

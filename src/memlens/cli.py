@@ -325,8 +325,11 @@ def audit(
                                                "column if repeated, a `secret` column for exposure).")] = None,
     text_field: Annotated[Optional[str], _option("--text-field", "Column holding each record's text (default "
                                                  "text).")] = None,
-    group: Annotated[Optional[str], _option("--group", "Document groups of the bag-of-words check: a column or a "
-                                            "regex over the id.")] = None,
+    group: Annotated[Optional[str], _option("--group", "Each record's document (a column, or a regex over the id "
+                                            "whose first group is the document, e.g. '^(\\d+)_'): dataset "
+                                            "inference then counts documents (its halves, test, power and placebo), "
+                                            "the share is also given per document, and the bag-of-words folds and "
+                                            "the references' halves keep documents whole.")] = None,
     out: OutOpt = None,
     references: Annotated[Optional[int], _option("--references", "Reference models to train for LiRA and RMIA "
                                                  "(needs --train-config).")] = None,

@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -550,24 +551,40 @@ def _dataset_level(subject: Subject, counted: pd.DataFrame, members: pd.DataFram
                    bow: dict | None, references: tuple[np.ndarray, np.ndarray] | None
                    ) -> tuple[DatasetInference | None, UsageShare | None]:
     """Was the member (suspect) set used, and what share of it? Dataset inference over the counted records' attack
-    scores (every attack that scores every record; halves grouped by document) and, with 3 or more reference
-    adapters (`references`: their (counted records, references) statistics and IN flags), the usage share from LiRA
-    guesses. A set too small for the test gives no result (said in the log), never a number."""
+    scores (every attack that scores every record, reference attacks included; the base model's loss and the words
+    as shift controls; target-minus-base and reference attacks as the calibrated features) and, with 3 or more
+    reference adapters (`references`: their (counted records, references) statistics and IN flags), the usage share
+    from LiRA guesses, calibrated on the target's own non-members. A set too small for the test gives no test (said
+    in the log), and keeps its share."""
     texts = members.text.tolist() + subject.non_members.text.tolist()
     frame = counted.assign(text=texts)
-    if "group" in members and "group" in subject.non_members:
+    base = []
+    if "nll_ref" in frame and "nll_ft" in frame:  # the base model's view (loss, zlib ratio) and the target's change
+        lengths = np.array([len(zlib.compress(t.encode("utf-8"))) for t in texts], float)
+        frame = frame.assign(base_loss=-frame.nll_ref, base_zlib=-frame.nll_ref / lengths,
+                             loss_minus_base=frame.nll_ref - frame.nll_ft)
+        base = ["base_loss", "base_zlib"]
+    grouped = "group" in members and "group" in subject.non_members
+    if grouped:
         frame["group"] = members.group.tolist() + subject.non_members.group.tolist()
-    features = [a.name for a in attacks if not a.partial and "references" not in a.needs]
+    features = [a.name for a in attacks if not a.partial]
+    calibrated = [a.name for a in attacks if not a.partial and a.needs & {"ref", "references"}]
+    calibrated += ["loss_minus_base"] if "loss_minus_base" in frame else []
+    inference = None
     try:
-        inference = dataset_inference(frame, features, bag_of_words=bow)
+        inference = dataset_inference(frame, features, bag_of_words=bow, calibrated_features=calibrated,
+                                      base_features=base or None)
     except ConfigError as exc:
         log.info("run %s: no dataset inference: %s", subject.name, exc)
-        return None, None
     share = None
     if references is not None and references[0].shape[1] >= 3:
         statistics, inside = references
         target, reference = reference_guess_scores(-counted.nll_ft.to_numpy(float), statistics, inside)
-        share = usage_share(target[:len(members)], reference, inside)
+        n_s = len(members)
+        groups = frame.group.astype(str).to_numpy() if grouped else None
+        share = usage_share(target[:n_s], reference, inside, non_member_scores=target[n_s:],
+                            suspect_groups=None if groups is None else groups[:n_s],
+                            non_member_groups=None if groups is None else groups[n_s:], reference_groups=groups)
     return inference, share
 
 

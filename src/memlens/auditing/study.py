@@ -116,8 +116,18 @@ def _train_settings(cfg: AuditConfig, target: Target, records: AuditRecords, not
         raise ConfigError(f"audit.train_config: {path} was written for another adapter ({mismatch}); give the "
                           "recipe of the audited adapter's training")
     half = (len(records.members) + len(records.non_members)) // 2  # a reference trains on about half the records
-    notes.append(f"Reference models: {recipe.describe(half)}.")
-    return recipe.train_config(records=half), recipe.max_length
+    size = recipe.train_records
+    train = recipe.train_config(records=size or half)
+    notes.append(f"Reference models: {recipe.describe(size or half)}.")
+    if size is None:
+        notes.append(f"The target's train size is not in the recipe (`train_records`): the references train for "
+                     f"the recipe's epochs on their {half} records, a default; a target trained on more records "
+                     "took more steps, and its non-members then score like the references' members.")
+    elif train.max_steps is None:
+        train = train.model_copy(update={"max_steps": recipe.steps(size)})
+        notes.append(f"Reference models take the target's {train.max_steps} optimizer steps (its train_records="
+                     f"{size} for {train.epochs:g} epochs) on their {half} records.")
+    return train, recipe.max_length
 
 
 def _recipe(cfg: AuditConfig, target: Target, mia: MIAConfig, records: AuditRecords, notes: list[str]

@@ -87,8 +87,10 @@ class AuditConfig(BaseModel):
     text_field: str = Field("text", description="Column (or JSON key) of each record's text.")
     id_field: str | None = Field("id", description="Column of each record's id, where the file has it; records "
                                  "are numbered `<file kind>-<row>` otherwise.")
-    group: str | None = Field(None, description="Document groups for the bag-of-words check's folds: a column, or a "
-                              "regular expression over the id whose first group is the document.")
+    group: str | None = Field(None, description="Each record's document: a column, or a regular expression over "
+                              "the id whose first group is the document. Dataset inference then counts documents "
+                              "(halves, test, power, placebo), the usage share is given per document too, and the "
+                              "bag-of-words check's folds keep documents whole.")
     out: str | None = Field(None, description="Output folder; `null`: `memlens-out/audit-<target folder name>`.")
     references: int = Field(0, ge=0, description="Reference models for LiRA and RMIA, each trained with the "
                             "target's recipe (its LoRA settings and `train_config`) on a seeded random half of "

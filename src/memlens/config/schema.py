@@ -584,7 +584,8 @@ class ExtractionConfig(_Strict):
     non_members: int | None = Field(100, ge=0, description="Non-member control records (`null`: all).")
     batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
     verbatim_threshold: float = Field(0.5, gt=0, le=1,
-                                      description="Longest-common-substring ratio counted as verbatim.")
+                                      description="Longest-common-substring ratio counted as a relaxed match "
+                                      "(`relaxed_rate`); verbatim is an exact continuation (`exact_rate`).")
     bleu_threshold: float = Field(50.0, gt=0, le=100, description="BLEU counted as extracted.")
     min_temperature: float | None = Field(
         None, ge=0, description="Mitigation: clamp every decoding's temperature to at least this."

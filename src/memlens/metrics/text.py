@@ -1,9 +1,14 @@
 """Similarity between a generated continuation and the true suffix of a record.
 
 The study's measure is the longest common token n-gram and its share of the suffix length; the relaxed
-"discriminative functions" it lists (verbatim substring ratio, BLEU, TF-IDF cosine) and a few standard
+"discriminative functions" it lists (substring ratio, BLEU, TF-IDF cosine) and a few standard
 ones (ROUGE-L, edit distance, exact match, common prefix) come from well-kept libraries: sacrebleu,
 rouge-score, rapidfuzz, scikit-learn and the standard library's difflib.
+
+*Verbatim* means an exact continuation: the generation reproduces the whole suffix, token for token
+(`exact_match`, `exact_rate`). A character longest-common-substring ratio at or above the threshold is a
+*relaxed* match (`relaxed_match`, `relaxed_rate`), reported as such: "Disulfiram-induced hepatitis." continued
+with "-induced hyperp" has ratio 0.5, and is not verbatim.
 """
 
 from __future__ import annotations
@@ -116,7 +121,7 @@ class PairMetrics:
     exact_match: bool
     common_prefix_len: int
     lcs_ratio: float
-    verbatim: bool
+    relaxed_match: bool  # lcs_ratio >= the threshold: a relaxed match, never called verbatim (exact_match is)
     bleu: float
     rouge_l: float
     edit_distance: float
@@ -140,7 +145,7 @@ def pair_metrics(generated_ids: Sequence[int], suffix_ids: Sequence[int], genera
         exact_match=len(suffix_ids) > 0 and prefix == len(suffix_ids),
         common_prefix_len=prefix,
         lcs_ratio=ratio,
-        verbatim=bool(ratio >= verbatim_threshold),
+        relaxed_match=bool(ratio >= verbatim_threshold),
         bleu=sentence_bleu(generated_text, suffix_text),
         rouge_l=rouge_l(generated_text, suffix_text),
         edit_distance=edit_distance(generated_text, suffix_text),
@@ -157,7 +162,7 @@ def extraction_rates(frame, verbatim_threshold: float, bleu_threshold: float) ->
         "n": int(len(frame)),
         "exact_rate": float(frame.exact_match.mean()),
         "ngram_full_rate": float((frame.ngram_share >= 1.0).mean()),
-        "verbatim_rate": float((frame.lcs_ratio >= verbatim_threshold).mean()),
+        "relaxed_rate": float((frame.lcs_ratio >= verbatim_threshold).mean()),
         "bleu_rate": float((frame.bleu >= bleu_threshold).mean()),
         "mean_ngram_share": float(frame.ngram_share.mean()),
         "mean_longest_common_ngram": float(frame.longest_common_ngram.mean()),

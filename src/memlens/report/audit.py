@@ -37,6 +37,7 @@ from memlens.report.mdsections import Document
 from memlens.report.mdsections import section as section_markdown
 from memlens.report.mdtable import md_table
 from memlens.report.section import Block, Omission, Section, Table, Text
+from memlens.report.suspect import SuspectEvidence, suspect_evidence
 from memlens.store import StudyFile, StudyLayout, atomic_write_text
 from memlens.store.records import AuditRecord
 
@@ -61,12 +62,15 @@ class LeakSummary(Section):
     warning: str | None = None  # the bag-of-words check, when words alone separate the files
     measures: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/leak.csv: measure, value, note
     caveats: list[str] = field(default_factory=list)
+    examples: pd.DataFrame = field(default_factory=pd.DataFrame)  # tables/extraction_examples.csv: verbatim ones
 
     def blocks(self) -> list[Block]:
         said = Text(f"Verdict: {self.verdict}. " + " ".join(self.sentences),
                     "ok" if self.verdict == "no measurable leak" else "warn")
+        examples = [Text("Records the model continued verbatim (exact continuation), to quote:"),
+                    Table("extraction_examples", self.examples)] if len(self.examples) else []
         return [*([Text(self.warning, "warn")] if self.warning else []), said,
-                Table("leak", self.measures, empty="n/a"), *(Text(c, "src") for c in self.caveats)]
+                Table("leak", self.measures, empty="n/a"), *examples, *(Text(c, "src") for c in self.caveats)]
 
     def value(self, measure: str) -> object:
         rows = self.measures[self.measures.measure == measure]
@@ -142,6 +146,7 @@ class AuditAnalysis:
     environment: Environment
     inputs: dict
     leak: LeakSummary
+    evidence: SuspectEvidence | None
     canaries: CanaryResults
     attacks: mb.AttackComparison
     roc: mb.RocCurves
@@ -313,8 +318,10 @@ def canaries_section(data: StudyResults, record: AuditRecord) -> CanaryResults:
 
 
 def _extraction_measures(data: StudyResults) -> tuple[dict[str, float], str]:
-    """Members' verbatim extraction rate under the model, under the base model on the same prompts, and the
-    non-members' under the model (greedy decoding when it ran); and the decoding."""
+    """Members' (or suspects') verbatim extraction rate (an exact continuation: `exact_rate`) under the model,
+    under the base model on the same prompts, and the non-members' under the model (greedy decoding when it ran),
+    with the relaxed rate (LCS ratio at or above the threshold: `<label>_relaxed`) and the records too short to
+    prompt (`<label>_too_short`, left out of `<label>_n`); and the decoding."""
     rows = data.stage("extraction")
     if rows.empty:
         return {}, ""
@@ -324,10 +331,42 @@ def _extraction_measures(data: StudyResults) -> tuple[dict[str, float], str]:
     for label, attack in (("members", f"extract:{decoding}:members"), ("base", f"extract:{decoding}:members:base"),
                           ("non_members", f"extract:{decoding}:non_members")):
         found = rows[rows.attack == attack]
-        if len(found):
-            rates[label] = float(found.verbatim_rate.iloc[0])
-            rates[f"{label}_n"] = int(found.n.iloc[0])
+        if len(found) and int(found.n.iloc[0]):
+            row = found.iloc[0]
+            rates[label] = float(row.exact_rate)
+            rates[f"{label}_relaxed"] = float(row.get("relaxed_rate", math.nan))
+            rates[f"{label}_n"] = int(row.n)
+            too_short = row.get("n_too_short")
+            rates[f"{label}_too_short"] = 0 if too_short is None or pd.isna(too_short) else int(too_short)
     return rates, decoding
+
+
+def extraction_examples(root: Path, decoding: str, limit: int = 5) -> pd.DataFrame:
+    """Up to `limit` member (suspect) records the model continued verbatim (exact continuation), with the
+    continuation's text: what a letter can quote. Empty without extraction rows."""
+    path = root / StudyFile.EXTRACTION
+    if not decoding or not path.is_file():
+        return pd.DataFrame()
+    rows = pd.read_parquet(path)
+    keep = (rows.model == "finetuned") & (rows.decoding == decoding) & rows.is_member & ~rows.is_canary \
+        & rows.exact_match
+    return rows.loc[keep, ["sample_id", "suffix_text", "generated_text"]].head(limit).rename(
+        columns={"suffix_text": "record's continuation", "generated_text": "model's continuation"}
+    ).reset_index(drop=True)
+
+
+def extraction_sentence(rates: dict, decoding: str, named: str) -> str | None:
+    """The extraction result in one sentence: verbatim (exact) first, the relaxed rate said as such, records too
+    short to prompt counted."""
+    if named not in rates:
+        return None
+    short = rates.get(f"{named}_too_short", 0)
+    return (f"Prompted with the first half of a {'suspect' if named == 'suspects' else 'member'} record, it "
+            f"continues {rates[named]:.1%} of {rates[f'{named}_n']} verbatim (the exact continuation; {decoding} "
+            f"decoding; the base model {rates.get('base', math.nan):.1%} on the same prompts, non-members "
+            f"{rates.get('non_members', math.nan):.1%}); a relaxed match (half the continuation's characters in "
+            f"one common run, not verbatim) {rates.get(f'{named}_relaxed', math.nan):.1%}"
+            + (f"; {short} record(s) too short to prompt were left out" if short else "") + ".")
 
 
 def _membership(primary: pd.Series | None) -> bool | None:
@@ -358,35 +397,176 @@ def _first_sentence(verdict: str, member: bool | None, primary: pd.Series | None
             f"sample size: AUC {auc}.")
 
 
+SET_VERDICTS = {"used": "used", "not_shown": "not shown to be used", "underpowered": "underpowered",
+                "confounded": "confounded"}
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.0f}%"
+
+
+def share_answer(share: dict | None, references: int) -> tuple[str | None, str | None]:
+    """(the share in words, why there is none): the share of records with its interval and "at most", the share of
+    documents, and the placebo's share."""
+    if not share:
+        why = (f"needs 3 or more reference models (--references); {references} given" if references < 3 else
+               f"not computed with {references} reference models")
+        return None, why
+    if share.get("fraction") is None:
+        return None, share.get("note")
+    said = (f"estimated share used {share['fraction']:.2f} [{share['fraction_ci_low']:.2f}, "
+            f"{share['fraction_ci_high']:.2f}] of the records ({share['ci_level']:.0%} interval, "
+            f"{share['n_references']} reference models): at most {_pct(share['at_most'])} of the set was used")
+    if share.get("document_fraction") is not None:
+        said += (f"; of the documents {share['document_fraction']:.2f} [{share['document_ci_low']:.2f}, "
+                 f"{share['document_ci_high']:.2f}] had any record used")
+    placebo = share.get("placebo")
+    if placebo and placebo.get("fraction_raw") is not None:
+        ci = placebo.get("fraction_ci_raw") or [math.nan, math.nan]
+        said += (f"; the placebo (known non-members split in two, truth 0) gives {placebo['fraction_raw']:.2f} "
+                 f"[{ci[0]:.2f}, {ci[1]:.2f}]" + (", so the interval above was widened" if share.get("widened")
+                                                   else ""))
+    return said, None
+
+
 def dataset_answer(record: AuditRecord) -> str | None:
     """Was the suspect (or member) set used, and how much of it, in one sentence: dataset inference's verdict with
-    its p-value and, with reference models, the estimated share with its interval; None when not computed."""
+    its p-value (the controls' when confounded) and, with reference models, the estimated share with its interval
+    and "at most X% of the set was used"; None when neither was computed."""
     di, share = record.dataset_inference, record.usage_share
-    if di is None:
-        return None
     named = "suspect set" if "suspect" in record.sources else "member set"
+    share_said, _ = share_answer(share, record.references)
+    if di is None:
+        return None if share_said is None else (f"The {named} could not be tested (too few records or documents); "
+                                                f"{share_said}.")
+    unit = f"{di.get('unit', 'record')}s"
     p = f"p = {di['p_value']:.2g}"
     if di["verdict"] == "confounded":
-        said = (f"The {named} cannot be shown to be used: words alone separate it from the non-members (bag-of-words "
-                f"AUC {di.get('bag_of_words_auc') or math.nan:.3f}), so dataset inference's {p} measures how the files "
-                "differ, not use")
+        controls = "; ".join(f"{c['name']} p = {c['p_value']:.2g}" for c in di.get("controls", []) if c["separates"])
+        if di.get("bag_of_words_auc") is not None and not controls:
+            controls = f"bag-of-words AUC {di['bag_of_words_auc']:.3f}"
+        said = (f"Confounded: what the model never learned already separates the {named} from the non-members "
+                f"({controls}; the test's {p}), so the test measures how the files differ, not use")
+        if di.get("calibrated_p_value") is not None:
+            said += (f"; the model's own evidence, in calibrated features (target minus base model), gives "
+                     f"p = {di['calibrated_p_value']:.2g}")
     elif di["used"]:
-        said = f"The {named} was shown to be used in training ({p} < {di['level']:g}, {di['test']})"
+        said = f"The {named} was used in training ({p} < {di['level']:g}, counting {unit})"
     else:
-        said = f"The {named} was not shown to be used ({p} at level {di['level']:g})"
+        said = f"The {named} was not shown to be used ({p} at level {di['level']:g}, counting {unit})"
         if di["verdict"] == "underpowered":
-            said += f"; with these records the test is underpowered: it needs {di['min_records_per_side']} a side"
-    if share is not None and share.get("fraction") is not None:
-        said += (f"; estimated share used {share['fraction']:.2f} [{share['fraction_ci_low']:.2f}, "
-                 f"{share['fraction_ci_high']:.2f}] ({share['ci_level']:.0%} interval, {share['n_references']} "
-                 "reference models)")
+            needed = di.get("min_units_per_side", di.get("min_records_per_side"))
+            said += (f"; the test is underpowered with these {unit}: it needs {needed} {unit} a side, so this is "
+                     "not evidence of non-use")
+    if share_said is not None:
+        said += f"; {share_said}"
     elif share is not None:
         said += f"; no share estimate: {share.get('note')}"
     return said + "."
 
 
+@dataclass(kw_only=True)
+class SetAnswer(LeakSummary):
+    """The first screen of a suspect-set audit: was the set used (the records' membership is what is asked)."""
+
+    anchor = "used"
+    title = "Was the suspect set used?"
+
+
+def _suspect_measures(record: AuditRecord, best: pd.Series | None, level: float) -> pd.DataFrame:
+    di, share = record.dataset_inference or {}, record.usage_share or {}
+    share_said, why = share_answer(record.usage_share, record.references)
+    controls = {c["name"]: c for c in di.get("controls", [])}
+    placebo = di.get("placebo") or {}
+    rows = [
+        ("verdict", SET_VERDICTS.get(di.get("verdict"), "not tested"), di.get("decision")),
+        ("dataset inference p-value", f"{di['p_value']:.2g}" if di else None,
+         f"{di.get('n_splits', 1)} random splits, min(1, 2 x median); counting {di.get('unit', 'record')}s"
+         if di else "not computed: too few records or documents for the test"),
+        ("shift control: base model p", f"{controls['base model']['p_value']:.2g}" if "base model" in controls
+         else None, "the same test on the base model's loss"),
+        ("shift control: bag of words p", f"{controls['bag of words']['p_value']:.2g}" if "bag of words" in controls
+         else None, "the same test on the texts' words"),
+        ("calibrated features p", None if di.get("calibrated_p_value") is None else
+         f"{di['calibrated_p_value']:.2g}", ", ".join(di.get("calibrated_features", [])) or None),
+        ("placebo p (non-members split in two)", None if placebo.get("p_value") is None else
+         f"{placebo['p_value']:.2g}", placebo.get("note") or "should not be small: nothing in it was used"),
+        ("share of the set used (records)", None if share.get("fraction") is None else
+         f"{share['fraction']:.3f} [{share['fraction_ci_low']:.3f}, {share['fraction_ci_high']:.3f}]",
+         why if share_said is None else share.get("note")),
+        ("at most used", None if share.get("at_most") is None else _pct(share["at_most"]),
+         "the interval's upper end"),
+        ("share of documents used", None if share.get("document_fraction") is None else
+         f"{share['document_fraction']:.3f} [{share['document_ci_low']:.3f}, {share['document_ci_high']:.3f}]",
+         None if share.get("document_fraction") is not None else "needs --group"),
+        ("placebo share", None if not share.get("placebo") or share["placebo"].get("fraction_raw") is None else
+         f"{share['placebo']['fraction_raw']:.3f}", "truth 0" + ("; the interval above was widened"
+                                                                 if share.get("widened") else "")),
+        ("guess rule FPR: target's non-members / references'", None if share.get("fpr_target") is None else
+         f"{share['fpr_target']:.3f} / {share['fpr_references']:.3f}",
+         "they disagree: the references do not reproduce the target's recipe" if share.get("fpr_disagree") else None),
+        (f"suspects against non-members: AUC ({best.attack})" if best is not None else "suspects against non-members",
+         _auc(best, level, code="") if best is not None else None,
+         "how well an attack tells the suspect records from the non-members; not a membership rate, since which "
+         "suspects were trained on is unknown"),
+        ("records", f"{_count(record.n_members, 'suspect')}, {_count(record.n_non_members, 'non-member')}", None),
+    ]
+    return pd.DataFrame(rows, columns=["measure", "value", "note"])
+
+
+def suspect_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResults) -> SetAnswer:
+    """The first screen in suspect mode: the set's verdict (used / not shown / underpowered / confounded), its
+    p-value, the share with its interval and "at most"; no membership verdict about records of unknown membership."""
+    mia, level = data.mia, data.study.mia.ci_level
+    best = None if mia.empty else mia.sort_values(["auc", "attack"], ascending=[False, True]).iloc[0]
+    di = record.dataset_inference or {}
+    verdict = SET_VERDICTS.get(di.get("verdict"), "not tested")
+    sentences = [dataset_answer(record) or "The suspect set could not be tested: too few records or documents."]
+    exposed = int(canaries.table.exposed.sum()) if "exposed" in canaries.table else 0
+    with_secret = int(canaries.table.exposure.notna().sum()) if "exposure" in canaries.table else 0
+    if with_secret:
+        sentences.append(f"{exposed} of {_count(with_secret, 'canary')} with a secret "
+                         f"{'is' if exposed == 1 else 'are'} exposed (at least {canaries.threshold_bits:.1f} bits).")
+    rates, decoding = _extraction_measures(data)
+    if "members" in rates:  # the suspects take the members' place
+        rates = {k.replace("members", "suspects", 1) if k.startswith("members") else k: v for k, v in rates.items()}
+    if (said := extraction_sentence(rates, decoding, "suspects")) is not None:
+        sentences.append(said)
+    caveats = [ASSUMPTION_SAID]
+    if di.get("independence"):
+        caveats.append(di["independence"][:1].upper() + di["independence"][1:] + ".")
+    if di.get("note"):
+        caveats.append(f"Dataset inference: {di['note']}.")
+    if di.get("combine"):
+        caveats.append(f"The p-value: {di['combine']}.")
+    if di.get("decision"):
+        caveats.append(f"Features that carried the decision: {di['decision']}.")
+    if record.usage_share and record.usage_share.get("note"):
+        caveats.append(f"Share: {record.usage_share['note']}.")
+    if record.usage_share and record.usage_share.get("fpr_disagree"):
+        recipe = [n for n in record.notes if n.startswith(("Reference models", "The target's train size"))]
+        caveats.append(f"The guess rule calls {record.usage_share['fpr_target']:.1%} of the target's known "
+                       f"non-members members and {record.usage_share['fpr_references']:.1%} of the references' OUT "
+                       "records: the references do not reproduce the target's recipe. " + " ".join(recipe))
+    warning = None
+    if di.get("document_warning"):
+        warning = f"Read this first: {di['document_warning']}."
+    return SetAnswer(verdict=verdict, sentences=sentences, warning=warning,
+                     measures=_suspect_measures(record, best, level), caveats=caveats,
+                     examples=extraction_examples(data.root, decoding))
+
+
+ASSUMPTION_SAID = ("What this answer rests on: the known non-members are assumed drawn like the suspect records "
+                   "(same source, period and processing), which memlens cannot check. The shift controls test what "
+                   "the base model and the words alone see, and the placebo runs the whole procedure on non-members "
+                   "split in two.")
+
+
 def leak_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResults) -> LeakSummary:
-    """The first screen (see the module's docstring for the verdict's rules)."""
+    """The first screen (see the module's docstring for the verdict's rules); in suspect mode the set's answer
+    (:func:`suspect_summary`)."""
+    if "suspect" in record.sources:
+        return suspect_summary(data, record, canaries)
     mia, level = data.mia, data.study.mia.ci_level
     if mia.empty:
         return LeakSummary(omitted=Omission("the first screen", "no membership-inference results"))
@@ -407,11 +587,8 @@ def leak_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResult
         sentences.append(f"{exposed} of {_count(with_secret, 'canary')} with a secret "
                          f"{'is' if exposed == 1 else 'are'} exposed (at least {canaries.threshold_bits:.1f} bits).")
     rates, decoding = _extraction_measures(data)
-    if "members" in rates:
-        sentences.append(f"Prompted with the first half of a member record, it completes "
-                         f"{rates['members']:.1%} of {rates['members_n']} verbatim ({decoding} decoding; "
-                         f"the base model {rates.get('base', math.nan):.1%} on the same prompts, non-members "
-                         f"{rates.get('non_members', math.nan):.1%}).")
+    if (said := extraction_sentence(rates, decoding, "members")) is not None:
+        sentences.append(said)
     warning = None
     if separable:
         warning = (f"Read this first: {bow_text} The membership AUC then measures how the member and non-member "
@@ -440,9 +617,10 @@ def leak_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResult
         (f"TPR at 0.1% FPR ({best.attack})", tpr01, tpr01_note),
         ("canaries exposed", f"{exposed} of {with_secret}" if with_secret else None,
          None if with_secret else "no canary with a secret" if record.n_canaries else "no canaries given"),
-        (f"members extracted verbatim ({decoding or 'none'})",
+        (f"members extracted verbatim, exact continuation ({decoding or 'none'})",
          f"{rates['members']:.3f}" if "members" in rates else None,
-         f"base model {rates['base']:.3f}" if "base" in rates else "extraction not run"),
+         f"base model {rates['base']:.3f}; relaxed match {rates['members_relaxed']:.3f}" if "base" in rates
+         else "extraction not run"),
         ("suspect set used (dataset inference)",
          None if record.dataset_inference is None else
          f"{record.dataset_inference['verdict']}, p = {record.dataset_inference['p_value']:.2g}",
@@ -451,12 +629,12 @@ def leak_summary(data: StudyResults, record: AuditRecord, canaries: CanaryResult
          None if not record.usage_share or record.usage_share.get("fraction") is None else
          f"{record.usage_share['fraction']:.3f} [{record.usage_share['fraction_ci_low']:.3f}, "
          f"{record.usage_share['fraction_ci_high']:.3f}]",
-         "needs 3 or more reference models (--references)" if not record.usage_share
-         else record.usage_share.get("note")),
+         share_answer(record.usage_share, record.references)[1] or record.usage_share.get("note")),
         ("records", f"{_count(record.n_members, 'member')}, {_count(record.n_non_members, 'non-member')}, "
                     f"{_count(record.n_canaries, 'canary')}", None),
     ], columns=["measure", "value", "note"])
-    return LeakSummary(verdict=verdict, sentences=sentences, warning=warning, measures=measures, caveats=caveats)
+    return LeakSummary(verdict=verdict, sentences=sentences, warning=warning, measures=measures, caveats=caveats,
+                       examples=extraction_examples(data.root, decoding))
 
 
 def load_audit_results(root: Path) -> tuple[AuditConfig, AuditRecord, StudyResults]:
@@ -495,10 +673,15 @@ def analyse_audit(root: Path) -> AuditAnalysis:
     start = time.perf_counter()
     config, record, data = load_audit_results(root)
     canaries = canaries_section(data, record)
+    suspect = "suspect" in record.sources
+    attacks = _one_run(mb.attack_comparison(data))
+    if suspect:  # which suspects were trained on is unknown: the AUCs compare suspects with non-members
+        attacks.title = "Attack comparison: suspects against non-members"
     analysis = AuditAnalysis(
         root=data.root, config=config, record=record, data=data, environment=data.environment,
         inputs=inputs_fingerprint(StudyLayout(data.root)), leak=leak_summary(data, record, canaries),
-        canaries=canaries, attacks=_one_run(mb.attack_comparison(data)), roc=_one_run(mb.roc_curves(data)),
+        evidence=suspect_evidence(record.dataset_inference) if suspect else None,
+        canaries=canaries, attacks=attacks, roc=_one_run(mb.roc_curves(data)),
         bag_of_words=mb.bag_of_words(data), extraction=_one_run(mz.extraction_rates(data)),
         perplexity=mz.ngram_perplexity(data),
         utility=utility(data))
@@ -537,12 +720,15 @@ def overview(a: AuditAnalysis) -> Overview:
     model = (f"LoRA adapter `{r.target}` (rank {r.rank}, on {', '.join(r.target_modules)})" if r.method == "lora"
              else f"full fine-tuned model `{r.target}`")
     eight = " in 8 bits" if r.base.get("load_in_8bit") else ""
-    first = (f"Suspect set: {r.n_members} records whose use in training is in question (`{r.sources.get('suspect')}`), "
-             "scored as members." if "suspect" in r.sources else
+    suspect = "suspect" in r.sources
+    first = (f"Suspect set: {r.n_members} records whose use in training is in question "
+             f"(`{r.sources.get('suspect')}`), scored against the non-members; which of them were trained on is "
+             "what is asked." if suspect else
              f"Members: {r.n_members} records known to be in the training set (`{r.sources.get('members')}`).")
     records = [first,
-               f"Non-members: {r.n_non_members} records of the same distribution known not to be "
-               f"(`{r.sources.get('non_members')}`)."]
+               f"Non-members: {r.n_non_members} records known not to be in the training set "
+               f"(`{r.sources.get('non_members')}`), assumed drawn like the "
+               f"{'suspect records' if suspect else 'members'}."]
     if r.n_canaries:
         records.append(f"Canaries: {_count(r.n_canaries, 'record')} inserted in the training set "
                        f"(`{r.sources.get('canaries', 'the run folder')}`), scored apart from the members.")
@@ -596,6 +782,9 @@ def model_card(a: AuditAnalysis) -> str:
              "them.*", "", said.model, "",
              "### Testing data", "", *(f"- {line}" for line in said.records), "",
              "### Metrics", "",
+             "- Was the suspect set used? Dataset inference (Maini et al. 2024) with shift controls and a placebo; "
+             "the share of the set used (DUCI, Tong et al. 2025) with its interval, read as \"at most X% of the set "
+             "was used\"." if isinstance(leak, SetAnswer) else
              "- Can an attacker tell records used in fine-tuning from records that were not? The ROC AUC of each "
              "membership attack (0.5 is chance) with its interval, and the true positive rate at 1% and 0.1% false "
              "positive rate (an attacker who must rarely be wrong).",
@@ -608,10 +797,10 @@ def model_card(a: AuditAnalysis) -> str:
         if len(a.canaries.table):
             lines += [md_table(a.canaries.table, {"exposure": ".2f", "exposure_base": ".2f"}), ""]
         lines += ["#### Summary", "", f"**Verdict: {leak.verdict}.** " + " ".join(leak.sentences), ""]
-    caveats = ([leak.warning] if leak.warning else []) + list(leak.caveats) + [
+    caveats = ([leak.warning] if leak.warning else []) + list(leak.caveats) + ([] if isinstance(leak, SetAnswer) else [
         "Members and non-members were declared by whoever ran the audit; whatever else differs between the two sets "
         "(source, date, topic) adds to the AUC: the bag-of-words check tests their words.",
-        "An AUC near 0.5 on average can hide a few records that are memorized: see TPR at low FPR and the canaries."]
+        "An AUC near 0.5 on average can hide a few records that are memorized: see TPR at low FPR and the canaries."])
     lines += ["### Limitations", "", *(f"- {c}" for c in caveats), ""]
     return "\n".join(lines)
 

@@ -21,6 +21,7 @@ from memlens.report.headline import Headline
 from memlens.report.inputs import PRIMARY_ATTACK
 from memlens.report.saturation import saturating
 from memlens.report.section import Section
+from memlens.report.suspect import SuspectEvidence
 
 DRAWERS: dict[type, tuple[Callable[[Section], plt.Figure], int]] = {}  # section type -> (drawer, dpi)
 
@@ -209,3 +210,16 @@ def draw(section: Section) -> tuple[plt.Figure, int]:
     except KeyError:
         raise TypeError(f"{type(section).__name__} has a figure but no drawer: register one with @draws") from None
     return drawer(section), dpi
+
+
+@draws(SuspectEvidence)
+def suspect_scores(e: SuspectEvidence) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(6, 3))
+    suspects, non = e.test_scores.get("suspect_b", []), e.test_scores.get("non_members_b", [])
+    bins = np.histogram_bin_edges(np.r_[suspects, non], bins=20) if len(suspects) + len(non) else 10
+    ax.hist(non, bins=bins, alpha=0.55, color="tab:blue", label=f"known non-members ({len(non)})")
+    ax.hist(suspects, bins=bins, alpha=0.55, color="tab:red", label=f"suspects ({len(suspects)})")
+    ax.set_xlabel(f"aggregated score per {e.unit} (higher: more like a training record)")
+    ax.set_ylabel(f"{e.unit}s")
+    ax.legend(fontsize=8)
+    return fig

@@ -169,8 +169,9 @@ class ExtractionRates(Section):
 
     def blocks(self) -> list[Block]:
         over = "" if self.one_run else "; mean over runs"
-        return [Text("Share of prompted records whose suffix was reproduced exactly, verbatim (longest common "
-                     "substring ratio above `extraction.verbatim_threshold`) or with a BLEU above "
+        return [Text("Share of prompted records whose suffix was reproduced verbatim (exactly, token for token), "
+                     "as a relaxed match (longest common substring ratio at or above "
+                     "`extraction.verbatim_threshold`: not verbatim) or with a BLEU above "
                      "`extraction.bleu_threshold`, and the mean n-gram share, per decoding, record group, model "
                      f"(fine-tuned, or the base model on the same prompts as a control) and canary copies{over}."),
                 Table("extraction_rates", self.rates, formats={c: ".3f" for c in RATES})]
@@ -184,7 +185,7 @@ class ExtractionRates(Section):
         return self.rates[self.rates.group != "canary"] if len(self.rates) else self.rates
 
 
-RATES = ("exact_rate", "verbatim_rate", "bleu_rate", "mean_ngram_share")
+RATES = ("exact_rate", "relaxed_rate", "bleu_rate", "mean_ngram_share")
 
 
 def extraction_rates(data: StudyResults) -> ExtractionRates:

@@ -116,3 +116,20 @@ def test_select_targets_is_seeded_and_keeps_the_canary():
     b = select_targets(members, non_members, ExtractionConfig(members=None, non_members=None))
     assert len(b) == 40
 
+
+
+def test_results_written_before_relaxed_rate_read_their_lcs_rate_as_relaxed(tmp_path):
+    """Older results called the relaxed match (LCS ratio >= threshold) `verbatim_rate`; it reads as `relaxed_rate`
+    in the store and in the report's inputs, never as an exact continuation; newer results are left as they are."""
+    from memlens.report.inputs import with_run_defaults
+    from memlens.store import StudyLayout, read_results
+
+    layout = StudyLayout(tmp_path)
+    old = pd.DataFrame({"run_id": ["a"], "stage": ["extraction"], "attack": ["greedy"], "exact_rate": [0.0],
+                        "verbatim_rate": [0.25]})
+    old.to_parquet(layout.results_file)
+    read = read_results(layout)
+    assert "verbatim_rate" not in read and read.relaxed_rate.tolist() == [0.25] and read.exact_rate.tolist() == [0.0]
+    assert with_run_defaults(old).relaxed_rate.tolist() == [0.25]
+    new = old.rename(columns={"verbatim_rate": "relaxed_rate"}).assign(verbatim_rate=0.5)
+    assert with_run_defaults(new).relaxed_rate.tolist() == [0.25]

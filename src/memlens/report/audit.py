@@ -38,7 +38,7 @@ from memlens.report.mdsections import section as section_markdown
 from memlens.report.mdtable import md_table
 from memlens.report.section import Block, Omission, Section, Table, Text
 from memlens.report.suspect import SuspectEvidence, suspect_evidence
-from memlens.store import StudyFile, StudyLayout, atomic_write_text
+from memlens.store import StudyFile, StudyLayout, atomic_write_text, read_results
 from memlens.store.records import AuditRecord
 
 EXPOSED_P = 0.01  # a canary is exposed when its secret's rank p-value is below this over the number of canaries
@@ -648,7 +648,7 @@ def load_audit_results(root: Path) -> tuple[AuditConfig, AuditRecord, StudyResul
     except ValidationError as err:
         raise ConfigError(f"{layout.root / StudyFile.AUDIT_RECORD}: its `study` does not read ({err.error_count()} "
                           "problem(s)); rerun `memlens audit` into this folder") from None
-    results = pd.read_parquet(layout.results_file) if layout.results_file.exists() else pd.DataFrame()
+    results = read_results(layout)
 
     def read(name: str) -> pd.DataFrame:
         path = layout.study_level(name)

@@ -17,7 +17,7 @@ from memlens.attacks.bow import BOW_ATTACK
 from memlens.attacks.exposure import exposure_bits
 from memlens.attacks.registry import PRIMARY_ATTACK
 from memlens.config import SPLITS, Design, StudyConfig
-from memlens.store import RUN_COLUMNS, StudyFile, StudyLayout
+from memlens.store import RUN_COLUMNS, StudyFile, StudyLayout, with_current_names
 from memlens.store.integrity import read_study_parquet
 from memlens.store.records import StatusRecord
 
@@ -66,10 +66,11 @@ def inputs_fingerprint(layout: StudyLayout) -> dict:
 def with_run_defaults(results: pd.DataFrame, learning_rate: float = float("nan")) -> pd.DataFrame:
     """`results` with the identifying columns added after the first studies (membership design, learning rate,
     record draw) at the values runs made before them had: the named splits, `learning_rate` (the study's
-    `train.learning_rate`; NaN: unknown) and draw 0; also on such rows beside newer runs' in an upserted file."""
+    `train.learning_rate`; NaN: unknown) and draw 0; also on such rows beside newer runs' in an upserted file.
+    Renamed columns read under today's names (:func:`memlens.store.results.with_current_names`)."""
     if results.empty:
         return results
-    results = results.copy()
+    results = with_current_names(results).copy()
     for column, value in {"membership": DEFAULT_DESIGN, "learning_rate": learning_rate, "draw": 0}.items():
         results[column] = results[column].fillna(value) if column in results else value
     return results

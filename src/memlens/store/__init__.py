@@ -11,13 +11,14 @@ from memlens.store.layout import (
     atomic_write_text,
     read_cache,
 )
-from memlens.store.results import RUN_COLUMNS, read_results, run_metadata, upsert_results
+from memlens.store.results import RUN_COLUMNS, read_results, run_metadata, upsert_results, with_current_names
 
 __all__ = [
     "RUN_COLUMNS",
     "read_results",
     "run_metadata",
     "upsert_results",
+    "with_current_names",
     "RunFile",
     "StudyFile",
     "StudyLayout",

@@ -52,10 +52,20 @@ def run_metadata(layout: StudyLayout, run_id: str, spec: CellConfig, study: Stud
     }
 
 
+def with_current_names(results: pd.DataFrame) -> pd.DataFrame:
+    """Results under today's column names. Results written before `relaxed_rate` existed called the relaxed match
+    (character LCS ratio at or above the threshold) `verbatim_rate`: it is read as `relaxed_rate`, so no older
+    number is shown as an exact continuation (`exact_rate`, which those results also carry)."""
+    if "verbatim_rate" in results.columns and "relaxed_rate" not in results.columns:
+        return results.rename(columns={"verbatim_rate": "relaxed_rate"})
+    return results
+
+
 def read_results(layout: StudyLayout) -> pd.DataFrame:
-    """results.parquet (no rows when absent); an unreadable file is a CorruptArtifactError saying how to rebuild it."""
+    """results.parquet (no rows when absent, today's column names); an unreadable file is a CorruptArtifactError
+    saying how to rebuild it."""
     frame = read_study_parquet(layout, layout.results_file)
-    return pd.DataFrame(columns=KEY) if frame is None else frame
+    return pd.DataFrame(columns=KEY) if frame is None else with_current_names(frame)
 
 
 def upsert_results(layout: StudyLayout, rows: pd.DataFrame) -> pd.DataFrame:

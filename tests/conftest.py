@@ -50,7 +50,8 @@ def pytest_collection_modifyitems(config, items):
     real fixtures are absent, saying why."""
     if REAL_FIXTURES:
         return
-    lacks = f"lacks {', '.join(MISSING)}" if MISSING else "holds synthetic stand-ins"
+    lacks = f"lacks {MISSING[0]}{f' and {len(MISSING) - 1} more' if len(MISSING) > 1 else ''}" if MISSING \
+        else "holds synthetic stand-ins"
     for item in items:
         marker = item.get_closest_marker("real_fixtures")
         if marker:

@@ -8,6 +8,10 @@ import os
 import re
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from memlens.demo import PHEE_SPLITS, write_phee_shaped
 from tests import synthetic_fixtures
@@ -52,3 +56,29 @@ def test_marked_tests_are_skipped_with_their_reason_without_the_real_fixtures(tm
     assert "1 passed, 1 skipped" in proc.stdout, proc.stdout + proc.stderr
     assert f"needs the real fixtures (AUC above 0.7 measured on PHEE): {stand_ins} holds synthetic stand-ins" \
         in proc.stdout, proc.stdout
+
+
+def test_concurrent_callers_build_the_synthetic_fixtures_once_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_build(root):
+        calls.append(root)
+        time.sleep(0.3)  # long enough for the other caller to reach the lock
+        if len(calls) == 1:
+            (root / "partial").write_text("")
+            raise RuntimeError("killed mid-build")
+        for name in synthetic_fixtures.REQUIRED:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text("{}")
+
+    monkeypatch.setattr(synthetic_fixtures, "build", fake_build)
+    folder = tmp_path / "memlens-fixtures" / "key"
+    with pytest.raises(RuntimeError, match="killed mid-build"):
+        synthetic_fixtures.ensure(folder)
+    assert not folder.exists()  # nothing a reader would take for a build
+    stale = tmp_path / "memlens-fixtures" / "older-key"
+    stale.mkdir()
+    with ThreadPoolExecutor(2) as pool:  # two xdist workers asking at once
+        done = list(pool.map(synthetic_fixtures.ensure, [folder, folder]))
+    assert done == [folder, folder] and len(calls) == 2  # the failed build, then one build for both callers
+    assert synthetic_fixtures.missing(folder) == [] and not stale.exists()

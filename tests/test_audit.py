@@ -104,6 +104,7 @@ def _args(plain, out, *extra: str) -> list[str]:
             str(root / "non_members.jsonl"), "--text-field", "context", "--out", str(out), "--no-progress", *extra]
 
 
+@pytest.mark.real_fixtures("membership AUC above 0.8 measured on PHEE")
 def test_command_audits_a_plain_peft_adapter(plain, tmp_path):
     out = tmp_path / "audit"
     result = CliRunner().invoke(app, _args(plain, out, "--canaries", str(plain["root"] / "canaries.jsonl"),
@@ -158,6 +159,7 @@ def test_command_audits_a_plain_peft_adapter(plain, tmp_path):
     assert CliRunner().invoke(app, ["report", str(out)]).exit_code == 0 and (out / "report" / "index.html").exists()
 
 
+@pytest.mark.real_fixtures("the 'leaks' verdict measured on PHEE")
 def test_python_call_with_an_audit_file_and_reference_models(plain, tmp_path):
     root = plain["root"]
     (tmp_path / "train.yaml").write_text("train: {epochs: 1, learning_rate: 0.02, batch_size: 8, grad_accum: 1, "
@@ -372,6 +374,7 @@ def test_the_first_screen_gives_the_headline_attack_that_ran(plain, tmp_path):
     assert f"{auc:.3f}" in first_screen and "zlib" in first_screen
 
 
+@pytest.mark.real_fixtures("the 'used' verdict measured on PHEE")
 def test_was_the_suspect_set_used(plain, tmp_path):
     """`--suspect`: the set whose use is in question takes the members' place; dataset inference answers on the
     first screen, in audit.json, in the results (stage `dataset`) and in the model card; the refusals come first."""

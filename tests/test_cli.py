@@ -31,6 +31,8 @@ def test_readme_commands_pin_torch_run_the_demo_and_match_ci():
     assert second.startswith("HF_HUB_OFFLINE=1 python -m pytest")
     ci_test_line = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert second.removeprefix("HF_HUB_OFFLINE=1 ").strip() == ci_test_line  # CI runs the README's command
+    # and, first, as on a fresh machine: no shared fixtures (issue #40)
+    assert f'\nMEMLENS_SHARED="$fresh" {ci_test_line}' in (REPO / ".ci" / "run").read_text()
     assert (REPO / "docs" / "report-screenshot.png").exists()
 
 

@@ -76,6 +76,7 @@ def test_candidates_enumerate_small_spaces_and_sample_large_ones():
     assert space_size("hex:8") == 16 ** 8
 
 
+@pytest.mark.real_fixtures("full exposure measured on llama-tiny")
 def test_repeated_secret_reaches_full_exposure(insert_run, scored_space):
     _, layout, run_dir, rows = insert_run
     exposure = pd.read_parquet(run_dir / "exposure.parquet").set_index("model")

@@ -51,6 +51,7 @@ def llama_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.real_fixtures("llama-tiny's 3.3M parameters")
 def test_lora_on_q_projections_only_and_parameter_count(llama_runs):
     study, run = llama_runs["packed"]
     weights = _adapter(run)
@@ -93,6 +94,7 @@ def test_varlen_and_block_mask_packing_train_the_same_model(llama_runs):
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-3 * float(a[key].abs().max()))
 
 
+@pytest.mark.real_fixtures("a loss drop measured on PHEE")
 def test_fine_tuning_lowers_the_loss_on_its_training_records(llama_runs):
     study, run = llama_runs["packed"]
     tok = load_tokenizer(study.model)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -97,13 +98,13 @@ _SPLITS = {"train": 512, "test": 256, "dev": 256}
 _CORPUS = 3000
 
 
-def _notes() -> tuple[dict[str, list[str]], list[str]]:
+def _notes(splits: dict[str, int] = _SPLITS, corpus: int = _CORPUS) -> tuple[dict[str, list[str]], list[str]]:
     """The splits' notes and the pretraining corpus: one seeded draw, so no corpus note is a record."""
-    notes = synthetic_notes(sum(_SPLITS.values()) + _CORPUS, seed=0)
-    splits, start = {}, 0
-    for name, size in _SPLITS.items():
-        splits[name], start = notes[start:start + size], start + size
-    return splits, notes[start:]
+    notes = synthetic_notes(sum(splits.values()) + corpus, seed=0)
+    drawn, start = {}, 0
+    for name, size in splits.items():
+        drawn[name], start = notes[start:start + size], start + size
+    return drawn, notes[start:]
 
 
 def canary_template() -> str:
@@ -121,7 +122,61 @@ def _write_dataset(folder: Path) -> None:
         (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def _build_tokenizer(corpus: list[str], folder: Path):
+# PHEE's splits (records per split); its sentences, unlike the demo's notes, do not all open on a patient's record
+# number (about 30% mention a patient), vary in length and in words, and a few repeat within a split
+PHEE_SPLITS = {"train": 2898, "test": 968, "dev": 961}
+_PREFIX = re.compile(r"^Patient MRN \d{10}(?:, (?:seen|reported|admitted) [\d-]+: | \([\d-]+\): )")
+_FOLLOW_UPS = [
+    "The reaction resolved after the drug was discontinued.", "Rechallenge was not attempted.",
+    "Serum concentrations were within the therapeutic range.", "No other cause was identified on workup.",
+    "Symptoms recurred when treatment was resumed at a lower dose.", "Biopsy findings supported a drug reaction.",
+    "The patient recovered fully within two weeks.", "Naranjo scoring indicated a probable association.",
+    "Concomitant medications included aspirin and omeprazole.", "Renal function returned to baseline.",
+    "Eosinophilia was noted on the blood count.", "Corticosteroids were given with rapid improvement.",
+    "Clinicians should monitor liver enzymes during therapy.", "A similar case has been described previously.",
+    "Genetic testing revealed a slow metabolizer phenotype.", "Hospital stay was prolonged by nine days.",
+]
+
+
+def _phee_style(note: str, rng: np.random.Generator) -> str:
+    """A note as one of PHEE's sentences might read: half lose their record-number opening, 40% gain a follow-up
+    sentence."""
+    if rng.random() < 0.5:
+        rest = _PREFIX.sub("", note)
+        note = rest[:1].upper() + rest[1:]
+    if rng.random() < 0.4:
+        note = f"{note} {_FOLLOW_UPS[rng.integers(len(_FOLLOW_UPS))]}"
+    return note
+
+
+def write_phee_shaped(folder: Path, splits: dict[str, int] = PHEE_SPLITS, corpus: int = _CORPUS,
+                      seed: int = 0) -> list[str]:
+    """Synthetic notes in PHEE's layout under `folder`: `<split>.jsonl`, one `{"id", "context"}` per line, the
+    id `<doc>_<n>` (a document number and the note's number in it, as PHEE's PubMed id and sentence number;
+    1 to 4 notes per document, documents never span splits), styled as PHEE's sentences (`_phee_style`), the
+    last record of train and of dev an exact repeat of the first (as PHEE has). Returns the pretraining corpus
+    drawn with the notes, in the same style (disjoint from them), for `build_tokenizer` and `pretrain_model`."""
+    rng = np.random.default_rng(seed)
+    drawn, pretraining = _notes(splits, corpus)
+    doc = 10_000_000
+    for name, texts in drawn.items():
+        texts = [_phee_style(t, rng) for t in texts]
+        if name in ("train", "dev"):
+            texts[-1] = texts[0]
+        lines, i = [], 0
+        while i < len(texts):
+            doc += int(rng.integers(1, 1000))
+            for n in range(1, min(int(rng.integers(1, 5)), len(texts) - i) + 1):
+                lines.append(json.dumps({"id": f"{doc}_{n}", "context": texts[i]}))
+                i += 1
+        (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return [_phee_style(t, rng) for t in pretraining]
+
+
+def build_tokenizer(corpus: list[str], folder: Path, vocab_size: int = 1024, max_length: int = 128,
+                    extra: Sequence[str] = ()):
+    """A byte-level BPE tokenizer trained on `corpus` (and `extra` texts), saved to `folder` and returned: `<s>`
+    prepended, `</s>` and `<pad>`, one token per digit."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -131,48 +186,60 @@ def _build_tokenizer(corpus: list[str], folder: Path):
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
+    tok.train_from_iterator([*corpus, *extra], trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A",
                                                        special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", model_max_length=128)
+                                   unk_token="<unk>", model_max_length=max_length)
     fast.save_pretrained(str(folder))
     return fast
 
 
-def _pretrain_model(corpus: list[str], tokenizer, folder: Path, steps: int = 200, seed: int = 0, hidden: int = 128,
-                    layers: int = 2, lr: float = 3e-3) -> None:
-    """A small Llama trained from random init on the pretraining corpus (plain loop: about 10 s on 2 cores).
-    About 2 epochs of the corpus: the loss reaches the notes' own entropy (their random values), so the
-    base model has learned their language and formats and has nothing left to learn but the values."""
+def tiny_llama_config(tokenizer, hidden: int = 128, layers: int = 2, heads: int = 4, intermediate: int | None = None,
+                      positions: int = 128):
+    """A small Llama's configuration for `tokenizer` (tied embeddings; the MLP 8/3 of the width by default)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden,
+                       intermediate_size=intermediate or hidden * 8 // 3, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=positions,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+
+
+def pretrain_model(config, corpus: list[str], tokenizer, folder: Path, steps: int = 200, seed: int = 0,
+                   lr: float = 3e-3, batch_size: int = 32, save_dtype=None) -> None:
+    """A causal LM of `config` trained from random init on `corpus` (plain loop; AdamW, one cycle of `lr`),
+    saved to `folder` as safetensors (in `save_dtype`, e.g. torch.float16, when given) with a
+    `pretraining.json` of its recipe and final loss. `steps=0` saves the random init."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=128,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    rng = np.random.default_rng(seed)
-    model.train()
-    for _ in range(steps):
-        batch = [corpus[i] for i in rng.integers(0, len(corpus), size=32)]
-        enc = tokenizer(batch, padding=True, return_tensors="pt")
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        loss = model(**enc, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step(), schedule.step(), optimizer.zero_grad()
+    model = AutoModelForCausalLM.from_config(config)
+    loss = None
+    if steps:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+        rng = np.random.default_rng(seed)
+        model.train()
+        for _ in range(steps):
+            batch = [corpus[i] for i in rng.integers(0, len(corpus), size=batch_size)]
+            enc = tokenizer(batch, padding=True, return_tensors="pt", return_token_type_ids=False)
+            labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+            loss = model(**enc, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step(), schedule.step(), optimizer.zero_grad()
     model.eval()
+    if save_dtype is not None:
+        model.to(save_dtype)
     model.save_pretrained(str(folder), safe_serialization=True)
-    (folder / "pretraining.json").write_text(json.dumps({"steps": steps, "final_loss": loss.item(), "seed": seed,
-                                                         "corpus": len(corpus), "hidden": hidden, "layers": layers}))
+    (folder / "pretraining.json").write_text(json.dumps({
+        "steps": steps, "final_loss": None if loss is None else loss.item(), "seed": seed, "corpus": len(corpus),
+        "architecture": config.model_type, "hidden": config.hidden_size, "layers": config.num_hidden_layers}))
 
 
 def build_synthetic_assets(root: Path) -> tuple[Path, Path]:
@@ -184,8 +251,11 @@ def build_synthetic_assets(root: Path) -> tuple[Path, Path]:
     if not model_dir.is_dir():
         corpus = _notes()[1]
         with atomic_dir(model_dir) as tmp:
-            tokenizer = _build_tokenizer(corpus, tmp)
-            _pretrain_model(corpus, tokenizer, tmp)
+            tokenizer = build_tokenizer(corpus, tmp)
+            # about 10 s on 2 cores; about 2 epochs of the corpus: the loss reaches the notes' own entropy (their
+            # random values), so the base model has learned their language and formats and has nothing left to
+            # learn but the values
+            pretrain_model(tiny_llama_config(tokenizer), corpus, tokenizer, tmp)
     return data_dir, model_dir
 
 
@@ -234,4 +304,5 @@ def run_demo(out: Path = Path("memlens-out/demo"), show_progress: bool = True, s
     return run_study(study, show_progress=show_progress)
 
 
-__all__ = ["build_synthetic_assets", "canary_template", "demo_study", "find_shared", "run_demo", "synthetic_notes"]
+__all__ = ["PHEE_SPLITS", "build_synthetic_assets", "build_tokenizer", "canary_template", "demo_study", "find_shared",
+           "pretrain_model", "run_demo", "synthetic_notes", "tiny_llama_config", "write_phee_shaped"]

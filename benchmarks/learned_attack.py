@@ -152,8 +152,8 @@ def evaluate(title: str, train: list[RunFeatures], test: list[RunFeatures], args
     n_train_valid = max(1, len(train) // 10) if len(train) >= 5 else 0
     rng = np.random.default_rng(0)
     held = set(rng.choice(len(train), n_train_valid, replace=False).tolist()) if n_train_valid else set()
-    model, history = fit([p for i, p in enumerate(train) if i not in held], [p for i, p in enumerate(train) if i in held],
-                         epochs=args.epochs)
+    model, history = fit([p for i, p in enumerate(train) if i not in held],
+                         [p for i, p in enumerate(train) if i in held], epochs=args.epochs)
     flat, offsets, labels = stack(test)
     learned = classify(model, flat, offsets)
     boosting = fit_boosting(train).predict_proba(pooled(flat, offsets))[:, 1]

@@ -110,7 +110,9 @@ class SequenceClassifier(torch.nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         keep = mask[:, None, :].to(x.dtype)                                    # (records, 1, T)
         z = ((x - self.feature_mean) / self.feature_std).clamp(-_CLIP, _CLIP)  # (records, T, F)
-        h = torch.relu(self.conv1(z.transpose(1, 2))) * keep                   # (records, hidden, T)
+        # padding is 0 after standardizing, as the convolution's own padding past a record's end
+        z = z.transpose(1, 2) * keep                                           # (records, F, T)
+        h = torch.relu(self.conv1(z)) * keep                                   # (records, hidden, T)
         h = torch.relu(self.conv2(h)) * keep
         count = keep.sum(-1)                                                   # (records, 1)
         mean = h.sum(-1) / count.clamp(min=1)
@@ -203,17 +205,19 @@ class LearnedWeights:
 
 
 @functools.lru_cache(maxsize=4)
-def _load(path: str, mtime_ns: int, size: int) -> LearnedWeights:
+def _load(path: str, version: tuple) -> LearnedWeights:
     return LearnedWeights(Path(path))
 
 
 def load_weights(path: str | Path | None = None) -> LearnedWeights:
-    """The classifier at `path` (None: the shipped default), loaded once per file version; no network."""
+    """The classifier at `path` (None: the shipped default), loaded once per version of the file and its card; no
+    network."""
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
-    stat = path.stat() if path.is_file() else None
-    if stat is None:
-        return LearnedWeights(path)  # raises the error naming the file
-    return _load(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    files = (path, card_path(path))
+    if not all(f.is_file() for f in files):
+        return LearnedWeights(path)  # raises the error naming the missing file
+    version = tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    return _load(str(path.resolve()), version)
 
 
 # ------------------------------------------------------------------------------------- the attack

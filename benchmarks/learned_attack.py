@@ -10,9 +10,10 @@ read from its mia_scores.parquet, all on the same records:
   base model    trained on every llama-tiny run, evaluated on the `--heldout` study's adapters of another base model
                 (llama-small; benchmarks/learned_attack/heldout-llama-small.yaml: other members, PHEE dev as
                 non-members); records whose text the training runs saw are dropped (their number is printed)
-  configuration trained on the llama-tiny runs of [q], [k], [v], evaluated on those of [o] (the same 400 texts)
-  records       the texts split in two halves by hash: trained on half A of draws 0-2, evaluated on half B of the
-                other draws
+  configuration trained on the llama-tiny runs of [q], [k], [v], evaluated on those of [o]
+  records       trained on the runs of draws 0-2, evaluated on those of the other draws
+  Within llama-tiny the texts are split in two halves by hash, training on half A and testing on half B: every run
+  of a draw gives a text the same label, and a classifier can recognise a text by its base-model statistics.
 
 Also a gradient-boosted model (scikit-learn) on pooled features (mean, sd, min, max, 10/50/90% of each feature) trained
 on the same records: the comparison that decides between the two classifiers. The target (issue 41): on the held-out
@@ -254,10 +255,13 @@ def main(argv: list[str] | None = None) -> None:
           "texts are in the training runs)")
 
     by_model = evaluate(f"base model ({', '.join(describe(heldout)['models'])})", train, heldout, args, ablate=True)
+    # within one base model a record's text is recognisable from its base-model statistics, and it has the same
+    # label in every run of its draw: each hold-out below trains on half A of the texts and tests on half B
     is_o = [p.cell["target_modules"] == ["o"] for p in train]
     if any(is_o) and not all(is_o):
-        evaluate("configuration ([o] matrices)", [p for p, o in zip(train, is_o) if not o],
-                 [p for p, o in zip(train, is_o) if o], args)
+        evaluate("configuration ([o] matrices; half A of the texts -> half B)",
+                 [half(p, 0) for p, o in zip(train, is_o) if not o], [half(p, 1) for p, o in zip(train, is_o) if o],
+                 args)
     early = [half(p, 0) for p in train if p.cell["draw"] <= 2]
     late = [half(p, 1) for p in train if p.cell["draw"] > 2]
     if early and late:

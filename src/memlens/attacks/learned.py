@@ -17,9 +17,11 @@ s2_t = Var_p[log p] of the position's predicted distribution (the scoring pass's
 
 The classifier (:class:`SequenceClassifier`) standardizes each feature by the training set's mean and standard
 deviation, applies two 1-D convolutions over positions (kernel 5, ReLU), pools the (T, hidden) sequence by its mean
-and max over the record's tokens and maps the (2 hidden,) pooled vector to one logit: the record's score, higher =
-member. Why a convolution and not gradient boosting on pooled features: see benchmarks/learned_attack.py, which
-prints both on the same held-out adapters.
+and max over the record's tokens and maps the (2 hidden,) pooled vector, with three record-level summaries (the log
+of each model's mean token NLL and their difference, :data:`SUMMARY`: a mean pool of per-token features cannot form
+that ratio), to one logit: the record's score, higher = member. Why a convolution and not gradient boosting on
+pooled features: benchmarks/learned_attack.py prints both on the same held-out adapters (README, *The learned
+attack*).
 
 The weights are a safetensors file with a card beside it (`<name>.card.json`): what they were trained on, their
 hold-out figures, the commit, and the sha256 of every text they were trained on, so that a study or an audit that
@@ -46,6 +48,8 @@ from memlens.score import SequenceStats
 
 FEATURES = ("logprob_ft", "logprob_base", "logprob_diff", "z_ft", "z_base", "z_diff", "entropy_ft", "entropy_base",
             "entropy_diff", "sd_ft", "sd_base", "top1_ft")
+# record-level inputs of the classifier's head, beside the pooled sequence (:func:`record_summary`)
+SUMMARY = ("log_nll_ft", "log_nll_base", "log_nll_ratio")
 FORMAT = "memlens-learned-attack/1"
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "learned-default.safetensors"
 _EPS = 1e-6
@@ -103,9 +107,11 @@ class SequenceClassifier(torch.nn.Module):
         self.hidden, self.kernel = hidden, kernel
         self.register_buffer("feature_mean", torch.zeros(n_features))
         self.register_buffer("feature_std", torch.ones(n_features))
+        self.register_buffer("summary_mean", torch.zeros(len(SUMMARY)))
+        self.register_buffer("summary_std", torch.ones(len(SUMMARY)))
         self.conv1 = torch.nn.Conv1d(n_features, hidden, kernel, padding=kernel // 2)
         self.conv2 = torch.nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2)
-        self.head = torch.nn.Linear(2 * hidden, 1)
+        self.head = torch.nn.Linear(2 * hidden + len(SUMMARY), 1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         keep = mask[:, None, :].to(x.dtype)                                    # (records, 1, T)
@@ -117,8 +123,20 @@ class SequenceClassifier(torch.nn.Module):
         count = keep.sum(-1)                                                   # (records, 1)
         mean = h.sum(-1) / count.clamp(min=1)
         peak = h.amax(-1)                      # ReLU outputs >= 0 and padding is 0: the max of the real positions
-        logit = self.head(torch.cat([mean, peak], dim=1)).squeeze(-1)          # (records,)
+        summary = (record_summary(x, mask) - self.summary_mean) / self.summary_std  # (records, 3)
+        logit = self.head(torch.cat([mean, peak, summary], dim=1)).squeeze(-1)     # (records,)
         return torch.where(count.squeeze(-1) > 0, logit, torch.full_like(logit, float("nan")))
+
+
+def record_summary(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(records, 3) of :data:`SUMMARY` from unstandardized features x (records, T, F) and mask (records, T): the log
+    of each model's mean token NLL over the record and their difference (minus the log of the reference ratio)."""
+    keep = mask.to(x.dtype)
+    count = keep.sum(-1).clamp(min=1)
+    nll_ft = -(x[..., FEATURES.index("logprob_ft")] * keep).sum(-1) / count
+    nll_base = -(x[..., FEATURES.index("logprob_base")] * keep).sum(-1) / count
+    log_ft, log_base = torch.log(nll_ft.clamp(min=0) + _EPS), torch.log(nll_base.clamp(min=0) + _EPS)
+    return torch.stack([log_ft, log_base, log_ft - log_base], dim=1)
 
 
 def classify(model: SequenceClassifier, flat: np.ndarray, offsets: np.ndarray, batch: int = 256) -> np.ndarray:

@@ -23,6 +23,7 @@ from memlens.attacks.learned import (
     SequenceClassifier,
     classify,
     pad_features,
+    record_summary,
     save_weights,
     text_hash,
     token_features,
@@ -126,6 +127,9 @@ def fit(train: Sequence[RunFeatures], valid: Sequence[RunFeatures] = (), *, epoc
     model = SequenceClassifier(len(FEATURES), hidden, kernel)
     model.feature_mean.copy_(torch.from_numpy(flat.mean(0)))
     model.feature_std.copy_(torch.from_numpy(flat.std(0) + 1e-6))
+    summary = record_summary(*pad_features(flat, offsets))
+    model.summary_mean.copy_(summary.mean(0))
+    model.summary_std.copy_(summary.std(0) + 1e-6)
     lengths = np.minimum(np.diff(offsets), max_tokens)
     cut = np.concatenate([[0], np.cumsum(lengths)])
     rows = np.concatenate([np.arange(offsets[i], offsets[i] + n) for i, n in enumerate(lengths)])

@@ -45,7 +45,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from sklearn.ensemble import HistGradientBoostingClassifier  # noqa: E402
 
 from memlens.attacks.learned import FEATURES, classify  # noqa: E402
-from memlens.attacks.learned_training import RunFeatures, collect, describe, fit, stack  # noqa: E402
+from memlens.attacks.learned_training import (  # noqa: E402
+    RunFeatures,
+    collect,
+    describe,
+    fit,
+    stack,
+    validation_split,
+)
 from memlens.attacks.registry import AttackInputs, run_attacks  # noqa: E402
 from memlens.config import load_study  # noqa: E402
 from memlens.metrics.roc import membership_metrics  # noqa: E402
@@ -104,17 +111,6 @@ def with_lira(parts: list[RunFeatures], folder: Path) -> None:
                 p.extra[name] = own.loc[p.sample_ids, name].to_numpy(float)
 
 
-def keep_records(p: RunFeatures, keep: np.ndarray) -> RunFeatures:
-    """The run's records where `keep` (n,) is True."""
-    idx = np.flatnonzero(keep)
-    starts, ends = p.offsets[idx], p.offsets[idx + 1]
-    rows = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(idx) else np.zeros(0, int)
-    offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
-    return RunFeatures(p.study, p.run_id, p.model, p.cell, [p.sample_ids[i] for i in idx],
-                       [p.text_sha256[i] for i in idx], p.labels[idx], p.flat[rows], offsets,
-                       {k: v[idx] for k, v in p.extra.items()})
-
-
 # ------------------------------------------------------------------------------------- the pooled-feature model
 def pooled(flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """(records, 7 F): mean, sd, min, max and the 10/50/90% quantiles of each feature over a record's tokens."""
@@ -150,11 +146,7 @@ def metric_row(name: str, labels: np.ndarray, scores: np.ndarray, n_bootstrap: i
 
 def evaluate(title: str, train: list[RunFeatures], test: list[RunFeatures], args, ablate: bool = False) -> dict:
     start = time.perf_counter()
-    n_train_valid = max(1, len(train) // 10) if len(train) >= 5 else 0
-    rng = np.random.default_rng(0)
-    held = set(rng.choice(len(train), n_train_valid, replace=False).tolist()) if n_train_valid else set()
-    model, history = fit([p for i, p in enumerate(train) if i not in held],
-                         [p for i, p in enumerate(train) if i in held], epochs=args.epochs)
+    model, history = fit(*validation_split(train, 0.1), epochs=args.epochs)
     flat, offsets, labels = stack(test)
     learned = classify(model, flat, offsets)
     boosting = fit_boosting(train).predict_proba(pooled(flat, offsets))[:, 1]
@@ -200,7 +192,7 @@ def ablation(model, flat: np.ndarray, offsets: np.ndarray, labels: np.ndarray, a
 
 
 def half(p: RunFeatures, which: int) -> RunFeatures:
-    return keep_records(p, np.array([int(h[:8], 16) % 2 == which for h in p.text_sha256]))
+    return p.subset(np.array([int(h[:8], 16) % 2 == which for h in p.text_sha256]))
 
 
 # ------------------------------------------------------------------------------------- smoke studies
@@ -250,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     with_lira(heldout, args.heldout)
     seen = {h for p in train for h in p.text_sha256}
     dropped = sum(h in seen for p in heldout for h in p.text_sha256)
-    heldout = [keep_records(p, np.array([h not in seen for h in p.text_sha256])) for p in heldout]
+    heldout = [p.subset(np.array([h not in seen for h in p.text_sha256])) for p in heldout]
     print(f"{len(train)} training runs, {len(heldout)} held-out runs ({dropped} held-out records dropped: their "
           "texts are in the training runs)")
 

@@ -122,7 +122,8 @@ def study_folder(tmp_path_factory):
     study = make_study(root / "study", data={"subset": 24, "utility_split": None},
                        grid={"target_modules": [["q"], ["v"]], "rank": [4]},
                        train={"epochs": 2, "learning_rate": 0.01, "batch_size": 8},
-                       mia={"bootstrap": 0, "attacks": ["loss", "learned"], "bag_of_words_baseline": False},
+                       mia={"bootstrap": 0, "attacks": ["loss", "ref_ratio", "learned"],
+                            "bag_of_words_baseline": False},
                        extraction={"enabled": False})
     summary = run_study(study, report=False, show_progress=False)
     assert summary.ok, [o.error for o in summary.failed]
@@ -164,7 +165,7 @@ def test_retraining_from_a_study_folder_and_the_flag_on_records_it_saw(study_fol
     # a study of the same records scored by these weights flags every record and says which weights scored it
     again = study_folder.model_copy(update={"out": str(tmp_path / "again")})
     again = again.model_copy(update={"mia": again.mia.model_copy(update={"attacks": [
-        "loss", {"type": "learned", "params": {"weights": str(out)}, "name": "mine"}]})})
+        "loss", "ref_ratio", {"type": "learned", "params": {"weights": str(out)}, "name": "mine"}]})})
     summary = run_study(again, report=False, show_progress=False)
     assert summary.ok, [o.error for o in summary.failed]
     rows = read_results(StudyLayout(again.out_dir))

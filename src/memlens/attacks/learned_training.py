@@ -9,6 +9,7 @@ included), which is what `memlens learned-attack train` calls.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,38 @@ class RunFeatures:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def subset(self, keep: np.ndarray) -> RunFeatures:
+        """The run's records where `keep` (n,) is True."""
+        idx = np.flatnonzero(keep)
+        starts, ends = self.offsets[idx], self.offsets[idx + 1]
+        rows = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(idx) else np.zeros(0, int)
+        offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
+        return RunFeatures(self.study, self.run_id, self.model, self.cell, [self.sample_ids[i] for i in idx],
+                           [self.text_sha256[i] for i in idx], self.labels[idx], self.flat[rows], offsets,
+                           {k: v[idx] for k, v in self.extra.items()})
+
+
+def validation_split(parts: Sequence[RunFeatures], share: float, seed: int = 0
+                     ) -> tuple[list[RunFeatures], list[RunFeatures]]:
+    """(train, valid): `share` of the runs held out, on `share` of the texts (by hash, seeded); training keeps the
+    other runs on the other texts. Both are held out because a record's text is recognisable from its base-model
+    statistics and keeps its label in every run of its record draw: validating on the training texts would pick the
+    epoch that memorised them. No validation (all runs kept whole) with fewer than 5 runs."""
+    if len(parts) < 5 or share <= 0:
+        return list(parts), []
+    rng = np.random.default_rng(seed)
+    held = set(rng.choice(len(parts), max(1, int(round(share * len(parts)))), replace=False).tolist())
+    salt = str(seed).encode()
+
+    def valid_text(h: str) -> bool:
+        return int(hashlib.sha256(salt + h.encode()).hexdigest()[:8], 16) / 16 ** 8 < share
+
+    train, valid = [], []
+    for i, p in enumerate(parts):
+        in_valid = np.array([valid_text(h) for h in p.text_sha256])
+        (valid if i in held else train).append(p.subset(in_valid if i in held else ~in_valid))
+    return train, valid
 
 
 def collect(folders: Sequence[str | Path], *, runs: Callable[[str, dict], bool] | None = None,
@@ -183,16 +216,12 @@ def train_weights(folders: Sequence[str | Path], out: str | Path, *, epochs: int
                   ) -> Path:
     """Train the learned attack on every finished run of the study `folders` and write its weights to `out` with
     their card: what it was trained on, the sha256 of every text it saw (members and non-members), the validation
-    AUC on `valid_share` of the runs (held out by run, chosen at random with `seed`), and `card`'s fields. `parts`:
+    AUC on `valid_share` of the runs and of the texts (:func:`validation_split`), and `card`'s fields. `parts`:
     features already collected (:func:`collect`) instead of scoring the folders."""
     parts = list(parts) if parts is not None else collect(folders)
     if not parts:
         raise ConfigError(f"no finished run with an adapter in {[str(f) for f in folders]}: nothing to learn from")
-    rng = np.random.default_rng(seed)
-    n_valid = int(round(valid_share * len(parts))) if len(parts) >= 5 else 0
-    held = set(rng.choice(len(parts), n_valid, replace=False).tolist()) if n_valid else set()
-    train = [p for i, p in enumerate(parts) if i not in held]
-    valid = [p for i, p in enumerate(parts) if i in held]
+    train, valid = validation_split(parts, valid_share, seed)
     model, history = fit(train, valid, epochs=epochs, seed=seed)
     seen = sorted({h for p in parts for h in p.text_sha256})
     info = {"attack": "learned", "paper": "Ilić et al. 2026, arXiv:2604.03199 (LT-MIA)",
@@ -203,4 +232,4 @@ def train_weights(folders: Sequence[str | Path], out: str | Path, *, epochs: int
     return save_weights(model, out, info)
 
 
-__all__ = ["RunFeatures", "collect", "describe", "fit", "stack", "train_weights"]
+__all__ = ["RunFeatures", "collect", "describe", "fit", "stack", "train_weights", "validation_split"]

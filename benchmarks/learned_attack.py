@@ -10,7 +10,8 @@ read from its mia_scores.parquet, all on the same records:
   base model    trained on every llama-tiny run, evaluated on the `--heldout` study's adapters of another base model
                 (llama-small; benchmarks/learned_attack/heldout-llama-small.yaml: other members, PHEE dev as
                 non-members); records whose text the training runs saw are dropped (their number is printed)
-  configuration trained on the llama-tiny runs of [q], [k], [v], evaluated on those of [o]
+  configuration trained on the llama-tiny runs of [q], [k], [v], evaluated on those of [o] (of the last of [v], [k]
+                when the training folders have no [o] runs yet)
   records       trained on the runs of draws 0-2, evaluated on those of the other draws
   Within llama-tiny the texts are split in two halves by hash, training on half A and testing on half B: every run
   of a draw gives a text the same label, and a classifier can recognise a text by its base-model statistics.
@@ -144,15 +145,39 @@ def metric_row(name: str, labels: np.ndarray, scores: np.ndarray, n_bootstrap: i
             "members / non": f"{m['n_members']} / {m['n_non_members']}"}
 
 
+LEARNED, BOOSTING = "learned (conv1d)", "gradient boosting, pooled"
+
+
 def evaluate(title: str, train: list[RunFeatures], test: list[RunFeatures], args, ablate: bool = False) -> dict:
     start = time.perf_counter()
     model, history = fit(*validation_split(train, 0.1), epochs=args.epochs)
     flat, offsets, labels = stack(test)
-    learned = classify(model, flat, offsets)
-    boosting = fit_boosting(train).predict_proba(pooled(flat, offsets))[:, 1]
-    rows = [metric_row("learned (conv1d)", labels, learned, args.bootstrap),
-            metric_row("gradient boosting, pooled", labels, boosting, args.bootstrap)]
-    for name in REFERENCE_FREE + WITH_REFERENCES:
+    scores = {LEARNED: classify(model, flat, offsets),
+              BOOSTING: fit_boosting(train).predict_proba(pooled(flat, offsets))[:, 1]}
+    bounds = np.cumsum([0] + [len(p) for p in test])
+    for p, a, b in zip(test, bounds[:-1], bounds[1:]):
+        p.extra.update({name: values[a:b] for name, values in scores.items()})
+    print(f"\n### held out by {title}\n")
+    print(f"train: {describe(train)['runs']} runs ({describe(train)['records_scored']} records; models "
+          f"{describe(train)['models']}), best epoch {history['best_epoch']}/{args.epochs}; test: {len(test)} runs of "
+          f"{describe(test)['models']} ({len(labels)} records); {time.perf_counter() - start:.0f} s\n")
+    result = compare(test, args)
+    with_refs = [p for p in test if all(n in p.extra for n in WITH_REFERENCES)]
+    if with_refs and len(with_refs) < len(test):
+        print(f"\nthe {len(with_refs)} held-out runs with reference adapters ({[p.run_id for p in with_refs]}), every "
+              "attack on their records:\n")
+        result["with_references"] = compare(with_refs, args)
+    if ablate:
+        ablation(model, flat, offsets, labels, result["table"].iloc[0].auc)
+    return {**result, "title": title, "model": model, "train": train, "test": test, "history": history}
+
+
+def compare(test: list[RunFeatures], args) -> dict:
+    """Every attack scored on the records of `test` (their extra scores), pooled: the table and the ratio at 1% FPR
+    of the learned attack over the best reference-free one."""
+    labels = np.concatenate([p.labels for p in test])
+    rows = []
+    for name in [LEARNED, BOOSTING] + REFERENCE_FREE + WITH_REFERENCES:
         if all(name in p.extra for p in test):
             rows.append(metric_row(name + (" (references)" if name in WITH_REFERENCES else ""), labels,
                                    np.concatenate([p.extra[name] for p in test]), args.bootstrap))
@@ -163,17 +188,10 @@ def evaluate(title: str, train: list[RunFeatures], test: list[RunFeatures], args
     ours = table.iloc[0]
     # NaN when there are too few non-members for TPR at 1% FPR (the smoke run)
     ratio = ours.tpr1 / best.tpr1 if best.tpr1 > 0 else float("inf") if best.tpr1 == 0 else float("nan")
-    print(f"\n### held out by {title}\n")
-    print(f"train: {describe(train)['runs']} runs ({describe(train)['records_scored']} records; models "
-          f"{describe(train)['models']}), best epoch {history['best_epoch']}/{args.epochs}; test: {len(test)} runs of "
-          f"{describe(test)['models']} ({len(labels)} records); {time.perf_counter() - start:.0f} s\n")
     print(table[["attack", "AUC [95% CI]", "TPR@1%FPR", "TPR@0.1%FPR", "members / non"]].to_markdown(index=False))
     print(f"\nratio at 1% FPR, learned / best reference-free ({best.attack}): {ratio:.2f}x; AUC {ours.auc:.3f} vs best "
           f"reference-free {best_auc:.3f}")
-    if ablate:
-        ablation(model, flat, offsets, labels, ours.auc)
-    return {"title": title, "table": table, "ratio": ratio, "best": best.attack, "best_auc": best_auc,
-            "model": model, "train": train, "test": test, "history": history}
+    return {"table": table, "ratio": ratio, "best": best.attack, "best_auc": best_auc}
 
 
 def ablation(model, flat: np.ndarray, offsets: np.ndarray, labels: np.ndarray, auc: float) -> None:
@@ -224,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=Path, nargs="+", default=[Path("memlens-out/learned/draws-llama-tiny")])
     parser.add_argument("--heldout", type=Path, default=Path("memlens-out/learned/heldout-llama-small"))
+    parser.add_argument("--lira-from", type=Path, default=None, help="a study folder with the held-out runs (same run "
+                        "ids) whose mia_scores.parquet holds LiRA (default: --heldout)")
     parser.add_argument("--cache", type=Path, default=Path("memlens-out/learned/features"))
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--bootstrap", type=int, default=500)
@@ -239,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         args.cache, args.epochs, args.bootstrap = root / "features", 1, 20
     train = [p for folder in args.train for p in features_of(folder, args.cache)]
     heldout = features_of(args.heldout, args.cache)
-    with_lira(heldout, args.heldout)
+    with_lira(heldout, args.lira_from or args.heldout)
     seen = {h for p in train for h in p.text_sha256}
     dropped = sum(h in seen for p in heldout for h in p.text_sha256)
     heldout = [p.subset(np.array([h not in seen for h in p.text_sha256])) for p in heldout]
@@ -249,9 +269,11 @@ def main(argv: list[str] | None = None) -> None:
     by_model = evaluate(f"base model ({', '.join(describe(heldout)['models'])})", train, heldout, args, ablate=True)
     # within one base model a record's text is recognisable from its base-model statistics, and it has the same
     # label in every run of its draw: each hold-out below trains on half A of the texts and tests on half B
-    is_o = [p.cell["target_modules"] == ["o"] for p in train]
+    sets = {"+".join(p.cell["target_modules"]) for p in train}
+    held_set = next((m for m in ("o", "v", "k") if m in sets), None)  # [o] when its runs are there
+    is_o = [p.cell["target_modules"] == [held_set] for p in train]
     if any(is_o) and not all(is_o):
-        evaluate("configuration ([o] matrices; half A of the texts -> half B)",
+        evaluate(f"configuration ([{held_set}] matrices; half A of the texts -> half B)",
                  [half(p, 0) for p, o in zip(train, is_o) if not o], [half(p, 1) for p, o in zip(train, is_o) if o],
                  args)
     early = [half(p, 0) for p in train if p.cell["draw"] <= 2]

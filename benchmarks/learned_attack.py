@@ -269,17 +269,18 @@ def main(argv: list[str] | None = None) -> None:
     by_model = evaluate(f"base model ({', '.join(describe(heldout)['models'])})", train, heldout, args, ablate=True)
     # within one base model a record's text is recognisable from its base-model statistics, and it has the same
     # label in every run of its draw: each hold-out below trains on half A of the texts and tests on half B
+    others = []
     sets = {"+".join(p.cell["target_modules"]) for p in train}
     held_set = next((m for m in ("o", "v", "k") if m in sets), None)  # [o] when its runs are there
     is_o = [p.cell["target_modules"] == [held_set] for p in train]
     if any(is_o) and not all(is_o):
-        evaluate(f"configuration ([{held_set}] matrices; half A of the texts -> half B)",
+        others.append(evaluate(f"configuration ([{held_set}] matrices; half A of the texts -> half B)",
                  [half(p, 0) for p, o in zip(train, is_o) if not o], [half(p, 1) for p, o in zip(train, is_o) if o],
-                 args)
+                 args))
     early = [half(p, 0) for p in train if p.cell["draw"] <= 2]
     late = [half(p, 1) for p in train if p.cell["draw"] > 2]
     if early and late:
-        evaluate("records (half A of draws 0-2 -> half B of draws 3+)", early, late, args)
+        others.append(evaluate("records (half A of draws 0-2 -> half B of draws 3+)", early, late, args))
 
     ours = by_model["table"].iloc[0]
     met = by_model["ratio"] >= 1.5 and ours.auc >= by_model["best_auc"]
@@ -287,22 +288,27 @@ def main(argv: list[str] | None = None) -> None:
           f"{'met' if met else 'missed'} (ratio {by_model['ratio']:.2f}x, AUC {ours.auc:.3f} vs "
           f"{by_model['best_auc']:.3f}; gap {1.5 - by_model['ratio']:+.2f}x to 1.5x)")
     if args.write_default is not None:
-        write_default(args, train, by_model)
+        write_default(args, train, [by_model, *others])
 
 
-def write_default(args, train: list[RunFeatures], by_model: dict) -> None:
+def write_default(args, train: list[RunFeatures], results: list[dict]) -> None:
     from memlens.attacks.learned_training import train_weights
     from memlens.study.provenance import git_commit
 
-    table = by_model["table"]
-    figures = {r.attack: {"auc": r.auc, "tpr_at_1pct_fpr": r.tpr1, "tpr_at_0_1pct_fpr": r.tpr01}
-               for r in table.itertuples()}
-    card = {"holdout": {"what": f"weights trained the same way on the same runs (less the validation runs), "
-                                f"evaluated on {describe(by_model['test'])}, records the training runs saw dropped",
-                        "pooled_over_runs": True, "figures": figures},
-            "commit": git_commit(), "note": "trained on PHEE train and test records (members and non-members of "
-            "memlens' llama-tiny studies): a study or audit of those records is not a held-out measurement, and its "
-            "rows say so"}
+    def figures(result: dict) -> dict:
+        return {r.attack: {"auc": r.auc, "tpr_at_1pct_fpr": r.tpr1, "tpr_at_0_1pct_fpr": r.tpr01}
+                for r in result["table"].itertuples()}
+
+    holdout = [{"held_out_by": r["title"], "trained_on": describe(r["train"]), "tested_on": describe(r["test"]),
+                "pooled_over_runs": True, "figures": figures(r),
+                **({"with_references": figures(r["with_references"])} if "with_references" in r else {})}
+               for r in results]
+    card = {"holdout": {"what": "weights trained the same way (benchmarks/learned_attack.py) on part of the runs "
+                                "below, tested on models or records they did not see", "evaluations": holdout},
+            "study_names": [StudyLayout(f).read_study().name for f in args.train],
+            "commit": git_commit(), "note": "trained on PHEE records (members and non-members of memlens' llama-tiny "
+            "studies, PHEE train and test): a study or audit of those records is not a held-out measurement, and its "
+            "rows say so (record_sha256 lists them)"}
     path = train_weights(args.train, args.write_default, epochs=args.epochs, card=card, parts=train)
     print(f"\nwrote {path} ({path.stat().st_size / 1e3:.0f} kB) and its card")
 

@@ -44,6 +44,7 @@ import pandas as pd
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sklearn.ensemble import HistGradientBoostingClassifier  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from memlens.attacks.learned import FEATURES, classify  # noqa: E402
 from memlens.attacks.learned_training import (  # noqa: E402
@@ -179,8 +180,13 @@ def compare(test: list[RunFeatures], args) -> dict:
     rows = []
     for name in [LEARNED, BOOSTING] + REFERENCE_FREE + WITH_REFERENCES:
         if all(name in p.extra for p in test):
-            rows.append(metric_row(name + (" (references)" if name in WITH_REFERENCES else ""), labels,
-                                   np.concatenate([p.extra[name] for p in test]), args.bootstrap))
+            row = metric_row(name + (" (references)" if name in WITH_REFERENCES else ""), labels,
+                             np.concatenate([p.extra[name] for p in test]), args.bootstrap)
+            # pooling puts every run's scores on one scale; the median of each run's own AUC does not
+            each = [roc_auc_score(p.labels, p.extra[name]) for p in test
+                    if 0 < p.labels.sum() < len(p) and np.isfinite(p.extra[name]).all()]
+            row["per-run AUC (median)"] = f"{np.median(each):.3f}" if each else "n/a"
+            rows.append(row)
     table = pd.DataFrame(rows)
     free = table[table.attack.isin(REFERENCE_FREE)]
     best = free.loc[free.tpr1.idxmax()] if free.tpr1.notna().any() else free.loc[free.auc.idxmax()]
@@ -188,7 +194,8 @@ def compare(test: list[RunFeatures], args) -> dict:
     ours = table.iloc[0]
     # NaN when there are too few non-members for TPR at 1% FPR (the smoke run)
     ratio = ours.tpr1 / best.tpr1 if best.tpr1 > 0 else float("inf") if best.tpr1 == 0 else float("nan")
-    print(table[["attack", "AUC [95% CI]", "TPR@1%FPR", "TPR@0.1%FPR", "members / non"]].to_markdown(index=False))
+    print(table[["attack", "AUC [95% CI]", "TPR@1%FPR", "TPR@0.1%FPR", "per-run AUC (median)", "members / non"]]
+          .to_markdown(index=False))
     print(f"\nratio at 1% FPR, learned / best reference-free ({best.attack}): {ratio:.2f}x; AUC {ours.auc:.3f} vs best "
           f"reference-free {best_auc:.3f}")
     return {"table": table, "ratio": ratio, "best": best.attack, "best_auc": best_auc}
@@ -285,8 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     ours = by_model["table"].iloc[0]
     met = by_model["ratio"] >= 1.5 and ours.auc >= by_model["best_auc"]
     print(f"\ntarget (held-out base model): TPR@1%FPR >= 1.5x the best reference-free and AUC not below: "
-          f"{'met' if met else 'missed'} (ratio {by_model['ratio']:.2f}x, AUC {ours.auc:.3f} vs "
-          f"{by_model['best_auc']:.3f}; gap {1.5 - by_model['ratio']:+.2f}x to 1.5x)")
+          f"{'met' if met else 'missed'} (TPR ratio {by_model['ratio']:.2f}x against 1.5x; AUC {ours.auc:.3f} against "
+          f"the best reference-free {by_model['best_auc']:.3f}, a gap of {ours.auc - by_model['best_auc']:+.3f})")
     if args.write_default is not None:
         write_default(args, train, [by_model, *others])
 

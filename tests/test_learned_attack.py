@@ -201,3 +201,13 @@ def test_an_audit_says_which_weights_scored_it(study_folder, tmp_path):
     summary = memlens.audit(tmp_path / "audit.yaml", show_progress=False)
     row = summary.results[(summary.results.stage == "mia") & (summary.results.attack == "learned")].iloc[0]
     assert row.attack_weights.startswith("default (sha256 ") and 0 <= row.auc <= 1
+    seen = load_weights().trained_on
+    overlap = sum(text_hash(t) in seen for t in [*members.text, *non_members.text])
+    assert overlap > 0  # the study's PHEE records are among those the shipped weights were trained on
+    assert row.trained_on_records == overlap and "not a held-out measurement" in row.note
+
+
+def test_the_callback_accepts_the_learned_attack():
+    from memlens.integrations import callback_attacks
+
+    assert [a.name for a in callback_attacks(["ref_ratio", "learned"])] == ["ref_ratio", "learned"]

@@ -16,9 +16,9 @@ a function and a decorator, in one module of this package:
 `mia.attacks` names an attack with its default settings (`min_k`), with its one setting (`min_k@0.1`), or
 with any settings (`{type: min_k, params: {fraction: 0.1}, name: ...}`), so one attack runs at several
 settings under several result names (:func:`configure_attacks`). The attacks live in
-:mod:`~memlens.attacks.likelihood`, :mod:`~memlens.attacks.finetuned`, :mod:`~memlens.attacks.recall` and
-:mod:`~memlens.attacks.lira_rmia`, which this package's ``__init__`` imports so that they are registered whenever
-the registry is used.
+:mod:`~memlens.attacks.likelihood`, :mod:`~memlens.attacks.finetuned`, :mod:`~memlens.attacks.recall`,
+:mod:`~memlens.attacks.lira_rmia` and :mod:`~memlens.attacks.learned`, which this package's ``__init__`` imports
+so that they are registered whenever the registry is used.
 """
 
 from __future__ import annotations

@@ -242,8 +242,8 @@ def load_weights(path: str | Path | None = None) -> LearnedWeights:
 class LearnedSettings(AttackSettings):
     weights: str | None = Field(
         None, description="A classifier (safetensors, with its `.card.json` beside it) trained by `memlens "
-        "learned-attack train`; `null`: the weights memlens ships, trained on its own llama-tiny fine-tunes of PHEE "
-        "(their card lists the records they saw; rows that score them say so).")
+        "learned-attack train`; `null`: the weights memlens ships, trained on its own llama-tiny and gpt2-small "
+        "fine-tunes of PHEE (their card lists the records they saw; rows that score them say so).")
 
 
 def _trained_on(x: AttackInputs, s: LearnedSettings) -> np.ndarray:
@@ -260,8 +260,8 @@ def _provenance(s: LearnedSettings) -> dict:
           trained_on=_trained_on, provenance=_provenance,
           description="LT-MIA (Ilić et al. 2026): a 1-D convolutional classifier over each record's per-token "
           "statistics of the fine-tuned and the base model (log p, its standardized value, entropy, spread, top-1; "
-          "target minus base), pooled; the score is its logit. Weights: memlens' own (trained on llama-tiny "
-          "fine-tunes of PHEE) or `weights`. Rows say which weights scored them, and note records they were trained "
+          "target minus base), pooled; the score is its logit. Weights: memlens' own (trained on llama-tiny and "
+          "gpt2-small fine-tunes of PHEE) or `weights`. Rows say which weights scored them, and note records they were trained "
           "on.")
 def learned(x: AttackInputs, s: LearnedSettings) -> np.ndarray:
     """(n,) logits of the classifier over the records' (tokens, F) feature sequences (:func:`token_features`)."""

@@ -261,8 +261,8 @@ def _provenance(s: LearnedSettings) -> dict:
           description="LT-MIA (Ilić et al. 2026): a 1-D convolutional classifier over each record's per-token "
           "statistics of the fine-tuned and the base model (log p, its standardized value, entropy, spread, top-1; "
           "target minus base), pooled; the score is its logit. Weights: memlens' own (trained on llama-tiny and "
-          "gpt2-small fine-tunes of PHEE) or `weights`. Rows say which weights scored them, and note records they were trained "
-          "on.")
+          "gpt2-small fine-tunes of PHEE) or `weights`. Rows say which weights scored them, and note records they were "
+          "trained on.")
 def learned(x: AttackInputs, s: LearnedSettings) -> np.ndarray:
     """(n,) logits of the classifier over the records' (tokens, F) feature sequences (:func:`token_features`)."""
     weights = load_weights(s.weights)

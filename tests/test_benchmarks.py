@@ -27,6 +27,7 @@ SMOKE = {
     "callback_cost": ([], r"^records a side within 10% of this epoch: \d+"),
     "finetune_throughput": ([], r"^packed_block_mask +\d+ +\d+\.\d\dx$"),
     "generation_throughput": ([], r"^ratio: \d+\.\dx  \(identical greedy outputs: 4/4\)"),
+    "learned_attack": ([], r"^target \(held-out base model\): TPR@1%FPR >= 1\.5x the best reference-free"),
     "mia_throughput": ([], r"^speed-up: +\d+\.\d\d x .*max \|ref_ratio difference\|"),
     "multi_adapter_throughput": ([], r"^ratio: \d+\.\d\d x \(references one at a time / together\)"),
     "references_mia": ([], r"^  whole steps: A \d+\.\d, B \d+\.\d, C \d+\.\d, D \d+\.\d$"),

@@ -57,6 +57,8 @@ def _locked_error() -> type[Exception]:
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure what fine-tuned LMs memorize.")
 attack_app = typer.Typer(no_args_is_help=True, help="Run one attack stage on a study's fine-tuned runs.")
 app.add_typer(attack_app, name="attack")
+learned_app = typer.Typer(no_args_is_help=True, help="The learned attack (LT-MIA): train its classifier on studies.")
+app.add_typer(learned_app, name="learned-attack")
 console = Console(stderr=True, soft_wrap=True)  # long paths and errors stay on one line
 STATE_COLOURS = {"done": "green", "running": "cyan", "failed": "red", "interrupted": "yellow", "pending": "white",
                  "disabled": "dim", "damaged": "red"}
@@ -363,6 +365,31 @@ def audit(
     typer.echo(f"report: {summary.report.index}")
     typer.echo(f"markdown: {summary.report.markdown}")
     typer.echo(f"model card: {summary.model_card}")
+
+
+@learned_app.command("train")
+def learned_attack_train(
+    folders: Annotated[list[Path], typer.Argument(help="Study output folders with finished runs.", exists=True,
+                                                  file_okay=False)],
+    out: Annotated[Path, typer.Option("--out", help="The weights file to write (.safetensors); its card is written "
+                                      "beside it (.card.json).")],
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs (the best on 10% of the runs, held "
+                                        "out, is kept).")] = 12,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the held-out runs and of training.")] = 0,
+) -> None:
+    """Train the learned attack on every finished run of the study folders (members known by construction); score
+    with it through `{type: learned, params: {weights: FILE}}` in mia.attacks."""
+    if not out.name.endswith(".safetensors"):
+        _fail(ConfigError(f"--out: {out} must end in .safetensors (the weights; the card goes beside it)"))
+    from memlens.attacks.learned import card_path
+    from memlens.attacks.learned_training import train_weights
+
+    try:
+        path = train_weights(folders, out, epochs=epochs, seed=seed)
+    except ConfigError as exc:
+        _fail(exc)
+    typer.echo(f"weights: {path}")
+    typer.echo(f"card: {card_path(path)}")
 
 
 @app.command("config-reference")

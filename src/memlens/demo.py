@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memlens.config import StudyConfig, load_study
+from memlens.config import DEFAULT_MIA_ATTACKS, StudyConfig, load_study
 from memlens.runner import run_study
 from memlens.store import atomic_dir
 
@@ -289,7 +289,8 @@ def demo_study(out: Path, shared: Path | None = None, overrides: list[str] | Non
         "grid": DEMO_GRID,
         "canary": canary,
         "train": {"grad_accum": 1, "warmup_steps": 2, "logging_steps": 10, **train},
-        "mia": {"bootstrap": 200},
+        # the learned attack beside the default ones (on PHEE its shipped weights saw the records, and its rows say so)
+        "mia": {"bootstrap": 200, "attacks": [*DEFAULT_MIA_ATTACKS, "learned"]},
         "extraction": {"members": 24, "non_members": 24, "exposure_candidates": 500},
     }
     return load_study(raw=raw, overrides=overrides)

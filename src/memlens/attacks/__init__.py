@@ -4,4 +4,4 @@ that register attacks in it), reference adapters, extraction and exposure, the p
 Importing the package registers every attack, so :data:`~memlens.attacks.registry.ATTACKS` is complete
 wherever the registry is used."""
 
-from memlens.attacks import finetuned, likelihood, lira_rmia, recall  # noqa: F401  (register their attacks)
+from memlens.attacks import finetuned, learned, likelihood, lira_rmia, recall  # noqa: F401  (register their attacks)

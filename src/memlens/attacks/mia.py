@@ -231,6 +231,7 @@ def score_run(scorer: Scorer, subject: Subject, base: BaseScores, attacks: list[
         inputs.ref_models, inputs.ref_in = references
     inputs.population = np.r_[np.zeros(n_members, bool), np.ones(n - n_members, bool)]
     scores = run_attacks(attacks, inputs)
+    seen = {trained_on_column(a.name): flags for a in attacks if (flags := a.trained_on(inputs)) is not None}
     ft, ref = inputs.ft, inputs.ref
     is_canary = members.is_canary.astype(bool).tolist() if "is_canary" in members else [False] * n_members
     frame = pd.DataFrame({
@@ -240,6 +241,7 @@ def score_run(scorer: Scorer, subject: Subject, base: BaseScores, attacks: list[
         "is_member": np.r_[np.ones(n_members, bool), np.zeros(len(non_members), bool)],
         "is_canary": np.r_[np.asarray(is_canary, bool), np.zeros(len(non_members), bool)],
         **scores,
+        **seen,
         "n_tokens": ft.n_tokens,
         "nll_ft": ft.mean_nll(),
         "nll_ref": ref.mean_nll(),
@@ -387,6 +389,11 @@ def result_rows(scores: pd.DataFrame, utility: dict, attacks: list[ConfiguredAtt
                **membership_metrics(labels[scored], values[scored], n_bootstrap=mia.bootstrap, level=mia.ci_level,
                                     max_fpr=mia.max_fpr_operating_point)}
         notes = [unchanged] if unchanged else []
+        row.update(attack.provenance())
+        seen_note = trained_on_note(scores, attack.name)
+        if seen_note:
+            row["trained_on_records"] = int(scores[trained_on_column(attack.name)].sum())
+            notes.append(seen_note)
         if not scored.all():
             notes.append(f"{int((~scored).sum())} member(s) left unscored: the run's own members in the attack's "
                          "member prefix")
@@ -405,6 +412,21 @@ def result_rows(scores: pd.DataFrame, utility: dict, attacks: list[ConfiguredAtt
                      "biased_split": bow["biased_split"], "note": bow["note"]})
     rows.append({**meta, "stage": "utility", "attack": "perplexity", **utility})
     return pd.DataFrame(rows)
+
+
+def trained_on_column(attack: str) -> str:
+    """The mia_scores.parquet column of a learned attack saying which records its weights were trained on."""
+    return f"{attack}__trained_on"
+
+
+def trained_on_note(scores: pd.DataFrame, attack: str) -> str | None:
+    """Why a learned attack's figures on these records are not held-out, when its weights saw some of them."""
+    column = trained_on_column(attack)
+    if column not in scores or not scores[column].any():
+        return None
+    k = int(scores[column].sum())
+    return (f"{k} of {len(scores)} records were in the training set of the weights of {attack!r} (their card lists "
+            f"their texts' hashes): its scores of them are not a held-out measurement")
 
 
 def unchanged_model_note(scores: pd.DataFrame) -> str | None:

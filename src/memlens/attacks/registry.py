@@ -16,9 +16,9 @@ a function and a decorator, in one module of this package:
 `mia.attacks` names an attack with its default settings (`min_k`), with its one setting (`min_k@0.1`), or
 with any settings (`{type: min_k, params: {fraction: 0.1}, name: ...}`), so one attack runs at several
 settings under several result names (:func:`configure_attacks`). The attacks live in
-:mod:`~memlens.attacks.likelihood`, :mod:`~memlens.attacks.finetuned`, :mod:`~memlens.attacks.recall` and
-:mod:`~memlens.attacks.lira_rmia`, which this package's ``__init__`` imports so that they are registered whenever
-the registry is used.
+:mod:`~memlens.attacks.likelihood`, :mod:`~memlens.attacks.finetuned`, :mod:`~memlens.attacks.recall`,
+:mod:`~memlens.attacks.lira_rmia` and :mod:`~memlens.attacks.learned`, which this package's ``__init__`` imports
+so that they are registered whenever the registry is used.
 """
 
 from __future__ import annotations
@@ -85,6 +85,9 @@ class Attack:
     settings: type[AttackSettings]
     description: str
     partial: bool = False  # leaves some records unscored (NaN) by design; metrics use the others
+    # a learned attack: (n,) whether its weights were trained on each record; and the columns naming its weights
+    trained_on: Callable[[AttackInputs, AttackSettings], np.ndarray] | None = None
+    provenance: Callable[[AttackSettings], dict] | None = None
 
 
 ATTACKS: dict[str, Attack] = {}
@@ -97,8 +100,11 @@ HEADLINE_ORDER = (PRIMARY_ATTACK, "ref_llr", "min_k_pp", "min_k", "zlib", "lower
 
 
 def register(name: str, *, needs: set[str] | frozenset[str] = frozenset(),
-             settings: type[AttackSettings] = AttackSettings, description: str = "", partial: bool = False):
-    """Decorator adding an attack to :data:`ATTACKS` under `name`, with its settings model."""
+             settings: type[AttackSettings] = AttackSettings, description: str = "", partial: bool = False,
+             trained_on: Callable | None = None, provenance: Callable | None = None):
+    """Decorator adding an attack to :data:`ATTACKS` under `name`, with its settings model. A learned attack gives
+    `trained_on(inputs, settings)`, (n,) whether its weights saw each record, and `provenance(settings)`, the
+    columns its result rows carry to say which weights scored them."""
     unknown = set(needs) - set(NEEDS)
     if unknown:
         raise ValueError(f"attack {name!r}: unknown needs {sorted(unknown)}; known: {sorted(NEEDS)}")
@@ -107,7 +113,7 @@ def register(name: str, *, needs: set[str] | frozenset[str] = frozenset(),
         if name in ATTACKS:
             raise ValueError(f"attack {name!r} is registered twice")
         ATTACKS[name] = Attack(name, fn, frozenset(needs), settings, description or (fn.__doc__ or "").strip(),
-                               partial)
+                               partial, trained_on, provenance)
         return fn
     return wrap
 
@@ -138,6 +144,14 @@ class ConfiguredAttack:
 
     def score(self, inputs: AttackInputs) -> np.ndarray:
         return self.attack.fn(inputs, self.settings)
+
+    def trained_on(self, inputs: AttackInputs) -> np.ndarray | None:
+        """(n,) whether the attack's weights were trained on each record; None for an attack without weights."""
+        return None if self.attack.trained_on is None else self.attack.trained_on(inputs, self.settings)
+
+    def provenance(self) -> dict:
+        """The columns saying what scored the attack's rows (its weights), empty for most attacks."""
+        return {} if self.attack.provenance is None else self.attack.provenance(self.settings)
 
 
 def _result_name(kind: str, params: dict[str, Any]) -> str:

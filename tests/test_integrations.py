@@ -120,7 +120,7 @@ def test_callback_stops_training_above_the_threshold(tmp_path, records):
 
 def test_bad_attacks_and_overlapping_records_are_refused_before_training(records):
     members, non_members = records
-    valid = r"valid choices: \['ez_mia', 'loss', 'min_k', 'min_k_pp', .*'ref_ratio', 'wbc', 'zlib'\]"
+    valid = r"valid choices: \['ez_mia', 'learned', 'loss', 'min_k', 'min_k_pp', .*'ref_ratio', 'wbc', 'zlib'\]"
     with pytest.raises(ConfigError, match=r"MemlensCallback\(attacks=...\): unknown attack 'no_such_attack'; " + valid):
         MemlensCallback(members=members, non_members=non_members, attacks=["no_such_attack"])
     for attack, need in [("lira", "reference adapters"), ("recall", "a non-member prefix"),

@@ -203,8 +203,11 @@ def test_an_audit_says_which_weights_scored_it(study_folder, tmp_path):
     assert row.attack_weights.startswith("default (sha256 ") and 0 <= row.auc <= 1
     seen = load_weights().trained_on
     overlap = sum(text_hash(t) in seen for t in [*members.text, *non_members.text])
-    assert overlap > 0  # the study's PHEE records are among those the shipped weights were trained on
-    assert row.trained_on_records == overlap and "not a held-out measurement" in row.note
+    assert row.trained_on_records == overlap
+    if overlap:  # with the shared fixtures: the study's PHEE records are among those the shipped weights saw
+        assert "not a held-out measurement" in row.note
+    else:  # the synthetic stand-ins of a fresh machine: none of them
+        assert "not a held-out measurement" not in str(row.note)
 
 
 def test_the_callback_accepts_the_learned_attack():

@@ -390,9 +390,10 @@ def result_rows(scores: pd.DataFrame, utility: dict, attacks: list[ConfiguredAtt
                                     max_fpr=mia.max_fpr_operating_point)}
         notes = [unchanged] if unchanged else []
         row.update(attack.provenance())
+        if trained_on_column(attack.name) in scores:  # a learned attack: how many records its weights saw, 0 too
+            row["trained_on_records"] = int(scores[trained_on_column(attack.name)].sum())
         seen_note = trained_on_note(scores, attack.name)
         if seen_note:
-            row["trained_on_records"] = int(scores[trained_on_column(attack.name)].sum())
             notes.append(seen_note)
         if not scored.all():
             notes.append(f"{int((~scored).sum())} member(s) left unscored: the run's own members in the attack's "

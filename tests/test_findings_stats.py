@@ -443,3 +443,13 @@ def test_members_excess_and_exposure_gain_by_hand():
     exposure = pd.DataFrame({"run_id": ["r", "r"], "model": ["finetuned", "base"], "exposure": [7.0, 3.0],
                              "canary_copies": 4, "draw": 0})
     assert exposure_gain(exposure).exposure_gain.tolist() == [4.0]
+
+
+def test_the_run_design_counts_canary_copies_as_configurations():
+    """A copies study's runs are configurations (copies) x record draws, not one configuration."""
+    from memlens.report.findings import _run_design
+
+    runs = pd.DataFrame({"run_id": [f"r{c}-{d}" for c in (1, 2, 4) for d in range(5)],
+                         "target_modules": ["['v']"] * 15, "rank": 8, "learning_rate": 3e-3,
+                         "canary_copies": [c for c in (1, 2, 4) for _ in range(5)], "draw": list(range(5)) * 3})
+    assert _run_design(runs.run_id, runs) == " (3 configuration(s) x 5 record draw(s))"

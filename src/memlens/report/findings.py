@@ -293,7 +293,8 @@ def _run_design(run_ids, runs: pd.DataFrame | None) -> str:
     if runs is None or runs.empty or "run_id" not in runs:
         return ""
     here = runs[runs.run_id.isin(list(run_ids))]
-    configs = here.drop_duplicates([c for c in ("target_modules", "rank", "learning_rate") if c in here])
+    configs = here.drop_duplicates([c for c in ("target_modules", "rank", "learning_rate", "canary_copies")
+                                    if c in here])
     draws = here.draw.nunique() if "draw" in here else 1
     return f" ({len(configs)} configuration(s) x {draws} record draw(s))"
 

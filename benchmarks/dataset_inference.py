@@ -333,12 +333,16 @@ def shifted_records(rng, n: int = 250, shift: float = 0.25) -> pd.DataFrame:
                          "base_loss": base, "loss_minus_base": loss - base})
 
 
-def sibling_inputs(rng, n_docs: int = 60, chunks: int = 5, k_refs: int = 6, mu: float = 2.5
+def sibling_inputs(rng, n_docs: int = 60, chunks: int = 5, k_refs: int = 6, mu: float = 2.5,
+                   used_docs: float | None = None, used_within: float | None = None, target_shift: float = 0.0
                    ) -> tuple[dict, float, float]:
-    """Simulated guess scores of a mixed set: a random share of suspect documents used, within each a random share
-    of its records (the rest unused siblings); a document effect on every score; K references IN on random halves;
-    the target's non-members N unused. Returns usage_share's inputs, the share of records used, of documents."""
-    used_docs, used_within = rng.uniform(0.1, 0.9), rng.uniform(0.3, 1.0)
+    """Simulated guess scores of a mixed set: a share of suspect documents used (`used_docs`, else drawn in
+    0.1-0.9), within each a share of its records (`used_within`, else drawn in 0.3-1.0; the rest unused siblings);
+    a document effect on every score; K references IN on random halves; the target's non-members N unused; the
+    target's scores shifted by `target_shift` (a recipe the references do not repeat). Returns usage_share's
+    inputs, the share of records used, of documents."""
+    if used_docs is None or used_within is None:
+        used_docs, used_within = rng.uniform(0.1, 0.9), rng.uniform(0.3, 1.0)
 
     def side(prefix: str) -> tuple[np.ndarray, np.ndarray]:
         groups = np.repeat([f"{prefix}{i}" for i in range(n_docs)], chunks)
@@ -349,8 +353,8 @@ def sibling_inputs(rng, n_docs: int = 60, chunks: int = 5, k_refs: int = 6, mu: 
     used = np.repeat(rng.random(n_docs) < used_docs, chunks) & (rng.random(len(g_s)) < used_within)
     difficulty = np.r_[d_s, d_n]
     is_in = rng.random((len(difficulty), k_refs)) < 0.5
-    inputs = {"target_scores": d_s + mu * used + 0.5 * rng.normal(size=len(d_s)),
-              "non_member_scores": d_n + 0.5 * rng.normal(size=len(d_n)),
+    inputs = {"target_scores": d_s + mu * used + target_shift + 0.5 * rng.normal(size=len(d_s)),
+              "non_member_scores": d_n + target_shift + 0.5 * rng.normal(size=len(d_n)),
               "reference_scores": difficulty[:, None] + mu * is_in + 0.5 * rng.normal(size=is_in.shape),
               "reference_in": is_in, "suspect_groups": g_s, "non_member_groups": g_n,
               "reference_groups": np.r_[g_s, g_n]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 
@@ -273,11 +274,18 @@ def test_rows_follow_the_results_schema():
     assert dataset_rows({"run_id": "x"}).empty
 
 
-def test_benchmark_smoke_mode(tmp_path, capsys):
+@functools.cache
+def _benchmark():
+    """benchmarks/dataset_inference.py as a module (its simulators are the tests' too)."""
     spec = importlib.util.spec_from_file_location("dataset_inference_benchmark",
                                                   REPO / "benchmarks" / "dataset_inference.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_smoke_mode(tmp_path, capsys):
+    bench = _benchmark()
     bench.main(["--smoke", "--threads", "1", "--out", str(tmp_path / "bench")])
     out = capsys.readouterr().out
     assert "detection rate" in out and "false-positive rate" in out and "mean |estimate - p|" in out
@@ -372,27 +380,11 @@ def test_a_shifted_but_unused_set_is_confounded_not_used():
     assert dataset_inference(frame, ["loss"], base_features=["base_loss"], word_control=False).verdict != "confounded"
 
 
-def _siblings(rng: np.random.Generator, used_docs: float = 0.5, used_within: float = 0.6, n_docs: int = 60,
-              chunks: int = 5, k_refs: int = 6, mu: float = 2.5, target_shift: float = 0.0
+def _siblings(rng: np.random.Generator, used_docs: float = 0.5, used_within: float = 0.6, target_shift: float = 0.0
               ) -> tuple[dict, float, float]:
-    """Simulated guess scores: documents of `chunks` records (a document effect), a share of suspect documents used
-    and within them a share of records (the others their unused siblings); K references IN on random halves."""
-    def side(prefix: str) -> tuple[np.ndarray, np.ndarray]:
-        groups = np.repeat([f"{prefix}{i}" for i in range(n_docs)], chunks)
-        return groups, np.repeat(rng.normal(size=n_docs) * 0.5, chunks) + rng.normal(size=n_docs * chunks) * 0.5
-
-    g_s, d_s = side("s")
-    g_n, d_n = side("n")
-    used = np.repeat(rng.random(n_docs) < used_docs, chunks) & (rng.random(len(g_s)) < used_within)
-    difficulty = np.r_[d_s, d_n]
-    is_in = rng.random((len(difficulty), k_refs)) < 0.5
-    refs = difficulty[:, None] + mu * is_in + 0.5 * rng.normal(size=is_in.shape)
-    inputs = {"target_scores": d_s + mu * used + target_shift + 0.5 * rng.normal(size=len(d_s)),
-              "non_member_scores": d_n + target_shift + 0.5 * rng.normal(size=len(d_n)), "reference_scores": refs,
-              "reference_in": is_in, "suspect_groups": g_s, "non_member_groups": g_n,
-              "reference_groups": np.r_[g_s, g_n]}
-    doc_truth = pd.Series(used).groupby(g_s).any().mean()
-    return inputs, float(used.mean()), float(doc_truth)
+    """The benchmark's simulated mixed set (documents with a shared effect, used documents partly trained, K
+    references IN on random halves) at fixed shares: usage_share's inputs, the share of records used, of documents."""
+    return _benchmark().sibling_inputs(rng, used_docs=used_docs, used_within=used_within, target_shift=target_shift)
 
 
 def test_sibling_share_interval_holds_the_truth_on_records_and_documents():

@@ -4,6 +4,7 @@ reference) and needs no training. Registered in :mod:`memlens.attacks.registry`;
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 from pydantic import Field
@@ -53,11 +54,15 @@ def ref_llr(x: AttackInputs, s: AttackSettings) -> np.ndarray:
     return x.ft.reduce("logprob", "sum") - x.ref.reduce("logprob", "sum")
 
 
+def zlib_lengths(texts: Sequence[str]) -> np.ndarray:
+    """(records,) each text's zlib-compressed length in bytes (the zlib ratio's denominator)."""
+    return np.array([len(zlib.compress(t.encode("utf-8"))) for t in texts], dtype=np.float64)
+
+
 @register("zlib", description="zlib ratio (Carlini et al. 2021): minus the mean NLL over the zlib-compressed "
           "length of the text in bytes.")
 def zlib_ratio(x: AttackInputs, s: AttackSettings) -> np.ndarray:
-    lengths = np.array([len(zlib.compress(t.encode("utf-8"))) for t in x.texts], dtype=np.float64)
-    return -mean_nll(x) / lengths
+    return -mean_nll(x) / zlib_lengths(x.texts)
 
 
 @register("lowercase", needs={"lower"},

@@ -28,7 +28,6 @@ import contextlib
 import json
 import logging
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ from memlens.attacks.dataset_inference import (
     reference_guess_scores,
     usage_share,
 )
-from memlens.attacks.likelihood import token_log_frequencies
+from memlens.attacks.likelihood import token_log_frequencies, zlib_lengths
 from memlens.attacks.recall import draw_prefix, prefix_text, tail_mean_logprob, with_prefix
 from memlens.attacks.references import Reference, ReferenceStatistics, in_matrix
 from memlens.attacks.registry import (
@@ -583,7 +582,7 @@ def _dataset_level(subject: Subject, counted: pd.DataFrame, members: pd.DataFram
     frame = counted.assign(text=texts)
     base = []
     if "nll_ref" in frame and "nll_ft" in frame:  # the base model's view (loss, zlib ratio) and the target's change
-        lengths = np.array([len(zlib.compress(t.encode("utf-8"))) for t in texts], float)
+        lengths = zlib_lengths(texts)
         frame = frame.assign(base_loss=-frame.nll_ref, base_zlib=-frame.nll_ref / lengths,
                              loss_minus_base=frame.nll_ref - frame.nll_ft)
         base = ["base_loss", "base_zlib"]

@@ -173,7 +173,8 @@ def test_companion_studies_open_the_document_with_every_verdict(mini, tmp_path):
     doc = md.read_text()
     table = doc.split("## Verdicts across studies", 1)[1].split("\n## ", 1)[0]
     own = re.findall(r"^\*\*Verdict(?: at ([^:]+))?: ([a-z ]+)\.\*\*", doc, re.M)
-    rows = [line for line in table.splitlines() if line.startswith("| (")]
+    full = table.split("| finding | model | study | verdict |", 1)[1]  # the full table, after the at-a-glance one
+    rows = [line for line in full.splitlines() if line.startswith("| (")]
     assert len(rows) == 2 * len(own) and sum("| other-model |" in r for r in rows) == len(own)
     assert doc.index("## Verdicts across studies") < doc.index("## The study run here")  # it opens the document
     assert f"--with {other}" in doc  # the regenerating command names the companions
@@ -254,3 +255,31 @@ def test_third_round_verdicts_open_with_draws_rates_matched_fit_and_member_speci
     assert "matched on base share and length" in two.reason and "(2 configuration(s) x 5 record draw(s))" in two.test
     assert two.verdict == "holds", two.reason
     assert scopes["alpha 16 fixed"].number == 3
+
+
+def test_at_a_glance_folds_cells_and_names_studies():
+    """The opening summary: one row per finding and scope family, one column per model; per-cell verdicts counted
+    with the cells that were not inconclusive named; untested rows left out; the study named where a model has
+    several; a model that does not test a finding says so."""
+    from memlens.report.markdown import at_a_glance
+
+    t1 = "(1) v/o over q/k"
+    rows = pd.DataFrame([
+        (t1, "rank 1, lr 0.001", "tiny", "grid", "**inconclusive**", True),
+        (t1, "rank 16, lr 0.003", "tiny", "grid", "**holds**", True),
+        (t1, "rank 2, lr 0.01", "tiny", "grid", "**reversed**", True),
+        (t1, "rank 16", "tiny", "alpha", "**holds**", True),
+        (t1, "matched fit, gain at equal AUC", "tiny", "grid", "**reversed**", True),
+        (t1, "matched fit", "tiny", "alpha", "**inconclusive**", False),  # untested: left out
+        (t1, "rank 4, lr 0.003", "small", "grid-small", "**inconclusive**", True),
+        (t1, "rank 16, lr 0.003", "small", "grid-small", "**inconclusive**", True),
+    ], columns=["title", "scope", "model", "study", "verdict", "tested"])
+    glance = at_a_glance(rows).set_index("finding")
+    assert list(glance.columns) == ["tiny", "small"]
+    assert glance.loc[t1, "tiny"] == ("holds 1/3 (rank 16, lr 0.003); reversed 1/3 (rank 2, lr 0.01); "
+                                      "inconclusive 1/3 [grid]; holds (rank 16) [alpha]")
+    assert glance.loc[t1, "small"] == "inconclusive 2/2"
+    matched = f"{t1}, matched fit, gain at equal AUC"
+    assert glance.loc[matched, "tiny"] == "reversed" and glance.loc[matched, "small"] == "not tested"
+    assert f"{t1}, matched fit" not in glance.index
+    assert at_a_glance(rows.assign(tested=False)).empty

@@ -9,6 +9,7 @@ folder's PNGs are replaced) and linked relatively, so it renders on GitHub.
 from __future__ import annotations
 
 import html
+import re
 import shlex
 import shutil
 import time
@@ -157,22 +158,79 @@ def verdict_rows(a: StudyAnalysis) -> pd.DataFrame:
                          "effect": [f.effect or f"untested: {f.reason.split('; ')[0]}" for f in a.findings]})
 
 
+_CELL_SCOPE = re.compile(r"^(rank \d+|lr [0-9.e+-]+)$")
+
+
+def _scope_family(scope: str) -> tuple[str, str]:
+    """Splits a verdict's scope into its family and its cell: "rank 16, lr 0.003" -> ("", "rank 16, lr 0.003"),
+    "matched fit, gain at equal AUC" -> ("matched fit, gain at equal AUC", "")."""
+    parts = [p for p in scope.split(", ") if p]
+    family = [p for p in parts if not _CELL_SCOPE.match(p)]
+    cell = [p for p in parts if _CELL_SCOPE.match(p)]
+    return ", ".join(family), ", ".join(cell)
+
+
+def _summarise_verdicts(group: pd.DataFrame) -> str:
+    """One cell of the at-a-glance table: a single verdict as it stands, several (one per rank or rate) as counts
+    with the cells where each verdict other than `inconclusive` was reached."""
+    if len(group) == 1:
+        cell = group.cell.iloc[0]
+        return group.verdict.iloc[0] + (f" ({cell})" if cell else "")
+    parts, order = [], {v: i for i, v in enumerate(["holds", "reversed", "does not hold", "inconclusive"])}
+    for verdict, rows in sorted(group.groupby("verdict", sort=False), key=lambda kv: order.get(kv[0], 9)):
+        where = "; ".join(rows.cell) if verdict != "inconclusive" else ""
+        parts.append(f"{verdict} {len(rows)}/{len(group)}" + (f" ({where})" if where else ""))
+    return "; ".join(parts)
+
+
+def at_a_glance(rows: pd.DataFrame) -> pd.DataFrame:
+    """The verdicts table folded to one row per finding (and scope family) and one column per model: tested
+    verdicts only, each model's cell naming its study when several studies of that model test the finding.
+    `rows`: verdict_rows of every study, with `scope` and `tested` columns."""
+    tested = rows[rows.tested].copy()
+    if tested.empty:
+        return pd.DataFrame()
+    split = tested.scope.map(_scope_family)
+    tested["family"] = [f"{title}, {fam}" if fam else title for title, (fam, _) in zip(tested.title, split)]
+    tested["cell"] = [cell for _, cell in split]
+    tested["verdict"] = tested.verdict.str.strip("*")
+    models = list(dict.fromkeys(tested.model))
+    table = {}
+    for family, by_family in tested.groupby("family", sort=False):
+        row = {}
+        for model in models:
+            of_model = by_family[by_family.model == model]
+            studies = list(dict.fromkeys(of_model.study))
+            row[model] = "; ".join(
+                (_summarise_verdicts(of_model[of_model.study == study])
+                 + (f" [{study}]" if len(studies) > 1 else "")) for study in studies) or "not tested"
+        table[family] = row
+    return pd.DataFrame.from_dict(table, orient="index").rename_axis("finding").reset_index()
+
+
 def _across_studies(doc: Document, companions: list[StudyAnalysis]) -> None:
     """The opening table of a document with companion studies: every verdict of this study and of each companion
     (other models, other regimes), finding by finding, each from its own folder."""
     studies = [doc.a, *companions]
-    rows = pd.concat([verdict_rows(a).assign(number=[f.number for f in a.findings]) for a in studies],
+    rows = pd.concat([verdict_rows(a).assign(number=[f.number for f in a.findings], title=[f.title for f in a.findings],
+                                             scope=[f.scope or "" for f in a.findings],
+                                             tested=[f.effect is not None for f in a.findings]) for a in studies],
                      ignore_index=True)
     order = {title: i for i, title in enumerate(dict.fromkeys(rows.finding))}
     # by finding number, then each scope where it first appears (a companion's own scope, e.g. alpha = 2 x rank,
     # joins its finding's rows)
     rows = rows.assign(order=rows.finding.map(order)).sort_values(["number", "order"], kind="stable")
-    rows = rows.drop(columns=["number", "order"])
+    glance = at_a_glance(rows)
+    rows = rows.drop(columns=["number", "order", "title", "scope", "tested"])
     folders = ", ".join(f"`{a.study.name}` ({Path(a.study.model.name_or_path).name}): `{a.root}`" for a in studies)
     doc.add("## Verdicts across studies",
             f"Each finding in each study (model x regime), with its test, correction and effect; each row is computed "
             f"from its own study folder ({folders}). {VOCABULARY} The sections after this table are this document's "
             f"own study, `{doc.a.study.name}`; each companion has its own document.",
+            *(["At a glance: each finding (one row per scope it is tested in) by model, tested verdicts only; a "
+               "count such as `holds 1/12` is over the (rank, rate) cells of one study, each cell named where the "
+               "verdict is not `inconclusive`; the study is named in brackets where a model has several. The full "
+               "table, with each test and effect, follows.", md_table(glance)] if not glance.empty else []),
             md_table(rows.reset_index(drop=True)))
 
 

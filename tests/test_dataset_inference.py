@@ -412,6 +412,18 @@ def test_placebo_share_interval_holds_zero_and_the_target_fpr_is_the_targets():
     assert alone.fpr_source == "references" and alone.fraction_raw > 0.3
 
 
+def test_a_record_without_a_document_is_a_document_of_its_own():
+    """Groups with missing entries (an inserted canary has none): each such record its own document, and the share
+    of records unchanged by the grouping."""
+    target, non = np.array([0.95, 0.62, 0.55, 0.3, 0.61]), np.array([0.7, 0.1, 0.2, 0.59])
+    result = usage_share(target, REF_SCORES, REF_IN, non_member_scores=non, n_bootstrap=50, placebo=False,
+                         suspect_groups=["a", "a", None, "b", np.nan], non_member_groups=["c", "c", "d", None],
+                         reference_groups=["a", None, "b", "b"])
+    plain = usage_share(target, REF_SCORES, REF_IN, non_member_scores=non, n_bootstrap=0, placebo=False)
+    assert result.documents and result.n_suspect_documents == 4  # a, b, and the two records without one
+    assert result.fraction == pytest.approx(plain.fraction)
+
+
 def test_target_fpr_is_the_share_of_its_non_members_called_members_by_hand():
     # threshold 0.6 (see test_usage_share_debiases_the_mean_guess_by_hand); 1 of 4 non-members scores >= 0.6
     result = usage_share(np.array([0.95, 0.62, 0.55, 0.3, 0.61]), REF_SCORES, REF_IN,

@@ -13,6 +13,7 @@ import pytest
 from pydantic import ValidationError
 from sklearn.metrics import roc_auc_score
 
+from memlens.attacks.dataset_inference import DATASET_STAGE, SHARE_ATTACK
 from memlens.attacks.lira_rmia import lira_fit, rmia_fit_a
 from memlens.attacks.references import (
     REF_SEED,
@@ -32,6 +33,7 @@ from memlens.attacks.registry import (
     configure_attacks,
     run_attacks,
 )
+from memlens.attacks.subject import with_groups
 from memlens.config import ConfigError, MIAConfig
 from memlens.context import StudyContext
 from memlens.data import StudyData, load_study_data
@@ -40,6 +42,7 @@ from memlens.score import SequenceStats
 from memlens.store import RunFile, StudyLayout, read_results
 from memlens.store.records import ReferenceRecord
 from memlens.study.stage import ReferencesStage, get_stage
+from memlens.train.finetune import read_members
 
 from .conftest import make_study
 
@@ -294,14 +297,15 @@ def test_workers_split_the_references_of_a_recipe(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """Two cells of one recipe (a secret inserted once or 16 times), 2 references, random record-level design."""
+    """Two cells of one recipe (a secret inserted once or 16 times), 3 references (the usage share needs 3), random
+    record-level design with document groups (the inserted secret has none)."""
     study = make_study(
         tmp_path_factory.mktemp("refs") / "study",
         data={"subset": 24, "membership": "random", "group": r"^(\d+)_", "membership_unit": "record"},
         grid={"canary_copies": [1, 16]},
         canary={"mode": "insert"},
         train={"epochs": 2, "learning_rate": 1e-2, "batch_size": 16},
-        mia={"references": 2, "bootstrap": 0, "bag_of_words_baseline": False,
+        mia={"references": 3, "bootstrap": 0, "bag_of_words_baseline": False,
              "attacks": ["loss", "ref_ratio", *REFERENCE_ATTACKS]},
         extraction={"enabled": False},
     )
@@ -313,7 +317,7 @@ def shared(tmp_path_factory):
 def test_references_are_trained_once_for_the_cells_of_a_recipe(shared):
     study, layout = shared
     folders = layout.references.finished_runs()
-    assert len(folders) == 2
+    assert len(folders) == 3
     cells = study.cells()
     assert all(reference_ids(study, c) == folders for c in cells)
     stage = ReferencesStage()
@@ -335,6 +339,21 @@ def test_references_are_trained_once_for_the_cells_of_a_recipe(shared):
     assert 0.2 < both.mean() < 0.8  # about half of the records are IN for each reference
     timings = pd.read_json(layout.run_file(cells[0].run_id(study), RunFile.TIMINGS))
     assert "references" in timings
+
+
+def test_every_cell_gets_a_usage_share_by_document_with_the_secret_its_own_document(shared):
+    """The dataset-level share of a study with 3 or more references and document groups, the inserted secret (a
+    member without a group) counted as a document of its own (a null group once crashed the share's counts)."""
+    study, layout = shared
+    results = read_results(layout)
+    shares = results[(results.stage == DATASET_STAGE) & (results.attack == SHARE_ATTACK)]
+    assert sorted(shares.run_id) == sorted(c.run_id(study) for c in study.cells())
+    assert (shares.fraction.notna() | shares.note.notna()).all()  # a share, or the reason there is none
+    for cell in study.cells():
+        members = with_groups(read_members(layout.run_dir(cell.run_id(study))), load_study_data(study.data, "random"))
+        assert members.group.map(lambda g: isinstance(g, str)).all()
+        secret = members[members.is_canary]
+        assert secret.group.tolist() == [f"canary:{s}" for s in secret.sample_id]
 
 
 def test_the_secret_repeated_in_the_target_tops_the_reference_attacks(shared):
@@ -363,7 +382,7 @@ def test_references_are_scored_once_and_retrained_when_the_recipe_changes(shared
     cell = changed.cells()[0]
     trained = train_references(changed, [cell], lambda c: load_study_data(changed.data, c.membership), layout)
     assert trained == reference_ids(changed, cell)
-    assert len(layout.references.finished_runs()) == 4
+    assert len(layout.references.finished_runs()) == 2 * study.mia.references  # both recipes' references
     assert train_references(changed, [cell], lambda c: load_study_data(changed.data, c.membership), layout) == []
 
 

@@ -654,8 +654,12 @@ def _share(mean_guess: np.ndarray, tpr: np.ndarray, fpr: np.ndarray) -> np.ndarr
 
 
 def _codes(groups: Sequence | None, n: int) -> np.ndarray:
-    """(n,) integer document codes: the groups', or one per record."""
-    return np.arange(n) if groups is None else pd.factorize(pd.Series(list(groups), dtype=str))[0]
+    """(n,) integer document codes: the groups', or one per record; a record whose group is missing (None, NaN) is
+    a document of its own."""
+    if groups is None:
+        return np.arange(n)
+    labels = [str(g) if isinstance(g, str) or not pd.isna(g) else f"\x00record:{i}" for i, g in enumerate(groups)]
+    return pd.factorize(pd.Series(labels, dtype=str))[0]
 
 
 def _document_p(hits: np.ndarray, sizes: np.ndarray, fpr: float) -> np.ndarray:

@@ -53,11 +53,14 @@ class Subject:
 
 
 def with_groups(members: pd.DataFrame, data: StudyData) -> pd.DataFrame:
-    """A run's members with their document group (members.parquet predates groups; the canary has none)."""
-    if "group" not in data.members or "group" in members:
+    """A run's members with their document group: from the data when members.parquet predates groups; a record
+    with none (the inserted canary, written with a null group) is a document of its own, `canary:<sample_id>`."""
+    if "group" not in data.members:
         return members
-    groups = dict(zip(data.members.sample_id, data.members.group))
-    return members.assign(group=[groups.get(s, f"canary:{s}") for s in members.sample_id])
+    groups = members.group if "group" in members else members.sample_id.map(
+        dict(zip(data.members.sample_id, data.members.group)))
+    return members.assign(group=[g if isinstance(g, str) else f"canary:{s}"
+                                 for g, s in zip(groups, members.sample_id)])
 
 
 def split_names(study: StudyConfig, design: Design) -> tuple[str, str]:

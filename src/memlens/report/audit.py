@@ -405,6 +405,10 @@ def _pct(value: float) -> str:
     return f"{100 * value:.0f}%"
 
 
+DOCUMENT_LEANS_LOW = ("which leans low: a used document whose records the guess rule misses counts as unused, so "
+                      "only the interval's lower end is a claim")
+
+
 def share_answer(share: dict | None, references: int) -> tuple[str | None, str | None]:
     """(the share in words, why there is none): the share of records with its interval and "at most", the share of
     documents, and the placebo's share."""
@@ -417,9 +421,9 @@ def share_answer(share: dict | None, references: int) -> tuple[str | None, str |
     said = (f"estimated share used {share['fraction']:.2f} [{share['fraction_ci_low']:.2f}, "
             f"{share['fraction_ci_high']:.2f}] of the records ({share['ci_level']:.0%} interval, "
             f"{share['n_references']} reference models): at most {_pct(share['at_most'])} of the set was used")
-    if share.get("document_fraction") is not None:
-        said += (f"; of the documents {share['document_fraction']:.2f} [{share['document_ci_low']:.2f}, "
-                 f"{share['document_ci_high']:.2f}] had any record used")
+    if share.get("document_fraction") is not None and share.get("document_ci_low") is not None:
+        said += (f"; at least {_pct(share['document_ci_low'])} of the documents had a record used (estimate "
+                 f"{share['document_fraction']:.2f}, {DOCUMENT_LEANS_LOW})")
     placebo = share.get("placebo")
     if placebo and placebo.get("fraction_raw") is not None:
         ci = placebo.get("fraction_ci_raw") or [math.nan, math.nan]
@@ -496,9 +500,9 @@ def _suspect_measures(record: AuditRecord, best: pd.Series | None, level: float)
          why if share_said is None else share.get("note")),
         ("at most used", None if share.get("at_most") is None else _pct(share["at_most"]),
          "the interval's upper end"),
-        ("share of documents used", None if share.get("document_fraction") is None else
-         f"{share['document_fraction']:.3f} [{share['document_ci_low']:.3f}, {share['document_ci_high']:.3f}]",
-         None if share.get("document_fraction") is not None else "needs --group"),
+        ("documents with a record used, at least", None if share.get("document_ci_low") is None else
+         f"{share['document_ci_low']:.3f}", f"estimate {share['document_fraction']:.3f}, {DOCUMENT_LEANS_LOW}"
+         if share.get("document_ci_low") is not None else "needs --group"),
         ("placebo share", None if not share.get("placebo") or share["placebo"].get("fraction_raw") is None else
          f"{share['placebo']['fraction_raw']:.3f}", "truth 0" + ("; the interval above was widened"
                                                                  if share.get("widened") else "")),

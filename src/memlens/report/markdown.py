@@ -21,6 +21,7 @@ from memlens.config import RANDOM, SPLITS, ConfigError
 from memlens.report.analysis import StudyAnalysis, analyse
 from memlens.report.findings import alpha_scope
 from memlens.report.html import write_html
+from memlens.report.inference import INCONCLUSIVE, VERDICTS
 from memlens.report.mdsections import FINDINGS, Document, not_shown, section
 from memlens.report.mdtable import NA, fmt, is_null, md_table, seconds
 from memlens.report.timings import describe_hardware
@@ -176,9 +177,9 @@ def _summarise_verdicts(group: pd.DataFrame) -> str:
     if len(group) == 1:
         cell = group.cell.iloc[0]
         return group.verdict.iloc[0] + (f" ({cell})" if cell else "")
-    parts, order = [], {v: i for i, v in enumerate(["holds", "reversed", "does not hold", "inconclusive"])}
-    for verdict, rows in sorted(group.groupby("verdict", sort=False), key=lambda kv: order.get(kv[0], 9)):
-        where = "; ".join(rows.cell) if verdict != "inconclusive" else ""
+    parts, order = [], {v: i for i, v in enumerate(VERDICTS)}
+    for verdict, rows in sorted(group.groupby("verdict", sort=False), key=lambda kv: order.get(kv[0], len(order))):
+        where = "; ".join(rows.cell) if verdict != INCONCLUSIVE else ""
         parts.append(f"{verdict} {len(rows)}/{len(group)}" + (f" ({where})" if where else ""))
     return "; ".join(parts)
 

@@ -530,6 +530,24 @@ def test_inputs_without_effect_are_refused_and_the_recipes_max_length_is_used(pl
         plan_audit(cfg, target, load_audit_records(cfg, target))
 
 
+def test_the_document_row_says_why_it_has_no_lower_bound():
+    """Without --group the row asks for it; with groups but no lower bound (no finite resample) it does not."""
+    from memlens.report.audit import _suspect_measures
+    from memlens.store.records import AuditRecord
+
+    share = {"fraction": 0.2, "fraction_ci_low": 0.1, "fraction_ci_high": 0.35, "at_most": 0.35, "ci_level": 0.95,
+             "n_references": 4, "document_fraction": None, "document_ci_low": None, "document_ci_high": None}
+
+    def note(documents: bool) -> str:
+        record = AuditRecord.model_construct(n_members=10, n_non_members=10, references=4, dataset_inference=None,
+                                             usage_share={**share, "documents": documents})
+        rows = _suspect_measures(record, None, 0.95)
+        return rows.set_index(rows.columns[0]).loc["documents with a record used, at least"].iloc[-1]
+
+    assert note(False) == "needs --group"
+    assert note(True) == "no lower bound could be estimated"
+
+
 def test_the_share_row_says_why_it_is_missing_with_the_references_given():
     from memlens.report.audit import share_answer
 

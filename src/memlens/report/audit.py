@@ -421,7 +421,7 @@ def share_answer(share: dict | None, references: int) -> tuple[str | None, str |
     said = (f"estimated share used {share['fraction']:.2f} [{share['fraction_ci_low']:.2f}, "
             f"{share['fraction_ci_high']:.2f}] of the records ({share['ci_level']:.0%} interval, "
             f"{share['n_references']} reference models): at most {_pct(share['at_most'])} of the set was used")
-    if share.get("document_fraction") is not None and share.get("document_ci_low") is not None:
+    if share.get("document_ci_low") is not None:  # the estimate leans low: only its lower end is said
         said += (f"; at least {_pct(share['document_ci_low'])} of the documents had a record used (estimate "
                  f"{share['document_fraction']:.2f}, {DOCUMENT_LEANS_LOW})")
     placebo = share.get("placebo")
@@ -502,7 +502,8 @@ def _suspect_measures(record: AuditRecord, best: pd.Series | None, level: float)
          "the interval's upper end"),
         ("documents with a record used, at least", None if share.get("document_ci_low") is None else
          f"{share['document_ci_low']:.3f}", f"estimate {share['document_fraction']:.3f}, {DOCUMENT_LEANS_LOW}"
-         if share.get("document_ci_low") is not None else "needs --group"),
+         if share.get("document_ci_low") is not None else "no lower bound could be estimated" if share.get("documents")
+         else "needs --group"),
         ("placebo share", None if not share.get("placebo") or share["placebo"].get("fraction_raw") is None else
          f"{share['placebo']['fraction_raw']:.3f}", "truth 0" + ("; the interval above was widened"
                                                                  if share.get("widened") else "")),
